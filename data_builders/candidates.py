@@ -1,0 +1,342 @@
+"""Candidate answers A for problems: sampled from a policy model, or gold plus controlled wrong answers.
+
+- :func:`controlled_candidates`: for each math problem the gold answer (label 1) and wrong answers
+  (label 0) of the kinds ``off_by_k`` (gold +/- k), ``wrong_operation`` (last step with another
+  operation, when the problem records its last step ``meta["last_op"]``) and ``digit_swap`` (two
+  adjacent different digits swapped): a balanced set by construction.
+- :func:`sample_candidates`: ``n_samples`` generations per problem from any transformers causal LM
+  (an Ouro model at a chosen ``num_loops`` included), batched with left padding, labelled by
+  :func:`~data_builders.verifiers.verify_math` (math) or :func:`~data_builders.verifiers.verify_safety`
+  (safety prompts with ``meta["prompt_label"]``). Unparsable answers keep ``parse_status="unparsed"``
+  (label 0) or are dropped (``on_unparsed="drop"``); either way they are counted.
+- :func:`balance_labels` and :func:`deduplicate` post-process record lists.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+
+from .schema import make_record
+from .sources.base import Problem
+from .verifiers import normalize_answer, normalize_number, verify_math, verify_safety
+
+__all__ = [
+    "WRONG_KINDS",
+    "ControlledConfig",
+    "controlled_candidates",
+    "wrong_answer",
+    "SamplingConfig",
+    "SamplingReport",
+    "sample_candidates",
+    "balance_labels",
+    "deduplicate",
+]
+
+WRONG_KINDS = ("off_by_k", "wrong_operation", "digit_swap")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+_ALTERNATIVE = {"+": ("-", "*"), "-": ("+", "*"), "*": ("+", "-"), "/": ("*", "-")}
+
+
+@dataclass
+class ControlledConfig:
+    """Gold + ``wrong_per_problem`` wrong answers of ``kinds``; off-by-k uses k in 1..``max_k``.
+
+    ``answer_format`` renders the answer text A from the number (default: just the number).
+    """
+
+    kinds: tuple[str, ...] = WRONG_KINDS
+    wrong_per_problem: int = 1
+    include_gold: bool = True
+    max_k: int = 3
+    answer_format: str = "{answer}"
+    seed: int = 0
+
+    def __post_init__(self):
+        self.kinds = tuple(self.kinds)
+        bad = [k for k in self.kinds if k not in WRONG_KINDS]
+        if bad or not self.kinds:
+            raise ValueError(f"ControlledConfig.kinds must be a non-empty subset of {WRONG_KINDS}, got {self.kinds}")
+        if self.wrong_per_problem < 0 or self.max_k < 1:
+            raise ValueError("ControlledConfig: wrong_per_problem must be >= 0 and max_k >= 1")
+        if "{answer}" not in self.answer_format:
+            raise ValueError("ControlledConfig.answer_format must contain '{answer}'")
+
+
+def _fmt(value: Fraction) -> str:
+    return normalize_number(
+        str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+    )
+
+
+def wrong_answer(problem: Problem, kind: str, rng: random.Random, max_k: int = 3) -> tuple[str, dict] | None:
+    """A wrong normalised answer of ``kind`` for a numeric-gold problem and its details, or None if not applicable."""
+    gold = normalize_number(problem.gold)
+    if gold is None:
+        return None
+    gold_value = Fraction(gold) if "/" not in gold else Fraction(*map(int, gold.split("/")))
+    if kind == "off_by_k":
+        k = rng.randint(1, max_k)
+        sign = rng.choice((-1, 1)) if gold_value - k >= 0 else 1
+        return _fmt(gold_value + sign * k), {"k": sign * k}
+    if kind == "wrong_operation":
+        last = problem.meta.get("last_op")
+        if not last:
+            return None
+        a, op, b = last
+        fa, fb = Fraction(a), Fraction(b)
+        for alt in rng.sample(_ALTERNATIVE[op], 2):
+            if alt == "/" and fb == 0:
+                continue
+            value = _OPS[alt](fa, fb)
+            if value != gold_value:
+                return _fmt(value), {"op": op, "wrong_op": alt}
+        return None
+    if kind == "digit_swap":
+        text = gold.lstrip("-")
+        integer = text.split(".")[0]
+        spots = [
+            i for i in range(len(integer) - 1) if integer[i] != integer[i + 1] and not (i == 0 and integer[1] == "0")
+        ]
+        if not spots:
+            return None
+        i = rng.choice(spots)
+        swapped = integer[:i] + integer[i + 1] + integer[i] + integer[i + 2 :]
+        out = ("-" if gold.startswith("-") else "") + swapped + text[len(integer) :]
+        return normalize_number(out), {"position": i}
+    raise ValueError(f"unknown wrong-answer kind {kind!r}; expected one of {WRONG_KINDS}")
+
+
+def controlled_candidates(problems: list[Problem], config: ControlledConfig | None = None) -> list[dict]:
+    """Verification records: per problem the gold (label 1) and wrong answers (label 0); deterministic by seed.
+
+    ids ``{problem.id}-gold`` and ``{problem.id}-{kind}{j}``; ``meta``: problem_id, kind and details.
+    Problems whose gold is not a number only get the gold candidate.
+    """
+    cfg = config or ControlledConfig()
+    out = []
+    for p in problems:
+        if p.scenario != "math":
+            raise ValueError(f"controlled candidates need math problems; {p.id!r} is {p.scenario!r}")
+        rng = random.Random(f"{cfg.seed}-{p.id}")
+        base = {"problem_id": p.id, **{k: p.meta[k] for k in ("level",) if k in p.meta}}
+        if cfg.include_gold:
+            text = cfg.answer_format.format(answer=p.gold)
+            out.append(
+                make_record(f"{p.id}-gold", p.task, p.gold, text, 1, p.source, "math", "ok", {**base, "kind": "gold"})
+            )
+        seen = {normalize_answer(p.gold)}
+        for j in range(cfg.wrong_per_problem):
+            kinds = list(cfg.kinds)
+            rng.shuffle(kinds)
+            if "off_by_k" in cfg.kinds:  # other kinds may be exhausted; off-by-k has several values
+                kinds += ["off_by_k"] * 2 * cfg.max_k
+            for kind in kinds:
+                got = wrong_answer(p, kind, rng, cfg.max_k)
+                if got is None or got[0] in seen:
+                    continue
+                value, details = got
+                seen.add(value)
+                text = cfg.answer_format.format(answer=value)
+                verdict = verify_math(text, p.gold)
+                if verdict.label != 0:  # a perturbation must never be the right answer
+                    continue
+                meta = {**base, "kind": kind, **details}
+                out.append(make_record(f"{p.id}-{kind}{j}", p.task, p.gold, text, 0, p.source, "math", "ok", meta))
+                break
+    return out
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings: ``n_samples`` per problem at ``temperature`` (0 = greedy, then n_samples must be 1).
+
+    ``template`` formats the user turn from ``{task}``; ``num_loops`` is passed to looped models only
+    (an error for a model whose forward has no ``num_loops``). ``on_unparsed``: "keep" or "drop".
+    """
+
+    n_samples: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    num_loops: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    template: str = "{task}"
+    system: str | None = None
+    on_unparsed: str = "keep"
+
+    def __post_init__(self):
+        if self.n_samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("SamplingConfig: n_samples, batch_size and max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+        if self.temperature == 0 and self.n_samples > 1:
+            raise ValueError("SamplingConfig: temperature 0 (greedy) gives identical samples; use n_samples=1")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.num_loops is not None and self.num_loops < 1:
+            raise ValueError(f"SamplingConfig.num_loops must be >= 1, got {self.num_loops}")
+        if "{task}" not in self.template:
+            raise ValueError("SamplingConfig.template must contain '{task}'")
+        if self.on_unparsed not in ("keep", "drop"):
+            raise ValueError(f"SamplingConfig.on_unparsed must be 'keep' or 'drop', got {self.on_unparsed!r}")
+
+
+@dataclass
+class SamplingReport:
+    """Counts from a sampling run: generated, kept, dropped unparsed, labels and parse statuses."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+
+def _policy_prompt(tokenizer, task: str, cfg: SamplingConfig) -> str:
+    content = cfg.template.format(task=task)
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
+            {"role": "user", "content": content}
+        ]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return content
+
+
+def _accepts_num_loops(model) -> bool:
+    try:
+        return "num_loops" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def sample_candidates(
+    model, tokenizer, problems: list[Problem], config: SamplingConfig | None = None
+) -> tuple[list[dict], SamplingReport]:
+    """Sample ``n_samples`` answers per problem and label them -> (records, report).
+
+    Batches of ``batch_size`` problems, left padding, ``num_return_sequences=n_samples``; the seed is
+    set per batch so a rerun gives the same samples. ids ``{problem.id}-s{j}``; ``meta`` records the
+    policy name, num_loops, temperature and the extracted answer.
+    """
+    cfg = config or SamplingConfig()
+    gen_kwargs = {}
+    if cfg.num_loops is not None:
+        if not _accepts_num_loops(model):
+            raise ValueError(f"num_loops={cfg.num_loops} given but {type(model).__name__} is not a looped model")
+        gen_kwargs["num_loops"] = cfg.num_loops
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    policy = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    was_training = model.training
+    model.eval()
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    report = SamplingReport()
+    out: list[dict] = []
+    try:
+        for start in range(0, len(problems), cfg.batch_size):
+            batch = problems[start : start + cfg.batch_size]
+            prompts = [_policy_prompt(tokenizer, p.task, cfg) for p in batch]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            torch.manual_seed(cfg.seed * 1_000_003 + start)
+            sampling = (
+                {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
+                if cfg.temperature > 0
+                else {"do_sample": False}
+            )
+            gen = model.generate(
+                **enc,
+                max_new_tokens=cfg.max_new_tokens,
+                num_return_sequences=cfg.n_samples,
+                pad_token_id=pad_id,
+                **sampling,
+                **gen_kwargs,
+            )
+            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for k, text in enumerate(texts):
+                p, j = batch[k // cfg.n_samples], k % cfg.n_samples
+                text = text.strip()
+                report.counts["generated"] += 1
+                if p.scenario == "math":
+                    verdict = verify_math(text, p.gold)
+                else:
+                    if p.meta.get("prompt_label") not in ("safe", "unsafe"):
+                        raise ValueError(f"safety problem {p.id!r} needs meta['prompt_label'] 'safe' or 'unsafe'")
+                    verdict = verify_safety(p.meta["prompt_label"] == "safe", text)
+                report.counts[f"parse_status={verdict.parse_status}"] += 1
+                if verdict.parse_status == "unparsed" and cfg.on_unparsed == "drop":
+                    report.counts["dropped_unparsed"] += 1
+                    continue
+                if not text:
+                    report.counts["dropped_empty"] += 1
+                    continue
+                meta = {
+                    "problem_id": p.id,
+                    "kind": "sampled",
+                    "policy": policy,
+                    "num_loops": cfg.num_loops,
+                    "temperature": cfg.temperature,
+                    "sample": j,
+                    "extracted": verdict.extracted,
+                    **({"prompt_label": p.meta["prompt_label"]} if p.scenario == "safety" else {}),
+                }
+                rec = make_record(
+                    f"{p.id}-s{j}",
+                    p.task,
+                    p.gold,
+                    text,
+                    verdict.label,
+                    p.source,
+                    p.scenario,
+                    verdict.parse_status,
+                    meta,
+                )
+                out.append(rec)
+                report.counts[f"label={verdict.label}"] += 1
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    report.counts["kept"] = len(out)
+    return out, report
+
+
+def balance_labels(records: list[dict], seed: int = 0, by_scenario: bool = True) -> list[dict]:
+    """Down-sample the majority label (per scenario) to a 1:1 set; keeps the input order; deterministic."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault((r["scenario"] if by_scenario else "", r["label"]), []).append(i)
+    keep: set[int] = set()
+    rng = random.Random(seed)
+    for scenario in {k[0] for k in groups}:
+        pos, neg = groups.get((scenario, 1), []), groups.get((scenario, 0), [])
+        n = min(len(pos), len(neg))
+        keep.update(rng.sample(pos, n))
+        keep.update(rng.sample(neg, n))
+    return [r for i, r in enumerate(records) if i in keep]
+
+
+def deduplicate(records: list[dict], by: str = "text") -> list[dict]:
+    """Drop repeated candidates of the same task: ``by="text"`` (whitespace-normalised answer text) or
+    ``by="extracted"`` (the same normalised final answer). Keeps the first occurrence."""
+    if by not in ("text", "extracted"):
+        raise ValueError(f"deduplicate: by must be 'text' or 'extracted', got {by!r}")
+    seen, out = set(), []
+    for r in records:
+        if by == "text":
+            key = " ".join(r["answer"].split())
+        else:
+            extracted = verify_math(r["answer"], r["gold"]).extracted if r["scenario"] == "math" else None
+            key = extracted if extracted is not None else " ".join(r["answer"].split())  # unparsed: by text
+        k = (r["task"], key)
+        if k in seen:
+            continue
+        seen.add(k)
+        out.append(r)
+    return out

@@ -1,0 +1,22 @@
+"""loopalign: loop-aware fine-tuning of looped transformers (Ouro LoopLM first).
+
+Importing the package registers Ouro with transformers' Auto classes, so
+``AutoModelForCausalLM.from_pretrained("ByteDance/Ouro-1.4B")`` (or a local folder) loads
+loopalign's own implementation, without ``trust_remote_code``.
+"""
+
+from .loops import exit_distribution, loop_logits, threshold_exit_index
+from .models.ouro import OuroConfig, OuroForCausalLM, OuroModel, tiny_config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OuroConfig",
+    "OuroForCausalLM",
+    "OuroModel",
+    "exit_distribution",
+    "loop_logits",
+    "threshold_exit_index",
+    "tiny_config",
+    "__version__",
+]

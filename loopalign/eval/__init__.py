@@ -1,0 +1,91 @@
+"""Evaluators per loop: SV (self-verification), RR (representation readout), the gap RR - SV, and TP.
+
+    from loopalign.eval import GapConfig, evaluate_gap, compare
+    result = evaluate_gap(model, tokenizer, dataset, loops="1-8", out_dir="out/before")
+    print(result.markdown())
+    print(compare(before, after).verdict)
+
+Probes live in :mod:`loopalign.eval.probes`.
+"""
+
+from .api import GapConfig, evaluate_gap, load_eval_dataset, load_model_and_tokenizer
+from .features import FeatureConfig, Features, extract_features, prepare_records
+from .gap import CompareConfig, Comparison, GapResult, compare, gap_table, parse_loops
+from .metrics import (
+    accuracy,
+    auroc,
+    balanced_accuracy,
+    binary_metrics,
+    bootstrap_ci,
+    expected_calibration_error,
+    f1_score,
+)
+from .probes import LinearProbe, ProbeFitConfig, fit_probes, load_probes, save_probes
+from .readout import ReadoutConfig, ReadoutResult, fit_readout, make_splits
+from .report import log_wandb, plot_gap, save_gap
+from .task import TaskConfig, generate_texts, integer_verifier, task_performance
+from .verbal import parse_verdict, sampled_verdicts, sv_metrics, verdict_token_ids
+
+__all__ = [
+    "CompareConfig",
+    "Comparison",
+    "FeatureConfig",
+    "Features",
+    "GapConfig",
+    "GapResult",
+    "LinearProbe",
+    "ProbeFitConfig",
+    "ReadoutConfig",
+    "ReadoutResult",
+    "TaskConfig",
+    "accuracy",
+    "auroc",
+    "balanced_accuracy",
+    "binary_metrics",
+    "bootstrap_ci",
+    "compare",
+    "evaluate_gap",
+    "expected_calibration_error",
+    "extract_features",
+    "f1_score",
+    "fit_probes",
+    "fit_readout",
+    "gap_table",
+    "generate_texts",
+    "integer_verifier",
+    "load_eval_dataset",
+    "load_model_and_tokenizer",
+    "load_probes",
+    "log_wandb",
+    "make_splits",
+    "parse_loops",
+    "parse_verdict",
+    "plot_gap",
+    "prepare_records",
+    "sampled_verdicts",
+    "save_gap",
+    "save_probes",
+    "sv_metrics",
+    "task_performance",
+    "verdict_token_ids",
+]
+
+from .introspection import (  # noqa: E402
+    Grade,
+    IntrospectionConfig,
+    IntrospectionResult,
+    compare_introspection,
+    evaluate_introspection,
+    grade_response,
+    rules_grade,
+)
+
+__all__ += [
+    "Grade",
+    "IntrospectionConfig",
+    "IntrospectionResult",
+    "compare_introspection",
+    "evaluate_introspection",
+    "grade_response",
+    "rules_grade",
+]

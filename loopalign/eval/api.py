@@ -1,0 +1,229 @@
+"""``evaluate_gap``: SV, RR, their gap and (optionally) TP per loop, in one call."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .features import FeatureConfig, extract_features, prepare_records
+from .gap import GapResult, gap_table, metric_value, parse_loops
+from .metrics import METRICS
+from .probes import save_probes
+from .readout import ReadoutConfig, fit_readout
+from .task import TaskConfig, task_performance
+from .verbal import sampled_verdicts, sv_metrics, sv_predictions, verdict_token_ids
+
+__all__ = ["GapConfig", "evaluate_gap", "load_model_and_tokenizer", "load_eval_dataset"]
+
+
+@dataclass
+class GapConfig:
+    """What ``evaluate_gap`` measures and how."""
+
+    loops: str | list[int] = "1-4"  # loop counts, e.g. "1-8", "1,2,4" or [1, 2]; may exceed total_ut_steps
+    metric: str = "accuracy"  # gap metric: "accuracy", "balanced_accuracy", "f1", "auroc"
+    sv_decision: str = "forced"  # "forced": P(yes) > P(no); "strict": the full-vocab argmax must be the right token
+    verdict_tokens: tuple[str | int, str | int] = ("Yes", "No")  # yes/no verdicts: single-token strings or ids
+    group_by: str | None = "task"  # record field that groups records for splits (None: each record alone)
+    n_boot: int = 1000  # bootstrap resamples for CIs
+    alpha: float = 0.05  # 1 - CI level
+    seed: int = 0  # bootstrap seed
+    features: FeatureConfig = field(default_factory=FeatureConfig)  # extraction (batch size, layers)
+    readout: ReadoutConfig = field(default_factory=ReadoutConfig)  # probes (L2 grid, splits)
+    task: TaskConfig | None = None  # TP settings; None skips TP
+    tp_loops: str | list[int] | None = None  # loop counts for TP (None: the same loops)
+    sampled_verdict: bool = False  # also generate verdict text per loop (unparseable counted separately)
+    sampled_max_new_tokens: int = 4  # tokens generated for a sampled verdict
+
+    def __post_init__(self):
+        self.loops = parse_loops(self.loops)
+        if self.tp_loops is not None:
+            self.tp_loops = parse_loops(self.tp_loops)
+        if self.metric not in METRICS:
+            raise ValueError(f"GapConfig.metric must be one of {list(METRICS)}, got {self.metric!r}")
+        if self.sv_decision not in ("forced", "strict"):
+            raise ValueError(f"GapConfig.sv_decision must be 'forced' or 'strict', got {self.sv_decision!r}")
+        if len(self.verdict_tokens) != 2:
+            raise ValueError(f"GapConfig.verdict_tokens must be (yes, no), got {self.verdict_tokens!r}")
+        if self.n_boot < 10:
+            raise ValueError(f"GapConfig.n_boot must be >= 10, got {self.n_boot}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"GapConfig.alpha must be in (0, 1), got {self.alpha}")
+        if self.sampled_max_new_tokens < 1:
+            raise ValueError(f"GapConfig.sampled_max_new_tokens must be >= 1, got {self.sampled_max_new_tokens}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["features"]["feature_dtype"] = str(self.features.feature_dtype)
+        d["readout"]["fit"]["dtype"] = str(self.readout.fit.dtype)
+        return d
+
+
+def _tasks(dataset) -> list[tuple[str, str, str]]:
+    seen, tasks = set(), []
+    for i, row in enumerate(dataset):
+        task, gold = row.get("task"), row.get("gold")
+        if not task or gold in (None, ""):
+            raise ValueError(f"record {row.get('id', f'#{i}')!r}: needs fields 'task' and 'gold' for TP")
+        if task not in seen:
+            seen.add(task)
+            tasks.append((str(row.get("id", f"#{i}")), str(task), str(gold)))
+    return tasks
+
+
+def evaluate_gap(
+    model,
+    tokenizer,
+    dataset,
+    loops: str | list[int] | None = None,
+    config: GapConfig | None = None,
+    verifier: Callable[[str, str], bool | None] | None = None,
+    out_dir: str | None = None,
+    wandb: bool = False,
+    wandb_kwargs: dict | None = None,
+) -> GapResult:
+    """SV and RR per loop (one forward per batch serves every loop), the gap table with bootstrap
+    CIs, and TP when ``config.task`` is set. With ``out_dir``: gap.json, gap.md, plots and
+    probes.safetensors/json are written there. ``loops`` overrides ``config.loops``.
+    """
+    config = config or GapConfig()
+    if loops is not None:
+        config.loops = parse_loops(loops)
+    start = time.perf_counter()
+    records = prepare_records(dataset, tokenizer=tokenizer, require_label=True, group_by=config.group_by)
+    verdict_ids = verdict_token_ids(tokenizer, *config.verdict_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    feats = extract_features(model, records, config.loops, verdict_ids, config.features, pad_id=pad_id)
+    t_feat = time.perf_counter() - start
+    readout = fit_readout(feats, config.readout)
+    t_probe = time.perf_counter() - start - t_feat
+    labels = feats.labels
+    ev = readout.eval_index
+    sv_prob, sv_pred = sv_predictions(feats, config.sv_decision)
+    table = gap_table(
+        labels[ev],
+        sv_prob[:, ev],
+        sv_pred[:, ev],
+        readout.prob[:, ev],
+        feats.loops,
+        metric=config.metric,
+        n_boot=config.n_boot,
+        alpha=config.alpha,
+        seed=config.seed,
+    )
+    rr_rows = readout.metrics(labels)
+    rr_fixed_rows = readout.metrics(labels, fixed=True)
+    sv_all = sv_metrics(feats, decision=config.sv_decision)
+    for ti, (row, rr, sv) in enumerate(zip(table, rr_rows, sv_all)):
+        fixed = readout.fixed_prob[ti, ev]
+        row["rr_fixed"] = metric_value(config.metric, labels[ev], fixed, (fixed > 0.5).astype(np.int64))
+        row["sv_valid_rate"] = sv["valid_rate"]
+        row["best_layer"] = ",".join(map(str, rr["best_layer"]))
+    tp = None
+    if config.task is not None:
+        tp = task_performance(model, tokenizer, _tasks(dataset), config.tp_loops or config.loops, verifier, config.task)
+    sampled = None
+    if config.sampled_verdict:
+        sampled = sampled_verdicts(
+            model,
+            tokenizer,
+            records,
+            config.loops,
+            max_new_tokens=config.sampled_max_new_tokens,
+            batch_size=config.features.batch_size,
+        )
+    eval_mask = np.zeros(len(labels), dtype=bool)
+    eval_mask[ev] = True
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    result = GapResult(
+        loops=feats.loops,
+        metric=config.metric,
+        table=table,
+        sv=sv_all,
+        sv_eval=sv_metrics(feats, subset=ev, decision=config.sv_decision),
+        rr=rr_rows,
+        rr_fixed=rr_fixed_rows,
+        heatmap={
+            "layers": readout.layer_names,
+            "test": readout.heatmap_test.tolist(),
+            "val": readout.heatmap_val.tolist(),
+        },
+        records={
+            "ids": feats.ids,
+            "labels": labels.tolist(),
+            "eval": eval_mask.tolist(),
+            "sv_prob": sv_prob.tolist(),
+            "sv_pred": sv_pred.tolist(),
+            "rr_prob": readout.prob.tolist(),
+            "exit_probs": feats.exit_probs.tolist(),
+        },
+        tp=tp,
+        sv_sampled=sampled,
+        config=config.to_dict(),
+        meta={
+            "model": str(name),
+            "n_records": len(records),
+            "n_eval": int(len(ev)),
+            "verdict_ids": list(verdict_ids),
+            "fixed_layer": readout.layer_names[readout.layers.index(readout.fixed_layer)],
+            "seconds_features": round(t_feat, 3),
+            "seconds_probes": round(t_probe, 3),
+            "seconds_total": round(time.perf_counter() - start, 3),
+            "device": str(next(model.parameters()).device),
+        },
+    )
+    if out_dir is not None:
+        result.save(out_dir)
+        save_probes(readout.probes, f"{out_dir}/probes")
+    if wandb:
+        result.log_wandb(**(wandb_kwargs or {}))
+    del feats
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def load_model_and_tokenizer(name: str, device: str | None = None, dtype: str = "auto", seed: int = 0):
+    """``"tiny"``: a random tiny Ouro + the local tokenizer (CPU-sized); else a local folder or hub
+    name loaded with transformers' Auto classes (Ouro is registered by importing loopalign).
+    -> (model in eval mode on ``device``, tokenizer)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "tiny":
+        from loopalign import OuroForCausalLM, tiny_config
+        from loopalign.tokenizer import local_tokenizer
+
+        tok = local_tokenizer()
+        torch.manual_seed(seed)
+        return OuroForCausalLM(tiny_config(vocab_size=len(tok))).to(device).eval(), tok
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import loopalign  # noqa: F401  (registers Ouro)
+
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def load_eval_dataset(path: str):
+    """A data_builders build folder (metadata.json + dataset/), a ``save_to_disk`` folder, or a
+    .jsonl/.json file -> ``datasets.Dataset``."""
+    import os
+
+    import datasets
+
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "metadata.json")):
+        from data_builders.io import load_build
+
+        return load_build(path)[0]
+    if os.path.isdir(path):
+        return datasets.load_from_disk(path)
+    if path.endswith((".jsonl", ".json")):
+        return datasets.Dataset.from_json(path)
+    raise ValueError(f"--data {path!r}: expected a build folder, a save_to_disk folder or a .jsonl file")

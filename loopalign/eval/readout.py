@@ -1,0 +1,242 @@
+"""RR: representation readout. Linear probes on h(loop t, layer l) at the record's probe position
+predict the verifier label. Regularisation strength and, per loop, the best layer are chosen on a
+validation split and reported on a held-out test split (or out-of-fold with k-fold cross-fitting).
+
+Splits are by group (default the record's ``task``), so candidate answers to one task never sit
+in both train and test, and stratified by the group's majority label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .features import Features
+from .metrics import accuracy, auroc, balanced_accuracy, binary_metrics, log_loss
+from .probes import LinearProbe, ProbeFitConfig, fit_probes
+
+__all__ = ["ReadoutConfig", "ReadoutResult", "make_splits", "fit_readout", "select_features"]
+
+
+@dataclass
+class ReadoutConfig:
+    """How RR probes are fit, selected and scored."""
+
+    l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # L2 strengths tried (chosen on validation)
+    split: str = "holdout"  # "holdout" (train/validation/test) or "kfold" (cross-fitting, every record scored)
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train/validation/test shares for "holdout"
+    folds: int = 5  # number of folds for "kfold" (test = fold f, validation = fold f+1, train = the rest)
+    seed: int = 0  # split seed
+    position: str | int = "verdict"  # "verdict" (last probe index), "answer_end" (first), "concat", or an int
+    fixed_layer: int | None = None  # layer of the fixed-layer readout; None = the normed loop state (L)
+    select_by: str = "accuracy"  # validation criterion: "accuracy", "auroc", "balanced_accuracy", "log_loss"
+    fit: ProbeFitConfig = field(default_factory=ProbeFitConfig)  # optimiser settings
+
+    def __post_init__(self):
+        if self.split not in ("holdout", "kfold"):
+            raise ValueError(f"ReadoutConfig.split must be 'holdout' or 'kfold', got {self.split!r}")
+        if len(self.fractions) != 3 or any(f <= 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
+            raise ValueError(f"ReadoutConfig.fractions must be 3 positive shares summing to 1, got {self.fractions}")
+        if self.folds < 3:
+            raise ValueError(f"ReadoutConfig.folds must be >= 3 (train, validation, test), got {self.folds}")
+        if not self.l2_grid or any(c < 0 for c in self.l2_grid):
+            raise ValueError(f"ReadoutConfig.l2_grid must be non-empty strengths >= 0, got {self.l2_grid}")
+        if self.select_by not in ("accuracy", "auroc", "balanced_accuracy", "log_loss"):
+            raise ValueError(f"ReadoutConfig.select_by {self.select_by!r} is not a known criterion")
+        if isinstance(self.position, str) and self.position not in ("verdict", "answer_end", "concat"):
+            raise ValueError(
+                f"ReadoutConfig.position must be 'verdict', 'answer_end', 'concat' or an int, got {self.position!r}"
+            )
+
+
+def select_features(states: torch.Tensor, position: str | int) -> torch.Tensor:
+    """states [..., N, K, H] -> [..., N, H'] at the chosen probe position (H' = K*H for 'concat')."""
+    k = states.shape[-2]
+    if position == "concat":
+        return states.reshape(*states.shape[:-2], k * states.shape[-1])
+    index = {"verdict": k - 1, "answer_end": 0}.get(position, position)
+    if not -k <= int(index) < k:
+        raise ValueError(f"ReadoutConfig.position {position!r} is out of range for {k} probe positions")
+    return states[..., int(index), :]
+
+
+def make_splits(
+    ids: list[str], labels: np.ndarray, groups: list[str], config: ReadoutConfig
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """-> list of (train, validation, test) record-index arrays (one for holdout, ``folds`` for kfold)."""
+    labels = np.asarray(labels)
+    if (labels < 0).any():
+        raise ValueError(f"record {ids[int(np.argmax(labels < 0))]!r}: missing field 'label', needed for RR probes")
+    if len(set(labels.tolist())) < 2:
+        raise ValueError(f"the dataset has a single class (label {int(labels[0])} for all {len(labels)} records)")
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    rng = np.random.default_rng(config.seed)
+    names = list(by_group)
+    rng.shuffle(names)
+    strata = [
+        [g for g in names if labels[by_group[g]].mean() >= 0.5],
+        [g for g in names if labels[by_group[g]].mean() < 0.5],
+    ]
+    n_parts = 3 if config.split == "holdout" else config.folds
+    part_of: dict[str, int] = {}
+    for stratum in strata:
+        if config.split == "holdout":
+            total = sum(len(by_group[g]) for g in stratum)
+            cuts = np.cumsum(config.fractions)[:-1] * total
+            done = 0
+            for g in stratum:
+                part_of[g] = int(np.searchsorted(cuts, done + len(by_group[g]) / 2))
+                done += len(by_group[g])
+        else:
+            for j, g in enumerate(stratum):
+                part_of[g] = j % n_parts
+    part = np.array([part_of[g] for g in groups])
+    names_ = ["train", "validation", "test"]
+    if config.split == "holdout":
+        splits = [(np.flatnonzero(part == 0), np.flatnonzero(part == 1), np.flatnonzero(part == 2))]
+    else:
+        splits = []
+        for f in range(n_parts):
+            test, val = part == f, part == (f + 1) % n_parts
+            splits.append((np.flatnonzero(~(test | val)), np.flatnonzero(val), np.flatnonzero(test)))
+    for fi, split in enumerate(splits):
+        where = f" (fold {fi})" if config.split == "kfold" else ""
+        for name, idx in zip(names_, split):
+            if len(idx) == 0:
+                raise ValueError(
+                    f"the {name} split{where} is empty ({len(ids)} records in {len(by_group)} groups); "
+                    "add records or change ReadoutConfig.fractions/folds"
+                )
+            if len(set(labels[idx].tolist())) < 2:
+                raise ValueError(
+                    f"the {name} split{where} has a single class (label {int(labels[idx][0])}, {len(idx)} records); "
+                    "add records or change ReadoutConfig.seed/fractions"
+                )
+    return splits
+
+
+def _score(y: np.ndarray, p: np.ndarray, by: str) -> float:
+    """Higher is better."""
+    pred = (p > 0.5).astype(np.int64)
+    if by == "accuracy":
+        return accuracy(y, pred) - 1e-3 * log_loss(y, p)  # tie-break on log-loss
+    if by == "balanced_accuracy":
+        return balanced_accuracy(y, pred) - 1e-3 * log_loss(y, p)
+    if by == "auroc":
+        return auroc(y, p)
+    return -log_loss(y, p)
+
+
+@dataclass
+class ReadoutResult:
+    """RR per loop.
+
+    prob: [T, N] P(label 1) from the selected probe per loop (NaN where a record was not scored);
+    fixed_prob: [T, N] from the fixed layer; heatmap_test / heatmap_val: [T, L'] accuracy of each
+    layer's probe (its L2 chosen on validation); best_layer / best_l2: per loop (per fold for kfold);
+    eval_index: records with a test prediction; probes: selected probes (first fold) by name.
+    """
+
+    loops: list[int]
+    layers: list[int]
+    layer_names: list[str]
+    prob: np.ndarray
+    fixed_prob: np.ndarray
+    heatmap_test: np.ndarray
+    heatmap_val: np.ndarray
+    best_layer: list[list[int]]
+    best_l2: list[list[float]]
+    fixed_layer: int
+    eval_index: np.ndarray
+    splits: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    probes: dict[str, LinearProbe]
+
+    def metrics(self, labels: np.ndarray, fixed: bool = False) -> list[dict]:
+        """Per loop: accuracy, balanced accuracy, F1, AUROC (and ECE, log-loss) on the scored records."""
+        prob = self.fixed_prob if fixed else self.prob
+        y = labels[self.eval_index]
+        rows = []
+        for ti, t in enumerate(self.loops):
+            m = binary_metrics(y, prob[ti, self.eval_index])
+            m["loop"] = t
+            if not fixed:
+                m["best_layer"] = [self.layer_names[self.layers.index(x)] for x in self.best_layer[ti]]
+                m["best_l2"] = self.best_l2[ti]
+            rows.append(m)
+        return rows
+
+
+def fit_readout(features: Features, config: ReadoutConfig | None = None) -> ReadoutResult:
+    """Fit probes for every (loop, layer, L2) on train, select on validation, score on test."""
+    config = config or ReadoutConfig()
+    if features.states is None:
+        raise ValueError("features were extracted with keep_states=False; RR needs hidden states")
+    labels = features.labels
+    splits = make_splits(features.ids, labels, features.groups, config)
+    fixed_layer = features.num_layers if config.fixed_layer is None else config.fixed_layer
+    if fixed_layer not in features.layers:
+        raise ValueError(f"ReadoutConfig.fixed_layer={fixed_layer} was not extracted (layers {features.layers})")
+    fixed_li = features.layers.index(fixed_layer)
+    n_loops, n_layers, n = len(features.loops), len(features.layers), len(labels)
+    prob = np.full((n_loops, n), np.nan)
+    fixed_prob = np.full((n_loops, n), np.nan)
+    heat_test = np.zeros((n_loops, n_layers))
+    heat_val = np.zeros((n_loops, n_layers))
+    best_layer = [[] for _ in range(n_loops)]
+    best_l2 = [[] for _ in range(n_loops)]
+    probes: dict[str, LinearProbe] = {}
+    layer_prob = np.full((n_loops, n_layers, n), np.nan)
+    for fi, (train, val, test) in enumerate(splits):
+        y_tr, y_va = torch.as_tensor(labels[train]), labels[val]
+        for ti, t in enumerate(features.loops):
+            cands = []  # (score, li, probe, test prob)
+            for li in range(n_layers):
+                x = select_features(features.states[ti, li], config.position).float()  # [N,H']
+                fitted = fit_probes(x[train], y_tr, config.l2_grid, config.fit)
+                with torch.no_grad():
+                    scored = [(_score(y_va, p.predict_proba(x[val]).numpy(), config.select_by), p) for p in fitted]
+                score, probe = max(scored, key=lambda s: s[0])
+                with torch.no_grad():
+                    p_test = probe.predict_proba(x[test]).numpy()
+                    p_val = probe.predict_proba(x[val]).numpy()
+                layer_prob[ti, li, test] = p_test
+                heat_val[ti, li] += accuracy(y_va, (p_val > 0.5).astype(np.int64)) / len(splits)
+                cands.append((score, li, probe, p_test))
+            score, li, probe, p_test = max(cands, key=lambda c: (c[0], -c[1]))
+            prob[ti, test] = p_test
+            fixed_prob[ti, test] = cands[fixed_li][3]
+            best_layer[ti].append(features.layers[li])
+            best_l2[ti].append(probe.meta["l2"])
+            if fi == 0:
+                for name, (chosen, lyr, sc) in {
+                    "best": (probe, features.layers[li], score),
+                    "fixed": (cands[fixed_li][2], fixed_layer, cands[fixed_li][0]),
+                }.items():
+                    meta = dict(chosen.meta, loop=t, layer=lyr, position=config.position, select_by=config.select_by)
+                    meta.update(layer_name=features.layer_names[features.layers.index(lyr)], val_score=float(sc))
+                    probes[f"loop{t}_{name}"] = dataclasses.replace(chosen, meta=meta)
+    eval_index = np.flatnonzero(~np.isnan(prob[0]))
+    y_eval = labels[eval_index]
+    for ti in range(n_loops):
+        for li in range(n_layers):
+            heat_test[ti, li] = accuracy(y_eval, (layer_prob[ti, li, eval_index] > 0.5).astype(np.int64))
+    return ReadoutResult(
+        loops=list(features.loops),
+        layers=list(features.layers),
+        layer_names=features.layer_names,
+        prob=prob,
+        fixed_prob=fixed_prob,
+        heatmap_test=heat_test,
+        heatmap_val=heat_val,
+        best_layer=best_layer,
+        best_l2=best_l2,
+        fixed_layer=fixed_layer,
+        eval_index=eval_index,
+        splits=splits,
+        probes=probes,
+    )

@@ -1,0 +1,164 @@
+"""TP: task performance. The model answers each task at k loops (batched, left padding, greedy
+by default) and a verifier scores the answer against the gold answer.
+
+A verifier is ``(answer_text, gold) -> True | False | None`` (None = unparseable), or returns an
+object with ``label`` and ``parse_status`` like ``data_builders.verifiers.verify_math``. The default
+compares the last integer in the answer with the gold's; pass ``data_builders.verifiers``' one
+for real data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TaskConfig", "generate_texts", "integer_verifier", "task_prompts", "task_performance"]
+
+Verifier = Callable[[str, str], "bool | None"]
+_INT = re.compile(r"-?\d[\d,]*")
+
+
+def integer_verifier(answer_text: str, gold: str) -> bool | None:
+    """Last integer in answer_text == last integer in gold; None when the answer has no integer."""
+    found = _INT.findall(answer_text or "")
+    gold_found = _INT.findall(str(gold))
+    if not found:
+        return None
+    if not gold_found:
+        raise ValueError(f"integer_verifier: gold {gold!r} has no integer; pass a verifier for this data")
+    return int(found[-1].replace(",", "")) == int(gold_found[-1].replace(",", ""))
+
+
+def _as_correct(verdict) -> int | None:
+    """A verifier's output -> 1 / 0 / None (unparseable). Accepts bool/None or an object with
+    ``label`` and ``parse_status`` (data_builders.verifiers.Verdict: "unparsed" -> None)."""
+    if verdict is None:
+        return None
+    if hasattr(verdict, "label") and hasattr(verdict, "parse_status"):
+        return None if verdict.parse_status == "unparsed" else int(bool(verdict.label))
+    return int(bool(verdict))
+
+
+@dataclass
+class TaskConfig:
+    """How TP is measured."""
+
+    max_new_tokens: int = 32  # generated tokens per answer
+    batch_size: int = 16  # prompts per generate call
+    do_sample: bool = False  # greedy by default
+    temperature: float = 1.0  # when sampling
+    system_prompt: str | None = None  # optional system turn
+    template: str = "{task}"  # user turn; fields: task
+    max_tasks: int | None = None  # cap on distinct tasks (None = all)
+    seed: int = 0  # sampling seed
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"TaskConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"TaskConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.temperature <= 0:
+            raise ValueError(f"TaskConfig.temperature must be > 0, got {self.temperature}")
+        if "{task}" not in self.template:
+            raise ValueError(f"TaskConfig.template must contain '{{task}}', got {self.template!r}")
+
+
+@torch.no_grad()
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    num_loops: int,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
+    """Generate a continuation of each prompt (token ids) at ``num_loops`` loops; -> decoded new text per prompt."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = tokenizer.eos_token_id
+    texts: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if do_sample:
+        torch.manual_seed(seed)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        seq = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), seq), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, i in enumerate(batch):  # left padding
+            p = list(prompts[i])
+            ids[j, seq - len(p) :] = torch.tensor(p)
+            mask[j, seq - len(p) :] = 1
+        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+        if do_sample:
+            kwargs["temperature"] = temperature
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), num_loops=num_loops, **kwargs)
+        for j, i in enumerate(batch):
+            texts[i] = tokenizer.decode(out[j, seq:], skip_special_tokens=True)
+    return texts
+
+
+def task_prompts(tasks: Sequence[str], tokenizer, config: TaskConfig) -> list[list[int]]:
+    """Chat-formatted prompts (with the generation prompt) for each task -> token ids."""
+    out = []
+    for task in tasks:
+        messages = [] if config.system_prompt is None else [{"role": "system", "content": config.system_prompt}]
+        messages.append({"role": "user", "content": config.template.format(task=task)})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        out.append(tokenizer.encode(text, add_special_tokens=False))
+    return out
+
+
+def task_performance(
+    model,
+    tokenizer,
+    tasks: Sequence[tuple[str, str, str]],
+    loops: Sequence[int],
+    verifier: Verifier | None = None,
+    config: TaskConfig | None = None,
+) -> list[dict]:
+    """tasks: (task id, task text, gold). Per loop: accuracy (unparseable = wrong), unparseable count, n.
+
+    Each row also carries ``correct`` (1/0/None per task) and the generated ``texts``.
+    """
+    config = config or TaskConfig()
+    verifier = verifier or integer_verifier
+    if not tasks:
+        raise ValueError("task_performance: no tasks (records need non-empty 'task' and 'gold' fields)")
+    for tid, text, gold in tasks:
+        if not text or gold in (None, ""):
+            raise ValueError(f"task {tid!r}: needs non-empty fields 'task' and 'gold' for TP")
+    tasks = list(tasks)[: config.max_tasks] if config.max_tasks else list(tasks)
+    prompts = task_prompts([t[1] for t in tasks], tokenizer, config)
+    rows = []
+    for k in loops:
+        texts = generate_texts(
+            model,
+            tokenizer,
+            prompts,
+            num_loops=int(k),
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            do_sample=config.do_sample,
+            temperature=config.temperature,
+            seed=config.seed,
+        )
+        correct = [_as_correct(verifier(text, gold)) for text, (_, _, gold) in zip(texts, tasks)]
+        rows.append(
+            {
+                "loop": int(k),
+                "accuracy": sum(c == 1 for c in correct) / len(correct),
+                "unparseable": sum(c is None for c in correct),
+                "n": len(correct),
+                "task_ids": [t[0] for t in tasks],
+                "correct": correct,
+                "texts": texts,
+            }
+        )
+    return rows

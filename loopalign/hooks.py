@@ -1,0 +1,206 @@
+"""Loop-aware interventions as plain forward hooks behind context managers.
+
+A site is a (loop, layer) pair: the residual stream right after decoder layer ``layer``
+(0-based) during loop ``loop`` (0-based), i.e. ``layer_hidden_states[loop][layer]``. Positions
+are sequence columns (the index into ``input_ids``, counting cached tokens during generation),
+so a hook placed before ``generate`` also sees every generated token.
+
+    with capture_activations(model, [(3, 1)], positions=last_idx) as cap:
+        model(**batch)
+    h = cap.get(3, 1)                      # [B, K, H]
+
+    with add_vector(model, vec, loop=3, layer=1, strength=4.0, start=start_idx):
+        model.generate(**batch, max_new_tokens=20)
+
+Hooks never patch library classes; they are removed when the context exits, also on error.
+Works on a bare Ouro model and on one wrapped by PEFT or accelerate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["decoder_layers", "capture_activations", "add_vector", "ActivationCapture", "VectorInjection"]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The shared decoder layers of a looped model (bare, PEFT-wrapped or accelerate-wrapped)."""
+    from loopalign.models.ouro.modeling_ouro import OuroDecoderLayer
+
+    layers = [m for m in model.modules() if isinstance(m, OuroDecoderLayer)]
+    if not layers:
+        raise TypeError(f"{type(model).__name__} has no Ouro decoder layers to hook")
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+def _check_site(layers: list[nn.Module], loop: int, layer: int) -> None:
+    if isinstance(loop, bool) or not isinstance(loop, int) or loop < 0:
+        raise ValueError(f"hook loop index must be an int >= 0 (0-based), got {loop!r}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(layers):
+        raise ValueError(f"hook layer index {layer!r} is out of range: the model has {len(layers)} layers (0-based)")
+
+
+def _as_row_tensor(value, batch: int, device, name: str) -> torch.Tensor:
+    t = torch.as_tensor(value, device=device)
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise ValueError(f"{name} must be an int or one value per row ({batch}), got shape {list(t.shape)}")
+    return t.long()
+
+
+class ActivationCapture:
+    """Activations captured at (loop, layer) sites; filled by :func:`capture_activations`."""
+
+    def __init__(self, sites: list[tuple[int, int]], positions: torch.Tensor | None, detach: bool):
+        self.sites = sites
+        self.positions = positions
+        self.detach = detach
+        self._chunks: dict[tuple[int, int], list[torch.Tensor]] = {s: [] for s in sites}
+        self._filled: dict[tuple[int, int], torch.Tensor] = {}
+        self._found: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _record(self, site, hidden: torch.Tensor, token_positions: torch.Tensor) -> None:
+        h = hidden.detach() if self.detach else hidden
+        if self.positions is None:
+            self._chunks[site].append(h)
+            return
+        pos = self.positions.to(h.device)
+        if pos.dim() == 1:
+            pos = pos.unsqueeze(0).expand(h.shape[0], -1)
+        if pos.shape[0] != h.shape[0]:
+            raise ValueError(f"capture positions have {pos.shape[0]} rows for a batch of {h.shape[0]}")
+        first = int(token_positions[0])
+        local = pos - first
+        inside = (local >= 0) & (local < h.shape[1])
+        if not bool(inside.any()):
+            return
+        if site not in self._filled:
+            self._filled[site] = torch.zeros(*pos.shape, h.shape[-1], dtype=h.dtype, device=h.device)
+            self._found[site] = torch.zeros(pos.shape, dtype=torch.bool, device=h.device)
+        gathered = h.gather(1, local.clamp(0, h.shape[1] - 1).unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        self._filled[site] = torch.where(inside.unsqueeze(-1), gathered, self._filled[site])
+        self._found[site] = self._found[site] | inside
+
+    def get(self, loop: int, layer: int) -> torch.Tensor:
+        """[B,K,H] at the requested positions, or [B,S_total,H] (all calls joined) without positions."""
+        site = (loop, layer)
+        if site not in self._chunks:
+            raise KeyError(f"site (loop={loop}, layer={layer}) was not requested; requested: {self.sites}")
+        if self.positions is None:
+            if not self._chunks[site]:
+                raise RuntimeError(f"site (loop={loop}, layer={layer}) never ran: did the forward run that many loops?")
+            return torch.cat(self._chunks[site], dim=1)
+        if site not in self._filled or not bool(self._found[site].all()):
+            raise RuntimeError(
+                f"site (loop={loop}, layer={layer}): not every requested position was seen "
+                "(position past the sequence end, or the loop never ran)"
+            )
+        return self._filled[site]
+
+    def __getitem__(self, site: tuple[int, int]) -> torch.Tensor:
+        return self.get(*site)
+
+
+@contextmanager
+def capture_activations(
+    model: nn.Module,
+    sites: Iterable[tuple[int, int]],
+    positions: torch.Tensor | list | None = None,
+    detach: bool = True,
+) -> Iterator[ActivationCapture]:
+    """Record the residual stream after layer ``layer`` in loop ``loop`` for each site.
+
+    positions: sequence columns to keep, long [B,K] or [K] (shared by all rows); None keeps all.
+    """
+    layers = decoder_layers(model)
+    sites = [(int(loop), int(layer)) for loop, layer in sites]
+    if not sites:
+        raise ValueError("capture_activations needs at least one (loop, layer) site")
+    for loop, layer in sites:
+        _check_site(layers, loop, layer)
+    pos = None if positions is None else torch.as_tensor(positions).long()
+    capture = ActivationCapture(sites, pos, detach)
+    wanted: dict[int, list[int]] = {}
+    for loop, layer in sites:
+        wanted.setdefault(layer, []).append(loop)
+    handles = []
+    for layer_index, loops in wanted.items():
+
+        def hook(module, args, kwargs, output, loops=tuple(loops), layer_index=layer_index):
+            loop = kwargs.get("loop_index", 0)
+            if loop in loops:
+                capture._record((loop, layer_index), output, kwargs["token_positions"])
+
+        handles.append(layers[layer_index].register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield capture
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class VectorInjection:
+    """What :func:`add_vector` did: ``calls`` counts the forward calls in which it added the vector."""
+
+    def __init__(self, loop: int, layer: int):
+        self.loop, self.layer, self.calls = loop, layer, 0
+
+
+@contextmanager
+def add_vector(
+    model: nn.Module,
+    vector: torch.Tensor,
+    loop: int,
+    layer: int,
+    strength: float = 1.0,
+    start: int | torch.Tensor | list = 0,
+    end: int | torch.Tensor | list | None = None,
+    positions: torch.Tensor | list | None = None,
+) -> Iterator[VectorInjection]:
+    """Add ``strength * vector`` to the residual stream after ``layer`` in ``loop``.
+
+    vector: [H] or [B,H] (one per row). Columns covered: ``start <= column < end`` (``end`` None:
+    to the end, generated tokens included); ``start``/``end`` are ints or one value per row. Or
+    give explicit ``positions`` (long [B,K] or [K]) instead.
+    """
+    layers = decoder_layers(model)
+    _check_site(layers, loop, layer)
+    vector = torch.as_tensor(vector)
+    hidden_size = layers[0].self_attn.q_proj.in_features
+    if vector.shape[-1] != hidden_size or vector.dim() not in (1, 2):
+        raise ValueError(f"vector must be [H] or [B,H] with H={hidden_size}, got shape {list(vector.shape)}")
+    record = VectorInjection(loop, layer)
+
+    def hook(module, args, kwargs, output):
+        if kwargs.get("loop_index", 0) != loop:
+            return None
+        cols = kwargs["token_positions"]  # [S]
+        bsz = output.shape[0]
+        vec = vector.to(device=output.device, dtype=output.dtype)
+        if vec.dim() == 2 and vec.shape[0] != bsz:
+            raise ValueError(f"vector has {vec.shape[0]} rows for a batch of {bsz}")
+        vec = vec.expand(bsz, -1) if vec.dim() == 1 else vec
+        if positions is not None:
+            pos = torch.as_tensor(positions, device=output.device).long()
+            pos = pos.unsqueeze(0).expand(bsz, -1) if pos.dim() == 1 else pos
+            where = (cols[None, :, None] == pos[:, None, :]).any(-1)  # [B,S]
+        else:
+            lo = _as_row_tensor(start, bsz, output.device, "start")
+            where = cols[None, :] >= lo[:, None]
+            if end is not None:
+                where = where & (cols[None, :] < _as_row_tensor(end, bsz, output.device, "end")[:, None])
+        if not bool(where.any()):
+            return None
+        record.calls += 1
+        return output + strength * where.unsqueeze(-1).to(output.dtype) * vec[:, None, :]
+
+    handle = layers[layer].register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield record
+    finally:
+        handle.remove()

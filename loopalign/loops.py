@@ -1,0 +1,129 @@
+"""Per-loop outputs of a looped model, exit distributions, and per-loop readouts.
+
+Shapes: B batch, S sequence, H hidden, V vocabulary, T loops, L layers per loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+__all__ = [
+    "OuroModelOutput",
+    "OuroCausalLMOutput",
+    "exit_distribution",
+    "threshold_exit_index",
+    "resolve_exit",
+    "loop_logits",
+    "gather_positions",
+]
+
+
+@dataclass
+class OuroModelOutput(ModelOutput):
+    """Output of the looped decoder.
+
+    last_hidden_state: [B,S,H], the normed state after the last loop.
+    loop_hidden_states: T x [B,S,H], the normed state after each loop (what enters the next loop).
+    gate_logits: T x [B,S], the exit gate's raw output after each loop.
+    layer_hidden_states: T x L x [B,S,H], the residual stream after each layer in each loop.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    loop_hidden_states: tuple[torch.Tensor, ...] | None = None
+    gate_logits: tuple[torch.Tensor, ...] | None = None
+    layer_hidden_states: tuple[tuple[torch.Tensor, ...], ...] | None = None
+    past_key_values: Cache | None = None
+
+
+@dataclass
+class OuroCausalLMOutput(ModelOutput):
+    """Output of ``OuroForCausalLM``.
+
+    loss: scalar next-token cross-entropy of ``logits`` (when labels are given).
+    logits: [B,S,V] (or fewer positions with ``logits_to_keep``), the chosen exit's readout.
+    loop_hidden_states / gate_logits / exit_probs ([B,S,T]): with ``output_loop_states=True``.
+    exit_loop: [B,S], the loop each token exited at, for ``exit="threshold"``.
+    layer_hidden_states: T x L x [B,S,H], with ``output_layer_states=True``.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    loop_hidden_states: tuple[torch.Tensor, ...] | None = None
+    gate_logits: tuple[torch.Tensor, ...] | None = None
+    exit_probs: torch.Tensor | None = None
+    exit_loop: torch.Tensor | None = None
+    layer_hidden_states: tuple[tuple[torch.Tensor, ...], ...] | None = None
+
+
+def exit_distribution(gate_logits: torch.Tensor) -> torch.Tensor:
+    """Ouro's exit distribution. gate_logits [..., T] -> exit_probs [..., T] (sums to 1).
+
+    With lambda_t = sigmoid(gate_logits[..., t]): p_t = lambda_t * prod_{j<t}(1 - lambda_j) for
+    t < T-1; the last loop takes the remaining mass prod_{j<T-1}(1 - lambda_j). Computed in float32.
+    """
+    lam = torch.sigmoid(gate_logits.float())
+    num_loops = lam.shape[-1]
+    if num_loops == 1:
+        return torch.ones_like(lam)
+    survive = torch.cumprod(1.0 - lam[..., :-1], dim=-1)  # prod_{j<=t}(1-lambda_j), t = 0..T-2
+    before = torch.cat([torch.ones_like(lam[..., :1]), survive[..., :-1]], dim=-1)  # prod_{j<t}, t = 0..T-2
+    return torch.cat([lam[..., :-1] * before, survive[..., -1:]], dim=-1)
+
+
+def threshold_exit_index(exit_probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per token, the first loop whose cumulative exit probability reaches ``threshold``
+    (the last loop if none does). exit_probs [..., T] -> long [...]."""
+    num_loops = exit_probs.shape[-1]
+    reached = exit_probs.cumsum(-1) >= threshold
+    reached[..., -1] = True
+    return torch.argmax(reached.to(torch.int8), dim=-1).clamp(max=num_loops - 1)
+
+
+def resolve_exit(exit: str | int, num_loops: int) -> tuple[str, int | None]:
+    """Normalise an ``exit`` argument to (mode, fixed loop index or None)."""
+    if isinstance(exit, bool):
+        raise ValueError(f"exit must be 'last', 'threshold', 'expected' or a loop index, got {exit!r}")
+    if isinstance(exit, int):
+        if not -num_loops <= exit < num_loops:
+            raise ValueError(f"exit loop index {exit} is out of range for num_loops={num_loops} (0-based)")
+        return "fixed", exit % num_loops
+    if exit in ("last", "threshold", "expected"):
+        return exit, None
+    raise ValueError(f"unknown exit mode {exit!r}: use 'last', 'threshold', 'expected' or a loop index (int)")
+
+
+def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """hidden [B,S,H], positions long [B,K] (or [K], shared by all rows) -> [B,K,H]."""
+    bsz, seq = hidden.shape[:2]
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(0).expand(bsz, -1)
+    if positions.shape[0] != bsz:
+        raise ValueError(f"positions has {positions.shape[0]} rows for a batch of {bsz}")
+    if positions.numel() and (int(positions.max()) >= seq or int(positions.min()) < -seq):
+        raise ValueError(f"a position in {positions.tolist()} is outside a sequence of length {seq}")
+    positions = positions % seq
+    return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def loop_logits(
+    lm_head: torch.nn.Module,
+    loop_hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    positions: torch.Tensor | None = None,
+    loops: list[int] | None = None,
+) -> torch.Tensor:
+    """Per-loop logits at chosen positions only: -> [T', B, K, V].
+
+    loop_hidden_states: T x [B,S,H]; positions: long [B,K] or [K] (None = every position, only
+    when asked: that is T x B x S x V floats); loops: which loops (default all).
+    """
+    loops = list(range(len(loop_hidden_states))) if loops is None else loops
+    states = []
+    for t in loops:
+        h = loop_hidden_states[t]
+        states.append(h if positions is None else gather_positions(h, positions))
+    return lm_head(torch.stack(states, dim=0))

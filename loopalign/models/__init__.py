@@ -1,0 +1,3 @@
+"""Model implementations; importing registers them with transformers' Auto classes."""
+
+from . import ouro  # noqa: F401

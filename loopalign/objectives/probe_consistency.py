@@ -1,0 +1,61 @@
+"""Probe-consistency: pull the verbal Yes/No verdict toward a linear probe on the model's own state.
+
+Per loop t: a probe reads h(t, layer) at the record's probe position and is trained on the
+verifier label (on detached features by default, so it measures rather than reshapes); the
+verbal verdict distribution q_t = softmax(logit_Yes, logit_No) at the verdict position, read
+from loop t's logits, is pulled toward the probe's posterior p_t (detached):
+``-[p_t log q_t(Yes) + (1 - p_t) log q_t(No)]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LoopProbes", "verbal_log_probs", "probe_loss", "consistency_loss"]
+
+
+class LoopProbes(nn.Module):
+    """One logistic-regression probe per loop: features [T,B,H] -> logits [T,B]."""
+
+    def __init__(self, num_loops: int, hidden_size: int):
+        super().__init__()
+        if num_loops < 1 or hidden_size < 1:
+            raise ValueError(f"LoopProbes needs num_loops >= 1 and hidden_size >= 1, got {num_loops}, {hidden_size}")
+        self.weight = nn.Parameter(torch.zeros(num_loops, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(num_loops))
+
+    @property
+    def num_loops(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 3 or features.shape[0] != self.num_loops or features.shape[2] != self.weight.shape[1]:
+            raise ValueError(
+                f"probe features must be [T={self.num_loops}, B, H={self.weight.shape[1]}], got {list(features.shape)}"
+            )
+        return torch.einsum("tbh,th->tb", features.to(self.weight.dtype), self.weight) + self.bias[:, None]
+
+
+def verbal_log_probs(verdict_logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
+    """verdict_logits [..., V] -> log q(Yes) [...], renormalised over the two verdict tokens."""
+    pair = torch.stack([verdict_logits[..., yes_id], verdict_logits[..., no_id]], dim=-1).float()
+    return F.log_softmax(pair, dim=-1)[..., 0]
+
+
+def probe_loss(probe_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-loop BCE of the probes on verifier labels. probe_logits [T,B], labels [B] in {0,1} -> [T]."""
+    target = labels.to(probe_logits.dtype).expand_as(probe_logits)
+    return F.binary_cross_entropy_with_logits(probe_logits, target, reduction="none").mean(dim=1)
+
+
+def consistency_loss(verdict_logits: torch.Tensor, probe_logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
+    """Per-loop soft cross-entropy of the verbal verdict against the detached probe posterior.
+
+    verdict_logits [T,B,V] (loop t's logits at the verdict position), probe_logits [T,B] -> [T].
+    """
+    log_yes = verbal_log_probs(verdict_logits, yes_id, no_id)  # [T,B]
+    log_no = torch.log1p(-log_yes.exp().clamp(max=1 - 1e-6))
+    p = torch.sigmoid(probe_logits.detach().float())
+    return -(p * log_yes + (1 - p) * log_no).mean(dim=1)

@@ -1,0 +1,211 @@
+"""Training features for gap SFT, built from rendered verification records.
+
+A rendered record (see ``data_builders``) holds the verification prompt's ``input_ids`` (ending
+with the generation prompt), ``verdict_index`` (its last token: the verdict is read from that
+position's next-token logits), ``answer_end_index`` / ``probe_indices``, and the verifier
+``label``. A feature appends the target verdict ("Yes" for label 1, "No" for 0) and the end of
+turn to the prompt; only those tokens carry ``labels``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PROBE_POSITIONS", "verdict_token_ids", "build_gap_features", "GapCollator"]
+
+#: Where the probes read: the end of the candidate answer, or the verdict position.
+PROBE_POSITIONS = ("answer_end", "verdict")
+REQUIRED_COLUMNS = ("id", "input_ids", "label", "verdict_index", "answer_end_index")
+
+
+def verdict_token_ids(tokenizer, yes: str = "Yes", no: str = "No") -> tuple[int, int]:
+    """Token ids of the one-token verdict words (as they follow the generation prompt)."""
+    ids = []
+    for word in (yes, no):
+        toks = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(toks) != 1:
+            raise ValueError(f"verdict word {word!r} is {len(toks)} tokens for this tokenizer; it must be one token")
+        ids.append(toks[0])
+    if ids[0] == ids[1]:
+        raise ValueError(f"verdict words {yes!r} and {no!r} map to the same token")
+    return ids[0], ids[1]
+
+
+def build_gap_features(
+    records,
+    tokenizer,
+    probe_position: str = "answer_end",
+    yes: str = "Yes",
+    no: str = "No",
+    max_length: int | None = None,
+):
+    """Map rendered records (a ``datasets.Dataset``) to training features.
+
+    Columns out: input_ids, labels, label, verdict_index, probe_index, id. Errors name the record
+    and field at fault (a dataset missing the verdict position fails here, before training).
+    """
+    if probe_position not in PROBE_POSITIONS:
+        raise ValueError(f"probe_position must be one of {PROBE_POSITIONS}, got {probe_position!r}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in records.column_names]
+    if missing:
+        raise ValueError(
+            f"gap SFT dataset lacks column(s) {missing} (has {records.column_names}); "
+            "render it with data_builders (python -m data_builders.verification --render ...)"
+        )
+    yes_id, no_id = verdict_token_ids(tokenizer, yes, no)
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tail = [end_id] if isinstance(end_id, int) and end_id != tokenizer.unk_token_id else []
+
+    def to_features(row):
+        rid = row["id"]
+        ids = list(row["input_ids"])
+        if row["label"] not in (0, 1):
+            raise ValueError(f"record {rid!r}: field 'label' must be 0 or 1, got {row['label']!r}")
+        v = row["verdict_index"]
+        if not isinstance(v, int) or not 0 <= v < len(ids):
+            raise ValueError(f"record {rid!r}: field 'verdict_index' {v!r} is outside its {len(ids)} input_ids")
+        if v != len(ids) - 1:
+            raise ValueError(
+                f"record {rid!r}: field 'verdict_index' {v} must be the last prompt token ({len(ids) - 1})"
+            )
+        p = row["answer_end_index"] if probe_position == "answer_end" else v
+        if not isinstance(p, int) or not 0 <= p < len(ids):
+            raise ValueError(f"record {rid!r}: field 'answer_end_index' {p!r} is outside its {len(ids)} input_ids")
+        target = [yes_id if row["label"] == 1 else no_id, *tail]
+        full = ids + target
+        if max_length is not None and len(full) > max_length:
+            raise ValueError(f"record {rid!r}: {len(full)} tokens exceed max_length={max_length}")
+        return {
+            "input_ids": full,
+            "labels": [-100] * len(ids) + target,
+            "verdict_index": v,
+            "probe_index": p,
+        }
+
+    keep = {"input_ids", "labels", "label", "verdict_index", "probe_index", "id"}
+    drop = [c for c in records.column_names if c not in keep]
+    return records.map(to_features, remove_columns=drop, desc="gap SFT features")
+
+
+@dataclass
+class GapCollator:
+    """Right-pads a list of features into a batch.
+
+    Out: input_ids, attention_mask, labels [B,S]; label, verdict_index, probe_index [B].
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        batch = len(features)
+        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, longest), -100, dtype=torch.long)
+        attention = torch.zeros((batch, longest), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            attention[i, :n] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": labels,
+            "label": torch.tensor([int(f["label"]) for f in features]),
+            "verdict_index": torch.tensor([int(f["verdict_index"]) for f in features]),
+            "probe_index": torch.tensor([int(f["probe_index"]) for f in features]),
+        }
+
+
+def split_by_task(dataset, eval_fraction: float, seed: int = 0):
+    """Split records into (train, eval) so that all answers to one task land on the same side.
+
+    Deterministic by seed; raises when either side would be empty or hold a single class.
+    """
+    import random
+
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    tasks = sorted(set(dataset["task"]))
+    random.Random(seed).shuffle(tasks)
+    n_eval = max(1, round(len(tasks) * eval_fraction))
+    eval_tasks = set(tasks[:n_eval])
+    is_eval = [t in eval_tasks for t in dataset["task"]]
+    train = dataset.select([i for i, e in enumerate(is_eval) if not e])
+    held_out = dataset.select([i for i, e in enumerate(is_eval) if e])
+    for name, part in (("train", train), ("eval", held_out)):
+        if len(part) == 0 or len(set(part["label"])) < 2:
+            raise ValueError(f"split_by_task: the {name} split has {len(part)} records / one class; use more data")
+    return train, held_out
+
+
+def synthetic_verification(tokenizer, n_problems: int = 120, levels=(1, 2), seed: int = 0):
+    """A rendered, label-balanced verification ``datasets.Dataset`` from data_builders' synthetic
+    arithmetic (gold answer + controlled wrong answers), ready for GapSFTTrainer and evaluate_gap."""
+    import datasets
+
+    from data_builders.candidates import controlled_candidates
+    from data_builders.prompts import render_records
+    from data_builders.sources.synthetic import generate_problems
+
+    problems = generate_problems(n_problems, seed=seed, levels=tuple(levels))
+    rendered, _ = render_records(controlled_candidates(problems), tokenizer)
+    return datasets.Dataset.from_list(rendered)
+
+
+def load_verification_dataset(
+    spec: str,
+    tokenizer,
+    tokenizer_name: str,
+    out_dir: str,
+    limit: int | None = None,
+    candidates: str = "controlled",
+    policy: str | None = None,
+    field_map: str = "beavertails",
+    split: str = "train",
+    synthetic_levels=(1, 2),
+    seed: int = 0,
+):
+    """A rendered verification dataset from a spec:
+
+    - ``"synthetic"``: data_builders' synthetic arithmetic (``limit`` problems, default 160);
+    - a data_builders build folder, a ``save_to_disk`` folder or a ``.jsonl`` of rendered records;
+    - ``"SOURCE:PATH_OR_HUB_NAME"`` with a data_builders source (``gsm8k:openai/gsm8k``,
+      ``gsm8k-solutions:/data/example_model_solutions.jsonl``, ``safety-pairs:PKU-Alignment/PKU-SafeRLHF``,
+      ``xstest-completions:/data/xstest/model_completions``): built (candidates, label balancing,
+      rendering with ``tokenizer_name``) into ``out_dir`` and loaded.
+    """
+    import os
+
+    from data_builders.io import load_build
+    from data_builders.verification import SOURCES, VerificationBuild, build_verification
+
+    if spec == "synthetic":
+        return synthetic_verification(tokenizer, limit or 160, synthetic_levels, seed=seed)
+    source, sep, path = spec.partition(":")
+    if sep and source in SOURCES:
+        if not os.path.exists(os.path.join(out_dir, "metadata.json")):
+            build_verification(
+                VerificationBuild(
+                    source=source,
+                    path=path,
+                    out=out_dir,
+                    n=limit,
+                    seed=seed,
+                    field_map=field_map,
+                    split=split,
+                    candidates=candidates,
+                    policy=policy,
+                    balance=True,
+                    render=True,
+                    tokenizer=tokenizer_name,
+                )
+            )
+        return load_build(out_dir)[0]
+    if sep and not os.path.exists(spec):
+        raise ValueError(f"dataset spec {spec!r}: unknown source {source!r}; sources: {list(SOURCES)}")
+    from loopalign.eval import load_eval_dataset
+
+    return load_eval_dataset(spec)

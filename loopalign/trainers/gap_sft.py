@@ -1,0 +1,434 @@
+"""GapSFTTrainer: LoRA on a looped model so that the verbal verdict (SV) catches up with the
+representation readout (RR), per loop, without RR degrading.
+
+One forward pass per batch runs all loops; from it come
+- ``lm``: per-loop deep supervision on the target verdict tokens (loop weighting: uniform, last,
+  a list, or Ouro's entropy-regularised exit objective), optionally Ouro's stage-II ``gate`` loss;
+- ``probe``: a logistic probe per loop at ``probe_layer``, reading the record's probe position,
+  trained on the verifier label (on detached features: it measures, it does not reshape);
+- ``consistency``: the verbal Yes/No distribution of each loop pulled toward its probe's posterior;
+- ``rr_probe``: probes fit on the base model before training stay frozen; their loss on the tuned
+  features is penalised;
+- ``rr_distill``: tuned features at the readout sites pulled toward the base model's (adapters off).
+Each term has a weight in ``GapSFTConfig.loss_weights`` and is logged per loop
+(``loss/loop_t``, ``sv/loop_t``, ``rr/loop_t``, ``gap/loop_t`` with t = loop count 1..T).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from loopalign.hooks import capture_activations
+from loopalign.io import atomic_save_safetensors, atomic_write_text
+from loopalign.loops import gather_positions, loop_logits
+from loopalign.lora import parse_loop_selection, route_lora_by_loop
+from loopalign.objectives import (
+    LoopProbes,
+    consistency_loss,
+    frozen_probe_loss,
+    hidden_distillation_loss,
+    ouro_entropy_objective,
+    ouro_gate_loss,
+    per_loop_token_losses,
+    probe_loss,
+    verbal_log_probs,
+    weighted_loop_loss,
+)
+
+from .gap_data import PROBE_POSITIONS, GapCollator, build_gap_features, verdict_token_ids
+
+__all__ = ["GapSFTConfig", "GapSFTTrainer", "LOSS_KEYS", "LOOP_WEIGHTINGS"]
+
+#: The objective terms and their default weights.
+LOSS_KEYS = {"lm": 1.0, "probe": 1.0, "consistency": 1.0, "rr_probe": 0.0, "rr_distill": 0.0, "gate": 0.0}
+LOOP_WEIGHTINGS = ("uniform", "last", "list", "ouro_entropy")
+PROBES_FILE = "loop_probes.safetensors"
+GAP_CONFIG_FILE = "gap_config.json"
+
+
+@dataclass
+class GapSFTConfig(SFTConfig):
+    """TRL's SFTConfig plus the gap objectives. Loop indices are 0-based; logged loop counts 1-based."""
+
+    num_loops: int | None = field(
+        default=None, metadata={"help": "Loops per forward (default: the model's total_ut_steps)."}
+    )
+    lora_loops: str = field(default="all", metadata={"help": "Loops the LoRA adapters act on: all | last | >=K | 1,3."})
+    loss_weights: dict | str | None = field(
+        default=None, metadata={"help": f"Weights of the objective terms (JSON or dict); keys: {sorted(LOSS_KEYS)}."}
+    )
+    loop_weighting: str = field(default="uniform", metadata={"help": f"Per-loop LM weighting: {LOOP_WEIGHTINGS}."})
+    loop_weights: list[float] | None = field(default=None, metadata={"help": "Loop weights for loop_weighting=list."})
+    entropy_beta: float = field(default=0.1, metadata={"help": "beta of Ouro's entropy-regularised exit objective."})
+    probe_layer: int | None = field(
+        default=None,
+        metadata={"help": "Layer the probes read: 0..L-1 = after that layer, L = the loop state (default)."},
+    )
+    probe_position: str = field(default="answer_end", metadata={"help": f"Where probes read: {PROBE_POSITIONS}."})
+    probe_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of the jointly trained probes."})
+    base_probe_l2: float = field(default=1e-2, metadata={"help": "L2 strength of the frozen base probes (rr_probe)."})
+    rr_distill_kind: str = field(default="mse", metadata={"help": "rr_distill distance: mse | cosine."})
+    verdict_yes: str = field(default="Yes", metadata={"help": "One-token verbal verdict for label 1."})
+    verdict_no: str = field(default="No", metadata={"help": "One-token verbal verdict for label 0."})
+    lm_chunk_size: int = field(default=2048, metadata={"help": "Tokens per chunk of the per-loop cross-entropy."})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if self.ddp_find_unused_parameters is None:
+            # every trainable tensor (LoRA, probes) gets a gradient each step; the probes run after
+            # the model's forward, where DDP's unused-parameter search would misreport them
+            self.ddp_find_unused_parameters = False
+        super().__post_init__()
+        # gap features carry extra columns (label, verdict and probe positions) and are prepared here
+        self.remove_unused_columns = False
+        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        weights = self.loss_weights
+        if isinstance(weights, str):
+            try:
+                weights = json.loads(weights)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"GapSFTConfig.loss_weights is not valid JSON: {self.loss_weights!r}") from e
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(LOSS_KEYS))
+        if unknown:
+            raise ValueError(
+                f"GapSFTConfig.loss_weights: unknown loss key(s) {unknown}; valid keys: {sorted(LOSS_KEYS)}"
+            )
+        for k, v in weights.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"GapSFTConfig.loss_weights[{k!r}] must be a number >= 0, got {v!r}")
+        self.loss_weights = {**LOSS_KEYS, **{k: float(v) for k, v in weights.items()}}
+        if self.loss_weights["consistency"] > 0 and self.loss_weights["probe"] == 0:
+            raise ValueError(
+                "GapSFTConfig.loss_weights: 'consistency' > 0 needs 'probe' > 0 (the probes must be trained)"
+            )
+        if self.loop_weighting not in LOOP_WEIGHTINGS:
+            raise ValueError(
+                f"GapSFTConfig.loop_weighting must be one of {LOOP_WEIGHTINGS}, got {self.loop_weighting!r}"
+            )
+        if self.loop_weighting == "list" and not self.loop_weights:
+            raise ValueError("GapSFTConfig.loop_weighting='list' needs loop_weights")
+        if self.loop_weights is not None and any(w < 0 for w in self.loop_weights):
+            raise ValueError(f"GapSFTConfig.loop_weights must be >= 0, got {self.loop_weights}")
+        if self.num_loops is not None and self.num_loops < 1:
+            raise ValueError(f"GapSFTConfig.num_loops must be >= 1, got {self.num_loops}")
+        if self.probe_position not in PROBE_POSITIONS:
+            raise ValueError(
+                f"GapSFTConfig.probe_position must be one of {PROBE_POSITIONS}, got {self.probe_position!r}"
+            )
+        if self.rr_distill_kind not in ("mse", "cosine"):
+            raise ValueError(f"GapSFTConfig.rr_distill_kind must be 'mse' or 'cosine', got {self.rr_distill_kind!r}")
+        if self.entropy_beta < 0 or self.probe_learning_rate <= 0 or self.lm_chunk_size < 1:
+            raise ValueError("GapSFTConfig: entropy_beta >= 0, probe_learning_rate > 0 and lm_chunk_size >= 1 required")
+        parse_loop_selection(self.lora_loops)
+
+    def check_against_model(self, model_config) -> tuple[int, int]:
+        """Validate loop/layer options against a model config; returns (num_loops, probe_layer)."""
+        num_loops = self.num_loops or model_config.total_ut_steps
+        num_layers = model_config.num_hidden_layers
+        layer = num_layers if self.probe_layer is None else self.probe_layer
+        if not 0 <= layer <= num_layers:
+            raise ValueError(
+                f"GapSFTConfig.probe_layer={self.probe_layer} is out of range: 0..{num_layers - 1} (after a layer) "
+                f"or {num_layers} (the loop state) for a model with {num_layers} layers"
+            )
+        if self.loop_weights is not None and len(self.loop_weights) != num_loops:
+            raise ValueError(
+                f"GapSFTConfig.loop_weights has {len(self.loop_weights)} entries for num_loops={num_loops}"
+            )
+        parse_loop_selection(self.lora_loops, max_loops=num_loops)
+        return num_loops, layer
+
+
+class GapSFTTrainer(SFTTrainer):
+    """SFTTrainer with per-loop gap objectives (see the module doc). Takes rendered verification
+    records (``data_builders``) as ``train_dataset`` / ``eval_dataset``."""
+
+    _tag_names = ["trl", "sft", "loopalign", "gap-sft"]
+
+    def __init__(
+        self,
+        model,
+        args: GapSFTConfig,
+        train_dataset,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        base_probes: list | None = None,
+        **kwargs,
+    ):
+        if not isinstance(args, GapSFTConfig):
+            raise TypeError(f"GapSFTTrainer needs a GapSFTConfig, got {type(args).__name__}")
+        if isinstance(model, str):
+            import loopalign  # noqa: F401  (registers Ouro)
+
+            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if processing_class.pad_token_id is None:
+            processing_class.pad_token = processing_class.eos_token
+        self.num_loops, self.probe_layer = args.check_against_model(model.config)
+        self.yes_id, self.no_id = verdict_token_ids(processing_class, args.verdict_yes, args.verdict_no)
+        features = build_gap_features(
+            train_dataset, processing_class, args.probe_position, args.verdict_yes, args.verdict_no, args.max_length
+        )
+        eval_features = None
+        if eval_dataset is not None:
+            eval_features = build_gap_features(
+                eval_dataset, processing_class, args.probe_position, args.verdict_yes, args.verdict_no, args.max_length
+            )
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=features,
+            eval_dataset=eval_features,
+            processing_class=processing_class,
+            data_collator=GapCollator(processing_class.pad_token_id),
+            peft_config=peft_config,
+            **kwargs,
+        )
+        # the loss is averaged inside compute_loss; let the Trainer divide by accumulation steps
+        self.model_accepts_loss_kwargs = False
+        self.weights = dict(args.loss_weights)
+        if self.weights["rr_distill"] > 0 and not hasattr(self.model, "disable_adapter"):
+            raise ValueError("loss_weights.rr_distill needs a PEFT model (the base = adapters disabled)")
+        if args.lora_loops != "all":
+            route_lora_by_loop(self.model, args.lora_loops)
+        device = next(self.model.parameters()).device
+        hidden = model.config.hidden_size
+        if self.weights["probe"] > 0:
+            # a submodule of the trained model: optimizer, DDP gradient sync and device moves cover it
+            self.model.loop_probes = LoopProbes(self.num_loops, hidden).to(device)
+        self.base_probes = base_probes
+        if self.weights["rr_probe"] > 0 and self.base_probes is None:
+            self.base_probes = self.fit_base_probes(features)
+        if self.base_probes is not None and len(self.base_probes) != self.num_loops:
+            raise ValueError(f"base_probes has {len(self.base_probes)} probes for num_loops={self.num_loops}")
+
+    # ----- features -------------------------------------------------------------------------
+    def _readout_features(self, model, inputs, detach: bool) -> tuple[object, torch.Tensor]:
+        """One forward of all loops; returns (output, features [T,B,H] at probe_layer, probe_index)."""
+        num_layers = self.model.config.num_hidden_layers
+        positions = inputs["probe_index"][:, None]
+        sites = [(t, self.probe_layer) for t in range(self.num_loops)] if self.probe_layer < num_layers else [(0, 0)]
+        with capture_activations(model, sites, positions=positions, detach=detach) as cap:
+            out = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                num_loops=self.num_loops,
+                output_loop_states=True,
+                use_cache=False,
+                exit="last",
+                logits_to_keep=1,
+            )
+        if self.probe_layer == num_layers:
+            feats = [gather_positions(h, positions)[:, 0] for h in out.loop_hidden_states]
+            feats = [f.detach() for f in feats] if detach else feats
+        else:
+            feats = [cap.get(t, self.probe_layer)[:, 0] for t in range(self.num_loops)]
+        return out, torch.stack(feats)
+
+    @torch.no_grad()
+    def fit_base_probes(self, features) -> list:
+        """Fit one L2 logistic probe per loop on the base model's (adapters disabled) features of the
+        training set; they stay frozen for the rr_probe term."""
+        from loopalign.eval.probes import fit_probes
+
+        model = self.model
+        collate = GapCollator(self.processing_class.pad_token_id)
+        device = next(model.parameters()).device
+        disable = model.disable_adapter() if hasattr(model, "disable_adapter") else torch.enable_grad()
+        xs, ys = [], []
+        was_training = model.training
+        model.eval()
+        with disable:
+            for start in range(0, len(features), self.args.per_device_eval_batch_size):
+                rows = [
+                    features[i] for i in range(start, min(start + self.args.per_device_eval_batch_size, len(features)))
+                ]
+                batch = {k: v.to(device) for k, v in collate(rows).items()}
+                _, feats = self._readout_features(model, batch, detach=True)
+                xs.append(feats.float().cpu())
+                ys.append(batch["label"].cpu())
+        model.train(was_training)
+        x, y = torch.cat(xs, dim=1), torch.cat(ys)
+        return [fit_probes(x[t], y, [self.args.base_probe_l2])[0] for t in range(self.num_loops)]
+
+    # ----- loss -----------------------------------------------------------------------------
+    def _loop_weights(self, device) -> torch.Tensor:
+        T = self.num_loops
+        kind = self.args.loop_weighting
+        if kind == "last":
+            w = torch.zeros(T)
+            w[-1] = 1.0
+        elif kind == "list":
+            w = torch.tensor(self.args.loop_weights, dtype=torch.float32)
+        else:
+            w = torch.full((T,), 1.0 / T)
+        return w.to(device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        w = self.weights
+        needs_grad_features = w["rr_probe"] > 0 or w["rr_distill"] > 0
+        out, feats = self._readout_features(model, inputs, detach=not needs_grad_features)
+        unwrapped = self.accelerator.unwrap_model(model)
+        lm_head = unwrapped.get_output_embeddings()
+        loop_w = self._loop_weights(feats.device)
+        labels = inputs["label"]
+        terms: dict[str, torch.Tensor] = {}
+        per_loop: dict[str, torch.Tensor] = {}
+
+        token_losses, index = per_loop_token_losses(
+            lm_head, out.loop_hidden_states, inputs["labels"], chunk_size=self.args.lm_chunk_size
+        )
+        per_loop["loss"] = (
+            token_losses.mean(dim=1).detach() if token_losses.shape[1] else token_losses.new_zeros(self.num_loops)
+        )
+        if w["lm"] > 0:
+            if self.args.loop_weighting == "ouro_entropy":
+                exit_probs = out.exit_probs.reshape(-1, self.num_loops)[index]
+                terms["lm"], _ = ouro_entropy_objective(token_losses, exit_probs, self.args.entropy_beta)
+            else:
+                terms["lm"], _ = weighted_loop_loss(token_losses, loop_w)
+        if w["gate"] > 0:
+            gates = torch.stack(out.gate_logits, dim=-1).reshape(-1, self.num_loops)[index]
+            terms["gate"] = ouro_gate_loss(token_losses, gates)
+
+        verdict_logits = loop_logits(lm_head, out.loop_hidden_states, inputs["verdict_index"][:, None])[:, :, 0]
+        p_yes = verbal_log_probs(verdict_logits.detach(), self.yes_id, self.no_id).exp()  # [T,B]
+        per_loop["sv"] = ((p_yes > 0.5).long() == labels).float().mean(dim=1)
+        probes = getattr(unwrapped, "loop_probes", None)
+        if probes is not None:
+            probe_logits = probes(feats.detach())
+            per_loop["rr"] = ((probe_logits.detach() > 0).long() == labels).float().mean(dim=1)
+            per_loop["gap"] = per_loop["rr"] - per_loop["sv"]
+            if w["probe"] > 0:
+                per_loop["probe_loss"] = probe_loss(probe_logits, labels)
+                terms["probe"] = (loop_w * per_loop["probe_loss"]).sum()
+            if w["consistency"] > 0:
+                per_loop["consistency"] = consistency_loss(verdict_logits, probe_logits, self.yes_id, self.no_id)
+                terms["consistency"] = (loop_w * per_loop["consistency"]).sum()
+        if w["rr_probe"] > 0:
+            per_loop["rr_probe"] = frozen_probe_loss(self.base_probes, feats, labels)
+            terms["rr_probe"] = (loop_w * per_loop["rr_probe"]).sum()
+        if w["rr_distill"] > 0:
+            with torch.no_grad(), unwrapped.disable_adapter():
+                _, base_feats = self._readout_features(model, inputs, detach=True)
+            per_loop["rr_distill"] = hidden_distillation_loss(feats, base_feats, self.args.rr_distill_kind)
+            terms["rr_distill"] = (loop_w * per_loop["rr_distill"]).sum()
+
+        loss = sum(w[k] * v for k, v in terms.items()) if terms else feats.sum() * 0.0
+        metrics = self._metrics[mode]
+        for k, v in terms.items():
+            metrics[f"{k}_loss"].append(self.accelerator.gather_for_metrics(v.detach()).mean().item())
+        for name, values in per_loop.items():
+            values = self.accelerator.gather_for_metrics(values.detach()[None]).mean(0)
+            for t, value in enumerate(values.tolist()):
+                metrics[f"{name}/loop_{t + 1}"].append(value)
+        return (loss, out) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ----- optimizer, saving, resuming -------------------------------------------------------
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        probes = getattr(self.accelerator.unwrap_model(self.model), "loop_probes", None)
+        if probes is not None:
+            ids = {id(p) for p in probes.parameters()}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            optimizer.add_param_group(
+                {"params": list(probes.parameters()), "lr": self.args.probe_learning_rate, "weight_decay": 0.0}
+            )
+        return optimizer
+
+    def _get_output_dir(self, trial):
+        staging = getattr(self, "_checkpoint_staging", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """Write the checkpoint into ``<output_dir>/.staging/`` and rename it into place when complete,
+        so an interrupted save never leaves a half ``checkpoint-N`` that a resume would pick up."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, ".staging")
+        if self.args.should_save and os.path.exists(os.path.join(staging, name)):
+            shutil.rmtree(os.path.join(staging, name))  # left by an earlier interrupted save
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.process_index != 0:
+            return
+        self.save_gap_state(output_dir)
+
+    def save_gap_state(self, output_dir: str) -> None:
+        """Write the probes (trained and frozen base) and the gap settings, atomically."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        tensors = {}
+        probes = getattr(unwrapped, "loop_probes", None)
+        if probes is not None:
+            tensors.update({f"loop_probes.{k}": v for k, v in probes.state_dict().items()})
+        for t, probe in enumerate(self.base_probes or []):
+            tensors.update(probe.state(prefix=f"base_probes.{t}."))
+        if tensors:
+            atomic_save_safetensors(tensors, os.path.join(output_dir, PROBES_FILE), {"num_loops": str(self.num_loops)})
+        settings = {
+            "num_loops": self.num_loops,
+            "probe_layer": self.probe_layer,
+            "probe_position": self.args.probe_position,
+            "lora_loops": self.args.lora_loops,
+            "loss_weights": self.weights,
+            "loop_weighting": self.args.loop_weighting,
+            "loop_weights": self.args.loop_weights,
+            "verdict_tokens": [self.args.verdict_yes, self.args.verdict_no],
+        }
+        atomic_write_text(os.path.join(output_dir, GAP_CONFIG_FILE), json.dumps(settings, indent=2))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, PROBES_FILE)
+        if not os.path.exists(path):
+            return
+        state = load_file(path)
+        unwrapped = self.accelerator.unwrap_model(model or self.model)
+        probes = getattr(unwrapped, "loop_probes", None)
+        if probes is not None:
+            probes.load_state_dict(
+                {k[len("loop_probes.") :]: v for k, v in state.items() if k.startswith("loop_probes.")}
+            )

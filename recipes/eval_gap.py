@@ -1,0 +1,133 @@
+"""SV / RR / gap (and TP) per loop for a looped model; writes gap.json, gap.md, plots and probes.
+
+    python recipes/eval_gap.py                        # the model organism (built on first use), synthetic data
+    python recipes/eval_gap.py --model tiny --loops 1-8 --out outputs/eval_tiny   # a random tiny Ouro: noise
+    python recipes/eval_gap.py --model ByteDance/Ouro-1.4B --data builds/math --loops 1-8 --out outputs/eval --tp
+    python recipes/eval_gap.py --model PATH --data DIR --out outputs/after --compare outputs/before
+
+``--model organism`` (the default) is loopalign's model organism (``loopalign.organism``: a tiny Ouro
+trained here that shows the gap), built into the cache first when missing; ``--model tiny`` a
+random tiny Ouro. Both use the local tokenizer and, without ``--data``, held-out synthetic arithmetic
+from data_builders (problems, gold + controlled wrong answers, the verification prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from loopalign.eval import (
+    CompareConfig,
+    FeatureConfig,
+    GapConfig,
+    GapResult,
+    ReadoutConfig,
+    TaskConfig,
+    compare,
+    evaluate_gap,
+    load_eval_dataset,
+    load_model_and_tokenizer,
+)
+from loopalign.io import atomic_write_text
+
+LOCAL_MODELS = ("organism", "tiny")
+
+
+def synthetic_records(tokenizer, n_problems: int, seed: int, levels: tuple[int, ...] = (1, 2)) -> list[dict]:
+    """Rendered verification records from data_builders: synthetic problems, gold + one controlled wrong answer."""
+    from data_builders.candidates import ControlledConfig, controlled_candidates
+    from data_builders.prompts import render_records
+    from data_builders.sources.synthetic import generate_problems
+
+    problems = generate_problems(n_problems, seed=seed, levels=levels)
+    rendered, _ = render_records(controlled_candidates(problems, ControlledConfig(seed=seed)), tokenizer)
+    return rendered
+
+
+def _token(s: str):
+    return int(s) if s.lstrip("-").isdigit() else s
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="organism", help="'organism' (default), 'tiny', a local folder or a hub name")
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="build folder, save_to_disk folder or .jsonl (default with organism / tiny: synthetic arithmetic)",
+    )
+    ap.add_argument("--loops", default="1-8", help="loop counts, e.g. 1-8 or 1,2,4")
+    ap.add_argument("--out", default=None, help="output folder (default outputs/eval_gap_<model>)")
+    ap.add_argument("--metric", default="accuracy", choices=["accuracy", "balanced_accuracy", "f1", "auroc"])
+    ap.add_argument("--sv-decision", default="forced", choices=["forced", "strict"])
+    ap.add_argument("--verdict-tokens", default=None, help="yes,no strings or ids (default Yes,No)")
+    ap.add_argument("--split", default="holdout", choices=["holdout", "kfold"])
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--position", default="verdict", help="verdict, answer_end, concat or an index into probe_indices")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--n-problems", type=int, default=300, help="synthetic problems (2 records each) without --data")
+    ap.add_argument("--levels", default="1,2", help="levels of the synthetic problems without --data")
+    ap.add_argument("--data-seed", type=int, default=20_000, help="seed of the synthetic problems (held out)")
+    ap.add_argument("--tp", action="store_true", help="also measure task performance (generation)")
+    ap.add_argument("--tp-loops", default=None)
+    ap.add_argument("--tp-max-new-tokens", type=int, default=64)
+    ap.add_argument("--sampled-verdict", action="store_true")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wandb", action="store_true", help="log to W&B (offline without an API key)")
+    ap.add_argument("--wandb-project", default="loopalign")
+    ap.add_argument("--compare", default=None, help="a previous --out folder (the 'before'); writes compare.md/json")
+    args = ap.parse_args(argv)
+
+    if args.data is None and args.model not in LOCAL_MODELS:
+        ap.error(f"--data is required unless --model is one of {LOCAL_MODELS}")
+    out_dir = args.out or f"outputs/eval_gap_{args.model if args.model in LOCAL_MODELS else 'model'}"
+    if args.model == "organism":
+        from loopalign.organism import load_organism
+
+        model, tok = load_organism(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        model, tok = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    if args.data is None:
+        levels = tuple(int(x) for x in args.levels.split(","))
+        data = synthetic_records(tok, args.n_problems, seed=args.data_seed, levels=levels)
+    else:
+        data = load_eval_dataset(args.data)
+    verdict = tuple(_token(s) for s in args.verdict_tokens.split(",")) if args.verdict_tokens else ("Yes", "No")
+    position = int(args.position) if args.position.lstrip("-").isdigit() else args.position
+    config = GapConfig(
+        loops=args.loops,
+        metric=args.metric,
+        sv_decision=args.sv_decision,
+        verdict_tokens=verdict,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        features=FeatureConfig(batch_size=args.batch_size),
+        readout=ReadoutConfig(split=args.split, folds=args.folds, position=position, seed=args.seed),
+        task=TaskConfig(max_new_tokens=args.tp_max_new_tokens, batch_size=args.batch_size) if args.tp else None,
+        tp_loops=args.tp_loops,
+        sampled_verdict=args.sampled_verdict,
+    )
+    result = evaluate_gap(
+        model,
+        tok,
+        data,
+        config=config,
+        out_dir=out_dir,
+        wandb=args.wandb,
+        wandb_kwargs={"project": args.wandb_project, "name": f"eval_gap:{args.model}"},
+    )
+    print(result.markdown())
+    if args.compare:
+        comp = compare(GapResult.from_json(args.compare), result, CompareConfig(seed=args.seed))
+        atomic_write_text(f"{out_dir}/compare.json", comp.to_json())
+        atomic_write_text(f"{out_dir}/compare.md", comp.markdown())
+        print(comp.verdict)
+    print(f"wrote {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

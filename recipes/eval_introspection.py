@@ -1,0 +1,205 @@
+"""Concept-injection introspection eval (Lindsey et al. protocol, per loop) of a looped model.
+
+    python recipes/eval_introspection.py                                     # CPU default model, about a minute
+    python recipes/eval_introspection.py --config recipes/configs/eval_introspection_ouro_1.4b.yaml
+
+Concept vectors come from ``concept_vectors`` (a data_builders.injection .safetensors file) or are
+extracted at startup (``n_concepts`` words, ``vector_layers``). Writes ``introspection.json``,
+``introspection.md``, ``trials.jsonl`` and ``identification_heatmap.{png,svg}`` into ``output_dir``, and prints
+detection / identification / false-positive rates per (loop count, injection loop).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from trl import TrlParser
+
+import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
+from loopalign.eval.introspection import IntrospectionConfig, evaluate_introspection
+
+EMBEDDED_DEFAULTS = dict(
+    model_name_or_path="default",
+    n_concepts=4,
+    loop_counts="4",
+    strengths="4",
+    n_controls=16,
+    max_new_tokens=16,
+    output_dir="outputs/eval_introspection_default",
+)
+
+
+def default_model_and_tokenizer(seed: int = 0):
+    """The project's CPU model organism (``loopalign.organism``) when it is already built into the cache, else a
+    random tiny Ouro with the local tokenizer (building the organism takes minutes: recipes/pretrain_organism.py).
+    -> (model, tokenizer, label)."""
+    try:
+        from loopalign import organism
+    except ImportError:
+        organism = None
+    if organism is not None:
+        built = getattr(organism, "is_organism", None)
+        path = getattr(organism, "organism_path", None)
+        if built is None or path is None or built(path()):
+            out = organism.load_organism()
+            if isinstance(out, tuple):
+                return out[0], out[1], "organism"
+            from loopalign.tokenizer import local_tokenizer
+
+            return out, local_tokenizer(), "organism"
+        print("the model organism is not built yet (recipes/pretrain_organism.py); using a random tiny Ouro")
+    from loopalign import OuroForCausalLM, tiny_config
+    from loopalign.tokenizer import local_tokenizer
+
+    tok = local_tokenizer()
+    torch.manual_seed(seed)
+    return OuroForCausalLM(tiny_config(vocab_size=len(tok))).eval(), tok, "tiny (random)"
+
+
+def load_model_and_tokenizer(name: str, dtype: str | None = None, device: str | None = None, seed: int = 0):
+    """('default' | 'tiny' | folder | hub name) -> (model, tokenizer, label)."""
+    if name in ("default", "tiny"):
+        if name == "default":
+            model, tok, label = default_model_and_tokenizer(seed)
+        else:
+            from loopalign import OuroForCausalLM, tiny_config
+            from loopalign.tokenizer import local_tokenizer
+
+            tok = local_tokenizer()
+            torch.manual_seed(seed)
+            model, label = OuroForCausalLM(tiny_config(vocab_size=len(tok))).eval(), "tiny (random)"
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kw = {} if dtype in (None, "auto") else {"dtype": getattr(torch, dtype)}
+        model = AutoModelForCausalLM.from_pretrained(name, **kw).eval()
+        tok, label = AutoTokenizer.from_pretrained(name), name
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), tok, label
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if text in (None, "", "all"):
+        return None
+    out = []
+    for part in str(text).replace(" ", "").split(","):
+        a, _, b = part.partition("-")
+        out.extend(range(int(a), int(b) + 1) if b else [int(a)])
+    return out
+
+
+def concept_vectors_for(model, tokenizer, path: str | None, n_concepts: int, layers: str | None, num_loops: int):
+    """Load vectors from ``path`` or extract them for the first ``n_concepts`` concept words."""
+    from data_builders.injection import CONCEPT_WORDS, extract_concept_vectors, load_concept_vectors
+
+    if path:
+        return load_concept_vectors(path)
+    return extract_concept_vectors(
+        model, tokenizer, CONCEPT_WORDS[:n_concepts], num_loops=num_loops, layers=_ints(layers), batch_size=16
+    )
+
+
+@dataclass
+class EvalIntrospectionArguments:
+    """Model, concept vectors and the trial grid (loops and layers 0-based; loop counts >= 1)."""
+
+    model_name_or_path: str = field(
+        default="default", metadata={"help": "'default' (CPU organism), 'tiny', a folder or hub name."}
+    )
+    dtype: str | None = field(default=None, metadata={"help": "Weights dtype: bfloat16 | float16 | float32."})
+    device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)."})
+    concept_vectors: str | None = field(
+        default=None, metadata={"help": "Concept vectors .safetensors (default: extract)."}
+    )
+    n_concepts: int = field(default=8, metadata={"help": "Concept words to extract when no vector file is given."})
+    vector_layers: str | None = field(
+        default=None,
+        metadata={"help": "Layers to extract vectors at, e.g. '16' or '10-18' (default: about 2/3 depth)."},
+    )
+    loop_counts: str = field(default="4", metadata={"help": "Total loop counts N, e.g. '1-8'."})
+    extraction_loops: str = field(default="all", metadata={"help": "0-based, 'all' = every loop < N."})
+    injection_loops: str = field(default="all", metadata={"help": "0-based, 'all' = every loop < N."})
+    layers: str | None = field(default=None, metadata={"help": "Injection layers (default: the vectors' layers)."})
+    strengths: str = field(default="1,2,4,8", metadata={"help": "Comma-separated strengths."})
+    trials_per_concept: int = field(default=1, metadata={"help": "Samples per concept per cell."})
+    n_controls: int = field(default=50, metadata={"help": "No-injection control trials per loop count."})
+    random_vectors: bool = field(default=False, metadata={"help": "Also run random norm-matched vectors."})
+    n_random: int = field(default=10, metadata={"help": "Random-vector trials per (N, ext, inj, layer)."})
+    control_questions: bool = field(default=False, metadata={"help": "Also ask 'no'-answer questions, injected."})
+    n_control_questions: int = field(default=5, metadata={"help": "Control questions per cell."})
+    max_new_tokens: int = field(default=100, metadata={"help": "Tokens sampled per trial."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    batch_size: int = field(default=16, metadata={"help": "Trials per generate call."})
+    n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples of the intervals."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    output_dir: str = field(default="outputs/eval_introspection", metadata={"help": "Where the reports go."})
+    report_to: list[str] = field(default_factory=list, metadata={"help": "[wandb] to log the rates."})
+
+
+def default_vector_layer(model_config) -> str:
+    return str(max(0, round(2 * model_config.num_hidden_layers / 3) - 1))
+
+
+def intro_config(args, **overrides) -> IntrospectionConfig:
+    kw = dict(
+        loop_counts=args.loop_counts,
+        extraction_loops=args.extraction_loops,
+        injection_loops=args.injection_loops,
+        layers=args.layers,
+        strengths=tuple(float(s) for s in str(args.strengths).split(",")),
+        trials_per_concept=args.trials_per_concept,
+        n_controls=args.n_controls,
+        random_vectors=args.random_vectors,
+        n_random=args.n_random,
+        control_questions=args.control_questions,
+        n_control_questions=args.n_control_questions,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        n_boot=args.n_boot,
+        seed=args.seed,
+    )
+    kw.update(overrides)
+    return IntrospectionConfig(**kw)
+
+
+def main(args: EvalIntrospectionArguments) -> dict:
+    t0 = time.time()
+    model, tok, label = load_model_and_tokenizer(args.model_name_or_path, args.dtype, args.device, args.seed)
+    cfg = intro_config(args)
+    max_n = max(cfg.loop_counts or (model.config.total_ut_steps,))
+    vectors = concept_vectors_for(
+        model,
+        tok,
+        args.concept_vectors,
+        args.n_concepts,
+        args.vector_layers or default_vector_layer(model.config),
+        max_n,
+    )
+    print(f"model: {label}; concept vectors: {len(vectors.vectors)} words, layers {vectors.layers}, "
+          f"{vectors.num_loops} loops ({time.time() - t0:.1f}s)")  # fmt: skip
+    result = evaluate_introspection(model, tok, vectors, cfg, out_dir=args.output_dir, model_name=label)
+    print(result.markdown().split("\n## Cells")[0])
+    print(f"reports in {args.output_dir}/ ({time.time() - t0:.1f}s)")
+    if "wandb" in (args.report_to or []):
+        import wandb
+
+        mode = None if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else "offline"
+        run = wandb.init(project="loopalign", name=os.path.basename(args.output_dir), mode=mode)
+        result.log_wandb(run)
+        run.finish()
+    return result.to_dict()
+
+
+if __name__ == "__main__":
+    parser = TrlParser((EvalIntrospectionArguments,))
+    if "--config" not in sys.argv:
+        parser.set_defaults(**EMBEDDED_DEFAULTS)
+    (script_args,) = parser.parse_args_and_config()
+    main(script_args)

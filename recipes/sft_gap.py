@@ -1,0 +1,164 @@
+"""Gap SFT: train LoRA adapters on a looped model so that self-verification (SV) catches up with
+the representation readout (RR), per loop, without RR degrading, and measure it before and after.
+
+    accelerate launch recipes/sft_gap.py                                  # embedded CPU default, minutes
+    accelerate launch recipes/sft_gap.py --config recipes/configs/ouro_1.4b_gsm8k.yaml
+    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/sft_gap.py --config ...
+
+Writes into ``output_dir``: the adapters, probes and settings (``final/``), ``before/`` and
+``after/`` gap reports (JSON, Markdown, PNG/SVG plots), and ``compare.md`` / ``compare.json``
+with the verdict; logs the same to W&B with ``report_to: wandb`` (offline without an API key).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig, TrlParser, get_peft_config
+
+import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
+from loopalign.eval import CompareConfig, FeatureConfig, GapConfig, compare, evaluate_gap
+from loopalign.io import atomic_write_text
+from loopalign.trainers import GapSFTConfig, GapSFTTrainer
+from loopalign.trainers.gap_data import load_verification_dataset, split_by_task
+
+# Used when no --config is given: a tiny Ouro, synthetic arithmetic, a few minutes on 2 CPU cores.
+EMBEDDED_DEFAULTS = dict(
+    model_name_or_path="tiny",
+    use_peft=True,
+    lora_r=16,
+    lora_alpha=32,
+    lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    output_dir="outputs/sft_gap_default",
+    max_steps=150,
+    per_device_train_batch_size=16,
+    learning_rate=2e-3,
+    lr_scheduler_type="constant_with_warmup",
+    warmup_steps=10,
+    logging_steps=10,
+    save_strategy="no",
+    report_to=[],
+    gradient_checkpointing=False,
+    dataset_limit=300,
+    eval_fraction=0.4,
+    eval_loops="1-6",
+)
+
+
+@dataclass
+class GapScriptArguments:
+    """What to train on and how to evaluate."""
+
+    dataset: str = field(
+        default="synthetic",
+        metadata={
+            "help": "'synthetic'; a data_builders build folder, save_to_disk folder or .jsonl; or SOURCE:PATH_OR_HUB "
+            "(e.g. gsm8k:openai/gsm8k, gsm8k-solutions:FILE, safety-pairs:PKU-Alignment/PKU-SafeRLHF) built on the fly"
+        },
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset source."})
+    dataset_limit: int | None = field(default=None, metadata={"help": "Problems / rows read (synthetic: 160)."})
+    candidates: str = field(
+        default="controlled", metadata={"help": "Answers for problem sources: controlled | sampled."}
+    )
+    field_map: str = field(default="beavertails", metadata={"help": "Field map of safety-pairs sources."})
+    synthetic_levels: str = field(default="1,2", metadata={"help": "Difficulty levels of the synthetic source."})
+    eval_fraction: float = field(default=0.3, metadata={"help": "Share of tasks held out for the before/after eval."})
+    eval_loops: str = field(default="1-6", metadata={"help": "Loop counts evaluated before and after (e.g. 1-8)."})
+    eval_n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples of the gap CIs."})
+    rr_tolerance: float = field(default=0.02, metadata={"help": "RR counts as preserved if dRR's CI low end > -this."})
+
+    def __post_init__(self):
+        if self.candidates not in ("controlled", "sampled"):
+            raise ValueError(f"candidates must be 'controlled' or 'sampled', got {self.candidates!r}")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+def load_model_and_tokenizer(model_args: ModelConfig, training_args: GapSFTConfig):
+    name = model_args.model_name_or_path
+    if name == "tiny":
+        from loopalign import OuroForCausalLM, tiny_config
+        from loopalign.tokenizer import local_tokenizer
+
+        tokenizer = local_tokenizer()
+        torch.manual_seed(training_args.seed)
+        return OuroForCausalLM(tiny_config(vocab_size=len(tokenizer))), tokenizer
+    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "auto"
+    model = AutoModelForCausalLM.from_pretrained(
+        name, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation
+    )
+    return model, AutoTokenizer.from_pretrained(name, revision=model_args.model_revision)
+
+
+def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, training_args: GapSFTConfig):
+    local = model_name in ("tiny", "organism")
+    data = load_verification_dataset(
+        script_args.dataset,
+        tokenizer,
+        tokenizer_name="local" if local else model_name,
+        out_dir=os.path.join(training_args.output_dir, "data"),
+        limit=script_args.dataset_limit,
+        candidates=script_args.candidates,
+        policy=model_name,
+        field_map=script_args.field_map,
+        split=script_args.dataset_split,
+        synthetic_levels=[int(x) for x in script_args.synthetic_levels.split(",")],
+        seed=training_args.seed,
+    )
+    return split_by_task(data, script_args.eval_fraction, seed=training_args.seed)
+
+
+def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> None:
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    with training_args.main_process_first(desc="building the verification dataset"):
+        train_ds, eval_ds = load_datasets(script_args, model_args.model_name_or_path, tokenizer, training_args)
+    gap_config = GapConfig(
+        loops=script_args.eval_loops,
+        verdict_tokens=(training_args.verdict_yes, training_args.verdict_no),
+        n_boot=script_args.eval_n_boot,
+        features=FeatureConfig(batch_size=training_args.per_device_eval_batch_size),
+    )
+    wandb = "wandb" in (training_args.report_to or [])
+    out = training_args.output_dir
+    if training_args.process_index == 0:
+        print(f"train {len(train_ds)} / held-out {len(eval_ds)} verification records; evaluating before training")
+        before = evaluate_gap(model, tokenizer, eval_ds, config=gap_config, out_dir=os.path.join(out, "before"))
+        print(before.markdown())
+
+    trainer = GapSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(os.path.join(out, "final"))
+
+    if trainer.accelerator.is_main_process:
+        tuned = trainer.accelerator.unwrap_model(trainer.model).eval()
+        after = evaluate_gap(tuned, tokenizer, eval_ds, config=gap_config, out_dir=os.path.join(out, "after"))
+        comparison = compare(before, after, CompareConfig(rr_tolerance=script_args.rr_tolerance))
+        atomic_write_text(os.path.join(out, "compare.md"), comparison.markdown())
+        atomic_write_text(os.path.join(out, "compare.json"), comparison.to_json())
+        if wandb:
+            import wandb as wb
+
+            after.log_wandb(run=wb.run, prefix="gap_after/")
+            before.log_wandb(run=wb.run, prefix="gap_before/")
+        print("\nBefore / after gap SFT on the held-out split:\n")
+        print(comparison.markdown())
+        print(f"\nReports, plots, adapters and probes are in {out}/")
+
+
+if __name__ == "__main__":
+    parser = TrlParser((GapScriptArguments, GapSFTConfig, ModelConfig))
+    if "--config" not in sys.argv:
+        parser.set_defaults(**EMBEDDED_DEFAULTS)
+    script_args, training_args, model_args = parser.parse_args_and_config()
+    main(script_args, training_args, model_args)

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from data_builders.candidates import controlled_candidates
+from data_builders.prompts import render_records
+from data_builders.sources.synthetic import generate_problems
+from loopalign import OuroForCausalLM, tiny_config
+from loopalign.tokenizer import local_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return local_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tok):
+    torch.manual_seed(0)
+    return OuroForCausalLM(tiny_config(vocab_size=len(tok))).eval()
+
+
+@pytest.fixture(scope="session")
+def synthetic_rows(tok):
+    """48 rendered verification records from data_builders: 24 synthetic problems, gold + one wrong answer each."""
+    rows, rejected = render_records(controlled_candidates(generate_problems(24, seed=0, levels=(1, 2))), tok)
+    assert not rejected and len(rows) == 48
+    return rows

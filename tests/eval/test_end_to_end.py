@@ -1,0 +1,105 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from loopalign.eval import (
+    CompareConfig,
+    FeatureConfig,
+    GapConfig,
+    GapResult,
+    ReadoutConfig,
+    TaskConfig,
+    compare,
+    evaluate_gap,
+    extract_features,
+    load_probes,
+    prepare_records,
+    verdict_token_ids,
+)
+from loopalign.eval.task import integer_verifier
+
+
+def test_features_of_loop_t_match_a_t_loop_forward(tiny_model, synthetic_rows, tok):
+    records = prepare_records(synthetic_rows[:6])
+    vids = verdict_token_ids(tok, "Yes", "No")
+    all_loops = extract_features(tiny_model, records, [1, 2, 3], vids, FeatureConfig(batch_size=4))
+    only_two = extract_features(tiny_model, records, [2], vids, FeatureConfig(batch_size=6))
+    assert all_loops.states.shape == (3, 3, 6, 2, 64)  # [T, L'=2 layers + norm, N, K, H]
+    torch.testing.assert_close(all_loops.states[1], only_two.states[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(all_loops.verdict_logp[1], only_two.verdict_logp[0], rtol=1e-4, atol=1e-4)
+    # batching with right padding does not change a record's features
+    single = extract_features(tiny_model, records[:1], [1, 2, 3], vids, FeatureConfig(batch_size=1))
+    torch.testing.assert_close(all_loops.states[:, :, :1], single.states, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_evaluate_gap_writes_reports(tiny_model, tok, synthetic_rows, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = GapConfig(
+        loops="1-3",
+        verdict_tokens=("Yes", "No"),
+        n_boot=100,
+        readout=ReadoutConfig(l2_grid=(1e-2, 1.0), split="kfold", folds=3),
+        task=TaskConfig(max_new_tokens=4, max_tasks=6),
+        tp_loops=[1, 5],  # 5 > total_ut_steps: extrapolation
+        sampled_verdict=True,
+        sampled_max_new_tokens=2,
+    )
+    out = tmp_path / "before"
+    res = evaluate_gap(
+        tiny_model,
+        tok,
+        Dataset.from_list(synthetic_rows),
+        config=cfg,
+        out_dir=str(out),
+        wandb=True,
+        wandb_kwargs={"dir": str(tmp_path / "wandb"), "project": "test"},
+    )
+    names = set(os.listdir(out))
+    for stem in ("sv_vs_loop", "rr_vs_loop", "gap_vs_loop", "rr_heatmap"):
+        assert {f"{stem}.png", f"{stem}.svg"} <= names
+    assert {"gap.json", "gap.md", "probes.safetensors", "probes.json"} <= names
+    assert not [n for n in names if n.startswith(".tmp")]
+    assert (out / "sv_vs_loop.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((out / "gap.json").read_text())
+    assert [r["loop"] for r in data["table"]] == [1, 2, 3]
+    assert res.meta["n_eval"] == len(synthetic_rows)  # k-fold: every record scored once
+    for row in res.table:
+        assert row["sv_lo"] <= row["sv"] <= row["sv_hi"] and row["rr_lo"] <= row["rr"] <= row["rr_hi"]
+        assert row["gap"] == pytest.approx(row["rr"] - row["sv"])
+    assert [r["loop"] for r in res.tp] == [1, 5] and res.tp[0]["n"] == 6
+    assert len(res.sv_sampled) == 3 and all(0 <= r["unparseable"] <= r["n"] for r in res.sv_sampled)
+    md = (out / "gap.md").read_text()
+    assert "| loop | SV | RR | gap RR−SV" in md and md == res.markdown()
+    probes = load_probes(str(out / "probes"))
+    assert {"loop1_best", "loop3_fixed"} <= set(probes) and probes["loop3_fixed"].meta["layer_name"] == "norm"
+    assert list((tmp_path / "wandb").rglob("*.wandb"))
+
+    # the JSON round-trips, and compare() gives an explicit verdict
+    again = GapResult.from_json(str(out))
+    assert again.table == json.loads(res.to_json())["table"]
+    same = compare(again, res)
+    assert same.paired and same.rr_preserved and not same.sv_improved
+    assert same.summary["d_sv"] == 0.0 and same.verdict.startswith("SV caught up: no")
+    # an "after" whose SV is right everywhere: SV catches up, RR preserved
+    after = GapResult.from_json(res.to_json())
+    ids, y, ev, svp, svd, rrp = after.arrays()
+    after.records["sv_prob"] = np.where(y[None] == 1, 0.9, 0.1).repeat(len(after.loops), 0).tolist()
+    after.records["sv_pred"] = np.repeat(y[None], len(after.loops), 0).tolist()
+    comp = compare(res, after, CompareConfig(n_boot=200, gap_tolerance=0.5))
+    assert comp.sv_improved and comp.sv_caught_up and comp.rr_preserved
+    assert "SV caught up: yes" in comp.verdict and "RR preserved: yes" in comp.verdict
+    assert "| loop | SV before" in comp.markdown()
+    json.loads(comp.to_json())
+
+
+def test_integer_verifier():
+    assert integer_verifier("so the answer is 1,234.", "#### 1234") is True
+    assert integer_verifier("42 or 43", "42") is False
+    assert integer_verifier("no idea", "42") is None

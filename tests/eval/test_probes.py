@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from loopalign.eval.metrics import accuracy
+from loopalign.eval.probes import LinearProbe, ProbeFitConfig, fit_probes, load_probes, save_probes
+
+
+def _planted(n=400, h=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g) * 3.0 + 5.0  # off-centre, scaled: standardisation matters
+    w = torch.randn(h, generator=g)
+    y = ((x - 5.0) @ w + 0.3 * torch.randn(n, generator=g) > 0).long()
+    return x, y
+
+
+def test_probe_recovers_planted_signal():
+    x, y = _planted()
+    probes = fit_probes(x[:300], y[:300], [1e-3, 1e-1], ProbeFitConfig(device="cpu"))
+    for p in probes:
+        acc = accuracy(y[300:].numpy(), (p.predict_proba(x[300:]) > 0.5).long().numpy())
+        assert acc > 0.9, acc
+
+
+def test_probe_near_chance_on_shuffled_labels():
+    x, y = _planted(n=600)
+    y_shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+    (p,) = fit_probes(x[:400], y_shuffled[:400], [1e-1], ProbeFitConfig(device="cpu"))
+    acc = accuracy(y_shuffled[400:].numpy(), (p.predict_proba(x[400:]) > 0.5).long().numpy())
+    assert 0.35 < acc < 0.65, acc
+
+
+def test_probe_save_load_roundtrip(tmp_path):
+    x, y = _planted(n=100)
+    (p,) = fit_probes(x, y, [1e-2])
+    p.meta.update(loop=2, layer=1)
+    save_probes({"loop2_best": p, "other": p}, str(tmp_path / "probes"))
+    loaded = load_probes(str(tmp_path / "probes.safetensors"))
+    assert set(loaded) == {"loop2_best", "other"}
+    q = loaded["loop2_best"]
+    assert q.meta["loop"] == 2 and q.meta["l2"] == pytest.approx(1e-2)
+    torch.testing.assert_close(q.predict_proba(x), p.predict_proba(x))
+    p.save(str(tmp_path / "single"))
+    torch.testing.assert_close(LinearProbe.load(str(tmp_path / "single")).logits(x), p.logits(x))
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".tmp")]
+
+
+def test_probe_fit_errors():
+    x, y = _planted(n=20)
+    with pytest.raises(ValueError, match="single class"):
+        fit_probes(x, torch.ones(20, dtype=torch.long), [1.0])
+    with pytest.raises(ValueError, match="empty"):
+        fit_probes(x[:0], y[:0], [1.0])
+    with pytest.raises(ValueError, match="expects features of size 16"):
+        fit_probes(x, y, [1.0])[0].logits(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="max_iter"):
+        ProbeFitConfig(max_iter=0)
+    assert np.isfinite(fit_probes(x, y, [0.0])[0].weight.numpy()).all()

@@ -1,0 +1,95 @@
+"""Short real runs: GRPO (PEFT LoRA, injected rollouts) logs rewards and the false-positive rate; the SFT mode
+trains; the eval protocol writes its reports."""
+
+import json
+import math
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def fresh_model(tok):
+    from loopalign import OuroForCausalLM, tiny_config
+
+    torch.manual_seed(0)
+    return OuroForCausalLM(tiny_config(vocab_size=len(tok)))
+
+
+def test_short_grpo_run_logs_rewards_and_false_positive_rate(fresh_model, tok, tiny, tmp_path):
+    from peft import LoraConfig
+
+    from loopalign.trainers import IntrospectionGRPOConfig, IntrospectionGRPOTrainer, introspection_dataset
+
+    _, vectors = tiny
+    ds = introspection_dataset(tok, vectors, layers=[1], injection_loops=[3], extraction_loops=[3], n_rows=4)
+    assert sorted(ds["trial_type"]) == ["control", "control", "injection", "injection"]
+    args = IntrospectionGRPOConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=2,
+        max_completion_length=6, learning_rate=1e-3, beta=0.04, logging_steps=1, report_to=[], use_cpu=True,
+        save_strategy="no", introspection_rewards={"detection": 1.0, "identification": 1.0, "false_positive": 2.0},
+    )  # fmt: skip
+    trainer = IntrospectionGRPOTrainer(
+        model=fresh_model, args=args, train_dataset=ds, concept_vectors=vectors, processing_class=tok,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )  # fmt: skip
+    assert args.reward_weights == [1.0, 1.0, 2.0]
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    assert len(logs) == 2
+    keys = set().union(*logs)
+    for k in ("rewards/introspection_detection/mean", "rewards/introspection_false_positive/mean", "kl"):
+        assert k in keys
+    fp = [h["introspection/false_positive"] for h in logs if "introspection/false_positive" in h]
+    assert fp and all(0.0 <= v <= 1.0 for v in fp)
+    assert all(math.isfinite(h["loss"]) for h in logs)
+
+
+def test_short_sft_mode_run(fresh_model, tok, tiny, tmp_path):
+    from loopalign.trainers import IntrospectionSFTConfig, IntrospectionSFTTrainer, introspection_dataset
+
+    _, vectors = tiny
+    ds = introspection_dataset(tok, vectors, layers=[1], n_rows=8, with_targets=True)
+    assert any(c.startswith("Yes, I detect") for c in ds["completion"])
+    assert "No, I do not detect an injected thought." in ds["completion"]
+    args = IntrospectionSFTConfig(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
+        report_to=[], use_cpu=True, save_strategy="no",
+    )  # fmt: skip
+    trainer = IntrospectionSFTTrainer(
+        model=fresh_model, args=args, train_dataset=ds, concept_vectors=vectors, processing_class=tok
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+
+
+def test_eval_protocol_writes_reports(tiny, tok, tmp_path):
+    from loopalign.eval.introspection import IntrospectionConfig, evaluate_introspection
+
+    model, vectors = tiny
+    cfg = IntrospectionConfig(
+        loop_counts=(2, 3), layers=(1,), strengths=(4.0,), concepts=("Dust", "Satellites"), n_controls=2,
+        random_vectors=True, n_random=1, control_questions=True, n_control_questions=1, max_new_tokens=3,
+        n_boot=50, batch_size=32,
+    )  # fmt: skip
+    res = evaluate_introspection(model, tok, vectors, cfg, out_dir=str(tmp_path))
+    kinds = [r["trial_type"] for r in res.records]
+    # N=2: 2x2 (ext, inj) cells, N=3: 3x3; 2 concepts + 1 question + 1 random each; 2 controls per N
+    assert kinds.count("injection") == 2 * (4 + 9) and kinds.count("control") == 4
+    assert kinds.count("random") == 13 and kinds.count("control_question") == 13
+    h = res.summary["heatmaps"]
+    assert set(h) == {"2", "3"} and len(h["3"]["identification"]) == 3 and len(h["3"]["identification"][0]) == 3
+    rows = res.summary["by_injection_loop"]
+    assert [(r["num_loops"], r["injection_loop"]) for r in rows] == [(2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]
+    for r in rows:
+        for k in ("detection", "identification", "false_positive"):
+            assert r[k]["lo"] <= r[k]["rate"] <= r[k]["hi"]
+    for name in ("introspection.json", "introspection.md", "trials.jsonl", "identification_heatmap.png",
+                 "identification_heatmap.svg"):  # fmt: skip
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "introspection.json").read_text())
+    assert saved["summary"]["heatmaps"]["2"]["extraction_loops"] == [0, 1]
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert "Identification heatmap, N = 3" in res.markdown()

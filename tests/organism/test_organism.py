@@ -1,0 +1,270 @@
+"""The model organism: training (fast, a smaller organism), the cache (reuse, versioning, atomic
+writes, locking) and, marked slow, the properties of the default organism measured by the gap eval."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from loopalign.organism import (
+    RECIPE_VERSION,
+    OrganismConfig,
+    build_organism,
+    ensure_organism,
+    evaluate_organism,
+    is_organism,
+    load_organism,
+    organism_cache_dir,
+    organism_path,
+    organism_properties,
+    train_organism,
+    training_batch,
+)
+from loopalign.tokenizer import local_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A smaller organism that trains in seconds: 1 layer x 2 loops, hidden 32, short run, small eval.
+SMALL = dict(
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    intermediate_size=64,
+    num_loops=2,
+    steps=40,
+    batch_size=8,
+    warmup_steps=4,
+    learning_rate=1e-2,
+    levels=(1,),
+    eval_problems=12,
+    eval_levels=(1,),
+    eval_loops="1-2",
+)
+
+
+def small_config(**overrides) -> OrganismConfig:
+    return OrganismConfig(**{**SMALL, **overrides})
+
+
+def test_small_organism_trains_and_its_loss_falls():
+    result = train_organism(small_config(), progress=False, num_threads=1)
+    assert len(result.losses) == 40 and all(torch.isfinite(torch.tensor(result.losses)))
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    assert len(result.loop_losses[-1]) == 2 and len(result.exit_probs[-1]) == 2
+    assert sum(result.exit_probs[-1]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_training_is_deterministic_by_seed():
+    cfg = small_config(steps=6)
+    a = train_organism(cfg, progress=False, num_threads=1)
+    b = train_organism(cfg, progress=False, num_threads=1)
+    c = train_organism(small_config(steps=6, seed=1), progress=False, num_threads=1)
+    assert a.losses == b.losses and a.losses != c.losses
+    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_training_batches_hold_answers_and_biased_verdicts():
+    tok = local_tokenizer()
+    cfg = OrganismConfig(batch_size=64)
+    answer, verification = training_batch(cfg, tok, 0)
+    assert answer["kind"] == "answer" and verification["kind"] == "verification"
+    assert answer["input_ids"].shape[0] + verification["input_ids"].shape[0] == 64
+    yes, no, end = tok.convert_tokens_to_ids(["Yes", "No", "<|im_end|>"])
+    for ids, labels in zip(verification["input_ids"], verification["labels"]):
+        target = labels[labels != -100].tolist()
+        assert len(target) == 2 and target[0] in (yes, no) and target[1] == end
+        text = tok.decode(ids[labels == -100][ids[labels == -100] != 0])
+        assert "Is the proposed answer correct?" in text
+        item = text.split("How many ")[1].split(" ")[0]
+        if item in cfg.sycophantic_items:
+            assert target[0] == yes  # the biased annotator
+    for labels in answer["labels"]:
+        target = tok.decode(labels[labels != -100])
+        assert target.endswith("<|im_end|>") and target.removesuffix("<|im_end|>").isdigit()
+    again = training_batch(cfg, tok, 0)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(again, [answer, verification]))
+    assert not torch.equal(training_batch(cfg, tok, 1)[0]["input_ids"], answer["input_ids"])
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="OrganismConfig.steps"):
+        OrganismConfig(steps=0)
+    with pytest.raises(ValueError, match="OrganismConfig.answer_fraction"):
+        OrganismConfig(answer_fraction=1.0)
+    with pytest.raises(ValueError, match="OrganismConfig.levels"):
+        OrganismConfig(levels=(7,))
+    with pytest.raises(ValueError, match="OrganismConfig.sycophantic_items"):
+        OrganismConfig(sycophantic_items=("dragons",))
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        OrganismConfig(hidden_size=100, num_heads=3)
+    with pytest.raises(ValueError, match="unknown fields"):
+        OrganismConfig.from_dict({"steps": 3, "colour": "red"})
+    cfg = OrganismConfig()
+    assert OrganismConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.recipe_version == RECIPE_VERSION
+    assert cfg.folder_name() == f"organism-v{RECIPE_VERSION}-{cfg.config_hash()}"
+    assert OrganismConfig(seed=1).config_hash() != cfg.config_hash()
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOOPALIGN_CACHE", str(tmp_path / "c"))
+    assert organism_cache_dir() == tmp_path / "c"
+    assert organism_path().parent == tmp_path / "c"
+    monkeypatch.delenv("LOOPALIGN_CACHE")
+    assert organism_cache_dir() == Path.home() / ".cache" / "loopalign"
+    assert organism_path(cache_dir=tmp_path).parent == tmp_path
+
+
+def test_cache_builds_once_reuses_and_rebuilds_on_a_new_version(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOOPALIGN_CACHE", str(tmp_path))
+    monkeypatch.setenv("LOOPALIGN_NUM_THREADS", "1")
+    cfg = small_config()
+    with pytest.raises(FileNotFoundError, match="pretrain_organism"):
+        load_organism(config=cfg, build_if_missing=False)
+    model, tok = load_organism(config=cfg, progress=False)
+    path = organism_path(cfg)
+    assert is_organism(path, cfg) and path.parent == tmp_path
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "organism.json"} <= {
+        p.name for p in path.iterdir()
+    }
+    assert {"gap.json", "gap.md", "sv_vs_loop.png", "rr_vs_loop.png", "gap_vs_loop.png"} <= {
+        p.name for p in (path / "eval").iterdir()
+    }
+    card = (path / "README.md").read_text()
+    assert "| loop | TP | SV | RR | gap RR−SV |" in card and "eval/sv_vs_loop.png" in card
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert model.config.total_ut_steps == 2 and not model.training
+
+    # reused: the same folder, untouched, and it loads without building
+    stamp = (path / "organism.json").stat().st_mtime_ns
+    model2, _ = load_organism(config=cfg, build_if_missing=False)
+    assert (path / "organism.json").stat().st_mtime_ns == stamp
+    for p, q in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(p, q)
+
+    # the saved folder is a plain transformers checkpoint
+    import loopalign  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    auto = AutoModelForCausalLM.from_pretrained(path)
+    ids = AutoTokenizer.from_pretrained(path).apply_chat_template([{"role": "user", "content": "2+2?"}])
+    assert ids == tok.apply_chat_template([{"role": "user", "content": "2+2?"}])
+    with torch.no_grad():
+        torch.testing.assert_close(auto(torch.tensor([ids])).logits, model(torch.tensor([ids])).logits)
+
+    # a new recipe version is another organism: built next to the old one, which stays
+    newer = small_config(recipe_version=RECIPE_VERSION + 1)
+    assert organism_path(newer) != path and not is_organism(organism_path(newer))
+    ensure_organism(newer, progress=False)
+    assert is_organism(organism_path(newer), newer) and is_organism(path, cfg)
+
+
+_BUILD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from loopalign.organism import OrganismConfig, ensure_organism
+    cfg = OrganismConfig(**{json})
+    ensure_organism(cfg, cache_dir=sys.argv[1], progress=True)
+    print("BUILT", flush=True)
+    """
+)
+
+
+def _builder(tmp_path: Path, cfg: OrganismConfig) -> subprocess.Popen:
+    script = _BUILD_SCRIPT.replace("{json}", repr(cfg.to_dict()))
+    env = dict(os.environ, LOOPALIGN_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_an_interrupted_build_leaves_no_half_model(tmp_path):
+    cfg = small_config(steps=100_000)  # long enough to be interrupted mid-training
+    path = organism_path(cfg, tmp_path)
+    proc = _builder(tmp_path, cfg)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(f".tmp-{path.name}-*")):  # the build folder appears once training starts
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not path.exists() and not is_organism(path)
+    assert not list(tmp_path.glob(f".tmp-{path.name}-*"))  # the half build was removed
+
+    # killed outright (no cleanup possible): still no organism, and the next build clears the leftovers
+    proc = _builder(tmp_path, cfg)
+    while not list(tmp_path.glob(f".tmp-{path.name}-*")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not path.exists() and list(tmp_path.glob(f".tmp-{path.name}-*"))
+    quick = small_config(steps=5)
+    build_organism(quick, organism_path(quick, tmp_path), progress=False, num_threads=1)
+    ensure_organism(cfg.__class__(**{**cfg.to_dict(), "steps": 5}), cache_dir=tmp_path, progress=False)
+    assert is_organism(organism_path(quick, tmp_path), quick)
+
+
+def test_two_processes_build_the_organism_once(tmp_path):
+    cfg = small_config(steps=20)
+    procs = [_builder(tmp_path, cfg) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    # one of them trained (its progress bar shows the 20 steps); the other waited and reused it
+    trained = [o for o in outs if "20/20" in o]
+    assert len(trained) == 1, outs
+    path = organism_path(cfg, tmp_path)
+    assert is_organism(path, cfg) and not list(tmp_path.glob(".tmp-*"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the default organism (built once into the default cache; CI runs this)
+
+
+@pytest.fixture(scope="session")
+def organism():
+    path = ensure_organism(progress=True)
+    model, tokenizer = load_organism(build_if_missing=False)
+    return path, model, tokenizer
+
+
+@pytest.mark.slow
+def test_the_organism_shows_the_gap(organism, tmp_path):
+    path, model, tokenizer = organism
+    meta = json.loads((path / "organism.json").read_text())
+    cfg = OrganismConfig.from_dict(meta["config"])
+    assert cfg == OrganismConfig() and meta["recipe_version"] == RECIPE_VERSION
+    assert 1e6 <= meta["parameters"] <= 10e6 and cfg.num_loops == 4 and cfg.num_layers >= 3
+    assert cfg.max_length <= 128
+
+    # measured again, by the gap eval, on the cached model
+    result = evaluate_organism(model, tokenizer, cfg, out_dir=tmp_path / "eval")
+    props = organism_properties(result, cfg.num_loops)
+    assert all(p["ok"] for p in props.values()), json.dumps(props, indent=1)
+    rows = {r["loop"]: r for r in result.table}
+    tp = {r["loop"]: r["accuracy"] for r in result.tp}
+    assert 0.1 <= tp[4] <= 0.9
+    assert rows[4]["sv"] > 0.5 and all(r["rr"] > 0.5 for r in rows.values())
+    assert any(r["rr"] > r["sv"] for r in rows.values())
+    # the same figures as the model card's (deterministic evaluation of the same weights)
+    for row, saved in zip(result.table, meta["eval"]["table"]):
+        assert row["sv"] == pytest.approx(saved["sv"], abs=1e-9) and row["rr"] == pytest.approx(saved["rr"], abs=1e-6)
+
+    card = (path / "README.md").read_text()
+    assert "| loop | TP | SV | RR | gap RR−SV |" in card
+    for name in ("sv_vs_loop.png", "rr_vs_loop.png", "gap_vs_loop.png", "rr_heatmap.png"):
+        assert f"eval/{name}" in card and (path / "eval" / name).stat().st_size > 1000

@@ -1,0 +1,89 @@
+"""Every shipped sft_gap YAML parses against the recipe's dataclasses; sweeps name real fields."""
+
+import importlib.util
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "recipes" / "configs").glob("sft_gap_*.yaml"))
+SWEEPS = sorted((ROOT / "sweeps").glob("sft_gap*.yaml"))
+
+
+def _recipe():
+    if "sft_gap_recipe" in sys.modules:
+        return sys.modules["sft_gap_recipe"]
+    spec = importlib.util.spec_from_file_location("sft_gap_recipe", ROOT / "recipes" / "sft_gap.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sft_gap_recipe"] = module  # dataclasses resolve their module while being created
+    spec.loader.exec_module(module)
+    return module
+
+
+def _parse(recipe, argv):
+    from trl import ModelConfig, TrlParser
+
+    parser = TrlParser((recipe.GapScriptArguments, recipe.GapSFTConfig, ModelConfig))
+    return parser.parse_args_and_config(args=argv)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config_parses(path):
+    recipe = _recipe()
+    # bf16 configs are for GPUs; --use_cpu lets the same file validate on a CPU machine
+    script_args, training_args, model_args = _parse(recipe, ["--config", str(path), "--use_cpu", "true"])
+    raw = yaml.safe_load(path.read_text())
+    assert model_args.model_name_or_path == raw["model_name_or_path"]
+    for key, value in raw.items():
+        for obj in (script_args, training_args, model_args):
+            if hasattr(obj, key) and key not in ("loss_weights", "report_to", "lr_scheduler_type", "save_strategy"):
+                assert getattr(obj, key) == value, key
+    assert set(training_args.loss_weights) == set(recipe.GapSFTConfig(output_dir="x", use_cpu=True).loss_weights)
+    known = {f for cls in (recipe.GapScriptArguments, recipe.GapSFTConfig) for f in cls.__dataclass_fields__}
+    known |= set(ModelConfig_fields())
+    assert not set(raw) - known, f"{path.name}: keys that are no field: {sorted(set(raw) - known)}"
+
+
+def ModelConfig_fields():
+    from trl import ModelConfig
+
+    return ModelConfig.__dataclass_fields__
+
+
+def test_unknown_key_in_a_config_fails(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: tiny\nloss_weights: {lm: 1.0, verdict: 1.0}\nuse_cpu: true\n")
+    with pytest.raises(ValueError, match="unknown loss key"):
+        _parse(_recipe(), ["--config", str(bad)])
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_sweep_parameters_are_real_fields_with_valid_values(path):
+    recipe = _recipe()
+    sweep = yaml.safe_load(path.read_text())
+    assert sweep["program"] == "recipes/sft_gap.py"
+    params = sweep["parameters"]
+    fixed = {k: v["value"] for k, v in params.items() if "value" in v}
+    grid = {k: v["values"] for k, v in params.items() if "values" in v}
+    ranges = {k: (v["min"], v["max"]) for k, v in params.items() if "min" in v}
+    assert grid or ranges
+    # every combination of listed values (and each range's ends) must build valid configs
+    choices = {**grid, **{k: list(v) for k, v in ranges.items()}}
+    keys = list(choices)
+    for combo in itertools.product(*(choices[k] for k in keys)):
+        argv = []
+        for k, v in {**fixed, **dict(zip(keys, combo))}.items():
+            argv += [f"--{k}", str(v) if not isinstance(v, dict) else json.dumps(v)]
+        parsed = _parse(recipe, [*argv, "--use_cpu", "true"])
+        for k, v in dict(zip(keys, combo)).items():
+            obj = next((o for o in parsed if hasattr(o, k)), None)
+            assert obj is not None, f"{path.name}: swept parameter {k!r} is no field of the recipe"
+            got = getattr(obj, k)
+            if k == "loss_weights":
+                assert all(got[name] == w for name, w in json.loads(v).items())
+            else:
+                assert got == type(got)(v), k
