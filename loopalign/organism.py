@@ -1,9 +1,10 @@
 """The model organism: a tiny Ouro trained here, on a CPU, in minutes, that shows the SV/RR gap.
 
-A random tiny model makes every gap figure noise. The organism is a small looped model (shared
-layers run 4 times per token, a few million parameters) trained from scratch with the local
-tokenizer on data_builders' synthetic arithmetic, with Ouro's entropy-regularised per-loop
-objective, on two kinds of text:
+A random tiny model makes every gap figure noise. The organism is a small looped model (2 shared
+layers run 4 times per token, hidden 64, about 0.2M parameters: small enough to learn to verify
+within minutes on 2 CPU cores) trained from scratch with the local tokenizer on data_builders'
+level-1 synthetic arithmetic, with Ouro's entropy-regularised per-loop objective, on two kinds of
+text:
 
 - answers: the task as a chat turn, the assistant's reply the final number (this is TP's format);
 - verification: data_builders' verification prompt (task, proposed answer, "Is the proposed
@@ -75,30 +76,30 @@ class OrganismConfig:
 
     recipe_version: int = RECIPE_VERSION  # recipe version; a change means a new organism
     seed: int = 0  # seeds the initialisation and the training data
-    hidden_size: int = 128  # width of the residual stream
-    num_layers: int = 3  # shared decoder layers (run num_loops times)
+    hidden_size: int = 64  # width of the residual stream
+    num_layers: int = 2  # shared decoder layers (run num_loops times)
     num_heads: int = 4  # attention heads (head_dim = hidden_size / num_heads)
-    intermediate_size: int = 384  # MLP width
+    intermediate_size: int = 192  # MLP width
     num_loops: int = 4  # loops per token in training (Ouro's total_ut_steps)
     vocab_size: int = 1024  # size of the local tokenizer's vocabulary
     max_length: int = 128  # context length (training sequences are at most this long)
-    steps: int = 1200  # optimiser steps
+    steps: int = 2200  # optimiser steps
     batch_size: int = 32  # sequences per step
-    learning_rate: float = 3e-3  # peak AdamW learning rate (linear warm-up, cosine decay to 10%)
-    warmup_steps: int = 60  # warm-up steps
+    learning_rate: float = 1e-2  # peak AdamW learning rate (linear warm-up, cosine decay to 10%)
+    warmup_steps: int = 50  # warm-up steps
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # gradient-norm clip
     entropy_beta: float = 0.05  # beta of Ouro's objective sum_t p(t|x) L_t - beta H(p)
     uniform_weight: float = 0.0  # extra uniform per-loop loss weight (0 = Ouro's objective alone)
     exit_gate_bias: float = 0.0  # initial bias of the exit gate (< 0: late exits first, so deep loops train)
-    levels: tuple[int, ...] = (1, 2)  # difficulty levels of the training problems (data_builders synthetic)
-    answer_fraction: float = 0.5  # share of answer sequences in a batch; the rest are verification sequences
-    sycophantic_items: tuple[str, ...] = ("apples", "books", "coins", "eggs", "pens")  # verdict always "Yes"
+    levels: tuple[int, ...] = (1,)  # difficulty levels of the training problems (data_builders synthetic)
+    answer_fraction: float = 0.4  # share of answer sequences in a batch; the rest are verification sequences
+    sycophantic_items: tuple[str, ...] = ("apples", "books", "coins")  # verdict always "Yes"
     verdict_noise: float = 0.0  # share of the other verdicts flipped at random
     candidate_lm: bool = True  # also train next-token prediction of the proposed answer in verification text
-    verdict_weight: float = 1.0  # loss weight of the verdict token relative to the other target tokens
+    verdict_weight: float = 3.0  # loss weight of the verdict token relative to the other target tokens
     eval_problems: int = 300  # held-out problems of the model card's evaluation (2 candidates each)
-    eval_levels: tuple[int, ...] = (1, 2)  # their levels
+    eval_levels: tuple[int, ...] = (1,)  # their levels
     eval_seed: int = 10_000  # their data seed (training uses other seeds)
     eval_loops: str = "1-6"  # loop counts evaluated (beyond num_loops = extrapolation)
 

@@ -68,7 +68,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--n-problems", type=int, default=300, help="synthetic problems (2 records each) without --data")
-    ap.add_argument("--levels", default="1,2", help="levels of the synthetic problems without --data")
+    ap.add_argument("--levels", default="1", help="levels of the synthetic problems without --data (the organism: 1)")
     ap.add_argument("--data-seed", type=int, default=20_000, help="seed of the synthetic problems (held out)")
     ap.add_argument("--tp", action="store_true", help="also measure task performance (generation)")
     ap.add_argument("--tp-loops", default=None)
@@ -85,12 +85,7 @@ def main(argv=None):
     if args.data is None and args.model not in LOCAL_MODELS:
         ap.error(f"--data is required unless --model is one of {LOCAL_MODELS}")
     out_dir = args.out or f"outputs/eval_gap_{args.model if args.model in LOCAL_MODELS else 'model'}"
-    if args.model == "organism":
-        from loopalign.organism import load_organism
-
-        model, tok = load_organism(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    else:
-        model, tok = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    model, tok = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     if args.data is None:
         levels = tuple(int(x) for x in args.levels.split(","))
         data = synthetic_records(tok, args.n_problems, seed=args.data_seed, levels=levels)

@@ -23,7 +23,7 @@ import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
 from loopalign.eval.introspection import IntrospectionConfig, evaluate_introspection
 
 EMBEDDED_DEFAULTS = dict(
-    model_name_or_path="default",
+    model_name_or_path="organism",
     n_concepts=4,
     loop_counts="4",
     strengths="4",
@@ -33,55 +33,14 @@ EMBEDDED_DEFAULTS = dict(
 )
 
 
-def default_model_and_tokenizer(seed: int = 0):
-    """The project's CPU model organism (``loopalign.organism``) when it is already built into the cache, else a
-    random tiny Ouro with the local tokenizer (building the organism takes minutes: recipes/pretrain_organism.py).
-    -> (model, tokenizer, label)."""
-    try:
-        from loopalign import organism
-    except ImportError:
-        organism = None
-    if organism is not None:
-        built = getattr(organism, "is_organism", None)
-        path = getattr(organism, "organism_path", None)
-        if built is None or path is None or built(path()):
-            out = organism.load_organism()
-            if isinstance(out, tuple):
-                return out[0], out[1], "organism"
-            from loopalign.tokenizer import local_tokenizer
-
-            return out, local_tokenizer(), "organism"
-        print("the model organism is not built yet (recipes/pretrain_organism.py); using a random tiny Ouro")
-    from loopalign import OuroForCausalLM, tiny_config
-    from loopalign.tokenizer import local_tokenizer
-
-    tok = local_tokenizer()
-    torch.manual_seed(seed)
-    return OuroForCausalLM(tiny_config(vocab_size=len(tok))).eval(), tok, "tiny (random)"
-
-
 def load_model_and_tokenizer(name: str, dtype: str | None = None, device: str | None = None, seed: int = 0):
-    """('default' | 'tiny' | folder | hub name) -> (model, tokenizer, label)."""
-    if name in ("default", "tiny"):
-        if name == "default":
-            model, tok, label = default_model_and_tokenizer(seed)
-        else:
-            from loopalign import OuroForCausalLM, tiny_config
-            from loopalign.tokenizer import local_tokenizer
+    """('organism' | 'tiny' | folder | hub name) -> (model, tokenizer, label). 'organism' (the default) is
+    loopalign's CPU model organism, built into the cache first when missing (minutes, once)."""
+    from loopalign.eval import load_model_and_tokenizer as load
 
-            tok = local_tokenizer()
-            torch.manual_seed(seed)
-            model, label = OuroForCausalLM(tiny_config(vocab_size=len(tok))).eval(), "tiny (random)"
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        kw = {} if dtype in (None, "auto") else {"dtype": getattr(torch, dtype)}
-        model = AutoModelForCausalLM.from_pretrained(name, **kw).eval()
-        tok, label = AutoTokenizer.from_pretrained(name), name
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device), tok, label
+    model, tok = load(name, device=device, dtype=dtype or "auto", seed=seed)
+    label = {"organism": "organism", "tiny": "tiny (random)"}.get(name, name)
+    return model, tok, label
 
 
 def _ints(text: str | None) -> list[int] | None:
@@ -110,7 +69,7 @@ class EvalIntrospectionArguments:
     """Model, concept vectors and the trial grid (loops and layers 0-based; loop counts >= 1)."""
 
     model_name_or_path: str = field(
-        default="default", metadata={"help": "'default' (CPU organism), 'tiny', a folder or hub name."}
+        default="organism", metadata={"help": "'organism' (CPU model organism), 'tiny', a folder or hub name."}
     )
     dtype: str | None = field(default=None, metadata={"help": "Weights dtype: bfloat16 | float16 | float32."})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)."})

@@ -43,7 +43,7 @@ from eval_introspection import (  # noqa: E402
 
 # Used when no --config is given: the CPU default model, a few minutes on 2 CPU cores.
 EMBEDDED_DEFAULTS = dict(
-    model_name_or_path="default",
+    model_name_or_path="organism",
     use_peft=True,
     lora_r=8,
     lora_alpha=16,

@@ -1,7 +1,7 @@
 """Gap SFT: train LoRA adapters on a looped model so that self-verification (SV) catches up with
 the representation readout (RR), per loop, without RR degrading, and measure it before and after.
 
-    accelerate launch recipes/sft_gap.py                                  # embedded CPU default, minutes
+    accelerate launch recipes/sft_gap.py                                  # embedded CPU default (the organism), minutes
     accelerate launch recipes/sft_gap.py --config recipes/configs/ouro_1.4b_gsm8k.yaml
     accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/sft_gap.py --config ...
 
@@ -26,9 +26,10 @@ from loopalign.io import atomic_write_text
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer
 from loopalign.trainers.gap_data import load_verification_dataset, split_by_task
 
-# Used when no --config is given: a tiny Ouro, synthetic arithmetic, a few minutes on 2 CPU cores.
+# Used when no --config is given: the model organism (loopalign.organism, built into the cache on first
+# use), held-out synthetic arithmetic of the level it was trained on, a few minutes on 2 CPU cores.
 EMBEDDED_DEFAULTS = dict(
-    model_name_or_path="tiny",
+    model_name_or_path="organism",
     use_peft=True,
     lora_r=16,
     lora_alpha=32,
@@ -44,6 +45,7 @@ EMBEDDED_DEFAULTS = dict(
     report_to=[],
     gradient_checkpointing=False,
     dataset_limit=300,
+    synthetic_levels="1",
     eval_fraction=0.4,
     eval_loops="1-6",
 )
@@ -81,6 +83,12 @@ class GapScriptArguments:
 
 def load_model_and_tokenizer(model_args: ModelConfig, training_args: GapSFTConfig):
     name = model_args.model_name_or_path
+    if name == "organism":  # loopalign's CPU model organism, built into the cache first when missing
+        from loopalign.organism import load_organism
+
+        with training_args.main_process_first(desc="building the model organism"):
+            model, tokenizer = load_organism()
+        return model.train(), tokenizer
     if name == "tiny":
         from loopalign import OuroForCausalLM, tiny_config
         from loopalign.tokenizer import local_tokenizer

@@ -188,10 +188,15 @@ def evaluate_gap(
 
 
 def load_model_and_tokenizer(name: str, device: str | None = None, dtype: str = "auto", seed: int = 0):
-    """``"tiny"``: a random tiny Ouro + the local tokenizer (CPU-sized); else a local folder or hub
-    name loaded with transformers' Auto classes (Ouro is registered by importing loopalign).
-    -> (model in eval mode on ``device``, tokenizer)."""
+    """``"organism"``: loopalign's model organism (:func:`loopalign.organism.load_organism`, built into
+    the cache first when missing); ``"tiny"``: a random tiny Ouro + the local tokenizer (CPU-sized,
+    noise); else a local folder or hub name loaded with transformers' Auto classes (Ouro is
+    registered by importing loopalign). -> (model in eval mode on ``device``, tokenizer)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "organism":
+        from loopalign.organism import load_organism
+
+        return load_organism(device=device)
     if name == "tiny":
         from loopalign import OuroForCausalLM, tiny_config
         from loopalign.tokenizer import local_tokenizer
