@@ -326,7 +326,9 @@ def _item(task: str) -> str:
 
 
 def _answer_prompt_ids(tokenizer, task: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": task}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": task}], add_generation_prompt=True, tokenize=False
+    )
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -572,7 +574,10 @@ def organism_properties(result, trained_loops: int = 4) -> dict[str, dict]:
         "detail": f"TP at {depth} loops = {t:.3f}" if t is not None else "TP not measured",
     }
     r = rows[depth]
-    out["sv_above_chance"] = {"ok": r["sv_lo"] > 0.5, "detail": f"SV at {depth} loops = {r['sv']:.3f} [{r['sv_lo']:.3f}, {r['sv_hi']:.3f}]"}
+    out["sv_above_chance"] = {
+        "ok": r["sv_lo"] > 0.5,
+        "detail": f"SV at {depth} loops = {r['sv']:.3f} [{r['sv_lo']:.3f}, {r['sv_hi']:.3f}]",
+    }
     low = min(rows.values(), key=lambda x: x["rr_lo"])
     out["rr_above_chance"] = {
         "ok": low["rr_lo"] > 0.5,
@@ -707,7 +712,10 @@ def build_organism(
             "eval": {
                 "n_records": result.meta["n_records"],
                 "table": [
-                    {k: row[k] for k in ("loop", "sv", "sv_lo", "sv_hi", "rr", "rr_lo", "rr_hi", "gap", "gap_lo", "gap_hi")}
+                    {
+                        k: row[k]
+                        for k in ("loop", "sv", "sv_lo", "sv_hi", "rr", "rr_lo", "rr_hi", "gap", "gap_lo", "gap_hi")
+                    }
                     for row in result.table
                 ],
                 "tp": [{"loop": r["loop"], "accuracy": r["accuracy"], "n": r["n"]} for r in (result.tp or [])],

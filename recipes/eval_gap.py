@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from loopalign.eval import (
     CompareConfig,
     FeatureConfig,

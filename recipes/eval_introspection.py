@@ -16,7 +16,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
 from trl import TrlParser
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)

@@ -39,9 +39,13 @@ def main(argv=None) -> None:
         default = f.default
         if isinstance(default, tuple):
             kind = int if all(isinstance(x, int) for x in default) else str
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, nargs="*", default=None, help=f"default {default}")
+            ap.add_argument(
+                f"--{f.name.replace('_', '-')}", type=kind, nargs="*", default=None, help=f"default {default}"
+            )
         else:
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=None, help=f"default {default}")
+            ap.add_argument(
+                f"--{f.name.replace('_', '-')}", type=type(default), default=None, help=f"default {default}"
+            )
     args = ap.parse_args(argv)
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(OrganismConfig) if hasattr(args, f.name)}

@@ -81,12 +81,13 @@ def test_training_batches_hold_answers_and_biased_verdicts():
     yes, no, end = tok.convert_tokens_to_ids(["Yes", "No", "<|im_end|>"])
     for ids, labels in zip(verification["input_ids"], verification["labels"]):
         target = labels[labels != -100].tolist()
-        assert len(target) == 2 and target[0] in (yes, no) and target[1] == end
+        # the proposed answer's digits (next-token prediction), then the verdict and the end of turn
+        assert len(target) >= 3 and target[-2] in (yes, no) and target[-1] == end
         text = tok.decode(ids[labels == -100][ids[labels == -100] != 0])
         assert "Is the proposed answer correct?" in text
         item = text.split("How many ")[1].split(" ")[0]
         if item in cfg.sycophantic_items:
-            assert target[0] == yes  # the biased annotator
+            assert target[-2] == yes  # the biased annotator
     for labels in answer["labels"]:
         target = tok.decode(labels[labels != -100])
         assert target.endswith("<|im_end|>") and target.removesuffix("<|im_end|>").isdigit()
@@ -152,12 +153,15 @@ def test_cache_builds_once_reuses_and_rebuilds_on_a_new_version(monkeypatch, tmp
         assert torch.equal(p, q)
 
     # the saved folder is a plain transformers checkpoint
-    import loopalign  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import loopalign  # noqa: F401
+
     auto = AutoModelForCausalLM.from_pretrained(path)
-    ids = AutoTokenizer.from_pretrained(path).apply_chat_template([{"role": "user", "content": "2+2?"}])
-    assert ids == tok.apply_chat_template([{"role": "user", "content": "2+2?"}])
+    chat = [{"role": "user", "content": "2+2?"}]
+    text = AutoTokenizer.from_pretrained(path).apply_chat_template(chat, tokenize=False)
+    assert text == tok.apply_chat_template(chat, tokenize=False)
+    ids = tok.encode(text, add_special_tokens=False)
     with torch.no_grad():
         torch.testing.assert_close(auto(torch.tensor([ids])).logits, model(torch.tensor([ids])).logits)
 
