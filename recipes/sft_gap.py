@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
-from loopalign.eval import CompareConfig, FeatureConfig, GapConfig, compare, evaluate_gap
+from loopalign.eval import CompareConfig, FeatureConfig, GapConfig, ReadoutConfig, compare, evaluate_gap
 from loopalign.io import atomic_write_text
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer
 from loopalign.trainers.gap_data import load_verification_dataset, split_by_task
@@ -72,11 +72,17 @@ class GapScriptArguments:
     eval_fraction: float = field(default=0.3, metadata={"help": "Share of tasks held out for the before/after eval."})
     eval_loops: str = field(default="1-6", metadata={"help": "Loop counts evaluated before and after (e.g. 1-8)."})
     eval_n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples of the gap CIs."})
+    eval_readout: str = field(
+        default="kfold",
+        metadata={"help": "RR probe split of the before/after eval: kfold (every held-out record scored) | holdout."},
+    )
     rr_tolerance: float = field(default=0.02, metadata={"help": "RR counts as preserved if dRR's CI low end > -this."})
 
     def __post_init__(self):
         if self.candidates not in ("controlled", "sampled"):
             raise ValueError(f"candidates must be 'controlled' or 'sampled', got {self.candidates!r}")
+        if self.eval_readout not in ("kfold", "holdout"):
+            raise ValueError(f"eval_readout must be 'kfold' or 'holdout', got {self.eval_readout!r}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
@@ -130,6 +136,7 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         verdict_tokens=(training_args.verdict_yes, training_args.verdict_no),
         n_boot=script_args.eval_n_boot,
         features=FeatureConfig(batch_size=training_args.per_device_eval_batch_size),
+        readout=ReadoutConfig(split=script_args.eval_readout, seed=training_args.seed),
     )
     wandb = "wandb" in (training_args.report_to or [])
     out = training_args.output_dir
