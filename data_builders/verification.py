@@ -182,6 +182,23 @@ def build_verification(cfg: VerificationBuild) -> dict:
     )
 
 
+def synthetic_verification_records(
+    tokenizer,
+    n_problems: int,
+    seed: int = 0,
+    levels: tuple[int, ...] = (1, 2),
+    candidate_seed: int | None = None,
+    template=DEFAULT_TEMPLATE,
+) -> list[dict]:
+    """In memory, what ``--source synthetic --render`` builds: ``n_problems`` synthetic problems
+    (``seed``, ``levels``), each with its gold and one controlled wrong answer (seeded by
+    ``candidate_seed``, default ``seed``), rendered with ``template`` -> 2 * n_problems records."""
+    problems = generate_problems(n_problems, seed=seed, levels=tuple(levels))
+    config = ControlledConfig(seed=seed if candidate_seed is None else candidate_seed)
+    rendered, _ = render_records(controlled_candidates(problems, config), tokenizer, template)  # raises on a bad row
+    return rendered
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())

@@ -408,12 +408,9 @@ def organism_eval_records(
 ) -> list[dict]:
     """Held-out rendered verification records (data_builders: synthetic problems, gold + one
     controlled wrong answer each, the default verification prompt): balanced, true labels."""
-    from data_builders.candidates import ControlledConfig, controlled_candidates
-    from data_builders.prompts import render_records
+    from data_builders.verification import synthetic_verification_records
 
-    problems = _problems(n_problems, seed, tuple(levels))
-    rendered, _ = render_records(controlled_candidates(problems, ControlledConfig(seed=seed)), tokenizer)
-    return rendered
+    return synthetic_verification_records(tokenizer, n_problems, seed=seed, levels=tuple(levels))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

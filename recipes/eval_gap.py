@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 
+from data_builders.verification import synthetic_verification_records
 from loopalign.eval import (
+    LOCAL_MODELS,
     CompareConfig,
     FeatureConfig,
     GapConfig,
@@ -28,19 +30,6 @@ from loopalign.eval import (
     load_model_and_tokenizer,
 )
 from loopalign.io import atomic_write_text
-
-LOCAL_MODELS = ("organism", "tiny")
-
-
-def synthetic_records(tokenizer, n_problems: int, seed: int, levels: tuple[int, ...] = (1, 2)) -> list[dict]:
-    """Rendered verification records from data_builders: synthetic problems, gold + one controlled wrong answer."""
-    from data_builders.candidates import ControlledConfig, controlled_candidates
-    from data_builders.prompts import render_records
-    from data_builders.sources.synthetic import generate_problems
-
-    problems = generate_problems(n_problems, seed=seed, levels=levels)
-    rendered, _ = render_records(controlled_candidates(problems, ControlledConfig(seed=seed)), tokenizer)
-    return rendered
 
 
 def _token(s: str):
@@ -86,7 +75,7 @@ def main(argv=None):
     model, tok = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     if args.data is None:
         levels = tuple(int(x) for x in args.levels.split(","))
-        data = synthetic_records(tok, args.n_problems, seed=args.data_seed, levels=levels)
+        data = synthetic_verification_records(tok, args.n_problems, seed=args.data_seed, levels=levels)
     else:
         data = load_eval_dataset(args.data)
     verdict = tuple(_token(s) for s in args.verdict_tokens.split(",")) if args.verdict_tokens else ("Yes", "No")

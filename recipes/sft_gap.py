@@ -16,12 +16,20 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
-from loopalign.eval import CompareConfig, FeatureConfig, GapConfig, ReadoutConfig, compare, evaluate_gap
+from loopalign.eval import (
+    LOCAL_MODELS,
+    CompareConfig,
+    FeatureConfig,
+    GapConfig,
+    ReadoutConfig,
+    compare,
+    evaluate_gap,
+)
+from loopalign.eval import load_model_and_tokenizer as load_local_model
 from loopalign.io import atomic_write_text
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer
 from loopalign.trainers.gap_data import load_verification_dataset, split_by_task
@@ -89,20 +97,11 @@ class GapScriptArguments:
 
 def load_model_and_tokenizer(model_args: ModelConfig, training_args: GapSFTConfig):
     name = model_args.model_name_or_path
-    if name == "organism":  # loopalign's CPU model organism, built into the cache first when missing
-        from loopalign.organism import load_organism
-
-        with training_args.main_process_first(desc="building the model organism"):
-            model, tokenizer = load_organism()
+    if name in LOCAL_MODELS:  # the organism is built into the cache first when missing (by one process)
+        with training_args.main_process_first(desc=f"loading the {name} model"):
+            model, tokenizer = load_local_model(name, device="cpu", seed=training_args.seed)
         return model.train(), tokenizer
-    if name == "tiny":
-        from loopalign import OuroForCausalLM, tiny_config
-        from loopalign.tokenizer import local_tokenizer
-
-        tokenizer = local_tokenizer()
-        torch.manual_seed(training_args.seed)
-        return OuroForCausalLM(tiny_config(vocab_size=len(tokenizer))), tokenizer
-    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "auto"
+    dtype = model_args.dtype or "auto"
     model = AutoModelForCausalLM.from_pretrained(
         name, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation
     )
@@ -110,7 +109,7 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args: GapSFTConfi
 
 
 def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, training_args: GapSFTConfig):
-    local = model_name in ("tiny", "organism")
+    local = model_name in LOCAL_MODELS
     data = load_verification_dataset(
         script_args.dataset,
         tokenizer,

@@ -8,7 +8,7 @@
 Probes live in :mod:`loopalign.eval.probes`.
 """
 
-from .api import GapConfig, evaluate_gap, load_eval_dataset, load_model_and_tokenizer
+from .api import LOCAL_MODELS, GapConfig, evaluate_gap, load_eval_dataset, load_model_and_tokenizer
 from .features import FeatureConfig, Features, extract_features, prepare_records
 from .gap import CompareConfig, Comparison, GapResult, compare, gap_table, parse_loops
 from .metrics import (
@@ -55,6 +55,7 @@ __all__ = [
     "integer_verifier",
     "load_eval_dataset",
     "load_model_and_tokenizer",
+    "LOCAL_MODELS",
     "load_probes",
     "log_wandb",
     "make_splits",

@@ -17,7 +17,10 @@ from .readout import ReadoutConfig, fit_readout
 from .task import TaskConfig, task_performance
 from .verbal import sampled_verdicts, sv_metrics, sv_predictions, verdict_token_ids
 
-__all__ = ["GapConfig", "evaluate_gap", "load_model_and_tokenizer", "load_eval_dataset"]
+__all__ = ["GapConfig", "LOCAL_MODELS", "evaluate_gap", "load_model_and_tokenizer", "load_eval_dataset"]
+
+#: Model names that need no checkpoint: the model organism (built on first use) and a random tiny Ouro.
+LOCAL_MODELS = ("organism", "tiny")
 
 
 @dataclass

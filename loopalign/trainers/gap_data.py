@@ -146,12 +146,10 @@ def synthetic_verification(tokenizer, n_problems: int = 120, levels=(1, 2), seed
     arithmetic (gold answer + controlled wrong answers), ready for GapSFTTrainer and evaluate_gap."""
     import datasets
 
-    from data_builders.candidates import controlled_candidates
-    from data_builders.prompts import render_records
-    from data_builders.sources.synthetic import generate_problems
+    from data_builders.verification import synthetic_verification_records
 
-    problems = generate_problems(n_problems, seed=seed, levels=tuple(levels))
-    rendered, _ = render_records(controlled_candidates(problems), tokenizer)
+    # wrong answers seeded by 0 whatever the problem seed (as the dataset has always been built)
+    rendered = synthetic_verification_records(tokenizer, n_problems, seed=seed, levels=tuple(levels), candidate_seed=0)
     return datasets.Dataset.from_list(rendered)
 
 
