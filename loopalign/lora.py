@@ -14,7 +14,8 @@ loop of each call), ``">=2"`` (loops 2, 3, ...), ``"1,3"`` (a list), or a list o
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from loopalign.models.ouro.modeling_ouro import current_loop
 
-__all__ = ["LoopSelection", "parse_loop_selection", "route_lora_by_loop", "LoopLoRARouting"]
+__all__ = ["LoopSelection", "parse_loop_selection", "route_lora_by_loop", "LoopLoRARouting", "merged_lora"]
 
 _SPEC = re.compile(r"^\s*(all|last|>=\s*\d+|\d+(\s*,\s*\d+)*)\s*$")
 
@@ -139,3 +140,59 @@ def route_lora_by_loop(model: nn.Module, loops: str | Iterable[int] | LoopSelect
         routing = LoopLoRARouting(selection, [m.register_forward_hook(gate) for m in lora_b_modules])
     model._loopalign_lora_routing = routing
     return routing
+
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "lora_B", None), nn.ModuleDict) and len(m.lora_B) and hasattr(m, "base_layer")
+    ]
+
+
+def _merge_blocker(model: nn.Module, layers: list[nn.Module]) -> str | None:
+    routing = getattr(model, "_loopalign_lora_routing", None)
+    if routing is not None and routing.selection.kind != "all":
+        return f"its adapters are routed to loops {routing.selection.describe()!r}"
+    for layer in layers:
+        if getattr(layer, "merged", False):
+            return "an adapter is already merged"
+        if hasattr(layer.base_layer.weight, "ds_id"):
+            return "its weights are partitioned by DeepSpeed ZeRO-3"
+        if type(layer.base_layer) is not nn.Linear:
+            return f"a LoRA base layer is a {type(layer.base_layer).__name__}, not a plain Linear"
+    return None
+
+
+@contextmanager
+def merged_lora(model: nn.Module, strict: bool = False) -> Iterator[bool]:
+    """Fold the active PEFT LoRA adapters into their base weights for the duration of the block.
+
+    A projection then costs one matmul instead of three plus an add, which is what evaluation
+    and scoring want (the adapters are frozen there). On exit the base weights are restored from
+    copies, bit for bit: un-merging by subtraction would drift in bf16. The copies take as much
+    memory as the adapted weights.
+
+    Yields True when merged. Models without LoRA, with adapters routed to some loops only
+    (:func:`route_lora_by_loop`), or with ZeRO-3 partitioned weights run unmerged (yields False),
+    or raise with the reason if ``strict``.
+    """
+    layers = _lora_layers(model)
+    reason = "it has no PEFT LoRA modules" if not layers else _merge_blocker(model, layers)
+    if reason is not None:
+        if strict:
+            raise RuntimeError(f"merged_lora: cannot merge the adapters of {type(model).__name__}: {reason}")
+        yield False
+        return
+    saved = [(layer, layer.base_layer.weight.detach().clone()) for layer in layers]
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                layer.merge(adapter_names=list(layer.active_adapters))
+        yield True
+    finally:
+        with torch.no_grad():
+            for layer, weight in saved:
+                if layer.merged:
+                    layer.unmerge()
+                layer.base_layer.weight.copy_(weight)

@@ -12,6 +12,7 @@ normed loop state that the LM head reads (``loop_hidden_states``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch
 
 from loopalign.hooks import capture_activations
 from loopalign.loops import gather_positions, loop_logits
+from loopalign.lora import merged_lora
 
 __all__ = ["FeatureConfig", "Features", "EvalRecord", "prepare_records", "extract_features", "layer_name"]
 
@@ -33,6 +35,7 @@ class FeatureConfig:
     layers: list[int] | None = None  # layers to keep (0..L-1 residual, L = normed loop state); None = all
     feature_dtype: torch.dtype = torch.float32  # CPU storage dtype of kept hidden states
     keep_states: bool = True  # False: verdict logits only (no probe features)
+    merge_lora: bool = True  # fold PEFT LoRA adapters into the weights for the pass (restored exactly after)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -215,35 +218,45 @@ def extract_features(
     residual = [x for x in layers if x < num_layers]
     sites = [(t - 1, x) for t in loops for x in residual]
     yes_no = torch.tensor([int(verdict_ids[0]), int(verdict_ids[1])], device=device)
-    for batch in _batches([len(r.input_ids) for r in records], config.batch_size):
-        rows = [records[i] for i in batch]
-        seq = max(len(r.input_ids) for r in rows)
-        ids = torch.full((len(rows), seq), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), seq), dtype=torch.long)
-        for j, r in enumerate(rows):  # right padding: record indices stay valid
-            ids[j, : len(r.input_ids)] = torch.tensor(r.input_ids)
-            mask[j, : len(r.input_ids)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        probe_pos = torch.tensor([r.probe_indices for r in rows], device=device)  # [B,K]
-        verdict_pos = torch.tensor([[r.verdict_index] for r in rows], device=device)  # [B,1]
-        capture_sites = sites if (config.keep_states and sites) else [(0, 0)]
-        with capture_activations(model, capture_sites, positions=probe_pos) as cap:
-            out = model(input_ids=ids, attention_mask=mask, num_loops=t_max, output_loop_states=True, use_cache=False)
-        index = torch.tensor(batch)
-        logits = loop_logits(model.lm_head, out.loop_hidden_states, verdict_pos, loops=[t - 1 for t in loops])
-        logp = torch.log_softmax(logits[:, :, 0, :].float(), dim=-1)  # [T,B,V]
-        verdict_logp[:, index] = logp.index_select(-1, yes_no).cpu()
-        verdict_valid[:, index] = torch.isin(logp.argmax(-1), yes_no).cpu()
-        exit_probs[index] = out.exit_probs.gather(1, verdict_pos[:, :, None].expand(-1, -1, t_max))[:, 0].float().cpu()
-        if config.keep_states:
-            for ti, t in enumerate(loops):
-                for li, layer in enumerate(layers):
-                    if layer == num_layers:
-                        h = gather_positions(out.loop_hidden_states[t - 1], probe_pos)
-                    else:
-                        h = cap.get(t - 1, layer)
-                    states[ti, li, index] = h.to("cpu", config.feature_dtype)
-        del out, cap, logits, logp
+    with merged_lora(model) if config.merge_lora else contextlib.nullcontext():
+        for batch in _batches([len(r.input_ids) for r in records], config.batch_size):
+            rows = [records[i] for i in batch]
+            seq = max(len(r.input_ids) for r in rows)
+            ids = torch.full((len(rows), seq), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), seq), dtype=torch.long)
+            for j, r in enumerate(rows):  # right padding: record indices stay valid
+                ids[j, : len(r.input_ids)] = torch.tensor(r.input_ids)
+                mask[j, : len(r.input_ids)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            probe_pos = torch.tensor([r.probe_indices for r in rows], device=device)  # [B,K]
+            verdict_pos = torch.tensor([[r.verdict_index] for r in rows], device=device)  # [B,1]
+            capture_sites = sites if (config.keep_states and sites) else [(0, 0)]
+            with capture_activations(model, capture_sites, positions=probe_pos) as cap:
+                out = model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    num_loops=t_max,
+                    output_loop_states=True,
+                    use_cache=False,
+                    logits_to_keep=1,  # per-loop logits are read at the verdict only
+                )
+            index = torch.tensor(batch)
+            logits = loop_logits(model.lm_head, out.loop_hidden_states, verdict_pos, loops=[t - 1 for t in loops])
+            logp = torch.log_softmax(logits[:, :, 0, :].float(), dim=-1)  # [T,B,V]
+            verdict_logp[:, index] = logp.index_select(-1, yes_no).cpu()
+            verdict_valid[:, index] = torch.isin(logp.argmax(-1), yes_no).cpu()
+            exit_probs[index] = (
+                out.exit_probs.gather(1, verdict_pos[:, :, None].expand(-1, -1, t_max))[:, 0].float().cpu()
+            )
+            if config.keep_states:
+                for ti, t in enumerate(loops):
+                    for li, layer in enumerate(layers):
+                        if layer == num_layers:
+                            h = gather_positions(out.loop_hidden_states[t - 1], probe_pos)
+                        else:
+                            h = cap.get(t - 1, layer)
+                        states[ti, li, index] = h.to("cpu", config.feature_dtype)
+            del out, cap, logits, logp
     if was_training:
         model.train()
     labels = np.array([-1 if r.label is None else r.label for r in records], dtype=np.int64)

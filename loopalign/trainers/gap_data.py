@@ -40,10 +40,16 @@ def build_gap_features(
     yes: str = "Yes",
     no: str = "No",
     max_length: int | None = None,
+    completion_only: bool = True,
 ):
     """Map rendered records (a ``datasets.Dataset``) to training features.
 
-    Columns out: input_ids, labels, label, verdict_index, probe_index, id. Errors name the record
+    ``completion_only``: only the target verdict and end of turn carry labels (TRL's
+    ``completion_only_loss``); False labels the prompt's tokens too (language modelling on the
+    whole sequence, as in plain SFT).
+
+    Columns out: input_ids, labels, label, verdict_index, probe_index, id, length (the number of
+    tokens, read by ``train_sampling_strategy='group_by_length'``). Errors name the record
     and field at fault (a dataset missing the verdict position fails here, before training).
     """
     if probe_position not in PROBE_POSITIONS:
@@ -79,12 +85,13 @@ def build_gap_features(
             raise ValueError(f"record {rid!r}: {len(full)} tokens exceed max_length={max_length}")
         return {
             "input_ids": full,
-            "labels": [-100] * len(ids) + target,
+            "labels": ([-100] * len(ids) if completion_only else ids) + target,
             "verdict_index": v,
             "probe_index": p,
+            "length": len(full),
         }
 
-    keep = {"input_ids", "labels", "label", "verdict_index", "probe_index", "id"}
+    keep = {"input_ids", "labels", "label", "verdict_index", "probe_index", "id", "length"}
     drop = [c for c in records.column_names if c not in keep]
     return records.map(to_features, remove_columns=drop, desc="gap SFT features")
 

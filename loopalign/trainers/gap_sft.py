@@ -30,6 +30,7 @@ from loopalign.hooks import capture_activations
 from loopalign.io import atomic_save_safetensors, atomic_write_text
 from loopalign.loops import gather_positions, loop_logits
 from loopalign.lora import parse_loop_selection, route_lora_by_loop
+from loopalign.speed import CHECKPOINT_POLICIES, compile_decoder_layers
 from loopalign.objectives import (
     LoopProbes,
     consistency_loss,
@@ -79,6 +80,13 @@ class GapSFTConfig(SFTConfig):
     verdict_yes: str = field(default="Yes", metadata={"help": "One-token verbal verdict for label 1."})
     verdict_no: str = field(default="No", metadata={"help": "One-token verbal verdict for label 0."})
     lm_chunk_size: int = field(default=2048, metadata={"help": "Tokens per chunk of the per-loop cross-entropy."})
+    compile_layers: bool = field(
+        default=False, metadata={"help": "torch.compile each decoder layer (loopalign.speed.compile_decoder_layers)."}
+    )
+    compile_layers_backend: str = field(default="inductor", metadata={"help": "torch.compile backend of compile_layers."})
+    compile_layers_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode of compile_layers (e.g. max-autotune-no-cudagraphs)."}
+    )
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -88,6 +96,21 @@ class GapSFTConfig(SFTConfig):
             # the model's forward, where DDP's unused-parameter search would misreport them
             self.ddp_find_unused_parameters = False
         super().__post_init__()
+        for option in ("packing", "padding_free"):
+            if getattr(self, option, False):
+                raise ValueError(
+                    f"GapSFTConfig.{option}=True is not supported: each row holds one record whose verdict and "
+                    "probe positions are read per row. Right padding already runs attention without a mask; "
+                    "use train_sampling_strategy='group_by_length' to cut padding."
+                )
+        ckpt = self.activation_checkpointing_kwargs
+        if isinstance(ckpt, dict) and "policy" in ckpt and ckpt["policy"] not in CHECKPOINT_POLICIES:
+            raise ValueError(
+                f"GapSFTConfig.activation_checkpointing_kwargs['policy'] must be one of {sorted(CHECKPOINT_POLICIES)}, "
+                f"got {ckpt['policy']!r}"
+            )
+        if self.compile_layers and self.torch_compile:
+            raise ValueError("GapSFTConfig: set compile_layers or torch_compile, not both")
         # gap features carry extra columns (label, verdict and probe positions) and are prepared here
         self.remove_unused_columns = False
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
@@ -178,14 +201,17 @@ class GapSFTTrainer(SFTTrainer):
             processing_class.pad_token = processing_class.eos_token
         self.num_loops, self.probe_layer = args.check_against_model(model.config)
         self.yes_id, self.no_id = verdict_token_ids(processing_class, args.verdict_yes, args.verdict_no)
-        features = build_gap_features(
-            train_dataset, processing_class, args.probe_position, args.verdict_yes, args.verdict_no, args.max_length
+        feature_kwargs = dict(
+            probe_position=args.probe_position,
+            yes=args.verdict_yes,
+            no=args.verdict_no,
+            max_length=args.max_length,
+            completion_only=args.completion_only_loss is not False,
         )
+        features = build_gap_features(train_dataset, processing_class, **feature_kwargs)
         eval_features = None
         if eval_dataset is not None:
-            eval_features = build_gap_features(
-                eval_dataset, processing_class, args.probe_position, args.verdict_yes, args.verdict_no, args.max_length
-            )
+            eval_features = build_gap_features(eval_dataset, processing_class, **feature_kwargs)
         super().__init__(
             model=model,
             args=args,
@@ -203,6 +229,8 @@ class GapSFTTrainer(SFTTrainer):
             raise ValueError("loss_weights.rr_distill needs a PEFT model (the base = adapters disabled)")
         if args.lora_loops != "all":
             route_lora_by_loop(self.model, args.lora_loops)
+        if args.compile_layers:
+            compile_decoder_layers(self.model, backend=args.compile_layers_backend, mode=args.compile_layers_mode)
         device = next(self.model.parameters()).device
         hidden = model.config.hidden_size
         if self.weights["probe"] > 0:

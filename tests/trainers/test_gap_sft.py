@@ -107,6 +107,10 @@ def test_resume_from_checkpoint_gives_the_same_losses(gap_dataset, tmp_path):
         (dict(lora_loops="first"), "not understood"),
         (dict(probe_position="start"), "probe_position must be one of"),
         (dict(loss_weights={"probe": 0.0}), "'consistency' > 0 needs 'probe' > 0"),
+        (dict(activation_checkpointing_kwargs={"policy": "most"}), "\\['policy'\\] must be one of"),
+        (dict(packing=True), "packing=True is not supported"),
+        (dict(padding_free=True), "padding_free=True is not supported"),
+        (dict(compile_layers=True, torch_compile=True), "compile_layers or torch_compile, not both"),
     ],
 )
 def test_bad_configs_fail_at_construction(tmp_path, kw, message):
@@ -172,3 +176,46 @@ def test_an_interrupted_checkpoint_save_leaves_no_partial_checkpoint(gap_dataset
     resumed = _trainer(gap_dataset, tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 4 and (out / "checkpoint-4" / "adapter_model.safetensors").exists()
+
+
+def test_speed_options_train_the_same_as_the_plain_path(gap_dataset, tmp_path):
+    """Selective checkpointing, compiled layers and length grouping change speed, not the losses."""
+    plain = _trainer(gap_dataset, tmp_path / "plain", max_steps=3, gradient_checkpointing=False)
+    plain.train()
+    fast = _trainer(
+        gap_dataset,
+        tmp_path / "fast",
+        max_steps=3,
+        gradient_checkpointing=True,
+        activation_checkpointing_kwargs={"policy": "save_matmuls"},
+        compile_layers=True,
+        compile_layers_backend="aot_eager",
+    )
+    layers = fast.model.base_model.model.model.layers
+    assert all(layer.compiled_compute is not None for layer in layers)
+    fast.train()
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert "context_fn" in layers[0]._gradient_checkpointing_func.keywords
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (plain, fast)]
+    assert len(losses[0]) == 3
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-5)
+
+
+def test_completion_only_loss_false_labels_the_prompt_too(gap_dataset, tmp_path):
+    completion = _trainer(gap_dataset, tmp_path / "a", max_steps=1)
+    whole = _trainer(gap_dataset, tmp_path / "b", max_steps=1, completion_only_loss=False)
+    a, b = completion.train_dataset[0], whole.train_dataset[0]
+    assert a["input_ids"] == b["input_ids"]
+    assert sum(x != -100 for x in a["labels"]) == 2  # verdict and end of turn
+    assert b["labels"] == b["input_ids"]
+    batch = whole.data_collator([whole.train_dataset[i] for i in range(4)])
+    assert whole.compute_loss(whole.model.train(), batch).isfinite()
+
+
+def test_group_by_length_batches_similar_lengths(gap_dataset, tmp_path):
+    trainer = _trainer(gap_dataset, tmp_path, per_device_train_batch_size=4, train_sampling_strategy="group_by_length")
+    batches = [b["attention_mask"] for b in trainer.get_train_dataloader()]
+    padding = sum(int((m == 0).sum()) for m in batches)
+    ungrouped = _trainer(gap_dataset, tmp_path / "u", per_device_train_batch_size=4)
+    padding_random = sum(int((b["attention_mask"] == 0).sum()) for b in ungrouped.get_train_dataloader())
+    assert padding < padding_random

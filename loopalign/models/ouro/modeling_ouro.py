@@ -27,6 +27,7 @@ from loopalign.loops import (
     resolve_exit,
     threshold_exit_index,
 )
+from loopalign.speed import checkpointing_kwargs
 
 from .configuration_ouro import OuroConfig
 
@@ -191,6 +192,9 @@ class OuroDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm_2 = OuroRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = OuroRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm_2 = OuroRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        #: a ``torch.compile``-d ``compute``, used for calls without a KV cache (training, scoring);
+        #: set by :func:`loopalign.speed.compile_decoder_layers`
+        self.compiled_compute = None
 
     def forward(
         self,
@@ -205,18 +209,31 @@ class OuroDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         token = _CURRENT_LOOP.set((loop_index, num_loops if num_loops is not None else loop_index + 1))
         try:
-            attn = self.self_attn(
-                self.input_layernorm(hidden_states),
-                position_embeddings,
-                attention_mask,
-                past_key_values,
-                cache_slot=loop_index * self.num_layers + self.layer_idx,
-            )
-            hidden_states = hidden_states + self.input_layernorm_2(attn)
-            mlp = self.mlp(self.post_attention_layernorm(hidden_states))
-            return hidden_states + self.post_attention_layernorm_2(mlp)
+            cache_slot = loop_index * self.num_layers + self.layer_idx
+            compute = self.compute
+            if self.compiled_compute is not None and past_key_values is None:
+                compute = self.compiled_compute
+            return compute(hidden_states, position_embeddings, attention_mask, past_key_values, cache_slot)
         finally:
             _CURRENT_LOOP.reset(token)
+
+    def compute(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        cache_slot: int,
+    ) -> torch.Tensor:
+        """The layer's arithmetic, [B,S,H] -> [B,S,H]. Kept apart from ``forward`` (which sets the
+        current loop) so that :func:`loopalign.speed.compile_decoder_layers` can compile it whole; calls
+        that carry a KV cache (generation) run it uncompiled."""
+        attn = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, cache_slot
+        )
+        hidden_states = hidden_states + self.input_layernorm_2(attn)
+        mlp = self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + self.post_attention_layernorm_2(mlp)
 
 
 class OuroLoopCache(DynamicCache):
@@ -245,6 +262,22 @@ class OuroPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = False
     _can_compile_fullgraph = False
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ):
+        """transformers' activation checkpointing, plus op-level selective checkpointing: the key
+        ``policy`` of ``activation_checkpointing_kwargs`` names what a checkpointed layer keeps
+        (:data:`loopalign.speed.CHECKPOINT_POLICIES`: ``full``, ``save_attention``,
+        ``save_matmuls``). ``every_n_layers`` and ``offload`` may also come in that dict (as from
+        ``TrainingArguments.activation_checkpointing_kwargs``)."""
+        kwargs = dict(activation_checkpointing_kwargs or {})
+        policy = kwargs.pop("policy", "full")
+        every_n_layers = kwargs.pop("every_n_layers", every_n_layers)
+        offload = kwargs.pop("offload", offload)
+        super().activation_checkpointing_enable(
+            checkpointing_kwargs(policy, kwargs), every_n_layers=every_n_layers, offload=offload
+        )
 
 
 def _check_num_loops(num_loops) -> int:
@@ -378,15 +411,29 @@ def build_attention_mask(
     attention_mask: torch.Tensor | None, seq: int, past_len: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor | None:
     """Additive mask [B or 1,1,S,past+S] (0 = attend, dtype's min = masked), or None when plain
-    causal attention suffices (nothing padded, no cached prefix, or a single new token).
+    causal attention suffices: nothing padded and no cached prefix (or a single new token), or
+    only right padding and no cached prefix (outputs at the padded positions are then unspecified).
 
     A float mask, not a boolean one, so a fully masked query (a left-pad position) gets uniform
     attention over all keys as in transformers' eager path: its outputs stay finite and equal
     the reference's, which matters because the first real token's label is read from it.
     """
     kv_len = past_len + seq
-    padded = attention_mask is not None and not bool(attention_mask.all())
+    padded = right_padded = False
+    if attention_mask is not None:
+        keep = attention_mask.to(torch.bool)
+        # one host sync for both facts: anything padded, and is every row's padding at its end
+        padded, right_padded = (
+            torch.stack([~keep.all(), (keep[:, 1:] <= keep[:, :-1]).all()]).tolist()
+            if keep.shape[1] > 1
+            else ((not bool(keep.all())), True)
+        )
     if not padded and (past_len == 0 or seq == 1):
+        return None
+    if padded and right_padded and past_len == 0:
+        # Right padding with no cached prefix: under plain causal attention a real token sees only
+        # earlier positions, all of them real, so its output is exact without any mask and the
+        # flash kernel can run. Only the padded positions' outputs (never read) differ.
         return None
     query_pos = torch.arange(past_len, kv_len, device=device)[:, None]  # [S,1]
     key_pos = torch.arange(kv_len, device=device)[None, :]  # [1,K]

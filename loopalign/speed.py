@@ -1,0 +1,90 @@
+"""Speed options for training and evaluating looped models: selective activation checkpointing
+and ``torch.compile`` of the decoder layers.
+
+Both keep the model's numerics (tests compare gradients and outputs with the plain path) and
+both are options of :class:`loopalign.trainers.GapSFTConfig` (``checkpoint_policy``,
+``compile_layers``). Figures are in ``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+__all__ = ["CHECKPOINT_POLICIES", "checkpointing_kwargs", "compile_decoder_layers", "decoder_layers"]
+
+_aten = torch.ops.aten
+_ATTENTION_OPS = tuple(
+    getattr(_aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(_aten, name)
+)
+_MATMUL_OPS = (_aten.mm.default, _aten.addmm.default, _aten.bmm.default)
+
+#: Which op outputs a checkpointed layer keeps for backward (everything else is recomputed):
+#: ``full``: nothing (transformers' default gradient checkpointing; least memory);
+#: ``save_attention``: attention outputs (and their softmax statistics), so backward does not
+#: re-run attention; ``save_matmuls``: attention and every matmul output, so backward recomputes
+#: only the cheap elementwise ops (norms, rotary, activation).
+CHECKPOINT_POLICIES = {
+    "full": (),
+    "save_attention": _ATTENTION_OPS,
+    "save_matmuls": _ATTENTION_OPS + _MATMUL_OPS,
+}
+
+
+def _policy(saved_ops, ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in saved_ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpointing_kwargs(policy: str, base: dict | None = None) -> dict:
+    """``gradient_checkpointing_kwargs`` for ``model.gradient_checkpointing_enable`` that apply
+    ``policy`` (a key of :data:`CHECKPOINT_POLICIES`) on top of ``base``."""
+    if policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"checkpoint_policy must be one of {sorted(CHECKPOINT_POLICIES)}, got {policy!r}")
+    kwargs = dict(base or {})
+    kwargs.setdefault("use_reentrant", False)
+    if policy == "full":
+        return kwargs
+    if kwargs.get("use_reentrant"):
+        raise ValueError(
+            f"checkpoint_policy={policy!r} needs non-reentrant checkpointing; "
+            "drop use_reentrant=True from gradient_checkpointing_kwargs"
+        )
+    saved = CHECKPOINT_POLICIES[policy]
+    kwargs["use_reentrant"] = False
+    kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, saved))
+    return kwargs
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a (possibly PEFT- or DDP-wrapped) Ouro model: modules with a
+    ``compute`` method (see ``OuroDecoderLayer``)."""
+    from loopalign.models.ouro.modeling_ouro import OuroDecoderLayer
+
+    return [m for m in model.modules() if isinstance(m, OuroDecoderLayer)]
+
+
+def compile_decoder_layers(model: nn.Module, backend: str = "inductor", mode: str | None = None, **options) -> int:
+    """Compile each decoder layer's arithmetic (``OuroDecoderLayer.compute``) with ``torch.compile``.
+
+    The loop bookkeeping (which loop runs, read by loop-routed LoRA and hooks) stays outside the
+    compiled region. The compiled version serves calls without a KV cache (training, scoring,
+    probing); cached generation runs the plain one. Call it after adapters are attached (PEFT's
+    LoRA modules are then compiled with the layer). Returns the number of layers compiled;
+    raises if the model has none.
+    """
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"compile_decoder_layers: {type(model).__name__} has no Ouro decoder layers")
+    for layer in layers:
+        layer.compiled_compute = torch.compile(layer.compute, backend=backend, mode=mode, **options)
+    return len(layers)
