@@ -30,7 +30,6 @@ from loopalign.hooks import capture_activations
 from loopalign.io import atomic_save_safetensors, atomic_write_text
 from loopalign.loops import gather_positions, loop_logits
 from loopalign.lora import parse_loop_selection, route_lora_by_loop
-from loopalign.speed import CHECKPOINT_POLICIES, compile_decoder_layers
 from loopalign.objectives import (
     LoopProbes,
     consistency_loss,
@@ -43,6 +42,7 @@ from loopalign.objectives import (
     verbal_log_probs,
     weighted_loop_loss,
 )
+from loopalign.speed import CHECKPOINT_POLICIES, compile_decoder_layers
 
 from .gap_data import PROBE_POSITIONS, GapCollator, build_gap_features, verdict_token_ids
 
@@ -83,7 +83,9 @@ class GapSFTConfig(SFTConfig):
     compile_layers: bool = field(
         default=False, metadata={"help": "torch.compile each decoder layer (loopalign.speed.compile_decoder_layers)."}
     )
-    compile_layers_backend: str = field(default="inductor", metadata={"help": "torch.compile backend of compile_layers."})
+    compile_layers_backend: str = field(
+        default="inductor", metadata={"help": "torch.compile backend of compile_layers."}
+    )
     compile_layers_mode: str | None = field(
         default=None, metadata={"help": "torch.compile mode of compile_layers (e.g. max-autotune-no-cudagraphs)."}
     )
