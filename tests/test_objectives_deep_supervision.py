@@ -38,6 +38,41 @@ def test_chunked_gradients_equal_unchunked():
     torch.testing.assert_close(grads[0][1], grads[1][1])
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 4096])
+def test_frozen_head_fused_path_matches_autograd(chunk):
+    """A frozen head (LoRA) takes the fused path: same losses and hidden-state gradients as plain
+    autograd through full logits, for any per-token upstream gradient."""
+    states, head, labels = _setup()
+    head.weight.requires_grad_(False)
+    upstream = torch.rand(3, 9, generator=torch.Generator().manual_seed(1))
+    losses, _ = per_loop_token_losses(head, states, labels, chunk_size=chunk)
+    assert losses.grad_fn is not None and "FrozenHeadCrossEntropy" in str(losses.grad_fn.next_functions)
+    (losses * upstream).sum().backward()
+    fused = [s.grad.clone() for s in states]
+    for s in states:
+        s.grad = None
+    shift = labels[:, 1:].reshape(-1)
+    keep = shift != -100
+    for t, h in enumerate(states):
+        ref = F.cross_entropy(head(h)[:, :-1].reshape(-1, 11)[keep], shift[keep], reduction="none")
+        torch.testing.assert_close(losses[t], ref.detach())
+        (ref * upstream[t]).sum().backward()
+        torch.testing.assert_close(fused[t], h.grad)
+
+
+def test_grad_loops_score_the_other_loops_without_autograd():
+    states, head, labels = _setup()
+    full, _ = per_loop_token_losses(head, states, labels)
+    part, _ = per_loop_token_losses(head, states, labels, grad_loops=[False, False, True])
+    torch.testing.assert_close(part, full.detach())
+    assert part.requires_grad
+    weighted_loop_loss(part, [0.0, 0.0, 1.0])[0].backward()
+    assert states[0].grad is None and states[1].grad is None
+    assert states[2].grad is not None and states[2].grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="grad_loops has 2 entries for 3 loops"):
+        per_loop_token_losses(head, states, labels, grad_loops=[True, True])
+
+
 def test_weighted_and_entropy_objectives_by_hand():
     losses = torch.tensor([[1.0, 3.0], [2.0, 2.0]])  # T=2, N=2
     total, per_loop = weighted_loop_loss(losses, [0.0, 1.0])

@@ -1,7 +1,9 @@
 """Per-loop deep supervision: every loop's readout is trained on the target tokens.
 
-Memory: the loss of each loop is computed over chunks of tokens with activation checkpointing,
-so at most one chunk of ``chunk_size x V`` logits lives at a time, never ``T x B x S x V``.
+Memory: the loss of each loop is computed over chunks of tokens, so at most one chunk of
+``chunk_size x V`` logits lives at a time, never ``T x B x S x V``. A frozen head (LoRA training)
+takes the fused path (:class:`FrozenHeadCrossEntropy`: the gradient is formed in the forward);
+a trained head takes activation-checkpointed chunks.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "FrozenHeadCrossEntropy",
     "per_loop_token_losses",
     "weighted_loop_loss",
     "ouro_entropy_objective",
@@ -37,18 +40,58 @@ def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) 
     return F.cross_entropy(logits, target, reduction="none")
 
 
+class FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of ``hidden @ weight.T`` for a head that is not trained (LoRA).
+
+    The loss of token i depends on hidden state i alone, so d loss_i / d h_i = (softmax_i -
+    onehot_i) @ W is computed in the forward, chunk by chunk, while the chunk's logits exist.
+    Backward only scales it by the incoming per-token gradient: the head costs two matmuls per
+    token (logits and d h) instead of three under checkpointing (logits, their recomputation,
+    d h), and no logits outlive their chunk. hidden [N,H], weight [V,H], target [N] -> [N] float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk_size):
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            logits = F.linear(hidden[start:end], weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            y = target[start:end]
+            losses[start:end] = lse - logits.gather(1, y[:, None]).squeeze(1)
+            probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+            probs[torch.arange(end - start, device=probs.device), y] -= 1.0
+            grad_hidden[start:end] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None
+
+
 def per_loop_token_losses(
     lm_head: torch.nn.Module,
     loop_hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor],
     labels: torch.Tensor,
     chunk_size: int = 2048,
     ignore_index: int = -100,
+    grad_loops: list[bool] | None = None,
+    score_loops: list[bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy of every loop's readout at every labelled position.
 
     loop_hidden_states: T x [B,S,H]; labels [B,S] (unshifted, ``ignore_index`` = no loss).
+    ``grad_loops`` (T bools, default all True): loops whose losses are differentiated; the others
+    are computed without autograd (for logging: no backward through the head). ``score_loops``
+    (T bools, default all True): loops not scored get a row of zeros and cost nothing.
     Returns (losses [T,N] float32, index [N] flat positions into B*S).
     """
+    for name, flags in (("grad_loops", grad_loops), ("score_loops", score_loops)):
+        if flags is not None and len(flags) != len(loop_hidden_states):
+            raise ValueError(f"{name} has {len(flags)} entries for {len(loop_hidden_states)} loops")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     index, target = shifted_targets(labels, ignore_index)
@@ -57,19 +100,29 @@ def per_loop_token_losses(
     # gathered only inside the module's own forward), is called as a module instead.
     plain = type(lm_head) is torch.nn.Linear and lm_head.bias is None and not hasattr(lm_head.weight, "ds_id")
     rows = []
-    for hidden in loop_hidden_states:
-        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-        parts = []
-        for start in range(0, flat.shape[0], chunk_size):
-            h, y = flat[start : start + chunk_size], target[start : start + chunk_size]
-            if plain and torch.is_grad_enabled() and (h.requires_grad or lm_head.weight.requires_grad):
-                parts.append(checkpoint(_chunk_ce, h, lm_head.weight, y, use_reentrant=False))
-            elif plain:
-                parts.append(_chunk_ce(h, lm_head.weight, y))
-            else:
-                parts.append(F.cross_entropy(lm_head(h).float(), y, reduction="none"))
-        rows.append(torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32))
+    for t, hidden in enumerate(loop_hidden_states):
+        if score_loops is not None and not score_loops[t]:
+            rows.append(torch.zeros(index.shape[0], dtype=torch.float32, device=hidden.device))
+            continue
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (grad_loops is None or bool(grad_loops[t]))):
+            rows.append(_loop_losses(lm_head, hidden, index, target, chunk_size, plain))
     return torch.stack(rows, dim=0), index
+
+
+def _loop_losses(lm_head, hidden, index, target, chunk_size, plain) -> torch.Tensor:
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    if plain and torch.is_grad_enabled() and flat.requires_grad and not lm_head.weight.requires_grad:
+        return FrozenHeadCrossEntropy.apply(flat, lm_head.weight, target, chunk_size)
+    parts = []
+    for start in range(0, flat.shape[0], chunk_size):
+        h, y = flat[start : start + chunk_size], target[start : start + chunk_size]
+        if plain and torch.is_grad_enabled() and (h.requires_grad or lm_head.weight.requires_grad):
+            parts.append(checkpoint(_chunk_ce, h, lm_head.weight, y, use_reentrant=False))
+        elif plain:
+            parts.append(_chunk_ce(h, lm_head.weight, y))
+        else:
+            parts.append(F.cross_entropy(lm_head(h).float(), y, reduction="none"))
+    return torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
 
 
 def weighted_loop_loss(

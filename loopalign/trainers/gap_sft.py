@@ -17,6 +17,7 @@ Each term has a weight in ``GapSFTConfig.loss_weights`` and is logged per loop
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -306,6 +307,15 @@ class GapSFTTrainer(SFTTrainer):
             w = torch.full((T,), 1.0 / T)
         return w.to(device)
 
+    def _logs_this_step(self, model) -> bool:
+        """True in evaluation, and in training on a step whose metrics the Trainer will log."""
+        if not model.training or self.args.logging_strategy != "steps":
+            return True
+        every = self.state.logging_steps or self.args.logging_steps
+        every = max(1, int(every)) if every >= 1 else 1
+        step = self.state.global_step  # the optimizer step this batch belongs to, 0-based
+        return (step + 1) % every == 0 or (step == 0 and self.args.logging_first_step)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         w = self.weights
@@ -318,12 +328,26 @@ class GapSFTTrainer(SFTTrainer):
         terms: dict[str, torch.Tensor] = {}
         per_loop: dict[str, torch.Tensor] = {}
 
+        # Loops that no LM term weights are only logged: scored without autograd, and only on steps
+        # that log (in training), so a last-loop-only run pays for one readout on the others.
+        if w["lm"] > 0 and self.args.loop_weighting == "ouro_entropy":
+            grad_loops = [True] * self.num_loops
+        else:
+            grad_loops = ((loop_w > 0) & (w["lm"] > 0)).tolist()
+        log_all = w["gate"] > 0 or self._logs_this_step(model)
+        score_loops = [g or log_all for g in grad_loops]
         token_losses, index = per_loop_token_losses(
-            lm_head, out.loop_hidden_states, inputs["labels"], chunk_size=self.args.lm_chunk_size
+            lm_head,
+            out.loop_hidden_states,
+            inputs["labels"],
+            self.args.lm_chunk_size,
+            grad_loops=grad_loops,
+            score_loops=score_loops,
         )
         per_loop["loss"] = (
             token_losses.mean(dim=1).detach() if token_losses.shape[1] else token_losses.new_zeros(self.num_loops)
         )
+        per_loop["loss"][~torch.tensor(score_loops, device=per_loop["loss"].device)] = float("nan")
         if w["lm"] > 0:
             if self.args.loop_weighting == "ouro_entropy":
                 exit_probs = out.exit_probs.reshape(-1, self.num_loops)[index]
@@ -364,7 +388,8 @@ class GapSFTTrainer(SFTTrainer):
         for name, values in per_loop.items():
             values = self.accelerator.gather_for_metrics(values.detach()[None]).mean(0)
             for t, value in enumerate(values.tolist()):
-                metrics[f"{name}/loop_{t + 1}"].append(value)
+                if not math.isnan(value):  # a loop not scored this step
+                    metrics[f"{name}/loop_{t + 1}"].append(value)
         return (loss, out) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

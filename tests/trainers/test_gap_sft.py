@@ -219,3 +219,19 @@ def test_group_by_length_batches_similar_lengths(gap_dataset, tmp_path):
     ungrouped = _trainer(gap_dataset, tmp_path / "u", per_device_train_batch_size=4)
     padding_random = sum(int((b["attention_mask"] == 0).sum()) for b in ungrouped.get_train_dataloader())
     assert padding < padding_random
+
+
+def test_untrained_loops_are_scored_only_on_logging_steps(gap_dataset, tmp_path):
+    trainer = _trainer(gap_dataset, tmp_path, max_steps=4, logging_steps=2, loop_weighting="last")
+    model = trainer.model.train()
+    assert not trainer._logs_this_step(model)  # step 1 of 4: not logged
+    trainer.state.global_step = 1
+    assert trainer._logs_this_step(model)
+    assert trainer._logs_this_step(model.eval())
+    trainer.model.train()
+    trainer.state.global_step = 0
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for h in logs:
+        assert all(h[f"loss/loop_{t}"] > 0 for t in range(1, 5)), h
