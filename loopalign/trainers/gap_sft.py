@@ -311,8 +311,10 @@ class GapSFTTrainer(SFTTrainer):
         """True in evaluation, and in training on a step whose metrics the Trainer will log."""
         if not model.training or self.args.logging_strategy != "steps":
             return True
-        every = self.state.logging_steps or self.args.logging_steps
-        every = max(1, int(every)) if every >= 1 else 1
+        every = self.args.logging_steps
+        if every < 1:  # a ratio of the total steps, turned into a count by Trainer.train
+            every = self.state.logging_steps if self.state.logging_steps >= 1 else 1
+        every = max(1, int(every))
         step = self.state.global_step  # the optimizer step this batch belongs to, 0-based
         return (step + 1) % every == 0 or (step == 0 and self.args.logging_first_step)
 
