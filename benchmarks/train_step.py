@@ -30,7 +30,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import datasets
 import torch
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, os.path.dirname(__file__))
-from ouro_forward import DTYPES, SHAPES, flops_per_token, peak_memory_gib, sync  # noqa: E402
+from ouro_forward import DTYPES, SHAPES, bench, flops_per_token, peak_memory_gib  # noqa: E402
 
 from loopalign import OuroForCausalLM  # noqa: E402
 from loopalign.speed import CHECKPOINT_POLICIES  # noqa: E402
@@ -64,16 +63,9 @@ def lora_config(r: int) -> LoraConfig:
 
 
 def timed(step, n_steps: int, warmup: int, device) -> float:
-    """Seconds per step after ``warmup`` untimed steps; peak memory counts the timed steps."""
-    for i in range(warmup + n_steps):
-        if i == warmup:
-            sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-        step(i)
-    sync(device)
-    return (time.perf_counter() - start) / n_steps
+    """Seconds per ``step(i)`` after ``warmup`` untimed steps (i counts every call)."""
+    calls = iter(range(warmup + n_steps))
+    return bench(lambda: step(next(calls)), n_steps, warmup, device)
 
 
 def baseline_case(model, args, ids, device, deep_supervision: bool) -> float:
