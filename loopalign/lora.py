@@ -106,6 +106,15 @@ class LoopLoRARouting:
         self.remove()
 
 
+def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every PEFT LoRA layer (a module holding a non-empty ``lora_B`` dict)."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "lora_B", None), nn.ModuleDict) and len(m.lora_B)
+    ]
+
+
 def route_lora_by_loop(model: nn.Module, loops: str | Iterable[int] | LoopSelection) -> LoopLoRARouting:
     """Make the PEFT LoRA adapters of ``model`` act only on the selected loops.
 
@@ -117,14 +126,10 @@ def route_lora_by_loop(model: nn.Module, loops: str | Iterable[int] | LoopSelect
     if installed is not None:
         installed.remove()
     lora_b_modules = []
-    for name, module in model.named_modules():
-        lora_b = getattr(module, "lora_B", None)
-        if isinstance(lora_b, nn.ModuleDict) and len(lora_b):
-            if getattr(module, "merged", False):
-                raise RuntimeError(
-                    f"LoRA module {name} is merged into its base weights; unmerge before routing by loop"
-                )
-            lora_b_modules.extend(lora_b.values())
+    for name, module in _lora_layers(model):
+        if getattr(module, "merged", False):
+            raise RuntimeError(f"LoRA module {name} is merged into its base weights; unmerge before routing by loop")
+        lora_b_modules.extend(module.lora_B.values())
     if not lora_b_modules:
         raise ValueError("route_lora_by_loop: the model has no PEFT LoRA modules (wrap it with get_peft_model first)")
     if selection.kind == "all":
@@ -142,25 +147,18 @@ def route_lora_by_loop(model: nn.Module, loops: str | Iterable[int] | LoopSelect
     return routing
 
 
-def _lora_layers(model: nn.Module) -> list[nn.Module]:
-    return [
-        m
-        for m in model.modules()
-        if isinstance(getattr(m, "lora_B", None), nn.ModuleDict) and len(m.lora_B) and hasattr(m, "base_layer")
-    ]
-
-
-def _merge_blocker(model: nn.Module, layers: list[nn.Module]) -> str | None:
+def _merge_blocker(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> str | None:
     routing = getattr(model, "_loopalign_lora_routing", None)
     if routing is not None and routing.selection.kind != "all":
         return f"its adapters are routed to loops {routing.selection.describe()!r}"
-    for layer in layers:
+    for _, layer in layers:
+        base = getattr(layer, "base_layer", None)
         if getattr(layer, "merged", False):
             return "an adapter is already merged"
-        if hasattr(layer.base_layer.weight, "ds_id"):
+        if type(base) is not nn.Linear:
+            return f"a LoRA base layer is a {type(base).__name__}, not a plain Linear"
+        if hasattr(base.weight, "ds_id"):
             return "its weights are partitioned by DeepSpeed ZeRO-3"
-        if type(layer.base_layer) is not nn.Linear:
-            return f"a LoRA base layer is a {type(layer.base_layer).__name__}, not a plain Linear"
     return None
 
 
@@ -184,10 +182,10 @@ def merged_lora(model: nn.Module, strict: bool = False) -> Iterator[bool]:
             raise RuntimeError(f"merged_lora: cannot merge the adapters of {type(model).__name__}: {reason}")
         yield False
         return
-    saved = [(layer, layer.base_layer.weight.detach().clone()) for layer in layers]
+    saved = [(layer, layer.base_layer.weight.detach().clone()) for _, layer in layers]
     try:
         with torch.no_grad():
-            for layer in layers:
+            for layer, _ in saved:
                 layer.merge(adapter_names=list(layer.active_adapters))
         yield True
     finally:

@@ -1,9 +1,10 @@
 """Speed options for training and evaluating looped models: selective activation checkpointing
 and ``torch.compile`` of the decoder layers.
 
-Both keep the model's numerics (tests compare gradients and outputs with the plain path) and
-both are options of :class:`loopalign.trainers.GapSFTConfig` (``checkpoint_policy``,
-``compile_layers``). Figures are in ``docs/performance.md``.
+Both keep the model's numerics (tests compare gradients and outputs with the plain path). The
+policy is the ``policy`` key of ``activation_checkpointing_kwargs`` (read by
+``OuroPreTrainedModel.activation_checkpointing_enable``); compiling is
+:class:`loopalign.trainers.GapSFTConfig`'s ``compile_layers``. Figures are in ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-__all__ = ["CHECKPOINT_POLICIES", "checkpointing_kwargs", "compile_decoder_layers", "decoder_layers"]
+__all__ = ["CHECKPOINT_POLICIES", "checkpointing_kwargs", "compile_decoder_layers"]
 
 _aten = torch.ops.aten
 _ATTENTION_OPS = tuple(
@@ -65,14 +66,6 @@ def checkpointing_kwargs(policy: str, base: dict | None = None) -> dict:
     return kwargs
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a (possibly PEFT- or DDP-wrapped) Ouro model: modules with a
-    ``compute`` method (see ``OuroDecoderLayer``)."""
-    from loopalign.models.ouro.modeling_ouro import OuroDecoderLayer
-
-    return [m for m in model.modules() if isinstance(m, OuroDecoderLayer)]
-
-
 def compile_decoder_layers(model: nn.Module, backend: str = "inductor", mode: str | None = None, **options) -> int:
     """Compile each decoder layer's arithmetic (``OuroDecoderLayer.compute``) with ``torch.compile``.
 
@@ -80,11 +73,11 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor", mode: st
     compiled region. The compiled version serves calls without a KV cache (training, scoring,
     probing); cached generation runs the plain one. Call it after adapters are attached (PEFT's
     LoRA modules are then compiled with the layer). Returns the number of layers compiled;
-    raises if the model has none.
+    raises (:func:`loopalign.hooks.decoder_layers`) if the model has none.
     """
+    from loopalign.hooks import decoder_layers
+
     layers = decoder_layers(model)
-    if not layers:
-        raise ValueError(f"compile_decoder_layers: {type(model).__name__} has no Ouro decoder layers")
     for layer in layers:
         layer.compiled_compute = torch.compile(layer.compute, backend=backend, mode=mode, **options)
     return len(layers)

@@ -159,7 +159,7 @@ def test_compiled_layers_match_eager_and_share_graphs_across_layers_and_loops():
 
 
 def test_compile_needs_ouro_layers():
-    with pytest.raises(ValueError, match="no Ouro decoder layers"):
+    with pytest.raises(TypeError, match="no Ouro decoder layers"):
         compile_decoder_layers(torch.nn.Linear(2, 2))
 
 

@@ -423,11 +423,7 @@ def build_attention_mask(
     if attention_mask is not None:
         keep = attention_mask.to(torch.bool)
         # one host sync for both facts: anything padded, and is every row's padding at its end
-        padded, right_padded = (
-            torch.stack([~keep.all(), (keep[:, 1:] <= keep[:, :-1]).all()]).tolist()
-            if keep.shape[1] > 1
-            else ((not bool(keep.all())), True)
-        )
+        padded, right_padded = torch.stack([~keep.all(), (keep[:, 1:] <= keep[:, :-1]).all()]).tolist()
     if not padded and (past_len == 0 or seq == 1):
         return None
     if padded and right_padded and past_len == 0:
