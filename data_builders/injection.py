@@ -29,6 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from loopalign.io import apply_umask
+
 from .schema import validate_trial
 
 __all__ = [
@@ -233,6 +235,7 @@ def save_concept_vectors(cv: ConceptVectors, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         save_file({w: v.contiguous() for w, v in cv.vectors.items()}, tmp, metadata=meta)
+        apply_umask(tmp, folder=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

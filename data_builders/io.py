@@ -23,6 +23,8 @@ from pathlib import Path
 
 import datasets
 
+from loopalign.io import apply_umask, make_temp_dir
+
 from .schema import RENDERED_FIELDS, TRIAL_FIELDS, VERIFICATION_FIELDS, Rejected, validate_records
 
 __all__ = [
@@ -65,6 +67,7 @@ def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+        apply_umask(tmp, folder=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -165,7 +168,7 @@ def save_build(
     meta = dict(metadata or {})
     meta.update(kind=kind, n_rows=len(checked.rows), n_rejected=len(rejected), content_hash=content_hash(checked.rows))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = Path(make_temp_dir(out.parent, prefix=f".{out.name}.tmp-"))
     try:
         ds = datasets.Dataset.from_list(checked.rows, features=features_for(kind))
         bars = datasets.is_progress_bar_enabled()

@@ -11,6 +11,8 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
+from .compat import CACHE_FIELD
+
 __all__ = [
     "OuroModelOutput",
     "OuroCausalLMOutput",
@@ -30,13 +32,23 @@ class OuroModelOutput(ModelOutput):
     loop_hidden_states: T x [B,S,H], the normed state after each loop (what enters the next loop).
     gate_logits: T x [B,S], the exit gate's raw output after each loop.
     layer_hidden_states: T x L x [B,S,H], the residual stream after each layer in each loop.
+    cache: the per-(loop, layer) KV cache, with ``use_cache``.
     """
 
     last_hidden_state: torch.Tensor | None = None
     loop_hidden_states: tuple[torch.Tensor, ...] | None = None
     gate_logits: tuple[torch.Tensor, ...] | None = None
     layer_hidden_states: tuple[tuple[torch.Tensor, ...], ...] | None = None
-    past_key_values: Cache | None = None
+    # the KV cache, under the name the installed transformers' ``generate`` reads (loopalign.compat);
+    # ``.cache`` and ``.past_key_values`` both work on every supported release
+    if CACHE_FIELD == "cache":
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
+
+        @property
+        def cache(self) -> Cache | None:
+            return self.past_key_values
 
 
 @dataclass
@@ -48,11 +60,21 @@ class OuroCausalLMOutput(ModelOutput):
     loop_hidden_states / gate_logits / exit_probs ([B,S,T]): with ``output_loop_states=True``.
     exit_loop: [B,S], the loop each token exited at, for ``exit="threshold"``.
     layer_hidden_states: T x L x [B,S,H], with ``output_layer_states=True``.
+    cache: the per-(loop, layer) KV cache, with ``use_cache``.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    # see OuroModelOutput
+    if CACHE_FIELD == "cache":
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
+
+        @property
+        def cache(self) -> Cache | None:
+            return self.past_key_values
+
     loop_hidden_states: tuple[torch.Tensor, ...] | None = None
     gate_logits: tuple[torch.Tensor, ...] | None = None
     exit_probs: torch.Tensor | None = None

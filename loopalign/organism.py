@@ -23,7 +23,8 @@ reads correctness better than the verdict (SV). See ``docs/organism.md`` for the
 The organism is cached under :func:`organism_cache_dir` (``$LOOPALIGN_CACHE``, else
 ``~/.cache/loopalign``) in a folder named by the recipe version and a hash of the
 :class:`OrganismConfig`, written atomically (built in a temporary folder, then renamed) under a
-lock, so an interrupted build leaves nothing behind and two processes do not build it twice. The
+lock, so an interrupted build leaves nothing behind and two processes do not build it twice (the
+second says whom it waits for, and gives up after ``LOOPALIGN_LOCK_TIMEOUT`` seconds). The
 folder is a ``save_pretrained`` model + tokenizer (``AutoModelForCausalLM.from_pretrained(folder)``
 works after ``import loopalign``), plus ``README.md`` (the model card with the gap table and plots),
 ``eval/`` (gap.json, gap.md, plots, probes) and ``organism.json`` (config, figures, timings).
@@ -39,12 +40,15 @@ import math
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from loopalign.io import apply_umask_tree, make_temp_dir
 
 __all__ = [
     "RECIPE_VERSION",
@@ -60,6 +64,8 @@ __all__ = [
     "organism_eval_records",
     "organism_properties",
     "is_organism",
+    "expected_build_seconds",
+    "DEFAULT_LOCK_TIMEOUT",
 ]
 
 #: Version of the recipe (data, objective, defaults). Bump it when the recipe changes: cached
@@ -102,6 +108,7 @@ class OrganismConfig:
     eval_levels: tuple[int, ...] = (1,)  # their levels
     eval_seed: int = 10_000  # their data seed (training uses other seeds)
     eval_loops: str = "1-6"  # loop counts evaluated (beyond num_loops = extrapolation)
+    num_threads: int = 1  # torch CPU threads of the build: the figures depend on it, so it is part of the hash
 
     def __post_init__(self):
         self.levels = tuple(int(x) for x in self.levels)
@@ -117,6 +124,7 @@ class OrganismConfig:
             "steps",
             "batch_size",
             "eval_problems",
+            "num_threads",
         )
         for name in positive:
             if int(getattr(self, name)) < 1:
@@ -222,36 +230,69 @@ def is_organism(path: str | os.PathLike, config: OrganismConfig | None = None) -
     return all((Path(path) / name).is_file() for name in ("config.json", "tokenizer.json", "README.md"))
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path, timeout: float = 3600.0):
-    """An exclusive lock on ``path`` (fcntl.flock where available; else an O_EXCL lock file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+#: seconds a process waits for another's organism build before giving up (``$LOOPALIGN_LOCK_TIMEOUT``)
+DEFAULT_LOCK_TIMEOUT = 3600.0
+
+
+def lock_timeout_from_env() -> float:
+    """``$LOOPALIGN_LOCK_TIMEOUT`` (seconds, > 0) when set, else :data:`DEFAULT_LOCK_TIMEOUT`."""
+    value = os.environ.get("LOOPALIGN_LOCK_TIMEOUT")
+    if value is None:
+        return DEFAULT_LOCK_TIMEOUT
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        fcntl = None
-    if fcntl is not None:
-        with open(path, "a+") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        timeout = float(value)
+    except ValueError:
+        timeout = -1.0
+    if not timeout > 0:
+        raise ValueError(f"LOOPALIGN_LOCK_TIMEOUT must be a number of seconds > 0, got {value!r}")
+    return timeout
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout: float, what: str, poll: float = 0.5, report_every: float = 60.0):
+    """An exclusive lock on ``path`` (``fcntl.flock``; the kernel releases it if the holder dies, so
+    no stale lock outlives a killed build). The holder writes its pid, host and start time into the
+    file; a waiter prints whom it waits for and for what (``what``), again every ``report_every``
+    seconds, and raises ``TimeoutError`` after ``timeout`` seconds."""
+    import fcntl  # POSIX; the organism cache is not supported on Windows
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        start = time.monotonic()
+        next_report = 0.0
+        while True:
             try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        return
-    start = time.monotonic()  # pragma: no cover - Windows
-    while True:  # pragma: no cover - Windows
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                if waited >= timeout:
+                    raise TimeoutError(
+                        f"gave up after {waited:.0f} s waiting for the lock {path}, held by {holder}, while it "
+                        f"builds {what}. Wait longer with LOOPALIGN_LOCK_TIMEOUT=<seconds> (or lock_timeout=), "
+                        "or stop that process; a killed build releases the lock by itself."
+                    ) from None
+                if waited >= next_report:
+                    print(
+                        f"waiting for {holder} to finish building {what} (lock {path}; waited {waited:.0f} s, "
+                        f"giving up after {timeout:.0f} s)",
+                        flush=True,
+                    )
+                    next_report += report_every
+                time.sleep(poll)
         try:
-            fd = os.open(str(path) + ".excl", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            if time.monotonic() - start > timeout:
-                raise TimeoutError(f"waited {timeout:.0f} s for the lock {path}.excl") from None
-            time.sleep(1.0)
-    try:  # pragma: no cover - Windows
-        yield
-    finally:  # pragma: no cover - Windows
-        os.close(fd)
-        os.remove(str(path) + ".excl")
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            f.flush()
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _remove_stale_builds(path: Path) -> None:
@@ -266,11 +307,13 @@ def ensure_organism(
     build_if_missing: bool = True,
     progress: bool = True,
     force: bool = False,
-    num_threads: int | None = None,
+    lock_timeout: float | None = None,
 ) -> Path:
     """The organism's folder in the cache, built first when missing (or with ``force``), under a lock.
 
-    Two processes asking at once build it once: the second waits for the lock, then finds it built.
+    Two processes asking at once build it once: the second waits for the lock (saying for whom),
+    then finds it built; it gives up after ``lock_timeout`` seconds (default
+    ``$LOOPALIGN_LOCK_TIMEOUT``, else :data:`DEFAULT_LOCK_TIMEOUT`) with a ``TimeoutError``.
     """
     config = config or OrganismConfig()
     path = organism_path(config, cache_dir)
@@ -281,10 +324,13 @@ def ensure_organism(
             f"no organism at {path}; build it with `python recipes/pretrain_organism.py` "
             "or load_organism(build_if_missing=True)"
         )
-    with _file_lock(path.parent / f"{path.name}.lock"):
+    timeout = lock_timeout_from_env() if lock_timeout is None else float(lock_timeout)
+    if not timeout > 0:
+        raise ValueError(f"ensure_organism: lock_timeout must be > 0 seconds, got {lock_timeout!r}")
+    with _file_lock(path.parent / f"{path.name}.lock", timeout, what=f"the organism {path}"):
         if force or not is_organism(path, config):  # another process may have built it while we waited
             _remove_stale_builds(path)
-            build_organism(config, path, progress=progress, num_threads=num_threads)
+            build_organism(config, path, progress=progress)
     return path
 
 
@@ -437,31 +483,36 @@ def _lr_at(config: OrganismConfig, step: int) -> float:
     return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def default_num_threads() -> int:
-    """Torch CPU threads of a build: ``$LOOPALIGN_NUM_THREADS`` when set, else 2 (the recipe's budget)."""
-    value = os.environ.get("LOOPALIGN_NUM_THREADS", "2")
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"LOOPALIGN_NUM_THREADS must be a positive integer, got {value!r}") from None
-    if n < 1:
-        raise ValueError(f"LOOPALIGN_NUM_THREADS must be a positive integer, got {value!r}")
-    return n
-
-
 @contextlib.contextmanager
-def _threads(n: int | None):
+def _threads(n: int):
     old = torch.get_num_threads()
-    torch.set_num_threads(n or default_num_threads())
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(old)
 
 
-def train_organism(config: OrganismConfig, progress: bool = True, num_threads: int | None = None) -> TrainResult:
-    """Train the organism from scratch: deterministic by ``config.seed`` on a given machine and thread
-    count (``num_threads``, default :func:`default_num_threads`)."""
+#: seconds per training step of the default organism with 1 thread on an unloaded 2-core machine
+#: (benchmarks/organism_threads.py); the build estimate scales it by batch and model size
+_REFERENCE_STEP_SECONDS = 0.18
+
+
+def expected_build_seconds(config: OrganismConfig) -> float:
+    """A rough build time on an unloaded 2-core machine: training scaled from the default organism's
+    measured step time by batch size and model size, plus about 10% for the evaluation."""
+    default = OrganismConfig()
+
+    def size(c: OrganismConfig) -> float:
+        return c.num_loops * c.num_layers * (4 * c.hidden_size**2 + 3 * c.hidden_size * c.intermediate_size)
+
+    scale = (config.batch_size / default.batch_size) * (size(config) / size(default))
+    return 1.1 * config.steps * _REFERENCE_STEP_SECONDS * max(scale, 0.05)
+
+
+def train_organism(config: OrganismConfig, progress: bool = True) -> TrainResult:
+    """Train the organism from scratch with ``config.num_threads`` torch threads: deterministic by
+    ``config.seed`` on a given machine (the thread count is part of the config)."""
     from tqdm.auto import tqdm
 
     from loopalign import OuroForCausalLM
@@ -469,7 +520,7 @@ def train_organism(config: OrganismConfig, progress: bool = True, num_threads: i
     from loopalign.tokenizer import local_tokenizer
 
     tokenizer = local_tokenizer(config.vocab_size)
-    with _threads(num_threads):
+    with _threads(config.num_threads):
         torch.manual_seed(config.seed)
         model = OuroForCausalLM(config.model_config(len(tokenizer)))
         with torch.no_grad():
@@ -529,9 +580,7 @@ def train_organism(config: OrganismConfig, progress: bool = True, num_threads: i
 # evaluation and the model card
 
 
-def evaluate_organism(
-    model, tokenizer, config: OrganismConfig, out_dir: str | os.PathLike | None = None, num_threads: int | None = None
-):
+def evaluate_organism(model, tokenizer, config: OrganismConfig, out_dir: str | os.PathLike | None = None):
     """The model card's evaluation: SV / RR / gap (k-fold probes, every record scored) and TP per loop
     on held-out records. -> :class:`loopalign.eval.GapResult` (saved to ``out_dir`` when given)."""
     from loopalign.eval import FeatureConfig, GapConfig, ReadoutConfig, TaskConfig, evaluate_gap
@@ -546,7 +595,7 @@ def evaluate_organism(
         readout=ReadoutConfig(split="kfold", folds=5, seed=config.seed),
         task=TaskConfig(max_new_tokens=6, batch_size=64),
     )
-    with _threads(num_threads):
+    with _threads(config.num_threads):
         return evaluate_gap(
             model, tokenizer, records, config=gap_config, out_dir=str(out_dir) if out_dir is not None else None
         )
@@ -668,7 +717,6 @@ def build_organism(
     config: OrganismConfig | None = None,
     out_dir: str | os.PathLike = "",
     progress: bool = True,
-    num_threads: int | None = None,
 ) -> Path:
     """Train, save (model + tokenizer), evaluate and write the model card into ``out_dir``, atomically.
 
@@ -680,16 +728,21 @@ def build_organism(
         raise ValueError("build_organism: out_dir is required")
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    tmp = Path(make_temp_dir(out.parent, prefix=f".tmp-{out.name}-"))
     try:
         t0 = time.perf_counter()
-        threads = num_threads or default_num_threads()
-        trained = train_organism(config, progress=progress, num_threads=threads)
+        threads = config.num_threads
+        print(
+            f"building the organism {out}: {config.steps} steps with {threads} torch thread(s), expected about "
+            f"{expected_build_seconds(config) / 60:.1f} min on an unloaded 2-core machine (longer under load)",
+            flush=True,
+        )
+        trained = train_organism(config, progress=progress)
         model, tokenizer = trained.model, trained.tokenizer
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         t1 = time.perf_counter()
-        result = evaluate_organism(model, tokenizer, config, out_dir=tmp / "eval", num_threads=threads)
+        result = evaluate_organism(model, tokenizer, config, out_dir=tmp / "eval")
         props = organism_properties(result, config.num_loops)
         meta = {
             "recipe_version": config.recipe_version,
@@ -724,6 +777,7 @@ def build_organism(
             json.dumps({"loss": trained.losses, "loop_losses": trained.loop_losses, "exit_probs": trained.exit_probs})
         )
         (tmp / _MARKER).write_text(json.dumps(meta, indent=2))  # written last: marks a complete organism
+        apply_umask_tree(tmp)  # save_pretrained writes its weights 0600
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".old-{out.name}-", dir=out.parent))
             os.replace(out, old / out.name)

@@ -53,8 +53,8 @@ class LinearProbe:
         if x.shape[-1] != self.weight.shape[0]:
             raise ValueError(f"probe expects features of size {self.weight.shape[0]}, got {x.shape[-1]}")
         w = self.weight.to(x.device, torch.float32)
-        z = (x.float() - self.mean.to(x.device)) / self.std.to(x.device)
-        return z @ w + self.bias.to(x.device)
+        z = (x.float() - self.mean.to(x.device, torch.float32)) / self.std.to(x.device, torch.float32)
+        return z @ w + self.bias.to(x.device, torch.float32)
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """x [N,H] -> P(label 1) [N]."""

@@ -4,6 +4,11 @@ Memory: the loss of each loop is computed over chunks of tokens, so at most one 
 ``chunk_size x V`` logits lives at a time, never ``T x B x S x V``. A frozen head (LoRA training)
 takes the fused path (:class:`FrozenHeadCrossEntropy`: the gradient is formed in the forward);
 a trained head takes activation-checkpointed chunks.
+
+Dtypes: the hidden states may come in another dtype than the head (accelerate's mixed precision
+hands a bf16 model's outputs back in float32); each chunk is cast to the head's weight dtype
+before the head matmul (under autocast the matmul runs in the autocast dtype), the gradient of
+the hidden states comes back in their own dtype, and logsumexp / cross-entropy run in float32.
 """
 
 from __future__ import annotations
@@ -35,8 +40,16 @@ def shifted_targets(labels: torch.Tensor, ignore_index: int = -100) -> tuple[tor
     return index, flat[index]
 
 
+def head_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of a head module's first floating-point parameter (None: it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()
+    logits = F.linear(hidden.to(weight.dtype), weight).float()
     return F.cross_entropy(logits, target, reduction="none")
 
 
@@ -48,6 +61,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     Backward only scales it by the incoming per-token gradient: the head costs two matmuls per
     token (logits and d h) instead of three under checkpointing (logits, their recomputation,
     d h), and no logits outlive their chunk. hidden [N,H], weight [V,H], target [N] -> [N] float32.
+    ``hidden`` may differ in dtype from ``weight`` (cast per chunk); its gradient has its own dtype.
     """
 
     @staticmethod
@@ -56,7 +70,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
-            logits = F.linear(hidden[start:end], weight).float()
+            logits = F.linear(hidden[start:end].to(weight.dtype), weight).float()
             lse = torch.logsumexp(logits, dim=-1)
             y = target[start:end]
             losses[start:end] = lse - logits.gather(1, y[:, None]).squeeze(1)
@@ -121,7 +135,8 @@ def _loop_losses(lm_head, hidden, index, target, chunk_size, plain) -> torch.Ten
         elif plain:
             parts.append(_chunk_ce(h, lm_head.weight, y))
         else:
-            parts.append(F.cross_entropy(lm_head(h).float(), y, reduction="none"))
+            dtype = head_dtype(lm_head)
+            parts.append(F.cross_entropy(lm_head(h if dtype is None else h.to(dtype)).float(), y, reduction="none"))
     return torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
 
 
@@ -132,7 +147,8 @@ def weighted_loop_loss(
 
     loop_weights: [T], e.g. uniform 1/T, last-only one-hot, or a user list.
     """
-    w = torch.as_tensor(loop_weights, dtype=token_losses.dtype, device=token_losses.device)
+    token_losses = token_losses.float()
+    w = torch.as_tensor(loop_weights, dtype=torch.float32, device=token_losses.device)
     if w.shape != token_losses.shape[:1]:
         raise ValueError(f"loop_weights has {w.numel()} entries for {token_losses.shape[0]} loops")
     per_loop = token_losses.mean(dim=1) if token_losses.shape[1] else token_losses.new_zeros(token_losses.shape[0])
@@ -149,7 +165,7 @@ def ouro_entropy_objective(
     if exit_probs.shape != token_losses.t().shape:
         raise ValueError(f"exit_probs {list(exit_probs.shape)} must be [N,T] = {list(token_losses.t().shape)}")
     p = exit_probs.float()
-    expected = (p * token_losses.t()).sum(-1)
+    expected = (p * token_losses.float().t()).sum(-1)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
     if not expected.numel():
         return token_losses.sum() * 0.0, entropy.sum() * 0.0
@@ -171,7 +187,7 @@ def ouro_gate_loss(
         raise ValueError(f"gate_logits {list(gate_logits.shape)} must be [N,T] = {list(token_losses.t().shape)}")
     if num_loops < 2:
         return gate_logits.sum() * 0.0
-    losses = token_losses.detach().t()  # [N,T]
+    losses = token_losses.detach().float().t()  # [N,T]
     improvement = (losses[:, :-1] - losses[:, 1:]).clamp_min(0)  # [N,T-1], for t = 1..T-1
     w = torch.sigmoid(k * (improvement - gamma))
     g = gate_logits[:, 1:].float()

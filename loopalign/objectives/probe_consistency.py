@@ -5,15 +5,30 @@ verifier label (on detached features by default, so it measures rather than resh
 verbal verdict distribution q_t = softmax(logit_Yes, logit_No) at the verdict position, read
 from loop t's logits, is pulled toward the probe's posterior p_t (detached):
 ``-[p_t log q_t(Yes) + (1 - p_t) log q_t(No)]``.
+
+Dtypes: the probes keep float32 parameters and read their features in float32 with autocast off
+(the features may be bf16 from a bf16 model, or float32 from accelerate's output conversion);
+every loss here is computed and returned in float32.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LoopProbes", "verbal_log_probs", "probe_loss", "consistency_loss"]
+
+
+def float32_region(device: torch.device | str):
+    """A context in which autocast is off on ``device`` (ops run in their inputs' dtype): for the
+    small float32 computations (probes) that must not be downcast under mixed precision."""
+    device_type = torch.device(device).type
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class LoopProbes(nn.Module):
@@ -35,7 +50,9 @@ class LoopProbes(nn.Module):
             raise ValueError(
                 f"probe features must be [T={self.num_loops}, B, H={self.weight.shape[1]}], got {list(features.shape)}"
             )
-        return torch.einsum("tbh,th->tb", features.to(self.weight.dtype), self.weight) + self.bias[:, None]
+        weight, bias = self.weight.float(), self.bias.float()
+        with float32_region(features.device):
+            return torch.einsum("tbh,th->tb", features.float(), weight) + bias[:, None]
 
 
 def verbal_log_probs(verdict_logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
@@ -46,6 +63,7 @@ def verbal_log_probs(verdict_logits: torch.Tensor, yes_id: int, no_id: int) -> t
 
 def probe_loss(probe_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-loop BCE of the probes on verifier labels. probe_logits [T,B], labels [B] in {0,1} -> [T]."""
+    probe_logits = probe_logits.float()
     target = labels.to(probe_logits.dtype).expand_as(probe_logits)
     return F.binary_cross_entropy_with_logits(probe_logits, target, reduction="none").mean(dim=1)
 

@@ -4,6 +4,9 @@
   the tuned model's features is penalised (the base's readout must keep working).
 - ``hidden_distillation_loss``: the tuned hidden states at the readout (loop, layer) sites are
   pulled toward the base model's (the adapter-disabled model in the same process).
+
+Both read the features in float32 with autocast off and return float32 losses, whatever the
+features' dtype (bf16 from a bf16 model, float32 from accelerate's output conversion).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .probe_consistency import LoopProbes, probe_loss
+from .probe_consistency import LoopProbes, float32_region, probe_loss
 
 __all__ = ["frozen_probe_loss", "hidden_distillation_loss"]
 
@@ -29,7 +32,8 @@ def frozen_probe_loss(frozen, features: torch.Tensor, labels: torch.Tensor) -> t
         return probe_loss(frozen(features), labels)
     if len(frozen) != features.shape[0]:
         raise ValueError(f"frozen_probe_loss: {len(frozen)} probes for {features.shape[0]} loops")
-    logits = torch.stack([probe.logits(features[t]) for t, probe in enumerate(frozen)])
+    with float32_region(features.device):
+        logits = torch.stack([probe.logits(features[t].float()) for t, probe in enumerate(frozen)])
     return probe_loss(logits, labels)
 
 
@@ -38,11 +42,12 @@ def hidden_distillation_loss(tuned: torch.Tensor, base: torch.Tensor, kind: str 
     mean square so layers of any scale weigh alike) or ``cosine`` (1 - cosine similarity)."""
     if tuned.shape != base.shape:
         raise ValueError(f"tuned {list(tuned.shape)} and base {list(base.shape)} features differ in shape")
+    if kind not in ("mse", "cosine"):
+        raise ValueError(f"unknown distillation kind {kind!r}: use 'mse' or 'cosine'")
     base = base.detach().float()
     tuned = tuned.float()
-    if kind == "mse":
-        scale = base.pow(2).mean(dim=(1, 2)).clamp_min(1e-8)
-        return (tuned - base).pow(2).mean(dim=(1, 2)) / scale
-    if kind == "cosine":
+    with float32_region(tuned.device):
+        if kind == "mse":
+            scale = base.pow(2).mean(dim=(1, 2)).clamp_min(1e-8)
+            return (tuned - base).pow(2).mean(dim=(1, 2)) / scale
         return (1 - F.cosine_similarity(tuned, base, dim=-1)).mean(dim=1)
-    raise ValueError(f"unknown distillation kind {kind!r}: use 'mse' or 'cosine'")

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from loopalign.hooks import capture_activations
-from loopalign.io import atomic_save_safetensors, atomic_write_text
+from loopalign.io import apply_umask_tree, atomic_save_safetensors, atomic_write_text
 from loopalign.loops import gather_positions, loop_logits
 from loopalign.lora import parse_loop_selection, route_lora_by_loop
 from loopalign.objectives import (
@@ -43,6 +43,7 @@ from loopalign.objectives import (
     verbal_log_probs,
     weighted_loop_loss,
 )
+from loopalign.objectives.deep_supervision import head_dtype
 from loopalign.speed import CHECKPOINT_POLICIES, compile_decoder_layers
 
 from .gap_data import PROBE_POSITIONS, GapCollator, build_gap_features, verdict_token_ids
@@ -281,7 +282,8 @@ class GapSFTTrainer(SFTTrainer):
         xs, ys = [], []
         was_training = model.training
         model.eval()
-        with disable:
+        # fit on the features of the forward training runs: under autocast with bf16 mixed precision
+        with disable, self.accelerator.autocast():
             for start in range(0, len(features), self.args.per_device_eval_batch_size):
                 rows = [
                     features[i] for i in range(start, min(start + self.args.per_device_eval_batch_size, len(features)))
@@ -319,6 +321,15 @@ class GapSFTTrainer(SFTTrainer):
         return (step + 1) % every == 0 or (step == 0 and self.args.logging_first_step)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Mixed precision: accelerate runs the model's forward under autocast and hands its outputs
+        # back in float32 (convert_outputs_to_fp32), but the Trainer calls compute_loss outside
+        # autocast. The loss code (a head matmul per loop) runs under the same autocast, so it works
+        # in the compute dtype; the objectives cast to the head's dtype and reduce in float32, and
+        # the probes run in float32 (autocast off inside them).
+        with self.accelerator.autocast():
+            return self._gap_loss(model, inputs, return_outputs)
+
+    def _gap_loss(self, model, inputs, return_outputs: bool):
         mode = "train" if model.training else "eval"
         w = self.weights
         needs_grad_features = w["rr_probe"] > 0 or w["rr_distill"] > 0
@@ -360,7 +371,11 @@ class GapSFTTrainer(SFTTrainer):
             gates = torch.stack(out.gate_logits, dim=-1).reshape(-1, self.num_loops)[index]
             terms["gate"] = ouro_gate_loss(token_losses, gates)
 
-        verdict_logits = loop_logits(lm_head, out.loop_hidden_states, inputs["verdict_index"][:, None])[:, :, 0]
+        # gathered first, then cast to the head's dtype (a bf16 head gets bf16 rows, not float32 ones)
+        dtype = head_dtype(lm_head)
+        verdict_states = [gather_positions(h, inputs["verdict_index"][:, None]) for h in out.loop_hidden_states]
+        verdict_states = [h if dtype is None else h.to(dtype) for h in verdict_states]
+        verdict_logits = loop_logits(lm_head, verdict_states)[:, :, 0]
         p_yes = verbal_log_probs(verdict_logits.detach(), self.yes_id, self.no_id).exp()  # [T,B]
         per_loop["sv"] = ((p_yes > 0.5).long() == labels).float().mean(dim=1)
         probes = getattr(unwrapped, "loop_probes", None)
@@ -438,6 +453,7 @@ class GapSFTTrainer(SFTTrainer):
             final = os.path.join(run_dir, name)
             if os.path.exists(final):
                 shutil.rmtree(final)
+            apply_umask_tree(os.path.join(staging, name))  # transformers writes weights 0600
             os.replace(os.path.join(staging, name), final)
             rotate_checkpoints(
                 output_dir=run_dir,
@@ -453,6 +469,7 @@ class GapSFTTrainer(SFTTrainer):
         if self.args.process_index != 0:
             return
         self.save_gap_state(output_dir)
+        apply_umask_tree(output_dir)  # transformers / PEFT write weights 0600: a teammate could not read them
 
     def save_gap_state(self, output_dir: str) -> None:
         """Write the probes (trained and frozen base) and the gap settings, atomically."""

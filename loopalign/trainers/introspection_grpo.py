@@ -29,6 +29,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from loopalign.eval.introspection import inject_rows, transcript_prompt, trial_vector
+from loopalign.io import apply_umask_tree
 from loopalign.rewards.introspection import DEFAULT_REWARD_WEIGHTS, REWARD_KEYS, make_reward_funcs
 
 __all__ = [
@@ -204,10 +205,15 @@ class IntrospectionGRPOConfig(GRPOConfig):
 
 
 class _InjectionMixin:
-    """Builds and applies per-row injection specs."""
+    """Builds and applies per-row injection specs; saves with the user's umask."""
 
     def _vectors_for(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         return _spec(rows, self.concept_vectors, int(self._hidden_size))
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.args.process_index == 0:
+            apply_umask_tree(output_dir or self.args.output_dir)  # transformers / PEFT write weights 0600
 
 
 class IntrospectionGRPOTrainer(_InjectionMixin, GRPOTrainer):

@@ -63,7 +63,7 @@ def test_per_loop_cache_slots(tiny_model_factory):
     model = tiny_model_factory()
     with torch.no_grad():
         out = model(_ids(), num_loops=5, use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     assert len(cache.layers) == 5 * model.config.num_hidden_layers
     # each (loop, layer) slot holds its own keys: loop 0 and loop 1 of layer 0 differ
     assert not torch.allclose(cache.layers[0].keys, cache.layers[2].keys)
@@ -238,3 +238,29 @@ def test_parameter_count_of_released_shapes(layers, expected):
     with torch.device("meta"):
         model = OuroForCausalLM(OuroConfig(num_hidden_layers=layers))
     assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_the_cache_is_taken_and_returned_under_both_names(tiny_model_factory):
+    """transformers 5.24 renamed past_key_values to cache; the model takes and returns both, and its
+    outputs carry the field the installed transformers' generate reads."""
+    import warnings
+    from dataclasses import fields
+
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    from loopalign.compat import CACHE_FIELD
+
+    assert CACHE_FIELD in {f.name for f in fields(BaseModelOutputWithPast)}
+    model = tiny_model_factory()
+    prompt, nxt = _ids(b=1, s=6), _ids(b=1, s=1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = model(prompt, use_cache=True)
+        assert CACHE_FIELD in first.keys() and first.cache is first.past_key_values
+        new = model(nxt, cache=first.cache, use_cache=True).logits
+        old = model(nxt, past_key_values=model(prompt, use_cache=True).cache, use_cache=True).logits
+        full = model(torch.cat([prompt, nxt], dim=1), use_cache=False).logits[:, -1:]
+        torch.testing.assert_close(new, full, atol=1e-5, rtol=0)
+        torch.testing.assert_close(old, full, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="not both"):
+            model(nxt, cache=first.cache, past_key_values=first.cache)

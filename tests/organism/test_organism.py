@@ -54,7 +54,7 @@ def small_config(**overrides) -> OrganismConfig:
 
 
 def test_small_organism_trains_and_its_loss_falls():
-    result = train_organism(small_config(), progress=False, num_threads=1)
+    result = train_organism(small_config(), progress=False)
     assert len(result.losses) == 40 and all(torch.isfinite(torch.tensor(result.losses)))
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < 0.6 * first, (first, last)
@@ -64,9 +64,9 @@ def test_small_organism_trains_and_its_loss_falls():
 
 def test_training_is_deterministic_by_seed():
     cfg = small_config(steps=6)
-    a = train_organism(cfg, progress=False, num_threads=1)
-    b = train_organism(cfg, progress=False, num_threads=1)
-    c = train_organism(small_config(steps=6, seed=1), progress=False, num_threads=1)
+    a = train_organism(cfg, progress=False)
+    b = train_organism(cfg, progress=False)
+    c = train_organism(small_config(steps=6, seed=1), progress=False)
     assert a.losses == b.losses and a.losses != c.losses
     for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(p, q), name
@@ -127,7 +127,6 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 def test_cache_builds_once_reuses_and_rebuilds_on_a_new_version(monkeypatch, tmp_path):
     monkeypatch.setenv("LOOPALIGN_CACHE", str(tmp_path))
-    monkeypatch.setenv("LOOPALIGN_NUM_THREADS", "1")
     cfg = small_config()
     with pytest.raises(FileNotFoundError, match="pretrain_organism"):
         load_organism(config=cfg, build_if_missing=False)
@@ -185,7 +184,7 @@ _BUILD_SCRIPT = textwrap.dedent(
 
 def _builder(tmp_path: Path, cfg: OrganismConfig) -> subprocess.Popen:
     script = _BUILD_SCRIPT.replace("{json}", repr(cfg.to_dict()))
-    env = dict(os.environ, LOOPALIGN_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen(
         [sys.executable, "-c", script, str(tmp_path)],
         env=env,
@@ -218,7 +217,7 @@ def test_an_interrupted_build_leaves_no_half_model(tmp_path):
     proc.wait(timeout=60)
     assert not path.exists() and list(tmp_path.glob(f".tmp-{path.name}-*"))
     quick = small_config(steps=5)
-    build_organism(quick, organism_path(quick, tmp_path), progress=False, num_threads=1)
+    build_organism(quick, organism_path(quick, tmp_path), progress=False)
     ensure_organism(cfg.__class__(**{**cfg.to_dict(), "steps": 5}), cache_dir=tmp_path, progress=False)
     assert is_organism(organism_path(quick, tmp_path), quick)
 
@@ -253,7 +252,7 @@ def test_the_organism_shows_the_gap(organism, tmp_path):
     cfg = OrganismConfig.from_dict(meta["config"])
     assert cfg == OrganismConfig() and meta["recipe_version"] == RECIPE_VERSION
     assert 1e5 <= meta["parameters"] <= 1e7 and cfg.num_loops == 4 and cfg.num_layers >= 2
-    assert cfg.max_length <= 128 and meta["num_threads"] >= 1
+    assert cfg.max_length <= 128 and meta["num_threads"] == cfg.num_threads == 1
 
     # measured again, by the gap eval, on the cached model
     result = evaluate_organism(model, tokenizer, cfg, out_dir=tmp_path / "eval")
@@ -272,3 +271,50 @@ def test_the_organism_shows_the_gap(organism, tmp_path):
     assert "| loop | TP | SV | RR | gap RR−SV |" in card
     for name in ("sv_vs_loop.png", "rr_vs_loop.png", "gap_vs_loop.png", "rr_heatmap.png"):
         assert f"eval/{name}" in card and (path / "eval" / name).stat().st_size > 1000
+
+
+def test_thread_count_is_part_of_the_cache_key():
+    assert OrganismConfig().num_threads == 1
+    assert OrganismConfig(num_threads=2).config_hash() != OrganismConfig().config_hash()
+    with pytest.raises(ValueError, match="num_threads"):
+        OrganismConfig(num_threads=0)
+
+
+def test_a_build_says_its_threads_and_expected_time_and_keeps_the_umask(tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        cfg = small_config(steps=4)
+        path = ensure_organism(cfg, cache_dir=tmp_path, progress=False)
+    finally:
+        os.umask(old)
+    out = capsys.readouterr().out
+    assert "4 steps with 1 torch thread(s), expected about" in out
+    for p in [path, *path.rglob("*")]:
+        mode = p.stat().st_mode & 0o777
+        assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
+
+
+def test_waiting_for_the_build_lock_says_for_whom_and_gives_up(tmp_path, capsys, monkeypatch):
+    import fcntl
+
+    cfg = small_config(steps=4)
+    lock = tmp_path / f"{organism_path(cfg, tmp_path).name}.lock"
+    with open(lock, "a+") as held:  # another build holds the lock
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        held.write("pid 4242 on somehost since 2026-11-28 09:00:00")
+        held.flush()
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"gave up after \d+ s .*pid 4242 .*LOOPALIGN_LOCK_TIMEOUT"):
+            ensure_organism(cfg, cache_dir=tmp_path, progress=False, lock_timeout=1.5)
+        assert 1.4 <= time.monotonic() - start < 30
+        assert "waiting for pid 4242 on somehost" in capsys.readouterr().out
+        monkeypatch.setenv("LOOPALIGN_LOCK_TIMEOUT", "0.5")
+        with pytest.raises(TimeoutError, match="gave up"):
+            ensure_organism(cfg, cache_dir=tmp_path, progress=False)
+        monkeypatch.setenv("LOOPALIGN_LOCK_TIMEOUT", "soon")
+        with pytest.raises(ValueError, match="LOOPALIGN_LOCK_TIMEOUT"):
+            ensure_organism(cfg, cache_dir=tmp_path, progress=False)
+    monkeypatch.delenv("LOOPALIGN_LOCK_TIMEOUT")
+    assert not is_organism(organism_path(cfg, tmp_path))
+    ensure_organism(cfg, cache_dir=tmp_path, progress=False, lock_timeout=5)  # released: builds at once
+    assert is_organism(organism_path(cfg, tmp_path), cfg)

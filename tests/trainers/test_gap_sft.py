@@ -71,6 +71,12 @@ def test_short_run_lowers_the_loss_and_saves_probes(gap_dataset, tmp_path):
     assert "adapter_model.safetensors" in files and "gap_config.json" in files
     settings = json.loads((tmp_path / "final" / "gap_config.json").read_text())
     assert settings["num_loops"] == 4 and settings["loss_weights"]["probe"] == 0.0
+    # readable by a teammate: the umask's modes (022 here), not transformers' 0600 for weights
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in files:
+        mode = os.stat(tmp_path / "final" / name).st_mode & 0o777
+        assert mode == 0o666 & ~umask, (name, oct(mode))
 
 
 def test_lora_loops_keep_other_loops_at_the_base_model(gap_dataset, tmp_path):

@@ -26,7 +26,7 @@ class OuroConfig(PretrainedConfig):
     """
 
     model_type = "ouro"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     default_theta = 1_000_000.0
 
     vocab_size: int = 49152

@@ -20,6 +20,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from loopalign.compat import CACHE_FIELD, pick_cache
 from loopalign.loops import (
     OuroCausalLMOutput,
     OuroModelOutput,
@@ -127,7 +128,7 @@ class OuroAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         cache_slot: int,
     ) -> torch.Tensor:
         bsz, seq, _ = hidden_states.shape
@@ -136,8 +137,8 @@ class OuroAttention(nn.Module):
         v = self.v_proj(hidden_states).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, cache_slot)
+        if cache is not None:
+            k, v = cache.update(k, v, cache_slot)
         dropout = self.attention_dropout if self.training else 0.0
         if self.config._attn_implementation == "eager":
             out = self._eager(q, k, v, attention_mask, dropout)
@@ -202,7 +203,7 @@ class OuroDecoderLayer(GradientCheckpointingLayer):
         *,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         loop_index: int = 0,
         num_loops: int | None = None,
         token_positions: torch.Tensor | None = None,
@@ -211,9 +212,9 @@ class OuroDecoderLayer(GradientCheckpointingLayer):
         try:
             cache_slot = loop_index * self.num_layers + self.layer_idx
             compute = self.compute
-            if self.compiled_compute is not None and past_key_values is None:
+            if self.compiled_compute is not None and cache is None:
                 compute = self.compiled_compute
-            return compute(hidden_states, position_embeddings, attention_mask, past_key_values, cache_slot)
+            return compute(hidden_states, position_embeddings, attention_mask, cache, cache_slot)
         finally:
             _CURRENT_LOOP.reset(token)
 
@@ -222,14 +223,14 @@ class OuroDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         cache_slot: int,
     ) -> torch.Tensor:
         """The layer's arithmetic, [B,S,H] -> [B,S,H]. Kept apart from ``forward`` (which sets the
         current loop) so that :func:`loopalign.speed.compile_decoder_layers` can compile it whole; calls
         that carry a KV cache (generation) run it uncompiled."""
         attn = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, cache_slot
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, cache_slot
         )
         hidden_states = hidden_states + self.input_layernorm_2(attn)
         mlp = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -256,7 +257,7 @@ class OuroPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["OuroDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -312,12 +313,13 @@ class OuroModel(OuroPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         num_loops: int | None = None,
         output_loop_states: bool = True,
         output_layer_states: bool = False,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> OuroModelOutput:
         """Run ``num_loops`` passes (default ``config.total_ut_steps``).
@@ -325,8 +327,10 @@ class OuroModel(OuroPreTrainedModel):
         Returns ``last_hidden_state`` [B,S,H] (the normed state after the last loop),
         ``loop_hidden_states`` (T x [B,S,H]) when ``output_loop_states``, ``gate_logits``
         (T x [B,S]) always, and ``layer_hidden_states`` (T x L x [B,S,H]) when
-        ``output_layer_states``.
+        ``output_layer_states``, and ``cache`` (the per-(loop, layer) KV cache) with ``use_cache``.
+        The cache may be passed as ``cache`` or, as before transformers 5.24, ``past_key_values``.
         """
+        cache = pick_cache(cache, past_key_values, "OuroModel.forward")
         num_loops = _check_num_loops(self.config.total_ut_steps if num_loops is None else num_loops)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("OuroModel: pass exactly one of input_ids or inputs_embeds")
@@ -336,13 +340,13 @@ class OuroModel(OuroPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = OuroLoopCache(self.config.num_hidden_layers)
+        if use_cache and cache is None:
+            cache = OuroLoopCache(self.config.num_hidden_layers)
         if not use_cache:
-            past_key_values = None
-        past_len = past_key_values.get_seq_length(0) if past_key_values is not None else 0
-        if past_key_values is not None and not isinstance(past_key_values, OuroLoopCache):
-            _ensure_lazy_slots(past_key_values)
+            cache = None
+        past_len = cache.get_seq_length(0) if cache is not None else 0
+        if cache is not None and not isinstance(cache, OuroLoopCache):
+            _ensure_lazy_slots(cache)
 
         device = inputs_embeds.device
         token_positions = torch.arange(past_len, past_len + seq, device=device)
@@ -374,7 +378,7 @@ class OuroModel(OuroPreTrainedModel):
                     hidden,
                     position_embeddings=(cos, sin),
                     attention_mask=mask,
-                    past_key_values=past_key_values,
+                    cache=cache,
                     loop_index=loop_index,
                     num_loops=num_loops,
                     token_positions=token_positions,
@@ -392,7 +396,7 @@ class OuroModel(OuroPreTrainedModel):
             loop_hidden_states=tuple(loop_states) if output_loop_states else None,
             gate_logits=tuple(gate_logits),
             layer_hidden_states=tuple(layer_states) if output_layer_states else None,
-            past_key_values=past_key_values,
+            **{CACHE_FIELD: cache},
         )
 
 
@@ -482,7 +486,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -493,8 +497,10 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         output_loop_states: bool = False,
         output_layer_states: bool = False,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> OuroCausalLMOutput:
+        cache = pick_cache(cache, past_key_values, "OuroForCausalLM.forward")
         num_loops = _check_num_loops(self.config.total_ut_steps if num_loops is None else num_loops)
         mode, fixed_loop = resolve_exit(self.config.exit_mode if exit is None else exit, num_loops)
         q = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
@@ -505,7 +511,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             num_loops=num_loops,
@@ -538,7 +544,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         return OuroCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
+            **{CACHE_FIELD: out.cache},
             loop_hidden_states=out.loop_hidden_states if output_loop_states else None,
             gate_logits=gate_logits if output_loop_states else None,
             exit_probs=exit_probs if output_loop_states else None,
@@ -547,12 +553,12 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+        if model_kwargs.get(CACHE_FIELD) is None and generation_config.use_cache is not False:
             if generation_config.cache_implementation not in (None, "dynamic"):
                 raise ValueError(
                     f"Ouro supports only a dynamic per-loop cache, not cache_implementation="
                     f"{generation_config.cache_implementation!r}"
                 )
-            model_kwargs["past_key_values"] = OuroLoopCache(self.config.num_hidden_layers)
+            model_kwargs[CACHE_FIELD] = OuroLoopCache(self.config.num_hidden_layers)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
