@@ -1,5 +1,5 @@
-"""Speed options for training and evaluating looped models: selective activation checkpointing
-and ``torch.compile`` of the decoder layers.
+"""Speed options for training and evaluating looped models: selective activation checkpointing,
+``torch.compile`` of the decoder layers, and the torch thread count of runs on a CPU.
 
 Both keep the model's numerics (tests compare gradients and outputs with the plain path). The
 policy is the ``policy`` key of ``activation_checkpointing_kwargs`` (read by
@@ -10,12 +10,13 @@ policy is the ``policy`` key of ``activation_checkpointing_kwargs`` (read by
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-__all__ = ["CHECKPOINT_POLICIES", "checkpointing_kwargs", "compile_decoder_layers"]
+__all__ = ["CHECKPOINT_POLICIES", "checkpointing_kwargs", "compile_decoder_layers", "set_cpu_threads"]
 
 _aten = torch.ops.aten
 _ATTENTION_OPS = tuple(
@@ -81,3 +82,30 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor", mode: st
     for layer in layers:
         layer.compiled_compute = torch.compile(layer.compute, backend=backend, mode=mode, **options)
     return len(layers)
+
+
+def set_cpu_threads(on_cpu: bool | None = None, default: int = 1) -> int | None:
+    """Set torch's CPU thread count for a run on the CPU: ``default`` (1) unless ``OMP_NUM_THREADS``
+    names another count (set by the user, or per process by ``accelerate launch``). -> the count
+    set, or None when the run is not on the CPU (``on_cpu``; default: no CUDA device).
+
+    Why 1: on loopalign's small CPU models a 2-core machine gains about 15% from a second thread
+    when idle, and loses 3x when another process is busy (the threads wait on each other);
+    ``benchmarks/organism_threads.py`` measures it. Threads also change float reductions, so 1
+    thread keeps runs reproducible.
+    """
+    if on_cpu is None:
+        on_cpu = not torch.cuda.is_available()
+    if not on_cpu:
+        return None
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    threads = default
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise ValueError(f"OMP_NUM_THREADS must be a positive integer, got {value!r}") from None
+        if threads < 1:
+            raise ValueError(f"OMP_NUM_THREADS must be a positive integer, got {value!r}")
+    torch.set_num_threads(threads)
+    return threads

@@ -19,12 +19,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
 from loopalign.eval.introspection import IntrospectionConfig, compare_introspection, evaluate_introspection
 from loopalign.eval.report import _write_text
+from loopalign.speed import set_cpu_threads
 from loopalign.trainers.introspection_grpo import (
     IntrospectionGRPOConfig,
     IntrospectionGRPOTrainer,
@@ -137,6 +139,9 @@ def _rates_table(before, after) -> str:
 
 def main(script_args: IntrospectionScriptArguments, training_args: IntrospectionGRPOConfig, model_args: ModelConfig):
     t0 = time.time()
+    threads = set_cpu_threads(on_cpu=training_args.use_cpu or not torch.cuda.is_available())
+    if threads and training_args.process_index == 0:
+        print(f"torch CPU threads: {threads} (OMP_NUM_THREADS sets another count)")
     model, tok, label = load_model_and_tokenizer(
         model_args.model_name_or_path, model_args.dtype, "cpu" if training_args.use_cpu else None, training_args.seed
     )

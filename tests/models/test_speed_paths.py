@@ -223,3 +223,21 @@ def test_merged_lora_restores_after_an_error():
     for n, p in model.named_parameters():
         assert torch.equal(p, base[n]), n
     assert not any(getattr(m, "merged", False) for m in model.modules())
+
+
+def test_cpu_runs_default_to_one_thread_unless_omp_says_otherwise(monkeypatch):
+    from loopalign.speed import set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        assert set_cpu_threads(on_cpu=True) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert set_cpu_threads(on_cpu=True) == 2 and torch.get_num_threads() == 2
+        assert set_cpu_threads(on_cpu=False) is None and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "many")
+        with pytest.raises(ValueError, match="OMP_NUM_THREADS"):
+            set_cpu_threads(on_cpu=True)
+    finally:
+        torch.set_num_threads(before)

@@ -173,7 +173,10 @@ def test_cache_builds_once_reuses_and_rebuilds_on_a_new_version(monkeypatch, tmp
 
 _BUILD_SCRIPT = textwrap.dedent(
     """
+    import signal
     import sys
+    # Ctrl-C raises KeyboardInterrupt even when started from a shell that ignores SIGINT (background jobs)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from loopalign.organism import OrganismConfig, ensure_organism
     cfg = OrganismConfig(**{json})
     ensure_organism(cfg, cache_dir=sys.argv[1], progress=True)

@@ -1,0 +1,66 @@
+"""The version bounds: pyproject's lower bounds are what CI's lowest leg installs (.ci/lowest.txt),
+and constraints.txt (the set CI last passed with) satisfies pyproject's ranges."""
+
+import re
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parent.parent
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+
+def _requirements() -> dict[str, Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    return {canonicalize_name(r.name): r for r in reqs}
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([^\s;]+)", line)
+        assert m, f"{path.name}: not a 'name==version' pin: {line!r}"
+        pins[canonicalize_name(m.group(1))] = m.group(2)
+    return pins
+
+
+def _lower_bound(req: Requirement) -> str:
+    lows = [s.version for s in req.specifier if s.operator == ">="]
+    assert len(lows) == 1, f"{req}: every core dependency needs one tested lower bound (>=)"
+    return lows[0]
+
+
+def test_every_dependency_has_a_lower_bound_and_the_lowest_leg_pins_it():
+    reqs = _requirements()
+    lowest = _pins(ROOT / ".ci" / "lowest.txt")
+    for name, req in reqs.items():
+        low = _lower_bound(req)
+        if name == "torch":  # CI installs the CPU build first, in both legs
+            continue
+        assert name in lowest, f".ci/lowest.txt does not pin {name} (pyproject: {req})"
+        assert req.specifier.contains(lowest[name], prereleases=True), (name, lowest[name], str(req))
+        assert lowest[name].split(".")[: len(low.split("."))] == low.split("."), (
+            f"{name}: .ci/lowest.txt pins {lowest[name]} but pyproject's lower bound is {low}"
+        )
+    assert set(lowest) <= set(reqs), f".ci/lowest.txt pins packages pyproject does not name: {set(lowest) - set(reqs)}"
+
+
+def test_fast_moving_apis_have_upper_bounds():
+    reqs = _requirements()
+    for name in ("transformers", "trl", "torch"):
+        assert any(s.operator == "<" for s in reqs[name].specifier), f"{name} needs an upper bound"
+
+
+def test_the_constraints_file_satisfies_pyproject():
+    pins = _pins(ROOT / "constraints.txt")
+    for name, req in _requirements().items():
+        assert name in pins, f"constraints.txt lacks {name}"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt pins {name}=={pins[name]}, outside pyproject's {req.specifier}"
+        )
