@@ -49,7 +49,15 @@ def main(argv=None):
     )
     ap.add_argument("--loops", default="1-8", help="loop counts, e.g. 1-8 or 1,2,4")
     ap.add_argument("--out", default=None, help="output folder (default outputs/eval_gap_<model>)")
-    ap.add_argument("--metric", default="accuracy", choices=["accuracy", "balanced_accuracy", "f1", "auroc"])
+    ap.add_argument(
+        "--metric",
+        default="auto",
+        choices=["auto", "accuracy", "balanced_accuracy", "f1", "auroc"],
+        help="headline metric; auto: accuracy on balanced labels, balanced_accuracy on unbalanced ones",
+    )
+    ap.add_argument(
+        "--min-minority-share", type=float, default=0.4, help="labels are unbalanced below this minority share"
+    )
     ap.add_argument("--sv-decision", default="forced", choices=["forced", "strict"])
     ap.add_argument("--verdict-tokens", default=None, help="yes,no strings or ids (default Yes,No)")
     ap.add_argument("--split", default="holdout", choices=["holdout", "kfold"])
@@ -70,6 +78,9 @@ def main(argv=None):
     ap.add_argument("--wandb", action="store_true", help="log to W&B (offline without an API key)")
     ap.add_argument("--wandb-project", default="loopalign")
     ap.add_argument("--compare", default=None, help="a previous --out folder (the 'before'); writes compare.md/json")
+    ap.add_argument(
+        "--verdict-depth", type=int, default=None, help="loop of the --compare verdict (default: the trained depth)"
+    )
     args = ap.parse_args(argv)
 
     if args.data is None and args.model not in LOCAL_MODELS:
@@ -89,6 +100,7 @@ def main(argv=None):
     config = GapConfig(
         loops=args.loops,
         metric=args.metric,
+        min_minority_share=args.min_minority_share,
         sv_decision=args.sv_decision,
         verdict_tokens=verdict,
         n_boot=args.n_boot,
@@ -110,7 +122,9 @@ def main(argv=None):
     )
     print(result.markdown())
     if args.compare:
-        comp = compare(GapResult.from_json(args.compare), result, CompareConfig(seed=args.seed))
+        comp = compare(
+            GapResult.from_json(args.compare), result, CompareConfig(loops=args.verdict_depth, seed=args.seed)
+        )
         atomic_write_text(f"{out_dir}/compare.json", comp.to_json())
         atomic_write_text(f"{out_dir}/compare.md", comp.markdown())
         print(comp.verdict)

@@ -162,7 +162,9 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
     if trainer.accelerator.is_main_process:
         tuned = trainer.accelerator.unwrap_model(trainer.model).eval()
         after = evaluate_gap(tuned, tokenizer, eval_ds, config=gap_config, out_dir=os.path.join(out, "after"))
-        comparison = compare(before, after, CompareConfig(rr_tolerance=script_args.rr_tolerance))
+        # the verdict is taken at the depth the adapters were trained at (default: the model's total_ut_steps)
+        depth = training_args.num_loops
+        comparison = compare(before, after, CompareConfig(loops=depth, rr_tolerance=script_args.rr_tolerance))
         atomic_write_text(os.path.join(out, "compare.md"), comparison.markdown())
         atomic_write_text(os.path.join(out, "compare.json"), comparison.to_json())
         if wandb:

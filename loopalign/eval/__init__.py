@@ -8,25 +8,55 @@
 Probes live in :mod:`loopalign.eval.probes`.
 """
 
-from .api import LOCAL_MODELS, GapConfig, evaluate_gap, load_eval_dataset, load_model_and_tokenizer
+from .api import (
+    LOCAL_MODELS,
+    GapConfig,
+    UnbalancedLabelsWarning,
+    evaluate_gap,
+    load_eval_dataset,
+    load_model_and_tokenizer,
+    resolve_metric,
+)
 from .features import FeatureConfig, Features, extract_features, prepare_records
-from .gap import CompareConfig, Comparison, GapResult, compare, gap_table, parse_loops
+from .gap import (
+    TABLE_METRICS,
+    VERDICT_RULE,
+    CompareConfig,
+    Comparison,
+    GapResult,
+    compare,
+    gap_table,
+    parse_loops,
+    trained_depth,
+)
 from .metrics import (
     accuracy,
     auroc,
     balanced_accuracy,
     binary_metrics,
     bootstrap_ci,
+    cluster_members,
+    cluster_resample,
     expected_calibration_error,
     f1_score,
+    label_balance,
 )
 from .probes import LinearProbe, ProbeFitConfig, fit_probes, load_probes, save_probes
-from .readout import ReadoutConfig, ReadoutResult, fit_readout, make_splits
+from .readout import ReadoutConfig, ReadoutResult, calibrate_scores, fit_readout, make_splits
 from .report import log_wandb, plot_gap, save_gap
 from .task import TaskConfig, generate_texts, integer_verifier, task_performance
 from .verbal import parse_verdict, sampled_verdicts, sv_metrics, verdict_token_ids
 
 __all__ = [
+    "TABLE_METRICS",
+    "VERDICT_RULE",
+    "UnbalancedLabelsWarning",
+    "calibrate_scores",
+    "cluster_members",
+    "cluster_resample",
+    "label_balance",
+    "resolve_metric",
+    "trained_depth",
     "CompareConfig",
     "Comparison",
     "FeatureConfig",

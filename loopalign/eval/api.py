@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -11,13 +12,21 @@ import torch
 
 from .features import FeatureConfig, extract_features, prepare_records
 from .gap import GapResult, gap_table, metric_value, parse_loops
-from .metrics import METRICS
+from .metrics import METRICS, label_balance
 from .probes import save_probes
-from .readout import ReadoutConfig, fit_readout
+from .readout import ReadoutConfig, calibrate_scores, fit_readout
 from .task import TaskConfig, task_performance
 from .verbal import sampled_verdicts, sv_metrics, sv_predictions, verdict_token_ids
 
-__all__ = ["GapConfig", "LOCAL_MODELS", "evaluate_gap", "load_model_and_tokenizer", "load_eval_dataset"]
+__all__ = [
+    "GapConfig",
+    "LOCAL_MODELS",
+    "UnbalancedLabelsWarning",
+    "evaluate_gap",
+    "load_model_and_tokenizer",
+    "load_eval_dataset",
+    "resolve_metric",
+]
 
 #: Model names that need no checkpoint: the model organism (built on first use) and a random tiny Ouro.
 LOCAL_MODELS = ("organism", "tiny")
@@ -28,10 +37,11 @@ class GapConfig:
     """What ``evaluate_gap`` measures and how."""
 
     loops: str | list[int] = "1-4"  # loop counts, e.g. "1-8", "1,2,4" or [1, 2]; may exceed total_ut_steps
-    metric: str = "accuracy"  # gap metric: "accuracy", "balanced_accuracy", "f1", "auroc"
+    metric: str = "auto"  # headline: "auto" (resolve_metric), "accuracy", "balanced_accuracy", "f1", "auroc"
+    min_minority_share: float = 0.4  # labels are unbalanced when the minority class is below this share (loud warning)
     sv_decision: str = "forced"  # "forced": P(yes) > P(no); "strict": the full-vocab argmax must be the right token
     verdict_tokens: tuple[str | int, str | int] = ("Yes", "No")  # yes/no verdicts: single-token strings or ids
-    group_by: str | None = "task"  # record field that groups records for splits (None: each record alone)
+    group_by: str | None = "task"  # record field: groups for probe splits and bootstrap clusters (None: each alone)
     n_boot: int = 1000  # bootstrap resamples for CIs
     alpha: float = 0.05  # 1 - CI level
     seed: int = 0  # bootstrap seed
@@ -46,8 +56,10 @@ class GapConfig:
         self.loops = parse_loops(self.loops)
         if self.tp_loops is not None:
             self.tp_loops = parse_loops(self.tp_loops)
-        if self.metric not in METRICS:
-            raise ValueError(f"GapConfig.metric must be one of {list(METRICS)}, got {self.metric!r}")
+        if self.metric != "auto" and self.metric not in METRICS:
+            raise ValueError(f"GapConfig.metric must be 'auto' or one of {list(METRICS)}, got {self.metric!r}")
+        if not 0 <= self.min_minority_share <= 0.5:
+            raise ValueError(f"GapConfig.min_minority_share must be in [0, 0.5], got {self.min_minority_share}")
         if self.sv_decision not in ("forced", "strict"):
             raise ValueError(f"GapConfig.sv_decision must be 'forced' or 'strict', got {self.sv_decision!r}")
         if len(self.verdict_tokens) != 2:
@@ -64,6 +76,27 @@ class GapConfig:
         d["features"]["feature_dtype"] = str(self.features.feature_dtype)
         d["readout"]["fit"]["dtype"] = str(self.readout.fit.dtype)
         return d
+
+
+class UnbalancedLabelsWarning(UserWarning):
+    """The evaluation labels are unbalanced: accuracy can manufacture or hide a gap."""
+
+
+def resolve_metric(metric: str, minority_share: float, min_minority_share: float = 0.4) -> tuple[str, str]:
+    """The headline metric and the rule that chose it.
+
+    ``"auto"``: accuracy when the evaluation labels are balanced (minority class share >=
+    ``min_minority_share``), else balanced accuracy, which a constant or label-prior predictor cannot
+    push above 0.5. Any other metric is used as asked. -> (metric, rule in words).
+    """
+    unbalanced = bool(minority_share < min_minority_share)
+    if metric != "auto":
+        return metric, f"{metric} (as configured)"
+    if unbalanced:
+        return "balanced_accuracy", (
+            f"balanced_accuracy (metric='auto': minority share {minority_share:.3f} < {min_minority_share:g})"
+        )
+    return "accuracy", f"accuracy (metric='auto': minority share {minority_share:.3f} >= {min_minority_share:g})"
 
 
 def _tasks(dataset) -> list[tuple[str, str, str]]:
@@ -107,23 +140,44 @@ def evaluate_gap(
     labels = feats.labels
     ev = readout.eval_index
     sv_prob, sv_pred = sv_predictions(feats, config.sv_decision)
+    # SV with a label-fitted threshold: a one-feature probe on its log-odds, same splits and fitting as RR
+    sv_logodds = (feats.verdict_logp[..., 0] - feats.verdict_logp[..., 1]).double().numpy()
+    sv_cal_prob = calibrate_scores(sv_logodds, labels, readout.splits, config.readout)
+    balance = label_balance(labels[ev])
+    unbalanced = bool(balance["minority_share"] < config.min_minority_share)
+    metric, metric_rule = resolve_metric(config.metric, balance["minority_share"], config.min_minority_share)
+    notes = []
+    if unbalanced:
+        notes.append(
+            f"UNBALANCED LABELS: {100 * balance['positive_share']:.1f}% of the {balance['n']} evaluated records "
+            f"are label 1 (minority share {balance['minority_share']:.3f} < {config.min_minority_share:g}); "
+            f"accuracy can manufacture or hide a gap here. Headline metric: {metric_rule}; read balanced "
+            "accuracy and AUROC."
+        )
+        warnings.warn(notes[-1], UnbalancedLabelsWarning, stacklevel=2)
+    groups = [g if config.group_by and g != rid and g != "" else None for g, rid in zip(feats.groups, feats.ids)]
+    ev_groups = [groups[i] for i in ev]
+    n_without = sum(g is None for g in ev_groups)
+    n_clusters = len({g for g in ev_groups if g is not None}) + n_without
     table = gap_table(
         labels[ev],
         sv_prob[:, ev],
         sv_pred[:, ev],
         readout.prob[:, ev],
         feats.loops,
-        metric=config.metric,
+        metric=metric,
         n_boot=config.n_boot,
         alpha=config.alpha,
         seed=config.seed,
+        sv_cal_prob=sv_cal_prob[:, ev],
+        clusters=ev_groups,
     )
     rr_rows = readout.metrics(labels)
     rr_fixed_rows = readout.metrics(labels, fixed=True)
     sv_all = sv_metrics(feats, decision=config.sv_decision)
     for ti, (row, rr, sv) in enumerate(zip(table, rr_rows, sv_all)):
         fixed = readout.fixed_prob[ti, ev]
-        row["rr_fixed"] = metric_value(config.metric, labels[ev], fixed, (fixed > 0.5).astype(np.int64))
+        row["rr_fixed"] = metric_value(metric, labels[ev], fixed, (fixed > 0.5).astype(np.int64))
         row["sv_valid_rate"] = sv["valid_rate"]
         row["best_layer"] = ",".join(map(str, rr["best_layer"]))
     tp = None
@@ -144,7 +198,7 @@ def evaluate_gap(
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     result = GapResult(
         loops=feats.loops,
-        metric=config.metric,
+        metric=metric,
         table=table,
         sv=sv_all,
         sv_eval=sv_metrics(feats, subset=ev, decision=config.sv_decision),
@@ -162,6 +216,8 @@ def evaluate_gap(
             "sv_prob": sv_prob.tolist(),
             "sv_pred": sv_pred.tolist(),
             "rr_prob": readout.prob.tolist(),
+            "sv_cal_prob": sv_cal_prob.tolist(),
+            "clusters": groups,
             "exit_probs": feats.exit_probs.tolist(),
         },
         tp=tp,
@@ -177,6 +233,16 @@ def evaluate_gap(
             "seconds_probes": round(t_probe, 3),
             "seconds_total": round(time.perf_counter() - start, 3),
             "device": str(next(model.parameters()).device),
+            "total_ut_steps": getattr(getattr(model, "config", None), "total_ut_steps", None),
+            "metric_rule": metric_rule,
+            "label_balance": dict(balance, min_minority_share=config.min_minority_share, unbalanced=unbalanced),
+            "clusters": {
+                "field": config.group_by,
+                "n_clusters": int(n_clusters),
+                "n_records": int(len(ev)),
+                "n_without_task": int(n_without),
+            },
+            "warnings": notes,
         },
     )
     if out_dir is not None:

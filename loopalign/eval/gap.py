@@ -1,8 +1,12 @@
 """The gap table (SV, RR and RR - SV per loop, with paired bootstrap 95% intervals) and
 ``compare(before, after)``, which says whether SV caught up and whether RR was preserved.
 
-Intervals are percentile bootstraps over records (resampled jointly for SV and RR, so the gap's
-interval accounts for their correlation). All quantities are fractions in [0, 1].
+Every loop gets the headline metric plus accuracy, balanced accuracy and AUROC, for SV by its fixed
+0.5 rule on P(yes) ("raw"), for SV with a label-fitted threshold fitted as RR's probe is
+("calibrated", ``sv_cal``), and for RR, with the gap RR - SV of each. Intervals are percentile
+cluster bootstraps: tasks are resampled with all their records (a record without a task id is a
+cluster of its own), jointly for SV and RR so the gap's interval accounts for their correlation.
+All quantities are fractions in [0, 1].
 """
 
 from __future__ import annotations
@@ -13,9 +17,30 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .metrics import METRICS, _quiet, accuracy, auroc, balanced_accuracy, bootstrap_ci, f1_score
+from .metrics import (
+    METRICS,
+    _quiet,
+    accuracy,
+    auroc,
+    balanced_accuracy,
+    bootstrap_ci,
+    cluster_members,
+    cluster_resample,
+    f1_score,
+)
 
-__all__ = ["GapResult", "gap_table", "CompareConfig", "Comparison", "compare", "metric_value", "parse_loops"]
+__all__ = [
+    "GapResult",
+    "gap_table",
+    "CompareConfig",
+    "Comparison",
+    "compare",
+    "metric_value",
+    "parse_loops",
+    "trained_depth",
+    "TABLE_METRICS",
+    "VERDICT_RULE",
+]
 
 
 def parse_loops(spec: str | int | list[int] | tuple[int, ...]) -> list[int]:
@@ -50,6 +75,30 @@ def metric_value(metric: str, y: np.ndarray, prob: np.ndarray, pred: np.ndarray)
     raise ValueError(f"unknown metric {metric!r}: use one of {list(METRICS)}")
 
 
+#: Figures reported for every loop next to the headline metric: threshold-free (AUROC) and
+#: balance-robust (balanced accuracy) besides accuracy.
+TABLE_METRICS = ("accuracy", "balanced_accuracy", "auroc")
+
+
+def _metric_rows(metrics, y, prob, pred) -> np.ndarray:
+    """-> [len(metrics), T]: each metric of prob / pred [T, n] against y [n] (vectorised over loops)."""
+    pos, neg = y == 1, y == 0
+    out, cache = [], {}
+    for m in metrics:
+        if m not in cache:
+            if m == "accuracy":
+                cache[m] = (pred == y[None]).mean(1) if y.size else np.full(len(pred), np.nan)
+            elif m == "balanced_accuracy":
+                if pos.any() and neg.any():
+                    cache[m] = 0.5 * ((pred[:, pos] == 1).mean(1) + (pred[:, neg] == 0).mean(1))
+                else:
+                    cache[m] = np.full(len(pred), np.nan)
+            else:
+                cache[m] = np.array([metric_value(m, y, prob[t], pred[t]) for t in range(prob.shape[0])])
+        out.append(cache[m])
+    return np.array(out)
+
+
 def gap_table(
     labels: np.ndarray,
     sv_prob: np.ndarray,
@@ -60,25 +109,48 @@ def gap_table(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    sv_cal_prob: np.ndarray | None = None,
+    clusters: list | None = None,
 ) -> list[dict]:
-    """labels [N], sv_prob/sv_pred/rr_prob [T,N] on the same records -> per loop SV, RR, gap with CIs."""
+    """labels [N], sv_prob/sv_pred/rr_prob [T,N] on the same records -> per loop SV, RR, gap with CIs.
+
+    Keys per loop (each with ``_lo`` / ``_hi``): ``sv``, ``rr``, ``gap`` = RR - SV in the headline
+    ``metric`` (SV by its own rule: ``sv_pred``, i.e. P(yes) > 0.5); for every m in
+    :data:`TABLE_METRICS`: ``sv_m``, ``rr_m``, ``gap_m``. With ``sv_cal_prob`` [T,N] (SV's P(yes) after a
+    label-fitted threshold, :func:`loopalign.eval.readout.calibrate_scores`) also ``sv_cal``,
+    ``gap_cal`` and ``sv_cal_m``, ``gap_cal_m``. AUROC scores SV by P(yes) and RR by the probe posterior.
+    ``clusters`` [N] (task ids; None = a record of its own) makes the intervals a cluster bootstrap.
+    """
     labels = np.asarray(labels)
     rr_pred = (rr_prob > 0.5).astype(np.int64)
-    n_loops = len(loops)
+    metrics = [metric] + [m for m in TABLE_METRICS]
+    cal = sv_cal_prob is not None
+    if cal:
+        sv_cal_pred = (sv_cal_prob > 0.5).astype(np.int64)
 
     def stat(idx):
         y = labels[idx]
-        sv = [metric_value(metric, y, sv_prob[t, idx], sv_pred[t, idx]) for t in range(n_loops)]
-        rr = [metric_value(metric, y, rr_prob[t, idx], rr_pred[t, idx]) for t in range(n_loops)]
-        return np.array(sv + rr + [r - s for s, r in zip(sv, rr)])
+        sv = _metric_rows(metrics, y, sv_prob[:, idx], sv_pred[:, idx])
+        rr = _metric_rows(metrics, y, rr_prob[:, idx], rr_pred[:, idx])
+        parts = [sv, rr, rr - sv]
+        if cal:
+            sc = _metric_rows(metrics, y, sv_cal_prob[:, idx], sv_cal_pred[:, idx])
+            parts += [sc, rr - sc]
+        return np.stack(parts)  # [parts, metrics, T]
 
-    est, lo, hi = bootstrap_ci(stat, len(labels), n_boot=n_boot, alpha=alpha, seed=seed)
+    est, lo, hi = bootstrap_ci(stat, len(labels), n_boot=n_boot, alpha=alpha, seed=seed, clusters=clusters)
+    kinds = ["sv", "rr", "gap"] + (["sv_cal", "gap_cal"] if cal else [])
     rows = []
     for ti, t in enumerate(loops):
         row = {"loop": int(t)}
-        for k, name in enumerate(("sv", "rr", "gap")):
-            j = k * n_loops + ti
-            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = float(est[j]), float(lo[j]), float(hi[j])
+        for k, kind in enumerate(kinds):
+            for mi, m in enumerate(metrics):
+                name = kind if mi == 0 else f"{kind}_{m}"
+                row[name], row[f"{name}_lo"], row[f"{name}_hi"] = (
+                    float(est[k, mi, ti]),
+                    float(lo[k, mi, ti]),
+                    float(hi[k, mi, ti]),
+                )
         rows.append(row)
     return rows
 
@@ -101,10 +173,14 @@ def _nan_to_none(x):
 class GapResult:
     """Everything one gap evaluation measured (JSON-serialisable).
 
-    table: per loop {loop, sv, rr, gap (+ _lo/_hi), rr_fixed, tp, sv_valid_rate, best_layer};
+    table: per loop {loop, sv, rr, gap (+ _lo/_hi), rr_fixed, sv_valid_rate, best_layer} in the headline
+    ``metric``, plus sv_m / rr_m / gap_m and (calibrated SV) sv_cal(_m) / gap_cal(_m), with CIs, for m in
+    :data:`TABLE_METRICS` (see :func:`gap_table`);
     sv: SV metrics per loop on all records; sv_eval / rr / rr_fixed: on the RR-scored records;
     tp / sv_sampled: per loop (or None); heatmap: RR test accuracy [T][L'] and layer names;
-    records: ids, labels, eval mask, sv_prob / sv_pred / rr_prob [T][N] (for ``compare``).
+    records: ids, labels, eval mask, sv_prob / sv_pred / rr_prob / sv_cal_prob [T][N] and clusters [N]
+    (the task of each record, None = none) for ``compare``; meta: also ``label_balance``, ``clusters``,
+    ``metric_rule``, ``warnings`` and the model's ``total_ut_steps`` (its trained depth).
     """
 
     loops: list[int]
@@ -150,6 +226,11 @@ class GapResult:
             rr,
         )
 
+    def clusters(self) -> list:
+        """The bootstrap cluster (task id) of each record [N]; None = a record of its own."""
+        c = self.records.get("clusters")
+        return list(c) if c is not None else [None] * len(self.records["ids"])
+
     def markdown(self) -> str:
         from .report import gap_markdown
 
@@ -167,13 +248,48 @@ class GapResult:
         return log_wandb(self, **kwargs)
 
 
+#: Trained depth assumed when a GapResult's meta does not record the model's ``total_ut_steps``.
+DEFAULT_TRAINED_DEPTH = 4
+
+VERDICT_RULE = (
+    "Verdict rule (fixed before any number is looked at): the verdict is taken at the trained depth D "
+    "(the model's total_ut_steps, else 4; CompareConfig.loops overrides) on the headline metric, with "
+    "{level}% cluster-bootstrap CIs that resample tasks, paired (the same tasks in before and after). "
+    "SV caught up = the after-gap RR - SV is not above 0 (its CI upper bound <= 0, or its CI includes 0: "
+    "lower bound <= gap_tolerance = {gap_tol:g}) AND dSV's CI lower bound > sv_min_gain = {sv_gain:g}. "
+    "RR preserved = dRR's CI lower bound > -rr_tolerance = {rr_neg:g}. Loops past D are reported "
+    "separately as extrapolation and never enter the verdict."
+)
+
+
+def trained_depth(result: GapResult) -> int:
+    """The model's trained loop count: ``meta['total_ut_steps']`` when recorded, else 4."""
+    d = result.meta.get("total_ut_steps") if isinstance(result.meta, dict) else None
+    return int(d) if d else DEFAULT_TRAINED_DEPTH
+
+
 @dataclass
 class CompareConfig:
-    """Thresholds of the before/after verdict (fractions, e.g. 0.02 = 2 points)."""
+    """The before/after verdict rule and its thresholds (fractions, e.g. 0.02 = 2 points).
 
-    loops: list[int] | None = None  # loops compared and averaged for the verdict; None = all loops both have
+    The rule, stated before any number is computed:
+
+    - the verdict is taken at the trained depth D: ``loops`` (an int), default the model's trained
+      depth (``meta['total_ut_steps']`` of the results, else 4; when D was not evaluated, the deepest
+      evaluated loop below it). A list of loops averages them instead (none may exceed D);
+    - **SV caught up** = the after-gap RR - SV is not above 0 — its CI upper bound <= 0 or its CI
+      includes 0, i.e. its CI lower bound <= ``gap_tolerance`` (default 0) — AND the dSV CI lower
+      bound > ``sv_min_gain`` (default 0);
+    - **RR preserved** = the dRR CI lower bound > -``rr_tolerance`` (default 0.02);
+    - CIs are percentile cluster bootstraps over tasks (records without a task: one cluster each),
+      paired when both results scored the same records (the same tasks are resampled in both);
+    - loops past D are reported separately as extrapolation and never enter the verdict.
+    """
+
+    loops: int | list[int] | None = None  # verdict depth D (int) or loops averaged (list); None = trained depth
+    metric: str | None = None  # None = the results' headline metric; or one of METRICS
     sv_min_gain: float = 0.0  # SV improved when the dSV CI lower bound > sv_min_gain
-    gap_tolerance: float = 0.05  # SV caught up when it improved and the after-gap (RR - SV) <= gap_tolerance
+    gap_tolerance: float = 0.0  # gap closed when the after-gap CI lower bound <= gap_tolerance (CI includes 0)
     rr_tolerance: float = 0.02  # RR preserved when the dRR CI lower bound > -rr_tolerance
     n_boot: int = 1000  # bootstrap resamples
     alpha: float = 0.05  # 1 - interval level
@@ -189,11 +305,28 @@ class CompareConfig:
             raise ValueError(f"CompareConfig.n_boot must be >= 10, got {self.n_boot}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"CompareConfig.alpha must be in (0, 1), got {self.alpha}")
+        if self.metric is not None and self.metric not in METRICS:
+            raise ValueError(f"CompareConfig.metric must be one of {list(METRICS)} or None, got {self.metric!r}")
+        if isinstance(self.loops, bool) or (isinstance(self.loops, int) and self.loops < 1):
+            raise ValueError(f"CompareConfig.loops must be a loop count >= 1 or a list of them, got {self.loops!r}")
+
+    def rule(self) -> str:
+        level = int(round(100 * (1 - self.alpha)))
+        return VERDICT_RULE.format(
+            level=level, gap_tol=self.gap_tolerance, sv_gain=self.sv_min_gain, rr_neg=-self.rr_tolerance
+        )
 
 
 @dataclass
 class Comparison:
-    """compare() output: per-loop deltas with CIs, the averaged deltas, the booleans and the verdict line."""
+    """compare() output.
+
+    loops: the verdict loops (one: the depth D, unless a list was asked for); depth: D; rows: per loop
+    <= D, deltas with CIs and ``in_verdict``; extrapolation: the same for loops past D (never in the
+    verdict); summary: the verdict quantities (mean over the verdict loops) with CIs; gap_closed /
+    sv_improved / sv_caught_up / rr_preserved: the rule's parts; rule: the rule in words; clusters:
+    how the bootstrap resampled (n_clusters, n_records, n_without_task).
+    """
 
     loops: list[int]
     metric: str
@@ -205,6 +338,11 @@ class Comparison:
     rr_preserved: bool
     verdict: str
     config: dict
+    depth: int = DEFAULT_TRAINED_DEPTH
+    extrapolation: list[dict] = field(default_factory=list)
+    gap_closed: bool = False
+    rule: str = ""
+    clusters: dict = field(default_factory=dict)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(_nan_to_none(asdict(self)), indent=indent)
@@ -219,25 +357,68 @@ def _eval_arrays(res: GapResult, loops: list[int]):
     ids, y, ev, svp, svd, rrp = res.arrays()
     ti = [res.loops.index(t) for t in loops]
     keep = np.flatnonzero(ev)
-    return [ids[i] for i in keep], y[keep], svp[ti][:, keep], svd[ti][:, keep], rrp[ti][:, keep]
+    clusters = res.clusters()
+    return (
+        [ids[i] for i in keep],
+        y[keep],
+        svp[ti][:, keep],
+        svd[ti][:, keep],
+        rrp[ti][:, keep],
+        [clusters[i] for i in keep],
+    )
+
+
+def _verdict_loops(before: GapResult, after: GapResult, config: CompareConfig, common: list[int]):
+    """-> (verdict loops, depth D, note)."""
+    if isinstance(config.loops, (list, tuple)):
+        loops = sorted({int(t) for t in config.loops})
+        depth = max(trained_depth(before), trained_depth(after))
+        past = [t for t in loops if t > depth]
+        if past:
+            raise ValueError(
+                f"compare: CompareConfig.loops {loops} includes loops {past} past the trained depth {depth}: "
+                "extrapolated loops never enter the verdict (pass loops=D, an int, to move the depth)"
+            )
+        return loops, depth, ""
+    if config.loops is not None:
+        return [int(config.loops)], int(config.loops), ""
+    depth, note = trained_depth(after), ""
+    if trained_depth(before) != depth:
+        note = f"trained depths differ (before {trained_depth(before)}, after {depth}); using the after model's. "
+    if depth not in common:
+        below = [t for t in common if t <= depth]
+        if not below:
+            raise ValueError(
+                f"compare: no loop at or below the trained depth {depth} in both results "
+                f"(before {before.loops}, after {after.loops}); pass CompareConfig(loops=...)"
+            )
+        note += f"the trained depth {depth} was not evaluated; verdict at loop {below[-1]}, the deepest below it. "
+        return [below[-1]], depth, note
+    return [depth], depth, note
 
 
 def compare(before: GapResult, after: GapResult, config: CompareConfig | None = None) -> Comparison:
-    """Did SV catch up (dSV > 0 with the gap closed) while RR held? Paired over shared record ids when
-    both results scored the same records, else independent bootstraps."""
+    """Did SV catch up at the trained depth while RR held? See :class:`CompareConfig` for the rule.
+
+    Paired over shared record ids (cluster-resampling their tasks) when both results scored mostly the
+    same records, else independent cluster bootstraps."""
     config = config or CompareConfig()
-    if before.metric != after.metric:
-        raise ValueError(f"compare: metrics differ (before {before.metric!r}, after {after.metric!r})")
-    metric = before.metric
+    if config.metric is None and before.metric != after.metric:
+        raise ValueError(
+            f"compare: headline metrics differ (before {before.metric!r}, after {after.metric!r}); "
+            "set CompareConfig.metric"
+        )
+    metric = config.metric or before.metric
     common = [t for t in before.loops if t in after.loops]
-    loops = common if config.loops is None else [int(t) for t in config.loops]
+    loops, depth, note = _verdict_loops(before, after, config, common)
     missing = [t for t in loops if t not in common]
     if not loops or missing:
         raise ValueError(
             f"compare: loops {missing or loops} not in both results (before {before.loops}, after {after.loops})"
         )
-    b_ids, b_y, b_svp, b_svd, b_rr = _eval_arrays(before, loops)
-    a_ids, a_y, a_svp, a_svd, a_rr = _eval_arrays(after, loops)
+    reported = common
+    b_ids, b_y, b_svp, b_svd, b_rr, b_cl = _eval_arrays(before, reported)
+    a_ids, a_y, a_svp, a_svd, a_rr, a_cl = _eval_arrays(after, reported)
     shared = sorted(set(b_ids) & set(a_ids))
     paired = len(shared) > 0 and len(shared) >= 0.5 * min(len(b_ids), len(a_ids))
     if paired:
@@ -247,7 +428,8 @@ def compare(before: GapResult, after: GapResult, config: CompareConfig | None = 
         a_sel = np.array([ai[r] for r in shared])
         if not np.array_equal(b_y[b_sel], a_y[a_sel]):
             raise ValueError("compare: the two results give different labels to the same record ids")
-    n_loops = len(loops)
+    n_loops = len(reported)
+    vi = [reported.index(t) for t in loops]
 
     def per_loop(y, svp, svd, rrp, idx):
         rrd = (rrp > 0.5).astype(np.int64)
@@ -271,62 +453,75 @@ def compare(before: GapResult, after: GapResult, config: CompareConfig | None = 
                 sv_a,
                 rr_b,
                 rr_a,
-                [d_sv.mean(), d_rr.mean(), gap_b.mean(), gap_a.mean()],
+                [d_sv[vi].mean(), d_rr[vi].mean(), gap_b[vi].mean(), gap_a[vi].mean()],
             ]
         )
 
     rng = np.random.default_rng(config.seed)
     if paired:
+        # the tasks of the shared records (before's ids; a record without one is its own cluster)
+        members = cluster_members([b_cl[i] for i in b_sel])
         est = stat(b_sel, a_sel)
         boots = []
         for _ in range(config.n_boot):
-            r = rng.integers(0, len(shared), len(shared))
+            r = cluster_resample(members, rng)
             boots.append(stat(b_sel[r], a_sel[r]))
+        n_clusters, n_records = len(members), len(shared)
+        n_without = sum(c is None for c in (b_cl[i] for i in b_sel))
     else:
+        b_members, a_members = cluster_members(b_cl), cluster_members(a_cl)
         est = stat(np.arange(len(b_y)), np.arange(len(a_y)))
-        boots = [
-            stat(rng.integers(0, len(b_y), len(b_y)), rng.integers(0, len(a_y), len(a_y))) for _ in range(config.n_boot)
-        ]
+        boots = [stat(cluster_resample(b_members, rng), cluster_resample(a_members, rng)) for _ in range(config.n_boot)]
+        n_clusters, n_records = len(b_members) + len(a_members), len(b_y) + len(a_y)
+        n_without = sum(c is None for c in b_cl) + sum(c is None for c in a_cl)
     boots = np.stack(boots)
     with np.errstate(all="ignore"), _quiet():
         lo = np.nanpercentile(boots, 100 * config.alpha / 2, axis=0)
         hi = np.nanpercentile(boots, 100 * (1 - config.alpha / 2), axis=0)
     names = ["d_sv", "d_rr", "d_gap", "gap_before", "gap_after", "sv_before", "sv_after", "rr_before", "rr_after"]
-    rows = []
-    for ti, t in enumerate(loops):
-        row = {"loop": t}
+    rows, extrapolation = [], []
+    for ti, t in enumerate(reported):
+        row = {"loop": t, "in_verdict": t in loops, "extrapolation": t > depth}
         for k, name in enumerate(names):
             j = k * n_loops + ti
             row[name], row[f"{name}_lo"], row[f"{name}_hi"] = float(est[j]), float(lo[j]), float(hi[j])
-        rows.append(row)
+        (extrapolation if t > depth else rows).append(row)
     base = len(names) * n_loops
     summary = {}
     for k, name in enumerate(["d_sv", "d_rr", "gap_before", "gap_after"]):
         j = base + k
         summary[name], summary[f"{name}_lo"], summary[f"{name}_hi"] = float(est[j]), float(lo[j]), float(hi[j])
-    sv_improved = summary["d_sv_lo"] > config.sv_min_gain
-    gap_closed = summary["gap_after"] <= config.gap_tolerance
+    sv_improved = bool(summary["d_sv_lo"] > config.sv_min_gain)
+    gap_closed = bool(summary["gap_after_lo"] <= config.gap_tolerance)
     sv_caught_up = bool(sv_improved and gap_closed)
     rr_preserved = bool(summary["d_rr_lo"] > -config.rr_tolerance)
     yn = {True: "yes", False: "no"}
     level = int(round(100 * (1 - config.alpha)))
+    where = f"loop {loops[0]}" if len(loops) == 1 else f"mean over loops {loops}"
+    s = summary
     verdict = (
-        f"SV caught up: {yn[sv_caught_up]}: dSV = {summary['d_sv']:+.3f} [{summary['d_sv_lo']:+.3f}, {summary['d_sv_hi']:+.3f}] "
-        f"(lower bound > {config.sv_min_gain:+.3f}: {yn[bool(sv_improved)]}), gap after = {summary['gap_after']:+.3f} "
-        f"[{summary['gap_after_lo']:+.3f}, {summary['gap_after_hi']:+.3f}] (<= {config.gap_tolerance:.3f}: {yn[bool(gap_closed)]}); "
-        f"dRR = {summary['d_rr']:+.3f} [{summary['d_rr_lo']:+.3f}, {summary['d_rr_hi']:+.3f}]; "
-        f"RR preserved: {yn[rr_preserved]} (lower bound > {-config.rr_tolerance:+.3f}). "
-        f"{metric}, mean over loops {loops}, {level}% bootstrap CIs, {'paired' if paired else 'unpaired'}."
-    )
+        f"SV caught up: {yn[sv_caught_up]}: dSV = {s['d_sv']:+.3f} [{s['d_sv_lo']:+.3f}, {s['d_sv_hi']:+.3f}] "
+        f"(lower bound > {config.sv_min_gain:+.3f}: {yn[sv_improved]}), gap after = {s['gap_after']:+.3f} "
+        f"[{s['gap_after_lo']:+.3f}, {s['gap_after_hi']:+.3f}] (not above 0, lower bound <= "
+        f"{config.gap_tolerance:+.3f}: {yn[gap_closed]}); dRR = {s['d_rr']:+.3f} [{s['d_rr_lo']:+.3f}, "
+        f"{s['d_rr_hi']:+.3f}]; RR preserved: {yn[rr_preserved]} (lower bound > {-config.rr_tolerance:+.3f}). "
+        f"{metric}, {where} (trained depth {depth}), {level}% cluster-bootstrap CIs over {n_clusters} "
+        f"clusters, {'paired' if paired else 'unpaired'}. {note}"
+    ).strip()
     return Comparison(
         loops=loops,
         metric=metric,
         paired=bool(paired),
         rows=rows,
         summary=summary,
-        sv_improved=bool(sv_improved),
+        sv_improved=sv_improved,
         sv_caught_up=sv_caught_up,
         rr_preserved=rr_preserved,
         verdict=verdict,
         config=asdict(config),
+        depth=depth,
+        extrapolation=extrapolation,
+        gap_closed=gap_closed,
+        rule=config.rule(),
+        clusters={"n_clusters": n_clusters, "n_records": n_records, "n_without_task": n_without},
     )

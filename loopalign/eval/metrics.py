@@ -19,6 +19,9 @@ __all__ = [
     "log_loss",
     "binary_metrics",
     "bootstrap_ci",
+    "cluster_members",
+    "cluster_resample",
+    "label_balance",
     "METRICS",
 ]
 
@@ -145,17 +148,52 @@ def _metric_from_prob(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
 METRICS = ("accuracy", "balanced_accuracy", "f1", "auroc")
 
 
+def label_balance(y) -> dict[str, float]:
+    """Class shares of labels y [N] (0/1): positive_share, minority_share (NaN when empty) and n."""
+    y = np.asarray(y)
+    if not y.size:
+        return {"positive_share": float("nan"), "minority_share": float("nan"), "n": 0}
+    pos = float(np.mean(y == 1))
+    return {"positive_share": pos, "minority_share": min(pos, 1.0 - pos), "n": int(y.size)}
+
+
+def cluster_members(clusters) -> list[np.ndarray]:
+    """clusters [N] (hashable ids; None = a cluster of its own) -> record indices of each cluster,
+    clusters in order of first appearance."""
+    where: dict = {}
+    members: list[list[int]] = []
+    for i, c in enumerate(clusters):
+        if c is None:
+            members.append([i])
+            continue
+        if c not in where:
+            where[c] = len(members)
+            members.append([])
+        members[where[c]].append(i)
+    return [np.asarray(m, dtype=np.int64) for m in members]
+
+
+def cluster_resample(members: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """One cluster-bootstrap draw: as many clusters as there are, with replacement, all their records.
+    -> record indices (the length varies with the clusters drawn)."""
+    picks = rng.integers(0, len(members), len(members))
+    return np.concatenate([members[j] for j in picks])
+
+
 def bootstrap_ci(
     statistic: Callable[[np.ndarray], np.ndarray | float],
     n: int,
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    clusters=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Percentile bootstrap over N records: statistic(idx [N] int) -> value (scalar or array [...]).
+    """Percentile bootstrap over N records: statistic(idx int array) -> value (scalar or array [...]).
 
-    Returns (estimate on all records, lower, upper) with the (alpha/2, 1-alpha/2) percentiles;
-    resamples on which the statistic is NaN are dropped.
+    With ``clusters`` [N] (e.g. the task of each record; None = a record of its own) it is a cluster
+    bootstrap: each draw resamples clusters with replacement and takes all their records, so records
+    that share a task are never treated as independent. Returns (estimate on all records, lower,
+    upper) with the (alpha/2, 1-alpha/2) percentiles; resamples on which the statistic is NaN are dropped.
     """
     if n <= 0:
         raise ValueError("bootstrap_ci needs at least one record")
@@ -163,7 +201,14 @@ def bootstrap_ci(
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     rng = np.random.default_rng(seed)
     est = np.asarray(statistic(np.arange(n)), dtype=np.float64)
-    boots = np.stack([np.asarray(statistic(rng.integers(0, n, n)), dtype=np.float64) for _ in range(n_boot)])
+    if clusters is None:
+        draws = (rng.integers(0, n, n) for _ in range(n_boot))
+    else:
+        if len(clusters) != n:
+            raise ValueError(f"bootstrap_ci: clusters has {len(clusters)} entries for {n} records")
+        members = cluster_members(clusters)
+        draws = (cluster_resample(members, rng) for _ in range(n_boot))
+    boots = np.stack([np.asarray(statistic(idx), dtype=np.float64) for idx in draws])
     with np.errstate(all="ignore"), _quiet():
         lo = np.nanpercentile(boots, 100 * alpha / 2, axis=0)
         hi = np.nanpercentile(boots, 100 * (1 - alpha / 2), axis=0)

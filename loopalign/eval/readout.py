@@ -18,7 +18,7 @@ from .features import Features
 from .metrics import accuracy, auroc, balanced_accuracy, binary_metrics, log_loss
 from .probes import LinearProbe, ProbeFitConfig, fit_probes
 
-__all__ = ["ReadoutConfig", "ReadoutResult", "make_splits", "fit_readout", "select_features"]
+__all__ = ["ReadoutConfig", "ReadoutResult", "make_splits", "fit_readout", "select_features", "calibrate_scores"]
 
 
 @dataclass
@@ -240,3 +240,37 @@ def fit_readout(features: Features, config: ReadoutConfig | None = None) -> Read
         splits=splits,
         probes=probes,
     )
+
+
+def calibrate_scores(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    splits: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    config: ReadoutConfig | None = None,
+) -> np.ndarray:
+    """A label-fitted threshold for a one-number score, fitted exactly as RR's probes are.
+
+    scores [T, N] (e.g. SV's log-odds log P(yes) - log P(no) per loop) -> P(label 1) [T, N]: per split,
+    a one-feature logistic-regression probe (standardised, the same L2 grid, fit on train, L2 chosen on
+    validation by ``config.select_by``) scores the test records, so with the RR probes' ``splits`` every
+    record gets an out-of-fold (k-fold) or held-out (holdout) posterior, NaN where RR has none. Its
+    0.5 rule is the fitted threshold; since the probe is monotone in the score within a split, it
+    changes thresholded metrics, not the ranking.
+    """
+    config = config or ReadoutConfig()
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] != len(labels):
+        raise ValueError(f"calibrate_scores: scores must be [T, N={len(labels)}], got {scores.shape}")
+    labels = np.asarray(labels)
+    scores = np.nan_to_num(scores, nan=0.0, posinf=50.0, neginf=-50.0)
+    out = np.full(scores.shape, np.nan)
+    for train, val, test in splits:
+        y_tr, y_va = torch.as_tensor(labels[train]), labels[val]
+        for ti in range(scores.shape[0]):
+            x = torch.as_tensor(scores[ti][:, None], dtype=torch.float32)
+            fitted = fit_probes(x[train], y_tr, config.l2_grid, config.fit)
+            with torch.no_grad():
+                scored = [(_score(y_va, p.predict_proba(x[val]).numpy(), config.select_by), p) for p in fitted]
+                _, probe = max(scored, key=lambda s: s[0])
+                out[ti, test] = probe.predict_proba(x[test]).numpy()
+    return out

@@ -25,17 +25,49 @@ def _ci(row: dict, name: str) -> str:
     return f"{_pct(row.get(name))} [{_pct(row.get(name + '_lo'))}, {_pct(row.get(name + '_hi'))}]"
 
 
+_METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auroc": "AUROC", "f1": "F1"}
+
+
+def _cluster_line(meta: dict, level: int) -> str:
+    c = meta.get("clusters")
+    if not c:
+        return f"CIs: {level}% bootstrap over records."
+    line = (
+        f"CIs: {level}% cluster bootstrap over tasks (field `{c.get('field')}`): {c['n_clusters']} clusters "
+        f"resampled with all their records ({c['n_records']} records)."
+    )
+    if c.get("n_without_task"):
+        line += (
+            f" {c['n_without_task']} records have no task id and each form a cluster of their own "
+            "(their CIs treat them as independent)."
+        )
+    return line
+
+
 def gap_markdown(result) -> str:
     """The gap table (percent, 95% CIs) plus SV / RR details, as Markdown."""
     m = result.meta
-    lines = [
-        f"# SV / RR gap per loop ({result.metric})",
-        "",
+    level = int(round(100 * (1 - result.config.get("alpha", 0.05))))
+    lines = [f"# SV / RR gap per loop ({result.metric})", ""]
+    for note in m.get("warnings") or []:
+        lines += [f"> **WARNING** {note}", ""]
+    bal = m.get("label_balance")
+    lines += [
         f"model: `{m.get('model', '?')}`; records: {m.get('n_records', '?')} "
         f"(RR-scored: {m.get('n_eval', '?')}); SV decision: {result.config.get('sv_decision', 'forced')}; "
-        f"CIs: {int(round(100 * (1 - result.config.get('alpha', 0.05))))}% bootstrap over records.",
+        + _cluster_line(m, level),
         "",
     ]
+    if bal:
+        lines += [
+            f"Labels: {_pct(bal['positive_share'])}% label 1 (minority share {_pct(bal['minority_share'])}%; "
+            f"unbalanced below {_pct(bal['min_minority_share'])}%). Headline metric: "
+            f"{m.get('metric_rule', result.metric)}. Rule: with metric='auto' the headline is accuracy on "
+            "balanced labels and balanced accuracy on unbalanced ones.",
+            "",
+        ]
+    if m.get("total_ut_steps"):
+        lines += [f"Trained depth: {m['total_ut_steps']} loops; loops past it are extrapolation.", ""]
     tp = {row["loop"]: row for row in (result.tp or [])}
     header = "| loop | SV | RR | gap RR−SV | RR fixed layer | SV all records | valid verdicts | best layer |"
     if tp:
@@ -55,6 +87,7 @@ def gap_markdown(result) -> str:
         if tp:
             cells.append(_pct(tp[row["loop"]]["accuracy"]) if row["loop"] in tp else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _robust_tables(result)
     lines += [
         "",
         "## SV metrics (RR-scored records)",
@@ -88,21 +121,71 @@ def gap_markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _robust_tables(result) -> list[str]:
+    """Per metric (accuracy, balanced accuracy, AUROC): SV raw (0.5 rule), SV calibrated (label-fitted
+    threshold), RR and both gaps, with CIs."""
+    rows = result.table
+    if not rows or "sv_auroc" not in rows[0]:
+        return []
+    cal = "sv_cal_auroc" in rows[0]
+    lines = [
+        "",
+        "## Threshold-free and balance-robust figures (RR-scored records)",
+        "",
+        "SV raw: P(yes) > 0.5. SV calibrated: a threshold fitted on P(yes) exactly as RR's probe is (same "
+        "splits, out-of-fold). AUROC ranks SV by P(yes) (raw) or its fitted posterior (calibrated) and RR by "
+        "the probe posterior. A gap that shrinks from raw to calibrated is calibration, not missing knowledge.",
+    ]
+    from .gap import TABLE_METRICS
+
+    for metric in TABLE_METRICS:
+        head = "| loop | SV raw | " + ("SV calibrated | " if cal else "") + "RR | gap RR−SV raw |"
+        head += " gap RR−SV calibrated |" if cal else ""
+        lines += ["", f"### {_METRIC_NAMES[metric]}", "", head, "|" + "---|" * (head.count("|") - 1)]
+        for r in rows:
+            cells = [str(r["loop"]), _ci(r, f"sv_{metric}")]
+            if cal:
+                cells.append(_ci(r, f"sv_cal_{metric}"))
+            cells += [_ci(r, f"rr_{metric}"), _ci(r, f"gap_{metric}")]
+            if cal:
+                cells.append(_ci(r, f"gap_cal_{metric}"))
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def compare_markdown(comp) -> str:
     """The before/after verdict and per-loop deltas as Markdown."""
-    lines = [
-        f"# Before / after ({comp.metric})",
-        "",
-        f"**{comp.verdict}**",
-        "",
-        "| loop | SV before | SV after | dSV | RR before | RR after | dRR | gap after |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in comp.rows:
-        lines.append(
-            f"| {r['loop']} | {_pct(r['sv_before'])} | {_pct(r['sv_after'])} | {_ci(r, 'd_sv')} | {_pct(r['rr_before'])} | "
-            f"{_pct(r['rr_after'])} | {_ci(r, 'd_rr')} | {_ci(r, 'gap_after')} |"
+    head = "| loop | SV before | SV after | dSV | RR before | RR after | dRR | gap after |"
+    sep = "|---|---|---|---|---|---|---|---|"
+
+    def line(r):
+        mark = " (verdict)" if r.get("in_verdict") else ""
+        return (
+            f"| {r['loop']}{mark} | {_pct(r['sv_before'])} | {_pct(r['sv_after'])} | {_ci(r, 'd_sv')} | "
+            f"{_pct(r['rr_before'])} | {_pct(r['rr_after'])} | {_ci(r, 'd_rr')} | {_ci(r, 'gap_after')} |"
         )
+
+    lines = [f"# Before / after ({comp.metric})", ""]
+    if getattr(comp, "rule", ""):
+        lines += [comp.rule, ""]
+    lines += [f"**{comp.verdict}**", ""]
+    c = getattr(comp, "clusters", None) or {}
+    if c.get("n_without_task"):
+        lines += [
+            f"{c['n_without_task']} of {c['n_records']} records have no task id: each is a bootstrap cluster "
+            "of its own.",
+            "",
+        ]
+    lines += [head, sep] + [line(r) for r in comp.rows]
+    extra = getattr(comp, "extrapolation", None) or []
+    if extra:
+        lines += [
+            "",
+            f"## Extrapolation: loops past the trained depth {comp.depth} (not part of the verdict)",
+            "",
+            head,
+            sep,
+        ] + [line(r) for r in extra]
     return "\n".join(lines) + "\n"
 
 
@@ -193,6 +276,8 @@ def log_wandb(
     if own:
         if mode is None and not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
             mode = "offline"
+        if dir is not None:  # older wandb falls back to a temporary folder when ``dir`` does not exist yet
+            os.makedirs(dir, exist_ok=True)
         run = wandb.init(project=project, name=name, mode=mode, dir=dir, config={"gap": result.config})
     try:
         run.define_metric(prefix + "loop")
