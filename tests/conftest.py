@@ -30,3 +30,9 @@ def tiny_model_factory():
         return OuroForCausalLM(tiny_config(**overrides)).eval()
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need the default model organism run last (stable order otherwise), so that its
+    build, which CI starts beside the tests (.ci/run), overlaps everything else."""
+    items.sort(key=lambda item: "organism" in getattr(item, "fixturenames", ()))

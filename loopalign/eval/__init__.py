@@ -17,6 +17,7 @@ from .api import (
     load_model_and_tokenizer,
     resolve_metric,
 )
+from .controls import evaluate_controls, record_authors
 from .features import FeatureConfig, Features, extract_features, prepare_records
 from .gap import (
     TABLE_METRICS,
@@ -74,6 +75,7 @@ __all__ = [
     "binary_metrics",
     "bootstrap_ci",
     "compare",
+    "evaluate_controls",
     "evaluate_gap",
     "expected_calibration_error",
     "extract_features",
@@ -93,6 +95,7 @@ __all__ = [
     "parse_verdict",
     "plot_gap",
     "prepare_records",
+    "record_authors",
     "sampled_verdicts",
     "save_gap",
     "save_probes",

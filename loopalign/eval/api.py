@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .controls import evaluate_controls, record_authors
 from .features import FeatureConfig, extract_features, prepare_records
 from .gap import GapResult, gap_table, metric_value, parse_loops
 from .metrics import METRICS, label_balance
@@ -51,6 +52,9 @@ class GapConfig:
     tp_loops: str | list[int] | None = None  # loop counts for TP (None: the same loops)
     sampled_verdict: bool = False  # also generate verdict text per loop (unparseable counted separately)
     sampled_max_new_tokens: int = 4  # tokens generated for a sampled verdict
+    controls: bool = True  # shortcut controls: question-only, author and noise probes (loopalign.eval.controls)
+    author_field: str | None = "auto"  # record field naming the answer's author ("auto": author, source_model,
+    # model, policy, at the top level or in `meta`); None: no author control
 
     def __post_init__(self):
         self.loops = parse_loops(self.loops)
@@ -140,7 +144,7 @@ def evaluate_gap(
     labels = feats.labels
     ev = readout.eval_index
     sv_prob, sv_pred = sv_predictions(feats, config.sv_decision)
-    # SV with a label-fitted threshold: a one-feature probe on its log-odds, same splits and fitting as RR
+    # SV with a label-fitted threshold: a cut on its log-odds fitted on RR's train splits, scored out of fold
     sv_logodds = (feats.verdict_logp[..., 0] - feats.verdict_logp[..., 1]).double().numpy()
     sv_cal_prob = calibrate_scores(sv_logodds, labels, readout.splits, config.readout)
     balance = label_balance(labels[ev])
@@ -180,6 +184,14 @@ def evaluate_gap(
         row["rr_fixed"] = metric_value(metric, labels[ev], fixed, (fixed > 0.5).astype(np.int64))
         row["sv_valid_rate"] = sv["valid_rate"]
         row["best_layer"] = ",".join(map(str, rr["best_layer"]))
+    controls, control_probs, t_controls = None, {}, 0.0
+    if config.controls:
+        t0 = time.perf_counter()
+        author_field, authors = record_authors(dataset, config.author_field)
+        controls, control_probs = evaluate_controls(
+            feats, readout, groups, config.readout, metric, authors, author_field or config.author_field, config.seed
+        )
+        t_controls = time.perf_counter() - t0
     tp = None
     if config.task is not None:
         tp = task_performance(model, tokenizer, _tasks(dataset), config.tp_loops or config.loops, verifier, config.task)
@@ -219,6 +231,7 @@ def evaluate_gap(
             "sv_cal_prob": sv_cal_prob.tolist(),
             "clusters": groups,
             "exit_probs": feats.exit_probs.tolist(),
+            **{f"control_{k}_prob": v.tolist() for k, v in control_probs.items() if v is not None},
         },
         tp=tp,
         sv_sampled=sampled,
@@ -231,6 +244,7 @@ def evaluate_gap(
             "fixed_layer": readout.layer_names[readout.layers.index(readout.fixed_layer)],
             "seconds_features": round(t_feat, 3),
             "seconds_probes": round(t_probe, 3),
+            "seconds_controls": round(t_controls, 3),
             "seconds_total": round(time.perf_counter() - start, 3),
             "device": str(next(model.parameters()).device),
             "total_ut_steps": getattr(getattr(model, "config", None), "total_ut_steps", None),
@@ -244,6 +258,7 @@ def evaluate_gap(
             },
             "warnings": notes,
         },
+        controls=controls,
     )
     if out_dir is not None:
         result.save(out_dir)

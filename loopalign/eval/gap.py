@@ -180,7 +180,11 @@ class GapResult:
     tp / sv_sampled: per loop (or None); heatmap: RR test accuracy [T][L'] and layer names;
     records: ids, labels, eval mask, sv_prob / sv_pred / rr_prob / sv_cal_prob [T][N] and clusters [N]
     (the task of each record, None = none) for ``compare``; meta: also ``label_balance``, ``clusters``,
-    ``metric_rule``, ``warnings`` and the model's ``total_ut_steps`` (its trained depth).
+    ``metric_rule``, ``warnings`` and the model's ``total_ut_steps`` (its trained depth);
+    controls: the shortcut controls (:mod:`loopalign.eval.controls`): ``question_only`` and ``noise`` per
+    loop, ``author`` (one figure), each with the headline metric, AUROC, balanced accuracy and n scored,
+    and ``summary`` per loop (the share of RR above chance each reaches, flags). None when not computed
+    (``GapConfig.controls=False``, or a result saved before controls existed).
     """
 
     loops: list[int]
@@ -196,6 +200,7 @@ class GapResult:
     sv_sampled: list[dict] | None = None
     config: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    controls: dict | None = None
 
     def to_dict(self) -> dict:
         return _nan_to_none(asdict(self))

@@ -242,20 +242,40 @@ def fit_readout(features: Features, config: ReadoutConfig | None = None) -> Read
     )
 
 
+def _fit_threshold(score: np.ndarray, y: np.ndarray, by: str) -> float:
+    """The cut t on a one-number score (predict 1 where score > t) that is best on (score, y) by the
+    thresholded criterion ``by`` (balanced accuracy for ``balanced_accuracy``, else accuracy; ties:
+    the cut nearest 0, i.e. nearest SV's own rule). Candidates: midpoints between sorted distinct
+    scores, below all, and 0."""
+    values = np.unique(score)
+    cuts = np.concatenate([[values[0] - 1.0, 0.0], (values[:-1] + values[1:]) / 2]) if values.size else np.zeros(1)
+    pred = score[None, :] > cuts[:, None]  # [C, N]
+    pos, neg = y == 1, y == 0
+    if by == "balanced_accuracy" and pos.any() and neg.any():
+        quality = 0.5 * (pred[:, pos].mean(1) + (~pred[:, neg]).mean(1))
+    else:
+        quality = (pred == (y[None, :] == 1)).mean(1)
+    best = np.flatnonzero(quality >= quality.max() - 1e-12)
+    return float(cuts[best[np.argmin(np.abs(cuts[best]))]])
+
+
 def calibrate_scores(
     scores: np.ndarray,
     labels: np.ndarray,
     splits: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     config: ReadoutConfig | None = None,
 ) -> np.ndarray:
-    """A label-fitted threshold for a one-number score, fitted exactly as RR's probes are.
+    """SV with a label-fitted threshold, out of fold on RR's splits.
 
-    scores [T, N] (e.g. SV's log-odds log P(yes) - log P(no) per loop) -> P(label 1) [T, N]: per split,
-    a one-feature logistic-regression probe (standardised, the same L2 grid, fit on train, L2 chosen on
-    validation by ``config.select_by``) scores the test records, so with the RR probes' ``splits`` every
-    record gets an out-of-fold (k-fold) or held-out (holdout) posterior, NaN where RR has none. Its
-    0.5 rule is the fitted threshold; since the probe is monotone in the score within a split, it
-    changes thresholded metrics, not the ranking.
+    scores [T, N] (SV's log-odds log P(yes) - log P(no) per loop) -> [T, N] "calibrated P(yes)":
+    per split, the cut on the score that is best on the split's train + validation records (by
+    ``config.select_by``: balanced accuracy when that is the criterion, else accuracy) is applied to
+    its test records, as ``sigmoid(score - cut)``, so the 0.5 rule is the fitted cut and the ranking
+    (AUROC) is the raw score's. NaN where RR scores no record. RR's probe gets its threshold from
+    the labels the same way (its bias, fitted on the train split); a cut, not a one-feature
+    likelihood fit, because a likelihood fit on a score that is not logistic in the label (a mass of
+    P(yes) = 1 on both answers of biased items) can put the cut where it is worse than SV's own rule.
+    On its fitting records the cut is never worse than the raw rule (0 is a candidate).
     """
     config = config or ReadoutConfig()
     scores = np.asarray(scores, dtype=np.float64)
@@ -263,14 +283,11 @@ def calibrate_scores(
         raise ValueError(f"calibrate_scores: scores must be [T, N={len(labels)}], got {scores.shape}")
     labels = np.asarray(labels)
     scores = np.nan_to_num(scores, nan=0.0, posinf=50.0, neginf=-50.0)
+    by = "balanced_accuracy" if config.select_by == "balanced_accuracy" else "accuracy"
     out = np.full(scores.shape, np.nan)
     for train, val, test in splits:
-        y_tr, y_va = torch.as_tensor(labels[train]), labels[val]
+        fit = np.concatenate([np.asarray(train), np.asarray(val)]).astype(np.int64)
         for ti in range(scores.shape[0]):
-            x = torch.as_tensor(scores[ti][:, None], dtype=torch.float32)
-            fitted = fit_probes(x[train], y_tr, config.l2_grid, config.fit)
-            with torch.no_grad():
-                scored = [(_score(y_va, p.predict_proba(x[val]).numpy(), config.select_by), p) for p in fitted]
-                _, probe = max(scored, key=lambda s: s[0])
-                out[ti, test] = probe.predict_proba(x[test]).numpy()
+            cut = _fit_threshold(scores[ti, fit], labels[fit], by)
+            out[ti, test] = 1.0 / (1.0 + np.exp(-(scores[ti, test] - cut)))
     return out

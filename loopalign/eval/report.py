@@ -11,7 +11,7 @@ import numpy as np
 
 from loopalign.io import atomic_write, atomic_write_text
 
-__all__ = ["atomic_write", "gap_markdown", "compare_markdown", "plot_gap", "save_gap", "log_wandb"]
+__all__ = ["atomic_write", "controls_markdown", "gap_markdown", "compare_markdown", "plot_gap", "save_gap", "log_wandb"]
 
 
 _write_text = atomic_write_text  # kept for callers of the old private name
@@ -87,6 +87,7 @@ def gap_markdown(result) -> str:
         if tp:
             cells.append(_pct(tp[row["loop"]]["accuracy"]) if row["loop"] in tp else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += controls_markdown(getattr(result, "controls", None), result.metric)
     lines += _robust_tables(result)
     lines += [
         "",
@@ -121,6 +122,92 @@ def gap_markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
+def controls_markdown(controls: dict | None, metric: str) -> list[str]:
+    """The "Controls" section: question-only, author and noise probes next to RR, one line per loop with
+    the share of RR above chance the best control reaches, and flags. Lines (empty without controls)."""
+    if not controls:
+        return []
+    name = _METRIC_NAMES.get(controls.get("metric", metric), metric)
+    q, a, nz = controls.get("question_only") or {}, controls.get("author") or {}, controls.get("noise") or {}
+    ql = {r["loop"]: r for r in q.get("loops", [])}
+    nl = {r["loop"]: r for r in nz.get("loops", [])}
+    lines = [
+        "",
+        "## Controls",
+        "",
+        f"Can RR be explained without reading the answer? Headline metric ({name}) and AUROC, on RR's splits "
+        "(out-of-fold, grouped by task). **Question-only**: a probe on the mean features of the task's *other* "
+        "answers (RR's loop, layer and position), fitted on their labels and scored against this answer's "
+        "label; **author**: the label rate of the answer's author; **noise**: a probe on Gaussian features of "
+        "RR's dimension (must stay at chance). `RR (same)` is RR on the records the question-only control scores.",
+        "",
+    ]
+    if not q.get("available"):
+        lines.append(f"Question-only control not available: {q.get('reason')}.")
+    elif q.get("n_without_others"):
+        lines.append(
+            f"Question-only: {q['n_without_others']} RR-scored records have no other answer to their task (unscored)."
+        )
+    if q.get("available") and q.get("reason"):
+        lines.append(f"Question-only: {q['reason']}.")
+    if a.get("available"):
+        lines.append(
+            f"Author control: field `{a.get('field')}`, {a.get('n_authors')} authors"
+            + (f", {a['n_missing']} records without one (one group)" if a.get("n_missing") else "")
+            + (f"; {a['reason']}" if a.get("reason") else "")
+            + "."
+        )
+    else:
+        lines.append(f"Author control not available: {a.get('reason') or 'no author field'}.")
+    lines += [
+        "",
+        "| loop | RR | question-only | RR (same) | author | noise | AUROC RR | AUROC q-only | AUROC author | AUROC noise |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rr = controls.get("rr") or {}
+    rr_auc = controls.get("rr_auroc") or {}
+    for row in controls.get("summary") or []:
+        t = row["loop"]
+        qr, nr = ql.get(t, {}), nl.get(t, {})
+        n_q = f" (n={qr['n']})" if qr else ""
+        cells = [
+            str(t),
+            _pct(rr.get(str(t))),
+            _pct(qr.get("metric")) + n_q,
+            _pct(qr.get("rr")),
+            _pct(a.get("metric")) if a.get("available") else "n/a",
+            _pct(nr.get("metric")),
+            _pct(rr_auc.get(str(t))),
+            _pct(qr.get("auroc")),
+            _pct(a.get("auroc")) if a.get("available") else "n/a",
+            _pct(nr.get("auroc")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for row in controls.get("summary") or []:
+        parts = []
+        for key, label in (("share_question_only", "question-only"), ("share_author", "author")):
+            if key in row:
+                s = row[key]
+                parts.append(f"{label} {'–' if s is None else f'{100 * s:.0f}%'}")
+        if row.get("best") is not None:
+            text = (
+                f"the best control ({row['best']}) explains {100 * row['best_share']:.0f}% of RR above chance "
+                f"({', '.join(parts)})"
+            )
+        elif row.get("rr") is not None and row["rr"] <= 0.5:
+            text = "RR is at chance: nothing to explain"
+        else:
+            text = "no control available"
+        line = f"- loop {row['loop']}: {text}."
+        if row.get("note"):
+            line += f" Note: {row['note']}."
+        for flag in row.get("flags") or []:
+            line += f" **FLAG**: {flag}."
+        lines.append(line)
+    return lines
+
+
 def _robust_tables(result) -> list[str]:
     """Per metric (accuracy, balanced accuracy, AUROC): SV raw (0.5 rule), SV calibrated (label-fitted
     threshold), RR and both gaps, with CIs."""
@@ -132,7 +219,7 @@ def _robust_tables(result) -> list[str]:
         "",
         "## Threshold-free and balance-robust figures (RR-scored records)",
         "",
-        "SV raw: P(yes) > 0.5. SV calibrated: a threshold fitted on P(yes) exactly as RR's probe is (same "
+        "SV raw: P(yes) > 0.5. SV calibrated: a cut on P(yes) fitted on the labels of RR's train splits (same "
         "splits, out-of-fold). AUROC ranks SV by P(yes) (raw) or its fitted posterior (calibrated) and RR by "
         "the probe posterior. A gap that shrinks from raw to calibrated is calibration, not missing knowledge.",
     ]

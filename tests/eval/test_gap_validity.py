@@ -5,12 +5,10 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from datasets import Dataset
 
 from loopalign.eval import (
     CompareConfig,
-    Features,
     GapConfig,
     GapResult,
     ReadoutConfig,
@@ -20,7 +18,6 @@ from loopalign.eval import (
     cluster_members,
     compare,
     evaluate_gap,
-    fit_readout,
     gap_table,
     make_splits,
     resolve_metric,
@@ -171,38 +168,51 @@ def test_unbalanced_labels_manufacture_an_accuracy_gap_that_balanced_metrics_do_
     assert resolve_metric("auroc", 0.2)[0] == "auroc"
 
 
-def test_sv_threshold_is_fitted_exactly_as_rr_probes_are():
-    """calibrate_scores on a score == fit_readout on a one-dimensional 'hidden state' holding it."""
+def test_sv_threshold_is_fitted_on_rr_splits_out_of_fold():
+    """calibrate_scores fits a cut on each split's train + validation records and scores only its test
+    records (RR's splits: every record once under k-fold, the held-out ones under holdout)."""
     rng = np.random.default_rng(0)
     n_tasks = 60
     y = np.tile([1, 0], n_tasks)
     score = (1.5 * y + rng.standard_normal(2 * n_tasks) + 3.0).astype(np.float32)  # informative, shifted up
-    loops = [1, 2]
     scores = np.stack([score, score[::-1].copy()])
-    feats = Features(
-        ids=[f"r{i}" for i in range(2 * n_tasks)],
-        labels=y,
-        groups=[f"t{i // 2}" for i in range(2 * n_tasks)],
-        loops=loops,
-        layers=[1],
-        num_layers=1,
-        states=torch.as_tensor(scores)[:, None, :, None, None],  # [T, L'=1, N, K=1, H=1]
-        verdict_logp=torch.zeros(2, 2 * n_tasks, 2),
-        verdict_valid=torch.ones(2, 2 * n_tasks, dtype=torch.bool),
-        exit_probs=torch.zeros(2 * n_tasks, 2),
-    )
+    ids, groups = [f"r{i}" for i in range(2 * n_tasks)], [f"t{i // 2}" for i in range(2 * n_tasks)]
     for split in ("kfold", "holdout"):
-        cfg = ReadoutConfig(split=split, folds=4, l2_grid=(1e-2, 1.0))
-        readout = fit_readout(feats, cfg)
-        cal = calibrate_scores(scores, y, readout.splits, cfg)
-        np.testing.assert_allclose(cal, readout.prob, atol=1e-6)
-        assert np.isnan(cal[0]).sum() == (0 if split == "kfold" else 2 * n_tasks - len(readout.eval_index))
-    # the fixed 0.5 rule on sigmoid(score) says "yes" to nearly all; the fitted threshold does not
+        cfg = ReadoutConfig(split=split, folds=4)
+        splits = make_splits(ids, y, groups, cfg)
+        cal = calibrate_scores(scores, y, splits, cfg)
+        scored = np.concatenate([test for _, _, test in splits])
+        assert np.isnan(cal[0]).sum() == 2 * n_tasks - len(np.unique(scored))
+        for train, val, test in splits:  # the cut comes from the fitting records only
+            moved = scores.copy()
+            moved[:, test] += 100.0  # test scores far above: all "yes" whatever the cut fitted elsewhere
+            assert (calibrate_scores(moved, y, [(train, val, test)], cfg)[:, test] > 0.5).all()
+    # the fixed 0.5 rule on sigmoid(score) says "yes" to nearly all; the fitted cut does not
     raw = 1 / (1 + np.exp(-score))
-    cal = calibrate_scores(scores[:1], y, make_splits(feats.ids, y, feats.groups, ReadoutConfig(split="kfold")))
+    cal = calibrate_scores(scores[:1], y, make_splits(ids, y, groups, ReadoutConfig(split="kfold")))
     assert balanced_accuracy(y, (raw > 0.5).astype(int)) < 0.55
     assert balanced_accuracy(y, (cal[0] > 0.5).astype(int)) > 0.7
     assert auroc(y, cal[0]) == pytest.approx(auroc(y, raw), abs=0.05)
+
+
+def test_calibrated_sv_is_not_worse_than_raw_on_a_biased_score():
+    """The organism's case: biased items say P(yes) = 1 to both answers; elsewhere the score is
+    informative around 0. A likelihood fit puts its cut among the P(yes) = 1 mass and scores 50%;
+    the fitted cut keeps SV's own rule, or a better one."""
+    rng = np.random.default_rng(1)
+    n_tasks = 200
+    y = np.tile([1, 0], n_tasks)
+    biased = np.repeat(rng.random(n_tasks) < 0.35, 2)
+    score = np.where(biased, 12.0, 1.2 * (2 * y - 1) + rng.standard_normal(2 * n_tasks))
+    ids, groups = [f"r{i}" for i in range(2 * n_tasks)], [f"t{i // 2}" for i in range(2 * n_tasks)]
+    for split in ("kfold", "holdout"):
+        cfg = ReadoutConfig(split=split, folds=5)
+        splits = make_splits(ids, y, groups, cfg)
+        cal = calibrate_scores(score[None], y, splits, cfg)[0]
+        ok = ~np.isnan(cal)
+        raw_acc = ((score[ok] > 0) == (y[ok] == 1)).mean()
+        cal_acc = ((cal[ok] > 0.5) == (y[ok] == 1)).mean()
+        assert raw_acc > 0.6 and cal_acc >= raw_acc - 0.03, (split, raw_acc, cal_acc)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
