@@ -81,6 +81,15 @@ def main(argv=None):
     ap.add_argument(
         "--verdict-depth", type=int, default=None, help="loop of the --compare verdict (default: the trained depth)"
     )
+    ap.add_argument(
+        "--no-controls", action="store_true", help="skip the shortcut controls (question-only, author, noise probes)"
+    )
+    ap.add_argument(
+        "--author-field",
+        default="auto",
+        help="record field naming each answer's author for the author control ('auto' looks for author, "
+        "source_model, model, policy; 'none' turns it off)",
+    )
     args = ap.parse_args(argv)
 
     if args.data is None and args.model not in LOCAL_MODELS:
@@ -110,6 +119,8 @@ def main(argv=None):
         task=TaskConfig(max_new_tokens=args.tp_max_new_tokens, batch_size=args.batch_size) if args.tp else None,
         tp_loops=args.tp_loops,
         sampled_verdict=args.sampled_verdict,
+        controls=not args.no_controls,
+        author_field=None if args.author_field.lower() == "none" else args.author_field,
     )
     result = evaluate_gap(
         model,

@@ -1,0 +1,41 @@
+"""recipes/eval_gap.py end to end on the tiny model: the report carries the shortcut controls, and
+the CLI turns them off."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(tmp_path, *extra):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    args = ["--model", "tiny", "--loops", "1,2", "--n-problems", "12", "--split", "kfold", "--folds", "3"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), *args, "--n-boot", "50", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "gap.json").read_text()), (out / "gap.md").read_text()
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-controls",), ("--author-field", "none")])
+def test_eval_gap_recipe_reports_controls_unless_turned_off(tmp_path, flags):
+    data, md = _run(tmp_path, *flags)
+    if "--no-controls" in flags:
+        assert data.get("controls") is None and "## Controls" not in md
+        return
+    controls = data["controls"]
+    assert [row["loop"] for row in controls["noise"]["loops"]] == [1, 2]
+    assert "## Controls" in md
+    assert not controls["author"]["available"]  # synthetic records name no author
+    off = "--author-field" in flags
+    assert controls["author"]["reason"].startswith("off") == off, controls["author"]["reason"]
