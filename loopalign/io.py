@@ -36,21 +36,24 @@ def current_umask() -> int:
     return mask
 
 
-def apply_umask(path: str | os.PathLike, folder: bool | None = None) -> None:
-    """Give ``path`` the mode a plain ``open`` (0666) or ``mkdir`` (0777) would, less the umask."""
+def apply_umask(path: str | os.PathLike, folder: bool | None = None, umask: int | None = None) -> None:
+    """Give ``path`` the mode a plain ``open`` (0666) or ``mkdir`` (0777) would, less the umask
+    (``umask``: the process umask when None)."""
     folder = os.path.isdir(path) if folder is None else folder
-    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+    umask = current_umask() if umask is None else umask
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
 
 
 def apply_umask_tree(root: str | os.PathLike) -> None:
     """:func:`apply_umask` on ``root`` and everything under it (links are left alone). For folders
     that other libraries wrote into: transformers' ``save_pretrained`` writes its safetensors 0600."""
-    apply_umask(root, folder=True)
+    umask = current_umask()
+    apply_umask(root, folder=True, umask=umask)
     for folder, dirs, files in os.walk(root):
         for name in dirs + files:
             path = os.path.join(folder, name)
             if not os.path.islink(path):
-                apply_umask(path, folder=name in dirs)
+                apply_umask(path, folder=name in dirs, umask=umask)
 
 
 def make_temp_dir(parent: str | os.PathLike, prefix: str) -> str:

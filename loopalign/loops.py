@@ -21,6 +21,7 @@ __all__ = [
     "resolve_exit",
     "loop_logits",
     "gather_positions",
+    "head_dtype",
 ]
 
 
@@ -132,6 +133,14 @@ def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
+def head_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of a head module's first floating-point parameter (None: it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
 def loop_logits(
     lm_head: torch.nn.Module,
     loop_hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor],
@@ -141,11 +150,15 @@ def loop_logits(
     """Per-loop logits at chosen positions only: -> [T', B, K, V].
 
     loop_hidden_states: T x [B,S,H]; positions: long [B,K] or [K] (None = every position, only
-    when asked: that is T x B x S x V floats); loops: which loops (default all).
+    when asked: that is T x B x S x V floats); loops: which loops (default all). The gathered states
+    are cast to the head's dtype (under mixed precision accelerate hands a bf16 model's states back
+    in float32).
     """
     loops = list(range(len(loop_hidden_states))) if loops is None else loops
     states = []
     for t in loops:
         h = loop_hidden_states[t]
         states.append(h if positions is None else gather_positions(h, positions))
-    return lm_head(torch.stack(states, dim=0))
+    stacked = torch.stack(states, dim=0)
+    dtype = head_dtype(lm_head)
+    return lm_head(stacked if dtype is None else stacked.to(dtype))

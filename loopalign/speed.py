@@ -84,10 +84,11 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor", mode: st
     return len(layers)
 
 
-def set_cpu_threads(on_cpu: bool | None = None, default: int = 1) -> int | None:
+def set_cpu_threads(on_cpu: bool | None = None, default: int = 1, announce: bool = False) -> int | None:
     """Set torch's CPU thread count for a run on the CPU: ``default`` (1) unless ``OMP_NUM_THREADS``
     names another count (set by the user, or per process by ``accelerate launch``). -> the count
-    set, or None when the run is not on the CPU (``on_cpu``; default: no CUDA device).
+    set, or None when the run is not on the CPU (``on_cpu``; None: when there is no CUDA device).
+    ``announce`` prints the count (for the main process of a recipe).
 
     Why 1: on loopalign's small CPU models a 2-core machine gains about 15% from a second thread
     when idle, and loses 3x when another process is busy (the threads wait on each other);
@@ -108,4 +109,6 @@ def set_cpu_threads(on_cpu: bool | None = None, default: int = 1) -> int | None:
         if threads < 1:
             raise ValueError(f"OMP_NUM_THREADS must be a positive integer, got {value!r}")
     torch.set_num_threads(threads)
+    if announce:
+        print(f"torch CPU threads: {threads} (OMP_NUM_THREADS sets another count)", flush=True)
     return threads

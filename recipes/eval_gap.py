@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from data_builders.verification import synthetic_verification_records
 from loopalign.eval import (
     LOCAL_MODELS,
@@ -95,9 +93,7 @@ def main(argv=None):
     if args.data is None and args.model not in LOCAL_MODELS:
         ap.error(f"--data is required unless --model is one of {LOCAL_MODELS}")
     out_dir = args.out or f"outputs/eval_gap_{args.model if args.model in LOCAL_MODELS else 'model'}"
-    threads = set_cpu_threads(on_cpu=args.device == "cpu" or not torch.cuda.is_available())
-    if threads:
-        print(f"torch CPU threads: {threads} (OMP_NUM_THREADS sets another count)")
+    set_cpu_threads(on_cpu=args.device == "cpu" or None, announce=True)
     model, tok = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     if args.data is None:
         levels = tuple(int(x) for x in args.levels.split(","))

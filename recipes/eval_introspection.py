@@ -16,7 +16,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
 from trl import TrlParser
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
@@ -131,9 +130,7 @@ def intro_config(args, **overrides) -> IntrospectionConfig:
 
 def main(args: EvalIntrospectionArguments) -> dict:
     t0 = time.time()
-    threads = set_cpu_threads(on_cpu=args.device == "cpu" or not torch.cuda.is_available())
-    if threads:
-        print(f"torch CPU threads: {threads} (OMP_NUM_THREADS sets another count)")
+    set_cpu_threads(on_cpu=args.device == "cpu" or None, announce=True)
     model, tok, label = load_model_and_tokenizer(args.model_name_or_path, args.dtype, args.device, args.seed)
     cfg = intro_config(args)
     max_n = max(cfg.loop_counts or (model.config.total_ut_steps,))

@@ -19,7 +19,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
 from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser, get_peft_config
 
@@ -139,9 +138,7 @@ def _rates_table(before, after) -> str:
 
 def main(script_args: IntrospectionScriptArguments, training_args: IntrospectionGRPOConfig, model_args: ModelConfig):
     t0 = time.time()
-    threads = set_cpu_threads(on_cpu=training_args.use_cpu or not torch.cuda.is_available())
-    if threads and training_args.process_index == 0:
-        print(f"torch CPU threads: {threads} (OMP_NUM_THREADS sets another count)")
+    set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
     model, tok, label = load_model_and_tokenizer(
         model_args.model_name_or_path, model_args.dtype, "cpu" if training_args.use_cpu else None, training_args.seed
     )

@@ -16,7 +16,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
@@ -129,9 +128,7 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
 
 
 def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> None:
-    threads = set_cpu_threads(on_cpu=training_args.use_cpu or not torch.cuda.is_available())
-    if threads and training_args.process_index == 0:
-        print(f"torch CPU threads: {threads} (OMP_NUM_THREADS sets another count)")
+    set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     with training_args.main_process_first(desc="building the verification dataset"):
         train_ds, eval_ds = load_datasets(script_args, model_args.model_name_or_path, tokenizer, training_args)

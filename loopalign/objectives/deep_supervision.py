@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from loopalign.loops import head_dtype
+
 __all__ = [
     "FrozenHeadCrossEntropy",
     "per_loop_token_losses",
@@ -38,14 +40,6 @@ def shifted_targets(labels: torch.Tensor, ignore_index: int = -100) -> tuple[tor
     flat = target.reshape(-1)
     index = (flat != ignore_index).nonzero(as_tuple=True)[0]
     return index, flat[index]
-
-
-def head_dtype(module: torch.nn.Module) -> torch.dtype | None:
-    """The dtype of a head module's first floating-point parameter (None: it has none)."""
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
 
 
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -127,6 +121,7 @@ def _loop_losses(lm_head, hidden, index, target, chunk_size, plain) -> torch.Ten
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
     if plain and torch.is_grad_enabled() and flat.requires_grad and not lm_head.weight.requires_grad:
         return FrozenHeadCrossEntropy.apply(flat, lm_head.weight, target, chunk_size)
+    dtype = None if plain else head_dtype(lm_head)
     parts = []
     for start in range(0, flat.shape[0], chunk_size):
         h, y = flat[start : start + chunk_size], target[start : start + chunk_size]
@@ -135,7 +130,6 @@ def _loop_losses(lm_head, hidden, index, target, chunk_size, plain) -> torch.Ten
         elif plain:
             parts.append(_chunk_ce(h, lm_head.weight, y))
         else:
-            dtype = head_dtype(lm_head)
             parts.append(F.cross_entropy(lm_head(h if dtype is None else h.to(dtype)).float(), y, reduction="none"))
     return torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
 

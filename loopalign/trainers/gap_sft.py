@@ -43,7 +43,6 @@ from loopalign.objectives import (
     verbal_log_probs,
     weighted_loop_loss,
 )
-from loopalign.objectives.deep_supervision import head_dtype
 from loopalign.speed import CHECKPOINT_POLICIES, compile_decoder_layers
 
 from .gap_data import PROBE_POSITIONS, GapCollator, build_gap_features, verdict_token_ids
@@ -371,11 +370,7 @@ class GapSFTTrainer(SFTTrainer):
             gates = torch.stack(out.gate_logits, dim=-1).reshape(-1, self.num_loops)[index]
             terms["gate"] = ouro_gate_loss(token_losses, gates)
 
-        # gathered first, then cast to the head's dtype (a bf16 head gets bf16 rows, not float32 ones)
-        dtype = head_dtype(lm_head)
-        verdict_states = [gather_positions(h, inputs["verdict_index"][:, None]) for h in out.loop_hidden_states]
-        verdict_states = [h if dtype is None else h.to(dtype) for h in verdict_states]
-        verdict_logits = loop_logits(lm_head, verdict_states)[:, :, 0]
+        verdict_logits = loop_logits(lm_head, out.loop_hidden_states, inputs["verdict_index"][:, None])[:, :, 0]
         p_yes = verbal_log_probs(verdict_logits.detach(), self.yes_id, self.no_id).exp()  # [T,B]
         per_loop["sv"] = ((p_yes > 0.5).long() == labels).float().mean(dim=1)
         probes = getattr(unwrapped, "loop_probes", None)
