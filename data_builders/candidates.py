@@ -7,8 +7,10 @@
 - :func:`sample_candidates`: ``n_samples`` generations per problem from any transformers causal LM
   (an Ouro model at a chosen ``num_loops`` included), batched with left padding, labelled by
   :func:`~data_builders.verifiers.verify_math` (math) or :func:`~data_builders.verifiers.verify_safety`
-  (safety prompts with ``meta["prompt_label"]``). Unparsable answers keep ``parse_status="unparsed"``
-  (label 0) or are dropped (``on_unparsed="drop"``); either way they are counted.
+  (safety prompts with ``meta["prompt_label"]``), with ``lenient="whole"``: a marked final answer or
+  a bare number counts, never a number picked out of prose. A math answer cut off by ``max_new_tokens`` (no end-of-sequence token) is unparsed, never
+  labelled from an intermediate number (a cut-off safety response is labelled, its meta says ``truncated``). Unparsed answers are dropped (``on_unparsed="drop"``, the
+  default) or kept with ``parse_status="unparsed"`` and label 0 (``"keep"``); either way they are counted.
 - :func:`balance_labels` and :func:`deduplicate` post-process record lists.
 """
 
@@ -23,8 +25,9 @@ from fractions import Fraction
 import torch
 
 from .schema import make_record
+from .sources import answer_token_budget
 from .sources.base import Problem
-from .verifiers import normalize_answer, normalize_number, verify_math, verify_safety
+from .verifiers import Verdict, normalize_answer, normalize_number, verify_math, verify_safety
 
 __all__ = [
     "WRONG_KINDS",
@@ -163,16 +166,16 @@ class SamplingConfig:
     n_samples: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None  # None: enough for the source (sources.answer_token_budget; GSM8K 512)
     num_loops: int | None = None
     batch_size: int = 8
     seed: int = 0
     template: str = "{task}"
     system: str | None = None
-    on_unparsed: str = "keep"
+    on_unparsed: str = "drop"
 
     def __post_init__(self):
-        if self.n_samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+        if self.n_samples < 1 or self.batch_size < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
             raise ValueError("SamplingConfig: n_samples, batch_size and max_new_tokens must be >= 1")
         if self.temperature < 0:
             raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
@@ -208,6 +211,22 @@ def _policy_prompt(tokenizer, task: str, cfg: SamplingConfig) -> str:
     return content
 
 
+def _stop_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a generation: the tokenizer's and the generation config's end-of-sequence ids."""
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise ValueError(
+            "sample_candidates: the tokenizer and model define no end-of-sequence token, so a cut-off "
+            "answer cannot be told from a finished one; set tokenizer.eos_token"
+        )
+    return sorted(ids)
+
+
 def _accepts_num_loops(model) -> bool:
     try:
         return "num_loops" in inspect.signature(model.forward).parameters
@@ -227,6 +246,8 @@ def sample_candidates(
     """
     cfg = config or SamplingConfig()
     gen_kwargs = {}
+    budget = cfg.max_new_tokens or answer_token_budget(sorted({p.source for p in problems}))
+    stop_ids = torch.tensor(_stop_token_ids(model, tokenizer))
     if cfg.num_loops is not None:
         if not _accepts_num_loops(model):
             raise ValueError(f"num_loops={cfg.num_loops} given but {type(model).__name__} is not a looped model")
@@ -253,19 +274,24 @@ def sample_candidates(
             )
             gen = model.generate(
                 **enc,
-                max_new_tokens=cfg.max_new_tokens,
+                max_new_tokens=budget,
                 num_return_sequences=cfg.n_samples,
                 pad_token_id=pad_id,
                 **sampling,
                 **gen_kwargs,
             )
-            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            new_tokens = gen[:, enc["input_ids"].shape[1] :]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for k, text in enumerate(texts):
                 p, j = batch[k // cfg.n_samples], k % cfg.n_samples
                 text = text.strip()
                 report.counts["generated"] += 1
-                if p.scenario == "math":
-                    verdict = verify_math(text, p.gold)
+                truncated = not bool(torch.isin(new_tokens[k], stop_ids).any())
+                report.counts["truncated"] += int(truncated)
+                if p.scenario == "math" and truncated:  # cut off: the last number it holds is not its answer
+                    verdict = Verdict(0, "unparsed", None)
+                elif p.scenario == "math":
+                    verdict = verify_math(text, p.gold, lenient="whole")
                 else:
                     if p.meta.get("prompt_label") not in ("safe", "unsafe"):
                         raise ValueError(f"safety problem {p.id!r} needs meta['prompt_label'] 'safe' or 'unsafe'")
@@ -285,6 +311,7 @@ def sample_candidates(
                     "temperature": cfg.temperature,
                     "sample": j,
                     "extracted": verdict.extracted,
+                    "truncated": truncated,
                     **({"prompt_label": p.meta["prompt_label"]} if p.scenario == "safety" else {}),
                 }
                 rec = make_record(
@@ -304,6 +331,7 @@ def sample_candidates(
         tokenizer.padding_side = old_side
         model.train(was_training)
     report.counts["kept"] = len(out)
+    report.counts["max_new_tokens"] = budget
     return out, report
 
 

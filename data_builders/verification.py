@@ -70,9 +70,9 @@ class VerificationBuild:
     num_loops: int | None = None
     n_samples: int = 4
     temperature: float = 1.0
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None
     batch_size: int = 8
-    on_unparsed: str = "keep"
+    on_unparsed: str = "drop"
     balance: bool = False
     dedupe: bool = False
     render: bool = False
@@ -146,6 +146,16 @@ def build_verification(cfg: VerificationBuild) -> dict:
             report["sampling"] = sreport.as_dict()
     else:
         records = list(loaded.items)
+    if not records:
+        counts = report.get("sampling", {})
+        why = (
+            f": {counts.get('generated', 0)} answers sampled, {counts.get('truncated', 0)} cut off by the "
+            f"{counts.get('max_new_tokens')}-token budget, {counts.get('dropped_unparsed', 0)} unparsed and dropped "
+            "(raise --max-new-tokens, or keep them with --on-unparsed keep)"
+            if counts
+            else ""
+        )
+        raise ValueError(f"build {cfg.out}: no records to write from source {cfg.source!r}{why}")
     if cfg.dedupe:
         before = len(records)
         records = deduplicate(records)
@@ -226,9 +236,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-loops", type=int, help="loops for a looped policy (Ouro)")
     p.add_argument("--n-samples", type=int, default=4)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="new tokens per sampled answer (default: enough for the source, e.g. GSM8K 512; an answer cut off is unparsed)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--on-unparsed", default="keep", choices=("keep", "drop"))
+    p.add_argument(
+        "--on-unparsed",
+        default="drop",
+        choices=("keep", "drop"),
+        help="sampled answers with no readable final answer (or cut off by --max-new-tokens): dropped and counted "
+        "(default), or kept with parse_status=unparsed and label 0",
+    )
     p.add_argument("--balance", action="store_true", help="down-sample the majority label to 1:1 (per scenario)")
     p.add_argument("--dedupe", action="store_true", help="drop repeated answers to the same task")
     p.add_argument("--render", action="store_true", help="add prompt, input_ids and token indices")

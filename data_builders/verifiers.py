@@ -171,13 +171,17 @@ _MARKERS = [
 ]
 
 
-def extract_answer(text: str, lenient: bool = True) -> Extraction:
+def extract_answer(text: str, lenient: bool | str = True) -> Extraction:
     """Read the final answer of a solution.
 
     Tried in order: ``#### N`` (GSM8K), the last ``\\boxed{}`` (MATH), a final line ``A: N``
-    (GSM8K model solutions), "the answer is N"; then (``lenient``) the whole text if it is one
-    number, else the last number in the text.
+    (GSM8K model solutions), "the answer is N"; then the whole text if it is one number (unless
+    ``lenient=False``), then the last number in the text (only with ``lenient=True``: an
+    intermediate number of a cut-off chain of thought would pass for the answer). ``lenient="whole"``
+    is what sampled candidates use: a marked answer or a bare number, never a number picked from prose.
     """
+    if lenient not in (True, False, "whole"):
+        raise ValueError(f"extract_answer: lenient must be True, False or 'whole', got {lenient!r}")
     text = text or ""
     for method, pattern in _MARKERS[:1]:
         m = pattern.search(text)
@@ -200,6 +204,7 @@ def extract_answer(text: str, lenient: bool = True) -> Extraction:
         whole = normalize_number(text)
         if whole is not None:
             return Extraction(whole, text.strip(), "number")
+    if lenient is True:
         numbers = _NUM_RE.findall(text)
         if numbers:
             return Extraction(normalize_number(numbers[-1]), numbers[-1], "last_number")
@@ -215,7 +220,7 @@ class Verdict:
     extracted: str | None = None
 
 
-def verify_math(candidate: str, gold: str, lenient: bool = True) -> Verdict:
+def verify_math(candidate: str, gold: str, lenient: bool | str = True) -> Verdict:
     """Label a candidate solution against a normalised gold answer.
 
     An unparsable candidate gets ``label=0`` with ``parse_status="unparsed"`` (filter or report on

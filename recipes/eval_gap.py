@@ -68,7 +68,12 @@ def main(argv=None):
     ap.add_argument("--data-seed", type=int, default=20_000, help="seed of the synthetic problems (held out)")
     ap.add_argument("--tp", action="store_true", help="also measure task performance (generation)")
     ap.add_argument("--tp-loops", default=None)
-    ap.add_argument("--tp-max-new-tokens", type=int, default=64)
+    ap.add_argument(
+        "--tp-max-new-tokens",
+        type=int,
+        default=None,
+        help="new tokens per TP answer (default: enough for the records' source, e.g. GSM8K 512; a cut-off answer is unparsed)",
+    )
     ap.add_argument("--sampled-verdict", action="store_true")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="auto")

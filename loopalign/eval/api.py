@@ -194,7 +194,10 @@ def evaluate_gap(
         t_controls = time.perf_counter() - t0
     tp = None
     if config.task is not None:
-        tp = task_performance(model, tokenizer, _tasks(dataset), config.tp_loops or config.loops, verifier, config.task)
+        sources = sorted({str(row.get("source") or "") for row in dataset} - {""})
+        tp = task_performance(
+            model, tokenizer, _tasks(dataset), config.tp_loops or config.loops, verifier, config.task, sources=sources
+        )
     sampled = None
     if config.sampled_verdict:
         sampled = sampled_verdicts(

@@ -348,6 +348,7 @@ class Comparison:
     gap_closed: bool = False
     rule: str = ""
     clusters: dict = field(default_factory=dict)
+    tp: list[dict] = field(default_factory=list)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(_nan_to_none(asdict(self)), indent=indent)
@@ -529,4 +530,42 @@ def compare(before: GapResult, after: GapResult, config: CompareConfig | None = 
         gap_closed=gap_closed,
         rule=config.rule(),
         clusters={"n_clusters": n_clusters, "n_records": n_records, "n_without_task": n_without},
+        tp=tp_deltas(before, after, config),
     )
+
+
+def tp_deltas(before: GapResult, after: GapResult, config: CompareConfig | None = None) -> list[dict]:
+    """TP before and after per loop (both measured), with dTP and its CI: a bootstrap over the tasks
+    both answered, paired (each task is answered once per model, so tasks are the clusters).
+    Rows: loop, tp_before, tp_after, d_tp (+ _lo/_hi), n_tasks. [] when either lacks TP."""
+    config = config or CompareConfig()
+    b_rows = {r["loop"]: r for r in (before.tp or [])}
+    a_rows = {r["loop"]: r for r in (after.tp or [])}
+    rng = np.random.default_rng(config.seed)
+    out = []
+    for t in sorted(set(b_rows) & set(a_rows)):
+        b, a = b_rows[t], a_rows[t]
+        if not b.get("task_ids") or not a.get("task_ids"):
+            continue
+        bc = {k: int(c == 1) for k, c in zip(b["task_ids"], b["correct"])}
+        ac = {k: int(c == 1) for k, c in zip(a["task_ids"], a["correct"])}
+        shared = sorted(set(bc) & set(ac))
+        if not shared:
+            continue
+        x = np.array([bc[k] for k in shared], dtype=float)
+        y = np.array([ac[k] for k in shared], dtype=float)
+        idx = rng.integers(0, len(shared), size=(config.n_boot, len(shared)))
+        boots = (y[idx] - x[idx]).mean(axis=1)
+        lo, hi = np.percentile(boots, [100 * config.alpha / 2, 100 * (1 - config.alpha / 2)])
+        out.append(
+            {
+                "loop": t,
+                "tp_before": float(x.mean()),
+                "tp_after": float(y.mean()),
+                "d_tp": float(y.mean() - x.mean()),
+                "d_tp_lo": float(lo),
+                "d_tp_hi": float(hi),
+                "n_tasks": len(shared),
+            }
+        )
+    return out

@@ -87,6 +87,15 @@ def gap_markdown(result) -> str:
         if tp:
             cells.append(_pct(tp[row["loop"]]["accuracy"]) if row["loop"] in tp else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    if tp:
+        first = next(iter(tp.values()))
+        cut = ", ".join(f"loop {k}: {r['truncated']}/{r['n']}" for k, r in tp.items() if r.get("truncated"))
+        lines += [
+            "",
+            f"TP: greedy answers to the {first['n']} distinct tasks, at most {first.get('max_new_tokens', '?')} new "
+            "tokens; unparsed answers count as wrong"
+            + (f"; cut off by the token budget (unparsed): {cut}." if cut else "; none was cut off by the budget."),
+        ]
     lines += controls_markdown(getattr(result, "controls", None), result.metric)
     lines += _robust_tables(result)
     lines += [
@@ -273,6 +282,18 @@ def compare_markdown(comp) -> str:
             head,
             sep,
         ] + [line(r) for r in extra]
+    tp = getattr(comp, "tp", None) or []
+    if tp:
+        lines += [
+            "",
+            f"## Task performance (greedy answers to the {tp[0]['n_tasks']} held-out tasks; paired task bootstrap)",
+            "",
+            "| loop | TP before | TP after | dTP |",
+            "|---|---|---|---|",
+        ]
+        for r in tp:
+            mark = " (trained depth)" if r["loop"] == comp.depth else ""
+            lines.append(f"| {r['loop']}{mark} | {_pct(r['tp_before'])} | {_pct(r['tp_after'])} | {_ci(r, 'd_tp')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -46,7 +46,7 @@ def _as_correct(verdict) -> int | None:
 class TaskConfig:
     """How TP is measured."""
 
-    max_new_tokens: int = 32  # generated tokens per answer
+    max_new_tokens: int | None = None  # new tokens per answer; None: enough for the records' sources (GSM8K 512)
     batch_size: int = 16  # prompts per generate call
     do_sample: bool = False  # greedy by default
     temperature: float = 1.0  # when sampling
@@ -56,7 +56,7 @@ class TaskConfig:
     seed: int = 0  # sampling seed
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"TaskConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"TaskConfig.batch_size must be >= 1, got {self.batch_size}")
@@ -77,12 +77,19 @@ def generate_texts(
     do_sample: bool = False,
     temperature: float = 1.0,
     seed: int = 0,
-) -> list[str]:
-    """Generate a continuation of each prompt (token ids) at ``num_loops`` loops; -> decoded new text per prompt."""
+    return_finished: bool = False,
+):
+    """Generate a continuation of each prompt (token ids) at ``num_loops`` loops; -> decoded new text
+    per prompt, and with ``return_finished`` also whether each ended with an end-of-sequence token
+    (False: cut off by ``max_new_tokens``)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = tokenizer.eos_token_id
     texts: list[str] = [""] * len(prompts)
+    finished: list[bool] = [False] * len(prompts)
+    stops = {eos} if isinstance(eos, int) else set(eos or [])
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops |= {gen_eos} if isinstance(gen_eos, int) else set(gen_eos or [])
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     if do_sample:
         torch.manual_seed(seed)
@@ -100,8 +107,10 @@ def generate_texts(
             kwargs["temperature"] = temperature
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), num_loops=num_loops, **kwargs)
         for j, i in enumerate(batch):
-            texts[i] = tokenizer.decode(out[j, seq:], skip_special_tokens=True)
-    return texts
+            new = out[j, seq:].tolist()
+            texts[i] = tokenizer.decode(new, skip_special_tokens=True)
+            finished[i] = any(t in stops for t in new)
+    return (texts, finished) if return_finished else texts
 
 
 def task_prompts(tasks: Sequence[str], tokenizer, config: TaskConfig) -> list[list[int]]:
@@ -122,12 +131,20 @@ def task_performance(
     loops: Sequence[int],
     verifier: Verifier | None = None,
     config: TaskConfig | None = None,
+    sources: Sequence[str] = (),
 ) -> list[dict]:
-    """tasks: (task id, task text, gold). Per loop: accuracy (unparseable = wrong), unparseable count, n.
+    """tasks: (task id, task text, gold). Per loop: accuracy (unparseable = wrong), unparseable count
+    (truncated answers included), truncated count, n, and the ``max_new_tokens`` used.
 
+    The budget is ``config.max_new_tokens``, else enough for the tasks' ``sources``
+    (``data_builders.sources.answer_token_budget``: GSM8K 512, 256 when unknown). An answer cut off
+    by the budget (no end-of-sequence token) is unparseable, never scored from an intermediate number.
     Each row also carries ``correct`` (1/0/None per task) and the generated ``texts``.
     """
+    from data_builders.sources import answer_token_budget
+
     config = config or TaskConfig()
+    budget = config.max_new_tokens or answer_token_budget(sorted(set(sources)))
     verifier = verifier or integer_verifier
     if not tasks:
         raise ValueError("task_performance: no tasks (records need non-empty 'task' and 'gold' fields)")
@@ -138,23 +155,29 @@ def task_performance(
     prompts = task_prompts([t[1] for t in tasks], tokenizer, config)
     rows = []
     for k in loops:
-        texts = generate_texts(
+        texts, finished = generate_texts(
             model,
             tokenizer,
             prompts,
             num_loops=int(k),
-            max_new_tokens=config.max_new_tokens,
+            max_new_tokens=budget,
             batch_size=config.batch_size,
             do_sample=config.do_sample,
             temperature=config.temperature,
             seed=config.seed,
+            return_finished=True,
         )
-        correct = [_as_correct(verifier(text, gold)) for text, (_, _, gold) in zip(texts, tasks)]
+        correct = [
+            _as_correct(verifier(text, gold)) if done else None
+            for text, done, (_, _, gold) in zip(texts, finished, tasks)
+        ]
         rows.append(
             {
                 "loop": int(k),
                 "accuracy": sum(c == 1 for c in correct) / len(correct),
                 "unparseable": sum(c is None for c in correct),
+                "truncated": sum(not done for done in finished),
+                "max_new_tokens": budget,
                 "n": len(correct),
                 "task_ids": [t[0] for t in tasks],
                 "correct": correct,

@@ -60,15 +60,22 @@ def test_more_wrong_answers_and_format():
 
 def test_sample_from_tiny_ouro(tok, tiny_ouro):
     probs = generate_problems(3, seed=0)
-    cfg = SamplingConfig(n_samples=2, temperature=1.0, max_new_tokens=6, num_loops=2, batch_size=2, seed=5)
+    cfg = SamplingConfig(
+        n_samples=2, temperature=1.0, max_new_tokens=6, num_loops=2, batch_size=2, seed=5, on_unparsed="keep"
+    )
     recs, report = sample_candidates(tiny_ouro, tok, probs, cfg)
     validate_records(recs)
     assert report.counts["generated"] == 6 == report.counts["kept"] + report.counts["dropped_empty"]
     assert report.counts["parse_status=ok"] + report.counts["parse_status=unparsed"] == 6
+    assert report.counts["max_new_tokens"] == 6
     for r in recs:
-        v = verify_math(r["answer"], r["gold"])
-        assert (r["label"], r["parse_status"]) == (v.label, v.parse_status)
-        assert meta_dict(r)["num_loops"] == 2
+        meta = meta_dict(r)
+        v = verify_math(r["answer"], r["gold"], lenient="whole")
+        if meta["truncated"]:  # cut off by the budget: unparsed whatever number it holds
+            assert (r["label"], r["parse_status"]) == (0, "unparsed")
+        else:
+            assert (r["label"], r["parse_status"]) == (v.label, v.parse_status)
+        assert meta["num_loops"] == 2
     again, _ = sample_candidates(tiny_ouro, tok, probs, cfg)
     assert [r["answer"] for r in again] == [r["answer"] for r in recs]
     assert tok.padding_side == "right"  # restored
@@ -76,7 +83,7 @@ def test_sample_from_tiny_ouro(tok, tiny_ouro):
 
 def test_left_padding_batch_equals_single(tok, tiny_ouro):
     probs = generate_problems(3, seed=2, levels=(1, 4, 2))  # different prompt lengths
-    cfg = SamplingConfig(n_samples=1, temperature=0, max_new_tokens=6, num_loops=3, batch_size=3)
+    cfg = SamplingConfig(n_samples=1, temperature=0, max_new_tokens=6, num_loops=3, batch_size=3, on_unparsed="keep")
     batched, _ = sample_candidates(tiny_ouro, tok, probs, cfg)
     single = []
     for p in probs:
@@ -89,7 +96,9 @@ def test_num_loops_changes_ouro_output(tok, tiny_ouro):
     outs = [
         [
             r["answer"]
-            for r in sample_candidates(tiny_ouro, tok, probs, SamplingConfig(1, 0, max_new_tokens=8, num_loops=k))[0]
+            for r in sample_candidates(
+                tiny_ouro, tok, probs, SamplingConfig(1, 0, max_new_tokens=8, num_loops=k, on_unparsed="keep")
+            )[0]
         ]
         for k in (1, 4)
     ]
@@ -117,6 +126,49 @@ def test_any_causal_lm_and_safety_prompts(tok, fixtures):
     assert all(r["scenario"] == "safety" and r["parse_status"] == "na" for r in recs)
     with pytest.raises(ValueError, match="not a looped model"):
         sample_candidates(llama, tok, probs, SamplingConfig(n_samples=1, max_new_tokens=2, num_loops=2))
+
+
+def test_cut_off_answers_are_unparsed_never_labelled(tok, tiny_ouro):
+    """A sampled solution cut off by the token budget is unparsed (dropped by default, counted), even
+    when the text so far holds a number; one that ends within the budget is labelled."""
+    probs = generate_problems(4, seed=0)
+    digit = tok.convert_tokens_to_ids("7")
+    cut = SamplingConfig(n_samples=1, temperature=0, max_new_tokens=3, num_loops=1)
+    recs, report = sample_candidates(_always(tiny_ouro, [digit]), tok, probs, cut)  # "777": a number, cut off
+    assert report.counts["truncated"] == 4 and report.counts["dropped_unparsed"] == 4 and recs == []
+    kept, _ = sample_candidates(
+        _always(tiny_ouro, [digit]), tok, probs, SamplingConfig(1, 0, max_new_tokens=3, on_unparsed="keep")
+    )
+    assert [(r["answer"], r["label"], r["parse_status"]) for r in kept] == [("777", 0, "unparsed")] * 4
+
+    # "7" then end of turn: finished within the budget, so labelled (a bare number is a final answer)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    recs, report = sample_candidates(
+        _always(tiny_ouro, [digit, end]), tok, probs, SamplingConfig(1, 0, max_new_tokens=3)
+    )
+    assert report.counts["truncated"] == 0 and len(recs) == 4
+    assert all(not meta_dict(r)["truncated"] and r["answer"] == "7" for r in recs)
+    assert [r["label"] for r in recs] == [int(p.gold == "7") for p in probs]
+
+
+def _always(model, script: list[int]):
+    """A copy of ``model`` whose greedy output starts with ``script`` and repeats its last token: the
+    generation config's sequence bias favours each scripted token after the one before it."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    bias = [[[script[0]], 100.0]] + [[[a, b], 100.0 * (i + 2)] for i, (a, b) in enumerate(zip(script, script[1:]))]
+    clone.generation_config.sequence_bias = bias
+    return clone
+
+
+def test_sampling_budget_follows_the_source():
+    from data_builders.sources import ANSWER_TOKEN_BUDGETS, answer_token_budget
+
+    assert answer_token_budget("gsm8k") >= 256 and answer_token_budget("gsm8k-solutions") >= 256
+    assert answer_token_budget(["digits", "gsm8k"]) == ANSWER_TOKEN_BUDGETS["gsm8k"]
+    assert answer_token_budget("unknown-source") == 256
+    assert SamplingConfig().max_new_tokens is None and SamplingConfig().on_unparsed == "drop"
 
 
 def test_sampling_config_validation():

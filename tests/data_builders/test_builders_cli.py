@@ -90,9 +90,13 @@ def test_sampled_with_tiny_policy(tmp_path):
         "--out",
         str(tmp_path / "s"),
     ]
-    assert verification.main(args) == 0
+    # a random policy never ends within 4 tokens: every answer is cut off, unparsed and dropped
+    assert verification.main(args) == 2
+    assert not (tmp_path / "s").exists()
+    assert verification.main([*args, "--on-unparsed", "keep"]) == 0
     _, meta = load_build(tmp_path / "s")
     assert meta["sampling"]["generated"] == 6 and meta["settings"]["num_loops"] == 2
+    assert meta["sampling"]["truncated"] == 6 and meta["counts"]["parse_status=unparsed"] == 6
     assert verification.main(["--source", "synthetic", "--candidates", "sampled", "--out", str(tmp_path / "t")]) == 2
 
 

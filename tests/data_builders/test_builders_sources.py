@@ -15,6 +15,7 @@ from data_builders.sources import (
     load_safety_prompts,
     load_xstest_completions,
 )
+from data_builders.verifiers import verify_math
 
 
 def test_gsm8k_problems(fixtures):
@@ -114,6 +115,12 @@ def test_full_shared_files(shared):
     assert all(r["parse_status"] == "ok" for r in sol.items)
     agree = sum(meta_dict(r)["verifier_label"] == r["label"] for r in sol.items)
     assert agree == 5276
+    # cut-off chains of thought: the lenient reader takes an intermediate number for the answer and
+    # marks some "correct"; the reader of sampled candidates never does
+    for frac in (0.5, 0.8):
+        cut = [(r["answer"][: int(len(r["answer"]) * frac)], r["gold"]) for r in sol.items]
+        assert sum(verify_math(a, g, lenient=True).label for a, g in cut) > 100
+        assert sum(verify_math(a, g, lenient="whole").label for a, g in cut) == 0
     xs = load_xstest_completions(shared / "xstest" / "model_completions")
     assert len(xs) == 2250 and not xs.rejected
     assert len({r["id"] for r in xs.items}) == 2250

@@ -329,3 +329,17 @@ def test_vectorised_table_metrics_match_the_metric_functions():
     ref = [[metric_value(m, y, prob[t], pred[t]) for t in range(3)] for m in names]
     np.testing.assert_allclose(_metric_rows(names, y, prob, pred), ref)
     assert np.isnan(_metric_rows(["balanced_accuracy"], np.ones(5, int), prob[:, :5], pred[:, :5])).all()
+
+
+def test_strict_sv_scores_a_model_that_does_not_say_yes_or_no_as_wrong(tiny_model, tok, synthetic_rows):
+    """The study's scoring (a verdict that is neither Yes nor No is wrong): a random model rarely
+    puts Yes or No first, so strict SV sits near 0 where the forced choice sits near 50, and the
+    generated verdicts agree; the default (forced) cannot go far below chance."""
+    rows = Dataset.from_list(list(synthetic_rows))
+    forced = evaluate_gap(tiny_model, tok, rows, config=_tiny_config(sampled_verdict=True))
+    strict = evaluate_gap(tiny_model, tok, rows, config=_tiny_config(sv_decision="strict", sampled_verdict=True))
+    for f, s, sampled in zip(forced.sv, strict.sv, strict.sv_sampled):
+        assert s["valid_rate"] < 0.2  # the argmax is rarely a verdict token
+        assert s["accuracy"] <= s["valid_rate"] + 1e-9 < 0.2 < 0.3 < f["accuracy"]
+        assert sampled["accuracy"] <= 1 - sampled["unparseable"] / sampled["n"] + 1e-9  # unparseable = wrong
+    assert strict.config["sv_decision"] == "strict" and "SV decision: strict" in strict.markdown()
