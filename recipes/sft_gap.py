@@ -26,17 +26,21 @@ from loopalign.eval import (
     FeatureConfig,
     GapConfig,
     ReadoutConfig,
+    TaskConfig,
     compare,
     evaluate_gap,
 )
 from loopalign.eval import load_model_and_tokenizer as load_local_model
 from loopalign.io import atomic_write_text
+from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for
 from loopalign.speed import set_cpu_threads
-from loopalign.trainers import GapSFTConfig, GapSFTTrainer
-from loopalign.trainers.gap_data import load_verification_dataset, split_by_task
+from loopalign.trainers import GapSFTConfig, GapSFTTrainer, self_replay_dataset
+from loopalign.trainers.gap_data import load_verification_dataset, organism_verification, split_by_task
 
 # Used when no --config is given: the model organism (loopalign.organism, built into the cache on first
-# use), held-out synthetic arithmetic of the level it was trained on, a few minutes on 2 CPU cores.
+# use), trained on its own training tasks and evaluated on its held-out ones (tasks neither the organism
+# nor this run ever trained on), verdict supervision on true labels at every loop (lm) with replay of the
+# model's own answers to the training tasks (replay: keeps TP); minutes on 2 CPU cores.
 EMBEDDED_DEFAULTS = dict(
     model_name_or_path="organism",
     use_peft=True,
@@ -53,9 +57,10 @@ EMBEDDED_DEFAULTS = dict(
     save_strategy="no",
     report_to=[],
     gradient_checkpointing=False,
-    dataset_limit=300,
-    synthetic_levels="1",
-    eval_fraction=0.4,
+    dataset="organism",
+    dataset_limit=1000,
+    loss_weights={"lm": 1.0, "replay": 1.0},
+    eval_fraction=0.3,
     eval_loops="1-6",
 )
 
@@ -67,12 +72,15 @@ class GapScriptArguments:
     dataset: str = field(
         default="synthetic",
         metadata={
-            "help": "'synthetic'; a data_builders build folder, save_to_disk folder or .jsonl; or SOURCE:PATH_OR_HUB "
+            "help": "'organism' (the organism's digit tasks: train on its training tasks, evaluate on held-out ones); "
+            "'synthetic'; a data_builders build folder, save_to_disk folder or .jsonl; or SOURCE:PATH_OR_HUB "
             "(e.g. gsm8k:openai/gsm8k, gsm8k-solutions:FILE, safety-pairs:PKU-Alignment/PKU-SafeRLHF) built on the fly"
         },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset source."})
-    dataset_limit: int | None = field(default=None, metadata={"help": "Problems / rows read (synthetic: 160)."})
+    dataset_limit: int | None = field(
+        default=None, metadata={"help": "Problems / rows read (synthetic: 160; organism: 1000 distinct tasks)."}
+    )
     candidates: str = field(
         default="controlled", metadata={"help": "Answers for problem sources: controlled | sampled."}
     )
@@ -86,6 +94,19 @@ class GapScriptArguments:
         metadata={"help": "RR probe split of the before/after eval: kfold (every held-out record scored) | holdout."},
     )
     rr_tolerance: float = field(default=0.02, metadata={"help": "RR counts as preserved if dRR's CI low end > -this."})
+    eval_tp: bool = field(
+        default=True, metadata={"help": "Measure TP (greedy answers to the held-out tasks) before/after."}
+    )
+    eval_tp_loops: str | None = field(default=None, metadata={"help": "Loop counts of TP (default: eval_loops)."})
+    replay_tasks: int | None = field(
+        default=None,
+        metadata={
+            "help": "Distinct training tasks whose own answers are replayed (loss_weights.replay > 0); None: all."
+        },
+    )
+    tp_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "New tokens per TP answer (default: enough for the source; GSM8K 512)."}
+    )
 
     def __post_init__(self):
         if self.candidates not in ("controlled", "sampled"):
@@ -110,6 +131,14 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args: GapSFTConfi
 
 
 def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, training_args: GapSFTConfig):
+    if script_args.dataset == "organism":  # the organism's own split: held-out tasks it never trained on
+        return organism_verification(
+            tokenizer,
+            script_args.dataset_limit or 1000,
+            script_args.eval_fraction,
+            seed=training_args.seed,
+            organism_config=organism_config_for(model_name),
+        )
     local = model_name in LOCAL_MODELS
     data = load_verification_dataset(
         script_args.dataset,
@@ -136,8 +165,16 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         loops=script_args.eval_loops,
         verdict_tokens=(training_args.verdict_yes, training_args.verdict_no),
         n_boot=script_args.eval_n_boot,
+        # the organism's tasks cluster by their (item, a, b) triple: names do not change the arithmetic
+        group_by=DIGIT_GROUP_FIELD if script_args.dataset == "organism" else "task",
         features=FeatureConfig(batch_size=training_args.per_device_eval_batch_size),
         readout=ReadoutConfig(split=script_args.eval_readout, seed=training_args.seed),
+        task=TaskConfig(
+            max_new_tokens=script_args.tp_max_new_tokens, batch_size=training_args.per_device_eval_batch_size
+        )
+        if script_args.eval_tp
+        else None,
+        tp_loops=script_args.eval_tp_loops,
     )
     wandb = "wandb" in (training_args.report_to or [])
     out = training_args.output_dir
@@ -146,12 +183,31 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         before = evaluate_gap(model, tokenizer, eval_ds, config=gap_config, out_dir=os.path.join(out, "before"))
         print(before.markdown())
 
+    replay = None
+    if training_args.loss_weights["replay"] > 0:  # the base model's own answers to the training tasks
+        build = self_replay_dataset(
+            model,
+            tokenizer,
+            list(dict.fromkeys(train_ds["task"]))[: script_args.replay_tasks],
+            num_loops=training_args.num_loops or model.config.total_ut_steps,
+            max_new_tokens=script_args.tp_max_new_tokens,
+            sources=sorted(set(train_ds["source"])) if "source" in train_ds.column_names else (),
+            batch_size=training_args.per_device_eval_batch_size,
+        )
+        replay = build.dataset
+        if training_args.process_index == 0:
+            print(
+                f"replay: the model's own answers to {len(replay)} of {build.n_tasks} training tasks "
+                f"({build.n_cut} cut off at {build.max_new_tokens} new tokens and left out)"
+            )
+
     trainer = GapSFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_ds,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        replay_dataset=replay,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(os.path.join(out, "final"))

@@ -8,6 +8,7 @@ from .deep_supervision import (
     weighted_loop_loss,
 )
 from .probe_consistency import LoopProbes, consistency_loss, probe_loss, verbal_log_probs
+from .probe_distillation import probe_distillation_loss
 from .rr_preservation import frozen_probe_loss, hidden_distillation_loss
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "ouro_entropy_objective",
     "ouro_gate_loss",
     "per_loop_token_losses",
+    "probe_distillation_loss",
     "probe_loss",
     "shifted_targets",
     "verbal_log_probs",

@@ -61,11 +61,25 @@ def verbal_log_probs(verdict_logits: torch.Tensor, yes_id: int, no_id: int) -> t
     return F.log_softmax(pair, dim=-1)[..., 0]
 
 
-def probe_loss(probe_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-loop BCE of the probes on verifier labels. probe_logits [T,B], labels [B] in {0,1} -> [T]."""
+def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """values [T,B], weight [B] >= 0 -> the weighted mean over B [T]; 0 (with a graph) where the
+    weights sum to 0. No host sync."""
+    w = weight.detach().to(values.device, torch.float32)
+    total = w.sum()
+    return (values.float() * w).sum(dim=1) / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def probe_loss(probe_logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-loop BCE of the probes on verifier labels. probe_logits [T,B], labels [B] in {0,1} -> [T].
+
+    ``weight`` [B] (optional, >= 0): a weighted mean over records; records of weight 0 (e.g.
+    unlabelled, label -1) do not count."""
     probe_logits = probe_logits.float()
-    target = labels.to(probe_logits.dtype).expand_as(probe_logits)
-    return F.binary_cross_entropy_with_logits(probe_logits, target, reduction="none").mean(dim=1)
+    if weight is None:
+        target = labels.to(probe_logits.dtype).expand_as(probe_logits)
+        return F.binary_cross_entropy_with_logits(probe_logits, target, reduction="none").mean(dim=1)
+    target = labels.clamp(0, 1).to(probe_logits.dtype).expand_as(probe_logits)
+    return masked_mean(F.binary_cross_entropy_with_logits(probe_logits, target, reduction="none"), weight)
 
 
 def consistency_loss(verdict_logits: torch.Tensor, probe_logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:

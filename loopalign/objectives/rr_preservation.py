@@ -19,8 +19,11 @@ from .probe_consistency import LoopProbes, float32_region, probe_loss
 __all__ = ["frozen_probe_loss", "hidden_distillation_loss"]
 
 
-def frozen_probe_loss(frozen, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """features [T,B,H] of the tuned model -> per-loop BCE [T] of the frozen base probes.
+def frozen_probe_loss(
+    frozen, features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """features [T,B,H] of the tuned model -> per-loop BCE [T] of the frozen base probes
+    (``weight`` [B]: optional record weights / labelled mask, as in ``probe_loss``).
 
     ``frozen``: a ``LoopProbes`` with ``requires_grad=False``, or one probe per loop with a
     ``logits(x [B,H]) -> [B]`` method (e.g. :class:`loopalign.eval.probes.LinearProbe`, which
@@ -29,12 +32,12 @@ def frozen_probe_loss(frozen, features: torch.Tensor, labels: torch.Tensor) -> t
     if isinstance(frozen, LoopProbes):
         if any(p.requires_grad for p in frozen.parameters()):
             raise ValueError("frozen_probe_loss: the base probe must be frozen (requires_grad=False)")
-        return probe_loss(frozen(features), labels)
+        return probe_loss(frozen(features), labels, weight)
     if len(frozen) != features.shape[0]:
         raise ValueError(f"frozen_probe_loss: {len(frozen)} probes for {features.shape[0]} loops")
     with float32_region(features.device):
         logits = torch.stack([probe.logits(features[t].float()) for t, probe in enumerate(frozen)])
-    return probe_loss(logits, labels)
+    return probe_loss(logits, labels, weight)
 
 
 def hidden_distillation_loss(tuned: torch.Tensor, base: torch.Tensor, kind: str = "mse") -> torch.Tensor:

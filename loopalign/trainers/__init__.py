@@ -2,8 +2,22 @@
 
 from .gap_data import GapCollator, build_gap_features, verdict_token_ids
 from .gap_sft import LOSS_KEYS, GapSFTConfig, GapSFTTrainer
+from .probe_targets import ProbeTargets, fit_probe_targets, labelled_only
+from .replay import ReplayBuild, self_replay_dataset
 
-__all__ = ["LOSS_KEYS", "GapCollator", "GapSFTConfig", "GapSFTTrainer", "build_gap_features", "verdict_token_ids"]
+__all__ = [
+    "LOSS_KEYS",
+    "GapCollator",
+    "GapSFTConfig",
+    "GapSFTTrainer",
+    "ProbeTargets",
+    "ReplayBuild",
+    "build_gap_features",
+    "fit_probe_targets",
+    "labelled_only",
+    "self_replay_dataset",
+    "verdict_token_ids",
+]
 from .introspection_grpo import (  # noqa: E402
     IntrospectionGRPOConfig,
     IntrospectionGRPOTrainer,

@@ -49,8 +49,12 @@ def build_gap_features(
     whole sequence, as in plain SFT).
 
     Columns out: input_ids, labels, label, verdict_index, probe_index, id, length (the number of
-    tokens, read by ``train_sampling_strategy='group_by_length'``). Errors name the record
-    and field at fault (a dataset missing the verdict position fails here, before training).
+    tokens, read by ``train_sampling_strategy='group_by_length'``), and ``probe_target`` /
+    ``labelled`` when the records carry them (``fit_probe_targets``). A record with ``labelled``
+    False keeps no trace of its label: no target verdict is appended (input_ids = the prompt, so
+    no term trains on it and it is not in the input) and its ``label`` is -1 (it may be missing).
+    Errors name the record and field at fault (a dataset missing the verdict position fails here,
+    before training).
     """
     if probe_position not in PROBE_POSITIONS:
         raise ValueError(f"probe_position must be one of {PROBE_POSITIONS}, got {probe_position!r}")
@@ -64,10 +68,13 @@ def build_gap_features(
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     tail = [end_id] if isinstance(end_id, int) and end_id != tokenizer.unk_token_id else []
 
+    has_labelled = "labelled" in records.column_names
+
     def to_features(row):
         rid = row["id"]
         ids = list(row["input_ids"])
-        if row["label"] not in (0, 1):
+        labelled = bool(row["labelled"]) if has_labelled else True
+        if labelled and row["label"] not in (0, 1):
             raise ValueError(f"record {rid!r}: field 'label' must be 0 or 1, got {row['label']!r}")
         v = row["verdict_index"]
         if not isinstance(v, int) or not 0 <= v < len(ids):
@@ -79,19 +86,25 @@ def build_gap_features(
         p = row["answer_end_index"] if probe_position == "answer_end" else v
         if not isinstance(p, int) or not 0 <= p < len(ids):
             raise ValueError(f"record {rid!r}: field 'answer_end_index' {p!r} is outside its {len(ids)} input_ids")
-        target = [yes_id if row["label"] == 1 else no_id, *tail]
+        target = [yes_id if row["label"] == 1 else no_id, *tail] if labelled else []
         full = ids + target
         if max_length is not None and len(full) > max_length:
             raise ValueError(f"record {rid!r}: {len(full)} tokens exceed max_length={max_length}")
-        return {
+        out = {
             "input_ids": full,
             "labels": ([-100] * len(ids) if completion_only else ids) + target,
+            "label": int(row["label"]) if labelled else -1,
             "verdict_index": v,
             "probe_index": p,
             "length": len(full),
         }
+        if "probe_target" in row:
+            t = row["probe_target"]
+            if t is None or not len(t) or any(x is None or not 0.0 <= x <= 1.0 for x in t):
+                raise ValueError(f"record {rid!r}: field 'probe_target' must be probabilities in [0, 1], got {t!r}")
+        return out
 
-    keep = {"input_ids", "labels", "label", "verdict_index", "probe_index", "id", "length"}
+    keep = {"input_ids", "labels", "label", "verdict_index", "probe_index", "id", "length", "probe_target", "labelled"}
     drop = [c for c in records.column_names if c not in keep]
     return records.map(to_features, remove_columns=drop, desc="gap SFT features")
 
@@ -100,7 +113,9 @@ def build_gap_features(
 class GapCollator:
     """Right-pads a list of features into a batch.
 
-    Out: input_ids, attention_mask, labels [B,S]; label, verdict_index, probe_index [B].
+    Out: input_ids, attention_mask, labels [B,S]; label, verdict_index, probe_index [B];
+    labelled [B] bool (all True when the features have no ``labelled``); probe_target [B,T] float
+    when the features carry it.
     """
 
     pad_token_id: int
@@ -123,7 +138,18 @@ class GapCollator:
             "label": torch.tensor([int(f["label"]) for f in features]),
             "verdict_index": torch.tensor([int(f["verdict_index"]) for f in features]),
             "probe_index": torch.tensor([int(f["probe_index"]) for f in features]),
+            "labelled": torch.tensor([bool(f.get("labelled", True)) for f in features]),
+            **self._targets(features),
         }
+
+    @staticmethod
+    def _targets(features: list[dict]) -> dict[str, torch.Tensor]:
+        present = ["probe_target" in f for f in features]
+        if not any(present):
+            return {}
+        if not all(present):
+            raise ValueError("GapCollator: some features carry 'probe_target' and some do not")
+        return {"probe_target": torch.tensor([list(f["probe_target"]) for f in features], dtype=torch.float32)}
 
 
 def split_by_task(dataset, eval_fraction: float, seed: int = 0):
@@ -214,3 +240,35 @@ def load_verification_dataset(
     from loopalign.eval import load_eval_dataset
 
     return load_eval_dataset(spec)
+
+
+def organism_verification(
+    tokenizer, n_problems: int = 1000, eval_fraction: float = 0.3, seed: int = 0, organism_config=None
+):
+    """(train, held-out) rendered verification ``datasets.Dataset``s of the model organism's digit
+    tasks, split the way the organism was trained: training records come from the train triples
+    (the ones the organism saw), held-out records from the evaluation triples, which no organism
+    or gap-SFT run trains on (``data_builders.sources.digits``). ``n_problems`` distinct tasks in
+    all, ``eval_fraction`` of them held out; the gold and one wrong digit each (balanced).
+    ``organism_config``: the organism's settings (its operand range; default ``OrganismConfig()``)."""
+    import datasets
+
+    from loopalign.organism import OrganismConfig, organism_eval_records
+
+    cfg = organism_config or OrganismConfig()
+    if cfg.tasks != "digits":
+        raise ValueError(
+            f"the 'organism' dataset is the digit tasks of recipe v2; this organism was trained on {cfg.tasks!r} "
+            "tasks: use dataset 'synthetic'"
+        )
+
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    n_eval = max(1, round(n_problems * eval_fraction))
+    n_train = n_problems - n_eval
+    if n_train < 1:
+        raise ValueError(f"organism_verification: {n_problems} problems leave none to train on")
+    kwargs = dict(seed=seed, tasks="digits", max_operand=cfg.max_operand)
+    train = organism_eval_records(tokenizer, n_train, split="train", **kwargs)
+    held_out = organism_eval_records(tokenizer, n_eval, split="eval", **kwargs)
+    return datasets.Dataset.from_list(train), datasets.Dataset.from_list(held_out)

@@ -9,7 +9,15 @@ One forward pass per batch runs all loops; from it come
 - ``consistency``: the verbal Yes/No distribution of each loop pulled toward its probe's posterior;
 - ``rr_probe``: probes fit on the base model before training stay frozen; their loss on the tuned
   features is penalised;
-- ``rr_distill``: tuned features at the readout sites pulled toward the base model's (adapters off).
+- ``rr_distill``: tuned features at the readout sites pulled toward the base model's (adapters off);
+- ``probe_distill``: the verbal Yes/No distribution of each loop pulled toward FIXED targets, the
+  out-of-fold posteriors of per-loop probes fit once on the base model at the site the evaluation
+  reads as RR (``fit_probe_targets``, before training). With ``label_fraction`` < 1 only a
+  task-grouped share of the records keeps its label; the rest are trained by this term alone, and
+  every label-reading term and metric (lm, probe, rr_probe, sv/rr) sees the labelled records only.
+- ``replay``: per-loop LM loss on the model's own answers to the training tasks (a separate small
+  batch each step from ``replay_dataset``, see :mod:`loopalign.trainers.replay`), so training the
+  verdict does not teach the model to answer everything with it (TP is kept).
 Each term has a weight in ``GapSFTConfig.loss_weights`` and is logged per loop
 (``loss/loop_t``, ``sv/loop_t``, ``rr/loop_t``, ``gap/loop_t`` with t = loop count 1..T).
 """
@@ -39,6 +47,7 @@ from loopalign.objectives import (
     ouro_entropy_objective,
     ouro_gate_loss,
     per_loop_token_losses,
+    probe_distillation_loss,
     probe_loss,
     verbal_log_probs,
     weighted_loop_loss,
@@ -46,11 +55,24 @@ from loopalign.objectives import (
 from loopalign.speed import CHECKPOINT_POLICIES, compile_decoder_layers
 
 from .gap_data import PROBE_POSITIONS, GapCollator, build_gap_features, verdict_token_ids
+from .probe_targets import fit_probe_targets, labelled_only
+from .replay import collate_replay, replay_features
 
 __all__ = ["GapSFTConfig", "GapSFTTrainer", "LOSS_KEYS", "LOOP_WEIGHTINGS"]
 
-#: The objective terms and their default weights.
-LOSS_KEYS = {"lm": 1.0, "probe": 1.0, "consistency": 1.0, "rr_probe": 0.0, "rr_distill": 0.0, "gate": 0.0}
+#: The objective terms and their default weights: verdict supervision on true labels at every loop
+#: (``lm``) alone. The jointly trained probe and its consistency pull are off: on the organism they
+#: pulled verdicts toward chance (docs/organism.md, the ablation); they stay available by weight.
+LOSS_KEYS = {
+    "lm": 1.0,
+    "probe": 0.0,
+    "consistency": 0.0,
+    "rr_probe": 0.0,
+    "rr_distill": 0.0,
+    "gate": 0.0,
+    "probe_distill": 0.0,
+    "replay": 0.0,
+}
 LOOP_WEIGHTINGS = ("uniform", "last", "list", "ouro_entropy")
 PROBES_FILE = "loop_probes.safetensors"
 GAP_CONFIG_FILE = "gap_config.json"
@@ -78,8 +100,24 @@ class GapSFTConfig(SFTConfig):
     probe_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of the jointly trained probes."})
     base_probe_l2: float = field(default=1e-2, metadata={"help": "L2 strength of the frozen base probes (rr_probe)."})
     rr_distill_kind: str = field(default="mse", metadata={"help": "rr_distill distance: mse | cosine."})
+    distill_folds: int = field(
+        default=5, metadata={"help": "Folds of the out-of-fold probe targets of probe_distill (>= 2)."}
+    )
+    label_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Share of training records whose labels are used (task-grouped); the rest are trained by "
+            "probe_distill only, or left out when probe_distill is 0 (the labelled-only baseline)."
+        },
+    )
+    distill_position: str = field(
+        default="verdict", metadata={"help": f"Where the probe_distill target probes read: {PROBE_POSITIONS}."}
+    )
     verdict_yes: str = field(default="Yes", metadata={"help": "One-token verbal verdict for label 1."})
     verdict_no: str = field(default="No", metadata={"help": "One-token verbal verdict for label 0."})
+    replay_batch_size: int = field(
+        default=16, metadata={"help": "Replay records (the model's own task answers) per step of the replay term."}
+    )
     lm_chunk_size: int = field(default=2048, metadata={"help": "Tokens per chunk of the per-loop cross-entropy."})
     compile_layers: bool = field(
         default=False, metadata={"help": "torch.compile each decoder layer (loopalign.speed.compile_decoder_layers)."}
@@ -151,6 +189,14 @@ class GapSFTConfig(SFTConfig):
             raise ValueError(
                 f"GapSFTConfig.probe_position must be one of {PROBE_POSITIONS}, got {self.probe_position!r}"
             )
+        if self.distill_position not in PROBE_POSITIONS:
+            raise ValueError(
+                f"GapSFTConfig.distill_position must be one of {PROBE_POSITIONS}, got {self.distill_position!r}"
+            )
+        if isinstance(self.distill_folds, bool) or not isinstance(self.distill_folds, int) or self.distill_folds < 2:
+            raise ValueError(f"GapSFTConfig.distill_folds must be an int >= 2, got {self.distill_folds!r}")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"GapSFTConfig.label_fraction must be in (0, 1], got {self.label_fraction}")
         if self.rr_distill_kind not in ("mse", "cosine"):
             raise ValueError(f"GapSFTConfig.rr_distill_kind must be 'mse' or 'cosine', got {self.rr_distill_kind!r}")
         if self.entropy_beta < 0 or self.probe_learning_rate <= 0 or self.lm_chunk_size < 1:
@@ -190,6 +236,7 @@ class GapSFTTrainer(SFTTrainer):
         processing_class=None,
         peft_config=None,
         base_probes: list | None = None,
+        replay_dataset=None,
         **kwargs,
     ):
         if not isinstance(args, GapSFTConfig):
@@ -211,6 +258,8 @@ class GapSFTTrainer(SFTTrainer):
             max_length=args.max_length,
             completion_only=args.completion_only_loss is not False,
         )
+        if args.label_fraction < 1.0 and args.loss_weights["probe_distill"] == 0:
+            train_dataset = labelled_only(train_dataset, args.label_fraction, args.seed)
         features = build_gap_features(train_dataset, processing_class, **feature_kwargs)
         eval_features = None
         if eval_dataset is not None:
@@ -230,6 +279,11 @@ class GapSFTTrainer(SFTTrainer):
         self.weights = dict(args.loss_weights)
         if self.weights["rr_distill"] > 0 and not hasattr(self.model, "disable_adapter"):
             raise ValueError("loss_weights.rr_distill needs a PEFT model (the base = adapters disabled)")
+        #: the frozen probe targets' quality (``ProbeTargets.summary()``) when fitted here
+        self.probe_targets_summary = None
+        if self.weights["probe_distill"] > 0:
+            features = self._with_probe_targets(train_dataset, feature_kwargs)
+            self.train_dataset = features
         if args.lora_loops != "all":
             route_lora_by_loop(self.model, args.lora_loops)
         if args.compile_layers:
@@ -240,12 +294,63 @@ class GapSFTTrainer(SFTTrainer):
             # a submodule of the trained model: optimizer, DDP gradient sync and device moves cover it
             self.model.loop_probes = LoopProbes(self.num_loops, hidden).to(device)
         self.base_probes = base_probes
+        # task replay (loopalign.trainers.replay): the model's own answers, trained beside the verdict
+        self.replay_features = None
+        if (replay_dataset is not None) != (self.weights["replay"] > 0):
+            raise ValueError(
+                "GapSFTTrainer: loss_weights['replay'] > 0 needs a replay_dataset (self_replay_dataset), and a "
+                "replay_dataset needs loss_weights['replay'] > 0"
+            )
+        if replay_dataset is not None:
+            self.replay_features = replay_features(replay_dataset, args.max_length)
+        if args.replay_batch_size < 1:
+            raise ValueError(f"GapSFTConfig.replay_batch_size must be >= 1, got {args.replay_batch_size}")
         if self.weights["rr_probe"] > 0 and self.base_probes is None:
             self.base_probes = self.fit_base_probes(features)
         if self.base_probes is not None and len(self.base_probes) != self.num_loops:
             raise ValueError(f"base_probes has {len(self.base_probes)} probes for num_loops={self.num_loops}")
 
     # ----- features -------------------------------------------------------------------------
+    def _with_probe_targets(self, train_dataset, feature_kwargs: dict):
+        """Training features with ``probe_target`` / ``labelled``: the dataset's own, or fitted on
+        the base model now (``fit_probe_targets``; the model is on its training device here)."""
+        args = self.args
+        if "probe_target" not in train_dataset.column_names:
+            targets = fit_probe_targets(
+                self.model,
+                self.processing_class,
+                train_dataset,
+                self.num_loops,
+                layer=self.probe_layer,
+                position=args.distill_position,
+                n_folds=args.distill_folds,
+                label_fraction=args.label_fraction,
+                seed=args.seed,
+                batch_size=args.per_device_eval_batch_size,
+                verdict_tokens=(args.verdict_yes, args.verdict_no),
+            )
+            self.probe_targets_summary = targets.summary()
+            if self.is_world_process_zero():
+                auroc = ", ".join(f"{a:.3f}" for a in targets.oof_auroc)
+                print(
+                    f"probe_distill targets: {targets.n_labelled}/{targets.n_records} records labelled; "
+                    f"probe OOF AUROC per loop (1..{self.num_loops}): {auroc}"
+                )
+            train_dataset = targets.dataset
+        elif args.label_fraction < 1.0 and "labelled" not in train_dataset.column_names:
+            raise ValueError(
+                f"GapSFTConfig.label_fraction={args.label_fraction}: the train dataset already carries 'probe_target' "
+                "but no 'labelled' column, so its targets were fit on every label; refit them with "
+                "fit_probe_targets(label_fraction=...) or drop the column"
+            )
+        lengths = {len(t) for t in train_dataset["probe_target"]}
+        if lengths != {self.num_loops}:
+            raise ValueError(
+                f"the train dataset's 'probe_target' has {sorted(lengths)} entries per record for "
+                f"num_loops={self.num_loops}"
+            )
+        return build_gap_features(train_dataset, self.processing_class, **feature_kwargs)
+
     def _readout_features(self, model, inputs, detach: bool) -> tuple[object, torch.Tensor]:
         """One forward of all loops; returns (output, features [T,B,H] at probe_layer, probe_index)."""
         num_layers = self.model.config.num_hidden_layers
@@ -271,7 +376,7 @@ class GapSFTTrainer(SFTTrainer):
     @torch.no_grad()
     def fit_base_probes(self, features) -> list:
         """Fit one L2 logistic probe per loop on the base model's (adapters disabled) features of the
-        training set; they stay frozen for the rr_probe term."""
+        training set's labelled records; they stay frozen for the rr_probe term."""
         from loopalign.eval.probes import fit_probes
 
         model = self.model
@@ -289,8 +394,9 @@ class GapSFTTrainer(SFTTrainer):
                 ]
                 batch = {k: v.to(device) for k, v in collate(rows).items()}
                 _, feats = self._readout_features(model, batch, detach=True)
-                xs.append(feats.float().cpu())
-                ys.append(batch["label"].cpu())
+                keep = batch["labelled"].cpu()  # records without a label stay out of the fit
+                xs.append(feats.float().cpu()[:, keep])
+                ys.append(batch["label"].cpu()[keep])
         model.train(was_training)
         x, y = torch.cat(xs, dim=1), torch.cat(ys)
         return [fit_probes(x[t], y, [self.args.base_probe_l2])[0] for t in range(self.num_loops)]
@@ -337,6 +443,9 @@ class GapSFTTrainer(SFTTrainer):
         lm_head = unwrapped.get_output_embeddings()
         loop_w = self._loop_weights(feats.device)
         labels = inputs["label"]
+        # records whose label may be read (label_fraction < 1: the others carry label -1)
+        labelled = inputs["labelled"] if "labelled" in inputs else torch.ones_like(labels, dtype=torch.bool)
+        mask = labelled.float()
         terms: dict[str, torch.Tensor] = {}
         per_loop: dict[str, torch.Tensor] = {}
 
@@ -366,43 +475,80 @@ class GapSFTTrainer(SFTTrainer):
                 terms["lm"], _ = ouro_entropy_objective(token_losses, exit_probs, self.args.entropy_beta)
             else:
                 terms["lm"], _ = weighted_loop_loss(token_losses, loop_w)
+        if w["replay"] > 0 and model.training:
+            terms["replay"], per_loop["replay"] = self._replay_loss(model, lm_head, loop_w)
         if w["gate"] > 0:
             gates = torch.stack(out.gate_logits, dim=-1).reshape(-1, self.num_loops)[index]
             terms["gate"] = ouro_gate_loss(token_losses, gates)
 
         verdict_logits = loop_logits(lm_head, out.loop_hidden_states, inputs["verdict_index"][:, None])[:, :, 0]
         p_yes = verbal_log_probs(verdict_logits.detach(), self.yes_id, self.no_id).exp()  # [T,B]
-        per_loop["sv"] = ((p_yes > 0.5).long() == labels).float().mean(dim=1)
+        # metrics over the labelled records (NaN, not logged, when a batch has none)
+        per_loop["sv"] = (((p_yes > 0.5).long() == labels).float() * mask).sum(dim=1) / mask.sum()
         probes = getattr(unwrapped, "loop_probes", None)
         if probes is not None:
             probe_logits = probes(feats.detach())
-            per_loop["rr"] = ((probe_logits.detach() > 0).long() == labels).float().mean(dim=1)
+            per_loop["rr"] = (((probe_logits.detach() > 0).long() == labels).float() * mask).sum(dim=1) / mask.sum()
             per_loop["gap"] = per_loop["rr"] - per_loop["sv"]
             if w["probe"] > 0:
-                per_loop["probe_loss"] = probe_loss(probe_logits, labels)
+                per_loop["probe_loss"] = probe_loss(probe_logits, labels, mask)
                 terms["probe"] = (loop_w * per_loop["probe_loss"]).sum()
             if w["consistency"] > 0:
                 per_loop["consistency"] = consistency_loss(verdict_logits, probe_logits, self.yes_id, self.no_id)
                 terms["consistency"] = (loop_w * per_loop["consistency"]).sum()
         if w["rr_probe"] > 0:
-            per_loop["rr_probe"] = frozen_probe_loss(self.base_probes, feats, labels)
+            per_loop["rr_probe"] = frozen_probe_loss(self.base_probes, feats, labels, mask)
             terms["rr_probe"] = (loop_w * per_loop["rr_probe"]).sum()
         if w["rr_distill"] > 0:
             with torch.no_grad(), unwrapped.disable_adapter():
                 _, base_feats = self._readout_features(model, inputs, detach=True)
             per_loop["rr_distill"] = hidden_distillation_loss(feats, base_feats, self.args.rr_distill_kind)
             terms["rr_distill"] = (loop_w * per_loop["rr_distill"]).sum()
+        # over ALL records: the targets are fixed probe posteriors, no label is read here. An eval
+        # set without targets (they are fitted for the train set) skips the term.
+        if w["probe_distill"] > 0 and "probe_target" in inputs:
+            targets = inputs["probe_target"].T  # [T,B]
+            per_loop["probe_distill"] = probe_distillation_loss(verdict_logits, targets, self.yes_id, self.no_id)
+            terms["probe_distill"] = (loop_w * per_loop["probe_distill"]).sum()
 
         loss = sum(w[k] * v for k, v in terms.items()) if terms else feats.sum() * 0.0
+        if torch.is_grad_enabled() and not loss.requires_grad:  # e.g. lm only on a batch without labels
+            loss = loss + verdict_logits.float().sum() * 0.0
         metrics = self._metrics[mode]
         for k, v in terms.items():
             metrics[f"{k}_loss"].append(self.accelerator.gather_for_metrics(v.detach()).mean().item())
         for name, values in per_loop.items():
-            values = self.accelerator.gather_for_metrics(values.detach()[None]).mean(0)
+            values = self.accelerator.gather_for_metrics(values.detach()[None]).nanmean(0)
             for t, value in enumerate(values.tolist()):
                 if not math.isnan(value):  # a loop not scored this step
                     metrics[f"{name}/loop_{t + 1}"].append(value)
         return (loss, out) if return_outputs else loss
+
+    def _replay_loss(self, model, lm_head, loop_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The replay term on this step's replay batch: per-loop LM loss on the model's own answers,
+        weighted over loops like ``lm``. -> (term, per-loop loss [T]). The batch is drawn by
+        (seed, global step, process), so a resumed run draws the same ones."""
+        n = len(self.replay_features)
+        gen = torch.Generator().manual_seed(
+            (self.args.seed * 1_000_003 + self.state.global_step) * 4099 + self.args.process_index
+        )
+        picks = torch.randperm(n, generator=gen)[: min(n, self.args.replay_batch_size)].tolist()
+        batch = collate_replay([self.replay_features[i] for i in picks], self.processing_class.pad_token_id)
+        device = loop_w.device
+        out = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            num_loops=self.num_loops,
+            output_loop_states=True,
+            use_cache=False,
+            exit="last",
+            logits_to_keep=1,
+        )
+        token_losses, _ = per_loop_token_losses(
+            lm_head, out.loop_hidden_states, batch["labels"].to(device), self.args.lm_chunk_size
+        )
+        term, _ = weighted_loop_loss(token_losses, loop_w)
+        return term, token_losses.mean(dim=1).detach()
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -486,6 +632,10 @@ class GapSFTTrainer(SFTTrainer):
             "loop_weighting": self.args.loop_weighting,
             "loop_weights": self.args.loop_weights,
             "verdict_tokens": [self.args.verdict_yes, self.args.verdict_no],
+            "label_fraction": self.args.label_fraction,
+            "distill_folds": self.args.distill_folds,
+            "distill_position": self.args.distill_position,
+            "probe_targets": self.probe_targets_summary,
         }
         atomic_write_text(os.path.join(output_dir, GAP_CONFIG_FILE), json.dumps(settings, indent=2))
 

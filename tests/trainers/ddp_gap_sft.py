@@ -32,6 +32,8 @@ def main(out: str) -> None:
         disable_tqdm=True,
         seed=0,
         gradient_checkpointing=False,
+        # the jointly trained probes too (off by default): their gradients must sync across ranks as well
+        loss_weights={"lm": 1.0, "probe": 1.0, "consistency": 1.0},
     )
     trainer = GapSFTTrainer(
         model=model,

@@ -45,7 +45,8 @@ def _trainer(gap_dataset, tmp_path, **kw):
 
 
 def test_gradients_reach_only_lora_and_probe_parameters(gap_dataset, tmp_path):
-    trainer = _trainer(gap_dataset, tmp_path, loss_weights={"rr_distill": 1.0, "gate": 0.5})
+    weights = {"probe": 1.0, "consistency": 1.0, "rr_distill": 1.0, "gate": 0.5}
+    trainer = _trainer(gap_dataset, tmp_path, loss_weights=weights)
     model = trainer.model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     loss = trainer.compute_loss(model, batch)
@@ -89,15 +90,18 @@ def test_lora_loops_keep_other_loops_at_the_base_model(gap_dataset, tmp_path):
 
 
 def test_resume_from_checkpoint_gives_the_same_losses(gap_dataset, tmp_path):
-    full = _trainer(gap_dataset, tmp_path / "a", max_steps=6)
+    probes = {"probe": 1.0, "consistency": 1.0}  # jointly trained probes: their state is resumed too
+    full = _trainer(gap_dataset, tmp_path / "a", max_steps=6, loss_weights=probes)
     full.train()
     full_losses = [h["loss"] for h in full.state.log_history if "loss" in h]
 
-    first = _trainer(gap_dataset, tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3)
+    first = _trainer(gap_dataset, tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3, loss_weights=probes)
     first.train()
     ckpt = tmp_path / "b" / "out" / "checkpoint-3"
     assert (ckpt / "loop_probes.safetensors").exists()
-    resumed = _trainer(gap_dataset, tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3)
+    resumed = _trainer(
+        gap_dataset, tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3, loss_weights=probes
+    )
     resumed.train(resume_from_checkpoint=str(ckpt))
     resumed_losses = [h["loss"] for h in resumed.state.log_history if "loss" in h]
     assert len(resumed_losses) == 6
@@ -112,7 +116,7 @@ def test_resume_from_checkpoint_gives_the_same_losses(gap_dataset, tmp_path):
         (dict(loop_weighting="exp"), "loop_weighting must be one of"),
         (dict(lora_loops="first"), "not understood"),
         (dict(probe_position="start"), "probe_position must be one of"),
-        (dict(loss_weights={"probe": 0.0}), "'consistency' > 0 needs 'probe' > 0"),
+        (dict(loss_weights={"consistency": 1.0}), "'consistency' > 0 needs 'probe' > 0"),
         (dict(activation_checkpointing_kwargs={"policy": "most"}), "\\['policy'\\] must be one of"),
         (dict(packing=True), "packing=True is not supported"),
         (dict(padding_free=True), "padding_free=True is not supported"),
@@ -162,7 +166,8 @@ def test_an_interrupted_checkpoint_save_leaves_no_partial_checkpoint(gap_dataset
     class Crash(RuntimeError):
         pass
 
-    trainer = _trainer(gap_dataset, tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    probes = {"probe": 1.0}
+    trainer = _trainer(gap_dataset, tmp_path, max_steps=4, save_strategy="steps", save_steps=2, loss_weights=probes)
     real = trainer._save_optimizer_and_scheduler
 
     def failing(output_dir):
@@ -179,7 +184,7 @@ def test_an_interrupted_checkpoint_save_leaves_no_partial_checkpoint(gap_dataset
     from transformers.trainer_utils import get_last_checkpoint
 
     assert get_last_checkpoint(str(out)).endswith("checkpoint-2")
-    resumed = _trainer(gap_dataset, tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    resumed = _trainer(gap_dataset, tmp_path, max_steps=4, save_strategy="steps", save_steps=2, loss_weights=probes)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 4 and (out / "checkpoint-4" / "adapter_model.safetensors").exists()
 

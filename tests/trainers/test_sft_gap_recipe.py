@@ -26,6 +26,7 @@ def test_recipe_writes_before_after_reports_and_the_verdict(tmp_path, capsys):
     comparison = json.loads((run / "compare.json").read_text())
     assert set(comparison) >= {"verdict"} and "SV caught up" in comparison["verdict"]
     assert (run / "final" / "adapter_model.safetensors").exists()
-    assert (run / "final" / "loop_probes.safetensors").exists()
+    assert not (run / "final" / "loop_probes.safetensors").exists()  # the default objective has no probes
+    assert len(comparison["tp"]) == 4  # TP before and after, per loop
     printed = capsys.readouterr().out
-    assert "Before / after gap SFT" in printed and "| loop |" in printed
+    assert "Before / after gap SFT" in printed and "| loop |" in printed and "| loop | TP before" in printed

@@ -22,6 +22,7 @@ def test_offline_wandb_run_gets_per_loop_metrics_and_plots(gap_dataset, tmp_path
     args = GapSFTConfig(
         output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8, logging_steps=1,
         report_to=["wandb"], run_name="gap-sft-test", save_strategy="no", use_cpu=True, disable_tqdm=True,
+        loss_weights={"lm": 1.0, "probe": 1.0},  # the probes give the rr / gap metrics
     )  # fmt: skip
     trainer = GapSFTTrainer(
         model=OuroForCausalLM(tiny_config(vocab_size=len(tok))), args=args, train_dataset=ds,

@@ -1,0 +1,132 @@
+"""Task replay: the model's own answers to the training tasks, trained beside the verdict so TP is
+kept (tiny random Ouro, real PEFT LoRA, real TRL trainer)."""
+
+import datasets
+import pytest
+import torch
+from peft import LoraConfig
+
+from loopalign import OuroForCausalLM, tiny_config
+from loopalign.eval.task import TaskConfig, generate_texts, task_prompts
+from loopalign.trainers import GapSFTConfig, GapSFTTrainer, self_replay_dataset
+from loopalign.trainers.replay import collate_replay, replay_features
+
+
+def _model(tok):
+    torch.manual_seed(0)
+    return OuroForCausalLM(tiny_config(vocab_size=len(tok))).eval()
+
+
+def _always_end(model, tok, bias=40.0):
+    """Make the model end its answer after one token (a random tiny model never would)."""
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.sequence_bias = {(end,): bias}
+
+
+def test_replay_records_are_the_models_own_answers(gap_dataset):
+    ds, tok = gap_dataset
+    model = _model(tok)
+    _always_end(model, tok, bias=5.0)
+    tasks = ds["task"]
+    build = self_replay_dataset(model, tok, tasks, num_loops=2, max_new_tokens=6)
+    unique = list(dict.fromkeys(tasks))
+    assert build.n_tasks == len(unique) == 24 and build.max_new_tokens == 6
+    assert len(build.dataset) + build.n_cut == 24  # every task is kept or counted as cut off
+    prompts = dict(zip(unique, task_prompts(unique, tok, TaskConfig())))
+    texts = dict(zip(unique, generate_texts(model, tok, list(prompts.values()), 2, max_new_tokens=6)))
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for row in build.dataset:
+        assert row["input_ids"] == prompts[row["task"]]  # TP's prompt
+        assert row["completion_ids"][-1] == end
+        assert tok.decode(row["completion_ids"][:-1]) == texts[row["task"]].strip()
+
+
+def test_cut_off_answers_are_left_out_and_counted(gap_dataset):
+    ds, tok = gap_dataset
+    model = _model(tok)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.sequence_bias = {(end,): -100.0}  # never ends
+    with pytest.raises(ValueError, match="all 24 answers were cut off at max_new_tokens=2"):
+        self_replay_dataset(model, tok, ds["task"], num_loops=2, max_new_tokens=2)
+    with pytest.raises(ValueError, match="no tasks"):
+        self_replay_dataset(model, tok, [], num_loops=2)
+
+
+def test_replay_features_label_the_answer_only():
+    rows = datasets.Dataset.from_list([{"input_ids": [5, 6, 7], "completion_ids": [8, 9]}])
+    (f,) = replay_features(rows)
+    assert f["input_ids"] == [5, 6, 7, 8, 9] and f["labels"] == [-100, -100, -100, 8, 9]
+    batch = collate_replay([f, {"input_ids": [1], "labels": [1]}], pad_token_id=0)
+    assert batch["input_ids"].shape == (2, 5) and batch["attention_mask"][1].tolist() == [1, 0, 0, 0, 0]
+    assert batch["labels"][1].tolist() == [1, -100, -100, -100, -100]
+    with pytest.raises(ValueError, match="exceed max_length=4"):
+        replay_features(rows, max_length=4)
+    with pytest.raises(ValueError, match="lacks column"):
+        replay_features(datasets.Dataset.from_list([{"input_ids": [1]}]))
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        num_loops=2,
+        replay_batch_size=4,
+    )
+    base.update(kw)
+    return GapSFTConfig(**base)
+
+
+def test_replay_term_trains_the_answers_and_needs_its_data(gap_dataset, tmp_path):
+    ds, tok = gap_dataset
+    model = _model(tok)
+    _always_end(model, tok, bias=5.0)
+    replay = self_replay_dataset(model, tok, ds["task"], num_loops=2, max_new_tokens=6).dataset
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = GapSFTTrainer(
+        model=model,
+        args=_args(tmp_path, loss_weights={"lm": 1.0, "replay": 1.0}),
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=peft,
+        replay_dataset=replay,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "replay_loss" in e]
+    assert len(logged) == 3 and all(e["replay_loss"] > 0 for e in logged)
+    assert all("replay/loop_1" in e and "replay/loop_2" in e for e in logged)
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+    # the replay term alone moves the adapters too (it is a real loss, not a log line)
+    only = GapSFTTrainer(
+        model=_model(tok),
+        args=_args(tmp_path, loss_weights={"lm": 0.0, "replay": 1.0}, max_steps=1),
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=peft,
+        replay_dataset=replay,
+    )
+    start = {n: p.detach().clone() for n, p in only.model.named_parameters() if p.requires_grad}
+    only.train()
+    moved = [n for n, p in only.model.named_parameters() if p.requires_grad and not torch.equal(start[n], p)]
+    assert moved
+
+    for kw, data in (({"lm": 1.0, "replay": 1.0}, None), ({"lm": 1.0}, replay)):
+        with pytest.raises(ValueError, match=r"loss_weights\['replay'\] > 0 needs a replay_dataset"):
+            GapSFTTrainer(
+                model=_model(tok),
+                args=_args(tmp_path, loss_weights=kw),
+                train_dataset=ds,
+                processing_class=tok,
+                peft_config=peft,
+                replay_dataset=data,
+            )
