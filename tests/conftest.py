@@ -21,6 +21,24 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+#: the full shipped GSM8K and XSTest files (the project's copy of ../shared/data, gzipped): gsm8k/
+#: (example_model_solutions.jsonl, test.jsonl) and xstest/ (model_completions/, xstest_prompts.csv)
+FULL_DATA = FIXTURES / "data" / "full" / "gsm8k_xstest.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory) -> Path:
+    """The full GSM8K / XSTest files, unpacked from the repository's fixture (any clone has them)."""
+    import tarfile
+
+    out = tmp_path_factory.mktemp("shared-data")
+    with tarfile.open(FULL_DATA) as tar:
+        members = tar.getmembers()
+        assert all(not m.name.startswith(("/", "..")) and (m.isfile() or m.isdir()) for m in members)
+        tar.extractall(out, members=members)  # noqa: S202 (our own archive, checked above)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_factory():
     from loopalign import OuroForCausalLM, tiny_config

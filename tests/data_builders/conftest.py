@@ -8,19 +8,11 @@ import pytest
 import torch
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
     return FIXTURES
-
-
-@pytest.fixture(scope="session")
-def shared() -> Path:
-    if not (SHARED / "gsm8k" / "example_model_solutions.jsonl").exists():
-        pytest.skip("shared data (../shared/data) not available")
-    return SHARED
 
 
 @pytest.fixture(scope="session")

@@ -193,3 +193,32 @@ def test_evaluate_gap_writes_controls_to_json_and_markdown(tiny_model, tok, synt
     cfg.controls = False
     off = evaluate_gap(tiny_model, tok, Dataset.from_list(rows), config=cfg)
     assert off.controls is None and "## Controls" not in off.markdown()
+
+
+@pytest.mark.parametrize("which", ["gsm8k-solutions", "xstest"])
+def test_noise_probe_on_the_shipped_labels_is_flagged_unbalanced_and_at_chance_balanced(shared, which):
+    """On the real label distributions (GSM8K model solutions: 2,001 right / 3,275 wrong; XSTest
+    completions: 1,819 / 431) a probe on pure noise reaches the majority rate in accuracy, which
+    the balance check flags while balanced accuracy and AUROC stay at chance; on the balanced
+    build the noise probe is at chance in every figure."""
+    from data_builders.candidates import balance_labels
+    from data_builders.sources import load_gsm8k_solutions, load_xstest_completions
+    from loopalign.eval.metrics import label_balance
+
+    if which == "gsm8k-solutions":
+        items = load_gsm8k_solutions(str(shared / "gsm8k" / "example_model_solutions.jsonl")).items
+    else:
+        items = load_xstest_completions(shared / "xstest" / "model_completions").items
+    for records, balanced in ((items, False), (balance_labels(items, seed=0), True)):
+        y = np.array([r["label"] for r in records])
+        tasks = [r["task"] for r in records]
+        x = np.random.default_rng(0).standard_normal((1, len(y), 8))
+        (row,) = _controls(x, y, tasks)["noise"]["loops"]
+        majority = max(y.mean(), 1 - y.mean())
+        assert abs(row["balanced_accuracy"] - 0.5) < 0.05 and abs(row["auroc"] - 0.5) < 0.06, row
+        if balanced:
+            assert label_balance(y)["minority_share"] == 0.5
+            assert abs(row["accuracy"] - 0.5) < 0.05, row
+        else:
+            assert label_balance(y)["minority_share"] < 0.4  # what evaluate_gap warns about
+            assert row["accuracy"] > 0.5 + 0.8 * (majority - 0.5), (row, majority)  # a gap made of nothing
