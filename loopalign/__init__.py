@@ -20,3 +20,27 @@ __all__ = [
     "tiny_config",
     "__version__",
 ]
+
+#: submodules reachable as attributes after a plain ``import loopalign`` (imported on first use, so
+#: the package import stays light): ``loopalign.tokenizer.local_tokenizer()`` works as written
+_LAZY_SUBMODULES = (
+    "compat",
+    "eval",
+    "hooks",
+    "io",
+    "lora",
+    "objectives",
+    "organism",
+    "rewards",
+    "speed",
+    "tokenizer",
+    "trainers",
+)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'loopalign' has no attribute {name!r}")

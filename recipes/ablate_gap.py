@@ -29,9 +29,12 @@ RECIPE = Path(__file__).resolve().parent / "sft_gap.py"
 
 #: name -> (what it is, the sft_gap arguments that make it)
 VARIANTS = {
-    "lm": ("lm + replay (the default)", {"loss_weights": {"lm": 1.0, "replay": 1.0}}),
+    "rr_distill": (
+        "lm + replay + rr_distill 1 (the default)",
+        {"loss_weights": {"lm": 1.0, "replay": 1.0, "rr_distill": 1.0}},
+    ),
+    "lm": ("lm + replay", {"loss_weights": {"lm": 1.0, "replay": 1.0}}),
     "lm_no_replay": ("lm only, no replay", {"loss_weights": {"lm": 1.0}}),
-    "rr_distill": ("lm + replay + rr_distill 1", {"loss_weights": {"lm": 1.0, "replay": 1.0, "rr_distill": 1.0}}),
     "probe_distill": (
         "lm + replay + probe_distill",
         {"loss_weights": {"lm": 1.0, "replay": 1.0, "probe_distill": 1.0}},

@@ -25,10 +25,12 @@ from loopalign.eval import (
     CompareConfig,
     FeatureConfig,
     GapConfig,
+    GapResult,
     ReadoutConfig,
     TaskConfig,
     compare,
     evaluate_gap,
+    parse_loops,
 )
 from loopalign.eval import load_model_and_tokenizer as load_local_model
 from loopalign.io import atomic_write_text
@@ -40,7 +42,8 @@ from loopalign.trainers.gap_data import load_verification_dataset, organism_veri
 # Used when no --config is given: the model organism (loopalign.organism, built into the cache on first
 # use), trained on its own training tasks and evaluated on its held-out ones (tasks neither the organism
 # nor this run ever trained on), verdict supervision on true labels at every loop (lm) with replay of the
-# model's own answers to the training tasks (replay: keeps TP); minutes on 2 CPU cores.
+# model's own answers to the training tasks (replay: keeps TP) and feature distillation against the base
+# model at the readout sites (rr_distill: guards RR); the winner of recipes/ablate_gap.py. Minutes on 2 CPU cores.
 EMBEDDED_DEFAULTS = dict(
     model_name_or_path="organism",
     use_peft=True,
@@ -59,7 +62,7 @@ EMBEDDED_DEFAULTS = dict(
     gradient_checkpointing=False,
     dataset="organism",
     dataset_limit=1000,
-    loss_weights={"lm": 1.0, "replay": 1.0},
+    loss_weights={"lm": 1.0, "replay": 1.0, "rr_distill": 1.0},
     eval_fraction=0.3,
     eval_loops="1-6",
 )
@@ -115,6 +118,37 @@ class GapScriptArguments:
             raise ValueError(f"eval_readout must be 'kfold' or 'holdout', got {self.eval_readout!r}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        parse_loops(self.eval_loops)  # names the option: fails here, not after the model load
+        if self.eval_tp_loops is not None:
+            parse_loops(self.eval_tp_loops)
+        if self.eval_n_boot < 1:
+            raise ValueError(f"eval_n_boot must be >= 1, got {self.eval_n_boot}")
+        if self.replay_tasks is not None and self.replay_tasks < 1:
+            raise ValueError(f"replay_tasks must be >= 1 (or unset for all), got {self.replay_tasks}")
+
+
+def resume_target(value):
+    """``--resume_from_checkpoint``: "true" / "false" (any case) as TRL's parser leaves them (strings)
+    -> True (the latest complete checkpoint in output_dir) / None; a path stays a path."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", ""):
+        return None
+    return value
+
+
+def check_before_running(training_args: GapSFTConfig, model, train_ds, eval_ds) -> None:
+    """Every option that can be checked against the model and the data, before the first expensive
+    step (the before-evaluation), each error naming the option."""
+    training_args.check_against_model(model.config)  # probe_layer, lora_loops, loop_weights, num_loops
+    if training_args.max_length is not None:
+        for name, ds in (("train", train_ds), ("held-out", eval_ds)):
+            longest = max((len(ids) for ids in ds["input_ids"]), default=0)
+            if longest + 2 > training_args.max_length:  # the verdict and the end of turn follow the prompt
+                raise ValueError(
+                    f"max_length={training_args.max_length} is shorter than the longest {name} record "
+                    f"({longest} prompt tokens + the verdict and end of turn): raise max_length"
+                )
 
 
 def load_model_and_tokenizer(model_args: ModelConfig, training_args: GapSFTConfig):
@@ -159,8 +193,11 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
 def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> None:
     set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    training_args.check_against_model(model.config)  # before any data is built
     with training_args.main_process_first(desc="building the verification dataset"):
         train_ds, eval_ds = load_datasets(script_args, model_args.model_name_or_path, tokenizer, training_args)
+    check_before_running(training_args, model, train_ds, eval_ds)
+    resume = resume_target(training_args.resume_from_checkpoint)
     gap_config = GapConfig(
         loops=script_args.eval_loops,
         verdict_tokens=(training_args.verdict_yes, training_args.verdict_no),
@@ -178,10 +215,16 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
     )
     wandb = "wandb" in (training_args.report_to or [])
     out = training_args.output_dir
+    before_dir = os.path.join(out, "before")
     if training_args.process_index == 0:
-        print(f"train {len(train_ds)} / held-out {len(eval_ds)} verification records; evaluating before training")
-        before = evaluate_gap(model, tokenizer, eval_ds, config=gap_config, out_dir=os.path.join(out, "before"))
-        print(before.markdown())
+        if resume and os.path.exists(os.path.join(before_dir, "gap.json")):
+            # a resumed run: the base model and the held-out records are the same, so is the before-eval
+            print(f"resuming: the before-evaluation in {before_dir} is reused")
+            before = GapResult.from_json(before_dir)
+        else:
+            print(f"train {len(train_ds)} / held-out {len(eval_ds)} verification records; evaluating before training")
+            before = evaluate_gap(model, tokenizer, eval_ds, config=gap_config, out_dir=before_dir)
+            print(before.markdown())
 
     replay = None
     if training_args.loss_weights["replay"] > 0:  # the base model's own answers to the training tasks
@@ -209,7 +252,7 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         peft_config=get_peft_config(model_args),
         replay_dataset=replay,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(os.path.join(out, "final"))
 
     if trainer.accelerator.is_main_process:

@@ -64,3 +64,21 @@ def test_the_constraints_file_satisfies_pyproject():
         assert req.specifier.contains(pins[name], prereleases=True), (
             f"constraints.txt pins {name}=={pins[name]}, outside pyproject's {req.specifier}"
         )
+
+
+def test_submodules_work_after_a_plain_import_as_the_readme_writes_them():
+    """`import loopalign` then `loopalign.tokenizer.local_tokenizer()` (a fresh interpreter, so no
+    other test has imported the submodule first)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import loopalign\n"
+        "tok = loopalign.tokenizer.local_tokenizer()\n"
+        "assert loopalign.organism.RECIPE_VERSION >= 2 and len(tok) > 300\n"
+        "try:\n    loopalign.no_such_module\nexcept AttributeError as e:\n    print('ok', e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok module 'loopalign' has no attribute 'no_such_module'" in done.stdout, (
+        done.stderr[-2000:]
+    )

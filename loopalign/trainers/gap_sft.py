@@ -199,9 +199,17 @@ class GapSFTConfig(SFTConfig):
             raise ValueError(f"GapSFTConfig.label_fraction must be in (0, 1], got {self.label_fraction}")
         if self.rr_distill_kind not in ("mse", "cosine"):
             raise ValueError(f"GapSFTConfig.rr_distill_kind must be 'mse' or 'cosine', got {self.rr_distill_kind!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"GapSFTConfig.learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GapSFTConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.entropy_beta < 0 or self.probe_learning_rate <= 0 or self.lm_chunk_size < 1:
             raise ValueError("GapSFTConfig: entropy_beta >= 0, probe_learning_rate > 0 and lm_chunk_size >= 1 required")
-        parse_loop_selection(self.lora_loops)
+        try:
+            parse_loop_selection(self.lora_loops)
+        except ValueError as e:
+            raise ValueError(f"GapSFTConfig.lora_loops={self.lora_loops!r}: {e}") from None
 
     def check_against_model(self, model_config) -> tuple[int, int]:
         """Validate loop/layer options against a model config; returns (num_loops, probe_layer)."""
@@ -217,7 +225,10 @@ class GapSFTConfig(SFTConfig):
             raise ValueError(
                 f"GapSFTConfig.loop_weights has {len(self.loop_weights)} entries for num_loops={num_loops}"
             )
-        parse_loop_selection(self.lora_loops, max_loops=num_loops)
+        try:
+            parse_loop_selection(self.lora_loops, max_loops=num_loops)
+        except ValueError as e:
+            raise ValueError(f"GapSFTConfig.lora_loops={self.lora_loops!r}: {e}") from None
         return num_loops, layer
 
 

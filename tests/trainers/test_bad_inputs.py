@@ -1,0 +1,61 @@
+"""Bad recipe inputs fail before any expensive step, naming the option (issue [hardening]): a
+table of (arguments, expected message) run through recipes/sft_gap.py on the tiny model; none of
+them may reach the before-evaluation. And `--resume_from_checkpoint true` as the docs write it."""
+
+import pytest
+
+from tests.trainers.test_recipe_configs import _parse, _recipe
+
+BASE = [
+    "--model_name_or_path", "tiny", "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
+    "--dataset", "synthetic", "--dataset_limit", "24", "--eval_loops", "1-4", "--eval_n_boot", "20",
+    "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no",
+    "--use_cpu", "true", "--gradient_checkpointing", "false", "--disable_tqdm", "true",
+]  # fmt: skip
+
+CASES = [
+    (["--probe_layer", "-3"], "probe_layer=-3 is out of range"),
+    (["--probe_layer", "7"], "probe_layer=7 is out of range"),
+    (["--lora_loops", ">=9"], "lora_loops"),
+    (["--loop_weighting", "list", "--loop_weights", "1", "1"], "loop_weights has 2 entries for num_loops=4"),
+    (["--num_loops", "0"], "num_loops must be >= 1"),
+    (["--max_length", "12"], "max_length=12 is shorter than the longest train record"),
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1"),
+    (["--learning_rate=-1e-3"], "learning_rate must be > 0"),
+    (["--learning_rate", "0"], "learning_rate must be > 0"),
+    (["--eval_loops", "0"], "loop"),
+    (["--eval_fraction", "1.5"], "eval_fraction must be in (0, 1)"),
+    (["--eval_n_boot", "0"], "eval_n_boot must be >= 1"),
+    (["--replay_tasks", "0"], "replay_tasks must be >= 1"),
+    (["--loss_weights", '{"lm": 1, "consistensy": 1}'], "unknown loss key(s) ['consistensy']"),
+    (["--loss_weights", '{"lm": -1}'], "loss_weights['lm'] must be a number >= 0"),
+    (["--dataset", "missing/file.jsonl"], "missing/file.jsonl"),
+]
+
+
+@pytest.mark.parametrize("extra,message", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
+def test_bad_option_fails_before_the_evaluation_naming_it(tmp_path, extra, message):
+    recipe = _recipe()
+    out = tmp_path / "run"
+    with pytest.raises((ValueError, FileNotFoundError, SystemExit)) as err:
+        recipe.main(*_parse(recipe, [*BASE, "--output_dir", str(out), *extra]))
+    assert message in str(err.value), str(err.value)
+    assert not (out / "before").exists()  # nothing expensive ran
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_true_continues_the_latest_checkpoint_and_reuses_the_before_eval(tmp_path, capsys):
+    recipe = _recipe()
+    out = tmp_path / "run"
+    args = [*BASE, "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2", "--eval_loops", "4"]
+    recipe.main(*_parse(recipe, [*args, "--max_steps", "2"]))
+    assert (out / "checkpoint-2").is_dir() and (out / "before" / "gap.json").exists()
+    stamp = (out / "before" / "gap.json").stat().st_mtime_ns
+    capsys.readouterr()
+    recipe.main(*_parse(recipe, [*args, "--max_steps", "4", "--resume_from_checkpoint", "true"]))
+    printed = capsys.readouterr().out
+    assert "resuming: the before-evaluation" in printed
+    assert (out / "before" / "gap.json").stat().st_mtime_ns == stamp  # reused, not recomputed
+    assert (out / "checkpoint-4").is_dir() and (out / "compare.json").exists()
+    assert recipe.resume_target("True") is True and recipe.resume_target("false") is None
+    assert recipe.resume_target(str(out / "checkpoint-2")) == str(out / "checkpoint-2")
