@@ -12,6 +12,7 @@ with the verdict; logs the same to W&B with ``report_to: wandb`` (offline withou
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from loopalign.eval import (
     TaskConfig,
     compare,
     evaluate_gap,
+    log_comparison_wandb,
     parse_loops,
 )
 from loopalign.eval import load_model_and_tokenizer as load_local_model
@@ -152,6 +154,18 @@ def check_before_running(training_args: GapSFTConfig, model, train_ds, eval_ds) 
 
 
 def load_model_and_tokenizer(model_args: ModelConfig, training_args: GapSFTConfig):
+    for option in ("load_in_4bit", "load_in_8bit"):
+        if getattr(model_args, option, False):
+            raise ValueError(
+                f"--{option} is not supported by sft_gap: quantised base weights under loop-aware LoRA are untested "
+                "here; train in bf16 (the 1.4B configs fit one GPU)"
+            )
+    if training_args.push_to_hub:
+        raise ValueError(
+            "--push_to_hub is not supported by sft_gap: the Trainer would upload during training, before the "
+            "after-evaluation and the verdict exist; upload output_dir/final/ with `huggingface-cli upload` once "
+            "compare.md says what the run did"
+        )
     name = model_args.model_name_or_path
     if name in LOCAL_MODELS:  # the organism is built into the cache first when missing (by one process)
         with training_args.main_process_first(desc=f"loading the {name} model"):
@@ -268,14 +282,40 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
 
             after.log_wandb(run=wb.run, prefix="gap_after/")
             before.log_wandb(run=wb.run, prefix="gap_before/")
+            log_comparison_wandb(comparison, wb.run)  # dSV, dRR, gap after, TP and the verdict in the summary
+            wb.run.config.update({"recipe": dataclasses.asdict(script_args)}, allow_val_change=True)
         print("\nBefore / after gap SFT on the held-out split:\n")
         print(comparison.markdown())
         print(f"\nReports, plots, adapters and probes are in {out}/")
 
 
+def cli_model(argv: list[str]) -> str | None:
+    """The ``--model_name_or_path`` given on the command line, if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--model_name_or_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--model_name_or_path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def embedded_defaults_apply(argv: list[str]) -> bool:
+    """The CPU organism's defaults apply without --config, to the local models only: a hub model
+    named on the command line gets TRL's defaults, not the organism's learning rate and step count."""
+    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+        return False
+    model = cli_model(argv)
+    return model is None or model in LOCAL_MODELS
+
+
 if __name__ == "__main__":
     parser = TrlParser((GapScriptArguments, GapSFTConfig, ModelConfig))
-    if "--config" not in sys.argv:
+    if embedded_defaults_apply(sys.argv[1:]):
         parser.set_defaults(**EMBEDDED_DEFAULTS)
+    elif "--config" not in sys.argv and not any(a.startswith("--config=") for a in sys.argv):
+        print(
+            f"sft_gap: {cli_model(sys.argv[1:])} without --config: TRL's defaults apply (not the CPU organism's); "
+            "recipes/configs/ has tuned configs for Ouro-1.4B"
+        )
     script_args, training_args, model_args = parser.parse_args_and_config()
     main(script_args, training_args, model_args)

@@ -44,7 +44,7 @@ from .metrics import (
 )
 from .probes import LinearProbe, ProbeFitConfig, fit_probes, load_probes, save_probes
 from .readout import ReadoutConfig, ReadoutResult, calibrate_scores, fit_readout, make_splits
-from .report import log_wandb, plot_gap, save_gap
+from .report import log_comparison_wandb, log_wandb, plot_gap, save_gap
 from .task import TaskConfig, generate_texts, integer_verifier, task_performance
 from .verbal import parse_verdict, sampled_verdicts, sv_metrics, verdict_token_ids
 
@@ -90,6 +90,7 @@ __all__ = [
     "LOCAL_MODELS",
     "load_probes",
     "log_wandb",
+    "log_comparison_wandb",
     "make_splits",
     "parse_loops",
     "parse_verdict",

@@ -409,3 +409,27 @@ def log_wandb(
         if own:
             run.finish()
     return run
+
+
+def log_comparison_wandb(comparison, run, prefix: str = "compare/") -> dict:
+    """Put the before/after verdict into a W&B run: the verdict quantities at the trained depth with
+    their CIs, the rule's parts (``sv_caught_up``, ``rr_preserved``, ...) and TP at the depth in the
+    run's summary, and every loop's deltas as a table. -> the summary entries written."""
+    import wandb
+
+    summary = {f"{prefix}depth": comparison.depth, f"{prefix}verdict": comparison.verdict}
+    for key in ("sv_caught_up", "rr_preserved", "sv_improved", "gap_closed"):
+        summary[prefix + key] = bool(getattr(comparison, key))
+    for k, v in comparison.summary.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            summary[prefix + k] = v
+    tp = next((r for r in comparison.tp if r["loop"] == comparison.depth), None)
+    if tp is not None:
+        summary.update({prefix + k: tp[k] for k in ("tp_before", "tp_after", "d_tp", "d_tp_lo", "d_tp_hi")})
+    run.summary.update(summary)
+    rows = [*comparison.rows, *comparison.extrapolation]
+    cols = (
+        [c for c in rows[0] if all(isinstance(r.get(c), (int, float, bool, type(None))) for r in rows)] if rows else []
+    )
+    run.log({prefix + "table": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
+    return summary

@@ -30,7 +30,17 @@ CASES = [
     (["--loss_weights", '{"lm": 1, "consistensy": 1}'], "unknown loss key(s) ['consistensy']"),
     (["--loss_weights", '{"lm": -1}'], "loss_weights['lm'] must be a number >= 0"),
     (["--dataset", "missing/file.jsonl"], "missing/file.jsonl"),
+    (["--load_in_4bit", "true"], "--load_in_4bit is not supported"),
+    (["--push_to_hub", "true"], "--push_to_hub is not supported"),
 ]
+
+
+def test_the_organism_defaults_apply_to_local_models_only():
+    recipe = _recipe()
+    assert recipe.embedded_defaults_apply([]) and recipe.embedded_defaults_apply(["--model_name_or_path", "tiny"])
+    assert not recipe.embedded_defaults_apply(["--model_name_or_path", "ByteDance/Ouro-1.4B"])
+    assert not recipe.embedded_defaults_apply(["--model_name_or_path=ByteDance/Ouro-1.4B", "--max_steps", "3"])
+    assert not recipe.embedded_defaults_apply(["--config", "recipes/configs/sft_gap_cpu_default.yaml"])
 
 
 @pytest.mark.parametrize("extra,message", CASES, ids=[" ".join(c[0])[:40] for c in CASES])

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig
 
 from loopalign import OuroForCausalLM, tiny_config
-from loopalign.eval import evaluate_gap
+from loopalign.eval import CompareConfig, compare, evaluate_gap, log_comparison_wandb
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer
 
 
@@ -39,6 +39,13 @@ def test_offline_wandb_run_gets_per_loop_metrics_and_plots(gap_dataset, tmp_path
         result = evaluate_gap(trainer.model, tok, ds.select(range(24)), loops="1-4", config=None)
         result.log_wandb(run=run, prefix="gap_after/")
         assert "gap_after/sv" in dict(run.summary) or any(k.startswith("gap_after/") for k in run.summary.keys())
+        # the before/after verdict reaches the run's summary (not only the last loop's figures)
+        base = evaluate_gap(trainer.model.get_base_model(), tok, ds.select(range(24)), loops="1-4", config=None)
+        written = log_comparison_wandb(compare(base, result, CompareConfig(loops=4)), run)
+        summary = dict(run.summary)
+        for key in ("compare/depth", "compare/sv_caught_up", "compare/rr_preserved", "compare/d_sv", "compare/d_sv_lo"):
+            assert key in summary and summary[key] == written[key], key
+        assert summary["compare/depth"] == 4 and isinstance(summary["compare/sv_caught_up"], bool)
         run_dir = run.dir
     finally:
         wandb.finish()
