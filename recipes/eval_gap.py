@@ -1,19 +1,22 @@
 """SV / RR / gap (and TP) per loop for a looped model; writes gap.json, gap.md, plots and probes.
 
-    python recipes/eval_gap.py                        # the model organism (built on first use), synthetic data
+    python recipes/eval_gap.py                        # the model organism (built on first use), its held-out tasks
     python recipes/eval_gap.py --model tiny --loops 1-8 --out outputs/eval_tiny   # a random tiny Ouro: noise
     python recipes/eval_gap.py --model ByteDance/Ouro-1.4B --data builds/math --loops 1-8 --out outputs/eval --tp
     python recipes/eval_gap.py --model PATH --data DIR --out outputs/after --compare outputs/before
 
 ``--model organism`` (the default) is loopalign's model organism (``loopalign.organism``: a tiny Ouro
 trained here that shows the gap), built into the cache first when missing; ``--model tiny`` a
-random tiny Ouro. Both use the local tokenizer and, without ``--data``, held-out synthetic arithmetic
+random tiny Ouro. Both use the local tokenizer. Without ``--data`` the organism is measured on its own
+held-out tasks (digit sums of its evaluation triples, gold + one wrong digit each, clustered by
+triple; ``--n-problems`` of them, ``--data-seed``), the tiny model on held-out synthetic arithmetic
 from data_builders (problems, gold + controlled wrong answers, the verification prompt).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from data_builders.verification import synthetic_verification_records
 from loopalign.eval import (
@@ -30,6 +33,7 @@ from loopalign.eval import (
     load_model_and_tokenizer,
 )
 from loopalign.io import atomic_write_text
+from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for, organism_eval_records
 from loopalign.speed import set_cpu_threads
 
 
@@ -97,10 +101,22 @@ def main(argv=None):
 
     if args.data is None and args.model not in LOCAL_MODELS:
         ap.error(f"--data is required unless --model is one of {LOCAL_MODELS}")
+    if args.compare and not os.path.exists(
+        os.path.join(args.compare, "gap.json") if os.path.isdir(args.compare) else args.compare
+    ):
+        ap.error(
+            f"--compare {args.compare}: no gap.json there (a before/ folder of eval_gap or sft_gap, or its gap.json)"
+        )
     out_dir = args.out or f"outputs/eval_gap_{args.model if args.model in LOCAL_MODELS else 'model'}"
     set_cpu_threads(on_cpu=args.device == "cpu" or None, announce=True)
     model, tok = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
-    if args.data is None:
+    group_by = "task"
+    if args.data is None and args.model == "organism" and organism_config_for(args.model).tasks == "digits":
+        # the organism's own held-out tasks (its evaluation triples), clustered by triple
+        cfg = organism_config_for(args.model)
+        data = organism_eval_records(tok, args.n_problems, seed=args.data_seed, max_operand=cfg.max_operand)
+        group_by = DIGIT_GROUP_FIELD
+    elif args.data is None:
         levels = tuple(int(x) for x in args.levels.split(","))
         data = synthetic_verification_records(tok, args.n_problems, seed=args.data_seed, levels=levels)
     else:
@@ -109,6 +125,7 @@ def main(argv=None):
     position = int(args.position) if args.position.lstrip("-").isdigit() else args.position
     config = GapConfig(
         loops=args.loops,
+        group_by=group_by,
         metric=args.metric,
         min_minority_share=args.min_minority_share,
         sv_decision=args.sv_decision,

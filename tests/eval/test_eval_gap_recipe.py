@@ -39,3 +39,14 @@ def test_eval_gap_recipe_reports_controls_unless_turned_off(tmp_path, flags):
     assert not controls["author"]["available"]  # synthetic records name no author
     off = "--author-field" in flags
     assert controls["author"]["reason"].startswith("off") == off, controls["author"]["reason"]
+
+
+def test_compare_with_a_missing_folder_fails_before_the_evaluation(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), "--model", "tiny", "--out", str(tmp_path / "o"),
+         "--compare", str(tmp_path / "no_such_before")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--compare" in done.stderr and "no gap.json there" in done.stderr
+    assert not (tmp_path / "o").exists()

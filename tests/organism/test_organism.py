@@ -353,6 +353,22 @@ def test_a_short_default_cure_closes_the_organisms_gap(organism, tmp_path):
     assert comparison["sv_caught_up"] and comparison["rr_preserved"], comparison["verdict"]
 
 
+@pytest.mark.slow
+def test_eval_gap_measures_the_organism_on_its_own_held_out_tasks(organism, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(REPO / "recipes" / "eval_gap.py"), "--n-problems", "60", "--loops", "4",
+           "--n-boot", "50", "--no-controls", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "gap.json").read_text())
+    assert result["config"]["group_by"] == "triple" and result["meta"]["n_records"] == 120
+    held_out = {f"{i} {a}+{b}" for i, a, b in digit_triples("eval", OrganismConfig().max_operand)}
+    assert set(result["records"]["clusters"]) <= held_out
+    (row,) = result["table"]
+    assert row["rr"] - row["sv"] > 0.1  # the organism's gap, seen by the recipe's default
+
+
 def test_thread_count_is_part_of_the_cache_key():
     assert OrganismConfig().num_threads == 1
     assert OrganismConfig(num_threads=2).config_hash() != OrganismConfig().config_hash()
