@@ -38,7 +38,7 @@ from loopalign.eval import load_model_and_tokenizer as load_local_model
 from loopalign.io import atomic_write_text
 from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for
 from loopalign.speed import set_cpu_threads
-from loopalign.trainers import GapSFTConfig, GapSFTTrainer, self_replay_dataset
+from loopalign.trainers import GapSFTConfig, GapSFTTrainer, self_replay_dataset, write_adapter_card
 from loopalign.trainers.gap_data import load_verification_dataset, organism_verification, split_by_task
 
 # Used when no --config is given: the model organism (loopalign.organism, built into the cache on first
@@ -277,6 +277,7 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         comparison = compare(before, after, CompareConfig(loops=depth, rr_tolerance=script_args.rr_tolerance))
         atomic_write_text(os.path.join(out, "compare.md"), comparison.markdown())
         atomic_write_text(os.path.join(out, "compare.json"), comparison.to_json())
+        write_adapter_card(os.path.join(out, "final"), comparison.markdown())  # how to load it, and the verdict
         if wandb:
             import wandb as wb
 

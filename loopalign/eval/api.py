@@ -277,8 +277,10 @@ def evaluate_gap(
 def load_model_and_tokenizer(name: str, device: str | None = None, dtype: str = "auto", seed: int = 0):
     """``"organism"``: loopalign's model organism (:func:`loopalign.organism.load_organism`, built into
     the cache first when missing); ``"tiny"``: a random tiny Ouro + the local tokenizer (CPU-sized,
-    noise); else a local folder or hub name loaded with transformers' Auto classes (Ouro is
-    registered by importing loopalign). -> (model in eval mode on ``device``, tokenizer)."""
+    noise); a gap-SFT adapter folder (``final/``): its base model, adapters and loop routing
+    (:func:`loopalign.trainers.load_gap_model`); else a local folder or hub name loaded with
+    transformers' Auto classes (Ouro is registered by importing loopalign). -> (model in eval mode on
+    ``device``, tokenizer)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "organism":
         from loopalign.organism import load_organism
@@ -294,7 +296,10 @@ def load_model_and_tokenizer(name: str, device: str | None = None, dtype: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import loopalign  # noqa: F401  (registers Ouro)
+    from loopalign.trainers.loading import is_gap_run_folder, load_gap_model
 
+    if is_gap_run_folder(name):  # a gap-SFT run's adapters: loaded with their loop routing
+        return load_gap_model(name, device=device, dtype=dtype)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype).to(device).eval()
     tok = AutoTokenizer.from_pretrained(name)

@@ -2,6 +2,7 @@
 
 from .gap_data import GapCollator, build_gap_features, verdict_token_ids
 from .gap_sft import LOSS_KEYS, GapSFTConfig, GapSFTTrainer
+from .loading import is_gap_run_folder, load_gap_model, write_adapter_card
 from .probe_targets import ProbeTargets, fit_probe_targets, labelled_only
 from .replay import ReplayBuild, self_replay_dataset
 
@@ -14,6 +15,9 @@ __all__ = [
     "ReplayBuild",
     "build_gap_features",
     "fit_probe_targets",
+    "is_gap_run_folder",
+    "load_gap_model",
+    "write_adapter_card",
     "labelled_only",
     "self_replay_dataset",
     "verdict_token_ids",

@@ -28,5 +28,7 @@ def test_recipe_writes_before_after_reports_and_the_verdict(tmp_path, capsys):
     assert (run / "final" / "adapter_model.safetensors").exists()
     assert not (run / "final" / "loop_probes.safetensors").exists()  # the default objective has no probes
     assert len(comparison["tp"]) == 4  # TP before and after, per loop
+    card = (run / "final" / "README.md").read_text()  # not PEFT's empty template
+    assert "load_gap_model" in card and "SV caught up" in card
     printed = capsys.readouterr().out
     assert "Before / after gap SFT" in printed and "| loop |" in printed and "| loop | TP before" in printed

@@ -1,0 +1,60 @@
+"""A trained run's adapters reload exactly, loop routing included (issue [artifacts])."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM
+
+from loopalign import OuroForCausalLM, tiny_config
+from loopalign.eval import load_model_and_tokenizer
+from loopalign.trainers import GapSFTConfig, GapSFTTrainer, load_gap_model, write_adapter_card
+
+
+@pytest.fixture(scope="module")
+def trained(gap_dataset, tmp_path_factory):
+    ds, tok = gap_dataset
+    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    OuroForCausalLM(tiny_config(vocab_size=len(tok))).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    args = GapSFTConfig(
+        output_dir=str(root / "out"), max_steps=3, per_device_train_batch_size=8, learning_rate=5e-2,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, lora_loops=">=2",
+    )  # fmt: skip
+    trainer = GapSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(root / "base"),
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0),
+    )
+    trainer.train()
+    trainer.save_model(str(root / "final"))
+    ids = torch.tensor([ds[0]["input_ids"]])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, num_loops=4).logits
+    return root, ids, logits, tok
+
+
+def test_load_gap_model_gives_the_trained_model_and_a_plain_peft_load_does_not(trained):
+    root, ids, logits, _ = trained
+    model, tok = load_gap_model(root / "final", device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, num_loops=4).logits, logits, atol=1e-5, rtol=0)
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), root / "final").eval()
+        assert (plain(input_ids=ids, num_loops=4).logits - logits).abs().max() > 1e-3  # routing lost
+    assert len(tok) == len(trained[3])
+    # eval_gap's loader (``--model final/``) goes through it too
+    via_eval, _ = load_model_and_tokenizer(str(root / "final"), device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(via_eval(input_ids=ids, num_loops=4).logits, logits, atol=1e-5, rtol=0)
+    with pytest.raises(FileNotFoundError, match="not a gap-SFT adapter folder"):
+        load_gap_model(root / "base")
+
+
+def test_the_adapter_card_says_how_to_load_it(trained):
+    root = trained[0]
+    card = open(write_adapter_card(root / "final", "**SV caught up: yes**")).read()
+    assert "load_gap_model" in card and "`>=2`" in card and "a different model" in card
+    assert "SV caught up: yes" in card and f"base_model: {root / 'base'}" in card
