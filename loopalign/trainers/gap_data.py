@@ -9,6 +9,7 @@ turn to the prompt; only those tokens carry ``labels``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -217,29 +218,50 @@ def load_verification_dataset(
         return synthetic_verification(tokenizer, limit or 160, synthetic_levels, seed=seed)
     source, sep, path = spec.partition(":")
     if sep and source in SOURCES:
-        if not os.path.exists(os.path.join(out_dir, "metadata.json")):
-            build_verification(
-                VerificationBuild(
-                    source=source,
-                    path=path,
-                    out=out_dir,
-                    n=limit,
-                    seed=seed,
-                    field_map=field_map,
-                    split=split,
-                    candidates=candidates,
-                    policy=policy,
-                    balance=True,
-                    render=True,
-                    tokenizer=tokenizer_name,
-                )
-            )
+        cfg = VerificationBuild(
+            source=source,
+            path=path,
+            out=out_dir,
+            n=limit,
+            seed=seed,
+            field_map=field_map,
+            split=split,
+            candidates=candidates,
+            policy=policy,
+            balance=True,
+            render=True,
+            tokenizer=tokenizer_name,
+        )
+        differs = _build_differs(out_dir, cfg)
+        if differs is None:
+            print(f"reusing the verification build in {out_dir} (same settings)")
+        else:
+            if differs:  # a build of other data left in this folder (another run's): never train on it
+                print(f"rebuilding {out_dir}: the build there has other settings ({'; '.join(differs)})")
+            build_verification(dataclasses.replace(cfg, overwrite=bool(differs)))
         return load_build(out_dir)[0]
     if sep and not os.path.exists(spec):
         raise ValueError(f"dataset spec {spec!r}: unknown source {source!r}; sources: {list(SOURCES)}")
     from loopalign.eval import load_eval_dataset
 
     return load_eval_dataset(spec)
+
+
+def _build_differs(out_dir: str, cfg) -> list[str] | None:
+    """None when ``out_dir`` holds a build made with ``cfg``'s settings; else the settings that
+    differ ("name: there -> wanted"), empty when there is no build."""
+    import json
+    import os
+
+    meta_path = os.path.join(out_dir, "metadata.json")
+    if not os.path.exists(meta_path):
+        return []
+    with open(meta_path) as f:
+        there = json.load(f).get("settings", {})
+    wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite")}
+    wanted = json.loads(json.dumps(wanted))  # tuples as lists, as the metadata stores them
+    changed = [f"{k}: {there.get(k)!r} -> {v!r}" for k, v in wanted.items() if there.get(k) != v]
+    return changed or None
 
 
 def organism_verification(

@@ -58,3 +58,21 @@ def test_the_adapter_card_says_how_to_load_it(trained):
     card = open(write_adapter_card(root / "final", "**SV caught up: yes**")).read()
     assert "load_gap_model" in card and "`>=2`" in card and "a different model" in card
     assert "SV caught up: yes" in card and f"base_model: {root / 'base'}" in card
+
+
+def test_a_build_left_in_the_output_folder_is_reused_only_with_the_same_settings(tmp_path, capsys, fixtures_dir):
+    """A second run in the same output folder must not train on the first run's data."""
+    from loopalign.tokenizer import local_tokenizer
+    from loopalign.trainers.gap_data import load_verification_dataset
+
+    tok = local_tokenizer()
+    out = str(tmp_path / "data")
+    gsm8k = f"gsm8k-solutions:{fixtures_dir / 'data' / 'gsm8k' / 'example_model_solutions.jsonl'}"
+    xstest = f"xstest-completions:{fixtures_dir / 'data' / 'xstest' / 'model_completions'}"
+    first = load_verification_dataset(gsm8k, tok, "local", out)
+    again = load_verification_dataset(gsm8k, tok, "local", out)
+    assert "reusing the verification build" in capsys.readouterr().out and again["id"] == first["id"]
+    other = load_verification_dataset(xstest, tok, "local", out)
+    printed = capsys.readouterr().out
+    assert "rebuilding" in printed and "source: 'gsm8k-solutions' -> 'xstest-completions'" in printed
+    assert not set(other["id"]) & set(first["id"]) and set(other["source"]) == {"xstest-completions"}
