@@ -204,7 +204,27 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
     return split_by_task(data, script_args.eval_fraction, seed=training_args.seed)
 
 
+def prepare_reporting(training_args: GapSFTConfig) -> None:
+    """Before anything expensive: W&B without an API key runs offline (said once, not a crash at
+    ``trainer.train()``), and a sweep run writes into its own ``output_dir/sweep-<sweep>-<run>/``."""
+    if "wandb" not in (training_args.report_to or []):
+        return
+    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+        netrc = os.path.expanduser("~/.netrc")
+        logged_in = os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read()
+        if not logged_in:
+            os.environ["WANDB_MODE"] = "offline"
+            if training_args.process_index == 0:
+                print("W&B: no API key, so the run is offline (wandb sync OUTPUT_DIR/wandb/... later)")
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep and run:
+        training_args.output_dir = os.path.join(training_args.output_dir, f"sweep-{sweep}-{run}")
+        if training_args.process_index == 0:
+            print(f"W&B sweep {sweep}: this run writes to {training_args.output_dir}")
+
+
 def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> None:
+    prepare_reporting(training_args)
     set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     training_args.check_against_model(model.config)  # before any data is built

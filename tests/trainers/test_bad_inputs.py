@@ -69,3 +69,22 @@ def test_resume_from_checkpoint_true_continues_the_latest_checkpoint_and_reuses_
     assert (out / "checkpoint-4").is_dir() and (out / "compare.json").exists()
     assert recipe.resume_target("True") is True and recipe.resume_target("false") is None
     assert recipe.resume_target(str(out / "checkpoint-2")) == str(out / "checkpoint-2")
+
+
+def test_wandb_without_a_key_goes_offline_and_sweep_runs_get_their_own_folder(tmp_path, monkeypatch, capsys):
+    from loopalign.trainers import GapSFTConfig
+
+    recipe = _recipe()
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_SWEEP_ID", "WANDB_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    args = GapSFTConfig(output_dir=str(tmp_path / "out"), report_to=["wandb"], use_cpu=True)
+    recipe.prepare_reporting(args)
+    assert __import__("os").environ["WANDB_MODE"] == "offline" and "offline" in capsys.readouterr().out
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
+    monkeypatch.setenv("WANDB_RUN_ID", "r42")
+    recipe.prepare_reporting(args)
+    assert args.output_dir == str(tmp_path / "out" / "sweep-sw1-r42")
+    quiet = GapSFTConfig(output_dir=str(tmp_path / "q"), report_to=[], use_cpu=True)
+    recipe.prepare_reporting(quiet)
+    assert quiet.output_dir == str(tmp_path / "q")

@@ -87,3 +87,18 @@ def test_sweep_parameters_are_real_fields_with_valid_values(path):
                 assert all(got[name] == w for name, w in json.loads(v).items())
             else:
                 assert got == type(got)(v), k
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_sweeps_optimise_a_held_out_figure_and_sweep_nothing_that_is_a_no_op(path):
+    sweep = yaml.safe_load(path.read_text())
+    # the before/after comparison on held-out records (written to the run summary by the recipe),
+    # not a training-batch figure that damaging RR could lower
+    assert sweep["metric"]["name"].startswith("compare/") and not sweep["metric"]["name"].startswith("train/")
+    params = sweep["parameters"]
+    weightings = params.get("loop_weighting", {}).get("values") or [params.get("loop_weighting", {}).get("value")]
+    if "entropy_beta" in params:  # only Ouro's entropy objective reads it
+        assert "ouro_entropy" in weightings, "entropy_beta is swept but no run uses loop_weighting=ouro_entropy"
+    if "probe_layer" in params or "probe_position" in params:  # only the probe-reading terms read them
+        weights = [json.loads(w) for w in params.get("loss_weights", {}).get("values", [])]
+        assert any(w.get(k, 0) > 0 for w in weights for k in ("probe", "rr_probe", "rr_distill")), path.name
