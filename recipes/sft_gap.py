@@ -225,6 +225,8 @@ def prepare_reporting(training_args: GapSFTConfig) -> None:
 
 def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> None:
     prepare_reporting(training_args)
+    if training_args.world_size > 1 and training_args.process_index == 0:
+        print(f"{training_args.world_size} processes, {training_args.parallel_mode.value} (one model, data split)")
     set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     training_args.check_against_model(model.config)  # before any data is built
@@ -329,10 +331,20 @@ def embedded_defaults_apply(argv: list[str]) -> bool:
     return model is None or model in LOCAL_MODELS
 
 
+def launched_on_cpu_processes() -> bool:
+    """Several processes (torchrun / accelerate launch) on a machine without a GPU: each must run
+    as a CPU rank of one gloo group, or the Trainer trains independent copies side by side."""
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 if __name__ == "__main__":
     parser = TrlParser((GapScriptArguments, GapSFTConfig, ModelConfig))
     if embedded_defaults_apply(sys.argv[1:]):
         parser.set_defaults(**EMBEDDED_DEFAULTS)
+    if launched_on_cpu_processes():
+        parser.set_defaults(use_cpu=True)
     elif "--config" not in sys.argv and not any(a.startswith("--config=") for a in sys.argv):
         print(
             f"sft_gap: {cli_model(sys.argv[1:])} without --config: TRL's defaults apply (not the CPU organism's); "

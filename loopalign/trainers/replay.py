@@ -71,7 +71,9 @@ def self_replay_dataset(
         rows.append({"task": task, "input_ids": list(prompt), "completion_ids": answer + [end]})
     if not rows:
         raise ValueError(
-            f"self_replay_dataset: all {len(unique)} answers were cut off at max_new_tokens={budget}; raise it"
+            f"self_replay_dataset: all {len(unique)} answers were cut off at max_new_tokens={budget}: raise it "
+            "(sft_gap: --tp_max_new_tokens) or, for a model that does not answer its tasks (a random tiny one), "
+            "train without replay (loss_weights replay 0)"
         )
     return ReplayBuild(datasets.Dataset.from_list(rows), len(unique), n_cut, budget)
 

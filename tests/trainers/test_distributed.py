@@ -62,3 +62,26 @@ def test_deepspeed_zero_configs_train_on_two_cpu_ranks(tmp_path, config):
 def test_fsdp_config_trains_on_two_cpu_ranks(tmp_path):
     _launch_two_ranks(tmp_path, "fsdp.yaml", "--num_processes", "2", "--mixed_precision", "no")
     _assert_ranks_identical_and_trained(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_readme_cpu_launch_of_the_recipe_is_one_distributed_run(tmp_path):
+    """`accelerate launch --config_file accelerate_configs/cpu_multi_process.yaml recipes/sft_gap.py`
+    as the README writes it (no --use_cpu): one gloo group over 2 ranks, not two copies."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "accelerate_configs" / "cpu_multi_process.yaml"),
+        "--main_process_port", str(_free_port()),
+        str(ROOT / "recipes" / "sft_gap.py"),
+        "--model_name_or_path", "tiny", "--dataset", "synthetic", "--dataset_limit", "24",
+        "--lora_target_modules", "q_proj", "v_proj", "--eval_loops", "4", "--eval_n_boot", "20",
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--output_dir", str(out),
+        "--report_to", "none", "--disable_tqdm", "true", "--loss_weights", '{"lm": 1.0}',  # a random model: no replay
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 processes, distributed" in done.stdout, done.stdout[-2000:]
+    assert "parallel_mode" not in done.stderr  # transformers' warning about non-distributed copies
+    assert (out / "compare.json").exists()
