@@ -19,7 +19,9 @@ One forward pass per batch runs all loops; from it come
   batch each step from ``replay_dataset``, see :mod:`loopalign.trainers.replay`), so training the
   verdict does not teach the model to answer everything with it (TP is kept).
 Each term has a weight in ``GapSFTConfig.loss_weights`` and is logged per loop
-(``loss/loop_t``, ``sv/loop_t``, ``rr/loop_t``, ``gap/loop_t`` with t = loop count 1..T).
+(``loss/loop_t``, ``sv/loop_t`` and, with the joint probes, ``probe_acc/loop_t`` and
+``probe_gap/loop_t`` with t = loop count 1..T: training-batch figures at the training probe site,
+named apart from the evaluation's RR and gap, which read the evaluation's site on held-out records).
 """
 
 from __future__ import annotations
@@ -499,8 +501,9 @@ class GapSFTTrainer(SFTTrainer):
         probes = getattr(unwrapped, "loop_probes", None)
         if probes is not None:
             probe_logits = probes(feats.detach())
-            per_loop["rr"] = (((probe_logits.detach() > 0).long() == labels).float() * mask).sum(dim=1) / mask.sum()
-            per_loop["gap"] = per_loop["rr"] - per_loop["sv"]
+            hits = ((probe_logits.detach() > 0).long() == labels).float()
+            per_loop["probe_acc"] = (hits * mask).sum(dim=1) / mask.sum()
+            per_loop["probe_gap"] = per_loop["probe_acc"] - per_loop["sv"]
             if w["probe"] > 0:
                 per_loop["probe_loss"] = probe_loss(probe_logits, labels, mask)
                 terms["probe"] = (loop_w * per_loop["probe_loss"]).sum()

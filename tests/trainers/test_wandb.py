@@ -22,7 +22,7 @@ def test_offline_wandb_run_gets_per_loop_metrics_and_plots(gap_dataset, tmp_path
     args = GapSFTConfig(
         output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8, logging_steps=1,
         report_to=["wandb"], run_name="gap-sft-test", save_strategy="no", use_cpu=True, disable_tqdm=True,
-        loss_weights={"lm": 1.0, "probe": 1.0},  # the probes give the rr / gap metrics
+        loss_weights={"lm": 1.0, "probe": 1.0},  # the probes give the probe_acc / probe_gap metrics
     )  # fmt: skip
     trainer = GapSFTTrainer(
         model=OuroForCausalLM(tiny_config(vocab_size=len(tok))), args=args, train_dataset=ds,
@@ -34,7 +34,7 @@ def test_offline_wandb_run_gets_per_loop_metrics_and_plots(gap_dataset, tmp_path
     try:
         summary = dict(run.summary)
         for t in range(1, 5):
-            for name in ("loss", "sv", "rr", "gap"):
+            for name in ("loss", "sv", "probe_acc", "probe_gap"):
                 assert f"train/{name}/loop_{t}" in summary, (name, t)
         result = evaluate_gap(trainer.model, tok, ds.select(range(24)), loops="1-4", config=None)
         result.log_wandb(run=run, prefix="gap_after/")
