@@ -181,7 +181,7 @@ class OrganismConfig:
             raise ValueError(f"OrganismConfig.sycophantic_items: unknown items {unknown}; items are {_ITEMS}")
         from loopalign.eval import parse_loops
 
-        parse_loops(self.eval_loops)
+        parse_loops(self.eval_loops, "OrganismConfig.eval_loops")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -31,6 +31,7 @@ from loopalign.eval import (
     evaluate_gap,
     load_eval_dataset,
     load_model_and_tokenizer,
+    parse_loops,
 )
 from loopalign.io import atomic_write_text
 from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for, organism_eval_records
@@ -98,6 +99,12 @@ def main(argv=None):
         "source_model, model, policy; 'none' turns it off)",
     )
     args = ap.parse_args(argv)
+    for option in ("loops", "tp_loops"):  # checked before the model loads, naming the option
+        if getattr(args, option) is not None:
+            try:
+                parse_loops(getattr(args, option), f"--{option.replace('_', '-')}")
+            except ValueError as e:
+                ap.error(str(e))
 
     if args.data is None and args.model not in LOCAL_MODELS:
         ap.error(f"--data is required unless --model is one of {LOCAL_MODELS}")

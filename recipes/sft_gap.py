@@ -120,9 +120,15 @@ class GapScriptArguments:
             raise ValueError(f"eval_readout must be 'kfold' or 'holdout', got {self.eval_readout!r}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        parse_loops(self.eval_loops)  # names the option: fails here, not after the model load
+        parse_loops(self.eval_loops, "eval_loops")  # fails here, not after the model load
         if self.eval_tp_loops is not None:
-            parse_loops(self.eval_tp_loops)
+            parse_loops(self.eval_tp_loops, "eval_tp_loops")
+        try:
+            levels = [int(x) for x in self.synthetic_levels.split(",") if x.strip()]
+        except ValueError:
+            levels = []
+        if not levels or any(not 1 <= x <= 6 for x in levels):
+            raise ValueError(f"synthetic_levels must be levels in 1..6 (e.g. '1,2'), got {self.synthetic_levels!r}")
         if self.eval_n_boot < 1:
             raise ValueError(f"eval_n_boot must be >= 1, got {self.eval_n_boot}")
         if self.replay_tasks is not None and self.replay_tasks < 1:

@@ -57,9 +57,9 @@ class GapConfig:
     # model, policy, at the top level or in `meta`); None: no author control
 
     def __post_init__(self):
-        self.loops = parse_loops(self.loops)
+        self.loops = parse_loops(self.loops, "GapConfig.loops")
         if self.tp_loops is not None:
-            self.tp_loops = parse_loops(self.tp_loops)
+            self.tp_loops = parse_loops(self.tp_loops, "GapConfig.tp_loops")
         if self.metric != "auto" and self.metric not in METRICS:
             raise ValueError(f"GapConfig.metric must be 'auto' or one of {list(METRICS)}, got {self.metric!r}")
         if not 0 <= self.min_minority_share <= 0.5:
@@ -320,7 +320,22 @@ def load_eval_dataset(path: str):
 
         return load_build(path)[0]
     if os.path.isdir(path):
-        return datasets.load_from_disk(path)
+        data = datasets.load_from_disk(path)
+        if len(data) == 0:
+            raise ValueError(f"dataset {path!r} holds no records")
+        return data
     if path.endswith((".jsonl", ".json")):
-        return datasets.Dataset.from_json(path)
-    raise ValueError(f"--data {path!r}: expected a build folder, a save_to_disk folder or a .jsonl file")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"dataset {path!r} does not exist")
+        with open(path, "rb") as f:
+            empty = not f.read(4096).strip()
+        if empty:  # datasets' JSON reader would stop with a bare StopIteration
+            raise ValueError(f"dataset {path!r} is empty: no records to evaluate or train on")
+        data = datasets.Dataset.from_json(path)
+    elif os.path.exists(path):
+        raise ValueError(f"dataset {path!r}: expected a build folder, a save_to_disk folder or a .jsonl file")
+    else:
+        raise FileNotFoundError(f"dataset {path!r} does not exist")
+    if len(data) == 0:
+        raise ValueError(f"dataset {path!r} holds no records")
+    return data

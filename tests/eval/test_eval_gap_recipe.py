@@ -50,3 +50,14 @@ def test_compare_with_a_missing_folder_fails_before_the_evaluation(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2 and "--compare" in done.stderr and "no gap.json there" in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("loops", ["--loops=-2", "--loops=abc", "--tp-loops=0"])
+def test_bad_loops_fail_naming_the_option_before_the_model_loads(tmp_path, loops):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), "--model", "tiny", loops, "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    option = loops.split("=")[0]
+    assert done.returncode == 2 and f"{option} must be loop counts >= 1" in done.stderr, done.stderr[-500:]

@@ -23,7 +23,10 @@ CASES = [
     (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1"),
     (["--learning_rate=-1e-3"], "learning_rate must be > 0"),
     (["--learning_rate", "0"], "learning_rate must be > 0"),
-    (["--eval_loops", "0"], "loop"),
+    (["--eval_loops", "0"], "eval_loops must be loop counts >= 1"),
+    (["--eval_loops", "abc"], "eval_loops must be loop counts >= 1 (e.g. '1-8' or '1,2,4'), got 'abc'"),
+    (["--eval_tp_loops", "1-x"], "eval_tp_loops must be loop counts"),
+    (["--synthetic_levels", "x"], "synthetic_levels must be levels in 1..6"),
     (["--eval_fraction", "1.5"], "eval_fraction must be in (0, 1)"),
     (["--eval_n_boot", "0"], "eval_n_boot must be >= 1"),
     (["--replay_tasks", "0"], "replay_tasks must be >= 1"),
@@ -88,3 +91,13 @@ def test_wandb_without_a_key_goes_offline_and_sweep_runs_get_their_own_folder(tm
     quiet = GapSFTConfig(output_dir=str(tmp_path / "q"), report_to=[], use_cpu=True)
     recipe.prepare_reporting(quiet)
     assert quiet.output_dir == str(tmp_path / "q")
+
+
+def test_an_empty_dataset_file_fails_naming_it(tmp_path):
+    recipe = _recipe()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="is empty: no records"):
+        recipe.main(*_parse(recipe, [*BASE, "--output_dir", str(out), "--dataset", str(empty)]))
+    assert not (out / "before").exists()
