@@ -17,6 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
@@ -35,10 +36,12 @@ from loopalign.eval import (
     parse_loops,
 )
 from loopalign.eval import load_model_and_tokenizer as load_local_model
+from loopalign.eval.report import short_markdown
 from loopalign.io import atomic_write_text
 from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer, self_replay_dataset, write_adapter_card
+from loopalign.trainers.console import use_short_console_log
 from loopalign.trainers.gap_data import load_verification_dataset, organism_verification, split_by_task
 
 # Used when no --config is given: the model organism (loopalign.organism, built into the cache on first
@@ -240,6 +243,8 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         train_ds, eval_ds = load_datasets(script_args, model_args.model_name_or_path, tokenizer, training_args)
     check_before_running(training_args, model, train_ds, eval_ds)
     resume = resume_target(training_args.resume_from_checkpoint)
+    if training_args.use_cpu or not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # pinned memory needs an accelerator (a warning per loader)
     gap_config = GapConfig(
         loops=script_args.eval_loops,
         verdict_tokens=(training_args.verdict_yes, training_args.verdict_no),
@@ -266,7 +271,7 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         else:
             print(f"train {len(train_ds)} / held-out {len(eval_ds)} verification records; evaluating before training")
             before = evaluate_gap(model, tokenizer, eval_ds, config=gap_config, out_dir=before_dir)
-            print(before.markdown())
+            print(short_markdown(before, os.path.join(before_dir, "gap.md")))
 
     replay = None
     if training_args.loss_weights["replay"] > 0:  # the base model's own answers to the training tasks
@@ -294,6 +299,7 @@ def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_arg
         peft_config=get_peft_config(model_args),
         replay_dataset=replay,
     )
+    use_short_console_log(trainer, trainer.num_loops)  # W&B and the trainer state keep every metric
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(os.path.join(out, "final"))
 

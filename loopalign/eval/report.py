@@ -44,6 +44,20 @@ def _cluster_line(meta: dict, level: int) -> str:
     return line
 
 
+def _per_fold(choices) -> str:
+    """The layer (or L2) each probe fold chose -> "1 in 3 of 5 folds, norm in 2": readable where a
+    raw per-fold list ("1,norm,1,1,norm") is not. One choice (a holdout split) is shown as is."""
+    from collections import Counter
+
+    items = [str(c) for c in (choices.split(",") if isinstance(choices, str) else choices) if str(c) != ""]
+    if len(items) <= 1:
+        return items[0] if items else ""
+    counts = Counter(items).most_common()
+    first, n = counts[0]
+    rest = ", ".join(f"{name} in {k}" for name, k in counts[1:])
+    return f"{first} in {n} of {len(items)} folds" + (f", {rest}" if rest else "")
+
+
 def gap_markdown(result) -> str:
     """The gap table (percent, 95% CIs) plus SV / RR details, as Markdown."""
     m = result.meta
@@ -69,7 +83,7 @@ def gap_markdown(result) -> str:
     if m.get("total_ut_steps"):
         lines += [f"Trained depth: {m['total_ut_steps']} loops; loops past it are extrapolation.", ""]
     tp = {row["loop"]: row for row in (result.tp or [])}
-    header = "| loop | SV | RR | gap RR−SV | RR fixed layer | SV all records | valid verdicts | best layer |"
+    header = "| loop | SV | RR | gap RR−SV | RR fixed layer | SV all records | valid verdicts | best layer (folds) |"
     if tp:
         header += " TP |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
@@ -82,7 +96,7 @@ def gap_markdown(result) -> str:
             _pct(row.get("rr_fixed")),
             _pct(sv_all.get(result.metric)),
             _pct(sv_all.get("valid_rate")),
-            str(row.get("best_layer", "")),
+            _per_fold(row.get("best_layer", "")),
         ]
         if tp:
             cells.append(_pct(tp[row["loop"]]["accuracy"]) if row["loop"] in tp else "–")
@@ -114,13 +128,13 @@ def gap_markdown(result) -> str:
         "",
         "## RR metrics (test)",
         "",
-        "| loop | acc | bal. acc | F1 | AUROC | best layer | L2 |",
+        "| loop | acc | bal. acc | F1 | AUROC | best layer (folds) | L2 (folds) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in result.rr:
         lines.append(
             f"| {r['loop']} | {_pct(r['accuracy'])} | {_pct(r['balanced_accuracy'])} | {_pct(r['f1'])} | "
-            f"{_pct(r['auroc'])} | {', '.join(map(str, r.get('best_layer', [])))} | {', '.join(f'{c:g}' for c in r.get('best_l2', []))} |"
+            f"{_pct(r['auroc'])} | {_per_fold(r.get('best_layer', []))} | {_per_fold([f'{c:g}' for c in r.get('best_l2', [])])} |"
         )
     if result.sv_sampled:
         lines += ["", "## Sampled verdicts", "", "| loop | acc | acc (parseable) | unparseable |", "|---|---|---|---|"]
@@ -433,3 +447,28 @@ def log_comparison_wandb(comparison, run, prefix: str = "compare/") -> dict:
     )
     run.log({prefix + "table": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
     return summary
+
+
+def short_markdown(result, path: str | None = None) -> str:
+    """A compact per-loop table (SV, RR, gap with CIs, AUROC, TP) for a console; the full report is
+    gap.md (``path``, when given, is named)."""
+    tp = {r["loop"]: r["accuracy"] for r in (result.tp or [])}
+    lines = [
+        f"| loop | SV | RR | gap RR−SV | AUROC SV / RR |{' TP |' if tp else ''}",
+        f"|---|---|---|---|---|{'---|' if tp else ''}",
+    ]
+    for row in result.table:
+        auc = (
+            f"{row['sv_auroc']:.3f} / {row['rr_auroc']:.3f}"
+            if row.get("sv_auroc") is not None and row.get("rr_auroc") is not None
+            else "–"
+        )
+        cells = [str(row["loop"]), _ci(row, "sv"), _ci(row, "rr"), _ci(row, "gap"), auc]
+        if tp:
+            cells.append(_pct(tp.get(row["loop"])) if row["loop"] in tp else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    warnings = (result.meta or {}).get("warnings") or []
+    lines += [f"warning: {w}" for w in warnings]
+    if path:
+        lines.append(f"(full report: {path})")
+    return "\n".join(lines)

@@ -76,3 +76,12 @@ def test_a_build_left_in_the_output_folder_is_reused_only_with_the_same_settings
     printed = capsys.readouterr().out
     assert "rebuilding" in printed and "source: 'gsm8k-solutions' -> 'xstest-completions'" in printed
     assert not set(other["id"]) & set(first["id"]) and set(other["source"]) == {"xstest-completions"}
+
+
+def test_short_console_logs_keep_the_objective_and_the_deepest_sv():
+    from loopalign.trainers.console import short_logs
+
+    logs = {"loss": 1.0, "lm_loss": 0.9, "learning_rate": 1e-3, "epoch": 0.5}
+    logs |= {f"{k}/loop_{t}": 0.5 for k in ("loss", "sv", "probe_acc", "replay") for t in range(1, 5)}
+    short = short_logs(logs, num_loops=4)
+    assert set(short) == {"loss", "lm_loss", "learning_rate", "epoch", "sv/loop_4", "probe_acc/loop_4"}

@@ -32,3 +32,6 @@ def test_recipe_writes_before_after_reports_and_the_verdict(tmp_path, capsys):
     assert "load_gap_model" in card and "SV caught up" in card
     printed = capsys.readouterr().out
     assert "Before / after gap SFT" in printed and "| loop |" in printed and "| loop | TP before" in printed
+    # a short console: the before table once, compactly; per-loop training details only in the logs
+    assert "(full report: " in printed and "## SV metrics" not in printed
+    assert "'sv/loop_4'" in printed and "'loss/loop_1'" not in printed
