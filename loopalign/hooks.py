@@ -14,6 +14,10 @@ so a hook placed before ``generate`` also sees every generated token.
 
 Hooks never patch library classes; they are removed when the context exits, also on error.
 Works on a bare Ouro model and on one wrapped by PEFT or accelerate.
+
+A site at a loop the forward never reaches is an error, never a silent no-op: ``add_vector``
+raises as soon as a forward shows it runs fewer loops (or, at the latest, when its context exits),
+and ``ActivationCapture.get`` raises for a site that never ran; both name the loops that ran.
 """
 
 from __future__ import annotations
@@ -44,6 +48,16 @@ def _check_site(layers: list[nn.Module], loop: int, layer: int) -> None:
         raise ValueError(f"hook layer index {layer!r} is out of range: the model has {len(layers)} layers (0-based)")
 
 
+def _loops_text(loops) -> str:
+    """'0..3' for a contiguous run of loop indices, else their list; 'none' for none."""
+    loops = sorted(set(loops))
+    if not loops:
+        return "none"
+    if loops == list(range(loops[0], loops[-1] + 1)) and len(loops) > 2:
+        return f"{loops[0]}..{loops[-1]}"
+    return ", ".join(str(t) for t in loops)
+
+
 def _as_row_tensor(value, batch: int, device, name: str) -> torch.Tensor:
     t = torch.as_tensor(value, device=device)
     if t.dim() == 0:
@@ -63,6 +77,8 @@ class ActivationCapture:
         self._chunks: dict[tuple[int, int], list[torch.Tensor]] = {s: [] for s in sites}
         self._filled: dict[tuple[int, int], torch.Tensor] = {}
         self._found: dict[tuple[int, int], torch.Tensor] = {}
+        #: loop indices the forward ran (seen by the hooked layers)
+        self.loops_run: set[int] = set()
 
     def _record(self, site, hidden: torch.Tensor, token_positions: torch.Tensor) -> None:
         h = hidden.detach() if self.detach else hidden
@@ -93,13 +109,18 @@ class ActivationCapture:
             raise KeyError(f"site (loop={loop}, layer={layer}) was not requested; requested: {self.sites}")
         if self.positions is None:
             if not self._chunks[site]:
-                raise RuntimeError(f"site (loop={loop}, layer={layer}) never ran: did the forward run that many loops?")
+                raise RuntimeError(
+                    f"site (loop={loop}, layer={layer}) never ran: the forward ran loops "
+                    f"{_loops_text(self.loops_run)} (0-based)"
+                )
             return torch.cat(self._chunks[site], dim=1)
         if site not in self._filled or not bool(self._found[site].all()):
-            raise RuntimeError(
-                f"site (loop={loop}, layer={layer}): not every requested position was seen "
-                "(position past the sequence end, or the loop never ran)"
+            reason = (
+                "position past the sequence end"
+                if loop in self.loops_run
+                else f"loop {loop} never ran: the forward ran loops {_loops_text(self.loops_run)} (0-based)"
             )
+            raise RuntimeError(f"site (loop={loop}, layer={layer}): not every requested position was seen ({reason})")
         return self._filled[site]
 
     def __getitem__(self, site: tuple[int, int]) -> torch.Tensor:
@@ -133,6 +154,7 @@ def capture_activations(
 
         def hook(module, args, kwargs, output, loops=tuple(loops), layer_index=layer_index):
             loop = kwargs.get("loop_index", 0)
+            capture.loops_run.add(loop)
             if loop in loops:
                 capture._record((loop, layer_index), output, kwargs["token_positions"])
 
@@ -145,10 +167,22 @@ def capture_activations(
 
 
 class VectorInjection:
-    """What :func:`add_vector` did: ``calls`` counts the forward calls in which it added the vector."""
+    """What :func:`add_vector` did: ``calls`` counts the forward calls in which it added the vector;
+    ``loops_run`` holds the loop indices the forwards ran."""
 
     def __init__(self, loop: int, layer: int):
         self.loop, self.layer, self.calls = loop, layer, 0
+        self.loops_run: set[int] = set()
+
+    def _never_reached(self, num_loops: int | None = None) -> ValueError:
+        ran = (
+            f"loops 0..{num_loops - 1} (num_loops={num_loops})" if num_loops else f"loops {_loops_text(self.loops_run)}"
+        )
+        return ValueError(
+            f"add_vector: loop {self.loop} (0-based) is never reached, so nothing would be injected at "
+            f"(loop={self.loop}, layer={self.layer}): the forward ran {ran}. Run more loops (num_loops=) "
+            "or inject at an earlier loop."
+        )
 
 
 @contextmanager
@@ -167,6 +201,10 @@ def add_vector(
     vector: [H] or [B,H] (one per row). Columns covered: ``start <= column < end`` (``end`` None:
     to the end, generated tokens included); ``start``/``end`` are ints or one value per row. Or
     give explicit ``positions`` (long [B,K] or [K]) instead.
+
+    Raises ``ValueError`` if a forward inside the context runs fewer than ``loop + 1`` loops (at
+    that forward's first layer call), or, when the context exits, if forwards ran but none reached
+    ``loop``. A context with no forward at all raises nothing (``calls`` stays 0).
     """
     layers = decoder_layers(model)
     _check_site(layers, loop, layer)
@@ -177,7 +215,12 @@ def add_vector(
     record = VectorInjection(loop, layer)
 
     def hook(module, args, kwargs, output):
-        if kwargs.get("loop_index", 0) != loop:
+        ran = kwargs.get("loop_index", 0)
+        num_loops = kwargs.get("num_loops")
+        if num_loops is not None and loop >= num_loops:  # this forward stops before our loop: say so now
+            raise record._never_reached(num_loops)
+        record.loops_run.add(ran)
+        if ran != loop:
             return None
         cols = kwargs["token_positions"]  # [S]
         bsz = output.shape[0]
@@ -204,3 +247,6 @@ def add_vector(
         yield record
     finally:
         handle.remove()
+    # reached only when the body raised nothing: forwards ran, but none of them reached the loop
+    if record.loops_run and loop not in record.loops_run:
+        raise record._never_reached()

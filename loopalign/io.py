@@ -1,5 +1,6 @@
 """Atomic file writes: a temporary file in the target's folder, then ``os.replace`` into place,
-so a reader (or a resumed run) never sees a half-written file.
+so a reader (or a resumed run) never sees a half-written file. And :func:`folder_lock`, which keeps
+two writers out of one output folder (each file would be whole, but the folder a mix of both runs).
 
 ``tempfile`` creates its files 0600 and its folders 0700 whatever the umask; what lands here gets
 the modes an ordinary ``open`` / ``mkdir`` would give (0644 / 0755 under the usual umask 022), so a
@@ -7,9 +8,13 @@ teammate on shared storage can read a run or the organism cache."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import tempfile
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 __all__ = [
     "atomic_write",
@@ -19,6 +24,9 @@ __all__ = [
     "make_temp_dir",
     "apply_umask",
     "apply_umask_tree",
+    "folder_lock",
+    "FolderLockedError",
+    "FOLDER_LOCK_NAME",
 ]
 
 
@@ -97,3 +105,75 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
 
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=metadata))
+
+
+#: the lock file :func:`folder_lock` keeps inside the folder it guards
+FOLDER_LOCK_NAME = ".loopalign-write.lock"
+
+
+class FolderLockedError(RuntimeError):
+    """Another writer (process, or thread of this process) holds the folder's :func:`folder_lock`."""
+
+
+#: folders this process holds: real path -> [owning thread id, nesting depth]
+_HELD_FOLDERS: dict[str, list[int]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "a writer") -> Iterator[str]:
+    """An exclusive lock on the output folder ``folder`` (created if missing) while the body writes
+    into it: ``fcntl.flock`` on ``folder/.loopalign-write.lock`` (the kernel releases it if the holder
+    dies, so no stale lock outlives a killed run). The holder writes its pid, host, start time and
+    ``what`` into the file. A second writer fails at once with :class:`FolderLockedError` naming the
+    folder and the holder; it does not wait (the two would write the same files: the last one wins).
+    Re-entrant within one thread (``evaluate_gap`` holds it while ``save_gap`` takes it again).
+    -> the folder's absolute path."""
+    import fcntl  # POSIX, as the organism cache's lock
+
+    folder = os.path.abspath(os.fspath(folder))
+    os.makedirs(folder, exist_ok=True)
+    key, me = os.path.realpath(folder), threading.get_ident()
+    with _HELD_GUARD:
+        held = _HELD_FOLDERS.get(key)
+        if held is not None and held[0] != me:
+            raise FolderLockedError(
+                f"the output folder {folder} is being written by another thread of this process "
+                f"(pid {os.getpid()}); choose another output folder"
+            )
+        if held is not None:
+            held[1] += 1
+    if held is not None:  # re-entered by the holder
+        try:
+            yield folder
+        finally:
+            with _HELD_GUARD:
+                held[1] -= 1
+        return
+    path = os.path.join(folder, FOLDER_LOCK_NAME)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise FolderLockedError(
+                f"the output folder {folder} is being written by {holder} (lock {path}): two runs writing one "
+                "folder overwrite each other's files. Wait for that run to finish, or choose another output "
+                "folder; a killed run releases the lock by itself."
+            ) from None
+        with _HELD_GUARD:
+            _HELD_FOLDERS[key] = [me, 1]
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} ({what})")
+            f.flush()
+            yield folder
+        finally:
+            with _HELD_GUARD:
+                _HELD_FOLDERS.pop(key, None)
+            f.seek(0)
+            f.truncate()
+            f.flush()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

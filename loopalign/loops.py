@@ -5,6 +5,7 @@ Shapes: B batch, S sequence, H hidden, V vocabulary, T loops, L layers per loop.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -108,16 +109,24 @@ def threshold_exit_index(exit_probs: torch.Tensor, threshold: float) -> torch.Te
 
 
 def resolve_exit(exit: str | int, num_loops: int) -> tuple[str, int | None]:
-    """Normalise an ``exit`` argument to (mode, fixed loop index or None)."""
+    """Normalise an ``exit`` argument to (mode, fixed loop index or None).
+
+    A loop index is 0-based, ``0 <= exit < num_loops``. Negative indices are refused (elsewhere in
+    loopalign a negative loop means "none", so ``-1`` must not quietly mean the last loop: say
+    ``exit="last"`` or ``num_loops - 1``)."""
     if isinstance(exit, bool):
         raise ValueError(f"exit must be 'last', 'threshold', 'expected' or a loop index, got {exit!r}")
-    if isinstance(exit, int):
-        if not -num_loops <= exit < num_loops:
-            raise ValueError(f"exit loop index {exit} is out of range for num_loops={num_loops} (0-based)")
-        return "fixed", exit % num_loops
-    if exit in ("last", "threshold", "expected"):
+    if isinstance(exit, numbers.Integral):
+        exit = int(exit)
+        if not 0 <= exit < num_loops:
+            raise ValueError(
+                f"exit loop index {exit} is out of range for num_loops={num_loops}: exit= takes a loop index "
+                f"0..{num_loops - 1} (0-based; negative indices are not accepted, exit='last' reads the last loop)"
+            )
+        return "fixed", exit
+    if isinstance(exit, str) and exit in ("last", "threshold", "expected"):
         return exit, None
-    raise ValueError(f"unknown exit mode {exit!r}: use 'last', 'threshold', 'expected' or a loop index (int)")
+    raise ValueError(f"unknown exit mode {exit!r}: exit= takes 'last', 'threshold', 'expected' or a loop index (int)")
 
 
 def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

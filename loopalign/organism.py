@@ -27,7 +27,9 @@ lock, so an interrupted build leaves nothing behind and two processes do not bui
 second says whom it waits for, and gives up after ``LOOPALIGN_LOCK_TIMEOUT`` seconds). The
 folder is a ``save_pretrained`` model + tokenizer (``AutoModelForCausalLM.from_pretrained(folder)``
 works after ``import loopalign``), plus ``README.md`` (the model card with the gap table and plots),
-``eval/`` (gap.json, gap.md, plots, probes) and ``organism.json`` (config, figures, timings).
+``eval/`` (gap.json, gap.md, plots, probes) and ``organism.json`` (config, figures, timings, and the
+size and sha256 of every model and tokenizer file: loading checks them, so a damaged cache fails
+naming the file and the command that rebuilds it instead of loading with NaN logits).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import socket
 import tempfile
@@ -68,6 +71,8 @@ __all__ = [
     "TASK_FAMILIES",
     "DIGIT_GROUP_FIELD",
     "is_organism",
+    "verify_organism",
+    "CorruptOrganismError",
     "expected_build_seconds",
     "DEFAULT_LOCK_TIMEOUT",
 ]
@@ -251,6 +256,105 @@ def is_organism(path: str | os.PathLike, config: OrganismConfig | None = None) -
     return all((Path(path) / name).is_file() for name in ("config.json", "tokenizer.json", "README.md"))
 
 
+class CorruptOrganismError(RuntimeError):
+    """A cached organism's file does not match the size / sha256 recorded in its ``organism.json``."""
+
+
+#: the command that rebuilds the default organism in the default cache
+REBUILD_COMMAND = "python recipes/pretrain_organism.py --force"
+#: organism folders already reported as built before the file checksums (one line per process each)
+_UNVERIFIED_REPORTED: set[str] = set()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_records(folder: Path) -> dict[str, dict]:
+    """{name: {"bytes", "sha256"}} of the files directly in ``folder`` (the saved model and tokenizer)."""
+    return {
+        p.name: {"bytes": p.stat().st_size, "sha256": _file_sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()
+    }
+
+
+def _rebuild_command(path: Path, config: OrganismConfig | None) -> str:
+    """The ``pretrain_organism.py --force`` command line that rebuilds the organism at ``path``."""
+    parts = [REBUILD_COMMAND]
+    if config is not None:
+        default = OrganismConfig()
+        for f in dataclasses.fields(OrganismConfig):
+            value = getattr(config, f.name)
+            if f.name == "recipe_version" or value == getattr(default, f.name):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, tuple):
+                parts.append(" ".join([flag, *(shlex.quote(str(x)) for x in value)]))
+            else:  # the recipe parses a bool with bool(str): only the empty string is False
+                parts.append(f"{flag} {shlex.quote('' if value is False else str(value))}")
+    if config is not None and path.name != config.folder_name():
+        parts.append(f"--out {shlex.quote(str(path))}")
+    elif path.parent.resolve() != organism_cache_dir().resolve():
+        parts.append(f"--cache-dir {shlex.quote(str(path.parent))}")
+    return " ".join(parts)
+
+
+def _check_files(path: Path, meta: dict, config: OrganismConfig | None) -> None:
+    for name, want in meta["files"].items():
+        file = path / name
+        problem = None
+        if not file.is_file():
+            problem = "is missing"
+        else:
+            size = file.stat().st_size
+            if size < want["bytes"]:
+                problem = f"is truncated: {size} bytes of the {want['bytes']} written at build time"
+            elif size != want["bytes"]:
+                problem = f"has changed: {size} bytes, {want['bytes']} written at build time"
+            elif _file_sha256(file) != want["sha256"]:
+                problem = "is corrupted: its sha256 differs from the one recorded at build time"
+        if problem:
+            raise CorruptOrganismError(
+                f"the cached organism's file {file} {problem} (organism.json holds the checksums); the cache is "
+                f"damaged, so the organism is not loaded. Rebuild it with `{_rebuild_command(path, config)}`"
+            )
+
+
+def verify_organism(path: str | os.PathLike, config: OrganismConfig | None = None) -> bool:
+    """Check the organism's model and tokenizer files against the sizes and sha256 sums recorded in its
+    ``organism.json`` at build time. -> True when checked; False for an organism built before the
+    checksums (it says so in one line, once per process, and loads as before). Raises
+    :class:`CorruptOrganismError` naming the file and the rebuild command on a missing, truncated or
+    changed file."""
+    path = Path(path)
+    marker = path / _MARKER
+    meta = json.loads(marker.read_text())
+    if config is None and isinstance(meta.get("config"), dict):
+        with contextlib.suppress(TypeError, ValueError):
+            config = OrganismConfig.from_dict(meta["config"])
+    if not isinstance(meta.get("files"), dict):
+        if str(path) not in _UNVERIFIED_REPORTED:
+            _UNVERIFIED_REPORTED.add(str(path))
+            print(
+                f"organism {path} was built before loopalign recorded file checksums: loading it unchecked "
+                f"(`{_rebuild_command(path, config)}` rebuilds it with them)",
+                flush=True,
+            )
+        return False
+    before = marker.stat().st_mtime_ns
+    try:
+        _check_files(path, meta, config)
+    except CorruptOrganismError:
+        # a rebuild (--force) renamed a new organism into place while we read: check that one
+        if not marker.is_file() or marker.stat().st_mtime_ns == before:
+            raise
+        return verify_organism(path, config)
+    return True
+
+
 #: seconds a process waits for another's organism build before giving up (``$LOOPALIGN_LOCK_TIMEOUT``)
 DEFAULT_LOCK_TIMEOUT = 3600.0
 
@@ -335,10 +439,13 @@ def ensure_organism(
     Two processes asking at once build it once: the second waits for the lock (saying for whom),
     then finds it built; it gives up after ``lock_timeout`` seconds (default
     ``$LOOPALIGN_LOCK_TIMEOUT``, else :data:`DEFAULT_LOCK_TIMEOUT`) with a ``TimeoutError``.
+    A cached organism is checked first (:func:`verify_organism`): a damaged one raises
+    :class:`CorruptOrganismError` (``force`` rebuilds it).
     """
     config = config or OrganismConfig()
     path = organism_path(config, cache_dir)
     if is_organism(path, config) and not force:
+        verify_organism(path, config)
         return path
     if not build_if_missing and not force:
         raise FileNotFoundError(
@@ -374,7 +481,9 @@ def load_organism(
     """-> (model in eval mode, tokenizer) of the organism, built into the cache first when missing.
 
     ``cache_dir``: the cache root (default :func:`organism_cache_dir`); ``config``: another organism
-    (default ``OrganismConfig()``); ``device``: where the model goes (default CPU).
+    (default ``OrganismConfig()``); ``device``: where the model goes (default CPU). The files are
+    checked against the checksums of the build first (:func:`verify_organism`, via
+    :func:`ensure_organism`): a damaged cache raises :class:`CorruptOrganismError`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -955,6 +1064,7 @@ def build_organism(
         model, tokenizer = trained.model, trained.tokenizer
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        files = _file_records(tmp)  # size and sha256 of the model and tokenizer files, checked on load
         t1 = time.perf_counter()
         result = evaluate_organism(model, tokenizer, config, out_dir=tmp / "eval")
         slices = organism_slices(result, _card_records(config, tokenizer), config.sycophantic_items)
@@ -988,6 +1098,7 @@ def build_organism(
                 "slices": slices,
             },
             "properties": props,
+            "files": files,
         }
         (tmp / "README.md").write_text(_model_card(config, meta, result, props), encoding="utf-8")
         (tmp / "losses.json").write_text(

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from loopalign.io import folder_lock
+
 from .controls import evaluate_controls, record_authors
 from .features import FeatureConfig, extract_features, prepare_records
 from .gap import GapResult, gap_table, metric_value, parse_loops
@@ -129,7 +131,19 @@ def evaluate_gap(
     """SV and RR per loop (one forward per batch serves every loop), the gap table with bootstrap
     CIs, and TP when ``config.task`` is set. With ``out_dir``: gap.json, gap.md, plots and
     probes.safetensors/json are written there. ``loops`` overrides ``config.loops``.
+
+    ``out_dir`` is locked (:func:`loopalign.io.folder_lock`) from the start of the evaluation to the
+    last file: while another evaluation writes there, this one fails at once with
+    ``FolderLockedError`` naming the folder and that run (pid, host), before any model work.
     """
+    args = (model, tokenizer, dataset, loops, config, verifier, out_dir, wandb, wandb_kwargs)
+    if out_dir is None:
+        return _evaluate_gap(*args)
+    with folder_lock(out_dir, "evaluate_gap"):
+        return _evaluate_gap(*args)
+
+
+def _evaluate_gap(model, tokenizer, dataset, loops, config, verifier, out_dir, wandb, wandb_kwargs) -> GapResult:
     config = config or GapConfig()
     if loops is not None:
         config.loops = parse_loops(loops)

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from loopalign.io import atomic_write, atomic_write_text
+from loopalign.io import atomic_write, atomic_write_text, folder_lock
 
 __all__ = ["atomic_write", "controls_markdown", "gap_markdown", "compare_markdown", "plot_gap", "save_gap", "log_wandb"]
 
@@ -371,13 +371,15 @@ def plot_gap(result, out_dir: str) -> dict[str, str]:
 
 
 def save_gap(result, out_dir: str, plots: bool = True) -> dict[str, str]:
-    """gap.json + gap.md (+ plots) in out_dir. -> {name: path}."""
-    paths = {
-        "gap.json": _write_text(os.path.join(out_dir, "gap.json"), result.to_json()),
-        "gap.md": _write_text(os.path.join(out_dir, "gap.md"), result.markdown()),
-    }
-    if plots:
-        paths.update(plot_gap(result, out_dir))
+    """gap.json + gap.md (+ plots) in out_dir, holding the folder's lock (:func:`loopalign.io.folder_lock`):
+    while another process writes there, this fails at once (``FolderLockedError``). -> {name: path}."""
+    with folder_lock(out_dir, "save_gap"):
+        paths = {
+            "gap.json": _write_text(os.path.join(out_dir, "gap.json"), result.to_json()),
+            "gap.md": _write_text(os.path.join(out_dir, "gap.md"), result.markdown()),
+        }
+        if plots:
+            paths.update(plot_gap(result, out_dir))
     return paths
 
 

@@ -26,6 +26,7 @@ named apart from the evaluation's RR and gap, which read the evaluation's site o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -232,6 +233,17 @@ class GapSFTConfig(SFTConfig):
         except ValueError as e:
             raise ValueError(f"GapSFTConfig.lora_loops={self.lora_loops!r}: {e}") from None
         return num_loops, layer
+
+
+def _clear_staging(staging: str) -> None:
+    """Remove the half ``checkpoint-*`` folders that interrupted saves left in the staging folder (no
+    resume reads them; left there, the trainer's checkpoint rotation inside the staging folder could
+    count them and delete the checkpoint being written)."""
+    if not os.path.isdir(staging):
+        return
+    for entry in os.scandir(staging):
+        if entry.name.startswith("checkpoint-") and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
 
 
 class GapSFTTrainer(SFTTrainer):
@@ -589,14 +601,16 @@ class GapSFTTrainer(SFTTrainer):
 
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint into ``<output_dir>/.staging/`` and rename it into place when complete,
-        so an interrupted save never leaves a half ``checkpoint-N`` that a resume would pick up."""
+        so an interrupted save never leaves a half ``checkpoint-N`` that a resume would pick up. Half
+        checkpoints of earlier interrupted saves are removed from ``.staging/`` first, and the emptied
+        ``.staging/`` after the rename: only an interrupted save leaves it behind."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
         run_dir = self._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, ".staging")
-        if self.args.should_save and os.path.exists(os.path.join(staging, name)):
-            shutil.rmtree(os.path.join(staging, name))  # left by an earlier interrupted save
+        if self.args.should_save:
+            _clear_staging(staging)  # half checkpoints left by earlier interrupted saves
         self.accelerator.wait_for_everyone()
         self._checkpoint_staging = staging
         try:
@@ -610,6 +624,8 @@ class GapSFTTrainer(SFTTrainer):
                 shutil.rmtree(final)
             apply_umask_tree(os.path.join(staging, name))  # transformers writes weights 0600
             os.replace(os.path.join(staging, name), final)
+            with contextlib.suppress(OSError):  # empty now; left only if something not ours is in it
+                os.rmdir(staging)
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,

@@ -114,3 +114,41 @@ def test_hook_errors(tiny_model_factory):
         model(_ids(b=1))
     with pytest.raises(RuntimeError, match="position past the sequence end"):
         cap.get(0, 0)
+
+
+def test_injection_at_a_loop_the_forward_never_reaches_raises(tiny_model_factory):
+    """Issue [hardening]: add_vector at loop 5 of a 4-loop forward must not be a silent no-op; the
+    error names the loop asked for and the loops that ran (forward, generate, and a direct layer call)."""
+    model = tiny_model_factory()
+    layers = decoder_layers(model)
+    x = _ids()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"loop 5 \(0-based\) is never reached.*ran loops 0\.\.3 \(num_loops=4\)"):
+            with add_vector(model, torch.ones(64), loop=5, layer=1):
+                model(x)
+        with pytest.raises(ValueError, match=r"loop 2 \(0-based\) is never reached.*ran loops 0\.\.1 \(num_loops=2\)"):
+            with add_vector(model, torch.ones(64), loop=2, layer=0):
+                model.generate(x[:1], max_new_tokens=3, do_sample=False, num_loops=2)
+        # a layer called without num_loops (another caller): the check runs when the context exits
+        from loopalign.models.ouro.modeling_ouro import rotary_cos_sin
+
+        h = torch.randn(1, 3, 64)
+        cos_sin = rotary_cos_sin(torch.arange(3)[None], 16, 1e6, h.dtype)
+        with pytest.raises(ValueError, match=r"loop 3 \(0-based\) is never reached.*ran loops 0, 1\b"):
+            with add_vector(model, torch.ones(64), loop=3, layer=0) as inj:
+                for t in (0, 1):
+                    layers[0](h, position_embeddings=cos_sin, loop_index=t, token_positions=torch.arange(3))
+        assert inj.calls == 0 and inj.loops_run == {0, 1}
+        # reached: fine; no forward at all: nothing to say
+        with add_vector(model, torch.ones(64), loop=3, layer=1) as inj:
+            model(x)
+        assert inj.calls == 1 and inj.loops_run == {0, 1, 2, 3}
+        with add_vector(model, torch.ones(64), loop=9, layer=1) as inj:
+            pass
+        assert inj.calls == 0
+    assert all(not layer._forward_hooks for layer in layers)
+    # capture names the loops that ran too
+    with capture_activations(model, [(6, 0)]) as cap, torch.no_grad():
+        model(x, num_loops=3)
+    with pytest.raises(RuntimeError, match=r"\(loop=6, layer=0\) never ran: the forward ran loops 0\.\.2"):
+        cap.get(6, 0)

@@ -231,6 +231,113 @@ def test_bad_config_and_inputs():
         model.model()
 
 
+@pytest.mark.parametrize("bad", [-1, -4, 4, 2.0, "first", "Last"])
+def test_exit_takes_only_modes_and_loop_indices_in_range(tiny_model_factory, bad):
+    """Issue [hardening]: exit=-1 is refused (a negative loop means "none" elsewhere), as is anything
+    that is not a mode or a 0-based loop index < num_loops; the message names exit=."""
+    model = tiny_model_factory()
+    with pytest.raises(ValueError, match="exit"):
+        model(_ids(), exit=bad)
+
+
+def test_exit_accepts_every_valid_value(tiny_model_factory):
+    import numpy as np
+
+    model = tiny_model_factory()
+    x = _ids()
+    with torch.no_grad():
+        states = model(x, output_loop_states=True, exit="last").loop_hidden_states
+        for t in range(4):
+            torch.testing.assert_close(model(x, exit=t).logits, model.lm_head(states[t]))
+        torch.testing.assert_close(model(x, exit=np.int64(3)).logits, model(x, exit="last").logits)
+        for mode in ("last", "threshold", "expected", None):
+            assert torch.isfinite(model(x, exit=mode).logits).all()
+        assert model(x, num_loops=6, exit=5).logits.shape == (2, 10, 512)
+
+
+def test_over_long_sequences_are_refused_naming_max_position_embeddings(tiny_model_factory):
+    model = tiny_model_factory(max_position_embeddings=16)
+    with torch.no_grad():
+        assert model(_ids(s=16)).logits.shape[1] == 16  # exactly the limit is fine
+        with pytest.raises(ValueError, match="sequence of 17, longer than the model's max_position_embeddings=16"):
+            model(_ids(s=17))
+        with pytest.raises(ValueError, match="max_position_embeddings=16"):
+            model(inputs_embeds=torch.randn(1, 17, 64))
+        # cached tokens count: 12 cached + 5 new = 17
+        first = model(_ids(b=1, s=12), use_cache=True)
+        with pytest.raises(ValueError, match="5 tokens after 12 cached ones make a sequence of 17"):
+            model(_ids(b=1, s=5), cache=first.cache, use_cache=True)
+        # generation stops with the same error instead of reading rotary positions past the limit
+        with pytest.raises(ValueError, match="max_position_embeddings=16"):
+            model.generate(_ids(b=1, s=10), max_new_tokens=10, min_new_tokens=10, do_sample=False)
+
+
+@pytest.mark.parametrize("bad_id", [512, 10_000, -1])
+def test_token_ids_outside_the_vocabulary_are_refused(tiny_model_factory, bad_id):
+    model = tiny_model_factory()
+    x = _ids()
+    x[1, 4] = bad_id
+    with pytest.raises(ValueError, match=rf"input_ids holds the token id {bad_id}, outside .*\[0, 512\)"):
+        model(x)
+    with pytest.raises(ValueError, match="vocab_size=512"):
+        model.model(input_ids=x)
+    edge = _ids()
+    edge[0, 0], edge[1, 1] = 0, 511  # both ends of the vocabulary are fine
+    with torch.no_grad():
+        assert torch.isfinite(model(edge).logits).all()
+
+
+def test_attention_masks_must_be_zero_or_one(tiny_model_factory):
+    model = tiny_model_factory()
+    x = _ids()
+    for bad in (0.5, 2, -1):
+        mask = torch.ones(2, 10)
+        mask[0, 3] = bad
+        with pytest.raises(ValueError, match=rf"attention_mask must hold only 0 \(padding\) and 1 .*{bad}"):
+            model(x, attention_mask=mask)
+    with pytest.raises(ValueError, match="attention_mask must hold only 0"):
+        model(x, attention_mask=torch.full((2, 10), 2, dtype=torch.long))
+    # 0/1 in any dtype, and boolean masks, are fine and equal
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ref = model(x, attention_mask=mask).logits
+        for m in (mask.float(), mask.bool(), mask.to(torch.bfloat16), mask.int()):
+            torch.testing.assert_close(model(x, attention_mask=m).logits, ref, atol=0, rtol=0)
+
+
+def test_input_checks_cost_one_host_sync_per_forward(tiny_model_factory, monkeypatch):
+    """The id and mask checks share the sync the padding analysis already made: one .tolist() per forward
+    with a mask, one without; none of them while torch.compile traces."""
+    from loopalign.models.ouro import modeling_ouro
+
+    model = tiny_model_factory()
+    x = _ids()
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :2] = 0
+    calls = []
+    real = torch.Tensor.tolist
+
+    def counting(self):
+        calls.append(tuple(self.shape))
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    with torch.no_grad():
+        model(x, attention_mask=mask)
+        assert len(calls) == 1, calls
+        calls.clear()
+        model(x)
+        assert len(calls) == 1, calls
+        calls.clear()
+        model(inputs_embeds=torch.randn(2, 10, 64))
+        assert calls == []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    bad = x.clone()
+    bad[0, 0] = 600
+    assert modeling_ouro._check_input_values(bad, mask.float() / 2, 512, check=not torch.compiler.is_compiling())
+
+
 @pytest.mark.parametrize("layers,expected", [(24, 1_434_652_673), (48, 2_667_974_657)])
 def test_parameter_count_of_released_shapes(layers, expected):
     from loopalign import OuroConfig

@@ -414,3 +414,68 @@ def test_waiting_for_the_build_lock_says_for_whom_and_gives_up(tmp_path, capsys,
     assert not is_organism(organism_path(cfg, tmp_path))
     ensure_organism(cfg, cache_dir=tmp_path, progress=False, lock_timeout=5)  # released: builds at once
     assert is_organism(organism_path(cfg, tmp_path), cfg)
+
+
+def test_a_damaged_cache_fails_naming_the_file_and_the_rebuild(tmp_path, capsys):
+    """Issue [hardening]: bytes overwritten mid-file used to load with NaN logits, a truncated file failed
+    without naming it. organism.json records each model / tokenizer file's size and sha256 at build time;
+    loading checks them and names the file and the command that rebuilds it."""
+    from loopalign.organism import REBUILD_COMMAND, CorruptOrganismError, _rebuild_command, verify_organism
+
+    cfg = small_config(steps=4)
+    path = ensure_organism(cfg, cache_dir=tmp_path, progress=False)
+    files = json.loads((path / "organism.json").read_text())["files"]
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(files)
+    assert files["model.safetensors"]["bytes"] == (path / "model.safetensors").stat().st_size
+    assert verify_organism(path, cfg) is True
+    load_organism(cache_dir=tmp_path, config=cfg, build_if_missing=False)  # intact: loads
+
+    weights = path / "model.safetensors"
+    good = weights.read_bytes()
+    rebuild = rf"Rebuild it with `python recipes/pretrain_organism\.py --force .*--steps 4.*--cache-dir {tmp_path}`"
+
+    # bytes overwritten mid-file (same size): the sha256 catches it
+    middle = len(good) // 2
+    weights.write_bytes(good[:middle] + b"\xff" * 64 + good[middle + 64 :])
+    with pytest.raises(CorruptOrganismError, match=rf"{weights} is corrupted: its sha256 differs.*{rebuild}"):
+        load_organism(cache_dir=tmp_path, config=cfg, build_if_missing=False)
+    # truncated
+    weights.write_bytes(good[: len(good) // 3])
+    with pytest.raises(
+        CorruptOrganismError, match=rf"{weights} is truncated: {len(good) // 3} bytes of the {len(good)}"
+    ):
+        load_organism(cache_dir=tmp_path, config=cfg, build_if_missing=False)
+    # a tokenizer file, and a missing weight file, are named too
+    weights.write_bytes(good)
+    tok_file = path / "tokenizer.json"
+    tok_text = tok_file.read_text()
+    tok_file.write_text(tok_text.replace('"', "'", 1))
+    with pytest.raises(CorruptOrganismError, match=rf"{tok_file} is corrupted"):
+        ensure_organism(cfg, cache_dir=tmp_path, build_if_missing=False)
+    tok_file.write_text(tok_text)
+    weights.unlink()
+    with pytest.raises(CorruptOrganismError, match=rf"{weights} is missing"):
+        ensure_organism(cfg, cache_dir=tmp_path, build_if_missing=False)
+    weights.write_bytes(good)
+    model, _ = load_organism(cache_dir=tmp_path, config=cfg, build_if_missing=False)  # repaired: loads
+
+    # an organism built before the checksums (no "files" in organism.json) still loads, saying so once
+    marker = path / "organism.json"
+    meta = json.loads(marker.read_text())
+    del meta["files"]
+    marker.write_text(json.dumps(meta))
+    capsys.readouterr()
+    for _ in range(2):
+        old, _ = load_organism(cache_dir=tmp_path, config=cfg, build_if_missing=False)
+    out = capsys.readouterr().out
+    assert out.count("built before loopalign recorded file checksums") == 1 and len(out.strip().splitlines()) == 1
+    for p, q in zip(model.state_dict().values(), old.state_dict().values()):
+        assert torch.equal(p, q)
+
+    # --force (ensure_organism(force=True)) rebuilds a damaged one, with checksums
+    weights.write_bytes(good[:100])
+    ensure_organism(cfg, cache_dir=tmp_path, force=True, progress=False)
+    assert verify_organism(path, cfg) is True
+
+    # the default organism in the default cache is rebuilt by the plain command
+    assert _rebuild_command(organism_path(), OrganismConfig()) == REBUILD_COMMAND

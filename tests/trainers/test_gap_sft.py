@@ -187,6 +187,20 @@ def test_an_interrupted_checkpoint_save_leaves_no_partial_checkpoint(gap_dataset
     resumed = _trainer(gap_dataset, tmp_path, max_steps=4, save_strategy="steps", save_steps=2, loss_weights=probes)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 4 and (out / "checkpoint-4" / "adapter_model.safetensors").exists()
+    assert not (out / ".staging").exists()  # the complete save cleared the half one and the folder
+
+
+def test_no_empty_staging_folder_is_left_after_training(gap_dataset, tmp_path):
+    """Issue [hardening]: checkpoints are staged in output_dir/.staging/ and renamed into place; a run that
+    saved them must not leave an empty .staging/ behind (a stale half checkpoint there goes too)."""
+    out = tmp_path / "out"
+    (out / ".staging" / "checkpoint-9").mkdir(parents=True)  # left by an interrupted save of an earlier run
+    (out / ".staging" / "checkpoint-9" / "adapter_model.safetensors").write_bytes(b"half")
+    trainer = _trainer(gap_dataset, tmp_path, max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=1)
+    trainer.train()
+    assert not (out / ".staging").exists(), os.listdir(out / ".staging")
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-4"]
+    assert (out / "checkpoint-4" / "adapter_model.safetensors").exists()
 
 
 def test_speed_options_train_the_same_as_the_plain_path(gap_dataset, tmp_path):

@@ -329,14 +329,18 @@ class OuroModel(OuroPreTrainedModel):
         (T x [B,S]) always, and ``layer_hidden_states`` (T x L x [B,S,H]) when
         ``output_layer_states``, and ``cache`` (the per-(loop, layer) KV cache) with ``use_cache``.
         The cache may be passed as ``cache`` or, as before transformers 5.24, ``past_key_values``.
+
+        Raises ``ValueError`` for a sequence longer than ``config.max_position_embeddings`` (cached
+        tokens included), token ids outside ``[0, vocab_size)`` and an ``attention_mask`` holding
+        values other than 0 and 1 (the value checks are skipped while ``torch.compile`` traces).
         """
         cache = pick_cache(cache, past_key_values, "OuroModel.forward")
         num_loops = _check_num_loops(self.config.total_ut_steps if num_loops is None else num_loops)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("OuroModel: pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        bsz, seq = inputs_embeds.shape[:2]
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, sequence], got shape {list(input_ids.shape)}")
+        bsz, seq = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
@@ -348,8 +352,13 @@ class OuroModel(OuroPreTrainedModel):
         if cache is not None and not isinstance(cache, OuroLoopCache):
             _ensure_lazy_slots(cache)
 
-        device = inputs_embeds.device
-        token_positions = torch.arange(past_len, past_len + seq, device=device)
+        limit = self.config.max_position_embeddings
+        if past_len + seq > limit:
+            raise ValueError(
+                f"input_ids: {seq} tokens"
+                + (f" after {past_len} cached ones" if past_len else "")
+                + f" make a sequence of {past_len + seq}, longer than the model's max_position_embeddings={limit}"
+            )
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != bsz or attention_mask.shape[1] < past_len + seq:
                 raise ValueError(
@@ -357,6 +366,14 @@ class OuroModel(OuroPreTrainedModel):
                     f"got {list(attention_mask.shape)}"
                 )
             attention_mask = attention_mask[:, : past_len + seq]
+        mask_facts = _check_input_values(
+            input_ids, attention_mask, self.config.vocab_size, check=not torch.compiler.is_compiling()
+        )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+
+        device = inputs_embeds.device
+        token_positions = torch.arange(past_len, past_len + seq, device=device)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
@@ -365,7 +382,7 @@ class OuroModel(OuroPreTrainedModel):
         cos, sin = rotary_cos_sin(
             position_ids, self.config.head_dim, self.config.rope_parameters["rope_theta"], inputs_embeds.dtype
         )
-        mask = build_attention_mask(attention_mask, seq, past_len, inputs_embeds.dtype, device)
+        mask = build_attention_mask(attention_mask, seq, past_len, inputs_embeds.dtype, device, facts=mask_facts)
 
         loop_states: list[torch.Tensor] = []
         gate_logits: list[torch.Tensor] = []
@@ -400,6 +417,50 @@ class OuroModel(OuroPreTrainedModel):
         )
 
 
+def _check_input_values(
+    input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, vocab_size: int, check: bool = True
+) -> tuple[bool, bool] | None:
+    """Validate token ids (in ``[0, vocab_size)``) and mask values (0 or 1) with ``check``, and read the
+    mask's facts for :func:`build_attention_mask`, all in one host sync (one min/max for the ids).
+    -> (anything padded, padding only at row ends) when there is a mask, else None."""
+    stats: list[torch.Tensor] = []
+    check_ids = check and input_ids is not None and input_ids.numel() > 0
+    if check_ids:
+        if input_ids.is_floating_point() or input_ids.is_complex():
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        lo, hi = torch.aminmax(input_ids)
+        stats += [lo.long(), hi.long()]
+    check_mask = check and attention_mask is not None and attention_mask.dtype != torch.bool
+    if attention_mask is not None:
+        keep = attention_mask.to(torch.bool)
+        # anything padded, and is every row's padding at its end
+        stats += [(~keep.all()).long(), (keep[:, 1:] <= keep[:, :-1]).all().long()]
+        if check_mask:
+            binary = (attention_mask == 0) | (attention_mask == 1)
+            stats.append(binary.all().long())
+    if not stats:
+        return None
+    device = stats[0].device
+    values = torch.stack([x.to(device) for x in stats]).tolist()  # the one host sync
+    if check_ids:
+        lo, hi, values = values[0], values[1], values[2:]
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"input_ids holds the token id {bad}, outside the model's vocabulary [0, {vocab_size}) "
+                f"(vocab_size={vocab_size}): was it tokenised for another model?"
+            )
+    if attention_mask is None:
+        return None
+    if check_mask and not values[2]:
+        odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[:3].tolist()
+        raise ValueError(
+            f"attention_mask must hold only 0 (padding) and 1 (token), got values such as {odd} "
+            f"(dtype {attention_mask.dtype})"
+        )
+    return bool(values[0]), bool(values[1])
+
+
 def _ensure_lazy_slots(cache: Cache) -> None:
     """Let a cache made elsewhere (e.g. ``DynamicCache(config=...)``) grow a slot per (loop, layer)."""
     if getattr(cache, "layer_class_to_replicate", None) is None:
@@ -412,7 +473,12 @@ def _ensure_lazy_slots(cache: Cache) -> None:
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, seq: int, past_len: int, dtype: torch.dtype, device: torch.device
+    attention_mask: torch.Tensor | None,
+    seq: int,
+    past_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    facts: tuple[bool, bool] | None = None,
 ) -> torch.Tensor | None:
     """Additive mask [B or 1,1,S,past+S] (0 = attend, dtype's min = masked), or None when plain
     causal attention suffices: nothing padded and no cached prefix (or a single new token), or
@@ -421,10 +487,15 @@ def build_attention_mask(
     A float mask, not a boolean one, so a fully masked query (a left-pad position) gets uniform
     attention over all keys as in transformers' eager path: its outputs stay finite and equal
     the reference's, which matters because the first real token's label is read from it.
+
+    ``facts``: (anything padded, padding only at row ends) when the caller has read them already
+    (:func:`_check_input_values`), saving a host sync.
     """
     kv_len = past_len + seq
     padded = right_padded = False
-    if attention_mask is not None:
+    if attention_mask is not None and facts is not None:
+        padded, right_padded = facts
+    elif attention_mask is not None:
         keep = attention_mask.to(torch.bool)
         # one host sync for both facts: anything padded, and is every row's padding at its end
         padded, right_padded = torch.stack([~keep.all(), (keep[:, 1:] <= keep[:, :-1]).all()]).tolist()
@@ -448,7 +519,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
     """Ouro with its language-model head. ``forward`` chooses the readout with ``exit``:
 
     - ``"last"``: the last loop's state;
-    - an ``int`` t: loop t's state (0-based, negative counts from the end);
+    - an ``int`` t: loop t's state (0-based: ``0 <= t < num_loops``; negative indices are refused);
     - ``"threshold"``: per token, the first loop whose cumulative exit probability reaches
       ``exit_threshold`` (default ``config.early_exit_threshold``; the last loop if none does);
     - ``"expected"``: the exit-probability-weighted mixture of the loops' logits.
