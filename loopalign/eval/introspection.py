@@ -117,18 +117,20 @@ _NEGATE_RE = [re.compile(p) for p in _NEGATE]
 _YES_RE = re.compile(r"^\W*(?:yes|yeah|yep|correct|true|affirmative)\b")
 _NO_RE = re.compile(r"^\W*(?:no|nope|false|incorrect|negative)\b")
 
-#: Close relatives accepted besides the word's own forms (whole words).
+#: Close relatives accepted besides the word's own forms (whole words): specific ones only; generic
+#: words that many concepts share ("hidden", "data", "calm", "young", "remember", "frozen") do not
+#: name a concept.
 RELATED: dict[str, tuple[str, ...]] = {
     "sadness": ("sad", "sorrow", "grief", "melancholy", "unhappiness"),
-    "secrecy": ("secret", "secrets", "secretive", "hidden"),
-    "youths": ("young", "youth", "youngsters", "teenagers"),
-    "information": ("informative", "info", "data"),
-    "peace": ("peaceful", "tranquility", "calm"),
+    "secrecy": ("secret", "secrets", "secretive"),
+    "youths": ("youth", "youngsters", "teenagers"),
+    "information": ("informative", "info"),
+    "peace": ("peaceful", "tranquility"),
     "oceans": ("sea", "seas", "ocean"),
     "lightning": ("thunder", "thunderstorm"),
-    "memories": ("remember", "remembering", "nostalgia"),
+    "memories": ("nostalgia",),
     "harmonies": ("harmony", "harmonious"),
-    "frosts": ("frost", "frosty", "frozen"),
+    "frosts": ("frost", "frosty"),
     "algorithms": ("algorithmic",),
     "dirigibles": ("airship", "airships", "blimp", "zeppelin"),
     "snow": ("snowflake", "snowflakes", "snowy"),
@@ -224,12 +226,60 @@ def _first(patterns: list[re.Pattern], text: str) -> int:
     return min(hits) if hits else -1
 
 
-def rules_grade(response: str, concept: str | None = None, trial_type: str = "injection") -> Grade:
-    """Rules-based grading of one response (see the module doc). ``concept`` may be empty (controls)."""
+#: uncertainty, not negation: "I'm not sure, but I think I notice ..." is still a (hedged) claim
+_HEDGE_RE = re.compile(r"\b(?:not (?:entirely |quite |completely |totally |100% )?(?:sure|certain)|unsure|uncertain)\b")
+#: a negation anywhere in the claim's clause makes the claim negative ("I don't think I detect
+#: anything", "Not that I can detect", "I notice that there is no injected thought"); "any" /
+#: "anything" only follow a negation or a doubt ("I'm not sure I detect anything")
+_NEGATION_RE = re.compile(r"\b(?:not|no|never|nothing|none|neither|nor|without|cannot|hardly|any|anything)\b|n't\b")
+#: clause boundaries: a claim's polarity is read within its clause
+_CLAUSE_RE = re.compile(r"[.!?;,:\n]|\bbut\b|\bhowever\b")
+
+
+def detection_claim(text: str) -> tuple[bool, int]:
+    """(claimed, offset) for lower-cased, whitespace-normalised ``text``: the first clause that makes a
+    detection statement (affirmative or negative) decides; it is a claim when it affirms and holds no
+    negation outside hedges of uncertainty. offset: where the affirmation starts (-1 when none)."""
+    start = 0
+    for m in [*_CLAUSE_RE.finditer(text), None]:
+        end = m.start() if m else len(text)
+        clause = text[start:end]
+        a, n = _first(_AFFIRM_RE, clause), _first(_NEGATE_RE, clause)
+        if a >= 0 or n >= 0:
+            negated = n >= 0 or bool(_NEGATION_RE.search(_HEDGE_RE.sub(" ", clause)))
+            return (not negated and a >= 0), (start + a if a >= 0 and not negated else -1)
+        start = m.end() if m else len(text)
+    return False, -1
+
+
+def named_concepts(text: str, concepts: Sequence[str]) -> list[str]:
+    """The words of ``concepts`` that ``text`` names (their forms and close relatives), in order."""
+    hits = []
+    for c in dict.fromkeys(w.strip() for w in concepts if w and w.strip()):
+        m = concept_forms(c).search(text)
+        if m:
+            hits.append((m.start(), c))
+    return [c for _, c in sorted(hits)]
+
+
+def _default_concepts() -> tuple[str, ...]:
+    from data_builders.injection import CONCEPT_WORDS
+
+    return CONCEPT_WORDS
+
+
+def rules_grade(
+    response: str,
+    concept: str | None = None,
+    trial_type: str = "injection",
+    concepts: Sequence[str] | None = None,
+) -> Grade:
+    """Rules-based grading of one response (see the module doc). ``concept`` may be empty (controls).
+    ``concepts``: the concept vocabulary (default the protocol's 50 words): a response that names more
+    than one of them (a list of guesses) does not identify the concept."""
     text = " ".join(response.lower().split())
     incoherent, why = is_incoherent(response)
-    a, n = _first(_AFFIRM_RE, text), _first(_NEGATE_RE, text)
-    detected = a >= 0 and (n < 0 or a < n)
+    detected, a = detection_claim(text)
     answer = "yes" if _YES_RE.search(text) else "no" if _NO_RE.search(text) else "none"
     if trial_type == "control_question":
         # the false-positive signal of a no-answer question is an affirmative answer
@@ -242,8 +292,12 @@ def rules_grade(response: str, concept: str | None = None, trial_type: str = "in
             g.mentions_concept, g.first_concept = True, m.start()
             first_word = re.match(r"\W*(\w[\w'-]*)", text)
             starts_with = first_word is not None and first_word.start(1) == m.start()
+            others = [c for c in named_concepts(text, [*(concepts or _default_concepts()), concept]) if c != concept]
+            others = [c for c in others if c.lower() != concept.lower()]
             if starts_with:
                 reasons.append("first word is the concept")
+            elif others:
+                reasons.append(f"names {len(others) + 1} concepts, not one")
             elif detected and a <= m.start():
                 g.identified = True
             elif detected:
