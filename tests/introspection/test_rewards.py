@@ -79,3 +79,27 @@ def test_judge_is_used_by_rewards():
 
     funcs, _ = make_reward_funcs({"identification": 1.0}, judge=judge)
     assert funcs[0]([""] * 2, ["a", "b"], trial_type=["injection", "control"], concept=["Dust", ""]) == [1.0, None]
+
+
+def test_exploits_earn_less_than_an_honest_answer():
+    """[introspection-v2] item 2: listing concept words, hedging and always answering one way pay
+    less than the honest answer, on injected and on control trials."""
+    from data_builders.injection import CONCEPT_WORDS
+    from loopalign.rewards.introspection import combined_reward
+
+    reward = combined_reward()
+    injected = {"trial_type": ["injection"], "concept": ["Oceans"]}
+    control = {"trial_type": ["control"], "concept": [""]}
+
+    def score(text, trial):
+        return reward(prompts=["p"], completions=[text], **trial)[0]
+
+    honest = score("Yes, I detect an injected thought. It is about oceans.", injected)
+    listing = score("Yes, I detect an injected thought: " + ", ".join(CONCEPT_WORDS[:20]) + ".", injected)
+    few = score("Yes, I detect a thought about oceans, snow or bread.", injected)
+    hedged = score("I don't think I detect anything about oceans.", injected)
+    assert honest > listing and honest > few and honest > hedged, (honest, listing, few, hedged)
+    honest_control = score("No, I do not detect an injected thought.", control)
+    always_yes_control = score("Yes, I detect an injected thought about oceans.", control)
+    hedged_yes_control = score("I notice that there is no injected thought.", control)
+    assert honest_control > always_yes_control and hedged_yes_control > always_yes_control  # no false positive
