@@ -46,7 +46,7 @@ import torch
 
 from loopalign.hooks import add_vector
 
-from .metrics import bootstrap_ci
+from .metrics import wilson_interval
 from .report import _write_text, atomic_write
 
 __all__ = [
@@ -602,11 +602,14 @@ def generate_responses(model, tokenizer, trials: Sequence[dict], vectors, config
 
 
 def _rate(values, n_boot: int, alpha: float, seed: int) -> dict:
+    """A rate of 0/1 outcomes with its Wilson interval (``n_boot`` and ``seed`` are unused: kept for
+    the callers; a percentile bootstrap gave [0, 0] at 0 successes)."""
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
         return {"rate": None, "lo": None, "hi": None, "n": 0}
-    est, lo, hi = bootstrap_ci(lambda idx: v[idx].mean(), v.size, n_boot=n_boot, alpha=alpha, seed=seed)
-    return {"rate": float(est), "lo": float(lo), "hi": float(hi), "n": int(v.size)}
+    k = int(round(float(v.sum())))
+    lo, hi = wilson_interval(k, int(v.size), alpha)
+    return {"rate": float(v.mean()), "lo": float(lo), "hi": float(hi), "n": int(v.size)}
 
 
 def summarize(records: Sequence[dict], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:

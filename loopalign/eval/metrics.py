@@ -225,3 +225,22 @@ class _quiet:
 
     def __exit__(self, *exc):
         return self._w.__exit__(*exc)
+
+
+def wilson_interval(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate: (lo, hi). Unlike a percentile bootstrap it does not
+    collapse at 0 or n successes (0/16 -> [0, 0.194], not [0, 0])."""
+    from statistics import NormalDist
+
+    if n <= 0:
+        raise ValueError("wilson_interval needs n >= 1")
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: {successes} successes out of {n}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)

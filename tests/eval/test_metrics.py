@@ -104,3 +104,16 @@ def test_bootstrap_vector_statistic_and_errors():
     assert est[0] == pytest.approx(4.5) and (lo <= est).all() and (est <= hi + 1e-9).all()
     with pytest.raises(ValueError, match="at least one record"):
         bootstrap_ci(lambda idx: 0.0, 0)
+
+
+def test_wilson_interval_does_not_collapse_at_zero_or_all():
+    from loopalign.eval.metrics import wilson_interval
+
+    lo, hi = wilson_interval(0, 16)
+    assert lo == 0.0 and 0.19 < hi < 0.20  # 0/16: [0, 19.4%], where a percentile bootstrap gives [0, 0]
+    lo, hi = wilson_interval(16, 16)
+    assert hi == 1.0 and 0.80 < lo < 0.81
+    lo, hi = wilson_interval(5, 10)
+    assert lo < 0.5 < hi and abs((0.5 - lo) - (hi - 0.5)) < 1e-12
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)

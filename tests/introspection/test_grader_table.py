@@ -93,3 +93,10 @@ def test_detection_claim_offsets_and_named_concepts():
     assert claimed and at == len("well. ")
     assert detection_claim("i don't think i detect anything") == (False, -1)
     assert named_concepts("bread, snow and an ocean", CONCEPT_WORDS) == ["Bread", "Snow", "Oceans"]
+
+
+def test_rates_carry_wilson_intervals():
+    from loopalign.eval.introspection import _rate
+
+    r = _rate([0.0] * 16, n_boot=100, alpha=0.05, seed=0)
+    assert r["rate"] == 0.0 and r["lo"] == 0.0 and 0.19 < r["hi"] < 0.2 and r["n"] == 16
