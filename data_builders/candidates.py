@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import inspect
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
 
-from .schema import make_record
+from .schema import Dropped, make_record
 from .sources import answer_token_budget
 from .sources.base import Problem
 from .verifiers import Verdict, normalize_answer, normalize_number, verify_math, verify_safety
@@ -38,7 +39,10 @@ __all__ = [
     "SamplingReport",
     "sample_candidates",
     "balance_labels",
+    "balance_split",
     "deduplicate",
+    "deduplicate_split",
+    "no_wrong_answer_reason",
 ]
 
 WRONG_KINDS = ("off_by_k", "wrong_operation", "digit_swap")
@@ -51,6 +55,9 @@ class ControlledConfig:
     """Gold + ``wrong_per_problem`` wrong answers of ``kinds``; off-by-k uses k in 1..``max_k``.
 
     ``answer_format`` renders the answer text A from the number (default: just the number).
+    ``drop_without_wrong``: a problem that gets no wrong answer at all (its gold is not a plain
+    number, e.g. ``1e308`` or LaTeX, or has more digits than Python converts) is dropped, gold and
+    all, instead of giving a lone gold record (the default).
     """
 
     kinds: tuple[str, ...] = WRONG_KINDS
@@ -59,6 +66,7 @@ class ControlledConfig:
     max_k: int = 3
     answer_format: str = "{answer}"
     seed: int = 0
+    drop_without_wrong: bool = False
 
     def __post_init__(self):
         self.kinds = tuple(self.kinds)
@@ -115,11 +123,27 @@ def wrong_answer(problem: Problem, kind: str, rng: random.Random, max_k: int = 3
     raise ValueError(f"unknown wrong-answer kind {kind!r}; expected one of {WRONG_KINDS}")
 
 
-def controlled_candidates(problems: list[Problem], config: ControlledConfig | None = None) -> list[dict]:
+def no_wrong_answer_reason(gold: str, kinds: tuple[str, ...] = WRONG_KINDS) -> str:
+    """Why no controlled wrong answer can be made for ``gold``."""
+    digits = gold.lstrip("-+")
+    limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+    if digits.isdigit() and limit and len(digits) > limit:
+        return f"no wrong answer possible: the gold has {len(digits)} digits, more than Python converts ({limit})"
+    if normalize_number(gold) is None:
+        return f"no wrong answer possible: the gold {gold[:40]!r} is not a plain number"
+    return f"no wrong answer possible: no kind of {list(kinds)} gives a value other than the gold {gold[:40]!r}"
+
+
+def controlled_candidates(
+    problems: list[Problem], config: ControlledConfig | None = None, dropped: list[Dropped] | None = None
+) -> list[dict]:
     """Verification records: per problem the gold (label 1) and wrong answers (label 0); deterministic by seed.
 
     ids ``{problem.id}-gold`` and ``{problem.id}-{kind}{j}``; ``meta``: problem_id, kind and details.
-    Problems whose gold is not a number only get the gold candidate.
+    Problems whose gold is not a number only get the gold candidate, or with
+    ``config.drop_without_wrong`` are dropped; either way a problem without a wrong answer is
+    appended to ``dropped`` (when given) with the reason (unit "entry" when dropped, else "record":
+    the wrong answer that could not be made).
     """
     cfg = config or ControlledConfig()
     out = []
@@ -128,11 +152,13 @@ def controlled_candidates(problems: list[Problem], config: ControlledConfig | No
             raise ValueError(f"controlled candidates need math problems; {p.id!r} is {p.scenario!r}")
         rng = random.Random(f"{cfg.seed}-{p.id}")
         base = {"problem_id": p.id, **{k: p.meta[k] for k in ("level",) if k in p.meta}}
+        mine = []
         if cfg.include_gold:
             text = cfg.answer_format.format(answer=p.gold)
-            out.append(
+            mine.append(
                 make_record(f"{p.id}-gold", p.task, p.gold, text, 1, p.source, "math", "ok", {**base, "kind": "gold"})
             )
+        n_wrong = 0
         seen = {normalize_answer(p.gold)}
         for j in range(cfg.wrong_per_problem):
             kinds = list(cfg.kinds)
@@ -150,8 +176,18 @@ def controlled_candidates(problems: list[Problem], config: ControlledConfig | No
                 if verdict.label != 0:  # a perturbation must never be the right answer
                     continue
                 meta = {**base, "kind": kind, **details}
-                out.append(make_record(f"{p.id}-{kind}{j}", p.task, p.gold, text, 0, p.source, "math", "ok", meta))
+                mine.append(make_record(f"{p.id}-{kind}{j}", p.task, p.gold, text, 0, p.source, "math", "ok", meta))
+                n_wrong += 1
                 break
+        if cfg.wrong_per_problem and not n_wrong:
+            reason = no_wrong_answer_reason(p.gold, cfg.kinds)
+            if cfg.drop_without_wrong:
+                if dropped is not None:
+                    dropped.append(Dropped(p.id, "entry", reason, {"id": p.id, "task": p.task, "gold": p.gold}))
+                continue
+            if dropped is not None:
+                dropped.append(Dropped(f"{p.id}-wrong", "record", reason, {"id": p.id, "gold": p.gold}))
+        out.extend(mine)
     return out
 
 
@@ -236,13 +272,14 @@ def _accepts_num_loops(model) -> bool:
 
 @torch.no_grad()
 def sample_candidates(
-    model, tokenizer, problems: list[Problem], config: SamplingConfig | None = None
+    model, tokenizer, problems: list[Problem], config: SamplingConfig | None = None, dropped: list | None = None
 ) -> tuple[list[dict], SamplingReport]:
     """Sample ``n_samples`` answers per problem and label them -> (records, report).
 
     Batches of ``batch_size`` problems, left padding, ``num_return_sequences=n_samples``; the seed is
     set per batch so a rerun gives the same samples. ids ``{problem.id}-s{j}``; ``meta`` records the
-    policy name, num_loops, temperature and the extracted answer.
+    policy name, num_loops, temperature and the extracted answer. Answers dropped (unparsed,
+    empty) are appended to ``dropped`` (when given) as :class:`~data_builders.schema.Dropped` records.
     """
     cfg = config or SamplingConfig()
     gen_kwargs = {}
@@ -297,11 +334,16 @@ def sample_candidates(
                         raise ValueError(f"safety problem {p.id!r} needs meta['prompt_label'] 'safe' or 'unsafe'")
                     verdict = verify_safety(p.meta["prompt_label"] == "safe", text)
                 report.counts[f"parse_status={verdict.parse_status}"] += 1
+                why = None
                 if verdict.parse_status == "unparsed" and cfg.on_unparsed == "drop":
                     report.counts["dropped_unparsed"] += 1
-                    continue
-                if not text:
+                    why = "sampled answer unparsed" + (f" (cut off at {budget} tokens)" if truncated else "")
+                elif not text:
                     report.counts["dropped_empty"] += 1
+                    why = "sampled answer empty"
+                if why:
+                    if dropped is not None:
+                        dropped.append(Dropped(f"{p.id}-s{j}", "record", why, {"problem_id": p.id, "answer": text}))
                     continue
                 meta = {
                     "problem_id": p.id,
@@ -335,27 +377,43 @@ def sample_candidates(
     return out, report
 
 
-def balance_labels(records: list[dict], seed: int = 0, by_scenario: bool = True) -> list[dict]:
-    """Down-sample the majority label (per scenario) to a 1:1 set; keeps the input order; deterministic."""
+def balance_split(records: list[dict], seed: int = 0, by_scenario: bool = True) -> tuple[list[dict], list[Dropped]]:
+    """:func:`balance_labels` -> (kept, dropped): each dropped record with the reason it was left out."""
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(records):
         groups.setdefault((r["scenario"] if by_scenario else "", r["label"]), []).append(i)
     keep: set[int] = set()
+    why: dict[int, str] = {}
     rng = random.Random(seed)
-    for scenario in {k[0] for k in groups}:
+    for scenario in sorted({k[0] for k in groups}):
         pos, neg = groups.get((scenario, 1), []), groups.get((scenario, 0), [])
         n = min(len(pos), len(neg))
         keep.update(rng.sample(pos, n))
         keep.update(rng.sample(neg, n))
-    return [r for i, r in enumerate(records) if i in keep]
+        where = f"scenario {scenario}" if by_scenario else "the set"
+        for label, group in ((1, pos), (0, neg)):
+            reason = (
+                f"--balance: {where} has no label={1 - label} records"
+                if n == 0
+                else f"--balance: label={label} is the majority in {where} ({len(pos)} label=1, {len(neg)} label=0)"
+            )
+            why.update((i, reason) for i in group)
+    kept = [r for i, r in enumerate(records) if i in keep]
+    dropped = [Dropped(r.get("id"), "record", why[i], r) for i, r in enumerate(records) if i not in keep]
+    return kept, dropped
 
 
-def deduplicate(records: list[dict], by: str = "text") -> list[dict]:
-    """Drop repeated candidates of the same task: ``by="text"`` (whitespace-normalised answer text) or
-    ``by="extracted"`` (the same normalised final answer). Keeps the first occurrence."""
+def balance_labels(records: list[dict], seed: int = 0, by_scenario: bool = True) -> list[dict]:
+    """Down-sample the majority label (per scenario) to a 1:1 set; keeps the input order; deterministic."""
+    return balance_split(records, seed, by_scenario)[0]
+
+
+def deduplicate_split(records: list[dict], by: str = "text") -> tuple[list[dict], list[Dropped]]:
+    """:func:`deduplicate` -> (kept, dropped): the repeats, each with the reason it was left out."""
     if by not in ("text", "extracted"):
         raise ValueError(f"deduplicate: by must be 'text' or 'extracted', got {by!r}")
-    seen, out = set(), []
+    seen: set[tuple] = set()
+    out, dropped = [], []
     for r in records:
         if by == "text":
             key = " ".join(r["answer"].split())
@@ -364,7 +422,14 @@ def deduplicate(records: list[dict], by: str = "text") -> list[dict]:
             key = extracted if extracted is not None else " ".join(r["answer"].split())  # unparsed: by text
         k = (r["task"], key)
         if k in seen:
+            dropped.append(Dropped(r.get("id"), "record", "--dedupe: repeats an answer to the same task", r))
             continue
         seen.add(k)
         out.append(r)
-    return out
+    return out, dropped
+
+
+def deduplicate(records: list[dict], by: str = "text") -> list[dict]:
+    """Drop repeated candidates of the same task: ``by="text"`` (whitespace-normalised answer text) or
+    ``by="extracted"`` (the same normalised final answer). Keeps the first occurrence."""
+    return deduplicate_split(records, by)[0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,10 @@ __all__ = [
     "TrialConfig",
     "build_trials",
     "build_injection",
+    "check_injection_options",
+    "check_vectors",
+    "load_injection",
+    "rebuild_command",
     "main",
 ]
 
@@ -177,7 +182,7 @@ def extract_concept_vectors(
     """
     cfg = model.config
     n_layers = cfg.num_hidden_layers
-    num_loops = int(num_loops or getattr(cfg, "total_ut_steps", 1))
+    num_loops = int(getattr(cfg, "total_ut_steps", 1) if num_loops is None else num_loops)
     layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
     bad = [x for x in layers if not 0 <= x < n_layers]
     if bad or not layers or len(set(layers)) != len(layers):
@@ -381,6 +386,102 @@ def _int_list(text: str) -> tuple[int, ...] | None:
         raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated integers, got {text!r}") from None
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+VECTORS_FILE = "concept_vectors.safetensors"
+
+
+def _check_count(option: str, value, low: int, high: int | None = None, default: str = "") -> None:
+    """None (the default) or an int in low..high; else a ValueError naming the option."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{option} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{option} must be {span}{f' ({default})' if default else ''}, got {value}")
+
+
+def check_injection_options(num_loops=None, n_concepts=None, n_controls=50, batch_size=16, strengths=(1.0,)) -> None:
+    """Reject option values that would silently mean something else (``--loops 0`` is not "the default")."""
+    _check_count("--loops", num_loops, 1, default="leave it out for the model's config.total_ut_steps")
+    _check_count("--n-concepts", n_concepts, 1, len(CONCEPT_WORDS), f"leave it out for all {len(CONCEPT_WORDS)}")
+    _check_count("--n-controls", n_controls, 0)
+    _check_count("--batch-size", batch_size, 1)
+    if not strengths or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in strengths):
+        raise ValueError(f"--strengths must be one or more numbers > 0, got {strengths!r}")
+
+
+def rebuild_command(meta: dict, out: str | os.PathLike) -> str:
+    """The command that rebuilds the injection build ``out`` (from its trials' metadata)."""
+    import shlex
+
+    tail = f"--out {shlex.quote(str(out))} --overwrite"
+    if meta.get("command"):
+        return f"{meta['command']} {tail}"
+    st = meta.get("settings", {})
+    vm = meta.get("vector_metadata", {})
+    parts = ["python -m data_builders.injection", f"--model {vm.get('model', 'MODEL')}"]
+    if st.get("num_loops") is not None:
+        parts.append(f"--loops {st['num_loops']}")
+    for option, key in (
+        ("--layers", "layers"),
+        ("--extraction-loops", "extraction_loops"),
+        ("--injection-loops", "injection_loops"),
+    ):
+        if st.get(key) is not None:
+            parts.append(f"{option} {','.join(map(str, st[key]))}")
+    if st.get("strengths"):
+        parts.append(f"--strengths {','.join(f'{x:g}' for x in st['strengths'])}")
+    if st.get("n_controls") is not None:
+        parts.append(f"--n-controls {st['n_controls']}")
+    if vm.get("concepts"):
+        parts.append(f"--n-concepts {len(vm['concepts'])}")
+    return " ".join([*parts, tail])
+
+
+def check_vectors(trials_dir: str | os.PathLike, meta: dict) -> ConceptVectors:
+    """The concept vectors beside an injection build's ``trials/`` folder, checked against the
+    ``vectors_hash`` its metadata stores; a ValueError naming the file and the rebuild command when
+    the file is missing or holds other vectors (e.g. a rebuild that stopped half-way)."""
+    trials_dir = Path(trials_dir)
+    out = trials_dir.parent
+    path = out / meta.get("vectors", VECTORS_FILE)
+    command = rebuild_command(meta, out)
+    if not path.exists():
+        raise ValueError(f"{path} is missing: the trials in {trials_dir} were built with it; rebuild with: {command}")
+    try:
+        cv = load_concept_vectors(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); rebuild with: {command}") from None
+    got, want = vectors_hash(cv), meta["vectors_hash"]
+    if got != want:
+        raise ValueError(
+            f"{path} does not hold the vectors the trials in {trials_dir} were built with (vectors_hash "
+            f"{got[:12]}, trials' metadata {want[:12]}); rebuild with: {command}"
+        )
+    return cv
+
+
+def load_injection(out: str | os.PathLike):
+    """An injection build folder -> (ConceptVectors, trials Dataset, trials metadata), checked: the
+    trial rows and content hash, and the vectors against the trials' ``vectors_hash``."""
+    from .io import load_build
+
+    ds, meta = load_build(Path(out) / "trials")
+    return load_concept_vectors(Path(out) / meta.get("vectors", VECTORS_FILE)), ds, meta
+
+
+_BUILD_ITEMS = {VECTORS_FILE, "trials"}
+
+
 def build_injection(
     model,
     tokenizer,
@@ -395,28 +496,48 @@ def build_injection(
     batch_size: int = 16,
     model_name: str = "",
     overwrite: bool = False,
+    command: str | None = None,
 ) -> dict:
     """Extract concept vectors and build trials into ``out``: ``concept_vectors.safetensors`` + ``trials/`` build.
 
+    The whole build is written into a temporary sibling folder, checked (trial rows, content hash,
+    vectors against ``vectors_hash``) and only then swapped in for ``out``: a failed rebuild
+    (``overwrite``) leaves the old vectors and trials together. ``num_loops`` / ``n_concepts`` None
+    mean the defaults (config.total_ut_steps, all 50 words); 0 or less is an error.
+    ``command``: the CLI command without ``--out`` (stored in the metadata; with ``--out``, named when the
+    vectors beside the trials do not match).
     Returns the trials' build metadata (with ``content_hash`` and ``vectors_hash``).
     """
-    from .io import save_build
+    from loopalign.io import make_temp_dir
 
+    from .io import load_build, save_build, swap_into_place
+
+    strengths = tuple(strengths)
+    check_injection_options(num_loops, n_concepts, n_controls, batch_size, strengths)
     out = Path(out)
-    if (out / "trials").exists() and not overwrite:
-        raise FileExistsError(f"{out / 'trials'} exists; pass --overwrite to replace it")
-    concepts = CONCEPT_WORDS[:n_concepts] if n_concepts else CONCEPT_WORDS
-    num_loops = int(num_loops or getattr(model.config, "total_ut_steps", 1))
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a folder")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _BUILD_ITEMS)
+        if foreign:
+            raise FileExistsError(
+                f"{out} holds files that are not an injection build ({foreign[:3]}); pick a new or empty folder"
+            )
+        if any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out} holds an injection build; pass --overwrite to replace it")
+    concepts = CONCEPT_WORDS if n_concepts is None else CONCEPT_WORDS[:n_concepts]
+    num_loops = int(getattr(model.config, "total_ut_steps", 1) if num_loops is None else num_loops)
+    # check the trial grid before the (slow) extraction
+    grid_layers = tuple(layers) if layers is not None else tuple(range(model.config.num_hidden_layers))
+    TrialConfig(num_loops, grid_layers, concepts, extraction_loops, injection_loops, strengths, n_controls)
     cv = extract_concept_vectors(
         model, tokenizer, concepts, num_loops=num_loops, layers=layers, batch_size=batch_size, model_name=model_name
     )
-    vec_path = out / "concept_vectors.safetensors"
-    save_concept_vectors(cv, vec_path)
     cfg = TrialConfig(num_loops, tuple(cv.layers), concepts, extraction_loops, injection_loops, strengths, n_controls)
     trials = build_trials(tokenizer, cfg, cv)
     meta = {
         "builder": "data_builders.injection",
-        "vectors": vec_path.name,
+        "vectors": VECTORS_FILE,
         "vectors_hash": vectors_hash(cv),
         "vector_metadata": cv.metadata,
         "settings": {
@@ -426,9 +547,46 @@ def build_injection(
             "injection_loops": list(cfg.injection_loops),
             "strengths": list(cfg.strengths),
             "n_controls": n_controls,
+            "n_concepts": len(concepts),
         },
     }
-    return save_build(trials, out / "trials", "trial", meta, overwrite=overwrite)
+    if command:
+        meta["command"] = command
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(make_temp_dir(out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        save_concept_vectors(cv, tmp / VECTORS_FILE)
+        result = save_build(trials, tmp / "trials", "trial", meta)
+        load_build(tmp / "trials")  # complete and valid: rows, content hash, vectors against vectors_hash
+        swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def _command(args) -> str:
+    """The CLI command that builds what ``args`` built, less ``--out`` (added for the folder at hand)."""
+    import shlex
+
+    parts = ["python -m data_builders.injection", "--model", args.model]
+    for option, value in (
+        ("--tokenizer", args.tokenizer),
+        ("--loops", args.loops),
+        ("--layers", args.layers),
+        ("--extraction-loops", args.extraction_loops),
+        ("--injection-loops", args.injection_loops),
+        ("--strengths", ",".join(f"{x:g}" for x in args.strengths)),
+        ("--n-controls", args.n_controls),
+        ("--n-concepts", args.n_concepts),
+        ("--batch-size", args.batch_size),
+        ("--seed", args.seed),
+        ("--device", args.device),
+    ):
+        if value is None:
+            continue
+        parts += [option, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return " ".join([parts[0]] + [shlex.quote(x) for x in parts[1:]])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=_int_list, default=None, help="0-based layers, e.g. 0,1 (default all)")
     p.add_argument("--extraction-loops", type=_int_list, default=None, help="0-based (default all)")
     p.add_argument("--injection-loops", type=_int_list, default=None, help="0-based (default all)")
-    p.add_argument("--strengths", default="1,2,4,8", help="comma-separated strengths")
+    p.add_argument("--strengths", type=_float_list, default=(1.0, 2.0, 4.0, 8.0), help="comma-separated strengths")
     p.add_argument("--n-controls", type=int, default=50, help="no-injection control trials")
     p.add_argument("--n-concepts", type=int, help="use only the first N concept words")
     p.add_argument("--batch-size", type=int, default=16)
@@ -458,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
-        strengths = tuple(float(x) for x in args.strengths.split(","))
+        strengths = tuple(args.strengths)
+        check_injection_options(args.loops, args.n_concepts, args.n_controls, args.batch_size, strengths)
         tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
         model, tok = load_model(args.model, tok, seed=args.seed, device=args.device)
         meta = build_injection(
@@ -475,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             model_name=args.model,
             overwrite=args.overwrite,
+            command=_command(args),
         )
     except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

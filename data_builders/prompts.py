@@ -114,7 +114,7 @@ def render_record(
     enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     if max_length is not None and len(ids) > max_length:
-        raise RecordError(rid, "input_ids", f"prompt has {len(ids)} tokens > max_length {max_length}")
+        raise RecordError(rid, "input_ids", f"prompt longer than max_length {max_length} ({len(ids)} tokens)")
     inside = [i for i, (s, e) in enumerate(offsets) if s < a1 and e > a0 and e > s]
     if not inside:
         raise RecordError(rid, "prompt", "no token overlaps the answer text")

@@ -35,7 +35,9 @@ __all__ = [
     "RENDERED_FIELDS",
     "TRIAL_FIELDS",
     "TRIAL_TYPES",
+    "UNITS",
     "Rejected",
+    "Dropped",
     "ValidationResult",
     "validate_record",
     "validate_trial",
@@ -206,18 +208,68 @@ def validate_trial(row: dict) -> dict:
     return row
 
 
+#: units of the build accounting: a source entry (a line of a JSONL file, a row of a table, a
+#: synthetic problem) and a record (one candidate answer; an entry can give several)
+UNITS = ("entry", "record")
+
+
+def _without_details(message: str) -> str:
+    """``message`` less a trailing `` (...)`` group (nested parentheses allowed): "not valid JSON (at char 4)"
+    -> "not valid JSON"."""
+    if not message.endswith(")"):
+        return message
+    depth = 0
+    for i in range(len(message) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(message[i], 0)
+        if depth == 0:
+            return message[: i - 1] if i > 0 and message[i - 1] == " " else message
+    return message
+
+
+def _jsonable(row):
+    return row if isinstance(row, (dict, list, str, int, float, bool, type(None))) else repr(row)
+
+
 @dataclass
 class Rejected:
-    """A row that failed validation: its id, the field, the message and the row itself."""
+    """A row that failed validation: its id, the field, the message and the row itself.
+
+    ``unit``: "entry" (a whole source entry: its records were never made) or "record" (one
+    record); ``line``: the 1-based line of the source file, when known.
+    """
 
     row_id: object
     field: str
     error: str
     row: object
+    unit: str = "record"
+    line: int | None = None
+
+    @property
+    def reason(self) -> str:
+        """``field: message`` without a closing ``(details)`` group: the key rejects are counted by."""
+        return f"{self.field}: {_without_details(self.error)}"
 
     def to_dict(self) -> dict:
-        row = self.row if isinstance(self.row, (dict, list, str, int, float, bool, type(None))) else repr(self.row)
-        return {"id": str(self.row_id), "field": self.field, "error": self.error, "row": row}
+        out = {"id": str(self.row_id), "field": self.field, "error": self.error, "unit": self.unit}
+        if self.line is not None:
+            out["line"] = self.line
+        out["row"] = _jsonable(self.row)
+        return out
+
+
+@dataclass
+class Dropped:
+    """A valid entry or record left out on purpose (``--balance``, ``--dedupe``, no wrong answer
+    possible, an unparsed sample), with the ``reason``; written to ``dropped.jsonl``."""
+
+    row_id: object
+    unit: str
+    reason: str
+    row: object = None
+
+    def to_dict(self) -> dict:
+        return {"id": str(self.row_id), "unit": self.unit, "reason": self.reason, "row": _jsonable(self.row)}
 
 
 @dataclass

@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from .candidates import (
     ControlledConfig,
     SamplingConfig,
-    balance_labels,
+    balance_split,
     controlled_candidates,
-    deduplicate,
+    deduplicate_split,
     sample_candidates,
 )
-from .io import save_build
+from .io import save_build, write_failed_report
 from .prompts import DEFAULT_TEMPLATE, load_template, render_records
-from .schema import RecordError
+from .schema import Dropped, RecordError, Rejected, meta_dict, validate_records
 from .sources import (
     generate_problems,
     load_gsm8k,
@@ -42,7 +42,8 @@ from .sources import (
     load_safety_prompts,
     load_xstest_completions,
 )
-from .sources.base import Problem, SourceResult
+from .sources.base import SourceResult
+from .sources.synthetic import MAX_LEVEL
 
 __all__ = ["SOURCES", "VerificationBuild", "build_verification", "main"]
 
@@ -95,15 +96,64 @@ class VerificationBuild:
             raise ValueError("--source safety-prompts has no gold answers: use --candidates sampled with --policy")
         if self.source in RECORD_SOURCES and self.candidates == "sampled":
             raise ValueError(f"--source {self.source} already holds model answers; --candidates sampled does not apply")
-        if self.n is not None and self.n < 0:
-            raise ValueError(f"--n must be >= 0, got {self.n}")
-        self.levels = tuple(int(x) for x in self.levels)
+        for option, value, low in (
+            ("--n", self.n, 1),
+            ("--seed", self.seed, None),
+            ("--wrong-per-problem", self.wrong_per_problem, 0),
+            ("--num-loops", self.num_loops, 1),
+            ("--n-samples", self.n_samples, 1),
+            ("--max-new-tokens", self.max_new_tokens, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--max-length", self.max_length, 1),
+        ):
+            _check_int(option, value, low)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise ValueError(f"--temperature must be a number, got {self.temperature!r}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.on_unparsed not in ("keep", "drop"):
+            raise ValueError(f"--on-unparsed must be 'keep' or 'drop', got {self.on_unparsed!r}")
+        self.levels = _levels(self.levels)
+
+
+_DEFAULTS_HINT = {
+    "--n": "leave it out for the default: 200 synthetic problems, or every row of --path",
+    "--num-loops": "leave it out for the policy's own loop count",
+    "--max-new-tokens": "leave it out for the source's budget",
+    "--max-length": "leave it out for no limit",
+}
+
+
+def _check_int(option: str, value, low: int | None) -> None:
+    """``value`` is None (the default) or an int >= ``low``; else a ValueError naming ``option``."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{option} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        hint = f" ({_DEFAULTS_HINT[option]})" if option in _DEFAULTS_HINT else ""
+        raise ValueError(f"{option} must be >= {low}{hint}, got {value}")
+
+
+def _levels(value) -> tuple[int, ...]:
+    """``--levels`` as a tuple of ints in 1..MAX_LEVEL (from a tuple/list or a "1,2,3" string)."""
+    parts = [x for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value)
+    try:
+        if any(isinstance(x, bool) or (isinstance(x, float) and not x.is_integer()) for x in parts):
+            raise ValueError
+        levels = tuple(int(x) for x in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"--levels must be comma-separated integers in 1..{MAX_LEVEL}, got {value!r}") from None
+    if not levels or any(not 1 <= x <= MAX_LEVEL for x in levels):
+        raise ValueError(f"--levels must be one or more of 1..{MAX_LEVEL} (synthetic difficulty), got {value!r}")
+    return levels
 
 
 def _load_source(cfg: VerificationBuild) -> SourceResult:
     kw = {"limit": cfg.n, "skip_invalid": cfg.skip_invalid}
     if cfg.source == "synthetic":
-        return SourceResult(items=generate_problems(cfg.n if cfg.n is not None else 200, cfg.seed, cfg.levels))
+        problems = generate_problems(cfg.n if cfg.n is not None else 200, cfg.seed, cfg.levels)
+        return SourceResult(items=problems, n_read=len(problems), n_converted=len(problems))
     if cfg.source == "gsm8k":
         return load_gsm8k(cfg.path, split=cfg.split, **kw)
     if cfg.source == "math":
@@ -117,18 +167,82 @@ def _load_source(cfg: VerificationBuild) -> SourceResult:
     return load_safety_pairs(cfg.path, cfg.field_map, split=cfg.split, **kw)
 
 
+def _by_reason(items, unit: str) -> dict[str, int]:
+    return dict(sorted(Counter(x.reason for x in items if x.unit == unit).items()))
+
+
+def _accounting(entries: dict, records: dict, rejected: list[Rejected], dropped: list[Dropped]) -> dict:
+    """Per unit (source entries, records): read/made = kept + rejected + dropped, and the reasons."""
+    units = {"entries": "entry", "records": "record"}
+    out = {"entries": dict(entries), "records": dict(records)}
+    for name, unit in units.items():
+        out[name]["rejected"] = sum(r.unit == unit for r in rejected)
+        out[name]["dropped"] = sum(d.unit == unit for d in dropped)
+    out["rejected_by_reason"] = {name: _by_reason(rejected, unit) for name, unit in units.items()}
+    out["dropped_by_reason"] = {name: _by_reason(dropped, unit) for name, unit in units.items()}
+    return out
+
+
+def _reason_list(reasons: dict[str, int], top: int = 4) -> str:
+    if not reasons:
+        return ""
+    parts = [f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:top]]
+    return " (" + "; ".join(parts) + ("; ..." if len(reasons) > top else "") + ")"
+
+
+def _empty_message(cfg: VerificationBuild, acct: dict, sampling: dict, failed) -> str:
+    where = f"--source {cfg.source}" + (f" --path {cfg.path}" if cfg.path else "") + (f" --n {cfg.n}" if cfg.n else "")
+    e, r = acct["entries"], acct["records"]
+    text = (
+        f"build {cfg.out}: no records to write from {where}: source entries: {e['read']} read"
+        + (f" ({cfg.path} holds none)" if not e["read"] and cfg.path else "")
+        + f", {e['rejected']} rejected{_reason_list(acct['rejected_by_reason']['entries'])}"
+        + f", {e['dropped']} dropped{_reason_list(acct['dropped_by_reason']['entries'])}"
+    )
+    if e["read"]:
+        text += (
+            f"; records: {r['made']} made, {r['rejected']} rejected{_reason_list(acct['rejected_by_reason']['records'])}"
+            f", {r['dropped']} dropped{_reason_list(acct['dropped_by_reason']['records'])}"
+        )
+    if sampling:
+        text += (
+            f"; sampling: {sampling.get('generated', 0)} answers sampled, {sampling.get('truncated', 0)} cut off by "
+            f"the {sampling.get('max_new_tokens')}-token budget, {sampling.get('dropped_unparsed', 0)} unparsed and "
+            "dropped (raise --max-new-tokens, or keep them with --on-unparsed keep)"
+        )
+    if failed:
+        text += f". The rejected and dropped rows are in {failed}"
+    return text
+
+
 def build_verification(cfg: VerificationBuild) -> dict:
-    """Run a build and write ``cfg.out``; returns the metadata (counts, content_hash, ...)."""
+    """Run a build and write ``cfg.out``; returns the metadata (counts, content_hash, accounting, ...).
+
+    ``metadata["accounting"]`` reconciles every unit: source ``entries`` (read = kept + rejected +
+    dropped) and ``records`` (made = kept + rejected + dropped, kept = ``n_rows``), with the reasons.
+    Rejected rows go to ``rejected.jsonl`` (``--skip-invalid``), dropped ones (``--balance``,
+    ``--dedupe``, problems without a possible wrong answer, unparsed samples) to ``dropped.jsonl``.
+    A build that ends with no records raises a ValueError saying why, leaving ``cfg.out`` untouched
+    and the rejected / dropped rows in ``<out>.failed/``.
+    """
     loaded = _load_source(cfg)
-    rejected = list(loaded.rejected)
+    rejected: list[Rejected] = list(loaded.rejected)
+    dropped: list[Dropped] = []
     report: dict = {}
-    if loaded.items and isinstance(loaded.items[0], Problem):
+    n_read = loaded.n_read if loaded.n_read is not None else len(loaded.items)
+    n_converted = loaded.n_converted if loaded.n_converted is not None else len(loaded.items)
+    if cfg.source in PROBLEM_SOURCES:
         problems = loaded.items
         if cfg.candidates == "controlled":
-            records = controlled_candidates(
-                problems, ControlledConfig(wrong_per_problem=cfg.wrong_per_problem, seed=cfg.seed)
-            )
-        else:
+            ccfg = ControlledConfig(wrong_per_problem=cfg.wrong_per_problem, seed=cfg.seed, drop_without_wrong=True)
+            records = controlled_candidates(problems, ccfg, dropped)
+            wrong = Counter(meta_dict(r)["problem_id"] for r in records if r["label"] == 0)
+            kept_ids = {meta_dict(r)["problem_id"] for r in records}
+            report["controlled"] = {
+                "wrong_per_problem": cfg.wrong_per_problem,
+                "problems_short_of_wrong_answers": sum(wrong[i] < cfg.wrong_per_problem for i in kept_ids),
+            }
+        elif problems:
             from .loading import load_model, load_tokenizer
 
             ptok = load_tokenizer(cfg.policy_tokenizer) if cfg.policy_tokenizer else None
@@ -142,53 +256,67 @@ def build_verification(cfg: VerificationBuild) -> dict:
                 seed=cfg.seed,
                 on_unparsed=cfg.on_unparsed,
             )
-            records, sreport = sample_candidates(model, ptok, problems, scfg)
+            records, sreport = sample_candidates(model, ptok, problems, scfg, dropped)
             report["sampling"] = sreport.as_dict()
+        else:
+            records = []
     else:
         records = list(loaded.items)
-    if not records:
-        counts = report.get("sampling", {})
-        why = (
-            f": {counts.get('generated', 0)} answers sampled, {counts.get('truncated', 0)} cut off by the "
-            f"{counts.get('max_new_tokens')}-token budget, {counts.get('dropped_unparsed', 0)} unparsed and dropped "
-            "(raise --max-new-tokens, or keep them with --on-unparsed keep)"
-            if counts
-            else ""
-        )
-        raise ValueError(f"build {cfg.out}: no records to write from source {cfg.source!r}{why}")
+    entries = {"read": n_read, "kept": n_converted - sum(d.unit == "entry" for d in dropped)}
+    made = len(records) + sum(x.unit == "record" for x in rejected + dropped)  # records lost so far included
+
+    kind = "rendered" if cfg.render else "verification"
+    checked = validate_records(records, kind="verification", skip_invalid=cfg.skip_invalid)
+    rejected += checked.rejected  # before counting, balancing or rendering: a duplicate id is not counted
+    records = checked.rows
     if cfg.dedupe:
-        before = len(records)
-        records = deduplicate(records)
-        report["deduplicated"] = before - len(records)
+        records, gone = deduplicate_split(records)
+        dropped += gone
+        report["deduplicated"] = len(gone)
     if cfg.balance:
-        records = balance_labels(records, seed=cfg.seed)
-    kind = "verification"
-    if cfg.render:
+        records, gone = balance_split(records, seed=cfg.seed)
+        dropped += gone
+        report["balanced_away"] = len(gone)
+    if cfg.render and records:
         from .loading import load_tokenizer
 
         tok = load_tokenizer(cfg.tokenizer)
         template = load_template(cfg.template) if cfg.template else DEFAULT_TEMPLATE
         records, bad = render_records(records, tok, template, cfg.max_length, skip_invalid=cfg.skip_invalid)
         rejected += bad
-        kind = "rendered"
         report["tokenizer"] = getattr(tok, "name_or_path", cfg.tokenizer)
         report["template"] = dataclasses.asdict(template)
+    checked = validate_records(records, kind=kind, skip_invalid=cfg.skip_invalid)
+    rejected += checked.rejected
+    records = checked.rows
+    acct = _accounting(entries, {"made": made, "kept": len(records)}, rejected, dropped)
+    settings = dataclasses.asdict(cfg)
+    settings.pop("out")
+    settings.pop("overwrite")
+    if not records:
+        failed = write_failed_report(cfg.out, rejected, dropped, {"settings": settings, "accounting": acct, **report})
+        raise ValueError(_empty_message(cfg, acct, report.get("sampling", {}), failed))
     counts = Counter()
     for r in records:
         counts[f"label={r['label']}"] += 1
         counts[f"parse_status={r['parse_status']}"] += 1
         counts[f"scenario={r['scenario']}"] += 1
-    settings = dataclasses.asdict(cfg)
-    settings.pop("out")
-    settings.pop("overwrite")
     meta = {
         "builder": "data_builders.verification",
         "settings": settings,
         "counts": dict(sorted(counts.items())),
+        "accounting": acct,
         **report,
     }
     return save_build(
-        records, cfg.out, kind, meta, rejected=rejected, skip_invalid=cfg.skip_invalid, overwrite=cfg.overwrite
+        records,
+        cfg.out,
+        kind,
+        meta,
+        rejected=rejected,
+        skip_invalid=cfg.skip_invalid,
+        overwrite=cfg.overwrite,
+        dropped=dropped,
     )
 
 
@@ -269,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RecordError, FileExistsError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = {k: meta[k] for k in ("kind", "n_rows", "n_rejected", "content_hash", "counts")}
+    summary = {k: meta[k] for k in ("kind", "n_rows", "n_rejected", "n_dropped", "content_hash", "counts")}
+    summary["accounting"] = {k: meta["accounting"][k] for k in ("entries", "records")}
     print(json.dumps({"out": cfg.out, **summary}, indent=1))
     return 0
 

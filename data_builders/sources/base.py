@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from ..io import SKIPPED
 from ..schema import SCENARIOS, RecordError, Rejected
 
 __all__ = ["Problem", "SourceResult", "convert_rows"]
@@ -38,30 +39,65 @@ class Problem:
 
 @dataclass
 class SourceResult:
-    """What a loader read: ``items`` (problems or record dicts) and ``rejected`` rows (with skip_invalid)."""
+    """What a loader read: ``items`` (problems or record dicts) and ``rejected`` rows (with skip_invalid).
+
+    ``n_read``: source entries read (lines / rows, bad ones included); ``n_converted``: entries turned
+    into items (an entry can give several records, or none when all of them were rejected). The
+    entries rejected as a whole have ``unit="entry"``; one bad record of an entry, ``unit="record"``.
+    None when the loader did not count.
+    """
 
     items: list = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    n_read: int | None = None
+    n_converted: int | None = None
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def extend(self, other: SourceResult) -> None:
+        """Add another result's items, rejects and counts (several files of one source)."""
+        self.items.extend(other.items)
+        self.rejected.extend(other.rejected)
+        self.n_read = (self.n_read or 0) + (other.n_read or 0)
+        self.n_converted = (self.n_converted or 0) + (other.n_converted or 0)
+
 
 def convert_rows(
-    rows: Iterable[dict], convert: Callable[[int, dict], list], skip_invalid: bool, row_id: Callable[[int, dict], str]
+    rows: Iterable[dict],
+    convert: Callable[[int, dict], list],
+    skip_invalid: bool,
+    row_id: Callable[[int, dict], str],
+    rejected: Iterable[Rejected] = (),
 ) -> SourceResult:
     """Apply ``convert(index, row) -> list of items`` to each row; a :class:`RecordError` (or a missing
-    key) raises, or with ``skip_invalid`` is collected with the row."""
-    result = SourceResult()
+    key) raises, or with ``skip_invalid`` is collected with the row (``unit="entry"``).
+
+    ``convert`` may return :class:`Rejected` items among its items: one bad record of an entry whose
+    other records are fine (``unit="record"``); they raise like an error without ``skip_invalid``,
+    and with it are collected while the entry's good records are kept. ``rows`` may hold
+    :data:`~data_builders.io.SKIPPED` for entries already rejected by the reader (``rejected``).
+    """
+    result = SourceResult(rejected=list(rejected), n_read=0, n_converted=0)
     for i, row in enumerate(rows):
+        result.n_read += 1
+        if row is SKIPPED:
+            continue
         try:
             if not isinstance(row, dict):
                 raise RecordError(row_id(i, {}), "<row>", f"expected an object, got {type(row).__name__}")
-            result.items.extend(convert(i, row))
+            produced = convert(i, row)
         except RecordError as e:
             if not skip_invalid:
                 raise
-            result.rejected.append(Rejected(e.row_id, e.field, e.message, row))
+            result.rejected.append(Rejected(e.row_id, e.field, e.message, row, unit="entry"))
+            continue
+        bad = [x for x in produced if isinstance(x, Rejected)]
+        if bad and not skip_invalid:
+            raise RecordError(bad[0].row_id, bad[0].field, bad[0].error)
+        result.items.extend(x for x in produced if not isinstance(x, Rejected))
+        result.rejected.extend(bad)
+        result.n_converted += 1
     return result
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 
-from ..io import read_table
-from ..schema import RecordError, make_record
+from ..io import read_entries
+from ..schema import RecordError, Rejected, make_record
 from ..verifiers import extract_answer, verify_math
 from .base import Problem, SourceResult, convert_rows, require
 
@@ -43,9 +43,7 @@ def load_gsm8k(
 
     ids ``gsm8k-{split}-{row}``; ``gold`` is the normalised ``#### N``; ``meta`` has ``row`` and ``last_op``.
     """
-    rows = read_table(path_or_name, split=split, config=config)
-    if limit is not None:
-        rows = rows[:limit]
+    rows, bad = read_entries(path_or_name, split=split, config=config, limit=limit, skip_invalid=skip_invalid)
 
     def row_id(i, row):
         return f"gsm8k-{split}-{i}"
@@ -62,7 +60,7 @@ def load_gsm8k(
         meta = {"row": i, "last_op": last_operation(answer, gold.value)}
         return [Problem(rid, question, gold.value, "gsm8k", "math", answer, meta)]
 
-    return convert_rows(rows, convert, skip_invalid, row_id)
+    return convert_rows(rows, convert, skip_invalid, row_id, bad)
 
 
 def load_gsm8k_solutions(
@@ -70,11 +68,11 @@ def load_gsm8k_solutions(
 ) -> SourceResult:
     """Verification records from ``example_model_solutions.jsonl``: one per (problem, model) -> 4 x rows.
 
+    A bad model answer rejects that record only (``unit="record"``); the entry's other answers are kept.
+
     ids ``gsm8k-sol-{row}-{model}``; label = the file's ``is_correct``; parse_status from our extraction.
     """
-    rows = read_table(path)
-    if limit is not None:
-        rows = rows[:limit]
+    rows, bad = read_entries(path, limit=limit, skip_invalid=skip_invalid)
 
     def row_id(i, row):
         return f"gsm8k-sol-{i}"
@@ -90,12 +88,17 @@ def load_gsm8k_solutions(
         for model in models:
             mid = f"{rid}-{model}"
             entry = row.get(model)
-            if not isinstance(entry, dict):
-                raise RecordError(mid, model, "missing model entry (expected {'is_correct', 'solution'})")
-            solution = require(entry, mid, "solution")
-            correct = entry.get("is_correct")
-            if not isinstance(correct, bool):
-                raise RecordError(mid, f"{model}.is_correct", f"expected a bool, got {correct!r}")
+            try:
+                if not isinstance(entry, dict):
+                    raise RecordError(mid, model, "missing model entry (expected {'is_correct', 'solution'})")
+                solution = require(entry, mid, "solution")
+                correct = entry.get("is_correct")
+                if not isinstance(correct, bool):
+                    raise RecordError(mid, f"{model}.is_correct", f"expected a bool, got {correct!r}")
+            except RecordError as e:  # this model's answer only: the other models' answers stay
+                sibling = {"question": question, "ground_truth": truth, model: entry}
+                out.append(Rejected(e.row_id, e.field, e.message, sibling, unit="record"))
+                continue
             verdict = verify_math(solution, gold.value)
             meta = {
                 "row": i,
@@ -118,4 +121,4 @@ def load_gsm8k_solutions(
             )
         return out
 
-    return convert_rows(rows, convert, skip_invalid, row_id)
+    return convert_rows(rows, convert, skip_invalid, row_id, bad)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..io import read_table
+from ..io import read_entries
 from ..schema import RecordError
 from ..verifiers import extract_boxed, normalize_answer
 from .base import Problem, SourceResult, convert_rows, require
@@ -21,9 +21,7 @@ def load_math(
 
     ``gold`` is the normalised content of the last ``\\boxed{}`` (a number when it is one, else LaTeX text).
     """
-    rows = read_table(path_or_name, split=split, config=config)
-    if limit is not None:
-        rows = rows[:limit]
+    rows, bad = read_entries(path_or_name, split=split, config=config, limit=limit, skip_invalid=skip_invalid)
 
     def row_id(i, row):
         return f"math-{row['unique_id']}" if row.get("unique_id") else f"math-{split}-{i}"
@@ -39,4 +37,4 @@ def load_math(
         meta = {"row": i, "level": row.get("level"), "type": row.get("type") or row.get("subject"), "boxed": boxed}
         return [Problem(rid, problem, gold, "math", "math", solution, meta)]
 
-    return convert_rows(rows, convert, skip_invalid, row_id)
+    return convert_rows(rows, convert, skip_invalid, row_id, bad)

@@ -22,8 +22,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import SourceError, read_table
-from ..schema import RecordError, make_record
+from ..io import SourceError, read_entries
+from ..schema import RecordError, Rejected, make_record
 from .base import Problem, SourceResult, convert_rows, require
 
 __all__ = [
@@ -80,14 +80,16 @@ def load_safety_pairs(
     skip_invalid: bool = False,
     source: str | None = None,
 ) -> SourceResult:
-    """Verification records from a (prompt, response, is_safe) dataset; ``field_map`` a FieldMap or a preset name."""
+    """Verification records from a (prompt, response, is_safe) dataset; ``field_map`` a FieldMap or a preset name.
+
+    With several responses per entry (PKU-SafeRLHF), a bad response rejects that record only
+    (``unit="record"``); the entry's other responses are kept.
+    """
     if isinstance(field_map, str):
         if field_map not in FIELD_MAPS:
             raise ValueError(f"unknown field map {field_map!r}; presets: {sorted(FIELD_MAPS)}")
         field_map = FIELD_MAPS[field_map]
-    rows = read_table(path_or_name, split=split)
-    if limit is not None:
-        rows = rows[:limit]
+    rows, bad = read_entries(path_or_name, split=split, limit=limit, skip_invalid=skip_invalid)
     name = source or Path(path_or_name).stem.replace("_", "-")
 
     def row_id(i, row):
@@ -99,17 +101,25 @@ def load_safety_pairs(
         out = []
         for k, (resp_field, safe_field) in enumerate(field_map.responses):
             sub = rid if len(field_map.responses) == 1 else f"{rid}-r{k}"
-            response = require(row, sub, resp_field)
-            if safe_field not in row:
-                raise RecordError(sub, safe_field, "missing")
-            safe = _as_bool(row[safe_field], sub, safe_field)
+            try:
+                response = require(row, sub, resp_field)
+                if safe_field not in row:
+                    raise RecordError(sub, safe_field, "missing")
+                safe = _as_bool(row[safe_field], sub, safe_field)
+            except RecordError as e:
+                if len(field_map.responses) == 1:
+                    raise
+                # one bad response of several: the entry's other responses stay
+                sibling = {field_map.prompt: prompt, resp_field: row.get(resp_field), safe_field: row.get(safe_field)}
+                out.append(Rejected(e.row_id, e.field, e.message, sibling, unit="record"))
+                continue
             meta = {"row": i, "response_field": resp_field}
             if field_map.category and field_map.category in row:
                 meta["category"] = row[field_map.category]
             out.append(make_record(sub, prompt, "", response, int(safe), name, "safety", "na", meta))
         return out
 
-    return convert_rows(rows, convert, skip_invalid, row_id)
+    return convert_rows(rows, convert, skip_invalid, row_id, bad)
 
 
 def load_safety_prompts(
@@ -128,9 +138,7 @@ def load_safety_prompts(
 
     ``meta``: ``prompt_label`` ("safe" | "unsafe") and the row's other columns.
     """
-    rows = read_table(path_or_name, split=split)
-    if limit is not None:
-        rows = rows[:limit]
+    rows, bad = read_entries(path_or_name, split=split, limit=limit, skip_invalid=skip_invalid)
 
     def row_id(i, row):
         return f"{source}-{row[id_field]}" if id_field and row.get(id_field) not in (None, "") else f"{source}-{i}"
@@ -149,7 +157,7 @@ def load_safety_prompts(
         meta["prompt_label"] = label
         return [Problem(rid, prompt, "", source, "safety", "", meta)]
 
-    return convert_rows(rows, convert, skip_invalid, row_id)
+    return convert_rows(rows, convert, skip_invalid, row_id, bad)
 
 
 def xstest_label(prompt_type: str, final_label: str) -> int:
@@ -180,12 +188,10 @@ def load_xstest_completions(paths, limit: int | None = None, skip_invalid: bool 
 
     ids ``xstest-{model}-{id}``; label per :func:`xstest_label`; ``meta``: model, type, final_label, prompt_label.
     """
-    result = SourceResult()
+    result = SourceResult(n_read=0, n_converted=0)
     for f in _completion_files(paths):
         model = f.stem.removeprefix("xstest_v2_completions_").removeprefix("xstest_completions_")
-        rows = read_table(str(f))
-        if limit is not None:
-            rows = rows[:limit]
+        rows, bad = read_entries(str(f), limit=limit, skip_invalid=skip_invalid)
 
         def row_id(i, row, model=model):
             return f"xstest-{model}-{row.get('id') or i}"
@@ -211,7 +217,5 @@ def load_xstest_completions(paths, limit: int | None = None, skip_invalid: bool 
                 )
             ]
 
-        part = convert_rows(rows, convert, skip_invalid, row_id)
-        result.items.extend(part.items)
-        result.rejected.extend(part.rejected)
+        result.extend(convert_rows(rows, convert, skip_invalid, row_id, bad))
     return result
