@@ -12,6 +12,7 @@ with the verdict; logs the same to W&B with ``report_to: wandb`` (offline withou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -37,7 +38,7 @@ from loopalign.eval import (
 )
 from loopalign.eval import load_model_and_tokenizer as load_local_model
 from loopalign.eval.report import short_markdown
-from loopalign.io import atomic_write_text
+from loopalign.io import atomic_write_text, folder_lock
 from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer, self_replay_dataset, write_adapter_card
@@ -64,7 +65,7 @@ EMBEDDED_DEFAULTS = dict(
     logging_steps=10,
     save_strategy="no",
     report_to=[],
-    gradient_checkpointing=False,
+    activation_checkpointing=False,  # transformers 5.24 deprecates the gradient_checkpointing name
     dataset="organism",
     dataset_limit=1000,
     loss_weights={"lm": 1.0, "replay": 1.0, "rr_distill": 1.0},
@@ -234,6 +235,18 @@ def prepare_reporting(training_args: GapSFTConfig) -> None:
 
 def main(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> None:
     prepare_reporting(training_args)
+    # one run per output folder: a second run into it fails at once, naming the holder
+    lock = (
+        folder_lock(training_args.output_dir, "recipes/sft_gap.py")
+        if training_args.process_index == 0
+        else contextlib.nullcontext()
+    )
+    with lock:
+        run(script_args, training_args, model_args)
+
+
+def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> None:
+    """The recipe, top to bottom (``main`` holds the output folder's lock around it)."""
     if training_args.world_size > 1 and training_args.process_index == 0:
         print(f"{training_args.world_size} processes, {training_args.parallel_mode.value} (one model, data split)")
     set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)

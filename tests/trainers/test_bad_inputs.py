@@ -101,3 +101,29 @@ def test_an_empty_dataset_file_fails_naming_it(tmp_path):
     with pytest.raises(ValueError, match="is empty: no records"):
         recipe.main(*_parse(recipe, [*BASE, "--output_dir", str(out), "--dataset", str(empty)]))
     assert not (out / "before").exists()
+
+
+def test_a_second_run_into_a_busy_output_folder_fails_at_once(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from loopalign.io import FolderLockedError
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom loopalign.io import folder_lock\n"
+         "with folder_lock(sys.argv[1], 'another sft_gap run'):\n    print('held', flush=True)\n    time.sleep(60)\n",
+         str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        recipe = _recipe()
+        start = time.monotonic()
+        with pytest.raises(FolderLockedError, match="another sft_gap run"):
+            recipe.main(*_parse(recipe, [*BASE, "--output_dir", str(out)]))
+        assert time.monotonic() - start < 30 and not (out / "before").exists()
+    finally:
+        holder.kill()
+        holder.wait()
