@@ -23,7 +23,12 @@ from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
-from loopalign.eval.introspection import IntrospectionConfig, compare_introspection, evaluate_introspection
+from loopalign.eval.introspection import (
+    IntrospectionConfig,
+    compare_introspection,
+    evaluate_introspection,
+    split_concepts,
+)
 from loopalign.eval.report import _write_text
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.introspection_grpo import (
@@ -73,6 +78,14 @@ class IntrospectionScriptArguments:
     """Concept vectors, training trials and the before/after evaluation (loops and layers 0-based)."""
 
     mode: str = field(default="grpo", metadata={"help": "grpo | sft (target reports on injected/control trials)."})
+    concept_split: str = field(
+        default="held_out",
+        metadata={
+            "help": "held_out: train on some concepts and evaluate on the others (a fixed hash split); "
+            "none: every concept in training and evaluation (what a model was trained on is then measured)."
+        },
+    )
+    held_out_share: float = field(default=0.25, metadata={"help": "Share of concepts held out (concept_split)."})
     n_concepts: int = field(default=8, metadata={"help": "Concept words extracted when no vector file is given."})
     vector_layers: str | None = field(default=None, metadata={"help": "Layers to extract at (default: ~2/3 depth)."})
     vector_loops: int | None = field(default=None, metadata={"help": "Loops run for extraction (default: max eval N)."})
@@ -101,10 +114,23 @@ class IntrospectionScriptArguments:
             raise ValueError(f"mode must be 'grpo' or 'sft', got {self.mode!r}")
         if not 0 <= self.control_fraction < 1:
             raise ValueError(f"control_fraction must be in [0, 1), got {self.control_fraction}")
+        if self.concept_split not in ("held_out", "none"):
+            raise ValueError(f"concept_split must be 'held_out' or 'none', got {self.concept_split!r}")
+        if not 0 < self.held_out_share < 1:
+            raise ValueError(f"held_out_share must be in (0, 1), got {self.held_out_share}")
+
+
+def run_concepts(vectors, script_args) -> tuple[list[str], list[str]]:
+    """(training concepts, evaluated concepts) of a run: disjoint with ``concept_split=held_out``."""
+    words = list(vectors.vectors)
+    if script_args.concept_split == "none":
+        return words, words[: script_args.eval_concepts or None]
+    train, held_out = split_concepts(words, script_args.held_out_share)
+    return train, held_out[: script_args.eval_concepts or None]
 
 
 def _eval(model, tok, vectors, script_args, out_dir: str, label: str):
-    concepts = list(vectors.vectors)[: script_args.eval_concepts or None]
+    concepts = run_concepts(vectors, script_args)[1]
     ns = _ints(script_args.eval_loop_counts) or [model.config.total_ut_steps]
     cfg = IntrospectionConfig(
         loop_counts=tuple(ns),
@@ -157,9 +183,16 @@ def main(script_args: IntrospectionScriptArguments, training_args: Introspection
         f"model: {label}; {len(vectors.vectors)} concept vectors at layers {vectors.layers} ({time.time() - t0:.1f}s)"
     )
     last = [n_model - 1]
+    train_concepts, eval_concepts = run_concepts(vectors, script_args)
+    print(
+        f"concepts: training on {len(train_concepts)} ({', '.join(train_concepts)}); evaluating "
+        f"{len(eval_concepts)} ({', '.join(eval_concepts)})"
+        + (", held out from training" if script_args.concept_split == "held_out" else ", also trained on")
+    )
     train_ds = introspection_dataset(
         tok,
         vectors,
+        concepts=train_concepts,
         layers=_ints(script_args.train_layers),
         extraction_loops=_ints(script_args.train_extraction_loops) or last,
         injection_loops=_ints(script_args.train_injection_loops) or last,

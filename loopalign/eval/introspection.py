@@ -318,6 +318,24 @@ def grade_response(response: str, trial: dict, judge: Judge | None = None) -> Gr
     return rules_grade(response, concept, trial.get("trial_type", "injection"))
 
 
+def split_concepts(words: Sequence[str], held_out_share: float = 0.25) -> tuple[list[str], list[str]]:
+    """(train, held_out): a fixed split of concept words for training on some and evaluating on the
+    others. Words are ordered by a hash of their lower-cased text and the last
+    ``max(1, round(held_out_share * n))`` are held out, so the split depends only on the words (not on
+    their order, a seed or the machine). Needs at least 2 words."""
+    import hashlib
+
+    unique = list(dict.fromkeys(str(w) for w in words))
+    if len(unique) < 2:
+        raise ValueError(f"split_concepts needs at least 2 concept words, got {len(unique)}")
+    if not 0.0 < held_out_share < 1.0:
+        raise ValueError(f"held_out_share must be in (0, 1), got {held_out_share}")
+    ranked = sorted(unique, key=lambda w: hashlib.sha256(f"loopalign-concepts|{w.lower()}".encode()).hexdigest())
+    n_held = min(len(unique) - 1, max(1, round(held_out_share * len(unique))))
+    held = set(ranked[-n_held:])
+    return [w for w in unique if w not in held], [w for w in unique if w in held]
+
+
 # ----------------------------------------------------------------------------------------------
 # trials
 # ----------------------------------------------------------------------------------------------

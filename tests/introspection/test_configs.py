@@ -65,3 +65,41 @@ def test_unknown_key_fails(tmp_path):
     classes = (r.IntrospectionScriptArguments, r.IntrospectionGRPOConfig, ModelConfig)
     with pytest.raises(ValueError, match="unknown reward"):
         TrlParser(classes).parse_args_and_config(args=["--config", str(bad)])
+
+
+def test_concept_split_is_fixed_disjoint_and_used_by_the_grpo_recipe():
+    """[introspection-v2] item 3: training and evaluation concepts are disjoint by default."""
+    from trl import ModelConfig, TrlParser
+
+    from data_builders.injection import CONCEPT_WORDS
+    from loopalign.eval.introspection import split_concepts
+
+    train, held = split_concepts(CONCEPT_WORDS, 0.25)
+    assert not set(train) & set(held) and set(train) | set(held) == set(CONCEPT_WORDS) and len(held) == 12
+    assert split_concepts(list(reversed(CONCEPT_WORDS)), 0.25)[1] == sorted(
+        held, key=list(reversed(CONCEPT_WORDS)).index
+    )
+    # a word's side depends on the word set only, not on order; a small set still holds one out
+    assert len(split_concepts(["Snow", "Bread"], 0.25)[1]) == 1
+    with pytest.raises(ValueError, match="at least 2"):
+        split_concepts(["Snow"])
+
+    r = _recipe("grpo_introspection")
+    classes = (r.IntrospectionScriptArguments, r.IntrospectionGRPOConfig, ModelConfig)
+
+    import torch
+
+    from data_builders.injection import ConceptVectors
+
+    Vectors = ConceptVectors(
+        {w: torch.zeros(2, 1, 8) for w in CONCEPT_WORDS[:8]}, {"num_loops": 2, "layers": [1], "hidden_size": 8}
+    )
+
+    script, _, _ = TrlParser(classes).parse_args_and_config(args=["--use_cpu", "true", "--eval_concepts", "4"])
+    trained, evaluated = r.run_concepts(Vectors, script)
+    assert evaluated and not set(trained) & set(evaluated) and len(trained) + len(evaluated) <= 8
+    script, _, _ = TrlParser(classes).parse_args_and_config(args=["--use_cpu", "true", "--concept_split", "none"])
+    trained, evaluated = r.run_concepts(Vectors, script)
+    assert set(evaluated) <= set(trained)
+    with pytest.raises(ValueError, match="concept_split"):
+        TrlParser(classes).parse_args_and_config(args=["--use_cpu", "true", "--concept_split", "some"])
