@@ -90,10 +90,6 @@ class LoopLoRARouting:
         self.selection = selection
         self._handles = handles
 
-    @property
-    def num_modules(self) -> int:
-        return len(self._handles)
-
     def remove(self) -> None:
         for h in self._handles:
             h.remove()

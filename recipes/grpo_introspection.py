@@ -29,7 +29,7 @@ from loopalign.eval.introspection import (
     evaluate_introspection,
     split_concepts,
 )
-from loopalign.eval.report import _write_text
+from loopalign.io import atomic_write_text
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.introspection_grpo import (
     IntrospectionGRPOConfig,
@@ -250,7 +250,7 @@ def main(script_args: IntrospectionScriptArguments, training_args: Introspection
             f"# Introspection before / after {script_args.mode}\n\nmodel: `{label}`; rates in % (detection and "
             "identification on injected trials, false positives on controls); loops 0-based.\n\n"
         )
-        _write_text(os.path.join(out, "compare.md"), header + table)
+        atomic_write_text(os.path.join(out, "compare.md"), header + table)
         print(f"after training ({time.time() - t:.1f}s). Rates per injection loop, before -> after:\n")
         print(table)
         print(f"reports, heatmaps and adapters in {out}/; total {time.time() - t0:.1f}s")

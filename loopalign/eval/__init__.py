@@ -30,6 +30,15 @@ from .gap import (
     parse_loops,
     trained_depth,
 )
+from .introspection import (
+    Grade,
+    IntrospectionConfig,
+    IntrospectionResult,
+    compare_introspection,
+    evaluate_introspection,
+    grade_response,
+    rules_grade,
+)
 from .metrics import (
     accuracy,
     auroc,
@@ -105,15 +114,6 @@ __all__ = [
     "verdict_token_ids",
 ]
 
-from .introspection import (  # noqa: E402
-    Grade,
-    IntrospectionConfig,
-    IntrospectionResult,
-    compare_introspection,
-    evaluate_introspection,
-    grade_response,
-    rules_grade,
-)
 
 __all__ += [
     "Grade",

@@ -45,9 +45,10 @@ import numpy as np
 import torch
 
 from loopalign.hooks import add_vector
+from loopalign.io import atomic_write_text
 
 from .metrics import wilson_interval
-from .report import _write_text, atomic_write
+from .report import atomic_write
 
 __all__ = [
     "CONTROL_QUESTIONS",
@@ -852,9 +853,9 @@ class IntrospectionResult:
         os.makedirs(out_dir, exist_ok=True)
         trials = "".join(json.dumps(r, default=float) + "\n" for r in self.records)
         paths = {
-            "introspection.json": _write_text(os.path.join(out_dir, "introspection.json"), self.to_json()),
-            "introspection.md": _write_text(os.path.join(out_dir, "introspection.md"), self.markdown()),
-            "trials.jsonl": _write_text(os.path.join(out_dir, "trials.jsonl"), trials),
+            "introspection.json": atomic_write_text(os.path.join(out_dir, "introspection.json"), self.to_json()),
+            "introspection.md": atomic_write_text(os.path.join(out_dir, "introspection.md"), self.markdown()),
+            "trials.jsonl": atomic_write_text(os.path.join(out_dir, "trials.jsonl"), trials),
         }
         if plots:
             paths.update(self.plot(out_dir))

@@ -133,18 +133,6 @@ def binary_metrics(y, prob, threshold: float = 0.5, pred=None) -> dict[str, floa
     }
 
 
-def _metric_from_prob(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
-    if name == "accuracy":
-        return lambda y, p: accuracy(y, (p > 0.5).astype(np.int64))
-    if name == "balanced_accuracy":
-        return lambda y, p: balanced_accuracy(y, (p > 0.5).astype(np.int64))
-    if name == "f1":
-        return lambda y, p: f1_score(y, (p > 0.5).astype(np.int64))
-    if name == "auroc":
-        return auroc
-    raise ValueError(f"unknown metric {name!r}: use one of {sorted(METRICS)}")
-
-
 METRICS = ("accuracy", "balanced_accuracy", "f1", "auroc")
 
 

@@ -14,9 +14,6 @@ from loopalign.io import atomic_write, atomic_write_text, folder_lock
 __all__ = ["atomic_write", "controls_markdown", "gap_markdown", "compare_markdown", "plot_gap", "save_gap", "log_wandb"]
 
 
-_write_text = atomic_write_text  # kept for callers of the old private name
-
-
 def _pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
 
@@ -375,8 +372,8 @@ def save_gap(result, out_dir: str, plots: bool = True) -> dict[str, str]:
     while another process writes there, this fails at once (``FolderLockedError``). -> {name: path}."""
     with folder_lock(out_dir, "save_gap"):
         paths = {
-            "gap.json": _write_text(os.path.join(out_dir, "gap.json"), result.to_json()),
-            "gap.md": _write_text(os.path.join(out_dir, "gap.md"), result.markdown()),
+            "gap.json": atomic_write_text(os.path.join(out_dir, "gap.json"), result.to_json()),
+            "gap.md": atomic_write_text(os.path.join(out_dir, "gap.md"), result.markdown()),
         }
         if plots:
             paths.update(plot_gap(result, out_dir))

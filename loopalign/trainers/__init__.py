@@ -2,6 +2,13 @@
 
 from .gap_data import GapCollator, build_gap_features, verdict_token_ids
 from .gap_sft import LOSS_KEYS, GapSFTConfig, GapSFTTrainer
+from .introspection_grpo import (
+    IntrospectionGRPOConfig,
+    IntrospectionGRPOTrainer,
+    IntrospectionSFTConfig,
+    IntrospectionSFTTrainer,
+    introspection_dataset,
+)
 from .loading import is_gap_run_folder, load_gap_model, write_adapter_card
 from .probe_targets import ProbeTargets, fit_probe_targets, labelled_only
 from .replay import ReplayBuild, self_replay_dataset
@@ -22,13 +29,6 @@ __all__ = [
     "self_replay_dataset",
     "verdict_token_ids",
 ]
-from .introspection_grpo import (  # noqa: E402
-    IntrospectionGRPOConfig,
-    IntrospectionGRPOTrainer,
-    IntrospectionSFTConfig,
-    IntrospectionSFTTrainer,
-    introspection_dataset,
-)
 
 __all__ += [
     "IntrospectionGRPOConfig",

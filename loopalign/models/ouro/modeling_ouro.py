@@ -247,9 +247,6 @@ class OuroLoopCache(DynamicCache):
         super().__init__()
         self.num_layers = num_layers
 
-    def loop_slot(self, loop_index: int, layer_index: int) -> int:
-        return loop_index * self.num_layers + layer_index
-
 
 class OuroPreTrainedModel(PreTrainedModel):
     config_class = OuroConfig
