@@ -746,8 +746,17 @@ class IntrospectionResult:
             "# Concept-injection introspection",
             "",
             f"model: `{m.get('model', '?')}`; trials: {len(self.records)}; grader: {m.get('grader', 'rules')}; "
-            f"rates in %, {int(round(100 * (1 - alpha)))}% bootstrap intervals over trials. Loops and layers 0-based.",
+            f"rates in %, {int(round(100 * (1 - alpha)))}% Wilson intervals over trials. Loops and layers 0-based.",
             "",
+        ]
+        agree = m.get("agreement_with_rules")
+        if agree and agree.get("n"):
+            lines += [
+                f"The judge agrees with the rule grader on {100 * agree['detection']:.1f}% of detections and "
+                f"{100 * agree['identification']:.1f}% of identifications ({agree['n']} responses).",
+                "",
+            ]
+        lines += [
             "## Per injection loop (pooled over extraction loops, layers, strengths, concepts)",
             "",
             "| loops N | injection loop | detection | identification | false positive (controls) | incoherent | n |",
@@ -900,6 +909,8 @@ def evaluate_introspection(
     meta = {
         "model": model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "grader": getattr(judge, "__name__", type(judge).__name__) if judge is not None else "rules",
+        # a judge is read beside the rules: how often the two agree on these responses
+        "agreement_with_rules": _agreement(records) if judge is not None else None,
         "vectors": {k: vectors.metadata.get(k) for k in ("model", "num_loops", "layers", "template")},
     }
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
@@ -907,6 +918,12 @@ def evaluate_introspection(
     if out_dir is not None:
         result.save(out_dir)
     return result
+
+
+def _agreement(records: Sequence[dict]) -> dict:
+    from .judges import grader_agreement
+
+    return grader_agreement(records)
 
 
 def compare_introspection(before: IntrospectionResult, after: IntrospectionResult) -> str:
