@@ -631,6 +631,19 @@ def _rate(values, n_boot: int, alpha: float, seed: int) -> dict:
     return {"rate": float(v.mean()), "lo": float(lo), "hi": float(hi), "n": int(v.size)}
 
 
+def _difference(a: dict, b: dict, alpha: float) -> dict:
+    """a − b of two independent rates with Newcombe's hybrid score interval (from their Wilson
+    intervals); None parts when either rate is missing."""
+    if not a or not b or a.get("rate") is None or b.get("rate") is None:
+        return {"rate": None, "lo": None, "hi": None}
+    p1, l1, u1 = a["rate"], a["lo"], a["hi"]
+    p2, l2, u2 = b["rate"], b["lo"], b["hi"]
+    d = p1 - p2
+    lo = d - ((p1 - l1) ** 2 + (u2 - p2) ** 2) ** 0.5
+    hi = d + ((u1 - p1) ** 2 + (p2 - l2) ** 2) ** 0.5
+    return {"rate": d, "lo": max(-1.0, lo), "hi": min(1.0, hi)}
+
+
 def summarize(records: Sequence[dict], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:
     """Rates with intervals from graded records (trial fields + ``grade`` dict). Returns a dict with
     ``cells``, ``controls``, ``random``, ``control_questions``, ``by_injection_loop``, ``heatmaps``."""
@@ -659,6 +672,8 @@ def summarize(records: Sequence[dict], n_boot: int = 1000, alpha: float = 0.05, 
         return {k: _rate([f(g) for g in gs], n_boot, alpha, seed) for k, f in names.items()}
 
     inc = lambda g: float(g["incoherent"])  # noqa: E731
+    # steering leakage: the concept shows up in the text without a detection claim
+    leak = lambda g: float(bool(g.get("mentions_concept")) and not g["detected"])  # noqa: E731
     claim = lambda g: float(g["detected"])  # noqa: E731
     keys = ("num_loops", "extraction_loop", "injection_loop", "layer", "strength")
     fp = {k[0]: rates(gs, false_positive=claim, incoherent=inc) for k, gs in sorted(by["controls"].items())}
@@ -683,8 +698,9 @@ def summarize(records: Sequence[dict], n_boot: int = 1000, alpha: float = 0.05, 
         loops = sorted({k[1] for k in by["loop"] if k[0] == n})
         for t in loops:
             row = {"num_loops": n, "injection_loop": t}
-            row.update(rates(by["loop"][(n, t)], detection=det, identification=succ, incoherent=inc))
+            row.update(rates(by["loop"][(n, t)], detection=det, identification=succ, incoherent=inc, leakage=leak))
             row["false_positive"] = fp.get(n, {}).get("false_positive", _rate([], n_boot, alpha, seed))
+            row["detection_minus_fp"] = _difference(row["detection"], row["false_positive"], alpha)
             out["by_injection_loop"].append(row)
         if not loops and n in fp:
             out["by_injection_loop"].append(
@@ -759,13 +775,15 @@ class IntrospectionResult:
         lines += [
             "## Per injection loop (pooled over extraction loops, layers, strengths, concepts)",
             "",
-            "| loops N | injection loop | detection | identification | false positive (controls) | incoherent | n |",
-            "|---|---|---|---|---|---|---|",
+            "| loops N | injection loop | detection | identification | false positive (controls) | "
+            "detection − false positive | leakage (concept, no claim) | incoherent | n |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in s["by_injection_loop"]:
             lines.append(
                 f"| {r['num_loops']} | {'–' if r['injection_loop'] is None else r['injection_loop']} | "
                 f"{_ci(r.get('detection'))} | {_ci(r.get('identification'))} | {_ci(r.get('false_positive'))} | "
+                f"{_ci(r.get('detection_minus_fp'))} | {_ci(r.get('leakage'))} | "
                 f"{_ci(r.get('incoherent'))} | {(r.get('detection') or {}).get('n', 0)} |"
             )
         for n, h in s["heatmaps"].items():

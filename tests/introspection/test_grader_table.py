@@ -100,3 +100,23 @@ def test_rates_carry_wilson_intervals():
 
     r = _rate([0.0] * 16, n_boot=100, alpha=0.05, seed=0)
     assert r["rate"] == 0.0 and r["lo"] == 0.0 and 0.19 < r["hi"] < 0.2 and r["n"] == 16
+
+
+def test_summaries_report_detection_minus_false_positives_and_leakage():
+    from loopalign.eval.introspection import rules_grade, summarize
+
+    def rec(text, kind, concept=""):
+        return {"trial_type": kind, "num_loops": 4, "extraction_loop": 3, "injection_loop": 3, "layer": 1,
+                "strength": 4.0, "concept": concept, "grade": rules_grade(text, concept or None, kind).to_dict()}  # fmt: skip
+
+    records = (
+        [rec("Yes, I detect a thought about snow.", "injection", "Snow")] * 6
+        + [rec("Snow is falling outside.", "injection", "Snow")] * 4  # the concept leaks, no claim
+        + [rec("Yes, I detect an injected thought.", "control")] * 2
+        + [rec("No, I do not.", "control")] * 8
+    )
+    (row,) = summarize(records)["by_injection_loop"]
+    assert row["detection"]["rate"] == 0.6 and row["false_positive"]["rate"] == 0.2
+    diff = row["detection_minus_fp"]
+    assert abs(diff["rate"] - 0.4) < 1e-12 and diff["lo"] < 0.4 < diff["hi"] and diff["lo"] > -1
+    assert row["leakage"]["rate"] == 0.4
