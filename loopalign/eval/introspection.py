@@ -7,10 +7,11 @@ generated tokens included, while the model runs ``num_loops`` loops. Trial types
 
 - ``injection``: a concept vector (the model should claim detection and name the concept);
 - ``control``: nothing injected (a detection claim is a false positive);
-- ``random``: a random direction norm-matched to the concept vectors at the site, times ``random_strength``
-  (how often any perturbation makes the model claim a detection);
-- ``control_question``: a yes/no question whose true answer is "no", asked with a concept injected
-  (a "yes" shows a global drift toward "yes", not introspection).
+- ``random``: a random direction norm-matched to the concept vectors at the site, at every strength
+  (or only at ``random_strength`` when set): how often any perturbation makes the model claim a detection;
+- ``control_question``: a yes/no question whose true answer is "no", asked with a concept injected at
+  every strength and with nothing injected (strength 0): a "yes" under injection beyond the
+  uninjected rate shows a global drift toward "yes", not introspection.
 
 Grading (:func:`rules_grade`, or any ``judge(response, trial) -> Grade | dict``):
 
@@ -409,7 +410,7 @@ class IntrospectionConfig:
     n_controls: int = 50
     random_vectors: bool = False
     n_random: int = 10
-    random_strength: float = 8.0
+    random_strength: float | None = None  # None: random vectors at every strength
     control_questions: bool = False
     n_control_questions: int = 10
     max_new_tokens: int = 100
@@ -434,6 +435,8 @@ class IntrospectionConfig:
             raise ValueError(f"IntrospectionConfig.strengths must be non-empty and > 0, got {self.strengths}")
         if self.concepts is not None:
             self.concepts = tuple(self.concepts)
+        if self.random_strength is not None and not self.random_strength > 0:
+            raise ValueError(f"IntrospectionConfig.random_strength must be > 0 or None, got {self.random_strength}")
         if self.trials_per_concept < 1 or self.n_controls < 0 or self.n_random < 0 or self.n_control_questions < 0:
             raise ValueError("IntrospectionConfig: trials_per_concept >= 1 and trial counts >= 0 required")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.temperature <= 0 or self.n_boot < 1:
@@ -503,13 +506,21 @@ def build_eval_trials(tokenizer, vectors, config: IntrospectionConfig, model_con
                                 concept=c, strength=s, prompt=q_prompt, input_ids=q_ids, injection_start=q_start,
                                 question=CONTROL_QUESTIONS[k % len(questions)], **site)  # fmt: skip
                     if config.random_vectors:
-                        for k in range(config.n_random):
-                            add(id=f"N{n}-e{te}-i{ti}-l{layer}-random{k}", trial_type="random",
-                                strength=config.random_strength, vector_seed=config.seed * 100003 + len(rows),
-                                **site)  # fmt: skip
+                        random_strengths = (
+                            config.strengths if config.random_strength is None else (config.random_strength,)
+                        )
+                        for s in random_strengths:
+                            for k in range(config.n_random):
+                                add(id=f"N{n}-e{te}-i{ti}-l{layer}-s{s:g}-random{k}", trial_type="random",
+                                    strength=s, vector_seed=config.seed * 100003 + len(rows), **site)  # fmt: skip
         for k in range(config.n_controls):
             add(id=f"N{n}-control{k}", trial_type="control", num_loops=n, extraction_loop=-1, injection_loop=-1,
                 layer=-1, injected=False)  # fmt: skip
+        for k in range(config.n_control_questions if questions else 0):  # the same questions, nothing injected
+            q_prompt, q_ids, q_start = questions[k % len(questions)]
+            add(id=f"N{n}-q{k}-none", trial_type="control_question", num_loops=n, extraction_loop=-1,
+                injection_loop=-1, layer=-1, injected=False, prompt=q_prompt, input_ids=q_ids,
+                injection_start=q_start, question=CONTROL_QUESTIONS[k % len(questions)])  # fmt: skip
     return rows
 
 
@@ -658,7 +669,7 @@ def summarize(records: Sequence[dict], n_boot: int = 1000, alpha: float = 0.05, 
         elif kind == "control":
             by["controls"][(n,)].append(g)
         elif kind == "random":
-            by["random"][site].append(g)
+            by["random"][(*site, float(r["strength"]))].append(g)
         elif kind == "control_question":
             by["questions"][(*site, float(r["strength"]))].append(g)
 
@@ -684,7 +695,7 @@ def summarize(records: Sequence[dict], n_boot: int = 1000, alpha: float = 0.05, 
         ],
         "controls": [{"num_loops": n, **v} for n, v in fp.items()],
         "random": [
-            {**dict(zip(keys[:4], k)), **rates(gs, detection=claim, incoherent=inc)}
+            {**dict(zip(keys, k)), **rates(gs, detection=claim, incoherent=inc)}
             for k, gs in sorted(by["random"].items())
         ],
         "control_questions": [

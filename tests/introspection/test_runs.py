@@ -76,9 +76,13 @@ def test_eval_protocol_writes_reports(tiny, tok, tmp_path):
     )  # fmt: skip
     res = evaluate_introspection(model, tok, vectors, cfg, out_dir=str(tmp_path))
     kinds = [r["trial_type"] for r in res.records]
-    # N=2: 2x2 (ext, inj) cells, N=3: 3x3; 2 concepts + 1 question + 1 random each; 2 controls per N
+    # N=2: 2x2 (ext, inj) cells, N=3: 3x3; 2 concepts + 1 question + 1 random each; 2 controls per N,
+    # and the question once per N with nothing injected
     assert kinds.count("injection") == 2 * (4 + 9) and kinds.count("control") == 4
-    assert kinds.count("random") == 13 and kinds.count("control_question") == 13
+    assert kinds.count("random") == 13 and kinds.count("control_question") == 13 + 2
+    uninjected = [r for r in res.records if r["trial_type"] == "control_question" and not r["injected"]]
+    assert len(uninjected) == 2 and all(r["strength"] == 0.0 for r in uninjected)
+    assert {q["strength"] for q in res.summary["control_questions"]} == {0.0, 4.0}
     h = res.summary["heatmaps"]
     assert set(h) == {"2", "3"} and len(h["3"]["identification"]) == 3 and len(h["3"]["identification"][0]) == 3
     rows = res.summary["by_injection_loop"]
@@ -93,3 +97,17 @@ def test_eval_protocol_writes_reports(tiny, tok, tmp_path):
     assert saved["summary"]["heatmaps"]["2"]["extraction_loops"] == [0, 1]
     assert not list(tmp_path.glob(".tmp-*"))
     assert "Identification heatmap, N = 3" in res.markdown()
+
+
+def test_random_vector_controls_run_at_every_strength_unless_one_is_set(tiny, tok):
+    from loopalign.eval.introspection import IntrospectionConfig, build_eval_trials
+
+    model, vectors = tiny
+    base = dict(loop_counts=(2,), extraction_loops=(1,), injection_loops=(1,), layers=(1,), strengths=(1.0, 4.0),
+                concepts=("Dust",), n_controls=0, random_vectors=True, n_random=2)  # fmt: skip
+    every = build_eval_trials(tok, vectors, IntrospectionConfig(**base), model.config)
+    assert sorted(t["strength"] for t in every if t["trial_type"] == "random") == [1.0, 1.0, 4.0, 4.0]
+    one = build_eval_trials(tok, vectors, IntrospectionConfig(**base, random_strength=8.0), model.config)
+    assert sorted(t["strength"] for t in one if t["trial_type"] == "random") == [8.0, 8.0]
+    with pytest.raises(ValueError, match="random_strength"):
+        IntrospectionConfig(**base, random_strength=0.0)
