@@ -89,6 +89,12 @@ class EvalIntrospectionArguments:
     trials_per_concept: int = field(default=1, metadata={"help": "Samples per concept per cell."})
     n_controls: int = field(default=50, metadata={"help": "No-injection control trials per loop count."})
     random_vectors: bool = field(default=False, metadata={"help": "Also run random norm-matched vectors."})
+    norm_matched: bool = field(
+        default=False,
+        metadata={
+            "help": "Strengths as fractions of the residual-stream norm at the site, not multiples of the vector."
+        },
+    )
     n_random: int = field(default=10, metadata={"help": "Random-vector trials per (N, ext, inj, layer)."})
     control_questions: bool = field(default=False, metadata={"help": "Also ask 'no'-answer questions, injected."})
     n_control_questions: int = field(default=5, metadata={"help": "Control questions per cell."})
@@ -115,6 +121,7 @@ def intro_config(args, **overrides) -> IntrospectionConfig:
         trials_per_concept=args.trials_per_concept,
         n_controls=args.n_controls,
         random_vectors=args.random_vectors,
+        norm_matched=args.norm_matched,
         n_random=args.n_random,
         control_questions=args.control_questions,
         n_control_questions=args.n_control_questions,

@@ -411,6 +411,7 @@ class IntrospectionConfig:
     random_vectors: bool = False
     n_random: int = 10
     random_strength: float | None = None  # None: random vectors at every strength
+    norm_matched: bool = False  # strengths as fractions of the residual-stream norm at the site (not x the vector)
     control_questions: bool = False
     n_control_questions: int = 10
     max_new_tokens: int = 100
@@ -524,8 +525,11 @@ def build_eval_trials(tokenizer, vectors, config: IntrospectionConfig, model_con
     return rows
 
 
-def trial_vector(trial: dict, vectors, hidden_size: int) -> torch.Tensor:
-    """strength x vector [H] (float32) a trial injects; zeros for controls."""
+def trial_vector(trial: dict, vectors, hidden_size: int, site_norm: float | None = None) -> torch.Tensor:
+    """strength x vector [H] (float32) a trial injects; zeros for controls. With ``site_norm`` (norm-matched
+    injection) the vector's direction is scaled to strength x ``site_norm``, the residual-stream norm at the
+    injection site, so a strength means the same perturbation at every (loop, layer) whatever the
+    vector's own norm (which grows about 5x over the loops of a tiny model)."""
     kind = trial.get("trial_type", "injection")
     if kind not in TRIAL_TYPES:
         raise ValueError(f"trial {trial.get('id')!r}: unknown trial_type {kind!r}; one of {TRIAL_TYPES}")
@@ -536,7 +540,7 @@ def trial_vector(trial: dict, vectors, hidden_size: int) -> torch.Tensor:
         ref = torch.stack(list(vectors.select(te, layer).values())).float().norm(dim=-1).mean()
         g = torch.Generator().manual_seed(int(trial.get("vector_seed", 0)))
         d = torch.randn(hidden_size, generator=g)
-        return s * ref * d / d.norm()
+        return s * (site_norm if site_norm is not None else ref) * d / d.norm()
     concept = trial.get("concept")
     if not concept:
         raise ValueError(f"trial {trial.get('id')!r}: an injected {kind} trial needs a concept")
@@ -548,12 +552,56 @@ def trial_vector(trial: dict, vectors, hidden_size: int) -> torch.Tensor:
         ) from None
     if v.shape[-1] != hidden_size:
         raise ValueError(f"concept vector has size {v.shape[-1]}, the model's hidden size is {hidden_size}")
+    if site_norm is not None:
+        return s * site_norm * v / v.norm().clamp_min(1e-12)
     return s * v
 
 
-def trial_vectors(trials: Sequence[dict], vectors, hidden_size: int) -> torch.Tensor:
-    """[B,H] strength-scaled vectors for a batch of trials (zero rows for controls)."""
-    return torch.stack([trial_vector(t, vectors, hidden_size) for t in trials])
+def _site_key(trial: dict) -> tuple[int, int, int]:
+    return int(trial["num_loops"]), int(trial["injection_loop"]), int(trial["layer"])
+
+
+def trial_vectors(trials: Sequence[dict], vectors, hidden_size: int, site_norms: dict | None = None) -> torch.Tensor:
+    """[B,H] strength-scaled vectors for a batch of trials (zero rows for controls); ``site_norms``
+    ((num_loops, injection loop, layer) -> norm, :func:`residual_site_norms`) makes them norm-matched."""
+    out = []
+    for t in trials:
+        norm = None
+        if site_norms is not None and t.get("trial_type") != "control" and t.get("injected", True):
+            norm = site_norms[_site_key(t)]
+        out.append(trial_vector(t, vectors, hidden_size, norm))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def residual_site_norms(model, trials: Sequence[dict]) -> dict[tuple[int, int, int], float]:
+    """Mean L2 norm of the residual stream at each trial's injection site ((num_loops, loop, layer)),
+    over the uninjected transcript from the injection start to its end (one forward per distinct
+    prompt and loop count). -> {(num_loops, injection loop, layer): norm}."""
+    from loopalign.hooks import capture_activations
+
+    device = next(model.parameters()).device
+    wanted: dict[tuple[int, tuple[int, ...]], set[tuple[int, int]]] = defaultdict(set)
+    starts: dict[tuple[int, ...], int] = {}
+    for t in trials:
+        if t.get("trial_type") == "control" or not t.get("injected", True):
+            continue
+        ids = tuple(int(x) for x in t["input_ids"])
+        wanted[(int(t["num_loops"]), ids)].add((int(t["injection_loop"]), int(t["layer"])))
+        starts[ids] = int(t["injection_start"])
+    sums: dict[tuple[int, int, int], list[float]] = defaultdict(list)
+    was_training = model.training
+    model.eval()
+    try:
+        for (n, ids), sites in wanted.items():
+            with capture_activations(model, sorted(sites)) as cap:
+                model(input_ids=torch.tensor([ids], device=device), num_loops=n, use_cache=False)
+            for loop, layer in sites:
+                h = cap.get(loop, layer)[0, starts[ids] :].float()
+                sums[(n, loop, layer)].append(float(h.norm(dim=-1).mean()))
+    finally:
+        model.train(was_training)
+    return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
 @contextmanager
@@ -593,6 +641,7 @@ def generate_responses(model, tokenizer, trials: Sequence[dict], vectors, config
     groups: dict[int, list[int]] = defaultdict(list)
     for i, t in enumerate(trials):
         groups[int(t["num_loops"])].append(i)
+    site_norms = residual_site_norms(model, trials) if config.norm_matched else None
     was_training = model.training
     model.eval()
     try:
@@ -608,7 +657,7 @@ def generate_responses(model, tokenizer, trials: Sequence[dict], vectors, config
                     ids[k, width - p :] = torch.tensor(r["input_ids"])
                     mask[k, width - p :] = 1
                     starts.append(width - p + int(r["injection_start"]))
-                vec = trial_vectors(rows, vectors, hidden)
+                vec = trial_vectors(rows, vectors, hidden, site_norms)
                 loops = [int(r["injection_loop"]) if r.get("trial_type") != "control" else -1 for r in rows]
                 layers = [int(r["layer"]) for r in rows]
                 gen_kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, pad_token_id=pad)
@@ -776,6 +825,12 @@ class IntrospectionResult:
             f"rates in %, {int(round(100 * (1 - alpha)))}% Wilson intervals over trials. Loops and layers 0-based.",
             "",
         ]
+        if self.config.get("norm_matched"):
+            lines += [
+                "Norm-matched injection: a strength is a fraction of the residual-stream norm at the injection "
+                "site (measured on the uninjected transcript), not a multiple of the concept vector.",
+                "",
+            ]
         agree = m.get("agreement_with_rules")
         if agree and agree.get("n"):
             lines += [

@@ -111,3 +111,32 @@ def test_random_vector_controls_run_at_every_strength_unless_one_is_set(tiny, to
     assert sorted(t["strength"] for t in one if t["trial_type"] == "random") == [8.0, 8.0]
     with pytest.raises(ValueError, match="random_strength"):
         IntrospectionConfig(**base, random_strength=0.0)
+
+
+def test_norm_matched_injection_scales_to_the_residual_norm_at_the_site(tiny, tok):
+    from loopalign.eval.introspection import (
+        IntrospectionConfig,
+        build_eval_trials,
+        evaluate_introspection,
+        residual_site_norms,
+        trial_vector,
+    )
+    from loopalign.hooks import capture_activations
+
+    model, vectors = tiny
+    cfg = IntrospectionConfig(loop_counts=(3,), extraction_loops=(2,), injection_loops=(0, 2), layers=(1,),
+                              strengths=(0.5,), concepts=("Dust",), n_controls=1, random_vectors=True, n_random=1,
+                              max_new_tokens=2, norm_matched=True)  # fmt: skip
+    trials = build_eval_trials(tok, vectors, cfg, model.config)
+    norms = residual_site_norms(model, trials)
+    assert set(norms) == {(3, 0, 1), (3, 2, 1)} and all(v > 0 for v in norms.values())
+    t = next(t for t in trials if t["trial_type"] == "injection" and t["injection_loop"] == 2)
+    with capture_activations(model, [(2, 1)]) as cap, torch.no_grad():
+        model(input_ids=torch.tensor([t["input_ids"]]), num_loops=3, use_cache=False)
+    manual = float(cap.get(2, 1)[0, t["injection_start"] :].norm(dim=-1).mean())
+    assert abs(norms[(3, 2, 1)] - manual) < 1e-5
+    for trial in (t, next(x for x in trials if x["trial_type"] == "random")):
+        v = trial_vector(trial, vectors, model.config.hidden_size, site_norm=norms[(3, 2, 1)])
+        assert abs(float(v.norm()) - 0.5 * norms[(3, 2, 1)]) < 1e-4
+    res = evaluate_introspection(model, tok, vectors, cfg)
+    assert res.config["norm_matched"] and "Norm-matched injection" in res.markdown()
