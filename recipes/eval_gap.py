@@ -118,10 +118,10 @@ def main(argv=None):
     set_cpu_threads(on_cpu=args.device == "cpu" or None, announce=True)
     model, tok = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     group_by = "task"
-    if args.data is None and args.model == "organism" and organism_config_for(args.model).tasks == "digits":
+    organism = organism_config_for(args.model) if args.model == "organism" else None
+    if args.data is None and organism is not None and organism.tasks == "digits":
         # the organism's own held-out tasks (its evaluation triples), clustered by triple
-        cfg = organism_config_for(args.model)
-        data = organism_eval_records(tok, args.n_problems, seed=args.data_seed, max_operand=cfg.max_operand)
+        data = organism_eval_records(tok, args.n_problems, seed=args.data_seed, max_operand=organism.max_operand)
         group_by = DIGIT_GROUP_FIELD
     elif args.data is None:
         levels = tuple(int(x) for x in args.levels.split(","))

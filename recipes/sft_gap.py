@@ -149,10 +149,10 @@ def resume_target(value):
     return value
 
 
-def check_before_running(training_args: GapSFTConfig, model, train_ds, eval_ds) -> None:
-    """Every option that can be checked against the model and the data, before the first expensive
-    step (the before-evaluation), each error naming the option."""
-    training_args.check_against_model(model.config)  # probe_layer, lora_loops, loop_weights, num_loops
+def check_against_data(training_args: GapSFTConfig, train_ds, eval_ds) -> None:
+    """The options that depend on the data, checked before the first expensive step (the
+    before-evaluation), each error naming the option (those that depend on the model are checked by
+    ``GapSFTConfig.check_against_model`` right after the model loads)."""
     if training_args.max_length is not None:
         for name, ds in (("train", train_ds), ("held-out", eval_ds)):
             longest = max((len(ids) for ids in ds["input_ids"]), default=0)
@@ -251,10 +251,10 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         print(f"{training_args.world_size} processes, {training_args.parallel_mode.value} (one model, data split)")
     set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
-    training_args.check_against_model(model.config)  # before any data is built
+    training_args.check_against_model(model.config)  # probe_layer, lora_loops, loop_weights: before any data
     with training_args.main_process_first(desc="building the verification dataset"):
         train_ds, eval_ds = load_datasets(script_args, model_args.model_name_or_path, tokenizer, training_args)
-    check_before_running(training_args, model, train_ds, eval_ds)
+    check_against_data(training_args, train_ds, eval_ds)
     resume = resume_target(training_args.resume_from_checkpoint)
     if training_args.use_cpu or not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # pinned memory needs an accelerator (a warning per loader)
@@ -359,8 +359,6 @@ def embedded_defaults_apply(argv: list[str]) -> bool:
 def launched_on_cpu_processes() -> bool:
     """Several processes (torchrun / accelerate launch) on a machine without a GPU: each must run
     as a CPU rank of one gloo group, or the Trainer trains independent copies side by side."""
-    import torch
-
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from .gap import GapResult
 from .metrics import auroc, cluster_members, cluster_resample
+from .steering import steered_logits
 
 __all__ = ["RunArrays", "load_run", "ablation_rows", "steering_rows", "ablation_markdown", "plot_ablation"]
 
@@ -146,14 +147,9 @@ def steering_rows(
     """The training-free baseline (:mod:`loopalign.eval.steering`) on the runs' *before* records: SV
     whose Yes − No logit gets alpha x the probe's log-odds, as a row like :func:`ablation_rows`'s
     (the "after" model is the steered base; RR is the base's, so d_rr is 0)."""
-
-    def logit(p):
-        p = np.clip(p, 1e-6, 1 - 1e-6)
-        return np.log(p) - np.log1p(-p)
-
     steered = []
     for r in runs:
-        score = logit(r.sv_prob[0]) + alpha * logit(r.rr_prob[0])
+        score = steered_logits(r.sv_prob[0], r.rr_prob[0], alpha)
         prob = 1.0 / (1.0 + np.exp(-score))
         steered.append(
             RunArrays(

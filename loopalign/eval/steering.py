@@ -16,12 +16,19 @@ import numpy as np
 
 from .metrics import auroc, bootstrap_ci
 
-__all__ = ["steered_sv"]
+__all__ = ["steered_logits", "steered_sv"]
 
 
 def _logit(p: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     p = np.clip(p, eps, 1 - eps)
     return np.log(p) - np.log1p(-p)
+
+
+def steered_logits(sv_prob: np.ndarray, rr_prob: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """SV's Yes − No log-odds plus ``alpha`` x the probe's log-odds (same shape as the inputs)."""
+    if not alpha >= 0:
+        raise ValueError(f"steering: alpha must be >= 0, got {alpha}")
+    return _logit(sv_prob) + alpha * _logit(rr_prob)
 
 
 def steered_sv(result, alpha: float = 1.0, n_boot: int = 1000, seed: int = 0) -> list[dict]:
@@ -30,7 +37,7 @@ def steered_sv(result, alpha: float = 1.0, n_boot: int = 1000, seed: int = 0) ->
 
     -> rows {loop, n, sv, rr, steered, steered_lo, steered_hi, sv_auroc, rr_auroc, steered_auroc, alpha}.
     """
-    if not alpha >= 0:
+    if not alpha >= 0:  # before any loop is read (steered_logits checks it too)
         raise ValueError(f"steered_sv: alpha must be >= 0, got {alpha}")
     _, y, ev, sv_prob, sv_pred, rr_prob = result.arrays()
     clusters = np.asarray(result.clusters(), dtype=object)
@@ -40,7 +47,7 @@ def steered_sv(result, alpha: float = 1.0, n_boot: int = 1000, seed: int = 0) ->
         if not mask.any():
             continue
         yy = y[mask]
-        steered = _logit(sv_prob[ti][mask]) + alpha * _logit(rr_prob[ti][mask])
+        steered = steered_logits(sv_prob[ti][mask], rr_prob[ti][mask], alpha)
         hit = ((steered > 0).astype(np.int64) == yy).astype(np.float64)
         est, lo, hi = bootstrap_ci(
             lambda idx, hit=hit: hit[idx].mean(),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PROBE_POSITIONS", "verdict_token_ids", "build_gap_features", "GapCollator"]
+__all__ = ["PROBE_POSITIONS", "verdict_token_ids", "build_gap_features", "GapCollator", "pad_right"]
 
 #: Where the probes read: the end of the candidate answer, or the verdict position.
 PROBE_POSITIONS = ("answer_end", "verdict")
@@ -110,6 +110,22 @@ def build_gap_features(
     return records.map(to_features, remove_columns=drop, desc="gap SFT features")
 
 
+def pad_right(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads the ``input_ids`` / ``labels`` of features. -> input_ids (``pad_token_id``),
+    attention_mask (1 on real tokens) and labels (-100 on padding) [B,S]."""
+    longest = max(len(f["input_ids"]) for f in features)
+    batch = len(features)
+    input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, longest), -100, dtype=torch.long)
+    attention = torch.zeros((batch, longest), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        attention[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
 @dataclass
 class GapCollator:
     """Right-pads a list of features into a batch.
@@ -122,20 +138,8 @@ class GapCollator:
     pad_token_id: int
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        batch = len(features)
-        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, longest), -100, dtype=torch.long)
-        attention = torch.zeros((batch, longest), dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
-            attention[i, :n] = 1
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "labels": labels,
+            **pad_right(features, self.pad_token_id),
             "label": torch.tensor([int(f["label"]) for f in features]),
             "verdict_index": torch.tensor([int(f["verdict_index"]) for f in features]),
             "probe_index": torch.tensor([int(f["probe_index"]) for f in features]),

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["is_gap_run_folder", "load_gap_model", "write_adapter_card"]
+from .gap_sft import GAP_CONFIG_FILE
 
-GAP_CONFIG_FILE = "gap_config.json"
+__all__ = ["is_gap_run_folder", "load_gap_model", "write_adapter_card"]
 
 
 def is_gap_run_folder(path: str | os.PathLike) -> bool:

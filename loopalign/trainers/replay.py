@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .gap_data import pad_right
+
 __all__ = ["ReplayBuild", "self_replay_dataset", "replay_features", "collate_replay"]
 
 
@@ -99,14 +101,5 @@ def replay_features(dataset, max_length: int | None = None) -> list[dict]:
 
 
 def collate_replay(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pads replay features. -> input_ids, attention_mask, labels [B,S]."""
-    longest = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), longest), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(features), longest), -100, dtype=torch.long)
-    mask = torch.zeros((len(features), longest), dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n] = torch.tensor(f["input_ids"])
-        labels[i, :n] = torch.tensor(f["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """Right-pads replay features (the gap features' padder). -> input_ids, attention_mask, labels [B,S]."""
+    return pad_right(features, pad_token_id)
