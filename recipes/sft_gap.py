@@ -366,12 +366,12 @@ if __name__ == "__main__":
     parser = TrlParser((GapScriptArguments, GapSFTConfig, ModelConfig))
     if embedded_defaults_apply(sys.argv[1:]):
         parser.set_defaults(**EMBEDDED_DEFAULTS)
-    if launched_on_cpu_processes():
-        parser.set_defaults(use_cpu=True)
     elif "--config" not in sys.argv and not any(a.startswith("--config=") for a in sys.argv):
         print(
             f"sft_gap: {cli_model(sys.argv[1:])} without --config: TRL's defaults apply (not the CPU organism's); "
             "recipes/configs/ has tuned configs for Ouro-1.4B"
         )
+    if launched_on_cpu_processes():
+        parser.set_defaults(use_cpu=True)
     script_args, training_args, model_args = parser.parse_args_and_config()
     main(script_args, training_args, model_args)

@@ -127,3 +127,26 @@ def test_a_second_run_into_a_busy_output_folder_fails_at_once(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_hub_note_is_printed_for_hub_models_only(tmp_path):
+    """Run as a script (the __main__ block): a local model gets the organism's defaults silently, a hub
+    name without --config gets the note (then fails offline, which is not what is tested)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "recipes" / "sft_gap.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    note = "without --config: TRL's defaults apply"
+    local = subprocess.run(
+        [sys.executable, str(script), "--model_name_or_path", "tiny", "--probe_layer=-3", "--output_dir",
+         str(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert local.returncode != 0 and "probe_layer=-3 is out of range" in local.stderr and note not in local.stdout
+    hub = subprocess.run(
+        [sys.executable, str(script), "--model_name_or_path", "ByteDance/Ouro-1.4B", "--output_dir",
+         str(tmp_path / "b")], capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert f"ByteDance/Ouro-1.4B {note}" in hub.stdout
