@@ -23,6 +23,9 @@ __all__ = [
     "loop_logits",
     "gather_positions",
     "head_dtype",
+    "parse_int_set",
+    "parse_loop_counts",
+    "parse_loop_indices",
 ]
 
 
@@ -171,3 +174,67 @@ def loop_logits(
     stacked = torch.stack(states, dim=0)
     dtype = head_dtype(lm_head)
     return lm_head(stacked if dtype is None else stacked.to(dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loop selection. One parser for every option that names loops or layers. Two conventions, named apart:
+#   loop counts (``loops``, ``eval_loops``, ``tp_loops``, ``eval_loop_counts``, logged ``loop_t``): 1-based, "run n loops";
+#   loop indices (``lora_loops``, ``injection_loops``, ``extraction_loops``, hook sites): 0-based, "the i-th loop".
+
+
+def parse_int_set(
+    spec, option: str, *, minimum: int = 0, maximum: int | None = None, allow_all: bool = False
+) -> tuple[int, ...] | None:
+    """'0-3' | '0,2' | '1-2,5' | 3 | [0, 2] -> sorted unique ints in [minimum, maximum); 'all' or '' -> None
+    when ``allow_all``. ``option`` names the setting in every error."""
+    example = f"'{minimum}-{minimum + 2}' or '{minimum},{minimum + 2}'"
+    bad = ValueError(f"{option}: expected integers >= {minimum} such as {example}, got {spec!r}")
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("all", "")):
+        if allow_all:
+            return None
+        raise ValueError(f"{option}: expected integers >= {minimum} such as {example} ('all' is not allowed here)")
+    values: list[int] = []
+    try:
+        if isinstance(spec, bool):
+            raise bad
+        if isinstance(spec, numbers.Integral):
+            values = [int(spec)]
+        elif isinstance(spec, str):
+            for part in spec.replace(" ", "").split(","):
+                if not part:
+                    continue
+                head, sep, tail = part[1:].partition("-")
+                if sep:  # a range a-b (the first character may be a sign)
+                    a, b = int(part[0] + head), int(tail)
+                    if b < a:
+                        raise bad
+                    values.extend(range(a, b + 1))
+                else:
+                    values.append(int(part))
+        else:
+            for v in spec:
+                if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                    raise bad
+                values.append(int(v))
+    except (TypeError, ValueError):
+        raise bad from None
+    if not values:
+        raise ValueError(f"{option} must not be empty (e.g. {example})")
+    if min(values) < minimum:
+        raise bad
+    if maximum is not None and max(values) >= maximum:
+        raise ValueError(f"{option}: {max(values)} is out of range; values must be < {maximum}, got {spec!r}")
+    return tuple(sorted(set(values)))
+
+
+def parse_loop_counts(spec, option: str = "loops", max_loops: int | None = None) -> list[int]:
+    """Loop counts, 1-based ("run n loops"): '1-8' | '1,2,4' | 4 | [1, 2] -> sorted unique counts >= 1
+    (<= ``max_loops`` when given)."""
+    top = None if max_loops is None else max_loops + 1
+    return list(parse_int_set(spec, option, minimum=1, maximum=top))
+
+
+def parse_loop_indices(spec, option: str = "loop indices", num_loops: int | None = None) -> tuple[int, ...] | None:
+    """Loop indices, 0-based ("the i-th loop"): '0-3' | '3' | [0, 3] | 'all' (-> None: every loop) -> sorted
+    unique indices >= 0 (< ``num_loops`` when given)."""
+    return parse_int_set(spec, option, minimum=0, maximum=num_loops, allow_all=True)

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from loopalign.loops import parse_loop_counts
+
 from .metrics import (
     METRICS,
     _quiet,
@@ -44,28 +46,8 @@ __all__ = [
 
 
 def parse_loops(spec: str | int | list[int] | tuple[int, ...], option: str = "loops") -> list[int]:
-    """'1-8' | '1,2,4' | 4 | [1, 2] -> sorted loop counts >= 1. ``option`` names the setting in errors."""
-    bad = ValueError(f"{option} must be loop counts >= 1 (e.g. '1-8' or '1,2,4'), got {spec!r}")
-    try:
-        if isinstance(spec, int) and not isinstance(spec, bool):
-            loops = [spec]
-        elif isinstance(spec, str):
-            loops = []
-            for part in spec.replace(" ", "").split(","):
-                if "-" in part.lstrip("-") and not part.startswith("-"):
-                    a, b = part.split("-", 1)
-                    if int(b) < int(a):
-                        raise bad
-                    loops.extend(range(int(a), int(b) + 1))
-                elif part:
-                    loops.append(int(part))
-        else:
-            loops = [int(t) for t in spec]
-    except (TypeError, ValueError):
-        raise bad from None
-    if not loops or min(loops) < 1:
-        raise bad
-    return sorted(set(loops))
+    """'1-8' | '1,2,4' | 4 | [1, 2] -> sorted loop counts >= 1 (:func:`loopalign.loops.parse_loop_counts`)."""
+    return parse_loop_counts(spec, option)
 
 
 def metric_value(metric: str, y: np.ndarray, prob: np.ndarray, pred: np.ndarray) -> float:
