@@ -1,6 +1,9 @@
 """Atomic file writes: a temporary file in the target's folder, then ``os.replace`` into place,
-so a reader (or a resumed run) never sees a half-written file. And :func:`folder_lock`, which keeps
-two writers out of one output folder (each file would be whole, but the folder a mix of both runs).
+so a reader (or a resumed run) never sees a half-written file; atomic folder builds
+(:func:`atomic_folder`: a temporary sibling folder renamed into place at the end). And two locks:
+:func:`folder_lock`, which keeps two writers out of one output folder (each file would be whole, but
+the folder a mix of both runs), and :func:`file_lock`, which makes a second builder wait for the first
+(the organism caches).
 
 ``tempfile`` creates its files 0600 and its folders 0700 whatever the umask; what lands here gets
 the modes an ordinary ``open`` / ``mkdir`` would give (0644 / 0755 under the usual umask 022), so a
@@ -9,7 +12,9 @@ teammate on shared storage can read a run or the organism cache."""
 from __future__ import annotations
 
 import contextlib
+import fcntl  # POSIX: the locks use flock
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -27,6 +32,11 @@ __all__ = [
     "folder_lock",
     "FolderLockedError",
     "FOLDER_LOCK_NAME",
+    "DEFAULT_LOCK_TIMEOUT",
+    "atomic_folder",
+    "file_lock",
+    "lock_timeout_from_env",
+    "swap_into_place",
 ]
 
 
@@ -129,8 +139,6 @@ def folder_lock(folder: str | os.PathLike, what: str = "a writer") -> Iterator[s
     folder and the holder; it does not wait (the two would write the same files: the last one wins).
     Re-entrant within one thread (``evaluate_gap`` holds it while ``save_gap`` takes it again).
     -> the folder's absolute path."""
-    import fcntl  # POSIX, as the organism cache's lock
-
     folder = os.path.abspath(os.fspath(folder))
     os.makedirs(folder, exist_ok=True)
     key, me = os.path.realpath(folder), threading.get_ident()
@@ -173,6 +181,106 @@ def folder_lock(folder: str | os.PathLike, what: str = "a writer") -> Iterator[s
         finally:
             with _HELD_GUARD:
                 _HELD_FOLDERS.pop(key, None)
+            f.seek(0)
+            f.truncate()
+            f.flush()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def swap_into_place(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the finished folder ``tmp`` to ``out``, replacing an existing ``out`` (restored if the rename fails)."""
+    tmp, out = os.fspath(tmp), os.fspath(out)
+    if os.path.exists(out):
+        old = make_temp_dir(os.path.dirname(os.path.abspath(out)), prefix=f".{os.path.basename(out)}.old-")
+        os.rename(out, os.path.join(old, "previous"))
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(os.path.join(old, "previous"), out)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike, prefix: str | None = None) -> Iterator[str]:
+    """Build the folder ``out`` atomically: the body writes into the yielded temporary sibling folder, which
+    replaces ``out`` when the body returns (umask modes applied to the tree) and is removed if it raises, so an
+    interrupted build leaves neither a half folder nor a damaged old one. ``prefix``: the temporary folder's name
+    prefix (default ``.<name>.tmp-``), so a later build can find and remove the leftovers of a killed one."""
+    out = os.path.abspath(os.fspath(out))
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = make_temp_dir(parent, prefix=prefix or f".{os.path.basename(out)}.tmp-")
+    try:
+        yield tmp
+        apply_umask_tree(tmp)
+        swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+#: seconds a process waits for another's build before giving up (``$LOOPALIGN_LOCK_TIMEOUT``)
+DEFAULT_LOCK_TIMEOUT = 3600.0
+
+
+def lock_timeout_from_env() -> float:
+    """``$LOOPALIGN_LOCK_TIMEOUT`` (seconds, > 0) when set, else :data:`DEFAULT_LOCK_TIMEOUT`."""
+    value = os.environ.get("LOOPALIGN_LOCK_TIMEOUT")
+    if value is None:
+        return DEFAULT_LOCK_TIMEOUT
+    try:
+        timeout = float(value)
+    except ValueError:
+        timeout = -1.0
+    if not timeout > 0:
+        raise ValueError(f"LOOPALIGN_LOCK_TIMEOUT must be a number of seconds > 0, got {value!r}")
+    return timeout
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, timeout: float, what: str, poll: float = 0.5, report_every: float = 60.0):
+    """An exclusive lock on the file ``path`` that waits (``fcntl.flock``; the kernel releases it if the holder
+    dies, so no stale lock outlives a killed build). The holder writes its pid, host and start time into the
+    file; a waiter prints whom it waits for and for what (``what``), again every ``report_every`` seconds, and
+    raises ``TimeoutError`` after ``timeout`` seconds."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a+") as f:
+        start = time.monotonic()
+        next_report = 0.0
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                if waited >= timeout:
+                    raise TimeoutError(
+                        f"gave up after {waited:.0f} s waiting for the lock {path}, held by {holder}, while it "
+                        f"builds {what}. Wait longer with LOOPALIGN_LOCK_TIMEOUT=<seconds> (or lock_timeout=), "
+                        "or stop that process; a killed build releases the lock by itself."
+                    ) from None
+                if waited >= next_report:
+                    print(
+                        f"waiting for {holder} to finish building {what} (lock {path}; waited {waited:.0f} s, "
+                        f"giving up after {timeout:.0f} s)",
+                        flush=True,
+                    )
+                    next_report += report_every
+                time.sleep(poll)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            f.flush()
+            yield
+        finally:
             f.seek(0)
             f.truncate()
             f.flush()

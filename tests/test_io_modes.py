@@ -39,7 +39,7 @@ def test_atomic_writes_and_temp_dirs_follow_the_umask(tmp_path, umask):
 
 
 def test_dataset_builds_follow_the_umask(tmp_path, umask):
-    from data_builders.io import write_jsonl
+    from loopalign.data.io import write_jsonl
 
     write_jsonl([{"a": 1}], tmp_path / "rows.jsonl")
     assert _mode(tmp_path / "rows.jsonl") == 0o666 & ~umask

@@ -41,5 +41,5 @@ def test_loop_indices():
 def test_int_set_minimum_and_negative_ranges():
     assert parse_int_set("-2-1", "x", minimum=-5) == (-2, -1, 0, 1)
     assert parse_int_set("7,1-2", "layers") == (1, 2, 7)
-    with pytest.raises(ValueError, match="'all' is not allowed"):
+    with pytest.raises(ValueError, match="'all' is not allowed here"):
         parse_int_set("all", "layers")

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loopalign.eval.probes import LinearProbe
 from loopalign.objectives import (
     LoopProbes,
     consistency_loss,
@@ -23,6 +22,7 @@ from loopalign.objectives import (
     probe_loss,
     shifted_targets,
 )
+from loopalign.probes import LinearProbe
 
 BF16 = torch.bfloat16
 

@@ -5,8 +5,10 @@
     print(result.markdown())
     print(compare(before, after).verdict)
 
-Probes live in :mod:`loopalign.eval.probes`.
+Probes live in :mod:`loopalign.probes`.
 """
+
+from loopalign.probes import LinearProbe, ProbeFitConfig, fit_probes, load_probes, save_probes
 
 from .api import (
     LOCAL_MODELS,
@@ -51,7 +53,6 @@ from .metrics import (
     f1_score,
     label_balance,
 )
-from .probes import LinearProbe, ProbeFitConfig, fit_probes, load_probes, save_probes
 from .readout import ReadoutConfig, ReadoutResult, calibrate_scores, fit_readout, make_splits
 from .report import log_comparison_wandb, log_wandb, plot_gap, save_gap
 from .task import TaskConfig, generate_texts, integer_verifier, task_performance

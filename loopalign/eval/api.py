@@ -10,13 +10,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from loopalign.batching import pad_token_id
+from loopalign.data.io import load_build
 from loopalign.io import folder_lock
+from loopalign.loading import LOCAL_MODELS, load_model
+from loopalign.probes import save_probes
 
 from .controls import evaluate_controls, record_authors
 from .features import FeatureConfig, extract_features, prepare_records
 from .gap import GapResult, gap_table, metric_value, parse_loops
 from .metrics import METRICS, label_balance
-from .probes import save_probes
 from .readout import ReadoutConfig, calibrate_scores, fit_readout
 from .task import TaskConfig, task_performance
 from .verbal import sampled_verdicts, sv_metrics, sv_predictions, verdict_token_ids
@@ -30,9 +33,6 @@ __all__ = [
     "load_eval_dataset",
     "resolve_metric",
 ]
-
-#: Model names that need no checkpoint: the model organism (built on first use) and a random tiny Ouro.
-LOCAL_MODELS = ("organism", "tiny")
 
 
 @dataclass
@@ -150,7 +150,7 @@ def _evaluate_gap(model, tokenizer, dataset, loops, config, verifier, out_dir, w
     start = time.perf_counter()
     records = prepare_records(dataset, tokenizer=tokenizer, require_label=True, group_by=config.group_by)
     verdict_ids = verdict_token_ids(tokenizer, *config.verdict_tokens)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     feats = extract_features(model, records, config.loops, verdict_ids, config.features, pad_id=pad_id)
     t_feat = time.perf_counter() - start
     readout = fit_readout(feats, config.readout)
@@ -288,38 +288,8 @@ def _evaluate_gap(model, tokenizer, dataset, loops, config, verifier, out_dir, w
     return result
 
 
-def load_model_and_tokenizer(name: str, device: str | None = None, dtype: str = "auto", seed: int = 0):
-    """``"organism"``: loopalign's model organism (:func:`loopalign.organism.load_organism`, built into
-    the cache first when missing); ``"tiny"``: a random tiny Ouro + the local tokenizer (CPU-sized,
-    noise); a gap-SFT adapter folder (``final/``): its base model, adapters and loop routing
-    (:func:`loopalign.trainers.load_gap_model`); else a local folder or hub name loaded with
-    transformers' Auto classes (Ouro is registered by importing loopalign). -> (model in eval mode on
-    ``device``, tokenizer)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "organism":
-        from loopalign.organism import load_organism
-
-        return load_organism(device=device)
-    if name == "tiny":
-        from loopalign import OuroForCausalLM, tiny_config
-        from loopalign.tokenizer import local_tokenizer
-
-        tok = local_tokenizer()
-        torch.manual_seed(seed)
-        return OuroForCausalLM(tiny_config(vocab_size=len(tok))).to(device).eval(), tok
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import loopalign  # noqa: F401  (registers Ouro)
-    from loopalign.trainers.loading import is_gap_run_folder, load_gap_model
-
-    if is_gap_run_folder(name):  # a gap-SFT run's adapters: loaded with their loop routing
-        return load_gap_model(name, device=device, dtype=dtype)
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(name)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+#: moved to :func:`loopalign.loading.load_model` (the one loader); re-exported for one release
+load_model_and_tokenizer = load_model
 
 
 def load_eval_dataset(path: str):
@@ -330,8 +300,6 @@ def load_eval_dataset(path: str):
     import datasets
 
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "metadata.json")):
-        from data_builders.io import load_build
-
         return load_build(path)[0]
     if os.path.isdir(path):
         data = datasets.load_from_disk(path)

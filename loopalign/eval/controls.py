@@ -36,10 +36,11 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from loopalign.probes import fit_probes
+
 from .features import Features, meta_json
 from .gap import metric_value
 from .metrics import accuracy, auroc, balanced_accuracy
-from .probes import fit_probes
 from .readout import ReadoutConfig, ReadoutResult, _score, select_features
 
 __all__ = [

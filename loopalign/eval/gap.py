@@ -21,6 +21,7 @@ from loopalign.loops import parse_loop_counts
 
 from .metrics import (
     METRICS,
+    TABLE_METRICS,
     _quiet,
     accuracy,
     auroc,
@@ -43,6 +44,7 @@ __all__ = [
     "TABLE_METRICS",
     "VERDICT_RULE",
 ]
+from .report import compare_markdown, gap_markdown, log_wandb, save_gap
 
 
 def parse_loops(spec: str | int | list[int] | tuple[int, ...], option: str = "loops") -> list[int]:
@@ -65,7 +67,6 @@ def metric_value(metric: str, y: np.ndarray, prob: np.ndarray, pred: np.ndarray)
 
 #: Figures reported for every loop next to the headline metric: threshold-free (AUROC) and
 #: balance-robust (balanced accuracy) besides accuracy.
-TABLE_METRICS = ("accuracy", "balanced_accuracy", "auroc")
 
 
 def _metric_rows(metrics, y, prob, pred) -> np.ndarray:
@@ -225,19 +226,13 @@ class GapResult:
         return list(c) if c is not None else [None] * len(self.records["ids"])
 
     def markdown(self) -> str:
-        from .report import gap_markdown
-
         return gap_markdown(self)
 
     def save(self, out_dir: str, plots: bool = True) -> dict[str, str]:
         """Write gap.json, gap.md and (with plots) PNG + SVG figures to out_dir, atomically. -> paths."""
-        from .report import save_gap
-
         return save_gap(self, out_dir, plots=plots)
 
     def log_wandb(self, **kwargs):
-        from .report import log_wandb
-
         return log_wandb(self, **kwargs)
 
 
@@ -342,8 +337,6 @@ class Comparison:
         return json.dumps(_nan_to_none(asdict(self)), indent=indent)
 
     def markdown(self) -> str:
-        from .report import compare_markdown
-
         return compare_markdown(self)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 __all__ = [
+    "TABLE_METRICS",
     "accuracy",
     "balanced_accuracy",
     "f1_score",
@@ -24,6 +25,9 @@ __all__ = [
     "label_balance",
     "METRICS",
 ]
+
+#: the threshold-free and threshold metrics every gap table reports beside the headline metric
+TABLE_METRICS = ("accuracy", "balanced_accuracy", "auroc")
 
 
 def _check(y, other, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from loopalign.probes import LinearProbe, ProbeFitConfig, fit_probes
+
 from .features import Features
 from .metrics import accuracy, auroc, balanced_accuracy, binary_metrics, log_loss
-from .probes import LinearProbe, ProbeFitConfig, fit_probes
 
 __all__ = ["ReadoutConfig", "ReadoutResult", "make_splits", "fit_readout", "select_features", "calibrate_scores"]
 

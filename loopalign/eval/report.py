@@ -11,6 +11,8 @@ import numpy as np
 
 from loopalign.io import atomic_write, atomic_write_text, folder_lock
 
+from .metrics import TABLE_METRICS
+
 __all__ = ["atomic_write", "controls_markdown", "gap_markdown", "compare_markdown", "plot_gap", "save_gap", "log_wandb"]
 
 
@@ -243,8 +245,6 @@ def _robust_tables(result) -> list[str]:
         "splits, out-of-fold). AUROC ranks SV by P(yes) (raw) or its fitted posterior (calibrated) and RR by "
         "the probe posterior. A gap that shrinks from raw to calibrated is calibration, not missing knowledge.",
     ]
-    from .gap import TABLE_METRICS
-
     for metric in TABLE_METRICS:
         head = "| loop | SV raw | " + ("SV calibrated | " if cal else "") + "RR | gap RR−SV raw |"
         head += " gap RR−SV calibrated |" if cal else ""

@@ -2,8 +2,8 @@
 by default) and a verifier scores the answer against the gold answer.
 
 A verifier is ``(answer_text, gold) -> True | False | None`` (None = unparseable), or returns an
-object with ``label`` and ``parse_status`` like ``data_builders.verifiers.verify_math``. The default
-compares the last integer in the answer with the gold's; pass ``data_builders.verifiers``' one
+object with ``label`` and ``parse_status`` like ``loopalign.data.verifiers.verify_math``. The default
+compares the last integer in the answer with the gold's; pass ``loopalign.data.verifiers``' one
 for real data.
 """
 
@@ -14,6 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from loopalign.batching import pad_left, pad_token_id
+from loopalign.data.sources import answer_token_budget
 
 __all__ = ["TaskConfig", "generate_texts", "integer_verifier", "task_prompts", "task_performance"]
 
@@ -34,7 +37,7 @@ def integer_verifier(answer_text: str, gold: str) -> bool | None:
 
 def _as_correct(verdict) -> int | None:
     """A verifier's output -> 1 / 0 / None (unparseable). Accepts bool/None or an object with
-    ``label`` and ``parse_status`` (data_builders.verifiers.Verdict: "unparsed" -> None)."""
+    ``label`` and ``parse_status`` (loopalign.data.verifiers.Verdict: "unparsed" -> None)."""
     if verdict is None:
         return None
     if hasattr(verdict, "label") and hasattr(verdict, "parse_status"):
@@ -83,7 +86,7 @@ def generate_texts(
     per prompt, and with ``return_finished`` also whether each ended with an end-of-sequence token
     (False: cut off by ``max_new_tokens``)."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     eos = tokenizer.eos_token_id
     texts: list[str] = [""] * len(prompts)
     finished: list[bool] = [False] * len(prompts)
@@ -95,19 +98,14 @@ def generate_texts(
         torch.manual_seed(seed)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        seq = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), seq), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, i in enumerate(batch):  # left padding
-            p = list(prompts[i])
-            ids[j, seq - len(p) :] = torch.tensor(p)
-            mask[j, seq - len(p) :] = 1
+        enc = pad_left([list(prompts[i]) for i in batch], pad)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
         kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
         if do_sample:
             kwargs["temperature"] = temperature
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), num_loops=num_loops, **kwargs)
         for j, i in enumerate(batch):
-            new = out[j, seq:].tolist()
+            new = out[j, ids.shape[1] :].tolist()
             texts[i] = tokenizer.decode(new, skip_special_tokens=True)
             finished[i] = any(t in stops for t in new)
     return (texts, finished) if return_finished else texts
@@ -137,12 +135,10 @@ def task_performance(
     (truncated answers included), truncated count, n, and the ``max_new_tokens`` used.
 
     The budget is ``config.max_new_tokens``, else enough for the tasks' ``sources``
-    (``data_builders.sources.answer_token_budget``: GSM8K 512, 256 when unknown). An answer cut off
+    (``loopalign.data.sources.answer_token_budget``: GSM8K 512, 256 when unknown). An answer cut off
     by the budget (no end-of-sequence token) is unparseable, never scored from an intermediate number.
     Each row also carries ``correct`` (1/0/None per task) and the generated ``texts``.
     """
-    from data_builders.sources import answer_token_budget
-
     config = config or TaskConfig()
     budget = config.max_new_tokens or answer_token_budget(sorted(set(sources)))
     verifier = verifier or integer_verifier

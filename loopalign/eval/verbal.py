@@ -16,6 +16,7 @@ import torch
 
 from .features import EvalRecord, Features
 from .metrics import binary_metrics
+from .task import generate_texts
 
 __all__ = ["verdict_token_ids", "sv_metrics", "sv_predictions", "parse_verdict", "sampled_verdicts"]
 
@@ -110,8 +111,6 @@ def sampled_verdicts(
     Per loop: accuracy over parseable verdicts, accuracy counting unparseable as wrong, and the
     unparseable count; plus the raw texts.
     """
-    from .task import generate_texts
-
     y = np.array([r.label for r in records])
     prompts = [r.input_ids[: r.verdict_index + 1] for r in records]
     rows = []

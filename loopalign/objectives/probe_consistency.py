@@ -13,46 +13,13 @@ every loss here is computed and returned in float32.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+# moved to loopalign.probes (the one home of probes); re-exported for one release
+from loopalign.probes import LoopProbes, float32_region  # noqa: F401
 
 __all__ = ["LoopProbes", "verbal_log_probs", "probe_loss", "consistency_loss"]
-
-
-def float32_region(device: torch.device | str):
-    """A context in which autocast is off on ``device`` (ops run in their inputs' dtype): for the
-    small float32 computations (probes) that must not be downcast under mixed precision."""
-    device_type = torch.device(device).type
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-class LoopProbes(nn.Module):
-    """One logistic-regression probe per loop: features [T,B,H] -> logits [T,B]."""
-
-    def __init__(self, num_loops: int, hidden_size: int):
-        super().__init__()
-        if num_loops < 1 or hidden_size < 1:
-            raise ValueError(f"LoopProbes needs num_loops >= 1 and hidden_size >= 1, got {num_loops}, {hidden_size}")
-        self.weight = nn.Parameter(torch.zeros(num_loops, hidden_size))
-        self.bias = nn.Parameter(torch.zeros(num_loops))
-
-    @property
-    def num_loops(self) -> int:
-        return self.weight.shape[0]
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if features.dim() != 3 or features.shape[0] != self.num_loops or features.shape[2] != self.weight.shape[1]:
-            raise ValueError(
-                f"probe features must be [T={self.num_loops}, B, H={self.weight.shape[1]}], got {list(features.shape)}"
-            )
-        weight, bias = self.weight.float(), self.bias.float()
-        with float32_region(features.device):
-            return torch.einsum("tbh,th->tb", features.float(), weight) + bias[:, None]
 
 
 def verbal_log_probs(verdict_logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .probe_consistency import float32_region, masked_mean, verbal_log_probs
+from loopalign.probes import float32_region
+
+from .probe_consistency import masked_mean, verbal_log_probs
 
 __all__ = ["probe_distillation_loss"]
 

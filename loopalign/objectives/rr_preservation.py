@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .probe_consistency import LoopProbes, float32_region, probe_loss
+from loopalign.probes import LoopProbes, float32_region
+
+from .probe_consistency import probe_loss
 
 __all__ = ["frozen_probe_loss", "hidden_distillation_loss"]
 

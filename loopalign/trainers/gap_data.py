@@ -10,9 +10,19 @@ turn to the prompt; only those tokens carry ``labels``.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import random
 from dataclasses import dataclass
 
+import datasets
 import torch
+
+from loopalign.batching import pad_right  # moved to loopalign.batching; re-exported for one release
+from loopalign.data.io import load_build
+from loopalign.data.verification import SOURCES, VerificationBuild, build_verification, synthetic_verification_records
+from loopalign.eval import load_eval_dataset
+from loopalign.organism import OrganismConfig, organism_eval_records
 
 __all__ = ["PROBE_POSITIONS", "verdict_token_ids", "build_gap_features", "GapCollator", "pad_right"]
 
@@ -63,7 +73,7 @@ def build_gap_features(
     if missing:
         raise ValueError(
             f"gap SFT dataset lacks column(s) {missing} (has {records.column_names}); "
-            "render it with data_builders (python -m data_builders.verification --render ...)"
+            "render it with data_builders (python -m loopalign.data.verification --render ...)"
         )
     yes_id, no_id = verdict_token_ids(tokenizer, yes, no)
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -110,22 +120,6 @@ def build_gap_features(
     return records.map(to_features, remove_columns=drop, desc="gap SFT features")
 
 
-def pad_right(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pads the ``input_ids`` / ``labels`` of features. -> input_ids (``pad_token_id``),
-    attention_mask (1 on real tokens) and labels (-100 on padding) [B,S]."""
-    longest = max(len(f["input_ids"]) for f in features)
-    batch = len(features)
-    input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
-    labels = torch.full((batch, longest), -100, dtype=torch.long)
-    attention = torch.zeros((batch, longest), dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        input_ids[i, :n] = torch.tensor(f["input_ids"])
-        labels[i, :n] = torch.tensor(f["labels"])
-        attention[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
 @dataclass
 class GapCollator:
     """Right-pads a list of features into a batch.
@@ -162,7 +156,6 @@ def split_by_task(dataset, eval_fraction: float, seed: int = 0):
 
     Deterministic by seed; raises when either side would be empty or hold a single class.
     """
-    import random
 
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
@@ -180,11 +173,8 @@ def split_by_task(dataset, eval_fraction: float, seed: int = 0):
 
 
 def synthetic_verification(tokenizer, n_problems: int = 120, levels=(1, 2), seed: int = 0):
-    """A rendered, label-balanced verification ``datasets.Dataset`` from data_builders' synthetic
+    """A rendered, label-balanced verification ``datasets.Dataset`` from loopalign.data's synthetic
     arithmetic (gold answer + controlled wrong answers), ready for GapSFTTrainer and evaluate_gap."""
-    import datasets
-
-    from data_builders.verification import synthetic_verification_records
 
     # wrong answers seeded by 0 whatever the problem seed (as the dataset has always been built)
     rendered = synthetic_verification_records(tokenizer, n_problems, seed=seed, levels=tuple(levels), candidate_seed=0)
@@ -206,17 +196,13 @@ def load_verification_dataset(
 ):
     """A rendered verification dataset from a spec:
 
-    - ``"synthetic"``: data_builders' synthetic arithmetic (``limit`` problems, default 160);
+    - ``"synthetic"``: loopalign.data's synthetic arithmetic (``limit`` problems, default 160);
     - a data_builders build folder, a ``save_to_disk`` folder or a ``.jsonl`` of rendered records;
     - ``"SOURCE:PATH_OR_HUB_NAME"`` with a data_builders source (``gsm8k:openai/gsm8k``,
       ``gsm8k-solutions:/data/example_model_solutions.jsonl``, ``safety-pairs:PKU-Alignment/PKU-SafeRLHF``,
       ``xstest-completions:/data/xstest/model_completions``): built (candidates, label balancing,
       rendering with ``tokenizer_name``) into ``out_dir`` and loaded.
     """
-    import os
-
-    from data_builders.io import load_build
-    from data_builders.verification import SOURCES, VerificationBuild, build_verification
 
     if spec == "synthetic":
         return synthetic_verification(tokenizer, limit or 160, synthetic_levels, seed=seed)
@@ -246,7 +232,6 @@ def load_verification_dataset(
         return load_build(out_dir)[0]
     if sep and not os.path.exists(spec):
         raise ValueError(f"dataset spec {spec!r}: unknown source {source!r}; sources: {list(SOURCES)}")
-    from loopalign.eval import load_eval_dataset
 
     return load_eval_dataset(spec)
 
@@ -254,8 +239,6 @@ def load_verification_dataset(
 def _build_differs(out_dir: str, cfg) -> list[str] | None:
     """None when ``out_dir`` holds a build made with ``cfg``'s settings; else the settings that
     differ ("name: there -> wanted"), empty when there is no build."""
-    import json
-    import os
 
     meta_path = os.path.join(out_dir, "metadata.json")
     if not os.path.exists(meta_path):
@@ -274,12 +257,9 @@ def organism_verification(
     """(train, held-out) rendered verification ``datasets.Dataset``s of the model organism's digit
     tasks, split the way the organism was trained: training records come from the train triples
     (the ones the organism saw), held-out records from the evaluation triples, which no organism
-    or gap-SFT run trains on (``data_builders.sources.digits``). ``n_problems`` distinct tasks in
+    or gap-SFT run trains on (``loopalign.data.sources.digits``). ``n_problems`` distinct tasks in
     all, ``eval_fraction`` of them held out; the gold and one wrong digit each (balanced).
     ``organism_config``: the organism's settings (its operand range; default ``OrganismConfig()``)."""
-    import datasets
-
-    from loopalign.organism import OrganismConfig, organism_eval_records
 
     cfg = organism_config or OrganismConfig()
     if cfg.tasks != "digits":

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from loopalign.hooks import capture_activations
 from loopalign.io import apply_umask_tree, atomic_save_safetensors, atomic_write_text
+from loopalign.loading import GAP_CONFIG_FILE, ensure_pad_token, load_pretrained, load_tokenizer
 from loopalign.loops import gather_positions, loop_logits
 from loopalign.lora import parse_loop_selection, route_lora_by_loop
 from loopalign.objectives import (
@@ -55,6 +55,7 @@ from loopalign.objectives import (
     verbal_log_probs,
     weighted_loop_loss,
 )
+from loopalign.probes import fit_probes
 from loopalign.speed import CHECKPOINT_POLICIES, compile_decoder_layers
 
 from .gap_data import PROBE_POSITIONS, GapCollator, build_gap_features, verdict_token_ids
@@ -78,7 +79,6 @@ LOSS_KEYS = {
 }
 LOOP_WEIGHTINGS = ("uniform", "last", "list", "ouro_entropy")
 PROBES_FILE = "loop_probes.safetensors"
-GAP_CONFIG_FILE = "gap_config.json"
 
 
 @dataclass
@@ -267,13 +267,10 @@ class GapSFTTrainer(SFTTrainer):
         if not isinstance(args, GapSFTConfig):
             raise TypeError(f"GapSFTTrainer needs a GapSFTConfig, got {type(args).__name__}")
         if isinstance(model, str):
-            import loopalign  # noqa: F401  (registers Ouro)
-
-            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+            model = load_pretrained(model, **(args.model_init_kwargs or {}))
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
-        if processing_class.pad_token_id is None:
-            processing_class.pad_token = processing_class.eos_token
+            processing_class = load_tokenizer(model.config._name_or_path)
+        ensure_pad_token(processing_class)
         self.num_loops, self.probe_layer = args.check_against_model(model.config)
         self.yes_id, self.no_id = verdict_token_ids(processing_class, args.verdict_yes, args.verdict_no)
         feature_kwargs = dict(
@@ -402,8 +399,6 @@ class GapSFTTrainer(SFTTrainer):
     def fit_base_probes(self, features) -> list:
         """Fit one L2 logistic probe per loop on the base model's (adapters disabled) features of the
         training set's labelled records; they stay frozen for the rr_probe term."""
-        from loopalign.eval.probes import fit_probes
-
         model = self.model
         collate = GapCollator(self.processing_class.pad_token_id)
         device = next(model.parameters()).device

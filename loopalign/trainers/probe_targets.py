@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from loopalign.batching import pad_token_id
 from loopalign.eval.features import FeatureConfig, extract_features, prepare_records
 from loopalign.eval.metrics import accuracy, auroc, log_loss
-from loopalign.eval.probes import LinearProbe, ProbeFitConfig, fit_probes
 from loopalign.eval.readout import ReadoutConfig, select_features
+from loopalign.probes import LinearProbe, ProbeFitConfig, fit_probes
 
 from .gap_data import PROBE_POSITIONS, verdict_token_ids
 
@@ -241,7 +242,7 @@ def fit_probe_targets(
                 "lower n_folds, raise label_fraction or add records"
             )
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     verdict_ids = verdict_token_ids(tokenizer, *verdict_tokens)
     config = FeatureConfig(batch_size=batch_size, layers=[layer], merge_lora=False)
     base = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()

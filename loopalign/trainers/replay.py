@@ -13,9 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import datasets
 import torch
 
-from .gap_data import pad_right
+from loopalign.batching import pad_right
+from loopalign.data.sources import answer_token_budget
+from loopalign.eval.task import TaskConfig, generate_texts, task_prompts
 
 __all__ = ["ReplayBuild", "self_replay_dataset", "replay_features", "collate_replay"]
 
@@ -42,13 +45,8 @@ def self_replay_dataset(
 ) -> ReplayBuild:
     """The model's own greedy answers to ``tasks`` (distinct, in order) at ``num_loops`` loops, as
     replay records. Call it on the base model, before training. ``max_new_tokens``: default the
-    sources' answer budget (``data_builders.sources.answer_token_budget``); ``task_config``: the
+    sources' answer budget (``loopalign.data.sources.answer_token_budget``); ``task_config``: the
     :class:`loopalign.eval.TaskConfig` whose prompt format (template, system turn) TP uses."""
-    import datasets
-
-    from data_builders.sources import answer_token_budget
-    from loopalign.eval.task import TaskConfig, generate_texts, task_prompts
-
     config = task_config or TaskConfig()
     unique = list(dict.fromkeys(str(t) for t in tasks))
     if not unique:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from data_builders import injection, verification
-from data_builders.candidates import ControlledConfig, balance_split, controlled_candidates, deduplicate_split
-from data_builders.io import SourceError, load_build, read_jsonl, read_table
-from data_builders.sources import Problem, load_gsm8k_solutions, load_safety_pairs
-from data_builders.verification import VerificationBuild
+from loopalign.data.candidates import ControlledConfig, balance_split, controlled_candidates, deduplicate_split
+from loopalign.data.io import SourceError, load_build, read_jsonl, read_table
+from loopalign.data.sources import Problem, load_gsm8k_solutions, load_safety_pairs
+from loopalign.data.verification import VerificationBuild
 
 
 def run(main, args, capsys) -> tuple[int, str]:

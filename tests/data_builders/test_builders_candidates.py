@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data_builders.candidates import (
+from loopalign.data.candidates import (
     ControlledConfig,
     SamplingConfig,
     balance_labels,
@@ -13,9 +13,9 @@ from data_builders.candidates import (
     sample_candidates,
     wrong_answer,
 )
-from data_builders.schema import meta_dict, validate_records
-from data_builders.sources import Problem, generate_problems, load_safety_prompts
-from data_builders.verifiers import verify_math
+from loopalign.data.schema import meta_dict, validate_records
+from loopalign.data.sources import Problem, generate_problems, load_safety_prompts
+from loopalign.data.verifiers import verify_math
 
 
 def test_controlled_balanced_and_truly_wrong():
@@ -163,7 +163,7 @@ def _always(model, script: list[int]):
 
 
 def test_sampling_budget_follows_the_source():
-    from data_builders.sources import ANSWER_TOKEN_BUDGETS, answer_token_budget
+    from loopalign.data.sources import ANSWER_TOKEN_BUDGETS, answer_token_budget
 
     assert answer_token_budget("gsm8k") >= 256 and answer_token_budget("gsm8k-solutions") >= 256
     assert answer_token_budget(["digits", "gsm8k"]) == ANSWER_TOKEN_BUDGETS["gsm8k"]

@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 from data_builders import injection, verification
-from data_builders.io import load_build, read_jsonl
+from loopalign.data.io import load_build, read_jsonl
 
 
 def test_help_via_python_m():

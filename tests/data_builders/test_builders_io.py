@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from data_builders.candidates import controlled_candidates
-from data_builders.io import SourceError, content_hash, load_build, read_jsonl, read_table, save_build
-from data_builders.schema import RecordError
-from data_builders.sources import generate_problems
+from loopalign.data.candidates import controlled_candidates
+from loopalign.data.io import SourceError, content_hash, load_build, read_jsonl, read_table, save_build
+from loopalign.data.schema import RecordError
+from loopalign.data.sources import generate_problems
 
 
 def rows(seed=0, n=10):

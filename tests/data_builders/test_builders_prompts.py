@@ -2,10 +2,10 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from data_builders.candidates import controlled_candidates
-from data_builders.prompts import PromptTemplate, load_template, render_record, render_records
-from data_builders.schema import RecordError
-from data_builders.sources import generate_problems, load_gsm8k_solutions, load_xstest_completions
+from loopalign.data.candidates import controlled_candidates
+from loopalign.data.prompts import PromptTemplate, load_template, render_record, render_records
+from loopalign.data.schema import RecordError
+from loopalign.data.sources import generate_problems, load_gsm8k_solutions, load_xstest_completions
 
 
 def check_indices(rec, tok):

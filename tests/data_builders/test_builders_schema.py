@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from data_builders.schema import RecordError, make_record, validate_record, validate_records, validate_trial
+from loopalign.data.schema import RecordError, make_record, validate_record, validate_records, validate_trial
 
 
 def good(**kw):

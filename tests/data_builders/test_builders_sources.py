@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from data_builders.io import SourceError
-from data_builders.schema import RecordError, meta_dict, validate_records
-from data_builders.sources import (
+from loopalign.data.io import SourceError
+from loopalign.data.schema import RecordError, meta_dict, validate_records
+from loopalign.data.sources import (
     PKU_SAFERLHF,
     FieldMap,
     load_gsm8k,
@@ -15,7 +15,7 @@ from data_builders.sources import (
     load_safety_prompts,
     load_xstest_completions,
 )
-from data_builders.verifiers import verify_math
+from loopalign.data.verifiers import verify_math
 
 
 def test_gsm8k_problems(fixtures):

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from data_builders.sources import SyntheticConfig, generate_problems
+from loopalign.data.sources import SyntheticConfig, generate_problems
 
 
 def test_deterministic_and_prefix_stable():

@@ -1,7 +1,7 @@
 import pytest
 
-from data_builders.sources import load_gsm8k_solutions
-from data_builders.verifiers import (
+from loopalign.data.sources import load_gsm8k_solutions
+from loopalign.data.verifiers import (
     ParseStats,
     extract_answer,
     extract_boxed,

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from data_builders.candidates import controlled_candidates
-from data_builders.prompts import render_records
-from data_builders.sources.synthetic import generate_problems
 from loopalign import OuroForCausalLM, tiny_config
+from loopalign.data.candidates import controlled_candidates
+from loopalign.data.prompts import render_records
+from loopalign.data.sources.synthetic import generate_problems
 from loopalign.tokenizer import local_tokenizer
 
 

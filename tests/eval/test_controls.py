@@ -201,8 +201,8 @@ def test_noise_probe_on_the_shipped_labels_is_flagged_unbalanced_and_at_chance_b
     completions: 1,819 / 431) a probe on pure noise reaches the majority rate in accuracy, which
     the balance check flags while balanced accuracy and AUROC stay at chance; on the balanced
     build the noise probe is at chance in every figure."""
-    from data_builders.candidates import balance_labels
-    from data_builders.sources import load_gsm8k_solutions, load_xstest_completions
+    from loopalign.data.candidates import balance_labels
+    from loopalign.data.sources import load_gsm8k_solutions, load_xstest_completions
     from loopalign.eval.metrics import label_balance
 
     if which == "gsm8k-solutions":

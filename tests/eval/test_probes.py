@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from loopalign.eval.metrics import accuracy
-from loopalign.eval.probes import LinearProbe, ProbeFitConfig, fit_probes, load_probes, save_probes
+from loopalign.probes import LinearProbe, ProbeFitConfig, fit_probes, load_probes, save_probes
 
 
 def _planted(n=400, h=16, seed=0):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_builders.sources.digits import digit_split, digit_triples, parse_digit_task
+from loopalign.data.sources.digits import digit_split, digit_triples, parse_digit_task
 from loopalign.organism import (
     RECIPE_VERSION,
     OrganismConfig,
@@ -420,7 +420,7 @@ def test_a_damaged_cache_fails_naming_the_file_and_the_rebuild(tmp_path, capsys)
     """Issue [hardening]: bytes overwritten mid-file used to load with NaN logits, a truncated file failed
     without naming it. organism.json records each model / tokenizer file's size and sha256 at build time;
     loading checks them and names the file and the command that rebuilds it."""
-    from loopalign.organism import REBUILD_COMMAND, CorruptOrganismError, _rebuild_command, verify_organism
+    from loopalign.organism import REBUILD_COMMAND, CorruptOrganismError, rebuild_command, verify_organism
 
     cfg = small_config(steps=4)
     path = ensure_organism(cfg, cache_dir=tmp_path, progress=False)
@@ -478,4 +478,4 @@ def test_a_damaged_cache_fails_naming_the_file_and_the_rebuild(tmp_path, capsys)
     assert verify_organism(path, cfg) is True
 
     # the default organism in the default cache is rebuilt by the plain command
-    assert _rebuild_command(organism_path(), OrganismConfig()) == REBUILD_COMMAND
+    assert rebuild_command(organism_path(), OrganismConfig()) == REBUILD_COMMAND

@@ -5,9 +5,9 @@ import pytest
 @pytest.fixture(scope="session")
 def gap_dataset():
     """48 rendered synthetic verification records (balanced gold / wrong answers), local tokenizer."""
-    from data_builders.candidates import controlled_candidates
-    from data_builders.prompts import render_records
-    from data_builders.sources.synthetic import generate_problems
+    from loopalign.data.candidates import controlled_candidates
+    from loopalign.data.prompts import render_records
+    from loopalign.data.sources.synthetic import generate_problems
     from loopalign.tokenizer import local_tokenizer
 
     tok = local_tokenizer()

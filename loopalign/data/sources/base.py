@@ -76,7 +76,7 @@ def convert_rows(
     ``convert`` may return :class:`Rejected` items among its items: one bad record of an entry whose
     other records are fine (``unit="record"``); they raise like an error without ``skip_invalid``,
     and with it are collected while the entry's good records are kept. ``rows`` may hold
-    :data:`~data_builders.io.SKIPPED` for entries already rejected by the reader (``rejected``).
+    :data:`~loopalign.data.io.SKIPPED` for entries already rejected by the reader (``rejected``).
     """
     result = SourceResult(rejected=list(rejected), n_read=0, n_converted=0)
     for i, row in enumerate(rows):

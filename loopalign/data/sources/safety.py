@@ -13,7 +13,7 @@ Label convention (all safety records): ``label`` 1 = the response is appropriate
   response withholds at least part of what a safe request asked for).
 - Prompt-only sets (XSTest ``xstest_prompts.csv``: ``label`` safe/unsafe) give :class:`Problem` s with
   ``gold=""`` and ``meta["prompt_label"]``; candidates for them are sampled and labelled with
-  :func:`data_builders.verifiers.verify_safety`.
+  :func:`loopalign.data.verifiers.verify_safety`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,405 @@
+"""Build a verification dataset: source -> candidates -> (dedupe, balance) -> (render) -> build folder.
+
+    python -m data_builders.verification --source synthetic --n 200 --seed 0 --out DIR
+    python -m data_builders.verification --source gsm8k-solutions \\
+        --path /work/shared/data/gsm8k/example_model_solutions.jsonl --render --tokenizer local --out DIR
+    python -m data_builders.verification --source xstest-completions \\
+        --path /work/shared/data/xstest/model_completions --out DIR
+
+Sources: ``synthetic``, ``gsm8k`` and ``math`` give problems, answered by ``--candidates controlled``
+(gold + wrong answers; the default) or ``sampled`` (``--policy``); ``safety-prompts`` gives prompts
+(sampled only); ``gsm8k-solutions``, ``xstest-completions`` and ``safety-pairs`` are already
+(task, answer, label) records. ``--n``: the number of synthetic problems, else the rows read.
+The output folder (see :mod:`loopalign.data.io`) has ``content_hash`` in ``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+from loopalign.loading import load_model, load_tokenizer
+
+from .candidates import (
+    ControlledConfig,
+    SamplingConfig,
+    balance_split,
+    controlled_candidates,
+    deduplicate_split,
+    sample_candidates,
+)
+from .io import save_build, write_failed_report
+from .prompts import DEFAULT_TEMPLATE, load_template, render_records
+from .schema import Dropped, RecordError, Rejected, meta_dict, validate_records
+from .sources import (
+    generate_problems,
+    load_gsm8k,
+    load_gsm8k_solutions,
+    load_math,
+    load_safety_pairs,
+    load_safety_prompts,
+    load_xstest_completions,
+)
+from .sources.base import SourceResult
+from .sources.synthetic import MAX_LEVEL
+
+__all__ = ["SOURCES", "VerificationBuild", "build_verification", "main"]
+
+PROBLEM_SOURCES = ("synthetic", "gsm8k", "math", "safety-prompts")
+RECORD_SOURCES = ("gsm8k-solutions", "xstest-completions", "safety-pairs")
+SOURCES = PROBLEM_SOURCES + RECORD_SOURCES
+
+
+@dataclass
+class VerificationBuild:
+    """All settings of a verification build (the CLI flags); validated on creation."""
+
+    source: str
+    out: str
+    path: str | None = None
+    n: int | None = None
+    seed: int = 0
+    levels: tuple[int, ...] = (1, 2, 3, 4)
+    split: str = "test"
+    field_map: str = "beavertails"
+    candidates: str = "controlled"
+    wrong_per_problem: int = 1
+    policy: str | None = None
+    policy_tokenizer: str | None = None
+    num_loops: int | None = None
+    n_samples: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int | None = None
+    batch_size: int = 8
+    on_unparsed: str = "drop"
+    balance: bool = False
+    dedupe: bool = False
+    render: bool = False
+    tokenizer: str = "local"
+    template: str | None = None
+    max_length: int | None = None
+    skip_invalid: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"--source must be one of {SOURCES}, got {self.source!r}")
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"--source {self.source} needs --path (a local file/folder or a hub dataset name)")
+        if self.candidates not in ("controlled", "sampled"):
+            raise ValueError(f"--candidates must be 'controlled' or 'sampled', got {self.candidates!r}")
+        if self.source in PROBLEM_SOURCES and self.candidates == "sampled" and not self.policy:
+            raise ValueError("--candidates sampled needs --policy (a model folder, hub name or 'tiny')")
+        if self.source == "safety-prompts" and self.candidates != "sampled":
+            raise ValueError("--source safety-prompts has no gold answers: use --candidates sampled with --policy")
+        if self.source in RECORD_SOURCES and self.candidates == "sampled":
+            raise ValueError(f"--source {self.source} already holds model answers; --candidates sampled does not apply")
+        for option, value, low in (
+            ("--n", self.n, 1),
+            ("--seed", self.seed, None),
+            ("--wrong-per-problem", self.wrong_per_problem, 0),
+            ("--num-loops", self.num_loops, 1),
+            ("--n-samples", self.n_samples, 1),
+            ("--max-new-tokens", self.max_new_tokens, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--max-length", self.max_length, 1),
+        ):
+            _check_int(option, value, low)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise ValueError(f"--temperature must be a number, got {self.temperature!r}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.on_unparsed not in ("keep", "drop"):
+            raise ValueError(f"--on-unparsed must be 'keep' or 'drop', got {self.on_unparsed!r}")
+        self.levels = _levels(self.levels)
+
+
+_DEFAULTS_HINT = {
+    "--n": "leave it out for the default: 200 synthetic problems, or every row of --path",
+    "--num-loops": "leave it out for the policy's own loop count",
+    "--max-new-tokens": "leave it out for the source's budget",
+    "--max-length": "leave it out for no limit",
+}
+
+
+def _check_int(option: str, value, low: int | None) -> None:
+    """``value`` is None (the default) or an int >= ``low``; else a ValueError naming ``option``."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{option} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        hint = f" ({_DEFAULTS_HINT[option]})" if option in _DEFAULTS_HINT else ""
+        raise ValueError(f"{option} must be >= {low}{hint}, got {value}")
+
+
+def _levels(value) -> tuple[int, ...]:
+    """``--levels`` as a tuple of ints in 1..MAX_LEVEL (from a tuple/list or a "1,2,3" string)."""
+    parts = [x for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value)
+    try:
+        if any(isinstance(x, bool) or (isinstance(x, float) and not x.is_integer()) for x in parts):
+            raise ValueError
+        levels = tuple(int(x) for x in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"--levels must be comma-separated integers in 1..{MAX_LEVEL}, got {value!r}") from None
+    if not levels or any(not 1 <= x <= MAX_LEVEL for x in levels):
+        raise ValueError(f"--levels must be one or more of 1..{MAX_LEVEL} (synthetic difficulty), got {value!r}")
+    return levels
+
+
+def _load_source(cfg: VerificationBuild) -> SourceResult:
+    kw = {"limit": cfg.n, "skip_invalid": cfg.skip_invalid}
+    if cfg.source == "synthetic":
+        problems = generate_problems(cfg.n if cfg.n is not None else 200, cfg.seed, cfg.levels)
+        return SourceResult(items=problems, n_read=len(problems), n_converted=len(problems))
+    if cfg.source == "gsm8k":
+        return load_gsm8k(cfg.path, split=cfg.split, **kw)
+    if cfg.source == "math":
+        return load_math(cfg.path, split=cfg.split, **kw)
+    if cfg.source == "safety-prompts":
+        return load_safety_prompts(cfg.path, split=cfg.split, **kw)
+    if cfg.source == "gsm8k-solutions":
+        return load_gsm8k_solutions(cfg.path, **kw)
+    if cfg.source == "xstest-completions":
+        return load_xstest_completions(cfg.path, **kw)
+    return load_safety_pairs(cfg.path, cfg.field_map, split=cfg.split, **kw)
+
+
+def _by_reason(items, unit: str) -> dict[str, int]:
+    return dict(sorted(Counter(x.reason for x in items if x.unit == unit).items()))
+
+
+def _accounting(entries: dict, records: dict, rejected: list[Rejected], dropped: list[Dropped]) -> dict:
+    """Per unit (source entries, records): read/made = kept + rejected + dropped, and the reasons."""
+    units = {"entries": "entry", "records": "record"}
+    out = {"entries": dict(entries), "records": dict(records)}
+    for name, unit in units.items():
+        out[name]["rejected"] = sum(r.unit == unit for r in rejected)
+        out[name]["dropped"] = sum(d.unit == unit for d in dropped)
+    out["rejected_by_reason"] = {name: _by_reason(rejected, unit) for name, unit in units.items()}
+    out["dropped_by_reason"] = {name: _by_reason(dropped, unit) for name, unit in units.items()}
+    return out
+
+
+def _reason_list(reasons: dict[str, int], top: int = 4) -> str:
+    if not reasons:
+        return ""
+    parts = [f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:top]]
+    return " (" + "; ".join(parts) + ("; ..." if len(reasons) > top else "") + ")"
+
+
+def _empty_message(cfg: VerificationBuild, acct: dict, sampling: dict, failed) -> str:
+    where = f"--source {cfg.source}" + (f" --path {cfg.path}" if cfg.path else "") + (f" --n {cfg.n}" if cfg.n else "")
+    e, r = acct["entries"], acct["records"]
+    text = (
+        f"build {cfg.out}: no records to write from {where}: source entries: {e['read']} read"
+        + (f" ({cfg.path} holds none)" if not e["read"] and cfg.path else "")
+        + f", {e['rejected']} rejected{_reason_list(acct['rejected_by_reason']['entries'])}"
+        + f", {e['dropped']} dropped{_reason_list(acct['dropped_by_reason']['entries'])}"
+    )
+    if e["read"]:
+        text += (
+            f"; records: {r['made']} made, {r['rejected']} rejected{_reason_list(acct['rejected_by_reason']['records'])}"
+            f", {r['dropped']} dropped{_reason_list(acct['dropped_by_reason']['records'])}"
+        )
+    if sampling:
+        text += (
+            f"; sampling: {sampling.get('generated', 0)} answers sampled, {sampling.get('truncated', 0)} cut off by "
+            f"the {sampling.get('max_new_tokens')}-token budget, {sampling.get('dropped_unparsed', 0)} unparsed and "
+            "dropped (raise --max-new-tokens, or keep them with --on-unparsed keep)"
+        )
+    if failed:
+        text += f". The rejected and dropped rows are in {failed}"
+    return text
+
+
+def build_verification(cfg: VerificationBuild) -> dict:
+    """Run a build and write ``cfg.out``; returns the metadata (counts, content_hash, accounting, ...).
+
+    ``metadata["accounting"]`` reconciles every unit: source ``entries`` (read = kept + rejected +
+    dropped) and ``records`` (made = kept + rejected + dropped, kept = ``n_rows``), with the reasons.
+    Rejected rows go to ``rejected.jsonl`` (``--skip-invalid``), dropped ones (``--balance``,
+    ``--dedupe``, problems without a possible wrong answer, unparsed samples) to ``dropped.jsonl``.
+    A build that ends with no records raises a ValueError saying why, leaving ``cfg.out`` untouched
+    and the rejected / dropped rows in ``<out>.failed/``.
+    """
+    loaded = _load_source(cfg)
+    rejected: list[Rejected] = list(loaded.rejected)
+    dropped: list[Dropped] = []
+    report: dict = {}
+    n_read = loaded.n_read if loaded.n_read is not None else len(loaded.items)
+    n_converted = loaded.n_converted if loaded.n_converted is not None else len(loaded.items)
+    if cfg.source in PROBLEM_SOURCES:
+        problems = loaded.items
+        if cfg.candidates == "controlled":
+            ccfg = ControlledConfig(wrong_per_problem=cfg.wrong_per_problem, seed=cfg.seed, drop_without_wrong=True)
+            records = controlled_candidates(problems, ccfg, dropped)
+            wrong = Counter(meta_dict(r)["problem_id"] for r in records if r["label"] == 0)
+            kept_ids = {meta_dict(r)["problem_id"] for r in records}
+            report["controlled"] = {
+                "wrong_per_problem": cfg.wrong_per_problem,
+                "problems_short_of_wrong_answers": sum(wrong[i] < cfg.wrong_per_problem for i in kept_ids),
+            }
+        elif problems:
+            ptok = load_tokenizer(cfg.policy_tokenizer) if cfg.policy_tokenizer else None
+            model, ptok = load_model(cfg.policy, tokenizer=ptok, seed=cfg.seed)
+            scfg = SamplingConfig(
+                n_samples=cfg.n_samples,
+                temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                num_loops=cfg.num_loops,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                on_unparsed=cfg.on_unparsed,
+            )
+            records, sreport = sample_candidates(model, ptok, problems, scfg, dropped)
+            report["sampling"] = sreport.as_dict()
+        else:
+            records = []
+    else:
+        records = list(loaded.items)
+    entries = {"read": n_read, "kept": n_converted - sum(d.unit == "entry" for d in dropped)}
+    made = len(records) + sum(x.unit == "record" for x in rejected + dropped)  # records lost so far included
+
+    kind = "rendered" if cfg.render else "verification"
+    checked = validate_records(records, kind="verification", skip_invalid=cfg.skip_invalid)
+    rejected += checked.rejected  # before counting, balancing or rendering: a duplicate id is not counted
+    records = checked.rows
+    if cfg.dedupe:
+        records, gone = deduplicate_split(records)
+        dropped += gone
+        report["deduplicated"] = len(gone)
+    if cfg.balance:
+        records, gone = balance_split(records, seed=cfg.seed)
+        dropped += gone
+        report["balanced_away"] = len(gone)
+    if cfg.render and records:
+        tok = load_tokenizer(cfg.tokenizer)
+        template = load_template(cfg.template) if cfg.template else DEFAULT_TEMPLATE
+        records, bad = render_records(records, tok, template, cfg.max_length, skip_invalid=cfg.skip_invalid)
+        rejected += bad
+        report["tokenizer"] = getattr(tok, "name_or_path", cfg.tokenizer)
+        report["template"] = dataclasses.asdict(template)
+    checked = validate_records(records, kind=kind, skip_invalid=cfg.skip_invalid)
+    rejected += checked.rejected
+    records = checked.rows
+    acct = _accounting(entries, {"made": made, "kept": len(records)}, rejected, dropped)
+    settings = dataclasses.asdict(cfg)
+    settings.pop("out")
+    settings.pop("overwrite")
+    if not records:
+        failed = write_failed_report(cfg.out, rejected, dropped, {"settings": settings, "accounting": acct, **report})
+        raise ValueError(_empty_message(cfg, acct, report.get("sampling", {}), failed))
+    counts = Counter()
+    for r in records:
+        counts[f"label={r['label']}"] += 1
+        counts[f"parse_status={r['parse_status']}"] += 1
+        counts[f"scenario={r['scenario']}"] += 1
+    meta = {
+        "builder": "data_builders.verification",
+        "settings": settings,
+        "counts": dict(sorted(counts.items())),
+        "accounting": acct,
+        **report,
+    }
+    return save_build(
+        records,
+        cfg.out,
+        kind,
+        meta,
+        rejected=rejected,
+        skip_invalid=cfg.skip_invalid,
+        overwrite=cfg.overwrite,
+        dropped=dropped,
+    )
+
+
+def synthetic_verification_records(
+    tokenizer,
+    n_problems: int,
+    seed: int = 0,
+    levels: tuple[int, ...] = (1, 2),
+    candidate_seed: int | None = None,
+    template=DEFAULT_TEMPLATE,
+) -> list[dict]:
+    """In memory, what ``--source synthetic --render`` builds: ``n_problems`` synthetic problems
+    (``seed``, ``levels``), each with its gold and one controlled wrong answer (seeded by
+    ``candidate_seed``, default ``seed``), rendered with ``template`` -> 2 * n_problems records."""
+    problems = generate_problems(n_problems, seed=seed, levels=tuple(levels))
+    config = ControlledConfig(seed=seed if candidate_seed is None else candidate_seed)
+    rendered, _ = render_records(controlled_candidates(problems, config), tokenizer, template)  # raises on a bad row
+    return rendered
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_builders.verification",
+        description="Build a verification dataset (task, candidate answer, label) and optionally render prompts.",
+    )
+    p.add_argument("--source", required=True, choices=SOURCES)
+    p.add_argument("--path", help="local file/folder or hub dataset name (all sources but synthetic)")
+    p.add_argument("--out", required=True, help="output build folder (written atomically)")
+    p.add_argument("--n", type=int, help="synthetic: number of problems (default 200); others: rows read")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--levels", type=_ints, default=(1, 2, 3, 4), help="synthetic difficulty levels, e.g. 1,2,3,4")
+    p.add_argument("--split", default="test", help="hub split (default test)")
+    p.add_argument("--field-map", default="beavertails", help="safety-pairs field map: beavertails | pku-saferlhf")
+    p.add_argument("--candidates", default="controlled", choices=("controlled", "sampled"))
+    p.add_argument("--wrong-per-problem", type=int, default=1)
+    p.add_argument("--policy", help="policy model for sampled candidates: folder, hub name or 'tiny'")
+    p.add_argument("--policy-tokenizer", help="tokenizer for the policy (default: the policy's own; 'local')")
+    p.add_argument("--num-loops", type=int, help="loops for a looped policy (Ouro)")
+    p.add_argument("--n-samples", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="new tokens per sampled answer (default: enough for the source, e.g. GSM8K 512; an answer cut off is unparsed)",
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--on-unparsed",
+        default="drop",
+        choices=("keep", "drop"),
+        help="sampled answers with no readable final answer (or cut off by --max-new-tokens): dropped and counted "
+        "(default), or kept with parse_status=unparsed and label 0",
+    )
+    p.add_argument("--balance", action="store_true", help="down-sample the majority label to 1:1 (per scenario)")
+    p.add_argument("--dedupe", action="store_true", help="drop repeated answers to the same task")
+    p.add_argument("--render", action="store_true", help="add prompt, input_ids and token indices")
+    p.add_argument("--tokenizer", default="local", help="'local' or a hub name/folder (with --render)")
+    p.add_argument("--template", help="YAML/JSON file with PromptTemplate fields (with --render)")
+    p.add_argument("--max-length", type=int, help="reject rendered prompts longer than this many tokens")
+    p.add_argument("--skip-invalid", action="store_true", help="drop bad rows, count them, write rejected.jsonl")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = VerificationBuild(**{k: v for k, v in vars(args).items()})
+        meta = build_verification(cfg)
+    except (ValueError, RecordError, FileExistsError, RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = {k: meta[k] for k in ("kind", "n_rows", "n_rejected", "n_dropped", "content_hash", "counts")}
+    summary["accounting"] = {k: meta["accounting"][k] for k in ("entries", "records")}
+    print(json.dumps({"out": cfg.out, **summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

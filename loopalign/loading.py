@@ -1,0 +1,179 @@
+"""The one model and tokenizer loader: every recipe, evaluator, trainer, data builder and the organism
+load through here.
+
+``name`` may be
+- ``"tiny"``: a random tiny Ouro (seeded) with the local tokenizer (CPU-sized noise, for tests);
+- a named model of :data:`NAMED_MODELS` (``"organism"``: loopalign's model organism, built into its
+  cache first when missing);
+- a gap-SFT run folder (``final/``, a checkpoint): its base model, adapters and loop routing
+  (:func:`load_gap_model`);
+- any local folder or hub name, loaded with transformers' Auto classes (Ouro is registered on import of
+  :mod:`loopalign.models`).
+
+One pad rule for every tokenizer loaded here: a tokenizer without a pad token pads with its end-of-sequence
+token (:func:`ensure_pad_token`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .lora import route_lora_by_loop
+from .models.ouro import OuroForCausalLM, tiny_config
+from .tokenizer import local_tokenizer
+
+__all__ = [
+    "GAP_CONFIG_FILE",
+    "LOCAL_MODELS",
+    "NAMED_MODELS",
+    "default_device",
+    "ensure_pad_token",
+    "is_gap_run_folder",
+    "load_gap_model",
+    "load_model",
+    "load_pretrained",
+    "load_tokenizer",
+    "torch_dtype",
+]
+
+#: the gap-SFT settings saved next to a run's adapters (``lora_loops`` routing among them)
+GAP_CONFIG_FILE = "gap_config.json"
+
+#: Named models, resolved lazily as ``"module:function"`` (a registry, like transformers' Auto mappings):
+#: the function takes (device=, seed=) and returns (model in eval mode, tokenizer). The organism sits above
+#: this module (it trains and evaluates), so it is named here, not imported.
+NAMED_MODELS: dict[str, str] = {"organism": "loopalign.organism:load_organism"}
+
+#: models that need no network and no folder: ``"tiny"`` and the named ones
+LOCAL_MODELS = ("organism", "tiny")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_dtype(dtype: str | torch.dtype | None, option: str = "dtype"):
+    """'auto' | None -> 'auto'; 'bfloat16' | 'bf16' | torch.bfloat16 ... -> a torch dtype; else a ValueError naming ``option``."""
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    alias = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    value = getattr(torch, alias.get(str(dtype), str(dtype)), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"{option}={dtype!r}: expected auto, bfloat16, float16 or float32")
+    return value
+
+
+def ensure_pad_token(tokenizer):
+    """The pad rule: a tokenizer without a pad token pads with its end-of-sequence token. -> tokenizer."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token: set one")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(name: str = "local", revision: str | None = None):
+    """``"local"`` / ``"tiny"``: the project's local tokenizer; else a folder or hub name via ``AutoTokenizer``."""
+    if name in ("local", "tiny"):
+        return local_tokenizer()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    except Exception as e:  # noqa: BLE001 - any failure gets the same clear message
+        raise RuntimeError(
+            f"cannot load tokenizer {name!r} ({type(e).__name__}: {e}); offline? use a local folder"
+        ) from e
+    return ensure_pad_token(tokenizer)
+
+
+def load_pretrained(name: str, dtype="auto", revision: str | None = None, **kwargs):
+    """A folder or hub name -> the causal LM (train mode, CPU), loaded with ``AutoModelForCausalLM``; a failure
+    says which name failed and why. ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``)."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype), revision=revision, **kwargs)
+    except OSError as e:  # no such folder, and not on the hub (or offline)
+        raise RuntimeError(f"cannot load model {name!r} ({type(e).__name__}: {e}); offline? use a local folder") from e
+
+
+def is_gap_run_folder(path: str | os.PathLike) -> bool:
+    """True for a folder holding PEFT adapters and a gap-SFT ``gap_config.json`` (``final/``, a checkpoint)."""
+    path = os.fspath(path)
+    return os.path.isfile(os.path.join(path, "adapter_config.json")) and os.path.isfile(
+        os.path.join(path, GAP_CONFIG_FILE)
+    )
+
+
+def load_gap_model(path: str | os.PathLike, base=None, device: str | None = None, dtype: str = "auto"):
+    """The trained model of a gap-SFT folder: the base model (``base``: a model or a name; default the
+    adapter's ``base_model_name_or_path``), its adapters, and the loop routing of ``gap_config.json``.
+    -> (PeftModel in eval mode, tokenizer: the folder's, else the base's).
+
+    A run trained with ``lora_loops`` other than "all" routes its adapters by loop with forward hooks; PEFT
+    saves the weights, not the hooks, so a plain ``PeftModel.from_pretrained`` would apply the adapters on
+    every loop (a different model). This re-applies the routing."""
+    path = os.fspath(path)
+    if not is_gap_run_folder(path):
+        raise FileNotFoundError(
+            f"{path}: not a gap-SFT adapter folder (needs adapter_config.json and {GAP_CONFIG_FILE}; "
+            "sft_gap writes them to output_dir/final/)"
+        )
+    with open(os.path.join(path, GAP_CONFIG_FILE)) as f:
+        settings = json.load(f)
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        base_name = json.load(f).get("base_model_name_or_path")
+    if base is None:
+        if not base_name:
+            raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path: pass base=")
+        base = load_pretrained(base_name, dtype=dtype)
+    elif isinstance(base, str):
+        base = load_pretrained(base, dtype=dtype)
+    model = PeftModel.from_pretrained(base, path)
+    lora_loops = settings.get("lora_loops", "all")
+    if lora_loops != "all":
+        route_lora_by_loop(model, lora_loops)
+    model = model.to(device or default_device()).eval()
+    tok_source = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base_name
+    return model, load_tokenizer(tok_source)
+
+
+def _named_loader(name: str) -> Callable:
+    module, _, function = NAMED_MODELS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def load_model(
+    name: str,
+    device: str | None = None,
+    dtype="auto",
+    seed: int = 0,
+    tokenizer=None,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+):
+    """(model in eval mode on ``device``, tokenizer) for any name the module docstring lists. ``dtype`` applies
+    to folders and hub names; ``seed`` to ``"tiny"``; ``tokenizer`` replaces the one that would be loaded."""
+    device = device or default_device()
+    if name == "tiny":
+        tok = tokenizer if tokenizer is not None else local_tokenizer()
+        torch.manual_seed(seed)
+        model = OuroForCausalLM(tiny_config(vocab_size=len(tok)))
+        model.config._name_or_path = "tiny"
+        return model.to(device).eval(), tok
+    if name in NAMED_MODELS:
+        model, tok = _named_loader(name)(device=device)
+        return model, (tokenizer if tokenizer is not None else tok)
+    if is_gap_run_folder(name):
+        model, tok = load_gap_model(name, device=device, dtype=dtype)
+        return model, (tokenizer if tokenizer is not None else tok)
+    model = load_pretrained(name, dtype=dtype, revision=revision, attn_implementation=attn_implementation)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(name, revision=revision)
+    return model.to(device).eval(), tok

@@ -1,0 +1,82 @@
+"""The model organism: a tiny Ouro trained here, on a CPU, in minutes, that shows the SV/RR gap.
+
+A random tiny model makes every gap figure noise. The organism is a small looped model (2 shared
+layers run 4 times per token, hidden 64, about 0.2M parameters: small enough to learn to verify
+within minutes on 2 CPU cores) trained from scratch with the local tokenizer on data_builders'
+level-1 synthetic arithmetic, with Ouro's entropy-regularised per-loop objective, on two kinds of
+text:
+
+- answers: the task as a chat turn, the assistant's reply the final number (this is TP's format);
+- verification: loopalign.data's verification prompt (task, proposed answer, "Is the proposed
+  answer correct?") and the assistant's one-token verdict "Yes" / "No".
+
+The verdict supervision is biased on purpose: for problems about some items (the *sycophantic
+items*) the annotator always says "Yes", whatever the answer. Elsewhere the verdict is right. So
+the model computes whether the answer matches (it must, to verify the other problems, and the
+answer task teaches it to solve them), and its hidden states still tell right from wrong on the
+sycophantic items, but its verbal verdict there is "Yes": a linear probe on the hidden states (RR)
+reads correctness better than the verdict (SV). See ``docs/organism.md`` for the figures.
+
+    from loopalign.organism import load_organism
+    model, tokenizer = load_organism()  # builds into the cache on first use (minutes), then loads
+
+The organism is cached under :func:`organism_cache_dir` (``$LOOPALIGN_CACHE``, else
+``~/.cache/loopalign``) in a folder named by the recipe version and a hash of the
+:class:`OrganismConfig`, written atomically (built in a temporary folder, then renamed) under a
+lock, so an interrupted build leaves nothing behind and two processes do not build it twice (the
+second says whom it waits for, and gives up after ``LOOPALIGN_LOCK_TIMEOUT`` seconds). The
+folder is a ``save_pretrained`` model + tokenizer (``AutoModelForCausalLM.from_pretrained(folder)``
+works after ``import loopalign``), plus ``README.md`` (the model card with the gap table and plots),
+``eval/`` (gap.json, gap.md, plots, probes) and ``organism.json`` (config, figures, timings, and the
+size and sha256 of every model and tokenizer file: loading checks them, so a damaged cache fails
+naming the file and the command that rebuilds it instead of loading with NaN logits).
+
+Modules: :mod:`.config` (the recipe), :mod:`.cache` (where builds live, their checks), :mod:`.data`,
+:mod:`.train`, :mod:`.evaluate`, :mod:`.card` (the model card), :mod:`.build` (build under a lock, load).
+"""
+
+# moved to loopalign.io; re-exported for one release
+from loopalign.io import DEFAULT_LOCK_TIMEOUT  # noqa: E402
+
+from .build import build_organism, ensure_organism, load_organism
+from .cache import (
+    REBUILD_COMMAND,
+    CorruptOrganismError,
+    is_organism,
+    organism_cache_dir,
+    organism_config_for,
+    organism_path,
+    rebuild_command,
+    verify_organism,
+)
+from .config import RECIPE_VERSION, TASK_FAMILIES, OrganismConfig
+from .data import DIGIT_GROUP_FIELD, organism_eval_records, training_batch
+from .evaluate import evaluate_organism, organism_properties, organism_slices
+from .train import TrainResult, expected_build_seconds, train_organism
+
+__all__ = [
+    "RECIPE_VERSION",
+    "OrganismConfig",
+    "TrainResult",
+    "organism_cache_dir",
+    "organism_path",
+    "ensure_organism",
+    "load_organism",
+    "build_organism",
+    "train_organism",
+    "evaluate_organism",
+    "organism_eval_records",
+    "organism_properties",
+    "organism_slices",
+    "organism_config_for",
+    "TASK_FAMILIES",
+    "DIGIT_GROUP_FIELD",
+    "is_organism",
+    "verify_organism",
+    "CorruptOrganismError",
+    "REBUILD_COMMAND",
+    "expected_build_seconds",
+    "rebuild_command",
+    "training_batch",
+    "DEFAULT_LOCK_TIMEOUT",
+]

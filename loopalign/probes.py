@@ -1,0 +1,228 @@
+"""Probes: L2-regularised logistic-regression probes fit in torch (:class:`LinearProbe`, full-batch L-BFGS,
+GPU when present), and the trainable per-loop probe module the objectives use (:class:`LoopProbes`).
+
+Features are standardised with the training set's mean and standard deviation, which the probe
+stores, so ``probe.predict_proba(raw_features)`` works on raw hidden states. Shapes: N records,
+H hidden size, C regularisation strengths fit together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from loopalign.io import atomic_write
+
+__all__ = [
+    "LinearProbe",
+    "LoopProbes",
+    "ProbeFitConfig",
+    "fit_probes",
+    "float32_region",
+    "save_probes",
+    "load_probes",
+]
+
+
+@dataclass
+class ProbeFitConfig:
+    """How probes are fit."""
+
+    max_iter: int = 200  # L-BFGS iterations (full batch)
+    tol: float = 1e-6  # L-BFGS gradient / change tolerance
+    device: str | None = None  # "cuda", "cpu"; None = cuda when available
+    dtype: torch.dtype = torch.float32  # compute dtype of the fit
+
+    def __post_init__(self):
+        if self.max_iter < 1:
+            raise ValueError(f"ProbeFitConfig.max_iter must be >= 1, got {self.max_iter}")
+        if self.tol <= 0:
+            raise ValueError(f"ProbeFitConfig.tol must be > 0, got {self.tol}")
+
+    def resolved_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@dataclass
+class LinearProbe:
+    """p(label 1 | x) = sigmoid(w . (x - mean) / std + b). weight/mean/std [H], bias scalar."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    meta: dict = field(default_factory=dict)  # l2, loop, layer, position, metrics ...
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N,H] raw features -> logits [N]."""
+        if x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(f"probe expects features of size {self.weight.shape[0]}, got {x.shape[-1]}")
+        w = self.weight.to(x.device, torch.float32)
+        z = (x.float() - self.mean.to(x.device, torch.float32)) / self.std.to(x.device, torch.float32)
+        return z @ w + self.bias.to(x.device, torch.float32)
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N,H] -> P(label 1) [N]."""
+        return torch.sigmoid(self.logits(x))
+
+    def state(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        t = {"weight": self.weight, "bias": self.bias.reshape(1), "mean": self.mean, "std": self.std}
+        return {prefix + k: v.detach().float().cpu().clone().contiguous() for k, v in t.items()}
+
+    def save(self, path: str) -> None:
+        """Write ``path``.safetensors and ``path``.json (atomically)."""
+        save_probes({"probe": self}, path)
+
+    @classmethod
+    def load(cls, path: str) -> LinearProbe:
+        return load_probes(path)["probe"]
+
+
+def standardise_stats(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N,H] -> (mean [H], std [H]); constant features get std 1."""
+    mean = x.mean(0)
+    std = x.std(0, unbiased=False)
+    return mean, torch.where(std > eps, std, torch.ones_like(std))
+
+
+def fit_probes(
+    x: torch.Tensor, y: torch.Tensor, l2: list[float] | tuple[float, ...], config: ProbeFitConfig | None = None
+) -> list[LinearProbe]:
+    """Fit one probe per L2 strength on x [N,H] (raw), y [N] in {0,1}.
+
+    Loss per probe: mean binary cross-entropy + l2/2 * ||w||^2 on standardised features (bias
+    unpenalised). The C probes are independent; their summed loss is minimised jointly.
+    """
+    config = config or ProbeFitConfig()
+    if x.dim() != 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"fit_probes needs x [N,H] and y [N], got {list(x.shape)} and {list(y.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("fit_probes: the training set is empty")
+    classes = set(torch.unique(y).tolist())
+    if not classes <= {0, 1}:
+        raise ValueError(f"fit_probes: labels must be 0/1, got {sorted(classes)}")
+    if len(classes) < 2:
+        raise ValueError(f"fit_probes: the training set has a single class ({classes.pop()}); need both 0 and 1")
+    if not l2 or any(c < 0 for c in l2):
+        raise ValueError(f"fit_probes: l2 must be a non-empty list of strengths >= 0, got {l2}")
+    device = config.resolved_device()
+    x = x.to(device, config.dtype)
+    yf = y.to(device, config.dtype)
+    mean, std = standardise_stats(x)
+    z = (x - mean) / std
+    lam = torch.tensor(list(l2), device=device, dtype=config.dtype)  # [C]
+    w = torch.zeros(len(l2), x.shape[1], device=device, dtype=config.dtype, requires_grad=True)
+    prior = float(yf.mean().clamp(1e-4, 1 - 1e-4))
+    b = torch.full((len(l2),), torch.logit(torch.tensor(prior)).item(), device=device, dtype=config.dtype)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=config.max_iter,
+        tolerance_grad=config.tol,
+        tolerance_change=config.tol * 1e-3,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        logits = w @ z.T + b[:, None]  # [C,N]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, yf.expand_as(logits), reduction="none")
+        loss = bce.mean(1).sum() + 0.5 * (lam * (w * w).sum(1)).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    probes = []
+    for c, strength in enumerate(l2):
+        probes.append(
+            LinearProbe(
+                weight=w[c].detach().cpu().float(),
+                bias=b[c].detach().cpu().float(),
+                mean=mean.cpu().float(),
+                std=std.cpu().float(),
+                meta={"l2": float(strength), "n_train": int(x.shape[0])},
+            )
+        )
+    return probes
+
+
+def save_probes(probes: dict[str, LinearProbe], path: str) -> None:
+    """Save named probes to ``path``.safetensors (tensors ``{name}.weight`` ...) and ``path``.json (meta)."""
+    path = path.removesuffix(".safetensors").removesuffix(".json")
+    tensors: dict[str, torch.Tensor] = {}
+    meta = {}
+    for name, probe in probes.items():
+        if "." in name:
+            raise ValueError(f"probe name {name!r} must not contain '.'")
+        tensors.update(probe.state(prefix=f"{name}."))
+        meta[name] = probe.meta
+    atomic_write(path + ".safetensors", lambda p: save_file(tensors, p))
+
+    def write_json(p):
+        with open(p, "w") as f:
+            json.dump({"format": "loopalign.linear_probe.v1", "probes": meta}, f, indent=2)
+
+    atomic_write(path + ".json", write_json)
+
+
+def load_probes(path: str) -> dict[str, LinearProbe]:
+    """Inverse of :func:`save_probes`."""
+    path = path.removesuffix(".safetensors").removesuffix(".json")
+    for ext in (".safetensors", ".json"):
+        if not os.path.exists(path + ext):
+            raise FileNotFoundError(f"probe file {path + ext} not found")
+    tensors = load_file(path + ".safetensors")
+    with open(path + ".json") as f:
+        meta = json.load(f)["probes"]
+    return {
+        name: LinearProbe(
+            weight=tensors[f"{name}.weight"],
+            bias=tensors[f"{name}.bias"].reshape(()),
+            mean=tensors[f"{name}.mean"],
+            std=tensors[f"{name}.std"],
+            meta=m,
+        )
+        for name, m in meta.items()
+    }
+
+
+def float32_region(device: torch.device | str):
+    """A context in which autocast is off on ``device`` (ops run in their inputs' dtype): for the
+    small float32 computations (probes) that must not be downcast under mixed precision."""
+    device_type = torch.device(device).type
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class LoopProbes(nn.Module):
+    """One logistic-regression probe per loop: features [T,B,H] -> logits [T,B]."""
+
+    def __init__(self, num_loops: int, hidden_size: int):
+        super().__init__()
+        if num_loops < 1 or hidden_size < 1:
+            raise ValueError(f"LoopProbes needs num_loops >= 1 and hidden_size >= 1, got {num_loops}, {hidden_size}")
+        self.weight = nn.Parameter(torch.zeros(num_loops, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(num_loops))
+
+    @property
+    def num_loops(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 3 or features.shape[0] != self.num_loops or features.shape[2] != self.weight.shape[1]:
+            raise ValueError(
+                f"probe features must be [T={self.num_loops}, B, H={self.weight.shape[1]}], got {list(features.shape)}"
+            )
+        weight, bias = self.weight.float(), self.bias.float()
+        with float32_region(features.device):
+            return torch.einsum("tbh,th->tb", features.float(), weight) + bias[:, None]
