@@ -23,7 +23,15 @@ from loopalign.eval.introspection import IntrospectionConfig, evaluate_introspec
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.speed import set_cpu_threads
 
-__all__ = ["EMBEDDED_DEFAULTS", "EvalIntrospectionArguments", "intro_config", "run", "main"]
+__all__ = [
+    "EMBEDDED_DEFAULTS",
+    "EvalIntrospectionArguments",
+    "intro_config",
+    "vector_layers",
+    "run",
+    "parse_args",
+    "main",
+]
 
 #: Used when no --config is given: the CPU default model, about a minute on 2 CPU cores.
 EMBEDDED_DEFAULTS = dict(
@@ -54,6 +62,10 @@ class EvalIntrospectionArguments:
     vector_layers: str | None = field(
         default=None,
         metadata={"help": "Layers to extract vectors at, e.g. '16' or '10-18' (default: about 2/3 depth)."},
+    )
+    layer_sweep: bool = field(
+        default=False,
+        metadata={"help": "Extract vectors at every layer and inject at each: the (layer x loop) heatmaps."},
     )
     loop_counts: str = field(default="4", metadata={"help": "Total loop counts N, e.g. '1-8'."})
     extraction_loops: str = field(default="all", metadata={"help": "0-based, 'all' = every loop < N."})
@@ -106,6 +118,16 @@ def intro_config(args: EvalIntrospectionArguments, **overrides) -> Introspection
     return IntrospectionConfig(**kw)
 
 
+def vector_layers(args: EvalIntrospectionArguments, model_config) -> tuple[int, ...] | None:
+    """Layers to extract concept vectors at: every layer with ``layer_sweep``, else ``vector_layers`` (None: the
+    default layer, about 2/3 of the depth)."""
+    if args.layer_sweep:
+        if args.vector_layers or args.layers:
+            raise ValueError("layer_sweep extracts and injects at every layer: leave vector_layers and layers out")
+        return tuple(range(int(model_config.num_hidden_layers)))
+    return parse_indices(args.vector_layers, "vector_layers")
+
+
 def run(args: EvalIntrospectionArguments) -> dict:
     """Load the model, get the concept vectors, run the protocol, write and print the reports."""
     t0 = time.time()
@@ -116,7 +138,7 @@ def run(args: EvalIntrospectionArguments) -> dict:
     cfg = intro_config(args)
     max_n = max(cfg.loop_counts or (model.config.total_ut_steps,))
     vectors = concept_vectors_for(
-        model, tok, args.concept_vectors, CONCEPT_WORDS[: args.n_concepts], parse_indices(args.vector_layers), max_n
+        model, tok, args.concept_vectors, CONCEPT_WORDS[: args.n_concepts], vector_layers(args, model.config), max_n
     )
     print(f"model: {label}; concept vectors: {len(vectors.vectors)} words, layers {vectors.layers}, "
           f"{vectors.num_loops} loops ({time.time() - t0:.1f}s)")  # fmt: skip

@@ -29,6 +29,7 @@ from loopalign.eval.introspection import (
     parse_indices,
     split_concepts,
 )
+from loopalign.eval.introspection.report import plot_comparison
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.io import atomic_write_text
 from loopalign.speed import set_cpu_threads
@@ -223,6 +224,7 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
             "identification on injected trials, false positives on controls); loops 0-based.\n\n"
         )
         atomic_write_text(os.path.join(out, "compare.md"), header + table)
+        plot_comparison(before, after, out)  # before_after_{heatmaps,curves}.{png,svg}
         print(f"after training ({time.time() - t:.1f}s). Rates per injection loop, before -> after:\n")
         print(table)
         print(f"reports, heatmaps and adapters in {out}/; total {time.time() - t0:.1f}s")

@@ -9,11 +9,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loopalign.io import atomic_write_text
+from loopalign.io import atomic_write, atomic_write_text
 
-from ..report import atomic_write
-
-__all__ = ["IntrospectionResult", "compare_introspection"]
+__all__ = [
+    "IntrospectionResult",
+    "compare_introspection",
+    "grid_markdown",
+    "plot_rate_grids",
+    "plot_strength_curves",
+    "plot_comparison",
+]
 
 
 def _pct(x) -> str:
@@ -90,6 +95,7 @@ class IntrospectionResult:
             lines += ["|---|" + "---|" * len(h["extraction_loops"])]
             for ti, row in zip(h["injection_loops"], h["identification"]):
                 lines.append(f"| {ti} | " + " | ".join(_pct(v) for v in row) + " |")
+        lines += grid_markdown(s.get("grids", {}))
         lines += [
             "",
             "## Cells",
@@ -140,37 +146,38 @@ class IntrospectionResult:
         return "\n".join(lines) + "\n"
 
     def plot(self, out_dir: str) -> dict[str, str]:
-        """identification_heatmap.{png,svg}: one panel per total loop count."""
-        heat = self.summary["heatmaps"]
-        if not heat:
-            return {}
+        """identification_heatmap (extraction x injection loop), rate_heatmaps (detection and identification by
+        injection loop x strength and layer x loop, cells annotated with rate, Wilson interval and n) and
+        detection_vs_strength (curves per injection loop with intervals, random vectors and false positives),
+        each as .png and .svg; only the figures the trials can fill."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(heat), figsize=(3.2 * len(heat) + 1, 3.2), squeeze=False)
-        im = None
-        for ax, (n, h) in zip(axes[0], heat.items()):
-            arr = np.array([[np.nan if v is None else v for v in row] for row in h["identification"]], dtype=float)
-            im = ax.imshow(arr, origin="lower", cmap="viridis", vmin=0, vmax=1, aspect="auto")
-            ax.set_xticks(range(len(h["extraction_loops"])), h["extraction_loops"])
-            ax.set_yticks(range(len(h["injection_loops"])), h["injection_loops"])
-            for yi in range(arr.shape[0]):
-                for xi in range(arr.shape[1]):
-                    if not np.isnan(arr[yi, xi]):
-                        ax.text(xi, yi, f"{arr[yi, xi]:.2f}", ha="center", va="center", fontsize=7, color="w")
-            ax.set_xlabel("extraction loop")
-            ax.set_ylabel("injection loop")
-            ax.set_title(f"identification, N = {n} loops", fontsize=9)
-        fig.colorbar(im, ax=list(axes[0]), label="identification rate")
         paths = {}
-        for ext in ("png", "svg"):
-            path = os.path.join(out_dir, f"identification_heatmap.{ext}")
-            paths[f"identification_heatmap.{ext}"] = atomic_write(
-                path, lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
-            )
-        plt.close(fig)
+        heat = self.summary["heatmaps"]
+        if heat:
+            fig, axes = plt.subplots(1, len(heat), figsize=(3.2 * len(heat) + 1, 3.2), squeeze=False)
+            im = None
+            for ax, (n, h) in zip(axes[0], heat.items()):
+                arr = np.array([[np.nan if v is None else v for v in row] for row in h["identification"]], dtype=float)
+                im = ax.imshow(arr, origin="lower", cmap="viridis", vmin=0, vmax=1, aspect="auto")
+                ax.set_xticks(range(len(h["extraction_loops"])), h["extraction_loops"])
+                ax.set_yticks(range(len(h["injection_loops"])), h["injection_loops"])
+                for yi in range(arr.shape[0]):
+                    for xi in range(arr.shape[1]):
+                        if not np.isnan(arr[yi, xi]):
+                            ax.text(xi, yi, f"{arr[yi, xi]:.2f}", ha="center", va="center", fontsize=7, color="w")
+                ax.set_xlabel("extraction loop")
+                ax.set_ylabel("injection loop")
+                ax.set_title(f"identification, N = {n} loops", fontsize=9)
+            fig.colorbar(im, ax=list(axes[0]), label="identification rate")
+            paths.update(_save_figure(fig, out_dir, "identification_heatmap"))
+        grids = self.summary.get("grids", {})
+        if any(g["loop_strength"]["rows"] for g in grids.values()):
+            paths.update(_save_figure(plot_rate_grids(grids), out_dir, "rate_heatmaps"))
+            paths.update(_save_figure(plot_strength_curves(grids), out_dir, "detection_vs_strength"))
         return paths
 
     def save(self, out_dir: str, plots: bool = True) -> dict[str, str]:
@@ -198,21 +205,207 @@ class IntrospectionResult:
 
 
 def compare_introspection(before: IntrospectionResult, after: IntrospectionResult) -> str:
-    """Markdown: detection, identification and false-positive rates per (N, injection loop), before -> after."""
+    """Markdown, before and after side by side: detection, identification, false-positive and detection − false
+    positive rates per (N, injection loop) with Wilson (Newcombe for the difference) intervals, then detection
+    and identification per (N, injection loop, strength) and random-vector claims per strength."""
     b, a = before.by_injection_loop(), after.by_injection_loop()
     lines = [
-        "| N | inj loop | detection before | after | identification before | after | false pos. before | after |",
-        "|---|---|---|---|---|---|---|---|",
+        "| N | inj loop | detection before | after | identification before | after | false pos. before | after | "
+        "det − FP before | after | n |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(set(b) | set(a), key=lambda k: (k[0], -1 if k[1] is None else k[1])):
         rb, ra = b.get(key, {}), a.get(key, {})
+        cells = [_ci(r.get(k)) for k in ("detection", "identification", "false_positive", "detection_minus_fp")
+                 for r in (rb, ra)]  # fmt: skip
+        n = (ra.get("detection") or rb.get("detection") or {}).get("n", 0)
+        lines.append(f"| {key[0]} | {'–' if key[1] is None else key[1]} | " + " | ".join(cells) + f" | {n} |")
+    gb, ga = before.summary.get("grids", {}), after.summary.get("grids", {})
+    for n in [n for n in ga if n in gb]:
+        lines += ["", f"Per strength, N = {n}:", ""]
+        lines += ["| inj loop | strength | detection before | after | identification before | after | "
+                  "random-vector claims before | after |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for grid_b, grid_a in ((gb[n], ga[n]),):
+            lb, la = grid_b["loop_strength"], grid_a["loop_strength"]
+            rb_, ra_ = grid_b["random_loop_strength"], grid_a["random_loop_strength"]
+            for loop in la["rows"]:
+                for s in la["cols"]:
 
-        def p(r, k):
-            return _pct((r.get(k) or {}).get("rate"))
+                    def at(grid, metric, loop=loop, s=s):
+                        if loop in grid["rows"] and s in grid["cols"] and metric in grid:
+                            return grid[metric][grid["rows"].index(loop)][grid["cols"].index(s)]
+                        return None
 
-        lines.append(
-            f"| {key[0]} | {'–' if key[1] is None else key[1]} | {p(rb, 'detection')} | {p(ra, 'detection')} | "
-            f"{p(rb, 'identification')} | {p(ra, 'identification')} | {p(rb, 'false_positive')} | "
-            f"{p(ra, 'false_positive')} |"
-        )
+                    cells = [_ci(at(lb, "detection")), _ci(at(la, "detection")), _ci(at(lb, "identification")),
+                             _ci(at(la, "identification")), _ci(at(rb_, "detection")), _ci(at(ra_, "detection"))]  # fmt: skip
+                    lines.append(f"| {loop} | {s:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(r: dict | None) -> str:
+    """'rate [lo, hi] n' in %, or '–' for an empty cell."""
+    if not r or r.get("rate") is None:
+        return "–"
+    return f"{_pct(r['rate'])} [{_pct(r['lo'])}, {_pct(r['hi'])}] n={r['n']}"
+
+
+def _grid_table(title: str, grid: dict, metric: str, row_name: str, col_name: str, col_fmt=str) -> list[str]:
+    cols = grid["cols"]
+    lines = ["", f"### {title}", "", f"| {row_name} \\ {col_name} | " + " | ".join(col_fmt(c) for c in cols) + " |"]
+    lines += ["|---|" + "---|" * len(cols)]
+    for r, row in zip(grid["rows"], grid[metric]):
+        lines.append(f"| {r} | " + " | ".join(_cell(x) for x in row) + " |")
+    return lines
+
+
+def grid_markdown(grids: dict) -> list[str]:
+    """Markdown tables of :func:`loopalign.eval.introspection.stats.rate_grids`: rate % [Wilson interval] and n
+    per cell, for detection and identification by (injection loop x strength) and (layer x injection loop),
+    random-vector detection claims by (injection loop x strength), and the controls' false-positive rate."""
+    lines: list[str] = []
+    for n, g in grids.items():
+        lines += ["", f"## Rates by site, N = {n} (rate % [95% Wilson interval] and n per cell)"]
+        lines += ["", f"False positives on controls (no injection): {_cell(g['false_positive'])}."]
+        ls, ll = g["loop_strength"], g["layer_loop"]
+        if ls["rows"]:
+            for metric in ("detection", "identification"):
+                lines += _grid_table(f"{metric.capitalize()} by injection loop x strength", ls, metric,
+                                     "inj loop", "strength", lambda c: f"{c:g}")  # fmt: skip
+        rs = g["random_loop_strength"]
+        if rs["rows"] and any(x["n"] for row in rs["detection"] for x in row):
+            lines += _grid_table("Random vectors: detection claims by injection loop x strength", rs, "detection",
+                                 "inj loop", "strength", lambda c: f"{c:g}")  # fmt: skip
+        if ll["rows"]:
+            for metric in ("detection", "identification"):
+                lines += _grid_table(f"{metric.capitalize()} by layer x injection loop", ll, metric, "layer",
+                                     "inj loop")  # fmt: skip
+    return lines
+
+
+def _save_figure(fig, out_dir: str, stem: str) -> dict[str, str]:
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    for ext in ("png", "svg"):
+        path = os.path.join(out_dir, f"{stem}.{ext}")
+        paths[f"{stem}.{ext}"] = atomic_write(
+            path,
+            lambda tmp, ext=ext: fig.savefig(
+                tmp, format=ext, dpi=120, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None
+            ),
+        )
+    plt.close(fig)
+    return paths
+
+
+def _draw_grid(ax, grid: dict, metric: str, xlabel: str, ylabel: str, title: str, col_fmt=str):
+    cells = grid[metric]
+    arr = np.array([[np.nan if c["rate"] is None else c["rate"] for c in row] for row in cells], dtype=float)
+    im = ax.imshow(arr.reshape(len(grid["rows"]), len(grid["cols"])), origin="lower", cmap="viridis", vmin=0,
+                   vmax=1, aspect="auto")  # fmt: skip
+    ax.set_xticks(range(len(grid["cols"])), [col_fmt(c) for c in grid["cols"]])
+    ax.set_yticks(range(len(grid["rows"])), grid["rows"])
+    for yi, row in enumerate(cells):
+        for xi, c in enumerate(row):
+            if c["rate"] is not None:
+                text = f"{c['rate']:.2f}\n[{c['lo']:.2f},{c['hi']:.2f}]\nn={c['n']}"
+                ax.text(xi, yi, text, ha="center", va="center", fontsize=6,
+                        color="w" if c["rate"] < 0.6 else "k")  # fmt: skip
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    return im
+
+
+def plot_rate_grids(grids: dict, title_prefix: str = ""):
+    """A figure: per N one row of panels: detection and identification by (injection loop x strength) and,
+    with trials at more than one layer or loop, by (layer x injection loop). Cells: rate, Wilson interval, n."""
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for n, g in grids.items():
+        for metric in ("detection", "identification"):
+            if g["loop_strength"]["rows"]:
+                panels.append((n, g["loop_strength"], metric, "strength", "injection loop", lambda c: f"{c:g}"))
+        for metric in ("detection", "identification"):
+            if g["layer_loop"]["rows"]:
+                panels.append((n, g["layer_loop"], metric, "injection loop", "layer", str))
+    cols = 4
+    rows = max(1, -(-len(panels) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    im = None
+    for ax, (n, grid, metric, xl, yl, fmt) in zip(axes.flat, panels):
+        im = _draw_grid(ax, grid, metric, xl, yl, f"{title_prefix}{metric}, N = {n}", fmt)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    if im is not None:
+        fig.colorbar(im, ax=list(axes.flat), label="rate")
+    return fig
+
+
+def plot_strength_curves(grids: dict, title_prefix: str = ""):
+    """Detection (coherent claims) vs strength, one line per injection loop with Wilson error bars; random
+    vectors' claims (dashed) and the controls' false-positive rate (grey band) for reference; one panel per N."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(grids)), figsize=(4.2 * max(1, len(grids)), 3.4), squeeze=False)
+    for ax, (n, g) in zip(axes[0], grids.items()):
+        ls, rs = g["loop_strength"], g["random_loop_strength"]
+        for grid, style, label in ((ls, "-o", "inj loop {}"), (rs, "--x", "random, inj loop {}")):
+            for loop, row in zip(grid["rows"], grid["detection"]):
+                pts = [(s, c) for s, c in zip(grid["cols"], row) if c["rate"] is not None]
+                if not pts:
+                    continue
+                xs = [s for s, _ in pts]
+                ys = [c["rate"] for _, c in pts]
+                err = [[c["rate"] - c["lo"] for _, c in pts], [c["hi"] - c["rate"] for _, c in pts]]
+                ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=2, label=label.format(loop), markersize=4)
+        fp = g["false_positive"]
+        if fp.get("rate") is not None:
+            ax.axhspan(fp["lo"], fp["hi"], color="grey", alpha=0.2)
+            ax.axhline(fp["rate"], color="grey", lw=1, label="false positive (controls)")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("strength")
+        ax.set_ylabel("detection rate")
+        ax.set_title(f"{title_prefix}detection vs strength, N = {n}", fontsize=9)
+        ax.legend(fontsize=6)
+    return fig
+
+
+def plot_comparison(before: IntrospectionResult, after: IntrospectionResult, out_dir: str) -> dict[str, str]:
+    """before_after_heatmaps and before_after_curves (.png, .svg): the same figures for the two results side by
+    side (before on the left / top)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    gb, ga = before.summary.get("grids", {}), after.summary.get("grids", {})
+    ns = [n for n in gb if n in ga and gb[n]["loop_strength"]["rows"] and ga[n]["loop_strength"]["rows"]]
+    if not ns:
+        return {}
+    fig, axes = plt.subplots(2 * len(ns), 2, figsize=(8, 6.4 * len(ns)), squeeze=False)
+    im = None
+    for k, n in enumerate(ns):
+        for j, (label, g) in enumerate((("before", gb[n]), ("after", ga[n]))):
+            for i, metric in enumerate(("detection", "identification")):
+                im = _draw_grid(axes[2 * k + i, j], g["loop_strength"], metric, "strength", "injection loop",
+                                f"{label}: {metric}, N = {n}", lambda c: f"{c:g}")  # fmt: skip
+    fig.colorbar(im, ax=list(axes.flat), label="rate")
+    paths = _save_figure(fig, out_dir, "before_after_heatmaps")
+    fig, axes = plt.subplots(1, 2, figsize=(8.6, 3.4), squeeze=False)
+    for ax, (label, grids) in zip(axes[0], (("before", gb), ("after", ga))):
+        sub = plot_strength_curves({ns[0]: grids[ns[0]]}, f"{label}: ")
+        src = sub.axes[0]
+        for line in src.get_lines():
+            ax.plot(*line.get_data(), line.get_linestyle(), marker=line.get_marker(), label=line.get_label())
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(src.get_title(), fontsize=9)
+        ax.set_xlabel("strength")
+        ax.set_ylabel("detection rate")
+        ax.legend(fontsize=6)
+        plt.close(sub)
+    paths.update(_save_figure(fig, out_dir, "before_after_curves"))
+    return paths

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..metrics import wilson_interval
 
-__all__ = ["summarize"]
+__all__ = ["summarize", "rate_grids"]
 
 
 def _rate(values, n_boot: int, alpha: float, seed: int) -> dict:
@@ -43,7 +43,8 @@ def _difference(a: dict, b: dict, alpha: float) -> dict:
 
 def summarize(records: Sequence[dict], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:
     """Rates with intervals from graded records (trial fields + ``grade`` dict). Returns a dict with
-    ``cells``, ``controls``, ``random``, ``control_questions``, ``by_injection_loop``, ``heatmaps``."""
+    ``cells``, ``controls``, ``random``, ``control_questions``, ``by_injection_loop``, ``heatmaps``
+    (identification over extraction x injection loop) and ``grids`` (:func:`rate_grids`)."""
     by: dict[str, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         g, kind, n = r["grade"], r["trial_type"], int(r["num_loops"])
@@ -52,10 +53,13 @@ def summarize(records: Sequence[dict], n_boot: int = 1000, alpha: float = 0.05, 
             by["cells"][(*site, float(r["strength"]))].append(g)
             by["loop"][(n, int(r["injection_loop"]))].append(g)
             by["heat"][(n, int(r["extraction_loop"]), int(r["injection_loop"]))].append(g)
+            by["loop_strength"][(n, int(r["injection_loop"]), float(r["strength"]))].append(g)
+            by["layer_loop"][(n, int(r["layer"]), int(r["injection_loop"]))].append(g)
         elif kind == "control":
             by["controls"][(n,)].append(g)
         elif kind == "random":
             by["random"][(*site, float(r["strength"]))].append(g)
+            by["random_loop_strength"][(n, int(r["injection_loop"]), float(r["strength"]))].append(g)
         elif kind == "control_question":
             by["questions"][(*site, float(r["strength"]))].append(g)
 
@@ -118,4 +122,49 @@ def summarize(records: Sequence[dict], n_boot: int = 1000, alpha: float = 0.05, 
                 heat["detection"].append(row_d)
                 heat["n"].append(row_n)
             out["heatmaps"][str(n)] = {"extraction_loops": ext, "injection_loops": inj, **heat}
+    out["grids"] = rate_grids(by, fp, alpha)
+    return out
+
+
+def _grid(groups: dict[tuple, list[dict]], n: int, rows: list, cols: list, rate_fns: dict, alpha: float) -> dict:
+    """{"rows", "cols", metric: [[rate dict per col] per row]} of the groups keyed (n, row, col)."""
+    grid = {"rows": rows, "cols": cols}
+    for name, f in rate_fns.items():
+        grid[name] = [[_rate([f(g) for g in groups.get((n, r, c), [])], 0, alpha, 0) for c in cols] for r in rows]
+    return grid
+
+
+def rate_grids(by: dict, fp: dict, alpha: float) -> dict:
+    """Per total loop count N (keys ``str(N)``), pooled over concepts and the other axes, each cell a rate
+    with its Wilson interval and n:
+
+    - ``loop_strength``: detection and identification, rows = injection loop, cols = strength;
+    - ``layer_loop``: detection and identification, rows = layer, cols = injection loop;
+    - ``random_loop_strength``: detection claims on random-vector trials, rows = injection loop, cols = strength;
+    - ``false_positive``: the N's control rate (the flat line the curves are read against).
+    """
+
+    def det(g):
+        return float(g["detected"] and not g["incoherent"])
+
+    def succ(g):
+        return float(g["success"])
+
+    def claim(g):
+        return float(g["detected"])
+
+    out = {}
+    ns = sorted({k[0] for k in by["loop_strength"]} | {k[0] for k in by["random_loop_strength"]})
+    for n in ns:
+        ls = by["loop_strength"]
+        loops = sorted({k[1] for k in ls if k[0] == n} | {k[1] for k in by["random_loop_strength"] if k[0] == n})
+        strengths = sorted({k[2] for k in ls if k[0] == n} | {k[2] for k in by["random_loop_strength"] if k[0] == n})
+        layers = sorted({k[1] for k in by["layer_loop"] if k[0] == n})
+        inj = sorted({k[2] for k in by["layer_loop"] if k[0] == n})
+        out[str(n)] = {
+            "loop_strength": _grid(ls, n, loops, strengths, {"detection": det, "identification": succ}, alpha),
+            "layer_loop": _grid(by["layer_loop"], n, layers, inj, {"detection": det, "identification": succ}, alpha),
+            "random_loop_strength": _grid(by["random_loop_strength"], n, loops, strengths, {"detection": claim}, alpha),
+            "false_positive": fp.get(n, {}).get("false_positive", _rate([], 0, alpha, 0)),
+        }
     return out
