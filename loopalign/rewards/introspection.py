@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from loopalign.eval.introspection import Grade, Judge, grade_response
+from loopalign.eval.introspection.grading import Grade, Judge, grade_response
 
 __all__ = [
     "REWARD_KEYS",
@@ -71,7 +71,7 @@ def _trials(completions, kwargs) -> list[dict]:
     if all(k is None for k in kinds) and all(i is None for i in injected):
         raise ValueError(
             "introspection rewards need the dataset column 'trial_type' or 'injected' (the injection spec "
-            "travels in dataset columns; see loopalign.trainers.introspection_grpo.introspection_dataset)"
+            "travels in dataset columns; see loopalign.trainers.introspection.introspection_dataset)"
         )
     out = []
     for k, i, c in zip(kinds, injected, concepts):

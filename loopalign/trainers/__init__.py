@@ -2,7 +2,7 @@
 
 from .gap_data import GapCollator, build_gap_features, verdict_token_ids
 from .gap_sft import LOSS_KEYS, GapSFTConfig, GapSFTTrainer
-from .introspection_grpo import (
+from .introspection import (
     IntrospectionGRPOConfig,
     IntrospectionGRPOTrainer,
     IntrospectionSFTConfig,

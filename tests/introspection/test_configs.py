@@ -1,7 +1,7 @@
 """Every shipped grpo_introspection / eval_introspection YAML parses against its recipe's TrlParser dataclasses."""
 
-import importlib.util
-import sys
+import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -13,13 +13,8 @@ EVAL = sorted((ROOT / "recipes" / "configs").glob("eval_introspection_*.yaml"))
 
 
 def _recipe(name):
-    key = f"{name}_recipe"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, ROOT / "recipes" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    """The body of recipes/<name>.py: loopalign.scripts.<name>."""
+    return importlib.import_module(f"loopalign.scripts.{name}")
 
 
 def test_configs_exist():
@@ -71,8 +66,8 @@ def test_concept_split_is_fixed_disjoint_and_used_by_the_grpo_recipe():
     """[introspection-v2] item 3: training and evaluation concepts are disjoint by default."""
     from trl import ModelConfig, TrlParser
 
-    from data_builders.injection import CONCEPT_WORDS
     from loopalign.eval.introspection import split_concepts
+    from loopalign.injection import CONCEPT_WORDS
 
     train, held = split_concepts(CONCEPT_WORDS, 0.25)
     assert not set(train) & set(held) and set(train) | set(held) == set(CONCEPT_WORDS) and len(held) == 12
@@ -89,7 +84,7 @@ def test_concept_split_is_fixed_disjoint_and_used_by_the_grpo_recipe():
 
     import torch
 
-    from data_builders.injection import ConceptVectors
+    from loopalign.injection import ConceptVectors
 
     Vectors = ConceptVectors(
         {w: torch.zeros(2, 1, 8) for w in CONCEPT_WORDS[:8]}, {"num_loops": 2, "layers": [1], "hidden_size": 8}
@@ -103,3 +98,28 @@ def test_concept_split_is_fixed_disjoint_and_used_by_the_grpo_recipe():
     assert set(evaluated) <= set(trained)
     with pytest.raises(ValueError, match="concept_split"):
         TrlParser(classes).parse_args_and_config(args=["--use_cpu", "true", "--concept_split", "some"])
+
+
+@pytest.mark.parametrize("name", ["eval_introspection", "grpo_introspection"])
+def test_recipes_are_thin_and_import_no_sibling(name):
+    """[architecture] a recipe is a docstring, ``from loopalign.scripts.<name> import main`` and the guard:
+    no sys.path edits, no other recipe, no private names."""
+    tree = ast.parse((ROOT / "recipes" / f"{name}.py").read_text())
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    froms = [(n.module, [a.name for a in n.names]) for n in imports if isinstance(n, ast.ImportFrom)]
+    assert (f"loopalign.scripts.{name}", ["main"]) in froms
+    assert all(m in ("sys",) for n in imports if isinstance(n, ast.Import) for m in [a.name for a in n.names])
+    assert len(froms) == 1 and "sys.path" not in (ROOT / "recipes" / f"{name}.py").read_text()
+    assert callable(_recipe(name).main)
+
+
+def test_scripts_main_parses_argv_and_rejects_bad_options():
+    """main(argv) parses with TrlParser: a bad option fails naming it before any model is loaded."""
+    with pytest.raises(ValueError, match="concept_split"):
+        _recipe("grpo_introspection").main(["--use_cpu", "true", "--concept_split", "some"])
+    with pytest.raises(ValueError, match="no_such_option"):
+        _recipe("eval_introspection").main(["--no_such_option", "1"])
+    script, train, model = _recipe("grpo_introspection").parse_args(["--mode", "sft", "--use_cpu", "true"])
+    assert script.mode == "sft" and model.model_name_or_path == "organism" and train.max_steps == 16
+    (args,) = [_recipe("eval_introspection").parse_args(["--n_concepts", "3"])]
+    assert args.n_concepts == 3 and args.output_dir == "outputs/eval_introspection_default"

@@ -4,8 +4,8 @@ identify a concept, ordinary claims and identifications still count."""
 
 import pytest
 
-from data_builders.injection import CONCEPT_WORDS
 from loopalign.eval.introspection import detection_claim, named_concepts, rules_grade
+from loopalign.injection import CONCEPT_WORDS
 
 LIST_OF_20 = ", ".join(CONCEPT_WORDS[:20])
 
@@ -96,7 +96,7 @@ def test_detection_claim_offsets_and_named_concepts():
 
 
 def test_rates_carry_wilson_intervals():
-    from loopalign.eval.introspection import _rate
+    from loopalign.eval.introspection.stats import _rate
 
     r = _rate([0.0] * 16, n_boot=100, alpha=0.05, seed=0)
     assert r["rate"] == 0.0 and r["lo"] == 0.0 and 0.19 < r["hi"] < 0.2 and r["n"] == 16

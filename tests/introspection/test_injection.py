@@ -7,6 +7,7 @@ import torch
 
 from loopalign.eval.introspection import inject_rows, transcript_prompt
 from loopalign.hooks import add_vector
+from loopalign.injection import injection_spec
 
 
 def _states(model, ids, mask=None):
@@ -117,7 +118,7 @@ def test_trainer_logps_and_generation_use_the_row_columns(tiny, tok, tmp_path):
     trainer = _trainer(model, tok, vectors, rows, tmp_path, generation_kwargs={"do_sample": False})
     model = trainer.model
     rows_l = [rows[i] for i in range(3)]
-    spec = trainer._vectors_for(rows_l)
+    spec = injection_spec(rows_l, trainer.concept_vectors, model.config.hidden_size)
     seqs = [ids, short_ids, short_ids]
     comp = [[5, 6, 7], [8, 9, 10], [8, 9, 10]]
     P, C = max(map(len, seqs)), 3

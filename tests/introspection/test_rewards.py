@@ -84,7 +84,7 @@ def test_judge_is_used_by_rewards():
 def test_exploits_earn_less_than_an_honest_answer():
     """[introspection-v2] item 2: listing concept words, hedging and always answering one way pay
     less than the honest answer, on injected and on control trials."""
-    from data_builders.injection import CONCEPT_WORDS
+    from loopalign.injection import CONCEPT_WORDS
     from loopalign.rewards.introspection import combined_reward
 
     reward = combined_reward()

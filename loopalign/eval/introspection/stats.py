@@ -1,0 +1,170 @@
+"""Rates of graded introspection trials: Wilson intervals, differences, the per-cell / per-loop summary.
+
+Detection = coherent detection claims on injection trials; identification = successes on injection
+trials; false positive = detection claims (coherent or not) on control trials of the same loop count;
+leakage = the concept named without a detection claim (steering, not introspection).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..metrics import wilson_interval
+
+__all__ = ["summarize", "rate_grids"]
+
+
+def _rate(values, n_boot: int, alpha: float, seed: int) -> dict:
+    """A rate of 0/1 outcomes with its Wilson interval (``n_boot`` and ``seed`` are unused: kept for
+    the callers; a percentile bootstrap gave [0, 0] at 0 successes)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"rate": None, "lo": None, "hi": None, "n": 0}
+    k = int(round(float(v.sum())))
+    lo, hi = wilson_interval(k, int(v.size), alpha)
+    return {"rate": float(v.mean()), "lo": float(lo), "hi": float(hi), "n": int(v.size)}
+
+
+def _difference(a: dict, b: dict, alpha: float) -> dict:
+    """a − b of two independent rates with Newcombe's hybrid score interval (from their Wilson
+    intervals); None parts when either rate is missing."""
+    if not a or not b or a.get("rate") is None or b.get("rate") is None:
+        return {"rate": None, "lo": None, "hi": None}
+    p1, l1, u1 = a["rate"], a["lo"], a["hi"]
+    p2, l2, u2 = b["rate"], b["lo"], b["hi"]
+    d = p1 - p2
+    lo = d - ((p1 - l1) ** 2 + (u2 - p2) ** 2) ** 0.5
+    hi = d + ((u1 - p1) ** 2 + (p2 - l2) ** 2) ** 0.5
+    return {"rate": d, "lo": max(-1.0, lo), "hi": min(1.0, hi)}
+
+
+def summarize(records: Sequence[dict], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:
+    """Rates with intervals from graded records (trial fields + ``grade`` dict). Returns a dict with
+    ``cells``, ``controls``, ``random``, ``control_questions``, ``by_injection_loop``, ``heatmaps``
+    (identification over extraction x injection loop) and ``grids`` (:func:`rate_grids`)."""
+    by: dict[str, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        g, kind, n = r["grade"], r["trial_type"], int(r["num_loops"])
+        site = (n, int(r["extraction_loop"]), int(r["injection_loop"]), int(r["layer"]))
+        if kind == "injection":
+            by["cells"][(*site, float(r["strength"]))].append(g)
+            by["loop"][(n, int(r["injection_loop"]))].append(g)
+            by["heat"][(n, int(r["extraction_loop"]), int(r["injection_loop"]))].append(g)
+            by["loop_strength"][(n, int(r["injection_loop"]), float(r["strength"]))].append(g)
+            by["layer_loop"][(n, int(r["layer"]), int(r["injection_loop"]))].append(g)
+        elif kind == "control":
+            by["controls"][(n,)].append(g)
+        elif kind == "random":
+            by["random"][(*site, float(r["strength"]))].append(g)
+            by["random_loop_strength"][(n, int(r["injection_loop"]), float(r["strength"]))].append(g)
+        elif kind == "control_question":
+            by["questions"][(*site, float(r["strength"]))].append(g)
+
+    def det(g):
+        return float(g["detected"] and not g["incoherent"])
+
+    def succ(g):
+        return float(g["success"])
+
+    def rates(gs, **names):
+        return {k: _rate([f(g) for g in gs], n_boot, alpha, seed) for k, f in names.items()}
+
+    inc = lambda g: float(g["incoherent"])  # noqa: E731
+    # steering leakage: the concept shows up in the text without a detection claim
+    leak = lambda g: float(bool(g.get("mentions_concept")) and not g["detected"])  # noqa: E731
+    claim = lambda g: float(g["detected"])  # noqa: E731
+    keys = ("num_loops", "extraction_loop", "injection_loop", "layer", "strength")
+    fp = {k[0]: rates(gs, false_positive=claim, incoherent=inc) for k, gs in sorted(by["controls"].items())}
+    out = {
+        "cells": [
+            {**dict(zip(keys, k)), **rates(gs, detection=det, identification=succ, incoherent=inc)}
+            for k, gs in sorted(by["cells"].items())
+        ],
+        "controls": [{"num_loops": n, **v} for n, v in fp.items()],
+        "random": [
+            {**dict(zip(keys, k)), **rates(gs, detection=claim, incoherent=inc)}
+            for k, gs in sorted(by["random"].items())
+        ],
+        "control_questions": [
+            {**dict(zip(keys, k)), **rates(gs, yes=claim, incoherent=inc)} for k, gs in sorted(by["questions"].items())
+        ],
+        "by_injection_loop": [],
+        "heatmaps": {},
+    }
+    loop_counts = sorted({k[0] for k in by["loop"]} | set(fp))
+    for n in loop_counts:
+        loops = sorted({k[1] for k in by["loop"] if k[0] == n})
+        for t in loops:
+            row = {"num_loops": n, "injection_loop": t}
+            row.update(rates(by["loop"][(n, t)], detection=det, identification=succ, incoherent=inc, leakage=leak))
+            row["false_positive"] = fp.get(n, {}).get("false_positive", _rate([], n_boot, alpha, seed))
+            row["detection_minus_fp"] = _difference(row["detection"], row["false_positive"], alpha)
+            out["by_injection_loop"].append(row)
+        if not loops and n in fp:
+            out["by_injection_loop"].append(
+                {"num_loops": n, "injection_loop": None, **{"false_positive": fp[n]["false_positive"]}}
+            )
+        ext = sorted({k[1] for k in by["heat"] if k[0] == n})
+        inj = sorted({k[2] for k in by["heat"] if k[0] == n})
+        if ext and inj:
+            heat = {"identification": [], "detection": [], "n": []}
+            for ti in inj:
+                row_i, row_d, row_n = [], [], []
+                for te in ext:
+                    gs = by["heat"].get((n, te, ti), [])
+                    row_i.append(float(np.mean([succ(g) for g in gs])) if gs else None)
+                    row_d.append(float(np.mean([det(g) for g in gs])) if gs else None)
+                    row_n.append(len(gs))
+                heat["identification"].append(row_i)
+                heat["detection"].append(row_d)
+                heat["n"].append(row_n)
+            out["heatmaps"][str(n)] = {"extraction_loops": ext, "injection_loops": inj, **heat}
+    out["grids"] = rate_grids(by, fp, alpha)
+    return out
+
+
+def _grid(groups: dict[tuple, list[dict]], n: int, rows: list, cols: list, rate_fns: dict, alpha: float) -> dict:
+    """{"rows", "cols", metric: [[rate dict per col] per row]} of the groups keyed (n, row, col)."""
+    grid = {"rows": rows, "cols": cols}
+    for name, f in rate_fns.items():
+        grid[name] = [[_rate([f(g) for g in groups.get((n, r, c), [])], 0, alpha, 0) for c in cols] for r in rows]
+    return grid
+
+
+def rate_grids(by: dict, fp: dict, alpha: float) -> dict:
+    """Per total loop count N (keys ``str(N)``), pooled over concepts and the other axes, each cell a rate
+    with its Wilson interval and n:
+
+    - ``loop_strength``: detection and identification, rows = injection loop, cols = strength;
+    - ``layer_loop``: detection and identification, rows = layer, cols = injection loop;
+    - ``random_loop_strength``: detection claims on random-vector trials, rows = injection loop, cols = strength;
+    - ``false_positive``: the N's control rate (the flat line the curves are read against).
+    """
+
+    def det(g):
+        return float(g["detected"] and not g["incoherent"])
+
+    def succ(g):
+        return float(g["success"])
+
+    def claim(g):
+        return float(g["detected"])
+
+    out = {}
+    ns = sorted({k[0] for k in by["loop_strength"]} | {k[0] for k in by["random_loop_strength"]})
+    for n in ns:
+        ls = by["loop_strength"]
+        loops = sorted({k[1] for k in ls if k[0] == n} | {k[1] for k in by["random_loop_strength"] if k[0] == n})
+        strengths = sorted({k[2] for k in ls if k[0] == n} | {k[2] for k in by["random_loop_strength"] if k[0] == n})
+        layers = sorted({k[1] for k in by["layer_loop"] if k[0] == n})
+        inj = sorted({k[2] for k in by["layer_loop"] if k[0] == n})
+        out[str(n)] = {
+            "loop_strength": _grid(ls, n, loops, strengths, {"detection": det, "identification": succ}, alpha),
+            "layer_loop": _grid(by["layer_loop"], n, layers, inj, {"detection": det, "identification": succ}, alpha),
+            "random_loop_strength": _grid(by["random_loop_strength"], n, loops, strengths, {"detection": claim}, alpha),
+            "false_positive": fp.get(n, {}).get("false_positive", _rate([], 0, alpha, 0)),
+        }
+    return out

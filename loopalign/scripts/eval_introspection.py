@@ -1,0 +1,173 @@
+"""Concept-injection introspection eval (Lindsey et al. protocol, per loop) of a looped model.
+
+    python recipes/eval_introspection.py                                     # CPU default model, about a minute
+    python recipes/eval_introspection.py --config recipes/configs/eval_introspection_ouro_1.4b.yaml
+
+Concept vectors come from ``concept_vectors`` (a data_builders.injection .safetensors file) or are
+extracted at startup (``n_concepts`` words, ``vector_layers``). Writes ``introspection.json``,
+``introspection.md``, ``trials.jsonl`` and ``identification_heatmap.{png,svg}`` into ``output_dir``, and prints
+detection / identification / false-positive rates per (loop count, injection loop).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from trl import TrlParser
+
+import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
+from loopalign.eval import load_model_and_tokenizer
+from loopalign.eval.introspection import IntrospectionConfig, evaluate_introspection, parse_indices
+from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
+from loopalign.speed import set_cpu_threads
+
+__all__ = [
+    "EMBEDDED_DEFAULTS",
+    "EvalIntrospectionArguments",
+    "intro_config",
+    "vector_layers",
+    "run",
+    "parse_args",
+    "main",
+]
+
+#: Used when no --config is given: the CPU default model, about a minute on 2 CPU cores.
+EMBEDDED_DEFAULTS = dict(
+    model_name_or_path="organism",
+    n_concepts=4,
+    loop_counts="4",
+    strengths="4",
+    n_controls=16,
+    max_new_tokens=16,
+    output_dir="outputs/eval_introspection_default",
+)
+
+
+@dataclass
+class EvalIntrospectionArguments:
+    """Model, concept vectors and the trial grid (loops and layers 0-based; loop counts >= 1). The grid fields
+    are :class:`IntrospectionConfig`'s, as text for the command line and YAML (see :func:`intro_config`)."""
+
+    model_name_or_path: str = field(
+        default="organism", metadata={"help": "'organism' (CPU model organism), 'tiny', a folder or hub name."}
+    )
+    dtype: str | None = field(default=None, metadata={"help": "Weights dtype: bfloat16 | float16 | float32."})
+    device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)."})
+    concept_vectors: str | None = field(
+        default=None, metadata={"help": "Concept vectors .safetensors (default: extract)."}
+    )
+    n_concepts: int = field(default=8, metadata={"help": "Concept words to extract when no vector file is given."})
+    vector_layers: str | None = field(
+        default=None,
+        metadata={"help": "Layers to extract vectors at, e.g. '16' or '10-18' (default: about 2/3 depth)."},
+    )
+    layer_sweep: bool = field(
+        default=False,
+        metadata={"help": "Extract vectors at every layer and inject at each: the (layer x loop) heatmaps."},
+    )
+    loop_counts: str = field(default="4", metadata={"help": "Total loop counts N, e.g. '1-8'."})
+    extraction_loops: str = field(default="all", metadata={"help": "0-based, 'all' = every loop < N."})
+    injection_loops: str = field(default="all", metadata={"help": "0-based, 'all' = every loop < N."})
+    layers: str | None = field(default=None, metadata={"help": "Injection layers (default: the vectors' layers)."})
+    strengths: str = field(default="1,2,4,8", metadata={"help": "Comma-separated strengths."})
+    trials_per_concept: int = field(default=1, metadata={"help": "Samples per concept per cell."})
+    n_controls: int = field(default=50, metadata={"help": "No-injection control trials per loop count."})
+    random_vectors: bool = field(default=False, metadata={"help": "Also run random norm-matched vectors."})
+    norm_matched: bool = field(
+        default=False,
+        metadata={
+            "help": "Strengths as fractions of the residual-stream norm at the site, not multiples of the vector."
+        },
+    )
+    n_random: int = field(default=10, metadata={"help": "Random-vector trials per (N, ext, inj, layer)."})
+    control_questions: bool = field(default=False, metadata={"help": "Also ask 'no'-answer questions, injected."})
+    n_control_questions: int = field(default=5, metadata={"help": "Control questions per cell."})
+    max_new_tokens: int = field(default=100, metadata={"help": "Tokens sampled per trial."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    batch_size: int = field(default=16, metadata={"help": "Trials per generate call."})
+    n_boot: int = field(default=1000, metadata={"help": "Unused (Wilson intervals); kept for old configs."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    output_dir: str = field(default="outputs/eval_introspection", metadata={"help": "Where the reports go."})
+    report_to: list[str] = field(default_factory=list, metadata={"help": "[wandb] to log the rates."})
+
+
+def intro_config(args: EvalIntrospectionArguments, **overrides) -> IntrospectionConfig:
+    """The library's :class:`IntrospectionConfig` from the script arguments (``overrides`` win)."""
+    kw = dict(
+        loop_counts=args.loop_counts,
+        extraction_loops=args.extraction_loops,
+        injection_loops=args.injection_loops,
+        layers=args.layers,
+        strengths=tuple(float(s) for s in str(args.strengths).split(",")),
+        trials_per_concept=args.trials_per_concept,
+        n_controls=args.n_controls,
+        random_vectors=args.random_vectors,
+        norm_matched=args.norm_matched,
+        n_random=args.n_random,
+        control_questions=args.control_questions,
+        n_control_questions=args.n_control_questions,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        n_boot=args.n_boot,
+        seed=args.seed,
+    )
+    kw.update(overrides)
+    return IntrospectionConfig(**kw)
+
+
+def vector_layers(args: EvalIntrospectionArguments, model_config) -> tuple[int, ...] | None:
+    """Layers to extract concept vectors at: every layer with ``layer_sweep``, else ``vector_layers`` (None: the
+    default layer, about 2/3 of the depth)."""
+    if args.layer_sweep:
+        if args.vector_layers or args.layers:
+            raise ValueError("layer_sweep extracts and injects at every layer: leave vector_layers and layers out")
+        return tuple(range(int(model_config.num_hidden_layers)))
+    return parse_indices(args.vector_layers, "vector_layers")
+
+
+def run(args: EvalIntrospectionArguments) -> dict:
+    """Load the model, get the concept vectors, run the protocol, write and print the reports."""
+    t0 = time.time()
+    set_cpu_threads(on_cpu=args.device == "cpu" or None, announce=True)
+    model, tok = load_model_and_tokenizer(args.model_name_or_path, device=args.device, dtype=args.dtype or "auto",
+                                          seed=args.seed)  # fmt: skip
+    label = {"tiny": "tiny (random)"}.get(args.model_name_or_path, args.model_name_or_path)
+    cfg = intro_config(args)
+    max_n = max(cfg.loop_counts or (model.config.total_ut_steps,))
+    vectors = concept_vectors_for(
+        model, tok, args.concept_vectors, CONCEPT_WORDS[: args.n_concepts], vector_layers(args, model.config), max_n
+    )
+    print(f"model: {label}; concept vectors: {len(vectors.vectors)} words, layers {vectors.layers}, "
+          f"{vectors.num_loops} loops ({time.time() - t0:.1f}s)")  # fmt: skip
+    result = evaluate_introspection(model, tok, vectors, cfg, out_dir=args.output_dir, model_name=label)
+    print(result.markdown().split("\n## Cells")[0])
+    print(f"reports in {args.output_dir}/ ({time.time() - t0:.1f}s)")
+    if "wandb" in (args.report_to or []):
+        import wandb
+
+        mode = None if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else "offline"
+        run_ = wandb.init(project="loopalign", name=os.path.basename(args.output_dir), mode=mode)
+        result.log_wandb(run_)
+        run_.finish()
+    return result.to_dict()
+
+
+def parse_args(argv: list[str] | None = None) -> EvalIntrospectionArguments:
+    """TrlParser over :class:`EvalIntrospectionArguments`: ``--config`` YAML plus command-line overrides;
+    without ``--config`` the :data:`EMBEDDED_DEFAULTS` (the CPU default) apply."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = TrlParser((EvalIntrospectionArguments,))
+    if "--config" not in argv:
+        parser.set_defaults(**EMBEDDED_DEFAULTS)
+    (args,) = parser.parse_args_and_config(args=argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0

@@ -1,0 +1,246 @@
+"""Introspection RL: GRPO (or SFT) with concept injection inside the rollouts, evaluated before and after.
+
+    python recipes/grpo_introspection.py                                     # CPU default model, minutes
+    python recipes/grpo_introspection.py --config recipes/configs/grpo_introspection_ouro_1.4b.yaml
+    accelerate launch recipes/grpo_introspection.py --config ...             # multi-GPU
+
+Concept vectors: ``concept_vectors`` (a data_builders.injection file) or extracted at startup for the first
+``n_concepts`` words. Training rows inject at ``train_*`` sites (default: the last loop) on
+``1 - control_fraction`` of trials; ``mode: sft`` trains target reports instead of GRPO. Writes ``before/`` and
+``after/`` introspection reports, ``compare.md`` and the adapters (``final/``) into ``output_dir``, and prints
+detection, identification and false-positive rates per injection loop before and after.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, TrlParser, get_peft_config
+
+import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
+from loopalign.eval import load_model_and_tokenizer
+from loopalign.eval.introspection import (
+    IntrospectionConfig,
+    compare_introspection,
+    evaluate_introspection,
+    parse_indices,
+    split_concepts,
+)
+from loopalign.eval.introspection.report import plot_comparison
+from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
+from loopalign.io import atomic_write_text
+from loopalign.speed import set_cpu_threads
+from loopalign.trainers.introspection import (
+    INTROSPECTION_MODES,
+    IntrospectionGRPOConfig,
+    introspection_dataset,
+    make_introspection_trainer,
+)
+
+__all__ = [
+    "EMBEDDED_DEFAULTS",
+    "IntrospectionScriptArguments",
+    "IntrospectionGRPOConfig",
+    "run_concepts",
+    "eval_config",
+    "run",
+    "parse_args",
+    "main",
+]
+
+# Used when no --config is given: the CPU default model, a few minutes on 2 CPU cores.
+EMBEDDED_DEFAULTS = dict(
+    model_name_or_path="organism",
+    use_peft=True,
+    lora_r=8,
+    lora_alpha=16,
+    lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    output_dir="outputs/grpo_introspection_default",
+    max_steps=16,
+    per_device_train_batch_size=8,
+    num_generations=4,
+    max_completion_length=16,
+    learning_rate=1e-3,
+    beta=0.0,
+    logging_steps=4,
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    n_concepts=8,
+    eval_concepts=4,
+    eval_n_controls=16,
+    eval_max_new_tokens=16,
+    eval_strengths="4",
+)
+
+
+@dataclass
+class IntrospectionScriptArguments:
+    """Concept vectors, training trials and the before/after evaluation (loops and layers 0-based)."""
+
+    mode: str = field(default="grpo", metadata={"help": "grpo | sft (target reports on injected/control trials)."})
+    concept_split: str = field(
+        default="held_out",
+        metadata={
+            "help": "held_out: train on some concepts and evaluate on the others (a fixed hash split); "
+            "none: every concept in training and evaluation (what a model was trained on is then measured)."
+        },
+    )
+    held_out_share: float = field(default=0.25, metadata={"help": "Share of concepts held out (concept_split)."})
+    n_concepts: int = field(default=8, metadata={"help": "Concept words extracted when no vector file is given."})
+    vector_layers: str | None = field(default=None, metadata={"help": "Layers to extract at (default: ~2/3 depth)."})
+    vector_loops: int | None = field(default=None, metadata={"help": "Loops run for extraction (default: max eval N)."})
+    train_extraction_loops: str | None = field(default=None, metadata={"help": "Default: the model's last loop."})
+    train_injection_loops: str | None = field(default=None, metadata={"help": "Default: the model's last loop."})
+    train_layers: str | None = field(default=None, metadata={"help": "Default: the vectors' layers."})
+    train_strengths: str = field(default="4", metadata={"help": "Comma-separated strengths of training injections."})
+    train_rows: int = field(default=256, metadata={"help": "Training trials."})
+    control_fraction: float = field(default=0.5, metadata={"help": "Share of control (no-injection) trials."})
+    eval_loop_counts: str | None = field(
+        default=None, metadata={"help": "Loop counts evaluated (default: the model's)."}
+    )
+    eval_extraction_loops: str = field(default="all", metadata={"help": "0-based or 'all'."})
+    eval_injection_loops: str = field(default="all", metadata={"help": "0-based or 'all'."})
+    eval_strengths: str = field(default="2,4", metadata={"help": "Comma-separated eval strengths."})
+    eval_concepts: int | None = field(default=None, metadata={"help": "Concepts evaluated (default: all extracted)."})
+    eval_trials_per_concept: int = field(default=1, metadata={"help": "Samples per concept per cell."})
+    eval_n_controls: int = field(default=50, metadata={"help": "Control trials per loop count."})
+    eval_max_new_tokens: int = field(default=100, metadata={"help": "Tokens sampled per eval trial."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Trials per generate call."})
+    eval_n_boot: int = field(default=1000, metadata={"help": "Unused (Wilson intervals); kept for old configs."})
+    skip_eval: bool = field(default=False, metadata={"help": "Train only."})
+
+    def __post_init__(self):
+        if self.mode not in INTROSPECTION_MODES:
+            raise ValueError(f"mode must be 'grpo' or 'sft', got {self.mode!r}")
+        if not 0 <= self.control_fraction < 1:
+            raise ValueError(f"control_fraction must be in [0, 1), got {self.control_fraction}")
+        if self.concept_split not in ("held_out", "none"):
+            raise ValueError(f"concept_split must be 'held_out' or 'none', got {self.concept_split!r}")
+        if not 0 < self.held_out_share < 1:
+            raise ValueError(f"held_out_share must be in (0, 1), got {self.held_out_share}")
+
+
+def run_concepts(vectors, script_args: IntrospectionScriptArguments) -> tuple[list[str], list[str]]:
+    """(training concepts, evaluated concepts) of a run: disjoint with ``concept_split=held_out``."""
+    words = list(vectors.vectors)
+    if script_args.concept_split == "none":
+        return words, words[: script_args.eval_concepts or None]
+    train, held_out = split_concepts(words, script_args.held_out_share)
+    return train, held_out[: script_args.eval_concepts or None]
+
+
+def eval_config(script_args: IntrospectionScriptArguments, concepts, model_loops: int) -> IntrospectionConfig:
+    """The before/after evaluation's :class:`IntrospectionConfig` (on ``concepts``)."""
+    return IntrospectionConfig(
+        loop_counts=parse_indices(script_args.eval_loop_counts, "eval_loop_counts") or (model_loops,),
+        extraction_loops=script_args.eval_extraction_loops,
+        injection_loops=script_args.eval_injection_loops,
+        strengths=tuple(float(s) for s in script_args.eval_strengths.split(",")),
+        concepts=tuple(concepts),
+        trials_per_concept=script_args.eval_trials_per_concept,
+        n_controls=script_args.eval_n_controls,
+        max_new_tokens=script_args.eval_max_new_tokens,
+        batch_size=script_args.eval_batch_size,
+        n_boot=script_args.eval_n_boot,
+        seed=0,
+    )
+
+
+def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionGRPOConfig, model_args: ModelConfig):
+    """Vectors, the before eval, training (GRPO or SFT), the after eval, ``compare.md``."""
+    t0 = time.time()
+    set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
+    name = model_args.model_name_or_path
+    model, tok = load_model_and_tokenizer(name, device="cpu" if training_args.use_cpu else None,
+                                          dtype=model_args.dtype or "auto", seed=training_args.seed)  # fmt: skip
+    label = {"tiny": "tiny (random)"}.get(name, name)
+    n_model = int(model.config.total_ut_steps)
+    eval_ns = parse_indices(script_args.eval_loop_counts, "eval_loop_counts") or (n_model,)
+    vec_loops = script_args.vector_loops or max(max(eval_ns), n_model)
+    vectors = concept_vectors_for(
+        model, tok, training_args.concept_vectors, CONCEPT_WORDS[: script_args.n_concepts],
+        parse_indices(script_args.vector_layers, "vector_layers"), vec_loops,
+    )  # fmt: skip
+    print(
+        f"model: {label}; {len(vectors.vectors)} concept vectors at layers {vectors.layers} ({time.time() - t0:.1f}s)"
+    )
+    last = (n_model - 1,)
+    train_concepts, eval_concepts = run_concepts(vectors, script_args)
+    print(
+        f"concepts: training on {len(train_concepts)} ({', '.join(train_concepts)}); evaluating "
+        f"{len(eval_concepts)} ({', '.join(eval_concepts)})"
+        + (", held out from training" if script_args.concept_split == "held_out" else ", also trained on")
+    )
+    train_ds = introspection_dataset(
+        tok,
+        vectors,
+        concepts=train_concepts,
+        layers=parse_indices(script_args.train_layers, "train_layers"),
+        extraction_loops=parse_indices(script_args.train_extraction_loops, "train_extraction_loops") or last,
+        injection_loops=parse_indices(script_args.train_injection_loops, "train_injection_loops") or last,
+        strengths=tuple(float(s) for s in script_args.train_strengths.split(",")),
+        control_fraction=script_args.control_fraction,
+        n_rows=script_args.train_rows,
+        seed=training_args.seed,
+        with_targets=script_args.mode == "sft",
+    )
+    out = training_args.output_dir
+    main_process = training_args.process_index == 0
+    cfg = eval_config(script_args, eval_concepts, n_model)
+    before = None
+    if main_process and not script_args.skip_eval:
+        t = time.time()
+        before = evaluate_introspection(model, tok, vectors, cfg, out_dir=os.path.join(out, "before"),
+                                        model_name=label)  # fmt: skip
+        print(f"before training: {len(before.records)} eval trials ({time.time() - t:.1f}s)")
+
+    t = time.time()
+    trainer = make_introspection_trainer(
+        script_args.mode, model, training_args, train_ds, concept_vectors=vectors, processing_class=tok,
+        peft_config=get_peft_config(model_args),
+    )  # fmt: skip
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(os.path.join(out, "final"))
+    train_time = time.time() - t
+    logs = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
+    if logs and main_process:
+        keys = ("reward", "introspection/detection", "introspection/identification", "introspection/false_positive")
+        print(f"\n{script_args.mode} training: {trainer.state.global_step} steps in {train_time:.1f}s")
+        for h in logs:
+            shown = {k.split("/")[-1]: round(h[k], 3) for k in ("loss", *keys) if k in h and h[k] is not None}
+            print(f"  step {h.get('step')}: {shown}")
+
+    if main_process and not script_args.skip_eval:
+        tuned = trainer.accelerator.unwrap_model(trainer.model).eval()
+        t = time.time()
+        after = evaluate_introspection(tuned, tok, vectors, cfg, out_dir=os.path.join(out, "after"), model_name=label)
+        table = compare_introspection(before, after)
+        header = (
+            f"# Introspection before / after {script_args.mode}\n\nmodel: `{label}`; rates in % (detection and "
+            "identification on injected trials, false positives on controls); loops 0-based.\n\n"
+        )
+        atomic_write_text(os.path.join(out, "compare.md"), header + table)
+        plot_comparison(before, after, out)  # before_after_{heatmaps,curves}.{png,svg}
+        print(f"after training ({time.time() - t:.1f}s). Rates per injection loop, before -> after:\n")
+        print(table)
+        print(f"reports, heatmaps and adapters in {out}/; total {time.time() - t0:.1f}s")
+    return trainer
+
+
+def parse_args(argv: list[str] | None = None):
+    """TrlParser over (script arguments, :class:`IntrospectionGRPOConfig`, ModelConfig): ``--config`` YAML plus
+    command-line overrides; without ``--config`` the :data:`EMBEDDED_DEFAULTS` (the CPU default) apply."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = TrlParser((IntrospectionScriptArguments, IntrospectionGRPOConfig, ModelConfig))
+    if "--config" not in argv:
+        parser.set_defaults(**EMBEDDED_DEFAULTS)
+    return parser.parse_args_and_config(args=argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(*parse_args(argv))
+    return 0

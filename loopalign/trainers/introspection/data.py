@@ -1,0 +1,174 @@
+"""Introspection training data: trial rows with the injection spec, their validation, SFT features and collator.
+
+A row is the chat-formatted trial transcript (string ``prompt``) with the injection spec in the columns
+:data:`SPEC_COLUMNS`; the trainers turn a batch of rows into injection tensors with
+:func:`loopalign.injection.injection_spec`. The SFT mode adds a ``completion`` target
+(:data:`DETECT_TARGET` / :data:`NO_DETECT_TARGET`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import datasets
+import torch
+
+from loopalign.injection import injection_spec, trial_prompt
+
+__all__ = [
+    "DETECT_TARGET",
+    "NO_DETECT_TARGET",
+    "SPEC_COLUMNS",
+    "introspection_dataset",
+    "validate_injection_rows",
+    "sft_features",
+    "IntrospectionSFTCollator",
+]
+
+DETECT_TARGET = "Yes, I detect an injected thought. The thought is about {concept}."
+NO_DETECT_TARGET = "No, I do not detect an injected thought."
+SPEC_COLUMNS = (
+    "trial_type",
+    "injected",
+    "concept",
+    "extraction_loop",
+    "injection_loop",
+    "layer",
+    "strength",
+    "injection_start",
+    "prompt_length",
+)
+_SPEC_TENSORS = ("injection_vector", "injection_loop", "injection_layer", "injection_from_end")
+
+
+def introspection_dataset(
+    tokenizer,
+    vectors,
+    layers: list[int] | tuple[int, ...] | None = None,
+    extraction_loops: list[int] | tuple[int, ...] | None = None,
+    injection_loops: list[int] | tuple[int, ...] | None = None,
+    strengths: tuple[float, ...] = (4.0,),
+    concepts: list[str] | tuple[str, ...] | None = None,
+    control_fraction: float = 0.5,
+    n_rows: int | None = None,
+    seed: int = 0,
+    with_targets: bool = False,
+) -> datasets.Dataset:
+    """Trial rows (string ``prompt`` = the chat-formatted transcript) with the injection spec columns
+    :data:`SPEC_COLUMNS`; injected rows cycle over (concept, extraction loop, injection loop, layer, strength),
+    ``control_fraction`` of the rows are controls. ``with_targets`` adds the SFT ``completion`` target."""
+    if not 0 <= control_fraction < 1:
+        raise ValueError(f"control_fraction must be in [0, 1), got {control_fraction}")
+    layers = list(layers if layers is not None else vectors.layers)
+    ext = list(extraction_loops if extraction_loops is not None else [vectors.num_loops - 1])
+    inj = list(injection_loops if injection_loops is not None else [vectors.num_loops - 1])
+    concepts = list(concepts if concepts is not None else vectors.vectors)
+    prompt, ids, start = trial_prompt(tokenizer)
+    cells = [(c, e, i, j, float(s)) for c in concepts for e in ext for i in inj for j in layers for s in strengths]
+    if not cells:
+        raise ValueError("introspection_dataset: no (concept, loop, layer, strength) cells")
+    n_inj = len(cells) if n_rows is None else max(1, round(n_rows * (1 - control_fraction)))
+    n_ctl = round(n_inj * control_fraction / (1 - control_fraction)) if n_rows is None else n_rows - n_inj
+    rng = random.Random(seed)
+    order = cells * math.ceil(n_inj / len(cells))
+    rng.shuffle(order)
+    common = {"prompt": prompt, "injection_start": start, "prompt_length": len(ids)}
+    rows = []
+    for c, e, i, j, s in order[:n_inj]:
+        rows.append({**common, "trial_type": "injection", "injected": True, "concept": c, "extraction_loop": e,
+                     "injection_loop": i, "layer": j, "strength": s})  # fmt: skip
+    for _ in range(n_ctl):
+        rows.append({**common, "trial_type": "control", "injected": False, "concept": "", "extraction_loop": -1,
+                     "injection_loop": -1, "layer": -1, "strength": 0.0})  # fmt: skip
+    rng.shuffle(rows)
+    if with_targets:
+        for r in rows:
+            r["completion"] = DETECT_TARGET.format(concept=r["concept"].lower()) if r["injected"] else NO_DETECT_TARGET
+    return datasets.Dataset.from_list(rows)
+
+
+def validate_injection_rows(rows, vectors, model_config) -> None:
+    """Check every row's spec against the vectors and the model: clear ValueErrors for a missing column or concept
+    vector, an injection loop >= the model's loops, a layer out of range or not extracted, a bad extraction loop."""
+    n_layers = int(model_config.num_hidden_layers)
+    n_loops = int(getattr(model_config, "total_ut_steps", 1))
+    names = set(rows.column_names) if hasattr(rows, "column_names") else set(rows[0]) if len(rows) else set()
+    missing = [c for c in ("prompt", "injection_start", "prompt_length", "concept") if c not in names]
+    if "trial_type" not in names and "injected" not in names:
+        missing.append("trial_type or injected")
+    if missing:
+        raise ValueError(f"introspection dataset lacks column(s) {missing}; build it with introspection_dataset()")
+    for k in range(len(rows)):
+        r = rows[k]
+        kind = r.get("trial_type") or ("injection" if r.get("injected") else "control")
+        if kind == "control":
+            continue
+        where = f"row {k} ({kind}, concept {r.get('concept')!r})"
+        layer, ti, te = int(r["layer"]), int(r["injection_loop"]), int(r["extraction_loop"])
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"{where}: layer {layer} out of range: the model has {n_layers} layers (0-based)")
+        if not 0 <= ti < n_loops:
+            raise ValueError(f"{where}: injection loop {ti} out of range: the model runs {n_loops} loops (0-based)")
+        if layer not in vectors.layers:
+            raise ValueError(f"{where}: no concept vectors at layer {layer}; extracted layers: {vectors.layers}")
+        if not 0 <= te < vectors.num_loops:
+            raise ValueError(
+                f"{where}: extraction loop {te} out of range: vectors cover loops 0..{vectors.num_loops - 1}"
+            )
+        if kind != "random" and r.get("concept") not in vectors.vectors:
+            raise ValueError(f"{where}: no concept vector for {r.get('concept')!r}; have {sorted(vectors.vectors)}")
+        if not 0 <= int(r["injection_start"]) < int(r["prompt_length"]):
+            raise ValueError(f"{where}: injection_start {r['injection_start']} not inside the prompt")
+
+
+class IntrospectionSFTCollator:
+    """Right-padded SFT batches (``input_ids``, ``attention_mask``, ``labels`` [B,S]) plus each row's injection
+    (``injection_vector`` [B,H], ``injection_loop`` / ``injection_layer`` / ``injection_start`` [B])."""
+
+    def __init__(self, pad_id: int, vectors, hidden: int):
+        self.pad_id, self.vectors, self.hidden = pad_id, vectors, hidden
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for k, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[k, :n] = torch.tensor(r["input_ids"])
+            mask[k, :n] = 1
+            labels[k, :n] = torch.tensor(r["labels"])
+        spec = injection_spec(rows, self.vectors, self.hidden)
+        start = torch.tensor([int(r["injection_start"]) for r in rows])  # right padding: columns = token indices
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "injection_vector": spec["injection_vector"],
+            "injection_loop": spec["injection_loop"],
+            "injection_layer": spec["injection_layer"],
+            "injection_start": start,
+        }
+
+
+def sft_features(dataset, tokenizer, max_length: int | None) -> datasets.Dataset:
+    """Rows with a ``completion`` -> ``input_ids`` (prompt + completion + eos, cut at ``max_length``) and
+    ``labels`` (-100 on the prompt), checking the prompt still tokenises to ``prompt_length``."""
+    eos = tokenizer.eos_token_id
+
+    def encode(row):
+        p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        if len(p) != int(row["prompt_length"]):
+            raise ValueError(
+                f"prompt tokenises to {len(p)} tokens, the dataset says {row['prompt_length']}: rebuild the dataset "
+                "with this tokenizer"
+            )
+        c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        ids = (p + c)[:max_length] if max_length else p + c
+        labels = ([-100] * len(p) + c)[: len(ids)]
+        return {"input_ids": ids, "labels": labels}
+
+    if "completion" not in dataset.column_names:
+        raise ValueError("the SFT mode needs a 'completion' column (introspection_dataset(..., with_targets=True))")
+    return dataset.map(encode)

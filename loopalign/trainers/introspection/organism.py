@@ -1,0 +1,306 @@
+"""The introspection organism: a tiny looped model that knows the concept words, built here on a CPU.
+
+The gap organism (:mod:`loopalign.organism`) was trained on arithmetic only: it cannot talk about
+concepts, its context (256) is shorter than the 257-token trial transcript, and every introspection
+rate on it is 0. This organism is a tiny Ouro (2 shared layers x 4 loops, hidden 64, context 512)
+trained from scratch with the local tokenizer to answer ``Tell me about {word}`` (the concept-vector
+prompt, :func:`loopalign.injection.concept_prompt_ids`) with ``{Word}. I am thinking about {word}.``
+for the 149 distinct words of the protocol (50 concept words, 99 baseline words), every loop
+supervised (uniform per-loop cross-entropy, :mod:`loopalign.objectives`). So the residual stream at
+the assistant-turn start carries the word, and concept vectors extracted there (the library's
+extractor) point at words the model can say. It knows nothing about introspection: the recipes'
+CPU default teaches the reports on the train concepts and measures the held-out ones.
+
+Cached like the gap organism (its lock, stale-build cleanup and file checksums): under
+:func:`loopalign.organism.organism_cache_dir` in ``introspection-organism-v{version}-{hash}``, built in
+a temporary folder and renamed into place under a file lock; ``organism.json`` holds the config, the
+losses and the size and sha256 of every model and tokenizer file, checked on load.
+
+    from loopalign.trainers.introspection.organism import load_introspection_organism
+    model, tokenizer = load_introspection_organism()  # about a minute on 2 cores the first time
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loopalign.injection import BASELINE_WORDS, CONCEPT_WORDS, concept_prompt_ids
+from loopalign.io import apply_umask_tree, make_temp_dir
+from loopalign.models.ouro import OuroForCausalLM, tiny_config
+from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
+from loopalign.organism import (
+    CorruptOrganismError,
+    _file_lock,
+    _file_records,
+    _remove_stale_builds,
+    lock_timeout_from_env,
+    organism_cache_dir,
+)
+from loopalign.tokenizer import local_tokenizer
+
+__all__ = [
+    "INTROSPECTION_ORGANISM",
+    "IntrospectionOrganismConfig",
+    "introspection_organism_path",
+    "ensure_introspection_organism",
+    "load_introspection_organism",
+    "build_introspection_organism",
+    "word_reply",
+]
+
+#: the model name the introspection recipes resolve to this organism
+INTROSPECTION_ORGANISM = "introspection_organism"
+RECIPE_VERSION = 1
+_MARKER = "organism.json"
+REBUILD_COMMAND = (
+    'python -c "from loopalign.trainers.introspection.organism import ensure_introspection_organism as e; '
+    'e(force=True)"'
+)
+
+
+@dataclass
+class IntrospectionOrganismConfig:
+    """Everything that determines the introspection organism (its hash names the cache folder)."""
+
+    recipe_version: int = RECIPE_VERSION
+    seed: int = 0  # initialisation and data order
+    hidden_size: int = 64  # residual stream width
+    num_layers: int = 2  # shared decoder layers (run num_loops times)
+    num_heads: int = 4  # attention heads
+    intermediate_size: int = 192  # MLP width
+    num_loops: int = 4  # loops per token (Ouro's total_ut_steps)
+    vocab_size: int = 1024  # the local tokenizer's vocabulary
+    max_position_embeddings: int = 512  # context: the 257-token trial transcript plus a reply fits
+    steps: int = 600  # optimiser steps of the word stage
+    batch_size: int = 32  # word prompts per step
+    learning_rate: float = 3e-3  # AdamW peak learning rate (linear warm-up, linear decay to 10%)
+    warmup_steps: int = 30
+    num_threads: int = 1  # torch CPU threads of the build (the figures depend on it: part of the hash)
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_layers", "num_heads", "num_loops", "steps", "batch_size", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"IntrospectionOrganismConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("IntrospectionOrganismConfig.hidden_size must be a multiple of num_heads")
+        if self.max_position_embeddings < 300:
+            raise ValueError("IntrospectionOrganismConfig.max_position_embeddings must hold the trial transcript (>= 300)")
+        if not self.learning_rate > 0:
+            raise ValueError(f"IntrospectionOrganismConfig.learning_rate must be > 0, got {self.learning_rate}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def folder_name(self) -> str:
+        return f"introspection-organism-v{self.recipe_version}-{self.config_hash()}"
+
+    def model_config(self, vocab_size: int):
+        return tiny_config(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            head_dim=self.hidden_size // self.num_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            total_ut_steps=self.num_loops,
+        )
+
+
+def word_reply(word: str) -> str:
+    """The organism's answer to ``Tell me about {word}``."""
+    return f"{word}. I am thinking about {word.lower()}."
+
+
+def _words() -> list[str]:
+    return list(dict.fromkeys([*CONCEPT_WORDS, *BASELINE_WORDS]))
+
+
+def introspection_organism_path(
+    config: IntrospectionOrganismConfig | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    config = config or IntrospectionOrganismConfig()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else organism_cache_dir()
+    return root / config.folder_name()
+
+
+def _is_complete(path: Path, config: IntrospectionOrganismConfig) -> bool:
+    marker = path / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("config_hash") == config.config_hash()
+
+
+def _verify(path: Path) -> None:
+    """The model and tokenizer files against the sizes and sha256 sums recorded at build time."""
+    want = json.loads((path / _MARKER).read_text())["files"]
+    got = {k: v for k, v in _file_records(path).items() if k in want}
+    for name, rec in want.items():
+        if got.get(name) != rec:
+            problem = "is missing" if name not in got else "differs from the size / sha256 recorded at build time"
+            raise CorruptOrganismError(
+                f"the cached introspection organism's file {path / name} {problem}; rebuild it with `{REBUILD_COMMAND}`"
+            )
+
+
+def _batch(tokenizer, words: list[str], rng: random.Random, size: int) -> dict[str, torch.Tensor]:
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    seqs = []
+    for w in (rng.choice(words) for _ in range(size)):
+        prompt = concept_prompt_ids(tokenizer, w)
+        reply = tokenizer.encode(word_reply(w), add_special_tokens=False) + [end]
+        seqs.append((prompt + reply, len(prompt)))
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)  # right padding with <|endoftext|> (id 0)
+    labels = torch.full_like(ids, -100)
+    for i, (s, n_prompt) in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, n_prompt : len(s)] = torch.tensor(s[n_prompt:])
+    return {"input_ids": ids, "labels": labels}
+
+
+def train_word_stage(config: IntrospectionOrganismConfig, progress: bool = True):
+    """-> (model, tokenizer, losses): the word stage from scratch, every loop's readout supervised equally."""
+    tokenizer = local_tokenizer(config.vocab_size)
+    old = torch.get_num_threads()
+    torch.set_num_threads(config.num_threads)
+    try:
+        torch.manual_seed(config.seed)
+        model = OuroForCausalLM(config.model_config(len(tokenizer)))
+        opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.01)
+        rng = random.Random(f"introspection-organism-{config.seed}")
+        words, uniform = _words(), [1.0 / config.num_loops] * config.num_loops
+        losses: list[float] = []
+        model.train()
+        for step in range(config.steps):
+            warm = (step + 1) / config.warmup_steps if step < config.warmup_steps else 1.0
+            decay = 1.0 - 0.9 * max(0, step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+            for g in opt.param_groups:
+                g["lr"] = config.learning_rate * min(warm, decay)
+            batch = _batch(tokenizer, words, rng, config.batch_size)
+            out = model(batch["input_ids"], output_loop_states=True, use_cache=False, exit="last", logits_to_keep=1)
+            token_losses, _ = per_loop_token_losses(model.lm_head, out.loop_hidden_states, batch["labels"])
+            loss, _ = weighted_loop_loss(token_losses, uniform)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(round(float(loss.detach()), 5))
+            if progress and (step + 1) % 100 == 0:
+                print(f"introspection organism: step {step + 1}/{config.steps}, loss {losses[-1]:.3f}", flush=True)
+    finally:
+        torch.set_num_threads(old)
+    return model.eval(), tokenizer, losses
+
+
+@torch.no_grad()
+def word_accuracy(model, tokenizer, words: list[str] | None = None) -> float:
+    """Share of words whose greedy answer to ``Tell me about {word}`` starts with the word."""
+    words = words or _words()
+    hits = 0
+    for w in words:
+        ids = torch.tensor([concept_prompt_ids(tokenizer, w)])
+        out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+        hits += tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip().startswith(w)
+    return hits / len(words)
+
+
+def build_introspection_organism(
+    config: IntrospectionOrganismConfig | None = None, out_dir: str | os.PathLike = "", progress: bool = True
+) -> Path:
+    """Train and save (model + tokenizer + ``organism.json``) into ``out_dir``, atomically (temporary folder, rename)."""
+    config = config or IntrospectionOrganismConfig()
+    if not str(out_dir):
+        raise ValueError("build_introspection_organism: out_dir is required")
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(make_temp_dir(out.parent, prefix=f".tmp-{out.name}-"))
+    try:
+        t0 = time.perf_counter()
+        print(f"building the introspection organism {out}: {config.steps} steps", flush=True)
+        model, tokenizer, losses = train_word_stage(config, progress)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = _file_records(tmp)
+        meta = {
+            "recipe_version": config.recipe_version,
+            "config_hash": config.config_hash(),
+            "config": config.to_dict(),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "loss_first_20": sum(losses[:20]) / len(losses[:20]),
+            "loss_last_20": sum(losses[-20:]) / len(losses[-20:]),
+            "word_accuracy": word_accuracy(model, tokenizer),
+            "build_seconds": round(time.perf_counter() - t0, 1),
+            "torch": torch.__version__,
+            "files": files,
+        }
+        (tmp / "losses.json").write_text(json.dumps(losses))
+        (tmp / _MARKER).write_text(json.dumps(meta, indent=2))  # written last: marks a complete organism
+        apply_umask_tree(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{out.name}-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        print(f"introspection organism built in {meta['build_seconds']} s; word accuracy "
+              f"{100 * meta['word_accuracy']:.0f}%", flush=True)  # fmt: skip
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def ensure_introspection_organism(
+    config: IntrospectionOrganismConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: bool = True,
+    lock_timeout: float | None = None,
+) -> Path:
+    """The organism's folder in the cache, built first when missing (or with ``force``) under a lock, checked."""
+    config = config or IntrospectionOrganismConfig()
+    path = introspection_organism_path(config, cache_dir)
+    if _is_complete(path, config) and not force:
+        _verify(path)
+        return path
+    timeout = lock_timeout_from_env() if lock_timeout is None else float(lock_timeout)
+    with _file_lock(path.parent / f"{path.name}.lock", timeout, what=f"the introspection organism {path}"):
+        if force or not _is_complete(path, config):
+            _remove_stale_builds(path)
+            build_introspection_organism(config, path, progress=progress)
+    _verify(path)
+    return path
+
+
+def load_introspection_organism(
+    config: IntrospectionOrganismConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+):
+    """-> (model in eval mode, tokenizer), built into the cache first when missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ensure_introspection_organism(config, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.to(device or "cpu").eval(), AutoTokenizer.from_pretrained(path)
