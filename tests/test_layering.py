@@ -102,11 +102,7 @@ PENDING: set[str] = {
     "loopalign.hooks",
     "loopalign.speed",
     "loopalign.models.ouro.modeling_ouro",
-    "loopalign.eval.introspection",
-    "loopalign.eval.judges",
-    "loopalign.trainers.introspection_grpo",
     "loopalign.data.io",
-    "data_builders.injection",
 }
 
 IMPORTS = {module: _imports(module, path) for module, path in MODULES.items() if module not in PENDING}
