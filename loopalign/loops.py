@@ -190,10 +190,11 @@ def parse_int_set(
     maximum: int | None = None,
     allow_all: bool = False,
     what: str | None = None,
+    example: str | None = None,
 ) -> tuple[int, ...] | None:
     """'0-3' | '0,2' | '1-2,5' | 3 | [0, 2] -> sorted unique ints in [minimum, maximum); 'all' or '' -> None
     when ``allow_all``. ``option`` names the setting in every error, ``what`` says what it holds."""
-    example = f"'{minimum}-{minimum + 2}' or '{minimum},{minimum + 2}'"
+    example = example or f"'{minimum}-{minimum + 2}' or '{minimum},{minimum + 2}'"
     what = what or f"integers >= {minimum}"
     bad = ValueError(f"{option} must be {what} (e.g. {example}), got {spec!r}")
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("all", "")):
@@ -238,10 +239,14 @@ def parse_loop_counts(spec, option: str = "loops", max_loops: int | None = None)
     """Loop counts, 1-based ("run n loops"): '1-8' | '1,2,4' | 4 | [1, 2] -> sorted unique counts >= 1
     (<= ``max_loops`` when given)."""
     top = None if max_loops is None else max_loops + 1
-    return list(parse_int_set(spec, option, minimum=1, maximum=top, what="loop counts >= 1"))
+    return list(
+        parse_int_set(spec, option, minimum=1, maximum=top, what="loop counts >= 1", example="'1-8' or '1,2,4'")
+    )
 
 
 def parse_loop_indices(spec, option: str = "loop indices", num_loops: int | None = None) -> tuple[int, ...] | None:
     """Loop indices, 0-based ("the i-th loop"): '0-3' | '3' | [0, 3] | 'all' (-> None: every loop) -> sorted
     unique indices >= 0 (< ``num_loops`` when given)."""
-    return parse_int_set(spec, option, minimum=0, maximum=num_loops, allow_all=True, what="0-based loop indices")
+    return parse_int_set(
+        spec, option, minimum=0, maximum=num_loops, allow_all=True, what="0-based loop indices", example="'0-3' or '3'"
+    )
