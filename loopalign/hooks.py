@@ -27,18 +27,48 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
+
+from loopalign.models.contract import looped_layers, unwrap
 
 __all__ = ["decoder_layers", "capture_activations", "add_vector", "ActivationCapture", "VectorInjection"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The shared decoder layers of a looped model (bare, PEFT-wrapped or accelerate-wrapped)."""
-    from loopalign.models.ouro.modeling_ouro import OuroDecoderLayer
+    """The decoder layers that run once per loop (:func:`loopalign.models.contract.looped_layers`): Ouro's shared
+    layers, or a plain causal LM's blocks (its one loop), bare, PEFT-wrapped or accelerate-wrapped."""
+    return looped_layers(model)
 
-    layers = [m for m in model.modules() if isinstance(m, OuroDecoderLayer)]
-    if not layers:
-        raise TypeError(f"{type(model).__name__} has no Ouro decoder layers to hook")
-    return sorted(layers, key=lambda m: m.layer_idx)
+
+def _hidden(output) -> torch.Tensor:
+    """A decoder layer's output hidden state [B,S,H] (some families return a tuple headed by it)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, hidden: torch.Tensor):
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class _Columns:
+    """The sequence columns [S] a layer call covers. Ouro passes them (``token_positions``); for a plain causal LM
+    a pre-hook on its first layer reads the cached length before the call (0 without a cache)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.offset = 0
+        self.handle = layers[0].register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def _pre(self, module, args, kwargs):
+        caches = [v for v in (*args, *kwargs.values()) if isinstance(v, Cache)]  # passed by name or position
+        self.offset = int(caches[0].get_seq_length()) if caches else 0
+
+    def __call__(self, kwargs, hidden: torch.Tensor) -> torch.Tensor:
+        cols = kwargs.get("token_positions")
+        if cols is not None:
+            return cols
+        return torch.arange(hidden.shape[1], device=hidden.device) + self.offset
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 def _check_site(layers: list[nn.Module], loop: int, layer: int) -> None:
@@ -149,14 +179,16 @@ def capture_activations(
     wanted: dict[int, list[int]] = {}
     for loop, layer in sites:
         wanted.setdefault(layer, []).append(loop)
-    handles = []
+    columns = _Columns(layers)
+    handles = [columns]
     for layer_index, loops in wanted.items():
 
         def hook(module, args, kwargs, output, loops=tuple(loops), layer_index=layer_index):
-            loop = kwargs.get("loop_index", 0)
+            loop = kwargs.get("loop_index", 0)  # a plain causal LM runs its one loop, index 0
             capture.loops_run.add(loop)
             if loop in loops:
-                capture._record((loop, layer_index), output, kwargs["token_positions"])
+                hidden = _hidden(output)
+                capture._record((loop, layer_index), hidden, columns(kwargs, hidden))
 
         handles.append(layers[layer_index].register_forward_hook(hook, with_kwargs=True))
     try:
@@ -209,10 +241,12 @@ def add_vector(
     layers = decoder_layers(model)
     _check_site(layers, loop, layer)
     vector = torch.as_tensor(vector)
-    hidden_size = layers[0].self_attn.q_proj.in_features
+    hidden_size = int(unwrap(model).config.hidden_size)
     if vector.shape[-1] != hidden_size or vector.dim() not in (1, 2):
         raise ValueError(f"vector must be [H] or [B,H] with H={hidden_size}, got shape {list(vector.shape)}")
     record = VectorInjection(loop, layer)
+
+    columns = _Columns(layers)
 
     def hook(module, args, kwargs, output):
         ran = kwargs.get("loop_index", 0)
@@ -222,7 +256,8 @@ def add_vector(
         record.loops_run.add(ran)
         if ran != loop:
             return None
-        cols = kwargs["token_positions"]  # [S]
+        layer_output, output = output, _hidden(output)
+        cols = columns(kwargs, output)  # [S]
         bsz = output.shape[0]
         vec = vector.to(device=output.device, dtype=output.dtype)
         if vec.dim() == 2 and vec.shape[0] != bsz:
@@ -240,13 +275,14 @@ def add_vector(
         if not bool(where.any()):
             return None
         record.calls += 1
-        return output + strength * where.unsqueeze(-1).to(output.dtype) * vec[:, None, :]
+        return _replace_hidden(layer_output, output + strength * where.unsqueeze(-1).to(output.dtype) * vec[:, None, :])
 
     handle = layers[layer].register_forward_hook(hook, with_kwargs=True)
     try:
         yield record
     finally:
         handle.remove()
+        columns.remove()
     # reached only when the body raised nothing: forwards ran, but none of them reached the loop
     if record.loops_run and loop not in record.loops_run:
         raise record._never_reached()

@@ -21,7 +21,15 @@ import yaml
 
 from .schema import RecordError, Rejected, validate_record
 
-__all__ = ["PromptTemplate", "DEFAULT_TEMPLATE", "load_template", "render_record", "render_records", "user_content"]
+__all__ = [
+    "PromptTemplate",
+    "DEFAULT_TEMPLATE",
+    "load_template",
+    "render_record",
+    "render_records",
+    "user_content",
+    "verdict_token_ids",
+]
 
 MATH_TEMPLATE = (
     "Question: {task}\nProposed answer: {answer}\nIs the proposed answer correct? Answer with one word: Yes or No."
@@ -150,3 +158,31 @@ def render_records(
                 raise
             rejected.append(Rejected(e.row_id, e.field, e.message, r))
     return out, rejected
+
+
+def verdict_token_ids(
+    tokenizer, yes: str | int = "Yes", no: str | int = "No", option: str = "GapConfig.verdict_tokens"
+) -> tuple[int, int]:
+    """Token ids of the yes/no verdicts: ints pass through; strings must encode to exactly one token.
+    ``option`` names the setting in errors."""
+    ids = []
+    for name, word in (("yes", yes), ("no", no)):
+        if isinstance(word, int) and not isinstance(word, bool):
+            ids.append(int(word))
+            continue
+        enc = tokenizer.encode(word, add_special_tokens=False)
+        if len(enc) != 1:
+            alternatives = [
+                w
+                for w in (word.strip(), " " + word.strip(), word.strip().lower(), " " + word.strip().lower())
+                if w != word and len(tokenizer.encode(w, add_special_tokens=False)) == 1
+            ]
+            hint = f"; single-token alternatives: {alternatives}" if alternatives else ""
+            raise ValueError(
+                f"verdict token {name}={word!r} is not a single token for this tokenizer (ids {enc}); pass "
+                f"another string or a token id ({option}){hint}"
+            )
+        ids.append(int(enc[0]))
+    if ids[0] == ids[1]:
+        raise ValueError(f"the yes and no verdict tokens are the same id {ids[0]}")
+    return ids[0], ids[1]

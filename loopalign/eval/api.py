@@ -14,6 +14,7 @@ from loopalign.batching import pad_token_id
 from loopalign.data.io import load_build
 from loopalign.io import folder_lock
 from loopalign.loading import LOCAL_MODELS, load_model
+from loopalign.models.contract import trained_loops
 from loopalign.probes import save_probes
 
 from .controls import evaluate_controls, record_authors
@@ -264,7 +265,7 @@ def _evaluate_gap(model, tokenizer, dataset, loops, config, verifier, out_dir, w
             "seconds_controls": round(t_controls, 3),
             "seconds_total": round(time.perf_counter() - start, 3),
             "device": str(next(model.parameters()).device),
-            "total_ut_steps": getattr(getattr(model, "config", None), "total_ut_steps", None),
+            "total_ut_steps": trained_loops(model),
             "metric_rule": metric_rule,
             "label_balance": dict(balance, min_minority_share=config.min_minority_share, unbalanced=unbalanced),
             "clusters": {

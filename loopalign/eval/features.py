@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from loopalign.batching import pad_right
 from loopalign.hooks import capture_activations
 from loopalign.loops import gather_positions, loop_logits
 from loopalign.lora import merged_lora
+from loopalign.models.contract import loop_forward, num_hidden_layers, unwrap
 
 __all__ = ["FeatureConfig", "Features", "EvalRecord", "prepare_records", "extract_features", "layer_name"]
 
@@ -193,13 +195,13 @@ def extract_features(
     loops = sorted({int(t) for t in loops})
     if not loops or loops[0] < 1:
         raise ValueError(f"loops must be loop counts >= 1, got {loops}")
-    num_layers = int(model.config.num_hidden_layers)
+    num_layers = num_hidden_layers(model)
     layers = list(range(num_layers + 1)) if config.layers is None else sorted({int(x) for x in config.layers})
     if layers[-1] > num_layers:
         raise ValueError(
             f"FeatureConfig.layers: {layers[-1]} is out of range (0..{num_layers - 1} layers, {num_layers} = norm)"
         )
-    vocab = int(model.config.vocab_size)
+    vocab = int(unwrap(model).config.vocab_size)
     for name, tid in zip(("yes", "no"), verdict_ids):
         if not 0 <= int(tid) < vocab:
             raise ValueError(f"verdict token id for {name!r} = {tid} is outside the vocabulary (size {vocab})")
@@ -207,7 +209,7 @@ def extract_features(
     was_training = model.training
     model.eval()
     n, k = len(records), len(records[0].probe_indices)
-    hidden = int(model.config.hidden_size)
+    hidden = int(unwrap(model).config.hidden_size)
     t_max = loops[-1]
     states = (
         torch.zeros(len(loops), len(layers), n, k, hidden, dtype=config.feature_dtype) if config.keep_states else None
@@ -221,27 +223,17 @@ def extract_features(
     with merged_lora(model) if config.merge_lora else contextlib.nullcontext():
         for batch in _batches([len(r.input_ids) for r in records], config.batch_size):
             rows = [records[i] for i in batch]
-            seq = max(len(r.input_ids) for r in rows)
-            ids = torch.full((len(rows), seq), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), seq), dtype=torch.long)
-            for j, r in enumerate(rows):  # right padding: record indices stay valid
-                ids[j, : len(r.input_ids)] = torch.tensor(r.input_ids)
-                mask[j, : len(r.input_ids)] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            enc = pad_right([{"input_ids": r.input_ids} for r in rows], pad_id)  # record indices stay valid
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
             probe_pos = torch.tensor([r.probe_indices for r in rows], device=device)  # [B,K]
             verdict_pos = torch.tensor([[r.verdict_index] for r in rows], device=device)  # [B,1]
             capture_sites = sites if (config.keep_states and sites) else [(0, 0)]
             with capture_activations(model, capture_sites, positions=probe_pos) as cap:
-                out = model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    num_loops=t_max,
-                    output_loop_states=True,
-                    use_cache=False,
-                    logits_to_keep=1,  # per-loop logits are read at the verdict only
-                )
+                # any family (a plain causal LM is one loop); per-loop logits are read at the verdict only
+                out = loop_forward(model, ids, mask, num_loops=t_max, logits_to_keep=1)
             index = torch.tensor(batch)
-            logits = loop_logits(model.lm_head, out.loop_hidden_states, verdict_pos, loops=[t - 1 for t in loops])
+            head = unwrap(model).get_output_embeddings()
+            logits = loop_logits(head, out.loop_hidden_states, verdict_pos, loops=[t - 1 for t in loops])
             logp = torch.log_softmax(logits[:, :, 0, :].float(), dim=-1)  # [T,B,V]
             verdict_logp[:, index] = logp.index_select(-1, yes_no).cpu()
             verdict_valid[:, index] = torch.isin(logp.argmax(-1), yes_no).cpu()

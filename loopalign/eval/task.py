@@ -17,6 +17,7 @@ import torch
 
 from loopalign.batching import pad_left, pad_token_id
 from loopalign.data.sources import answer_token_budget
+from loopalign.models.contract import loop_generate_kwargs
 
 __all__ = ["TaskConfig", "generate_texts", "integer_verifier", "task_prompts", "task_performance"]
 
@@ -103,7 +104,8 @@ def generate_texts(
         kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
         if do_sample:
             kwargs["temperature"] = temperature
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), num_loops=num_loops, **kwargs)
+        kwargs.update(loop_generate_kwargs(model, num_loops))  # {} for a plain causal LM (one loop)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for j, i in enumerate(batch):
             new = out[j, ids.shape[1] :].tolist()
             texts[i] = tokenizer.decode(new, skip_special_tokens=True)

@@ -14,36 +14,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from loopalign.data.prompts import verdict_token_ids
+
 from .features import EvalRecord, Features
 from .metrics import binary_metrics
 from .task import generate_texts
 
 __all__ = ["verdict_token_ids", "sv_metrics", "sv_predictions", "parse_verdict", "sampled_verdicts"]
-
-
-def verdict_token_ids(tokenizer, yes: str | int = "Yes", no: str | int = "No") -> tuple[int, int]:
-    """Token ids of the yes/no verdicts: ints pass through; strings must encode to exactly one token."""
-    ids = []
-    for name, word in (("yes", yes), ("no", no)):
-        if isinstance(word, int) and not isinstance(word, bool):
-            ids.append(int(word))
-            continue
-        enc = tokenizer.encode(word, add_special_tokens=False)
-        if len(enc) != 1:
-            alternatives = [
-                w
-                for w in (word.strip(), " " + word.strip(), word.strip().lower(), " " + word.strip().lower())
-                if w != word and len(tokenizer.encode(w, add_special_tokens=False)) == 1
-            ]
-            hint = f"; single-token alternatives: {alternatives}" if alternatives else ""
-            raise ValueError(
-                f"verdict token {name}={word!r} is not a single token for this tokenizer (ids {enc}); pass "
-                f"another string or a token id (GapConfig.verdict_tokens){hint}"
-            )
-        ids.append(int(enc[0]))
-    if ids[0] == ids[1]:
-        raise ValueError(f"the yes and no verdict tokens are the same id {ids[0]}")
-    return ids[0], ids[1]
 
 
 def sv_predictions(features: Features, decision: str = "forced") -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ import torch
 
 from loopalign.batching import pad_right  # moved to loopalign.batching; re-exported for one release
 from loopalign.data.io import load_build
+from loopalign.data.prompts import verdict_token_ids
 from loopalign.data.verification import SOURCES, VerificationBuild, build_verification, synthetic_verification_records
 from loopalign.eval import load_eval_dataset
 from loopalign.organism import OrganismConfig, organism_eval_records
@@ -29,19 +30,6 @@ __all__ = ["PROBE_POSITIONS", "verdict_token_ids", "build_gap_features", "GapCol
 #: Where the probes read: the end of the candidate answer, or the verdict position.
 PROBE_POSITIONS = ("answer_end", "verdict")
 REQUIRED_COLUMNS = ("id", "input_ids", "label", "verdict_index", "answer_end_index")
-
-
-def verdict_token_ids(tokenizer, yes: str = "Yes", no: str = "No") -> tuple[int, int]:
-    """Token ids of the one-token verdict words (as they follow the generation prompt)."""
-    ids = []
-    for word in (yes, no):
-        toks = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(toks) != 1:
-            raise ValueError(f"verdict word {word!r} is {len(toks)} tokens for this tokenizer; it must be one token")
-        ids.append(toks[0])
-    if ids[0] == ids[1]:
-        raise ValueError(f"verdict words {yes!r} and {no!r} map to the same token")
-    return ids[0], ids[1]
 
 
 def build_gap_features(
@@ -75,7 +63,7 @@ def build_gap_features(
             f"gap SFT dataset lacks column(s) {missing} (has {records.column_names}); "
             "render it with data_builders (python -m loopalign.data.verification --render ...)"
         )
-    yes_id, no_id = verdict_token_ids(tokenizer, yes, no)
+    yes_id, no_id = verdict_token_ids(tokenizer, yes, no, option="verdict_yes / verdict_no")
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     tail = [end_id] if isinstance(end_id, int) and end_id != tokenizer.unk_token_id else []
 

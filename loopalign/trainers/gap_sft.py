@@ -272,7 +272,9 @@ class GapSFTTrainer(SFTTrainer):
             processing_class = load_tokenizer(model.config._name_or_path)
         ensure_pad_token(processing_class)
         self.num_loops, self.probe_layer = args.check_against_model(model.config)
-        self.yes_id, self.no_id = verdict_token_ids(processing_class, args.verdict_yes, args.verdict_no)
+        self.yes_id, self.no_id = verdict_token_ids(
+            processing_class, args.verdict_yes, args.verdict_no, option="GapSFTConfig.verdict_yes / verdict_no"
+        )
         feature_kwargs = dict(
             probe_position=args.probe_position,
             yes=args.verdict_yes,

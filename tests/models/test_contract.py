@@ -78,3 +78,38 @@ def test_wrapped_models_answer_the_same():
     assert not is_looped(model) and len(looped_layers(model)) == 3
     ouro = get_peft_model(tiny_ouro(), LoraConfig(r=2, target_modules=["q_proj"]))
     assert is_looped(ouro) and trained_loops(ouro) == 4 and len(looped_layers(ouro)) == 2
+
+
+def test_hooks_capture_and_inject_on_a_plain_causal_lm():
+    from loopalign.hooks import add_vector, capture_activations
+
+    model = tiny_llama()
+    ids = torch.randint(3, 64, (2, 6))
+    ref = model(input_ids=ids, output_hidden_states=True)
+    with capture_activations(model, [(0, 0), (0, 1)], positions=torch.tensor([1, 4])) as cap:
+        model(input_ids=ids)
+    for layer in (0, 1):  # hidden_states[0] is the embedding output; [layer + 1] the residual after it
+        assert torch.allclose(cap.get(0, layer), ref.hidden_states[layer + 1][:, [1, 4]], atol=1e-6)
+    vec = torch.randn(32)
+    with add_vector(model, vec, loop=0, layer=1, strength=3.0, start=4) as record:
+        steered = model(input_ids=ids).logits
+    assert record.calls == 1
+    assert torch.allclose(steered[:, :4], ref.logits[:, :4], atol=1e-6)  # columns before start untouched
+    assert not torch.allclose(steered[:, 4:], ref.logits[:, 4:], atol=1e-3)
+    with pytest.raises(ValueError, match="never reached"), add_vector(model, vec, loop=1, layer=0):
+        model(input_ids=ids)
+
+
+def test_injection_covers_generated_tokens_of_a_plain_model():
+    """Under generate with a KV cache, columns count cached tokens: a vector from column 6 on changes only
+    tokens generated after the prompt."""
+    from loopalign.hooks import add_vector
+
+    model = tiny_gpt2()
+    ids = torch.randint(3, 64, (1, 6))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    plain = model.generate(input_ids=ids, **kwargs)
+    with add_vector(model, 50 * torch.randn(32), loop=0, layer=1, start=6) as record:
+        steered = model.generate(input_ids=ids, **kwargs)
+    assert record.calls == 3  # the prompt forward (columns 0..5) is untouched; the 3 later steps read columns 6..8
+    assert torch.equal(plain[:, :7], steered[:, :7]) and not torch.equal(plain, steered)

@@ -95,7 +95,9 @@ class IntrospectionOrganismConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError("IntrospectionOrganismConfig.hidden_size must be a multiple of num_heads")
         if self.max_position_embeddings < 300:
-            raise ValueError("IntrospectionOrganismConfig.max_position_embeddings must hold the trial transcript (>= 300)")
+            raise ValueError(
+                "IntrospectionOrganismConfig.max_position_embeddings must hold the trial transcript (>= 300)"
+            )
         if not self.learning_rate > 0:
             raise ValueError(f"IntrospectionOrganismConfig.learning_rate must be > 0, got {self.learning_rate}")
 

@@ -1,0 +1,30 @@
+"""evaluate_gap on a plain (non-looped) transformers causal LM: SV and RR at its single loop."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from loopalign.eval import GapConfig, evaluate_gap
+
+
+@pytest.fixture(scope="module")
+def llama(tok):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_gap_of_a_plain_causal_lm_is_one_loop(llama, tok, synthetic_rows, tmp_path):
+    result = evaluate_gap(llama, tok, synthetic_rows, loops=[1], config=GapConfig(), out_dir=tmp_path / "gap")
+    assert [row["loop"] for row in result.table] == [1]
+    row = result.table[0]
+    assert 0.0 <= row["sv"] <= 100.0 and 0.0 <= row["rr"] <= 100.0
+    assert result.meta["total_ut_steps"] == 1 and (tmp_path / "gap" / "gap.json").exists()
+
+
+def test_more_than_one_loop_of_a_plain_model_is_refused(llama, tok, synthetic_rows):
+    with pytest.raises(ValueError, match="not a looped model: it runs one loop, asked for 2"):
+        evaluate_gap(llama, tok, synthetic_rows, loops=[1, 2])
