@@ -344,7 +344,7 @@ def test_a_short_default_cure_closes_the_organisms_gap(organism, tmp_path):
     parser.set_defaults(**recipe.EMBEDDED_DEFAULTS)
     argv = ["--output_dir", str(tmp_path / "run"), "--max_steps", "60", "--dataset_limit", "500",
             "--eval_fraction", "0.4", "--eval_loops", "4", "--eval_n_boot", "300", "--disable_tqdm", "true"]  # fmt: skip
-    recipe.main(*parser.parse_args_and_config(args=argv))
+    recipe.train_and_compare(*parser.parse_args_and_config(args=argv))
     comparison = json.loads((tmp_path / "run" / "compare.json").read_text())
     (row,) = [r for r in comparison["rows"] if r["loop"] == 4]
     assert row["d_sv_lo"] > 0.1 and row["gap_after_lo"] <= 0 and row["d_rr_lo"] > -0.02, row
