@@ -139,6 +139,11 @@ def ablate(args: AblateGapScriptArguments, extra: list[str]) -> str:
     return text
 
 
+def build_parser(argv: list[str] | None = None):
+    """The script's ``TrlParser`` (AblateGapScriptArguments; YAML with ``--config``)."""
+    return make_parser((AblateGapScriptArguments,), __doc__)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``recipes/ablate_gap.py`` / ``loopalign ablate-gap``: parse ``argv`` (default ``sys.argv[1:]``; what follows
     ``--`` goes to every run), run the ablation."""
@@ -147,6 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = rename_deprecated_options(
         argv[: argv.index("--")] if "--" in argv else argv, DEPRECATED_OPTIONS, "ablate_gap"
     )
-    (args,) = parse_or_exit(make_parser((AblateGapScriptArguments,), __doc__), argv)
+    (args,) = parse_or_exit(build_parser(argv), argv)
     ablate(args, extra)
     return 0

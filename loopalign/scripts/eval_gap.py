@@ -188,9 +188,14 @@ def evaluate(args: EvalGapScriptArguments) -> GapResult:
     return result
 
 
+def build_parser(argv: list[str] | None = None):
+    """The script's ``TrlParser`` (EvalGapScriptArguments; YAML with ``--config``)."""
+    return make_parser((EvalGapScriptArguments,), __doc__)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``recipes/eval_gap.py`` / ``loopalign eval-gap``: parse ``argv`` (default ``sys.argv[1:]``) and evaluate."""
     argv = rename_deprecated_options(sys.argv[1:] if argv is None else argv, DEPRECATED_OPTIONS, "eval_gap")
-    (args,) = parse_or_exit(make_parser((EvalGapScriptArguments,), __doc__), argv)
+    (args,) = parse_or_exit(build_parser(argv), argv)
     evaluate(args)
     return 0

@@ -179,10 +179,15 @@ def old_loops_option(argv: list[str]) -> list[str]:
     return out
 
 
+def build_parser(argv: list[str] | None = None):
+    """The script's ``TrlParser`` (OuroLoopsScriptArguments; YAML with ``--config``)."""
+    return make_parser((OuroLoopsScriptArguments,), __doc__)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``recipes/ouro_loops.py`` / ``loopalign ouro-loops``: parse ``argv`` (default ``sys.argv[1:]``) and run."""
     argv = old_loops_option(list(sys.argv[1:] if argv is None else argv))
     argv = rename_deprecated_options(argv, DEPRECATED_OPTIONS, "ouro_loops")
-    (args,) = parse_or_exit(make_parser((OuroLoopsScriptArguments,), __doc__), argv)
+    (args,) = parse_or_exit(build_parser(argv), argv)
     run(args)
     return 0

@@ -119,10 +119,14 @@ def build(script_args: PretrainOrganismScriptArguments, config: OrganismConfig) 
     return str(path)
 
 
+def build_parser(argv: list[str] | None = None):
+    """The script's ``TrlParser`` (PretrainOrganismScriptArguments, OrganismArguments; YAML with ``--config``)."""
+    return make_parser((PretrainOrganismScriptArguments, OrganismArguments), __doc__)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``recipes/pretrain_organism.py`` / ``loopalign organism``: parse ``argv`` (default ``sys.argv[1:]``), build."""
     argv = rename_deprecated_options(sys.argv[1:] if argv is None else argv, DEPRECATED_OPTIONS, "pretrain_organism")
-    parser = make_parser((PretrainOrganismScriptArguments, OrganismArguments), __doc__)
-    script_args, organism_args = parse_or_exit(parser, argv)
+    script_args, organism_args = parse_or_exit(build_parser(argv), argv)
     build(script_args, organism_args.organism_config())
     return 0

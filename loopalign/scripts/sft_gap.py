@@ -337,8 +337,10 @@ def launched_on_cpu_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def make_sft_gap_parser(argv: list[str]):
-    """The recipe's parser; without ``--config`` the CPU organism's defaults apply to the local models."""
+def build_parser(argv: list[str] | None = None):
+    """The script's ``TrlParser`` (GapScriptArguments, GapSFTConfig, ModelConfig; YAML with ``--config``); without
+    ``--config`` the CPU organism's defaults apply to the local models named in ``argv``."""
+    argv = list(argv or [])
     parser = make_parser((GapScriptArguments, GapSFTConfig, ModelConfig), __doc__)
     if embedded_defaults_apply(argv):
         parser.set_defaults(**EMBEDDED_DEFAULTS)
@@ -355,6 +357,6 @@ def make_sft_gap_parser(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     """``recipes/sft_gap.py`` / ``loopalign sft-gap``: parse ``argv`` (default ``sys.argv[1:]``), train, compare."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    script_args, training_args, model_args = parse_or_exit(make_sft_gap_parser(argv), argv)
+    script_args, training_args, model_args = parse_or_exit(build_parser(argv), argv)
     train_and_compare(script_args, training_args, model_args)
     return 0

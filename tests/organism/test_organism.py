@@ -357,8 +357,8 @@ def test_a_short_default_cure_closes_the_organisms_gap(organism, tmp_path):
 def test_eval_gap_measures_the_organism_on_its_own_held_out_tasks(organism, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(REPO / "recipes" / "eval_gap.py"), "--n-problems", "60", "--loops", "4",
-           "--n-boot", "50", "--no-controls", "--out", str(out)]  # fmt: skip
+    cmd = [sys.executable, str(REPO / "recipes" / "eval_gap.py"), "--dataset_limit", "60", "--eval_loops", "4",
+           "--eval_n_boot", "50", "--no_controls", "--no_eval_tp", "--output_dir", str(out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "gap.json").read_text())
