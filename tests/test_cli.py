@@ -109,3 +109,30 @@ def test_python_m_loopalign_and_the_recipe_give_the_same_evaluation(tmp_path):
     cli_run, recipe_run = (json.loads((tmp_path / d / "gap.json").read_text()) for d in ("cli", "recipe"))
     assert [row["loop"] for row in cli_run["table"]] == [1, 3]
     assert cli_run["table"] == recipe_run["table"] and cli_run["config"] == recipe_run["config"]
+
+
+def test_the_default_loops_follow_the_models_depth():
+    """eval_loops unset: 1 to the trained depth + 2 for a looped model, one loop for a plain causal LM."""
+    from transformers import LlamaConfig
+
+    from loopalign import tiny_config
+    from loopalign.scripts.args import default_eval_loops
+
+    assert default_eval_loops(tiny_config()) == list(range(1, tiny_config().total_ut_steps + 3))
+    assert default_eval_loops(LlamaConfig(num_hidden_layers=2)) == [1]
+
+
+@pytest.mark.slow
+def test_ablate_gap_runs_its_sft_gap_runs_through_the_cli_and_resumes(tmp_path, capsys):
+    """``loopalign ablate-gap``: one variant x one seed as a ``python -m loopalign sft-gap`` subprocess (a tiny
+    model, 3 steps), the table; run again, the finished run is reused."""
+    out = tmp_path / "abl"
+    argv = ["ablate-gap", "--variants", "lm", "--seeds", "0", "--jobs", "1", "--output_dir", str(out), "--",
+            "--model_name_or_path", "tiny", "--dataset", "synthetic", "--dataset_limit", "40", "--max_steps", "3",
+            "--eval_loops", "4", "--eval_n_boot", "20", "--no_eval_tp", "--loss_weights", '{"lm": 1.0}']  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "1 runs to do" in capsys.readouterr().out
+    assert (out / "lm" / "seed-0" / "compare.json").exists() and (out / "ablation.png").exists()
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert rows[0]["variant"] == "lm + replay" and rows[0]["n_seeds"] == 1
+    assert cli.main(argv) == 0 and "0 runs to do" in capsys.readouterr().out
