@@ -77,10 +77,10 @@ def rebuild_command(path: Path, config: OrganismConfig | None) -> str:
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, tuple):
                 parts.append(" ".join([flag, *(shlex.quote(str(x)) for x in value)]))
-            else:  # the recipe parses a bool with bool(str): only the empty string is False
-                parts.append(f"{flag} {shlex.quote('' if value is False else str(value))}")
+            else:  # the recipe's TrlParser reads a bool as true / false
+                parts.append(f"{flag} {shlex.quote(str(value).lower() if isinstance(value, bool) else str(value))}")
     if config is not None and path.name != config.folder_name():
-        parts.append(f"--out {shlex.quote(str(path))}")
+        parts.append(f"--output-dir {shlex.quote(str(path))}")
     elif path.parent.resolve() != organism_cache_dir().resolve():
         parts.append(f"--cache-dir {shlex.quote(str(path.parent))}")
     return " ".join(parts)

@@ -1,1 +1,2 @@
-"""Bodies of the recipes: ``loopalign.scripts.<name>.main(argv)``, called by ``recipes/<name>.py`` and the CLI."""
+"""The recipes' bodies: one module per script, each with ``main(argv=None)`` (run by ``recipes/<name>.py`` and
+``loopalign <command>``)."""

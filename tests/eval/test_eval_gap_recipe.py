@@ -1,5 +1,5 @@
 """recipes/eval_gap.py end to end on the tiny model: the report carries the shortcut controls, and
-the CLI turns them off."""
+the CLI turns them off; bad options fail before the model loads; the pre-0.2 option names still work."""
 
 import json
 import os
@@ -15,9 +15,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def _run(tmp_path, *extra):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    args = ["--model", "tiny", "--loops", "1,2", "--n-problems", "12", "--split", "kfold", "--folds", "3"]
+    args = ["--model_name_or_path", "tiny", "--eval_loops", "1,2", "--dataset_limit", "12", "--eval_folds", "3"]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), *args, "--n-boot", "50", "--out", str(out), *extra],
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "eval_gap.py"),
+            *args,
+            "--no_eval_tp",
+            "--eval_n_boot",
+            "50",
+            "--output_dir",
+            str(out),
+            *extra,
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -44,20 +54,47 @@ def test_eval_gap_recipe_reports_controls_unless_turned_off(tmp_path, flags):
 def test_compare_with_a_missing_folder_fails_before_the_evaluation(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), "--model", "tiny", "--out", str(tmp_path / "o"),
-         "--compare", str(tmp_path / "no_such_before")],
+        [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), "--model_name_or_path", "tiny", "--output_dir",
+         str(tmp_path / "o"), "--compare", str(tmp_path / "no_such_before")],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2 and "--compare" in done.stderr and "no gap.json there" in done.stderr
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("loops", ["--loops=-2", "--loops=abc", "--tp-loops=0"])
-def test_bad_loops_fail_naming_the_option_before_the_model_loads(tmp_path, loops):
+@pytest.mark.parametrize(
+    "loops,option",
+    [("--eval_loops=-2", "eval_loops"), ("--eval_loops=abc", "eval_loops"), ("--eval_tp_loops=0", "eval_tp_loops"),
+     ("--loops=0", "eval_loops")],
+)  # fmt: skip
+def test_bad_loops_fail_naming_the_option_before_the_model_loads(tmp_path, loops, option):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), "--model", "tiny", loops, "--out", str(tmp_path / "o")],
+        [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), "--model_name_or_path", "tiny", loops,
+         "--output_dir", str(tmp_path / "o")],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
-    option = loops.split("=")[0]
-    assert done.returncode == 2 and f"{option} must be loop counts >= 1" in done.stderr, done.stderr[-500:]
+    assert done.returncode == 2 and f"{option}: expected integers >= 1" in done.stderr, done.stderr[-500:]
+    assert not (tmp_path / "o").exists()
+    if loops.startswith("--loops"):  # the pre-0.2 name: renamed, with one line saying so
+        assert "--loops is deprecated (kept for one release): use --eval_loops" in done.stderr
+
+
+def test_pre_0_2_option_names_give_the_same_run_as_the_current_ones(tmp_path):
+    """The deprecated spelling (--model, --loops, --n-problems, --split, --folds, --n-boot, --out) is renamed
+    before parsing: the same evaluation, the same numbers."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    old = ["--model", "tiny", "--loops", "2", "--n-problems", "10", "--split", "kfold", "--folds", "3",
+           "--n-boot", "30", "--no-controls", "--no-eval-tp", "--out", str(tmp_path / "old")]  # fmt: skip
+    new = ["--model_name_or_path", "tiny", "--eval_loops", "2", "--dataset_limit", "10", "--eval_readout", "kfold",
+           "--eval_folds", "3", "--eval_n_boot", "30", "--no_controls", "--no_eval_tp",
+           "--output_dir", str(tmp_path / "new")]  # fmt: skip
+    for argv in (old, new):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), *argv],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("is deprecated" in done.stderr) == (argv is old)
+    tables = [json.loads((tmp_path / d / "gap.json").read_text())["table"] for d in ("old", "new")]
+    assert tables[0] == tables[1] and [row["loop"] for row in tables[0]] == [2]

@@ -344,7 +344,7 @@ def test_a_short_default_cure_closes_the_organisms_gap(organism, tmp_path):
     parser.set_defaults(**recipe.EMBEDDED_DEFAULTS)
     argv = ["--output_dir", str(tmp_path / "run"), "--max_steps", "60", "--dataset_limit", "500",
             "--eval_fraction", "0.4", "--eval_loops", "4", "--eval_n_boot", "300", "--disable_tqdm", "true"]  # fmt: skip
-    recipe.main(*parser.parse_args_and_config(args=argv))
+    recipe.train_and_compare(*parser.parse_args_and_config(args=argv))
     comparison = json.loads((tmp_path / "run" / "compare.json").read_text())
     (row,) = [r for r in comparison["rows"] if r["loop"] == 4]
     assert row["d_sv_lo"] > 0.1 and row["gap_after_lo"] <= 0 and row["d_rr_lo"] > -0.02, row
@@ -357,8 +357,8 @@ def test_a_short_default_cure_closes_the_organisms_gap(organism, tmp_path):
 def test_eval_gap_measures_the_organism_on_its_own_held_out_tasks(organism, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(REPO / "recipes" / "eval_gap.py"), "--n-problems", "60", "--loops", "4",
-           "--n-boot", "50", "--no-controls", "--out", str(out)]  # fmt: skip
+    cmd = [sys.executable, str(REPO / "recipes" / "eval_gap.py"), "--dataset_limit", "60", "--eval_loops", "4",
+           "--eval_n_boot", "50", "--no_controls", "--no_eval_tp", "--output_dir", str(out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "gap.json").read_text())

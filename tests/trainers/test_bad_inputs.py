@@ -23,9 +23,9 @@ CASES = [
     (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1"),
     (["--learning_rate=-1e-3"], "learning_rate must be > 0"),
     (["--learning_rate", "0"], "learning_rate must be > 0"),
-    (["--eval_loops", "0"], "eval_loops must be loop counts >= 1"),
-    (["--eval_loops", "abc"], "eval_loops must be loop counts >= 1 (e.g. '1-8' or '1,2,4'), got 'abc'"),
-    (["--eval_tp_loops", "1-x"], "eval_tp_loops must be loop counts"),
+    (["--eval_loops", "0"], "eval_loops: expected integers >= 1"),
+    (["--eval_loops", "abc"], "eval_loops: expected integers >= 1 such as '1-3' or '1,3', got 'abc'"),
+    (["--eval_tp_loops", "1-x"], "eval_tp_loops: expected integers >= 1"),
     (["--synthetic_levels", "x"], "synthetic_levels must be levels in 1..6"),
     (["--eval_fraction", "1.5"], "eval_fraction must be in (0, 1)"),
     (["--eval_n_boot", "0"], "eval_n_boot must be >= 1"),
@@ -51,7 +51,7 @@ def test_bad_option_fails_before_the_evaluation_naming_it(tmp_path, extra, messa
     recipe = _recipe()
     out = tmp_path / "run"
     with pytest.raises((ValueError, FileNotFoundError, SystemExit)) as err:
-        recipe.main(*_parse(recipe, [*BASE, "--output_dir", str(out), *extra]))
+        recipe.train_and_compare(*_parse(recipe, [*BASE, "--output_dir", str(out), *extra]))
     assert message in str(err.value), str(err.value)
     assert not (out / "before").exists()  # nothing expensive ran
 
@@ -61,11 +61,11 @@ def test_resume_from_checkpoint_true_continues_the_latest_checkpoint_and_reuses_
     recipe = _recipe()
     out = tmp_path / "run"
     args = [*BASE, "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2", "--eval_loops", "4"]
-    recipe.main(*_parse(recipe, [*args, "--max_steps", "2"]))
+    recipe.train_and_compare(*_parse(recipe, [*args, "--max_steps", "2"]))
     assert (out / "checkpoint-2").is_dir() and (out / "before" / "gap.json").exists()
     stamp = (out / "before" / "gap.json").stat().st_mtime_ns
     capsys.readouterr()
-    recipe.main(*_parse(recipe, [*args, "--max_steps", "4", "--resume_from_checkpoint", "true"]))
+    recipe.train_and_compare(*_parse(recipe, [*args, "--max_steps", "4", "--resume_from_checkpoint", "true"]))
     printed = capsys.readouterr().out
     assert "resuming: the before-evaluation" in printed
     assert (out / "before" / "gap.json").stat().st_mtime_ns == stamp  # reused, not recomputed
@@ -99,7 +99,7 @@ def test_an_empty_dataset_file_fails_naming_it(tmp_path):
     empty.write_text("")
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="is empty: no records"):
-        recipe.main(*_parse(recipe, [*BASE, "--output_dir", str(out), "--dataset", str(empty)]))
+        recipe.train_and_compare(*_parse(recipe, [*BASE, "--output_dir", str(out), "--dataset", str(empty)]))
     assert not (out / "before").exists()
 
 
@@ -122,7 +122,7 @@ def test_a_second_run_into_a_busy_output_folder_fails_at_once(tmp_path):
         recipe = _recipe()
         start = time.monotonic()
         with pytest.raises(FolderLockedError, match="another sft_gap run"):
-            recipe.main(*_parse(recipe, [*BASE, "--output_dir", str(out)]))
+            recipe.train_and_compare(*_parse(recipe, [*BASE, "--output_dir", str(out)]))
         assert time.monotonic() - start < 30 and not (out / "before").exists()
     finally:
         holder.kill()

@@ -18,7 +18,7 @@ def test_recipe_writes_before_after_reports_and_the_verdict(tmp_path, capsys):
         "--learning_rate", "1e-3", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true",
         "--gradient_checkpointing", "false", "--disable_tqdm", "true",
     ]  # fmt: skip
-    recipe.main(*_parse(recipe, argv))
+    recipe.train_and_compare(*_parse(recipe, argv))
     run = tmp_path / "run"
     for folder in ("before", "after"):
         assert (run / folder / "gap.json").exists() and (run / folder / "gap.md").exists()

@@ -1,0 +1,70 @@
+"""The ``loopalign`` command: ``loopalign <command> [options]`` runs the same code as ``python recipes/<name>.py``.
+
+loopalign --help                        # the commands, one line each
+loopalign sft-gap --help                # a command's own options (YAML with --config, command-line overrides)
+loopalign eval-gap --model_name_or_path tiny --eval_loops 1-4
+python -m loopalign eval-gap ...        # the same without the installed script
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["COMMANDS", "main"]
+
+#: command -> (module with ``main(argv)``, what it does)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sft-gap": ("loopalign.scripts.sft_gap", "gap SFT: LoRA so SV catches up with RR per loop, before/after verdict"),
+    "eval-gap": ("loopalign.scripts.eval_gap", "SV / RR / gap (and TP) per loop for a model and dataset"),
+    "ablate-gap": ("loopalign.scripts.ablate_gap", "the gap-SFT objective's variants x seeds on the organism"),
+    "ouro-loops": ("loopalign.scripts.ouro_loops", "per-loop loss, answer accuracy and exit probability"),
+    "organism": ("loopalign.scripts.pretrain_organism", "build (or reuse) the CPU model organism, print its card"),
+    "build-data": ("loopalign.scripts.build_data", "build verification / injection datasets"),
+    "eval-introspection": ("loopalign.scripts.eval_introspection", "concept-injection introspection per loop"),
+    "grpo-introspection": ("loopalign.scripts.grpo_introspection", "GRPO / SFT training for introspection"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items()]
+    return (
+        "usage: loopalign <command> [options]   (loopalign <command> --help: the command's options)\n\n"
+        "commands:\n" + "\n".join(lines) + "\n"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch ``argv`` (default ``sys.argv[1:]``): its first item names the command, the rest go to the
+    command's ``main``. -> exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(), end="")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"loopalign: unknown command {name!r}\n\n{usage()}", end="", file=sys.stderr)
+        return 2
+    module_name = COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is None or not module_name.startswith(e.name):  # a missing dependency of the command, not it
+            raise
+        print(
+            f"loopalign: command {name!r} is not available in this install (no module {module_name})", file=sys.stderr
+        )
+        return 2
+    program = sys.argv[0]
+    sys.argv[0] = f"loopalign {name}"  # the command's usage line and errors say `loopalign <command>`
+    try:
+        status = module.main(rest)
+    finally:
+        sys.argv[0] = program
+    return 0 if status is None else int(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

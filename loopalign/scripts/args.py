@@ -1,0 +1,161 @@
+"""Argument dataclasses and parsing helpers shared by the scripts: one option dialect everywhere.
+
+Loop options follow :mod:`loopalign.loops`: ``eval_loops`` / ``eval_tp_loops`` are 1-based loop
+counts ("run n loops", :func:`~loopalign.loops.parse_loop_counts`); ``lora_loops`` and the
+injection options are 0-based loop indices (:func:`~loopalign.loops.parse_loop_indices`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from trl import TrlParser
+
+from loopalign.eval import CompareConfig, FeatureConfig, GapConfig, ReadoutConfig, TaskConfig
+from loopalign.loops import parse_loop_counts
+
+__all__ = [
+    "GapEvalArguments",
+    "default_eval_loops",
+    "make_parser",
+    "parse_or_exit",
+    "rename_deprecated_options",
+]
+
+_GAP = GapConfig()
+_READOUT = ReadoutConfig()
+
+
+def default_eval_loops(model_config) -> list[int]:
+    """The loop counts evaluated when ``eval_loops`` is unset: 1 to the model's trained depth + 2
+    (``total_ut_steps``; the organism: 1-6) for a looped model, ``[1]`` for a plain causal LM (one loop)."""
+    depth = getattr(model_config, "total_ut_steps", None)
+    return list(range(1, int(depth) + 3)) if depth else [1]
+
+
+@dataclass
+class GapEvalArguments:
+    """The gap evaluation (SV / RR / gap / TP per loop) of ``eval_gap`` and of ``sft_gap``'s before/after
+    evaluation: the same names and defaults in both."""
+
+    eval_loops: str | None = field(
+        default=None,
+        metadata={"help": "Loop counts evaluated (1-based, e.g. 1-8 or 1,2,4); default 1 to the model's depth + 2."},
+    )
+    eval_tp_loops: str | None = field(default=None, metadata={"help": "Loop counts of TP (default: eval_loops)."})
+    eval_tp: bool = field(default=True, metadata={"help": "Measure TP (greedy answers to the tasks) per loop."})
+    tp_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "New tokens per TP answer (default: enough for the source; GSM8K 512)."}
+    )
+    eval_n_boot: int = field(default=_GAP.n_boot, metadata={"help": "Bootstrap resamples of the CIs."})
+    eval_readout: str = field(
+        default="kfold", metadata={"help": "RR probe split: kfold (every record scored) | holdout (train/val/test)."}
+    )
+    eval_folds: int = field(default=_READOUT.folds, metadata={"help": "Folds of eval_readout=kfold (>= 3)."})
+    eval_position: str = field(
+        default=str(_READOUT.position),
+        metadata={"help": "RR probe position: verdict | answer_end | concat | an index into probe_indices."},
+    )
+    metric: str = field(
+        default=_GAP.metric, metadata={"help": "Headline metric: auto | accuracy | balanced_accuracy | f1 | auroc."}
+    )
+    min_minority_share: float = field(
+        default=_GAP.min_minority_share, metadata={"help": "Labels count as unbalanced below this minority share."}
+    )
+    sv_decision: str = field(
+        default=_GAP.sv_decision, metadata={"help": "SV decision: forced (P(yes) > P(no)) | strict (vocab argmax)."}
+    )
+    sampled_verdict: bool = field(
+        default=_GAP.sampled_verdict, metadata={"help": "Also generate the verdict text per loop."}
+    )
+    controls: bool = field(
+        default=_GAP.controls, metadata={"help": "Shortcut controls: question-only, author and noise probes."}
+    )
+    author_field: str = field(
+        default=str(_GAP.author_field),
+        metadata={"help": "Record field naming each answer's author for the author control (auto | none | a field)."},
+    )
+    rr_tolerance: float = field(
+        default=CompareConfig().rr_tolerance,
+        metadata={"help": "Before/after verdict: RR counts as preserved if dRR's CI low end > -this."},
+    )
+
+    def __post_init__(self):
+        # checked here, before any model loads, each error naming the option
+        if self.eval_loops is not None:
+            parse_loop_counts(self.eval_loops, "eval_loops")
+        if self.eval_tp_loops is not None:
+            parse_loop_counts(self.eval_tp_loops, "eval_tp_loops")
+        if self.eval_readout not in ("kfold", "holdout"):
+            raise ValueError(f"eval_readout must be 'kfold' or 'holdout', got {self.eval_readout!r}")
+        if self.eval_n_boot < 10:
+            raise ValueError(f"eval_n_boot must be >= 10, got {self.eval_n_boot}")
+        if self.tp_max_new_tokens is not None and self.tp_max_new_tokens < 1:
+            raise ValueError(f"tp_max_new_tokens must be >= 1 (or unset), got {self.tp_max_new_tokens}")
+        self.gap_config(loops=[1], batch_size=1, seed=0)  # GapConfig / ReadoutConfig validate the rest
+
+    def gap_config(self, *, loops: Sequence[int], batch_size: int, seed: int, **overrides) -> GapConfig:
+        """The :class:`GapConfig` these options describe; ``loops``: the resolved loop counts
+        (``eval_loops`` or :func:`default_eval_loops`); ``overrides``: GapConfig fields set by the script."""
+        position = int(self.eval_position) if self.eval_position.lstrip("-").isdigit() else self.eval_position
+        kwargs = dict(
+            loops=list(loops),
+            metric=self.metric,
+            min_minority_share=self.min_minority_share,
+            sv_decision=self.sv_decision,
+            n_boot=self.eval_n_boot,
+            seed=seed,
+            features=FeatureConfig(batch_size=batch_size),
+            readout=ReadoutConfig(split=self.eval_readout, folds=self.eval_folds, position=position, seed=seed),
+            task=TaskConfig(max_new_tokens=self.tp_max_new_tokens, batch_size=batch_size) if self.eval_tp else None,
+            tp_loops=self.eval_tp_loops,
+            sampled_verdict=self.sampled_verdict,
+            controls=self.controls,
+            author_field=None if self.author_field.lower() == "none" else self.author_field,
+        )
+        kwargs.update(overrides)
+        return GapConfig(**kwargs)
+
+
+def rename_deprecated_options(
+    argv: Sequence[str], renames: Mapping[str, str | Sequence[str]], script: str
+) -> list[str]:
+    """argv with deprecated option names replaced by their current ones (``--loops 1-8`` ->
+    ``--eval_loops 1-8``, also in the ``--loops=1-8`` form), one line on stderr per name used.
+    A rename to several tokens (``--wandb`` -> ``--report_to wandb``) takes no value. Stops at ``--``."""
+    out: list[str] = []
+    warned: set[str] = set()
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + list(argv[i:])
+        name, eq, value = arg.partition("=")
+        new = renames.get(name)
+        if new is None:
+            out.append(arg)
+            continue
+        tokens = [new] if isinstance(new, str) else list(new)
+        if name not in warned:
+            warned.add(name)
+            print(f"{script}: {name} is deprecated (kept for one release): use {' '.join(tokens)}", file=sys.stderr)
+        if eq:
+            tokens[-1] = f"{tokens[-1]}={value}"
+        out.extend(tokens)
+    return out
+
+
+def make_parser(dataclass_types: Sequence[type], doc: str | None) -> TrlParser:
+    """A ``TrlParser`` (YAML with ``--config`` + CLI overrides) over ``dataclass_types``, the script's
+    docstring as its description."""
+    return TrlParser(tuple(dataclass_types), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def parse_or_exit(parser: TrlParser, argv: Sequence[str]) -> tuple:
+    """``parser.parse_args_and_config(argv)``; an invalid value (a dataclass's ``ValueError``) ends the
+    script with the usage line and the message (exit status 2), not a traceback."""
+    try:
+        return parser.parse_args_and_config(args=list(argv))
+    except ValueError as e:
+        parser.error(str(e))

@@ -1,0 +1,201 @@
+"""SV / RR / gap (and TP) per loop for a looped model, or a plain causal LM (one loop); writes gap.json,
+gap.md, plots and probes.
+
+    python recipes/eval_gap.py                          # the model organism (built on first use), its held-out tasks
+    python recipes/eval_gap.py --model_name_or_path tiny --eval_loops 1-8 --output_dir outputs/eval_tiny   # noise
+    loopalign eval-gap --model_name_or_path ByteDance/Ouro-1.4B --dataset builds/math --eval_loops 1-8
+    loopalign eval-gap --model_name_or_path RUN/final --dataset DIR --output_dir outputs/after --compare outputs/before
+    loopalign eval-gap --config my_eval.yaml --eval_n_boot 200          # YAML + command-line overrides
+
+The evaluation options (GapEvalArguments) have the names and defaults of sft_gap's before/after
+evaluation: loops 1 to the model's depth + 2 (a non-looped model: 1), k-fold RR probes, TP on
+(``--no_eval_tp`` skips generation). ``--model_name_or_path organism`` (the default) is loopalign's
+model organism, built into the cache first when missing; ``tiny`` a random tiny Ouro. Without
+``--dataset`` the organism is measured on its own held-out tasks (digit sums of its evaluation
+triples, gold + one wrong digit each, clustered by triple; ``--dataset_limit`` of them, ``--data_seed``),
+other models on held-out synthetic arithmetic from data_builders. The pre-0.2 names (``--model``,
+``--loops``, ``--out``, ``--data``, ``--split``, ``--tp``, ...) still work for one release, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from data_builders.verification import synthetic_verification_records
+from loopalign.eval import (
+    LOCAL_MODELS,
+    CompareConfig,
+    GapResult,
+    compare,
+    evaluate_gap,
+    load_eval_dataset,
+    load_model_and_tokenizer,
+)
+from loopalign.io import atomic_write_text
+from loopalign.loops import parse_loop_counts
+from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for, organism_eval_records
+from loopalign.scripts.args import (
+    GapEvalArguments,
+    default_eval_loops,
+    make_parser,
+    parse_or_exit,
+    rename_deprecated_options,
+)
+from loopalign.speed import set_cpu_threads
+
+#: pre-0.2 option -> its name now (kept for one release)
+DEPRECATED_OPTIONS = {
+    "--model": "--model_name_or_path",
+    "--data": "--dataset",
+    "--out": "--output_dir",
+    "--loops": "--eval_loops",
+    "--tp-loops": "--eval_tp_loops",
+    "--tp": "--eval_tp",
+    "--n-boot": "--eval_n_boot",
+    "--split": "--eval_readout",
+    "--folds": "--eval_folds",
+    "--position": "--eval_position",
+    "--n-problems": "--dataset_limit",
+    "--levels": "--synthetic_levels",
+    "--batch-size": "--per_device_eval_batch_size",
+    "--wandb": ("--report_to", "wandb"),
+}
+
+
+@dataclass
+class EvalGapScriptArguments(GapEvalArguments):
+    """The model, the records and the outputs (and, inherited from GapEvalArguments, what is measured)."""
+
+    model_name_or_path: str = field(
+        default="organism",
+        metadata={"help": "'organism' (default), 'tiny', a gap-SFT final/ folder, a folder or hub name."},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "'organism' | 'synthetic' | a build folder, save_to_disk folder or .jsonl (default: the organism's "
+            "held-out tasks for the organism, synthetic arithmetic for other local models; required for others)"
+        },
+    )
+    dataset_limit: int = field(default=300, metadata={"help": "Problems (2 records each) of organism / synthetic."})
+    synthetic_levels: str = field(default="1", metadata={"help": "Levels of the synthetic problems (e.g. '1,2')."})
+    data_seed: int = field(default=20_000, metadata={"help": "Seed of the organism / synthetic problems (held out)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Output folder (default outputs/eval_gap_<model>)."})
+    verdict_tokens: str | None = field(default=None, metadata={"help": "yes,no strings or ids (default Yes,No)."})
+    per_device_eval_batch_size: int = field(
+        default=16, metadata={"help": "Records per forward / prompts per generate."}
+    )
+    device: str | None = field(default=None, metadata={"help": "cuda | cpu | ... (default: cuda when available)."})
+    dtype: str = field(default="auto", metadata={"help": "Weights' dtype: auto | bfloat16 | float32 | ..."})
+    seed: int = field(default=0, metadata={"help": "Seed of the probe splits, the bootstrap and a tiny model."})
+    report_to: str = field(default="none", metadata={"help": "none | wandb (offline without an API key)."})
+    wandb_project: str = field(default="loopalign", metadata={"help": "W&B project with report_to=wandb."})
+    compare: str | None = field(
+        default=None,
+        metadata={"help": "A previous output_dir (the 'before', or its gap.json): writes compare.md/json."},
+    )
+    verdict_depth: int | None = field(
+        default=None, metadata={"help": "Loop of the --compare verdict (default: the trained depth)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dataset is None and self.model_name_or_path not in LOCAL_MODELS:
+            raise ValueError(f"dataset is required unless model_name_or_path is one of {LOCAL_MODELS}")
+        if self.dataset == "organism" and self.model_name_or_path != "organism":
+            raise ValueError("dataset='organism' (its held-out digit tasks) needs model_name_or_path='organism'")
+        if self.dataset_limit < 1:
+            raise ValueError(f"dataset_limit must be >= 1, got {self.dataset_limit}")
+        try:
+            levels = [int(x) for x in self.synthetic_levels.split(",") if x.strip()]
+        except ValueError:
+            levels = []
+        if not levels or any(not 1 <= x <= 6 for x in levels):
+            raise ValueError(f"synthetic_levels must be levels in 1..6 (e.g. '1,2'), got {self.synthetic_levels!r}")
+        if self.verdict_tokens is not None and len(self.verdict_tokens.split(",")) != 2:
+            raise ValueError(f"verdict_tokens must be two tokens 'yes,no', got {self.verdict_tokens!r}")
+        if self.report_to not in ("none", "wandb"):
+            raise ValueError(f"report_to must be 'none' or 'wandb', got {self.report_to!r}")
+        if self.compare and not os.path.exists(
+            os.path.join(self.compare, "gap.json") if os.path.isdir(self.compare) else self.compare
+        ):
+            raise ValueError(
+                f"--compare {self.compare}: no gap.json there (a before/ folder of eval_gap or sft_gap, or its gap.json)"
+            )
+
+    def verdict(self) -> tuple[str | int, str | int]:
+        if self.verdict_tokens is None:
+            return ("Yes", "No")
+        yes, no = (s.strip() for s in self.verdict_tokens.split(","))
+        return tuple(int(s) if s.lstrip("-").isdigit() else s for s in (yes, no))
+
+
+def load_records(args: EvalGapScriptArguments, tokenizer):
+    """-> (records, group_by): the dataset named by ``args.dataset`` or the model's default."""
+    name = args.dataset or ("organism" if args.model_name_or_path == "organism" else "synthetic")
+    if name == "organism":
+        organism = organism_config_for(args.model_name_or_path)
+        if organism.tasks == "digits":  # its own held-out tasks (its evaluation triples), clustered by triple
+            records = organism_eval_records(
+                tokenizer, args.dataset_limit, seed=args.data_seed, max_operand=organism.max_operand
+            )
+            return records, DIGIT_GROUP_FIELD
+        name = "synthetic"
+    if name == "synthetic":
+        levels = tuple(int(x) for x in args.synthetic_levels.split(",") if x.strip())
+        return synthetic_verification_records(tokenizer, args.dataset_limit, seed=args.data_seed, levels=levels), "task"
+    return load_eval_dataset(name), "task"
+
+
+def evaluate(args: EvalGapScriptArguments) -> GapResult:
+    """The recipe on parsed arguments: load, measure, write (and compare with ``args.compare``)."""
+    model_name = args.model_name_or_path
+    out_dir = args.output_dir or f"outputs/eval_gap_{model_name if model_name in LOCAL_MODELS else 'model'}"
+    set_cpu_threads(on_cpu=args.device == "cpu" or None, announce=True)
+    model, tok = load_model_and_tokenizer(model_name, device=args.device, dtype=args.dtype, seed=args.seed)
+    data, group_by = load_records(args, tok)
+    loops = (
+        parse_loop_counts(args.eval_loops, "eval_loops")
+        if args.eval_loops is not None
+        else default_eval_loops(model.config)
+    )
+    config = args.gap_config(
+        loops=loops,
+        batch_size=args.per_device_eval_batch_size,
+        seed=args.seed,
+        group_by=group_by,
+        verdict_tokens=args.verdict(),
+    )
+    result = evaluate_gap(
+        model,
+        tok,
+        data,
+        config=config,
+        out_dir=out_dir,
+        wandb=args.report_to == "wandb",
+        wandb_kwargs={"project": args.wandb_project, "name": f"eval_gap:{model_name}"},
+    )
+    print(result.markdown())
+    if args.compare:
+        config = CompareConfig(loops=args.verdict_depth, seed=args.seed, rr_tolerance=args.rr_tolerance)
+        comp = compare(GapResult.from_json(args.compare), result, config)
+        atomic_write_text(f"{out_dir}/compare.json", comp.to_json())
+        atomic_write_text(f"{out_dir}/compare.md", comp.markdown())
+        print(comp.verdict)
+    print(f"wrote {out_dir}")
+    return result
+
+
+def build_parser(argv: list[str] | None = None):
+    """The script's ``TrlParser`` (EvalGapScriptArguments; YAML with ``--config``)."""
+    return make_parser((EvalGapScriptArguments,), __doc__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``recipes/eval_gap.py`` / ``loopalign eval-gap``: parse ``argv`` (default ``sys.argv[1:]``) and evaluate."""
+    argv = rename_deprecated_options(sys.argv[1:] if argv is None else argv, DEPRECATED_OPTIONS, "eval_gap")
+    (args,) = parse_or_exit(build_parser(argv), argv)
+    evaluate(args)
+    return 0

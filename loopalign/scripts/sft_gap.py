@@ -1,0 +1,362 @@
+"""Gap SFT: train LoRA adapters on a looped model so that self-verification (SV) catches up with
+the representation readout (RR), per loop, without RR degrading, and measure it before and after.
+
+    accelerate launch recipes/sft_gap.py                                  # embedded CPU default (the organism), minutes
+    accelerate launch recipes/sft_gap.py --config recipes/configs/sft_gap_ouro_1.4b_gsm8k.yaml
+    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/sft_gap.py --config ...
+    loopalign sft-gap --config recipes/configs/sft_gap_cpu_default.yaml --max_steps 300   # one process
+
+Arguments: the script's (GapScriptArguments: data; GapEvalArguments: the before/after evaluation),
+GapSFTConfig (TRL's SFTConfig + the loop-aware objective) and TRL's ModelConfig, from YAML
+(``--config``) with command-line overrides. Writes into ``output_dir``: the adapters, probes and
+settings (``final/``), ``before/`` and ``after/`` gap reports (JSON, Markdown, PNG/SVG plots), and
+``compare.md`` / ``compare.json`` with the verdict; logs the same to W&B with ``report_to: wandb``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig, get_peft_config
+
+import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
+from loopalign.eval import (
+    LOCAL_MODELS,
+    CompareConfig,
+    GapResult,
+    compare,
+    evaluate_gap,
+    log_comparison_wandb,
+)
+from loopalign.eval import load_model_and_tokenizer as load_local_model
+from loopalign.eval.report import short_markdown
+from loopalign.io import atomic_write_text, folder_lock
+from loopalign.loops import parse_loop_counts
+from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for
+from loopalign.scripts.args import GapEvalArguments, default_eval_loops, make_parser, parse_or_exit
+from loopalign.speed import set_cpu_threads
+from loopalign.trainers import GapSFTConfig, GapSFTTrainer, self_replay_dataset, write_adapter_card
+from loopalign.trainers.console import use_short_console_log
+from loopalign.trainers.gap_data import load_verification_dataset, organism_verification, split_by_task
+
+# Used when no --config is given: the model organism (loopalign.organism, built into the cache on first
+# use), trained on its own training tasks and evaluated on its held-out ones (tasks neither the organism
+# nor this run ever trained on), verdict supervision on true labels at every loop (lm) with replay of the
+# model's own answers to the training tasks (replay: keeps TP) and feature distillation against the base
+# model at the readout sites (rr_distill: guards RR); the winner of recipes/ablate_gap.py. Minutes on 2 CPU cores.
+EMBEDDED_DEFAULTS = dict(
+    model_name_or_path="organism",
+    use_peft=True,
+    lora_r=16,
+    lora_alpha=32,
+    lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    output_dir="outputs/sft_gap_default",
+    max_steps=150,
+    per_device_train_batch_size=16,
+    learning_rate=2e-3,
+    lr_scheduler_type="constant_with_warmup",
+    warmup_steps=10,
+    logging_steps=10,
+    save_strategy="no",
+    report_to=[],
+    activation_checkpointing=False,  # transformers 5.24 deprecates the gradient_checkpointing name
+    dataset="organism",
+    dataset_limit=1000,
+    loss_weights={"lm": 1.0, "replay": 1.0, "rr_distill": 1.0},
+    eval_fraction=0.3,
+)
+
+
+@dataclass
+class GapScriptArguments(GapEvalArguments):
+    """What to train on (and, inherited from GapEvalArguments, how the before/after evaluation measures)."""
+
+    dataset: str = field(
+        default="synthetic",
+        metadata={
+            "help": "'organism' (the organism's digit tasks: train on its training tasks, evaluate on held-out ones); "
+            "'synthetic'; a data_builders build folder, save_to_disk folder or .jsonl; or SOURCE:PATH_OR_HUB "
+            "(e.g. gsm8k:openai/gsm8k, gsm8k-solutions:FILE, safety-pairs:PKU-Alignment/PKU-SafeRLHF) built on the fly"
+        },
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset source."})
+    dataset_limit: int | None = field(
+        default=None, metadata={"help": "Problems / rows read (synthetic: 160; organism: 1000 distinct tasks)."}
+    )
+    candidates: str = field(
+        default="controlled", metadata={"help": "Answers for problem sources: controlled | sampled."}
+    )
+    field_map: str = field(default="beavertails", metadata={"help": "Field map of safety-pairs sources."})
+    synthetic_levels: str = field(default="1,2", metadata={"help": "Difficulty levels of the synthetic source."})
+    eval_fraction: float = field(default=0.3, metadata={"help": "Share of tasks held out for the before/after eval."})
+    replay_tasks: int | None = field(
+        default=None,
+        metadata={
+            "help": "Distinct training tasks whose own answers are replayed (loss_weights.replay > 0); None: all."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.candidates not in ("controlled", "sampled"):
+            raise ValueError(f"candidates must be 'controlled' or 'sampled', got {self.candidates!r}")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        try:
+            levels = [int(x) for x in self.synthetic_levels.split(",") if x.strip()]
+        except ValueError:
+            levels = []
+        if not levels or any(not 1 <= x <= 6 for x in levels):
+            raise ValueError(f"synthetic_levels must be levels in 1..6 (e.g. '1,2'), got {self.synthetic_levels!r}")
+        if self.replay_tasks is not None and self.replay_tasks < 1:
+            raise ValueError(f"replay_tasks must be >= 1 (or unset for all), got {self.replay_tasks}")
+
+
+def resume_target(value):
+    """``--resume_from_checkpoint``: "true" / "false" (any case) as TRL's parser leaves them (strings)
+    -> True (the latest complete checkpoint in output_dir) / None; a path stays a path."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", ""):
+        return None
+    return value
+
+
+def check_against_data(training_args: GapSFTConfig, train_ds, eval_ds) -> None:
+    """The options that depend on the data, checked before the first expensive step (the
+    before-evaluation), each error naming the option (those that depend on the model are checked by
+    ``GapSFTConfig.check_against_model`` right after the model loads)."""
+    if training_args.max_length is not None:
+        for name, ds in (("train", train_ds), ("held-out", eval_ds)):
+            longest = max((len(ids) for ids in ds["input_ids"]), default=0)
+            if longest + 2 > training_args.max_length:  # the verdict and the end of turn follow the prompt
+                raise ValueError(
+                    f"max_length={training_args.max_length} is shorter than the longest {name} record "
+                    f"({longest} prompt tokens + the verdict and end of turn): raise max_length"
+                )
+
+
+def load_model_and_tokenizer(model_args: ModelConfig, training_args: GapSFTConfig):
+    for option in ("load_in_4bit", "load_in_8bit"):
+        if getattr(model_args, option, False):
+            raise ValueError(
+                f"--{option} is not supported by sft_gap: quantised base weights under loop-aware LoRA are untested "
+                "here; train in bf16 (the 1.4B configs fit one GPU)"
+            )
+    if training_args.push_to_hub:
+        raise ValueError(
+            "--push_to_hub is not supported by sft_gap: the Trainer would upload during training, before the "
+            "after-evaluation and the verdict exist; upload output_dir/final/ with `huggingface-cli upload` once "
+            "compare.md says what the run did"
+        )
+    name = model_args.model_name_or_path
+    if name in LOCAL_MODELS:  # the organism is built into the cache first when missing (by one process)
+        with training_args.main_process_first(desc=f"loading the {name} model"):
+            model, tokenizer = load_local_model(name, device="cpu", seed=training_args.seed)
+        return model.train(), tokenizer
+    dtype = model_args.dtype or "auto"
+    model = AutoModelForCausalLM.from_pretrained(
+        name, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation
+    )
+    return model, AutoTokenizer.from_pretrained(name, revision=model_args.model_revision)
+
+
+def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, training_args: GapSFTConfig):
+    if script_args.dataset == "organism":  # the organism's own split: held-out tasks it never trained on
+        return organism_verification(
+            tokenizer,
+            script_args.dataset_limit or 1000,
+            script_args.eval_fraction,
+            seed=training_args.seed,
+            organism_config=organism_config_for(model_name),
+        )
+    local = model_name in LOCAL_MODELS
+    data = load_verification_dataset(
+        script_args.dataset,
+        tokenizer,
+        tokenizer_name="local" if local else model_name,
+        out_dir=os.path.join(training_args.output_dir, "data"),
+        limit=script_args.dataset_limit,
+        candidates=script_args.candidates,
+        policy=model_name,
+        field_map=script_args.field_map,
+        split=script_args.dataset_split,
+        synthetic_levels=[int(x) for x in script_args.synthetic_levels.split(",")],
+        seed=training_args.seed,
+    )
+    return split_by_task(data, script_args.eval_fraction, seed=training_args.seed)
+
+
+def prepare_reporting(training_args: GapSFTConfig) -> None:
+    """Before anything expensive: W&B without an API key runs offline (said once, not a crash at
+    ``trainer.train()``), and a sweep run writes into its own ``output_dir/sweep-<sweep>-<run>/``."""
+    if "wandb" not in (training_args.report_to or []):
+        return
+    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+        netrc = os.path.expanduser("~/.netrc")
+        logged_in = os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read()
+        if not logged_in:
+            os.environ["WANDB_MODE"] = "offline"
+            if training_args.process_index == 0:
+                print("W&B: no API key, so the run is offline (wandb sync OUTPUT_DIR/wandb/... later)")
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep and run:
+        training_args.output_dir = os.path.join(training_args.output_dir, f"sweep-{sweep}-{run}")
+        if training_args.process_index == 0:
+            print(f"W&B sweep {sweep}: this run writes to {training_args.output_dir}")
+
+
+def train_and_compare(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> None:
+    """The recipe on parsed arguments: the output folder's lock around :func:`run`."""
+    prepare_reporting(training_args)
+    # one run per output folder: a second run into it fails at once, naming the holder
+    lock = (
+        folder_lock(training_args.output_dir, "sft_gap")
+        if training_args.process_index == 0
+        else contextlib.nullcontext()
+    )
+    with lock:
+        run(script_args, training_args, model_args)
+
+
+def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> None:
+    """The recipe, top to bottom (``train_and_compare`` holds the output folder's lock around it)."""
+    if training_args.world_size > 1 and training_args.process_index == 0:
+        print(f"{training_args.world_size} processes, {training_args.parallel_mode.value} (one model, data split)")
+    set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    training_args.check_against_model(model.config)  # probe_layer, lora_loops, loop_weights: before any data
+    with training_args.main_process_first(desc="building the verification dataset"):
+        train_ds, eval_ds = load_datasets(script_args, model_args.model_name_or_path, tokenizer, training_args)
+    check_against_data(training_args, train_ds, eval_ds)
+    resume = resume_target(training_args.resume_from_checkpoint)
+    if training_args.use_cpu or not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # pinned memory needs an accelerator (a warning per loader)
+    gap_config = script_args.gap_config(
+        loops=parse_loop_counts(script_args.eval_loops, "eval_loops")
+        if script_args.eval_loops is not None
+        else default_eval_loops(model.config),
+        batch_size=training_args.per_device_eval_batch_size,
+        seed=training_args.seed,
+        verdict_tokens=(training_args.verdict_yes, training_args.verdict_no),
+        # the organism's tasks cluster by their (item, a, b) triple: names do not change the arithmetic
+        group_by=DIGIT_GROUP_FIELD if script_args.dataset == "organism" else "task",
+    )
+    wandb = "wandb" in (training_args.report_to or [])
+    out = training_args.output_dir
+    before_dir = os.path.join(out, "before")
+    if training_args.process_index == 0:
+        if resume and os.path.exists(os.path.join(before_dir, "gap.json")):
+            # a resumed run: the base model and the held-out records are the same, so is the before-eval
+            print(f"resuming: the before-evaluation in {before_dir} is reused")
+            before = GapResult.from_json(before_dir)
+        else:
+            print(f"train {len(train_ds)} / held-out {len(eval_ds)} verification records; evaluating before training")
+            before = evaluate_gap(model, tokenizer, eval_ds, config=gap_config, out_dir=before_dir)
+            print(short_markdown(before, os.path.join(before_dir, "gap.md")))
+
+    replay = None
+    if training_args.loss_weights["replay"] > 0:  # the base model's own answers to the training tasks
+        build = self_replay_dataset(
+            model,
+            tokenizer,
+            list(dict.fromkeys(train_ds["task"]))[: script_args.replay_tasks],
+            num_loops=training_args.num_loops or model.config.total_ut_steps,
+            max_new_tokens=script_args.tp_max_new_tokens,
+            sources=sorted(set(train_ds["source"])) if "source" in train_ds.column_names else (),
+            batch_size=training_args.per_device_eval_batch_size,
+        )
+        replay = build.dataset
+        if training_args.process_index == 0:
+            print(
+                f"replay: the model's own answers to {len(replay)} of {build.n_tasks} training tasks "
+                f"({build.n_cut} cut off at {build.max_new_tokens} new tokens and left out)"
+            )
+
+    trainer = GapSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        replay_dataset=replay,
+    )
+    use_short_console_log(trainer, trainer.num_loops)  # W&B and the trainer state keep every metric
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(os.path.join(out, "final"))
+
+    if trainer.accelerator.is_main_process:
+        tuned = trainer.accelerator.unwrap_model(trainer.model).eval()
+        after = evaluate_gap(tuned, tokenizer, eval_ds, config=gap_config, out_dir=os.path.join(out, "after"))
+        # the verdict is taken at the depth the adapters were trained at (default: the model's total_ut_steps)
+        depth = training_args.num_loops
+        comparison = compare(before, after, CompareConfig(loops=depth, rr_tolerance=script_args.rr_tolerance))
+        atomic_write_text(os.path.join(out, "compare.md"), comparison.markdown())
+        atomic_write_text(os.path.join(out, "compare.json"), comparison.to_json())
+        write_adapter_card(os.path.join(out, "final"), comparison.markdown())  # how to load it, and the verdict
+        if wandb:
+            import wandb as wb
+
+            after.log_wandb(run=wb.run, prefix="gap_after/")
+            before.log_wandb(run=wb.run, prefix="gap_before/")
+            log_comparison_wandb(comparison, wb.run)  # dSV, dRR, gap after, TP and the verdict in the summary
+            wb.run.config.update({"recipe": dataclasses.asdict(script_args)}, allow_val_change=True)
+        print("\nBefore / after gap SFT on the held-out split:\n")
+        print(comparison.markdown())
+        print(f"\nReports, plots, adapters and probes are in {out}/")
+
+
+def cli_model(argv: list[str]) -> str | None:
+    """The ``--model_name_or_path`` given on the command line, if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--model_name_or_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--model_name_or_path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def embedded_defaults_apply(argv: list[str]) -> bool:
+    """The CPU organism's defaults apply without --config, to the local models only: a hub model
+    named on the command line gets TRL's defaults, not the organism's learning rate and step count."""
+    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+        return False
+    model = cli_model(argv)
+    return model is None or model in LOCAL_MODELS
+
+
+def launched_on_cpu_processes() -> bool:
+    """Several processes (torchrun / accelerate launch) on a machine without a GPU: each must run
+    as a CPU rank of one gloo group, or the Trainer trains independent copies side by side."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def build_parser(argv: list[str] | None = None):
+    """The script's ``TrlParser`` (GapScriptArguments, GapSFTConfig, ModelConfig; YAML with ``--config``); without
+    ``--config`` the CPU organism's defaults apply to the local models named in ``argv``."""
+    argv = list(argv or [])
+    parser = make_parser((GapScriptArguments, GapSFTConfig, ModelConfig), __doc__)
+    if embedded_defaults_apply(argv):
+        parser.set_defaults(**EMBEDDED_DEFAULTS)
+    elif "--help" not in argv and "-h" not in argv and "--config" not in argv:
+        print(
+            f"sft_gap: {cli_model(argv)} without --config: TRL's defaults apply (not the CPU organism's); "
+            "recipes/configs/ has tuned configs for Ouro-1.4B"
+        )
+    if launched_on_cpu_processes():
+        parser.set_defaults(use_cpu=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``recipes/sft_gap.py`` / ``loopalign sft-gap``: parse ``argv`` (default ``sys.argv[1:]``), train, compare."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args, training_args, model_args = parse_or_exit(build_parser(argv), argv)
+    train_and_compare(script_args, training_args, model_args)
+    return 0

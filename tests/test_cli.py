@@ -1,0 +1,154 @@
+"""The ``loopalign`` command (loopalign.cli): its commands, their help, and that ``python -m loopalign
+eval-gap`` and ``python recipes/eval_gap.py`` are the same code with the same result."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loopalign import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+
+
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def test_help_lists_every_command_with_one_line(capsys):
+    assert cli.main(["--help"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("sft-gap", "eval-gap", "ablate-gap", "ouro-loops", "organism", "build-data", "eval-introspection",
+                 "grpo-introspection"):  # fmt: skip
+        (line,) = [line for line in printed.splitlines() if line.strip().startswith(name + " ")]
+        assert len(line.split(name, 1)[1].strip()) > 10, line
+    assert cli.main([]) == 2 and "commands:" in capsys.readouterr().out
+
+
+def test_an_unknown_command_fails_naming_it(capsys):
+    assert cli.main(["sft_gap"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'sft_gap'" in err and "sft-gap" in err
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_each_command_help_is_the_scripts_own(command, capsys):
+    """``loopalign <cmd> --help`` is the script's parser (its usage names the command); a command whose
+    module is not in this install says so instead of a traceback."""
+    module = cli.COMMANDS[command][0]
+    if not _available(module):
+        assert cli.main([command, "--help"]) == 2
+        assert f"command {command!r} is not available in this install (no module {module})" in capsys.readouterr().err
+        return
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert f"usage: loopalign {command} [-h]" in printed, printed[:300]
+    assert sys.argv[0] != f"loopalign {command}"  # restored
+
+
+def test_a_missing_command_module_is_named(monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "later", ("loopalign.scripts.not_written_yet", "a command of a later release"))
+    assert cli.main(["later", "--x"]) == 2
+    assert "no module loopalign.scripts.not_written_yet" in capsys.readouterr().err
+
+
+def test_gap_commands_share_one_dialect():
+    """sft-gap's before/after evaluation and eval-gap parse the same evaluation options with the same defaults."""
+    from loopalign.scripts import eval_gap, sft_gap
+    from loopalign.scripts.args import GapEvalArguments
+
+    shared = set(GapEvalArguments.__dataclass_fields__)
+    assert shared <= set(sft_gap.GapScriptArguments.__dataclass_fields__)
+    assert shared <= set(eval_gap.EvalGapScriptArguments.__dataclass_fields__)
+    for name in shared:
+        a = sft_gap.GapScriptArguments.__dataclass_fields__[name].default
+        b = eval_gap.EvalGapScriptArguments.__dataclass_fields__[name].default
+        assert a == b, name
+
+
+def test_a_bad_option_is_a_usage_error_not_a_traceback(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["ouro-loops", "--eval_loops", "0"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: loopalign ouro-loops" in err and "eval_loops: expected integers >= 1" in err
+    assert "Traceback" not in err
+
+
+def test_ouro_loops_runs_in_process_through_the_cli(capsys):
+    """``loopalign ouro-loops`` with the pre-0.2 names (``--loops 2`` = loops 1..2): measures only."""
+    assert cli.main(["ouro-loops", "--steps", "0", "--loops", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "| 1 |" in out and "| 2 |" in out and "| 3 |" not in out and "After" not in out
+    assert "--loops N is deprecated" in err and "--steps is deprecated" in err
+
+
+def test_python_m_loopalign_and_the_recipe_give_the_same_evaluation(tmp_path):
+    """The same tiny evaluation through ``python -m loopalign eval-gap`` (current option names) and
+    ``python recipes/eval_gap.py`` (a YAML for most options, the pre-0.2 ``--out``): identical tables."""
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        "model_name_or_path: tiny\neval_loops: '1,3'\ndataset_limit: 10\neval_folds: 3\neval_n_boot: 30\n"
+        "controls: false\neval_tp: false\n"
+    )
+    cli_argv = [sys.executable, "-m", "loopalign", "eval-gap", "--model_name_or_path", "tiny", "--eval_loops", "1,3",
+                "--dataset_limit", "10", "--eval_folds", "3", "--eval_n_boot", "30", "--no_controls", "--no_eval_tp",
+                "--output_dir", str(tmp_path / "cli")]  # fmt: skip
+    recipe_argv = [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), "--config", str(config),
+                   "--out", str(tmp_path / "recipe")]  # fmt: skip
+    for argv in (cli_argv, recipe_argv):
+        done = subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    cli_run, recipe_run = (json.loads((tmp_path / d / "gap.json").read_text()) for d in ("cli", "recipe"))
+    assert [row["loop"] for row in cli_run["table"]] == [1, 3]
+    assert cli_run["table"] == recipe_run["table"] and cli_run["config"] == recipe_run["config"]
+
+
+def test_the_default_loops_follow_the_models_depth():
+    """eval_loops unset: 1 to the trained depth + 2 for a looped model, one loop for a plain causal LM."""
+    from transformers import LlamaConfig
+
+    from loopalign import tiny_config
+    from loopalign.scripts.args import default_eval_loops
+
+    assert default_eval_loops(tiny_config()) == list(range(1, tiny_config().total_ut_steps + 3))
+    assert default_eval_loops(LlamaConfig(num_hidden_layers=2)) == [1]
+
+
+@pytest.mark.slow
+def test_ablate_gap_runs_its_sft_gap_runs_through_the_cli_and_resumes(tmp_path, capsys):
+    """``loopalign ablate-gap``: one variant x one seed as a ``python -m loopalign sft-gap`` subprocess (a tiny
+    model, 3 steps), the table; run again, the finished run is reused."""
+    out = tmp_path / "abl"
+    argv = ["ablate-gap", "--variants", "lm", "--seeds", "0", "--jobs", "1", "--output_dir", str(out), "--",
+            "--model_name_or_path", "tiny", "--dataset", "synthetic", "--dataset_limit", "40", "--max_steps", "3",
+            "--eval_loops", "4", "--eval_n_boot", "20", "--no_eval_tp", "--loss_weights", '{"lm": 1.0}']  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "1 runs to do" in capsys.readouterr().out
+    assert (out / "lm" / "seed-0" / "compare.json").exists() and (out / "ablation.png").exists()
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert rows[0]["variant"] == "lm + replay" and rows[0]["n_seeds"] == 1
+    assert cli.main(argv) == 0 and "0 runs to do" in capsys.readouterr().out
+
+
+def test_the_organisms_rebuild_command_parses_back_to_its_config(tmp_path):
+    """The command loopalign.organism prints for a stale organism (bools, tuples, another folder) is one
+    that ``loopalign organism`` parses back to the same settings."""
+    import shlex
+
+    from loopalign.organism import OrganismConfig, _rebuild_command
+    from loopalign.scripts import pretrain_organism
+
+    config = OrganismConfig(seed=3, candidate_lm=False, levels=(1, 2), sycophantic_items=("apples", "pens"), steps=90)
+    command = shlex.split(_rebuild_command(tmp_path / "elsewhere", config))
+    assert command[:3] == ["python", "recipes/pretrain_organism.py", "--force"]
+    script_args, organism_args = pretrain_organism.build_parser().parse_args_and_config(args=command[2:])
+    assert organism_args.organism_config() == config and script_args.force
+    assert script_args.output_dir == str(tmp_path / "elsewhere")
