@@ -21,7 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ablate-gap": ("loopalign.scripts.ablate_gap", "the gap-SFT objective's variants x seeds on the organism"),
     "ouro-loops": ("loopalign.scripts.ouro_loops", "per-loop loss, answer accuracy and exit probability"),
     "organism": ("loopalign.scripts.pretrain_organism", "build (or reuse) the CPU model organism, print its card"),
-    "build-data": ("loopalign.scripts.build_data", "build verification / injection datasets"),
+    "build-data": (
+        "loopalign.scripts.build_data",
+        "build a verification dataset (python -m data_builders.verification)",
+    ),
     "eval-introspection": ("loopalign.scripts.eval_introspection", "concept-injection introspection per loop"),
     "grpo-introspection": ("loopalign.scripts.grpo_introspection", "GRPO / SFT training for introspection"),
 }

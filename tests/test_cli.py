@@ -78,7 +78,7 @@ def test_a_bad_option_is_a_usage_error_not_a_traceback(capsys):
         cli.main(["ouro-loops", "--eval_loops", "0"])
     assert done.value.code == 2
     err = capsys.readouterr().err
-    assert "usage: loopalign ouro-loops" in err and "eval_loops: expected integers >= 1" in err
+    assert "usage: loopalign ouro-loops" in err and "eval_loops must be loop counts >= 1" in err
     assert "Traceback" not in err
 
 
@@ -138,16 +138,16 @@ def test_ablate_gap_runs_its_sft_gap_runs_through_the_cli_and_resumes(tmp_path, 
     assert cli.main(argv) == 0 and "0 runs to do" in capsys.readouterr().out
 
 
-def test_the_organisms_rebuild_command_parses_back_to_its_config(tmp_path):
+def test_the_organismsrebuild_command_parses_back_to_its_config(tmp_path):
     """The command loopalign.organism prints for a stale organism (bools, tuples, another folder) is one
     that ``loopalign organism`` parses back to the same settings."""
     import shlex
 
-    from loopalign.organism import OrganismConfig, _rebuild_command
+    from loopalign.organism import OrganismConfig, rebuild_command
     from loopalign.scripts import pretrain_organism
 
     config = OrganismConfig(seed=3, candidate_lm=False, levels=(1, 2), sycophantic_items=("apples", "pens"), steps=90)
-    command = shlex.split(_rebuild_command(tmp_path / "elsewhere", config))
+    command = shlex.split(rebuild_command(tmp_path / "elsewhere", config))
     assert command[:3] == ["python", "recipes/pretrain_organism.py", "--force"]
     script_args, organism_args = pretrain_organism.build_parser().parse_args_and_config(args=command[2:])
     assert organism_args.organism_config() == config and script_args.force

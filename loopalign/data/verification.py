@@ -343,8 +343,10 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
+    # `loopalign build-data` sets argv[0] to its own name; else this is `python -m data_builders.verification`
+    command = sys.argv[0] if sys.argv and sys.argv[0].startswith("loopalign ") else None
     p = argparse.ArgumentParser(
-        prog="python -m data_builders.verification",
+        prog=command or "python -m data_builders.verification",
         description="Build a verification dataset (task, candidate answer, label) and optionally render prompts.",
     )
     p.add_argument("--source", required=True, choices=SOURCES)

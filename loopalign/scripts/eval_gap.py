@@ -23,17 +23,16 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from data_builders.verification import synthetic_verification_records
+from loopalign.data.verification import synthetic_verification_records
 from loopalign.eval import (
-    LOCAL_MODELS,
     CompareConfig,
     GapResult,
     compare,
     evaluate_gap,
     load_eval_dataset,
-    load_model_and_tokenizer,
 )
 from loopalign.io import atomic_write_text
+from loopalign.loading import LOCAL_MODELS, load_model
 from loopalign.loops import parse_loop_counts
 from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for, organism_eval_records
 from loopalign.scripts.args import (
@@ -154,7 +153,7 @@ def evaluate(args: EvalGapScriptArguments) -> GapResult:
     model_name = args.model_name_or_path
     out_dir = args.output_dir or f"outputs/eval_gap_{model_name if model_name in LOCAL_MODELS else 'model'}"
     set_cpu_threads(on_cpu=args.device == "cpu" or None, announce=True)
-    model, tok = load_model_and_tokenizer(model_name, device=args.device, dtype=args.dtype, seed=args.seed)
+    model, tok = load_model(model_name, device=args.device, dtype=args.dtype, seed=args.seed)
     data, group_by = load_records(args, tok)
     loops = (
         parse_loop_counts(args.eval_loops, "eval_loops")

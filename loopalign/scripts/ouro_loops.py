@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loopalign import OuroForCausalLM, tiny_config
+from loopalign.loading import load_pretrained, load_tokenizer
 from loopalign.loops import parse_loop_counts
 from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
 from loopalign.scripts.args import default_eval_loops, make_parser, parse_or_exit, rename_deprecated_options
@@ -129,8 +129,8 @@ def run(args: OuroLoopsScriptArguments) -> dict[str, list[dict[str, float]]]:
         tokenizer = local_tokenizer()
         model = OuroForCausalLM(tiny_config(vocab_size=len(tokenizer))).to(device)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path).to(device)
+        model = load_pretrained(args.model_name_or_path).to(device)
+        tokenizer = load_tokenizer(args.model_name_or_path)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     trained = model.config.total_ut_steps
     loops = (

@@ -22,21 +22,19 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
 from loopalign.eval import (
-    LOCAL_MODELS,
     CompareConfig,
     GapResult,
     compare,
     evaluate_gap,
     log_comparison_wandb,
 )
-from loopalign.eval import load_model_and_tokenizer as load_local_model
 from loopalign.eval.report import short_markdown
 from loopalign.io import atomic_write_text, folder_lock
+from loopalign.loading import LOCAL_MODELS, load_model, load_pretrained, load_tokenizer
 from loopalign.loops import parse_loop_counts
 from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for
 from loopalign.scripts.args import GapEvalArguments, default_eval_loops, make_parser, parse_or_exit
@@ -158,13 +156,15 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args: GapSFTConfi
     name = model_args.model_name_or_path
     if name in LOCAL_MODELS:  # the organism is built into the cache first when missing (by one process)
         with training_args.main_process_first(desc=f"loading the {name} model"):
-            model, tokenizer = load_local_model(name, device="cpu", seed=training_args.seed)
+            model, tokenizer = load_model(name, device="cpu", seed=training_args.seed)
         return model.train(), tokenizer
-    dtype = model_args.dtype or "auto"
-    model = AutoModelForCausalLM.from_pretrained(
-        name, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation
+    model = load_pretrained(
+        name,
+        dtype=model_args.dtype or "auto",
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
     )
-    return model, AutoTokenizer.from_pretrained(name, revision=model_args.model_revision)
+    return model, load_tokenizer(name, revision=model_args.model_revision)
 
 
 def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, training_args: GapSFTConfig):

@@ -74,7 +74,7 @@ def test_bad_loops_fail_naming_the_option_before_the_model_loads(tmp_path, loops
          "--output_dir", str(tmp_path / "o")],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
-    assert done.returncode == 2 and f"{option}: expected integers >= 1" in done.stderr, done.stderr[-500:]
+    assert done.returncode == 2 and f"{option} must be loop counts >= 1" in done.stderr, done.stderr[-500:]
     assert not (tmp_path / "o").exists()
     if loops.startswith("--loops"):  # the pre-0.2 name: renamed, with one line saying so
         assert "--loops is deprecated (kept for one release): use --eval_loops" in done.stderr
