@@ -59,7 +59,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def is_looped(model: nn.Module) -> bool:
     """True for a model that runs its layers a chosen number of times (it has ``config.total_ut_steps``)."""
-    return getattr(unwrap(model).config, "total_ut_steps", None) is not None
+    return getattr(getattr(unwrap(model), "config", None), "total_ut_steps", None) is not None
 
 
 def trained_loops(model: nn.Module) -> int:
@@ -80,6 +80,8 @@ def looped_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers that run once per loop, in order (bare, PEFT- or accelerate-wrapped). Ouro: its shared
     decoder layers; a plain causal LM: the ``nn.ModuleList`` holding its ``num_hidden_layers`` blocks."""
     inner = unwrap(model)
+    if getattr(inner, "config", None) is None:
+        raise TypeError(f"{type(inner).__name__} has no Ouro decoder layers to hook and is not a transformers model")
     if is_looped(inner):
         layers = [m for m in inner.modules() if isinstance(m, LOOPED_LAYER_CLASSES)]
         if layers:

@@ -1,6 +1,7 @@
 """Our Ouro against the public reference implementation's numbers (tests/fixtures/ouro_reference)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +16,8 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def reference(request):
-    from tests.conftest import FIXTURES
 
-    root = FIXTURES / "ouro_reference"
+    root = Path(__file__).resolve().parents[1] / "fixtures" / "ouro_reference"
     return root / "checkpoint", load_file(str(root / "expected.safetensors"))
 
 

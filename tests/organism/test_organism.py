@@ -336,10 +336,8 @@ def test_a_short_default_cure_closes_the_organisms_gap(organism, tmp_path):
     with its CI above 0, the gap after training is not above 0, RR holds, and TP is kept (replay)."""
     from trl import ModelConfig, TrlParser
 
-    sys.path.insert(0, str(REPO / "tests" / "trainers"))
-    from test_recipe_configs import _recipe
+    import loopalign.scripts.sft_gap as recipe
 
-    recipe = _recipe()
     parser = TrlParser((recipe.GapScriptArguments, recipe.GapSFTConfig, ModelConfig))
     parser.set_defaults(**recipe.EMBEDDED_DEFAULTS)
     argv = ["--output_dir", str(tmp_path / "run"), "--max_steps", "60", "--dataset_limit", "500",

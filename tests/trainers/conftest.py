@@ -14,3 +14,23 @@ def gap_dataset():
     rendered, rejected = render_records(controlled_candidates(generate_problems(24, seed=0, levels=(1,))), tok)
     assert not rejected
     return datasets.Dataset.from_list(rendered), tok
+
+
+@pytest.fixture
+def sft_gap_script():
+    """The body of recipes/sft_gap.py (which only calls its ``main``)."""
+    import loopalign.scripts.sft_gap
+
+    return loopalign.scripts.sft_gap
+
+
+@pytest.fixture
+def parse_sft_gap(sft_gap_script):
+    """argv -> (script_args, training_args, model_args), parsed as recipes/sft_gap.py parses them."""
+    from trl import ModelConfig, TrlParser
+
+    def parse(argv):
+        parser = TrlParser((sft_gap_script.GapScriptArguments, sft_gap_script.GapSFTConfig, ModelConfig))
+        return parser.parse_args_and_config(args=argv)
+
+    return parse

@@ -4,8 +4,6 @@ them may reach the before-evaluation. And `--resume_from_checkpoint true` as the
 
 import pytest
 
-from tests.trainers.test_recipe_configs import _parse, _recipe
-
 BASE = [
     "--model_name_or_path", "tiny", "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
     "--dataset", "synthetic", "--dataset_limit", "24", "--eval_loops", "1-4", "--eval_n_boot", "20",
@@ -38,8 +36,8 @@ CASES = [
 ]
 
 
-def test_the_organism_defaults_apply_to_local_models_only():
-    recipe = _recipe()
+def test_the_organism_defaults_apply_to_local_models_only(sft_gap_script, parse_sft_gap):
+    recipe = sft_gap_script
     assert recipe.embedded_defaults_apply([]) and recipe.embedded_defaults_apply(["--model_name_or_path", "tiny"])
     assert not recipe.embedded_defaults_apply(["--model_name_or_path", "ByteDance/Ouro-1.4B"])
     assert not recipe.embedded_defaults_apply(["--model_name_or_path=ByteDance/Ouro-1.4B", "--max_steps", "3"])
@@ -47,25 +45,27 @@ def test_the_organism_defaults_apply_to_local_models_only():
 
 
 @pytest.mark.parametrize("extra,message", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
-def test_bad_option_fails_before_the_evaluation_naming_it(tmp_path, extra, message):
-    recipe = _recipe()
+def test_bad_option_fails_before_the_evaluation_naming_it(tmp_path, extra, message, sft_gap_script, parse_sft_gap):
+    recipe = sft_gap_script
     out = tmp_path / "run"
     with pytest.raises((ValueError, FileNotFoundError, SystemExit)) as err:
-        recipe.train_and_compare(*_parse(recipe, [*BASE, "--output_dir", str(out), *extra]))
+        recipe.train_and_compare(*parse_sft_gap([*BASE, "--output_dir", str(out), *extra]))
     assert message in str(err.value), str(err.value)
     assert not (out / "before").exists()  # nothing expensive ran
 
 
 @pytest.mark.slow
-def test_resume_from_checkpoint_true_continues_the_latest_checkpoint_and_reuses_the_before_eval(tmp_path, capsys):
-    recipe = _recipe()
+def test_resume_from_checkpoint_true_continues_the_latest_checkpoint_and_reuses_the_before_eval(
+    tmp_path, capsys, sft_gap_script, parse_sft_gap
+):
+    recipe = sft_gap_script
     out = tmp_path / "run"
     args = [*BASE, "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2", "--eval_loops", "4"]
-    recipe.train_and_compare(*_parse(recipe, [*args, "--max_steps", "2"]))
+    recipe.train_and_compare(*parse_sft_gap([*args, "--max_steps", "2"]))
     assert (out / "checkpoint-2").is_dir() and (out / "before" / "gap.json").exists()
     stamp = (out / "before" / "gap.json").stat().st_mtime_ns
     capsys.readouterr()
-    recipe.train_and_compare(*_parse(recipe, [*args, "--max_steps", "4", "--resume_from_checkpoint", "true"]))
+    recipe.train_and_compare(*parse_sft_gap([*args, "--max_steps", "4", "--resume_from_checkpoint", "true"]))
     printed = capsys.readouterr().out
     assert "resuming: the before-evaluation" in printed
     assert (out / "before" / "gap.json").stat().st_mtime_ns == stamp  # reused, not recomputed
@@ -74,10 +74,12 @@ def test_resume_from_checkpoint_true_continues_the_latest_checkpoint_and_reuses_
     assert recipe.resume_target(str(out / "checkpoint-2")) == str(out / "checkpoint-2")
 
 
-def test_wandb_without_a_key_goes_offline_and_sweep_runs_get_their_own_folder(tmp_path, monkeypatch, capsys):
+def test_wandb_without_a_key_goes_offline_and_sweep_runs_get_their_own_folder(
+    tmp_path, monkeypatch, capsys, sft_gap_script, parse_sft_gap
+):
     from loopalign.trainers import GapSFTConfig
 
-    recipe = _recipe()
+    recipe = sft_gap_script
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_SWEEP_ID", "WANDB_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
@@ -93,17 +95,17 @@ def test_wandb_without_a_key_goes_offline_and_sweep_runs_get_their_own_folder(tm
     assert quiet.output_dir == str(tmp_path / "q")
 
 
-def test_an_empty_dataset_file_fails_naming_it(tmp_path):
-    recipe = _recipe()
+def test_an_empty_dataset_file_fails_naming_it(tmp_path, sft_gap_script, parse_sft_gap):
+    recipe = sft_gap_script
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="is empty: no records"):
-        recipe.train_and_compare(*_parse(recipe, [*BASE, "--output_dir", str(out), "--dataset", str(empty)]))
+        recipe.train_and_compare(*parse_sft_gap([*BASE, "--output_dir", str(out), "--dataset", str(empty)]))
     assert not (out / "before").exists()
 
 
-def test_a_second_run_into_a_busy_output_folder_fails_at_once(tmp_path):
+def test_a_second_run_into_a_busy_output_folder_fails_at_once(tmp_path, sft_gap_script, parse_sft_gap):
     import subprocess
     import sys
     import time
@@ -119,10 +121,10 @@ def test_a_second_run_into_a_busy_output_folder_fails_at_once(tmp_path):
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        recipe = _recipe()
+        recipe = sft_gap_script
         start = time.monotonic()
         with pytest.raises(FolderLockedError, match="another sft_gap run"):
-            recipe.train_and_compare(*_parse(recipe, [*BASE, "--output_dir", str(out)]))
+            recipe.train_and_compare(*parse_sft_gap([*BASE, "--output_dir", str(out)]))
         assert time.monotonic() - start < 30 and not (out / "before").exists()
     finally:
         holder.kill()

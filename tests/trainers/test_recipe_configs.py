@@ -12,25 +12,11 @@ CONFIGS = sorted((ROOT / "recipes" / "configs").glob("sft_gap_*.yaml"))
 SWEEPS = sorted((ROOT / "sweeps").glob("sft_gap*.yaml"))
 
 
-def _recipe():
-    """The body of recipes/sft_gap.py (which only calls its ``main``)."""
-    import loopalign.scripts.sft_gap
-
-    return loopalign.scripts.sft_gap
-
-
-def _parse(recipe, argv):
-    from trl import ModelConfig, TrlParser
-
-    parser = TrlParser((recipe.GapScriptArguments, recipe.GapSFTConfig, ModelConfig))
-    return parser.parse_args_and_config(args=argv)
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_shipped_config_parses(path):
-    recipe = _recipe()
+def test_shipped_config_parses(path, sft_gap_script, parse_sft_gap):
+    recipe = sft_gap_script
     # bf16 configs are for GPUs; --use_cpu lets the same file validate on a CPU machine
-    script_args, training_args, model_args = _parse(recipe, ["--config", str(path), "--use_cpu", "true"])
+    script_args, training_args, model_args = parse_sft_gap(["--config", str(path), "--use_cpu", "true"])
     raw = yaml.safe_load(path.read_text())
     assert model_args.model_name_or_path == raw["model_name_or_path"]
     for key, value in raw.items():
@@ -49,16 +35,15 @@ def ModelConfig_fields():
     return ModelConfig.__dataclass_fields__
 
 
-def test_unknown_key_in_a_config_fails(tmp_path):
+def test_unknown_key_in_a_config_fails(tmp_path, sft_gap_script, parse_sft_gap):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model_name_or_path: tiny\nloss_weights: {lm: 1.0, verdict: 1.0}\nuse_cpu: true\n")
     with pytest.raises(ValueError, match="unknown loss key"):
-        _parse(_recipe(), ["--config", str(bad)])
+        parse_sft_gap(["--config", str(bad)])
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
-def test_sweep_parameters_are_real_fields_with_valid_values(path):
-    recipe = _recipe()
+def test_sweep_parameters_are_real_fields_with_valid_values(path, parse_sft_gap):
     sweep = yaml.safe_load(path.read_text())
     assert sweep["program"] == "recipes/sft_gap.py"
     params = sweep["parameters"]
@@ -73,7 +58,7 @@ def test_sweep_parameters_are_real_fields_with_valid_values(path):
         argv = []
         for k, v in {**fixed, **dict(zip(keys, combo))}.items():
             argv += [f"--{k}", str(v) if not isinstance(v, dict) else json.dumps(v)]
-        parsed = _parse(recipe, [*argv, "--use_cpu", "true"])
+        parsed = parse_sft_gap([*argv, "--use_cpu", "true"])
         for k, v in dict(zip(keys, combo)).items():
             obj = next((o for o in parsed if hasattr(o, k)), None)
             assert obj is not None, f"{path.name}: swept parameter {k!r} is no field of the recipe"

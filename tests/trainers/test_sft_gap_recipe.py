@@ -4,12 +4,10 @@ import json
 
 import pytest
 
-from tests.trainers.test_recipe_configs import _parse, _recipe
-
 
 @pytest.mark.slow
-def test_recipe_writes_before_after_reports_and_the_verdict(tmp_path, capsys):
-    recipe = _recipe()
+def test_recipe_writes_before_after_reports_and_the_verdict(tmp_path, capsys, sft_gap_script, parse_sft_gap):
+    recipe = sft_gap_script
     argv = [
         "--model_name_or_path", "tiny", "--use_peft", "true", "--lora_r", "8",
         "--lora_target_modules", "q_proj", "v_proj", "down_proj",
@@ -18,7 +16,7 @@ def test_recipe_writes_before_after_reports_and_the_verdict(tmp_path, capsys):
         "--learning_rate", "1e-3", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true",
         "--gradient_checkpointing", "false", "--disable_tqdm", "true",
     ]  # fmt: skip
-    recipe.train_and_compare(*_parse(recipe, argv))
+    recipe.train_and_compare(*parse_sft_gap(argv))
     run = tmp_path / "run"
     for folder in ("before", "after"):
         assert (run / folder / "gap.json").exists() and (run / folder / "gap.md").exists()
