@@ -28,7 +28,7 @@ def frozen_probe_loss(
     (``weight`` [B]: optional record weights / labelled mask, as in ``probe_loss``).
 
     ``frozen``: a ``LoopProbes`` with ``requires_grad=False``, or one probe per loop with a
-    ``logits(x [B,H]) -> [B]`` method (e.g. :class:`loopalign.eval.probes.LinearProbe`, which
+    ``logits(x [B,H]) -> [B]`` method (e.g. :class:`loopalign.probes.LinearProbe`, which
     standardises its input). Gradients reach the features only.
     """
     if isinstance(frozen, LoopProbes):

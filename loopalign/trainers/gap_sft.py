@@ -26,11 +26,9 @@ named apart from the evaluation's RR and gap, which read the evaluation's site o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +37,7 @@ from trl import SFTConfig, SFTTrainer
 
 from loopalign.hooks import capture_activations
 from loopalign.io import apply_umask_tree, atomic_save_safetensors, atomic_write_text
-from loopalign.loading import GAP_CONFIG_FILE, ensure_pad_token, load_pretrained, load_tokenizer
+from loopalign.loading import GAP_CONFIG_FILE
 from loopalign.loops import gather_positions, loop_logits
 from loopalign.lora import parse_loop_selection, route_lora_by_loop
 from loopalign.objectives import (
@@ -58,6 +56,7 @@ from loopalign.objectives import (
 from loopalign.probes import fit_probes
 from loopalign.speed import CHECKPOINT_POLICIES, compile_decoder_layers
 
+from .common import AtomicCheckpointMixin, default_bf16, model_and_tokenizer
 from .gap_data import PROBE_POSITIONS, GapCollator, build_gap_features, verdict_token_ids
 from .probe_targets import fit_probe_targets, labelled_only
 from .replay import collate_replay, replay_features
@@ -133,8 +132,7 @@ class GapSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        self.bf16 = default_bf16(self.bf16)
         if self.ddp_find_unused_parameters is None:
             # every trainable tensor (LoRA, probes) gets a gradient each step; the probes run after
             # the model's forward, where DDP's unused-parameter search would misreport them
@@ -235,18 +233,7 @@ class GapSFTConfig(SFTConfig):
         return num_loops, layer
 
 
-def _clear_staging(staging: str) -> None:
-    """Remove the half ``checkpoint-*`` folders that interrupted saves left in the staging folder (no
-    resume reads them; left there, the trainer's checkpoint rotation inside the staging folder could
-    count them and delete the checkpoint being written)."""
-    if not os.path.isdir(staging):
-        return
-    for entry in os.scandir(staging):
-        if entry.name.startswith("checkpoint-") and entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-
-
-class GapSFTTrainer(SFTTrainer):
+class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
     """SFTTrainer with per-loop gap objectives (see the module doc). Takes rendered verification
     records (``data_builders``) as ``train_dataset`` / ``eval_dataset``."""
 
@@ -266,11 +253,7 @@ class GapSFTTrainer(SFTTrainer):
     ):
         if not isinstance(args, GapSFTConfig):
             raise TypeError(f"GapSFTTrainer needs a GapSFTConfig, got {type(args).__name__}")
-        if isinstance(model, str):
-            model = load_pretrained(model, **(args.model_init_kwargs or {}))
-        if processing_class is None:
-            processing_class = load_tokenizer(model.config._name_or_path)
-        ensure_pad_token(processing_class)
+        model, processing_class = model_and_tokenizer(model, processing_class, args.model_init_kwargs)
         self.num_loops, self.probe_layer = args.check_against_model(model.config)
         self.yes_id, self.no_id = verdict_token_ids(
             processing_class, args.verdict_yes, args.verdict_no, option="GapSFTConfig.verdict_yes / verdict_no"
@@ -591,45 +574,6 @@ class GapSFTTrainer(SFTTrainer):
                 {"params": list(probes.parameters()), "lr": self.args.probe_learning_rate, "weight_decay": 0.0}
             )
         return optimizer
-
-    def _get_output_dir(self, trial):
-        staging = getattr(self, "_checkpoint_staging", None)
-        return staging if staging is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial):
-        """Write the checkpoint into ``<output_dir>/.staging/`` and rename it into place when complete,
-        so an interrupted save never leaves a half ``checkpoint-N`` that a resume would pick up. Half
-        checkpoints of earlier interrupted saves are removed from ``.staging/`` first, and the emptied
-        ``.staging/`` after the rename: only an interrupted save leaves it behind."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
-        run_dir = self._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = os.path.join(run_dir, ".staging")
-        if self.args.should_save:
-            _clear_staging(staging)  # half checkpoints left by earlier interrupted saves
-        self.accelerator.wait_for_everyone()
-        self._checkpoint_staging = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._checkpoint_staging = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            final = os.path.join(run_dir, name)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            apply_umask_tree(os.path.join(staging, name))  # transformers writes weights 0600
-            os.replace(os.path.join(staging, name), final)
-            with contextlib.suppress(OSError):  # empty now; left only if something not ours is in it
-                os.rmdir(staging)
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-        self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)

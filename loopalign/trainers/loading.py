@@ -46,7 +46,7 @@ def write_adapter_card(path: str | os.PathLike, verdict_markdown: str | None = N
         "## Load it (the loop routing is part of the model)",
         "",
         "```python",
-        "from loopalign.trainers import load_gap_model",
+        "from loopalign.loading import load_gap_model",
         'model, tokenizer = load_gap_model("PATH/TO/THIS/FOLDER")',
         "```",
         "",
