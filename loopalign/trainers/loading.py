@@ -50,7 +50,7 @@ def write_adapter_card(path: str | os.PathLike, verdict_markdown: str | None = N
         'model, tokenizer = load_gap_model("PATH/TO/THIS/FOLDER")',
         "```",
         "",
-        "or `python recipes/eval_gap.py --model PATH/TO/THIS/FOLDER ...`. A plain "
+        "or `loopalign eval-gap --model_name_or_path PATH/TO/THIS/FOLDER ...`. A plain "
         "`PeftModel.from_pretrained` loads the adapters without the routing"
         + (
             f" (here `{settings.get('lora_loops')}`): on the other loops it would apply them too, a different model."
