@@ -54,3 +54,39 @@ def pytest_collection_modifyitems(config, items):
     """Tests that need the default model organism run last (stable order otherwise), so that its
     build, which CI starts beside the tests (.ci/run), overlaps everything else."""
     items.sort(key=lambda item: "organism" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    """The shipped data fixtures (tests/fixtures/data)."""
+    return FIXTURES / "data"
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The project's local tokenizer."""
+    from loopalign.tokenizer import local_tokenizer
+
+    return local_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_ouro(tok):
+    """A random tiny Ouro over the local tokenizer, in eval mode."""
+    from loopalign.models.ouro import OuroForCausalLM, tiny_config
+
+    torch.manual_seed(0)
+    return OuroForCausalLM(tiny_config(vocab_size=len(tok))).eval()
+
+
+@pytest.fixture(autouse=True)
+def _single_thread_for_data_tests(request):
+    """The data tests run tiny models, fastest on one thread (and still fast when other processes share the
+    cores); other tests keep the thread count they are given."""
+    if request.node.path.parent.name not in ("data", "data_builders"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

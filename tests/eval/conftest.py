@@ -5,12 +5,6 @@ from loopalign import OuroForCausalLM, tiny_config
 from loopalign.data.candidates import controlled_candidates
 from loopalign.data.prompts import render_records
 from loopalign.data.sources.synthetic import generate_problems
-from loopalign.tokenizer import local_tokenizer
-
-
-@pytest.fixture(scope="session")
-def tok():
-    return local_tokenizer()
 
 
 @pytest.fixture(scope="session")
