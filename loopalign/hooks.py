@@ -28,13 +28,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from loopalign.models.ouro.modeling_ouro import OuroDecoderLayer
+
 __all__ = ["decoder_layers", "capture_activations", "add_vector", "ActivationCapture", "VectorInjection"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The shared decoder layers of a looped model (bare, PEFT-wrapped or accelerate-wrapped)."""
-    from loopalign.models.ouro.modeling_ouro import OuroDecoderLayer
-
     layers = [m for m in model.modules() if isinstance(m, OuroDecoderLayer)]
     if not layers:
         raise TypeError(f"{type(model).__name__} has no Ouro decoder layers to hook")
