@@ -121,14 +121,14 @@ def test_a_gap_sft_run_stays_within_the_default_recompile_budget(fresh_dynamo):
     def both(fn):
         return fn(eager), fn(compiled)
 
-    def base_pass(model):
+    def base_pass(model, x):
         with torch.no_grad(), model.disable_adapter():
             return model(input_ids=x, use_cache=False, output_loop_states=True).loop_hidden_states[-1]
 
     for i, s in enumerate([9, 14, 11]):
         x = _ids(2, s, seed=i)
-        _assert_same_step(*both(lambda m: _step(m, x)))
-        a, b = both(base_pass)
+        _assert_same_step(*both(lambda m, x=x: _step(m, x)))
+        a, b = both(lambda m, x=x: base_pass(m, x))
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :3] = 0  # left padding: a mask tensor reaches the layers
@@ -136,7 +136,7 @@ def test_a_gap_sft_run_stays_within_the_default_recompile_budget(fresh_dynamo):
         model.eval()
     with torch.no_grad():
         for kwargs in ({}, {"attention_mask": mask}):
-            a, b = both(lambda m: m(input_ids=_ids(2, 12, 7), use_cache=False, **kwargs).logits)
+            a, b = both(lambda m, kw=kwargs: m(input_ids=_ids(2, 12, 7), use_cache=False, **kw).logits)
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
         for model in (eager, compiled):
             model._loopalign_lora_routing.remove()
@@ -207,7 +207,5 @@ def test_skipping_peft_input_upcast_under_autocast_is_bit_identical():
 
 
 def test_upcast_skip_leaves_lora_with_dropout_alone():
-    model = get_peft_model(
-        OuroForCausalLM(tiny_config()), LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1)
-    )
+    model = get_peft_model(OuroForCausalLM(tiny_config()), LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
     assert skip_lora_input_upcast(model) == 0
