@@ -228,6 +228,8 @@ def skip_lora_input_upcast(model: nn.Module) -> int:
     (:func:`_upcast_is_a_round_trip`); outside autocast PEFT casts as before (it is needed there when
     the activations are bf16 and the adapters float32). -> the number of LoRA layers affected."""
     count = 0
+    if not _lora_layers(model):
+        return count
     for decoder_layer in decoder_layers(model):
         modules = [m for _, m in _lora_layers(decoder_layer) if _upcast_is_a_round_trip(m)]
         decoder_layer.call_contexts.pop(_UPCAST, None)

@@ -10,6 +10,8 @@ policy is the ``policy`` key of ``activation_checkpointing_kwargs`` (read by
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -20,7 +22,13 @@ from loopalign.hooks import decoder_layers
 # way (speed -> hooks -> models.ouro); their public place stays here
 from loopalign.models.ouro.checkpointing import CHECKPOINT_POLICIES, checkpointing_kwargs
 
-__all__ = ["CHECKPOINT_POLICIES", "checkpointing_kwargs", "compile_decoder_layers", "set_cpu_threads"]
+__all__ = [
+    "CHECKPOINT_POLICIES",
+    "checkpointing_kwargs",
+    "compile_decoder_layers",
+    "compiled_decoder_layers",
+    "set_cpu_threads",
+]
 
 
 def compile_decoder_layers(
@@ -57,6 +65,20 @@ def compile_decoder_layers(
     for layer in layers:
         layer.compiled_compute = torch.compile(layer.compute, backend=backend, mode=mode, dynamic=dynamic, **options)
     return len(layers)
+
+
+@contextmanager
+def compiled_decoder_layers(model: nn.Module, backend: str = "inductor", **kwargs) -> Iterator[int]:
+    """:func:`compile_decoder_layers` for the block; on exit each layer's previous ``compiled_compute``
+    (None: plain) is restored. Compiled graphs are cached on the layers' shared code object, so a
+    later block with the same variants compiles nothing. Yields the number of layers compiled."""
+    layers = decoder_layers(model)
+    before = [layer.compiled_compute for layer in layers]
+    try:
+        yield compile_decoder_layers(model, backend=backend, **kwargs)
+    finally:
+        for layer, compiled in zip(layers, before):
+            layer.compiled_compute = compiled
 
 
 def set_cpu_threads(on_cpu: bool | None = None, default: int = 1, announce: bool = False) -> int | None:

@@ -209,3 +209,27 @@ def test_skipping_peft_input_upcast_under_autocast_is_bit_identical():
 def test_upcast_skip_leaves_lora_with_dropout_alone():
     model = get_peft_model(OuroForCausalLM(tiny_config()), LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
     assert skip_lora_input_upcast(model) == 0
+
+
+def test_feature_extraction_with_compiled_layers_equals_plain(fresh_dynamo):
+    from loopalign.eval.api import GapConfig
+    from loopalign.eval.features import EvalRecord, FeatureConfig, extract_features
+
+    model = _model().eval()
+    g = torch.Generator().manual_seed(5)
+    records = []
+    for i, s in enumerate([7, 12, 9, 15, 6]):  # lengths differ within and between batches
+        ids = torch.randint(3, 512, (s,), generator=g).tolist()
+        records.append(EvalRecord(f"r{i}", ids, s - 1, [s - 2, s - 1], i % 2, f"g{i}"))
+    out = {}
+    for compiled in (False, True):
+        config = FeatureConfig(batch_size=2, compile_layers=compiled, compile_backend="aot_eager")
+        out[compiled] = extract_features(model, records, loops=[2, 4], verdict_ids=(5, 6), config=config)
+    torch.testing.assert_close(out[True].states, out[False].states, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[True].verdict_logp, out[False].verdict_logp, atol=1e-5, rtol=0)
+    assert _graphs() >= 1 and not counters["graph_break"]
+    # the layers are plain again afterwards
+    assert all(layer.compiled_compute is None for layer in model.base_model.model.model.layers)
+    assert GapConfig(compile_layers=True).features.compile_layers
+    with pytest.raises(ValueError, match="compile_backend"):
+        FeatureConfig(compile_backend="")
