@@ -61,6 +61,7 @@ def _run_lines(script, *args):
     return done.stdout.splitlines()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra,cases",
     [

@@ -65,6 +65,7 @@ def _assert_same_step(a, b):
         torch.testing.assert_close(a[1][name], b[1][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_changing_lengths_reuse_one_graph_without_breaks(fresh_dynamo):
     """B2: the attention's ``is_causal`` read the sequence length; traced with a symbolic length it
     was a SymBool, every layer graph-broke and recompiled until the budget ran out."""
@@ -82,6 +83,7 @@ def test_changing_lengths_reuse_one_graph_without_breaks(fresh_dynamo):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_routed_compiled_layers_equal_routed_eager(fresh_dynamo, when):
     """B4: routing used to be a hook that read a context variable (a graph break per LoRA-B call)
@@ -109,6 +111,7 @@ def test_routed_compiled_layers_equal_routed_eager(fresh_dynamo, when):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.slow
 def test_a_gap_sft_run_stays_within_the_default_recompile_budget(fresh_dynamo):
     """Training at changing lengths with routed adapters, the ``rr_distill`` base pass (adapters
     off, no grad), evaluation with and without a mask, and merged-LoRA evaluation: every compiled
