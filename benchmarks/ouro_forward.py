@@ -11,6 +11,9 @@ Cases:
   (``logits_to_keep=1`` and one position per loop);
 - with ``--lora`` (PEFT LoRA r=16 on every linear layer): the eval path with the adapters as
   PEFT runs them, and folded into the weights by :func:`loopalign.lora.merged_lora`;
+- with ``--compile``: the eval path (and with ``--lora`` the merged one) again with the decoder
+  layers compiled (:func:`loopalign.speed.compile_decoder_layers`, as ``FeatureConfig.compile_layers``
+  does; compilation happens in the warm-up calls);
 - ``forward+backward`` (all-token LM loss), optionally with activation checkpointing.
 
 FLOPs per token (forward, matmuls only): T * L * (2 * params_per_layer + 4 * S * H_attn)
@@ -89,6 +92,14 @@ def bench(step, steps: int, warmup: int, device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+@contextlib.contextmanager
+def _stacked(*contexts):
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -102,6 +113,8 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true", help="also time the eval path with LoRA, unmerged and merged")
     parser.add_argument("--no-backward", action="store_true", help="skip forward+backward")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing for forward+backward")
+    parser.add_argument("--compile", action="store_true", help="also time the eval path with compiled layers")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: 989 on CUDA)")
     args = parser.parse_args()
 
@@ -129,8 +142,21 @@ def main() -> None:
             loop_logits(m.get_output_embeddings(), out.loop_hidden_states, last)
 
     model.eval()
-    cases = [("forward, full logits", lambda: full_logits(model), 1, contextlib.nullcontext())]
-    cases.append(("forward, eval path", lambda: eval_path(model), 1, contextlib.nullcontext()))
+    results = []
+
+    def run(name, step, context=None):
+        with context or contextlib.nullcontext():
+            seconds = bench(step, args.steps, args.warmup, device)
+        results.append((name, seconds, 1, peak_memory_gib(device)))
+
+    # the plain model's cases first: get_peft_model below wraps its layers in place
+    run("forward, full logits", lambda: full_logits(model))
+    run("forward, eval path", lambda: eval_path(model))
+    if args.compile:
+        from loopalign.speed import compiled_decoder_layers
+
+        compiled = lambda m: compiled_decoder_layers(m, backend=args.compile_backend)  # noqa: E731
+        run("forward, eval path, compiled layers", lambda: eval_path(model), compiled(model))
     lora_model = None
     if args.lora:
         from peft import LoraConfig, get_peft_model
@@ -138,13 +164,11 @@ def main() -> None:
         from loopalign.lora import merged_lora
 
         lora_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)).eval()
-        cases.append(("forward, eval path, LoRA (PEFT, unmerged)", lambda: eval_path(lora_model), 1, contextlib.nullcontext()))  # fmt: skip
-        cases.append(("forward, eval path, LoRA merged", lambda: eval_path(lora_model), 1, merged_lora(lora_model, strict=True)))  # fmt: skip
-    results = []
-    for name, step, factor, context in cases:
-        with context:
-            seconds = bench(step, args.steps, args.warmup, device)
-        results.append((name, seconds, factor, peak_memory_gib(device)))
+        run("forward, eval path, LoRA (PEFT, unmerged)", lambda: eval_path(lora_model))
+        run("forward, eval path, LoRA merged", lambda: eval_path(lora_model), merged_lora(lora_model, strict=True))
+        if args.compile:
+            both = _stacked(merged_lora(lora_model, strict=True), compiled(lora_model))
+            run("forward, eval path, LoRA merged, compiled layers", lambda: eval_path(lora_model), both)
     if not args.no_backward:
         train_model = lora_model if lora_model is not None else model  # LoRA training, or full
         if args.checkpointing:

@@ -1,11 +1,16 @@
 """Loop-aware LoRA: PEFT adapters that act only on chosen loops of a looped model.
 
-The routing happens inside the single forward pass: a hook on every LoRA ``lora_B`` module
-zeroes its contribution when the decoder layer being computed runs in a loop that is not
-selected. Base output + 0 is exact, so on those loops the model's outputs equal the base
-model's bit for bit. The loop is read from state set inside the decoder layer's ``forward``
-(:func:`loopalign.models.ouro.modeling_ouro.current_loop`), so routing stays right when gradient
-checkpointing recomputes a layer during backward.
+The routing happens inside the single forward pass: each decoder layer call in a loop that is not
+selected runs with that layer's adapters switched off (PEFT's per-layer ``disable_adapters``
+state), so on those loops the model computes the base projections and its outputs equal the base
+model's bit for bit. The switch is made inside the decoder layer's ``forward``
+(``OuroDecoderLayer.call_contexts``), so it is also right when gradient checkpointing recomputes a
+layer during backward, and ``torch.compile``-d layers follow it: the compiled code guards on the
+adapters' state (one graph with adapters on, one with them off), whether routing is installed
+before or after compiling.
+
+Under autocast, PEFT casts each adapter's input to the adapter's float32 weights, and autocast casts
+it back for the matmul: :func:`skip_lora_input_upcast` drops that round trip where it is exact.
 
 Loop specs (0-based loop indices, as everywhere in loopalign): ``"all"``, ``"last"`` (the last
 loop of each call), ``">=2"`` (loops 2, 3, ...), ``"1,3"`` (a list), or a list of ints.
@@ -21,9 +26,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loopalign.models.ouro.modeling_ouro import current_loop
+from loopalign.hooks import decoder_layers
 
-__all__ = ["LoopSelection", "parse_loop_selection", "route_lora_by_loop", "LoopLoRARouting", "merged_lora"]
+__all__ = [
+    "LoopSelection",
+    "parse_loop_selection",
+    "route_lora_by_loop",
+    "LoopLoRARouting",
+    "merged_lora",
+    "skip_lora_input_upcast",
+]
+
+_ROUTING = "lora_routing"
+_UPCAST = "lora_input_upcast"
 
 _SPEC = re.compile(r"^\s*(all|last|>=\s*\d+|\d+(\s*,\s*\d+)*)\s*$")
 
@@ -86,14 +101,18 @@ def parse_loop_selection(spec: str | Iterable[int] | LoopSelection, max_loops: i
 class LoopLoRARouting:
     """Handle of an installed routing; ``remove()`` restores plain (all-loop) adapters."""
 
-    def __init__(self, selection: LoopSelection, handles: list):
+    def __init__(self, selection: LoopSelection, layers: list[nn.Module], model: nn.Module | None = None):
         self.selection = selection
-        self._handles = handles
+        self._layers = layers
+        self._model = model
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        for layer in self._layers:
+            layer.call_contexts.pop(_ROUTING, None)
+        self._layers = []
+        if self._model is not None and getattr(self._model, "_loopalign_lora_routing", None) is self:
+            del self._model._loopalign_lora_routing  # merged_lora may merge again
+        self._model = None
 
     def __enter__(self):
         return self
@@ -111,36 +130,113 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def route_lora_by_loop(model: nn.Module, loops: str | Iterable[int] | LoopSelection) -> LoopLoRARouting:
-    """Make the PEFT LoRA adapters of ``model`` act only on the selected loops.
+@contextmanager
+def _adapters_off(modules: list[nn.Module]) -> Iterator[None]:
+    """PEFT's per-layer ``disable_adapters`` state set for the block (requires_grad untouched, unlike
+    ``enable_adapters(False)``), then restored."""
+    before = [m._disable_adapters for m in modules]
+    for m in modules:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, before):
+            m._disable_adapters = value
 
-    Returns a handle (also usable as a context manager). Raises if the model has no LoRA modules
-    or has adapters merged into the base weights (merged weights cannot be routed per loop).
+
+class _LoopGate:
+    """Per-call context of one decoder layer: its adapters off on the loops ``selection`` leaves out."""
+
+    def __init__(self, selection: LoopSelection, modules: list[nn.Module]):
+        self.selection, self.modules = selection, modules
+
+    def __call__(self, loop_index: int, num_loops: int):
+        return None if self.selection.active(loop_index, num_loops) else _adapters_off(self.modules)
+
+
+def route_lora_by_loop(model: nn.Module, loops: str | Iterable[int] | LoopSelection) -> LoopLoRARouting:
+    """Make the PEFT LoRA adapters of ``model``'s decoder layers act only on the selected loops.
+
+    Returns a handle (also usable as a context manager). Works with compiled layers
+    (:func:`loopalign.speed.compile_decoder_layers`), installed before or after compiling. Raises if
+    the model has no LoRA modules or has adapters merged into the base weights (merged weights
+    cannot be routed per loop). Adapters outside the decoder layers (e.g. on ``lm_head``) act on
+    every call.
     """
     selection = parse_loop_selection(loops)
     installed = getattr(model, "_loopalign_lora_routing", None)
     if installed is not None:
         installed.remove()
-    lora_b_modules = []
-    for name, module in _lora_layers(model):
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("route_lora_by_loop: the model has no PEFT LoRA modules (wrap it with get_peft_model first)")
+    for name, module in layers:
         if getattr(module, "merged", False):
             raise RuntimeError(f"LoRA module {name} is merged into its base weights; unmerge before routing by loop")
-        lora_b_modules.extend(module.lora_B.values())
-    if not lora_b_modules:
-        raise ValueError("route_lora_by_loop: the model has no PEFT LoRA modules (wrap it with get_peft_model first)")
-    if selection.kind == "all":
-        routing = LoopLoRARouting(selection, [])
-    else:
-
-        def gate(module, args, output):
-            where = current_loop()
-            if where is not None and not selection.active(*where):
-                return torch.zeros_like(output)
-            return None
-
-        routing = LoopLoRARouting(selection, [m.register_forward_hook(gate) for m in lora_b_modules])
+    routed = []
+    if selection.kind != "all":
+        for decoder_layer in decoder_layers(model):
+            modules = [m for _, m in _lora_layers(decoder_layer)]
+            if modules:
+                decoder_layer.call_contexts[_ROUTING] = _LoopGate(selection, modules)
+                routed.append(decoder_layer)
+    routing = LoopLoRARouting(selection, routed, model)
     model._loopalign_lora_routing = routing
     return routing
+
+
+def _upcast_is_a_round_trip(layer: nn.Module) -> bool:
+    """Under autocast, is PEFT's cast of this LoRA layer's input to the adapter dtype undone, exactly,
+    by autocast's cast for the ``lora_A`` matmul? True for plain LoRA (no DoRA or other variant)
+    with an ``nn.Linear`` ``lora_A`` and no dropout: a cast up to float32 is exact, so the matmul
+    sees the same autocast-dtype input either way."""
+    return (
+        type(getattr(layer, "base_layer", None)) is nn.Linear
+        and not getattr(layer, "lora_variant", {})
+        and all(type(a) is nn.Linear for a in layer.lora_A.values())
+        and all(type(d) is nn.Identity for d in layer.lora_dropout.values())
+    )
+
+
+class _UpcastSkip:
+    """Per-call context of one decoder layer: PEFT's input upcast off while autocast is on."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+
+    def __call__(self, loop_index: int, num_loops: int):
+        device_type = self.modules[0].base_layer.weight.device.type
+        return _upcast_off(self.modules) if torch.is_autocast_enabled(device_type) else None
+
+
+@contextmanager
+def _upcast_off(modules: list[nn.Module]) -> Iterator[None]:
+    before = [m.cast_input_dtype_enabled for m in modules]
+    for m in modules:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, before):
+            m.cast_input_dtype_enabled = value
+
+
+def skip_lora_input_upcast(model: nn.Module) -> int:
+    """Under autocast, let the LoRA layers in ``model``'s decoder layers skip PEFT's cast of their
+    input to the adapters' (float32) dtype, which autocast undoes for the matmul: one [B,S,H] copy
+    up and one down per adapted projection and layer call. Only where the result is bit-identical
+    (:func:`_upcast_is_a_round_trip`); outside autocast PEFT casts as before (it is needed there when
+    the activations are bf16 and the adapters float32). -> the number of LoRA layers affected."""
+    count = 0
+    if not _lora_layers(model):
+        return count
+    for decoder_layer in decoder_layers(model):
+        modules = [m for _, m in _lora_layers(decoder_layer) if _upcast_is_a_round_trip(m)]
+        decoder_layer.call_contexts.pop(_UPCAST, None)
+        if modules:
+            decoder_layer.call_contexts[_UPCAST] = _UpcastSkip(modules)
+            count += len(modules)
+    return count
 
 
 def _merge_blocker(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> str | None:

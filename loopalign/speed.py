@@ -9,79 +9,81 @@ policy is the ``policy`` key of ``activation_checkpointing_kwargs`` (read by
 
 from __future__ import annotations
 
-import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-__all__ = ["CHECKPOINT_POLICIES", "checkpointing_kwargs", "compile_decoder_layers", "set_cpu_threads"]
+from loopalign.hooks import decoder_layers
 
-_aten = torch.ops.aten
-_ATTENTION_OPS = tuple(
-    getattr(_aten, name).default
-    for name in (
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-    )
-    if hasattr(_aten, name)
-)
-_MATMUL_OPS = (_aten.mm.default, _aten.addmm.default, _aten.bmm.default)
+# the policies live beside the model (loopalign.models.ouro.checkpointing) so that imports point one
+# way (speed -> hooks -> models.ouro); their public place stays here
+from loopalign.models.ouro.checkpointing import CHECKPOINT_POLICIES, checkpointing_kwargs
 
-#: Which op outputs a checkpointed layer keeps for backward (everything else is recomputed):
-#: ``full``: nothing (transformers' default gradient checkpointing; least memory);
-#: ``save_attention``: attention outputs (and their softmax statistics), so backward does not
-#: re-run attention; ``save_matmuls``: attention and every matmul output, so backward recomputes
-#: only the cheap elementwise ops (norms, rotary, activation).
-CHECKPOINT_POLICIES = {
-    "full": (),
-    "save_attention": _ATTENTION_OPS,
-    "save_matmuls": _ATTENTION_OPS + _MATMUL_OPS,
-}
+__all__ = [
+    "CHECKPOINT_POLICIES",
+    "checkpointing_kwargs",
+    "compile_decoder_layers",
+    "compiled_decoder_layers",
+    "set_cpu_threads",
+]
 
 
-def _policy(saved_ops, ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in saved_ops else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def checkpointing_kwargs(policy: str, base: dict | None = None) -> dict:
-    """``gradient_checkpointing_kwargs`` for ``model.gradient_checkpointing_enable`` that apply
-    ``policy`` (a key of :data:`CHECKPOINT_POLICIES`) on top of ``base``."""
-    if policy not in CHECKPOINT_POLICIES:
-        raise ValueError(f"checkpoint_policy must be one of {sorted(CHECKPOINT_POLICIES)}, got {policy!r}")
-    kwargs = dict(base or {})
-    kwargs.setdefault("use_reentrant", False)
-    if policy == "full":
-        return kwargs
-    if kwargs.get("use_reentrant"):
-        raise ValueError(
-            f"checkpoint_policy={policy!r} needs non-reentrant checkpointing; "
-            "drop use_reentrant=True from gradient_checkpointing_kwargs"
-        )
-    saved = CHECKPOINT_POLICIES[policy]
-    kwargs["use_reentrant"] = False
-    kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, saved))
-    return kwargs
-
-
-def compile_decoder_layers(model: nn.Module, backend: str = "inductor", mode: str | None = None, **options) -> int:
+def compile_decoder_layers(
+    model: nn.Module,
+    backend: str = "inductor",
+    mode: str | None = None,
+    dynamic: bool | None = True,
+    recompile_limit: int | None = 16,
+    **options,
+) -> int:
     """Compile each decoder layer's arithmetic (``OuroDecoderLayer.compute``) with ``torch.compile``.
 
-    The loop bookkeeping (which loop runs, read by loop-routed LoRA and hooks) stays outside the
-    compiled region. The compiled version serves calls without a KV cache (training, scoring,
-    probing); cached generation runs the plain one. Call it after adapters are attached (PEFT's
-    LoRA modules are then compiled with the layer). Returns the number of layers compiled;
-    raises (:func:`loopalign.hooks.decoder_layers`) if the model has none.
-    """
-    from loopalign.hooks import decoder_layers
+    The loop bookkeeping (which loop runs, read by hooks) stays outside the compiled region; the
+    per-call switches of :mod:`loopalign.lora` (loop routing, the input-upcast skip) and PEFT's
+    ``disable_adapter`` set module state that the compiled code guards on, so they hold in compiled
+    layers too, installed before or after this call. The compiled version serves calls without a KV
+    cache (training, scoring, probing); cached generation runs the plain one. Call it after adapters
+    are attached (PEFT's LoRA modules are then compiled with the layer).
 
+    ``dynamic=True`` traces batch size and sequence length as symbols, so a batch of a new length
+    reuses the graph instead of recompiling. One graph is still made per variant: whether the layer
+    input needs grad (the first layer call of a training forward does not), grad mode, train/eval,
+    a mask or none, adapters on/off, merged adapters, autocast, and a batch or sequence of size 1
+    (torch specialises size-1 dims). All layers share one code object, whose cache torch caps at
+    ``torch._dynamo.config.recompile_limit`` (default 8); past it the layers run uncompiled with
+    only a log line. ``recompile_limit`` raises that cap to at least this value (None: leave it):
+    a gap-SFT run with routing, ``rr_distill`` (adapters off) and evaluation uses about 8 (counted in
+    ``tests/test_compile.py``). Returns the number of layers compiled; raises
+    (:func:`loopalign.hooks.decoder_layers`) if the model has none.
+    """
     layers = decoder_layers(model)
+    if not all(hasattr(layer, "compute") for layer in layers):
+        raise TypeError(
+            f"compile_layers compiles Ouro decoder layers; {type(layers[0]).__name__} has no separable compute: "
+            "compile the whole model with torch.compile (TrainingArguments.torch_compile) instead"
+        )
+    if recompile_limit is not None and torch._dynamo.config.recompile_limit < recompile_limit:
+        torch._dynamo.config.recompile_limit = recompile_limit
     for layer in layers:
-        layer.compiled_compute = torch.compile(layer.compute, backend=backend, mode=mode, **options)
+        layer.compiled_compute = torch.compile(layer.compute, backend=backend, mode=mode, dynamic=dynamic, **options)
     return len(layers)
+
+
+@contextmanager
+def compiled_decoder_layers(model: nn.Module, backend: str = "inductor", **kwargs) -> Iterator[int]:
+    """:func:`compile_decoder_layers` for the block; on exit each layer's previous ``compiled_compute``
+    (None: plain) is restored. Compiled graphs are cached on the layers' shared code object, so a
+    later block with the same variants compiles nothing. Yields the number of layers compiled."""
+    layers = decoder_layers(model)
+    before = [layer.compiled_compute for layer in layers]
+    try:
+        yield compile_decoder_layers(model, backend=backend, **kwargs)
+    finally:
+        for layer, compiled in zip(layers, before):
+            layer.compiled_compute = compiled
 
 
 def set_cpu_threads(on_cpu: bool | None = None, default: int = 1, announce: bool = False) -> int | None:

@@ -99,9 +99,6 @@ def _imports(module: str, path: Path) -> list[tuple[str, bool, int]]:
 #: modules being re-layered on other branches this week (the speed paths; the introspection split); emptied
 #: when they land
 PENDING: set[str] = {
-    "loopalign.hooks",
-    "loopalign.speed",
-    "loopalign.models.ouro.modeling_ouro",
     "loopalign.data.io",
 }
 

@@ -81,3 +81,36 @@ def test_bad_specs_and_models(tiny_model_factory):
         parse_loop_selection([-1])
     with pytest.raises(ValueError, match="no PEFT LoRA modules"):
         route_lora_by_loop(tiny_model_factory(), "last")
+
+
+def test_removed_routing_lets_adapters_merge_again(tiny_model_factory):
+    from loopalign.lora import merged_lora
+
+    model = _peft(tiny_model_factory)
+    with route_lora_by_loop(model, "last"):
+        with merged_lora(model) as merged:
+            assert not merged  # routed adapters cannot be folded into the weights
+    with merged_lora(model, strict=True) as merged:
+        assert merged
+    decoder_layers = model.base_model.model.model.layers
+    assert all(not layer.call_contexts for layer in decoder_layers)
+
+
+def test_skipped_loops_skip_the_adapter_matmuls(tiny_model_factory):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    model = _peft(tiny_model_factory)
+    counts = {}
+    for spec in ("all", "last"):
+        with route_lora_by_loop(model, spec), torch.no_grad(), CountMatmuls() as mode:
+            model(input_ids=_ids(), use_cache=False, logits_to_keep=1)
+        counts[spec] = mode.count
+    # 7 adapted projections x 2 matmuls (A, B) x 2 layers x 3 skipped loops
+    assert counts["all"] - counts["last"] == 7 * 2 * 2 * 3

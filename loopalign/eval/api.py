@@ -58,9 +58,12 @@ class GapConfig:
     controls: bool = True  # shortcut controls: question-only, author and noise probes (loopalign.eval.controls)
     author_field: str | None = "auto"  # record field naming the answer's author ("auto": author, source_model,
     # model, policy, at the top level or in `meta`); None: no author control
+    compile_layers: bool = False  # torch.compile the layers for feature extraction (sets features.compile_layers)
 
     def __post_init__(self):
         self.loops = parse_loops(self.loops, "GapConfig.loops")
+        if self.compile_layers:
+            self.features.compile_layers = True
         if self.tp_loops is not None:
             self.tp_loops = parse_loops(self.tp_loops, "GapConfig.tp_loops")
         if self.metric != "auto" and self.metric not in METRICS:

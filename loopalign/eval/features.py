@@ -25,6 +25,7 @@ from loopalign.hooks import capture_activations
 from loopalign.loops import gather_positions, loop_logits
 from loopalign.lora import merged_lora
 from loopalign.models.contract import loop_forward, num_hidden_layers, unwrap
+from loopalign.speed import compiled_decoder_layers
 
 __all__ = ["FeatureConfig", "Features", "EvalRecord", "prepare_records", "extract_features", "layer_name"]
 
@@ -38,12 +39,18 @@ class FeatureConfig:
     feature_dtype: torch.dtype = torch.float32  # CPU storage dtype of kept hidden states
     keep_states: bool = True  # False: verdict logits only (no probe features)
     merge_lora: bool = True  # fold PEFT LoRA adapters into the weights for the pass (restored exactly after)
+    compile_layers: bool = False  # torch.compile the decoder layers for the pass (loopalign.speed); restored after
+    compile_backend: str = "inductor"  # torch.compile backend of compile_layers ("aot_eager": no code generation)
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"FeatureConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.layers is not None and (not self.layers or any(int(x) < 0 for x in self.layers)):
             raise ValueError(f"FeatureConfig.layers must be None or non-empty indices >= 0, got {self.layers}")
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            raise ValueError(
+                f"FeatureConfig.compile_backend must name a torch.compile backend, got {self.compile_backend!r}"
+            )
 
 
 @dataclass
@@ -220,7 +227,13 @@ def extract_features(
     residual = [x for x in layers if x < num_layers]
     sites = [(t - 1, x) for t in loops for x in residual]
     yes_no = torch.tensor([int(verdict_ids[0]), int(verdict_ids[1])], device=device)
-    with merged_lora(model) if config.merge_lora else contextlib.nullcontext():
+    merge = merged_lora(model) if config.merge_lora else contextlib.nullcontext()
+    compiled = (
+        compiled_decoder_layers(model, backend=config.compile_backend)
+        if config.compile_layers
+        else contextlib.nullcontext()
+    )
+    with merge, compiled:
         for batch in _batches([len(r.input_ids) for r in records], config.batch_size):
             rows = [records[i] for i in batch]
             enc = pad_right([{"input_ids": r.input_ids} for r in rows], pad_id)  # record indices stay valid

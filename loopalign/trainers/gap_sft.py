@@ -39,7 +39,7 @@ from loopalign.hooks import capture_activations
 from loopalign.io import apply_umask_tree, atomic_save_safetensors, atomic_write_text
 from loopalign.loading import GAP_CONFIG_FILE
 from loopalign.loops import gather_positions, loop_logits
-from loopalign.lora import parse_loop_selection, route_lora_by_loop
+from loopalign.lora import parse_loop_selection, route_lora_by_loop, skip_lora_input_upcast
 from loopalign.objectives import (
     LoopProbes,
     consistency_loss,
@@ -293,6 +293,7 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             self.train_dataset = features
         if args.lora_loops != "all":
             route_lora_by_loop(self.model, args.lora_loops)
+        skip_lora_input_upcast(self.model)  # under autocast only, where bit-identical (loopalign.lora)
         if args.compile_layers:
             compile_decoder_layers(self.model, backend=args.compile_layers_backend, mode=args.compile_layers_mode)
         device = next(self.model.parameters()).device

@@ -113,3 +113,10 @@ def test_injection_covers_generated_tokens_of_a_plain_model():
         steered = model.generate(input_ids=ids, **kwargs)
     assert record.calls == 3  # the prompt forward (columns 0..5) is untouched; the 3 later steps read columns 6..8
     assert torch.equal(plain[:, :7], steered[:, :7]) and not torch.equal(plain, steered)
+
+
+def test_compiling_layers_needs_ouro_layers():
+    from loopalign.speed import compile_decoder_layers
+
+    with pytest.raises(TypeError, match="compile_layers compiles Ouro decoder layers; LlamaDecoderLayer"):
+        compile_decoder_layers(tiny_llama())

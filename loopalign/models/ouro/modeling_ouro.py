@@ -11,6 +11,8 @@ State-dict keys equal the released checkpoints', so ``ByteDance/Ouro-1.4B`` load
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +30,8 @@ from loopalign.loops import (
     resolve_exit,
     threshold_exit_index,
 )
-from loopalign.speed import checkpointing_kwargs
 
+from .checkpointing import checkpointing_kwargs
 from .configuration_ouro import OuroConfig
 
 __all__ = [
@@ -139,7 +141,9 @@ class OuroAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, cache_slot)
-        dropout = self.attention_dropout if self.training else 0.0
+        # attention_dropout first: with none (the released config) the train/eval flag is never read,
+        # so a compiled layer does not need one graph for training and one for evaluation
+        dropout = self.attention_dropout if self.attention_dropout and self.training else 0.0
         if self.config._attn_implementation == "eager":
             out = self._eager(q, k, v, attention_mask, dropout)
         else:
@@ -149,8 +153,10 @@ class OuroAttention(nn.Module):
                 v,
                 attn_mask=attention_mask,
                 dropout_p=dropout,
-                # No mask object at all when nothing is padded and there is no cached prefix.
-                is_causal=attention_mask is None and seq > 1 and k.shape[2] == seq,
+                # No mask object at all when nothing is padded and there is no cached prefix. Without a
+                # cache the condition reads no shape, so it stays a plain bool when torch.compile
+                # traces with dynamic sequence lengths (a shape test would be a SymBool: graph break).
+                is_causal=attention_mask is None and (cache is None or k.shape[2] == seq),
                 scale=self.scaling,
                 enable_gqa=self.num_kv_heads != self.num_heads,
             )
@@ -171,7 +177,8 @@ class OuroAttention(nn.Module):
         if attention_mask is not None:
             scores = scores + attention_mask
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        weights = F.dropout(weights, p=dropout, training=self.training)
+        if dropout:
+            weights = F.dropout(weights, p=dropout, training=True)
         return torch.matmul(weights, v)
 
 
@@ -196,6 +203,10 @@ class OuroDecoderLayer(GradientCheckpointingLayer):
         #: a ``torch.compile``-d ``compute``, used for calls without a KV cache (training, scoring);
         #: set by :func:`loopalign.speed.compile_decoder_layers`
         self.compiled_compute = None
+        #: per-call contexts by name: ``fn(loop_index, num_loops)`` -> a context manager entered around
+        #: ``compute`` (or None to skip). Module state they set (e.g. :func:`loopalign.lora.route_lora_by_loop`
+        #: switching a loop's adapters off) is guarded by ``torch.compile``, so compiled code follows it.
+        self.call_contexts: dict[str, Callable[[int, int], AbstractContextManager | None]] = {}
 
     def forward(
         self,
@@ -208,13 +219,21 @@ class OuroDecoderLayer(GradientCheckpointingLayer):
         num_loops: int | None = None,
         token_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        token = _CURRENT_LOOP.set((loop_index, num_loops if num_loops is not None else loop_index + 1))
+        num_loops = num_loops if num_loops is not None else loop_index + 1
+        token = _CURRENT_LOOP.set((loop_index, num_loops))
         try:
             cache_slot = loop_index * self.num_layers + self.layer_idx
             compute = self.compute
             if self.compiled_compute is not None and cache is None:
                 compute = self.compiled_compute
-            return compute(hidden_states, position_embeddings, attention_mask, cache, cache_slot)
+            if not self.call_contexts:
+                return compute(hidden_states, position_embeddings, attention_mask, cache, cache_slot)
+            with ExitStack() as stack:
+                for make in self.call_contexts.values():
+                    context = make(loop_index, num_loops)
+                    if context is not None:
+                        stack.enter_context(context)
+                return compute(hidden_states, position_embeddings, attention_mask, cache, cache_slot)
         finally:
             _CURRENT_LOOP.reset(token)
 
@@ -266,7 +285,7 @@ class OuroPreTrainedModel(PreTrainedModel):
     ):
         """transformers' activation checkpointing, plus op-level selective checkpointing: the key
         ``policy`` of ``activation_checkpointing_kwargs`` names what a checkpointed layer keeps
-        (:data:`loopalign.speed.CHECKPOINT_POLICIES`: ``full``, ``save_attention``,
+        (:data:`loopalign.models.ouro.checkpointing.CHECKPOINT_POLICIES`: ``full``, ``save_attention``,
         ``save_matmuls``). ``every_n_layers`` and ``offload`` may also come in that dict (as from
         ``TrainingArguments.activation_checkpointing_kwargs``)."""
         kwargs = dict(activation_checkpointing_kwargs or {})
