@@ -65,6 +65,7 @@ class OuroCausalLMOutput(ModelOutput):
     loop_hidden_states / gate_logits / exit_probs ([B,S,T]): with ``output_loop_states=True``.
     exit_loop: [B,S], the loop each token exited at, for ``exit="threshold"``.
     layer_hidden_states: T x L x [B,S,H], with ``output_layer_states=True``.
+    loop_logits: T x [B,S,V], the LM head on each loop's state, with ``output_loop_logits=True``.
     cache: the per-(loop, layer) KV cache, with ``use_cache``.
     """
 
@@ -85,6 +86,7 @@ class OuroCausalLMOutput(ModelOutput):
     exit_probs: torch.Tensor | None = None
     exit_loop: torch.Tensor | None = None
     layer_hidden_states: tuple[tuple[torch.Tensor, ...], ...] | None = None
+    loop_logits: tuple[torch.Tensor, ...] | None = None
 
 
 def exit_distribution(gate_logits: torch.Tensor) -> torch.Tensor:

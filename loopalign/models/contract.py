@@ -143,12 +143,14 @@ def loop_forward(
             attention_mask=attention_mask,
             num_loops=num_loops,
             output_loop_states=True,
+            output_loop_logits=output_loop_logits,
             use_cache=False,
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
         states = tuple(out.loop_hidden_states)
         exit_probs = out.exit_probs
+        loop_logits = tuple(out.loop_logits) if output_loop_logits else None
     else:
         out = model(
             input_ids=input_ids,
@@ -160,10 +162,7 @@ def loop_forward(
         )
         states = (out.hidden_states[-1],)  # the final normed state: what the LM head reads
         exit_probs = torch.ones(*input_ids.shape, 1, device=input_ids.device)
-    loop_logits = None
-    if output_loop_logits:
-        head = unwrap(model).get_output_embeddings()
-        loop_logits = tuple(head(h) for h in states)
+        loop_logits = (unwrap(model).get_output_embeddings()(states[0]),) if output_loop_logits else None
     return LoopOutput(loop_hidden_states=states, exit_probs=exit_probs, loop_logits=loop_logits, logits=out.logits)
 
 

@@ -120,3 +120,12 @@ def test_compiling_layers_needs_ouro_layers():
 
     with pytest.raises(TypeError, match="compile_layers compiles Ouro decoder layers; LlamaDecoderLayer"):
         compile_decoder_layers(tiny_llama())
+
+
+def test_ouro_forward_returns_loop_logits_itself():
+    model = tiny_ouro()
+    ids = torch.randint(0, 64, (2, 5))
+    out = model(input_ids=ids, num_loops=3, output_loop_logits=True, output_loop_states=True)
+    assert len(out.loop_logits) == 3 and out.loop_logits[0].shape == (2, 5, 64)
+    assert torch.allclose(out.loop_logits[-1], out.logits, atol=1e-6)  # exit "last": the last loop's readout
+    assert model(input_ids=ids).loop_logits is None

@@ -583,6 +583,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         exit_threshold: float | None = None,
         output_loop_states: bool = False,
         output_layer_states: bool = False,
+        output_loop_logits: bool = False,
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
@@ -593,7 +594,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         q = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
         if mode == "threshold" and not 0.0 < q <= 1.0:
             raise ValueError(f"exit_threshold must be in (0, 1], got {q}")
-        need_all_states = output_loop_states or mode != "last"
+        need_all_states = output_loop_states or output_loop_logits or mode != "last"
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -637,6 +638,8 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
             exit_probs=exit_probs if output_loop_states else None,
             exit_loop=exit_loop,
             layer_hidden_states=out.layer_hidden_states,
+            # every position of every loop: T x [B,S,V] (T x S x V floats per row; ask only when needed)
+            loop_logits=tuple(self.lm_head(h) for h in out.loop_hidden_states) if output_loop_logits else None,
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
