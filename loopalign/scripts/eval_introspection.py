@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from trl import TrlParser
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
-from loopalign.eval import load_model_and_tokenizer
-from loopalign.eval.introspection import IntrospectionConfig, evaluate_introspection, parse_indices
+from loopalign.eval.introspection import IntrospectionConfig, evaluate_introspection, parse_indices, split_concepts
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.speed import set_cpu_threads
+from loopalign.trainers.introspection.organism import INTROSPECTION_ORGANISM, load_introspection_model
 
 __all__ = [
     "EMBEDDED_DEFAULTS",
@@ -33,14 +33,25 @@ __all__ = [
     "main",
 ]
 
-#: Used when no --config is given: the CPU default model, about a minute on 2 CPU cores.
+#: Used when no --config is given: the introspection organism (a tiny looped model that knows the concept words,
+#: built into the cache on first use) on the 12 held-out concepts, injecting vectors extracted at the last loop into
+#: every loop at strengths 1-8, with controls, random vectors and control questions at every strength. Under a
+#: minute on 2 cores once the organism is built. This is the untrained baseline: the GRPO recipe's default trains
+#: the reports on the other concepts and evaluates these before and after.
 EMBEDDED_DEFAULTS = dict(
-    model_name_or_path="organism",
-    n_concepts=4,
+    model_name_or_path="introspection_organism",
+    n_concepts=50,
+    concept_split="held_out",
     loop_counts="4",
-    strengths="4",
-    n_controls=16,
+    extraction_loops="3",
+    strengths="1,2,4,8",
+    n_controls=48,
+    random_vectors=True,
+    n_random=3,
+    control_questions=True,
+    n_control_questions=3,
     max_new_tokens=16,
+    batch_size=64,
     output_dir="outputs/eval_introspection_default",
 )
 
@@ -51,7 +62,11 @@ class EvalIntrospectionArguments:
     are :class:`IntrospectionConfig`'s, as text for the command line and YAML (see :func:`intro_config`)."""
 
     model_name_or_path: str = field(
-        default="organism", metadata={"help": "'organism' (CPU model organism), 'tiny', a folder or hub name."}
+        default=INTROSPECTION_ORGANISM,
+        metadata={
+            "help": f"'{INTROSPECTION_ORGANISM}' (CPU organism that knows the concept words), 'organism' (the gap "
+            "organism), 'tiny', a folder or hub name."
+        },
     )
     dtype: str | None = field(default=None, metadata={"help": "Weights dtype: bfloat16 | float16 | float32."})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)."})
@@ -59,6 +74,14 @@ class EvalIntrospectionArguments:
         default=None, metadata={"help": "Concept vectors .safetensors (default: extract)."}
     )
     n_concepts: int = field(default=8, metadata={"help": "Concept words to extract when no vector file is given."})
+    concept_split: str = field(
+        default="none",
+        metadata={
+            "help": "held_out: evaluate only the held-out share of the concepts (split_concepts, the split the GRPO "
+            "recipe trains on the rest of); none: every concept."
+        },
+    )
+    held_out_share: float = field(default=0.25, metadata={"help": "Share of concepts held out (concept_split)."})
     vector_layers: str | None = field(
         default=None,
         metadata={"help": "Layers to extract vectors at, e.g. '16' or '10-18' (default: about 2/3 depth)."},
@@ -91,6 +114,12 @@ class EvalIntrospectionArguments:
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     output_dir: str = field(default="outputs/eval_introspection", metadata={"help": "Where the reports go."})
     report_to: list[str] = field(default_factory=list, metadata={"help": "[wandb] to log the rates."})
+
+    def __post_init__(self):
+        if self.concept_split not in ("held_out", "none"):
+            raise ValueError(f"concept_split must be 'held_out' or 'none', got {self.concept_split!r}")
+        if not 0 < self.held_out_share < 1:
+            raise ValueError(f"held_out_share must be in (0, 1), got {self.held_out_share}")
 
 
 def intro_config(args: EvalIntrospectionArguments, **overrides) -> IntrospectionConfig:
@@ -132,7 +161,7 @@ def run(args: EvalIntrospectionArguments) -> dict:
     """Load the model, get the concept vectors, run the protocol, write and print the reports."""
     t0 = time.time()
     set_cpu_threads(on_cpu=args.device == "cpu" or None, announce=True)
-    model, tok = load_model_and_tokenizer(args.model_name_or_path, device=args.device, dtype=args.dtype or "auto",
+    model, tok = load_introspection_model(args.model_name_or_path, device=args.device, dtype=args.dtype or "auto",
                                           seed=args.seed)  # fmt: skip
     label = {"tiny": "tiny (random)"}.get(args.model_name_or_path, args.model_name_or_path)
     cfg = intro_config(args)
@@ -142,6 +171,10 @@ def run(args: EvalIntrospectionArguments) -> dict:
     )
     print(f"model: {label}; concept vectors: {len(vectors.vectors)} words, layers {vectors.layers}, "
           f"{vectors.num_loops} loops ({time.time() - t0:.1f}s)")  # fmt: skip
+    if args.concept_split == "held_out":
+        held_out = split_concepts(list(vectors.vectors), args.held_out_share)[1]
+        cfg = intro_config(args, concepts=tuple(held_out))
+        print(f"evaluating the {len(held_out)} held-out concepts: {', '.join(held_out)}")
     result = evaluate_introspection(model, tok, vectors, cfg, out_dir=args.output_dir, model_name=label)
     print(result.markdown().split("\n## Cells")[0])
     print(f"reports in {args.output_dir}/ ({time.time() - t0:.1f}s)")
