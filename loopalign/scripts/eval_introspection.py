@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from trl import TrlParser
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
-from loopalign.eval.introspection import IntrospectionConfig, evaluate_introspection, parse_indices, split_concepts
+from loopalign.eval.introspection import (
+    RESULT_RULE,
+    IntrospectionConfig,
+    evaluate_introspection,
+    parse_indices,
+    positive_control_verdict,
+    split_concepts,
+)
+from loopalign.eval.introspection.checks import ChecksConfig, checks_markdown, run_checks
+from loopalign.eval.introspection.report import format_rate
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.introspection.organism import INTROSPECTION_ORGANISM, load_introspection_model
@@ -52,6 +61,7 @@ EMBEDDED_DEFAULTS = dict(
     n_control_questions=3,
     max_new_tokens=16,
     batch_size=64,
+    lindsey_checks=True,
     output_dir="outputs/eval_introspection_default",
 )
 
@@ -107,6 +117,12 @@ class EvalIntrospectionArguments:
     n_random: int = field(default=10, metadata={"help": "Random-vector trials per (N, ext, inj, layer)."})
     control_questions: bool = field(default=False, metadata={"help": "Also ask 'no'-answer questions, injected."})
     n_control_questions: int = field(default=5, metadata={"help": "Control questions per cell."})
+    lindsey_checks: bool = field(
+        default=False,
+        metadata={
+            "help": "Also run Lindsey et al.'s thoughts-vs-text and prefill checks at the last loop, first vector layer."
+        },
+    )
     max_new_tokens: int = field(default=100, metadata={"help": "Tokens sampled per trial."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     batch_size: int = field(default=16, metadata={"help": "Trials per generate call."})
@@ -177,6 +193,18 @@ def run(args: EvalIntrospectionArguments) -> dict:
         print(f"evaluating the {len(held_out)} held-out concepts: {', '.join(held_out)}")
     result = evaluate_introspection(model, tok, vectors, cfg, out_dir=args.output_dir, model_name=label)
     print(result.markdown().split("\n## Cells")[0])
+    n, last = max(result.config["loop_counts"] or [max_n]), max_n - 1
+    if any(r["injection_loop"] == last and r["num_loops"] == n for r in result.summary["by_injection_loop"]):
+        v = positive_control_verdict(result.summary, last, n, len(CONCEPT_WORDS))
+        print(f"Result rule: {RESULT_RULE}.\nAt N = {n}, injection loop {last}: detection − FP "
+              f"{format_rate(v['detection_minus_fp'])}, identification {format_rate(v['identification'])} (chance "
+              f"{100 * v['chance_identification']:.1f}): {'holds' if v['holds'] else 'does not hold'}.")  # fmt: skip
+    if args.lindsey_checks:
+        ext = max(cfg.extraction_loops or (vectors.num_loops - 1,))
+        checks = ChecksConfig(num_loops=n, extraction_loop=min(ext, vectors.num_loops - 1), injection_loop=last,
+                              layer=vectors.layers[0], strengths=cfg.strengths, concepts=cfg.concepts,
+                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+        print(checks_markdown(run_checks(model, tok, vectors, checks, out_dir=args.output_dir)))
     print(f"reports in {args.output_dir}/ ({time.time() - t0:.1f}s)")
     if "wandb" in (args.report_to or []):
         import wandb

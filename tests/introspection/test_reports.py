@@ -90,11 +90,12 @@ def test_layer_sweep_option_extracts_and_injects_at_every_layer(tmp_path):
 
     out = tmp_path / "sweep"
     args = script.parse_args(["--model_name_or_path", "tiny", "--device", "cpu", "--layer_sweep", "true",
-                              "--n_concepts", "2", "--loop_counts", "2", "--strengths", "4", "--n_controls", "1",
-                              "--max_new_tokens", "2", "--output_dir", str(out)])  # fmt: skip
+                              "--n_concepts", "2", "--loop_counts", "2", "--extraction_loops", "all", "--strengths", "4", "--n_controls", "1",
+                              "--max_new_tokens", "2", "--lindsey_checks", "true", "--output_dir", str(out)])  # fmt: skip
     summary = script.run(args)["summary"]
     assert summary["grids"]["2"]["layer_loop"]["rows"] == [0, 1]  # the tiny model's two layers
     assert {c["layer"] for c in summary["cells"]} == {0, 1}
     assert (out / "rate_heatmaps.png").exists() and "layer x injection loop" in (out / "introspection.md").read_text()
+    assert "| prefill | accepts | 4 |" in (out / "checks.md").read_text()
     with pytest.raises(ValueError, match="layer_sweep"):
         script.vector_layers(script.parse_args(["--layer_sweep", "true", "--vector_layers", "1"]), None)

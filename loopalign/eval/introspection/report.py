@@ -353,15 +353,17 @@ def plot_strength_curves(grids: dict, title_prefix: str = ""):
     fig, axes = plt.subplots(1, max(1, len(grids)), figsize=(4.2 * max(1, len(grids)), 3.4), squeeze=False)
     for ax, (n, g) in zip(axes[0], grids.items()):
         ls, rs = g["loop_strength"], g["random_loop_strength"]
+        loops = sorted(set(ls["rows"]) | set(rs["rows"]))
         for grid, style, label in ((ls, "-o", "inj loop {}"), (rs, "--x", "random, inj loop {}")):
             for loop, row in zip(grid["rows"], grid["detection"]):
+                color = f"C{loops.index(loop) % 10}"  # a loop's random-vector line shares its colour
                 pts = [(s, c) for s, c in zip(grid["cols"], row) if c["rate"] is not None]
                 if not pts:
                     continue
                 xs = [s for s, _ in pts]
                 ys = [c["rate"] for _, c in pts]
                 err = [[c["rate"] - c["lo"] for _, c in pts], [c["hi"] - c["rate"] for _, c in pts]]
-                ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=2, label=label.format(loop), markersize=4)
+                ax.errorbar(xs, ys, yerr=err, fmt=style, color=color, capsize=2, label=label.format(loop), markersize=4)
         fp = g["false_positive"]
         if fp.get("rate") is not None:
             ax.axhspan(fp["lo"], fp["hi"], color="grey", alpha=0.2)
