@@ -153,3 +153,18 @@ def test_the_cpu_default_yaml_is_the_embedded_default():
     for a, b in zip(from_file, embedded):
         fields = [f for f in type(a).__dataclass_fields__ if not f.startswith("_")]
         assert {f: getattr(a, f) for f in fields if getattr(a, f) != getattr(b, f)} == {}, type(a).__name__
+
+
+def test_the_mode_choice_lives_in_the_library():
+    """[architecture] one parsed GRPO config -> the trainer of the chosen mode; the SFT config keeps its fields."""
+    from loopalign.trainers.introspection import IntrospectionSFTConfig, make_introspection_trainer, sft_config_from
+
+    _, train, _ = _recipe("grpo_introspection").parse_args(["--learning_rate", "0.01", "--max_steps", "3"])
+    train.concept_vectors = "vectors.safetensors"
+    sft = sft_config_from(train)
+    assert isinstance(sft, IntrospectionSFTConfig)
+    assert (sft.learning_rate, sft.max_steps, sft.per_device_train_batch_size, sft.output_dir) == (
+        0.01, 3, train.per_device_train_batch_size, train.output_dir)  # fmt: skip
+    assert sft.concept_vectors == "vectors.safetensors" and not sft.remove_unused_columns
+    with pytest.raises(ValueError, match="mode"):
+        make_introspection_trainer("ppo", None, train, None)
