@@ -26,6 +26,7 @@ from loopalign.eval.introspection import (
     IntrospectionConfig,
     compare_introspection,
     evaluate_introspection,
+    naming_rate,
     parse_indices,
     positive_control_verdict,
     split_concepts,
@@ -189,7 +190,7 @@ def checks_config(script_args, training_args, concepts, vectors, n_model: int) -
                         batch_size=script_args.eval_batch_size)  # fmt: skip
 
 
-def result_verdicts(before, after, script_args, n_model: int, n_words: int) -> str:
+def result_verdicts(before, after, script_args, n_model: int, n_words: int, trained=()) -> str:
     """Markdown: the result rule, stated before the run, and whether before / after clear it (held-out concepts
     only; with ``concept_split=none`` the evaluated concepts were trained on and it says so)."""
     loop = (parse_indices(script_args.train_injection_loops, "train_injection_loops") or (n_model - 1,))[-1]
@@ -210,7 +211,8 @@ def result_verdicts(before, after, script_args, n_model: int, n_words: int) -> s
             continue
         lines.append(
             f"| {label} (N = {n_model}, inj loop {loop}) | {format_rate(v['detection_minus_fp'])} | {format_rate(v['identification'])} "
-            f"| {100 * v['chance_identification']:.1f} | {format_rate(v['random_detection'])} | "
+            f"| {100 * v['chance_identification']:.1f} | {format_rate(naming_rate(res.records, trained, loop, n_model)) if trained else '–'} "
+            f"| {format_rate(v['random_detection'])} | "
             f"{'yes' if v['holds'] else 'no'} (detection {'yes' if v['detection_holds'] else 'no'}, identification "
             f"{'yes' if v['identification_holds'] else 'no'}) |"
         )
@@ -297,7 +299,8 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
             checks = run_checks(tuned, tok, vectors, checks_config(script_args, training_args, eval_concepts, vectors,
                                 n_model), out_dir=os.path.join(out, "after"))  # fmt: skip
             print(checks_markdown(checks))
-        verdicts = result_verdicts(before, after, script_args, n_model, len(vectors.vectors))
+        trained = train_concepts if script_args.concept_split == "held_out" else ()
+        verdicts = result_verdicts(before, after, script_args, n_model, len(vectors.vectors), trained)
         atomic_write_text(os.path.join(out, "compare.md"), header + verdicts + "\n" + table)
         plot_comparison(before, after, out)  # before_after_{heatmaps,curves}.{png,svg}
         print(f"after training ({time.time() - t:.1f}s). Rates per injection loop, before -> after:\n")

@@ -117,6 +117,12 @@ def test_positive_control_verdict_reads_the_rule_off_the_summary(result):
     perfect = positive_control_verdict(summarize(records), 1, 2, 50)
     assert perfect["holds"]  # a perfect reporter clears the bar
     assert perfect["detection_holds"] and perfect["identification_holds"]
+    from loopalign.eval.introspection import naming_rate
+
+    for r in records:
+        r["response"] = "I think of satellites." if r["concept"] == "Dust" else "Nothing comes to mind."
+    rate = naming_rate(records, ["Satellites"], 1, 2)  # half the loop-1 injection trials are Dust's
+    assert rate["n"] == 8 and rate["rate"] == 0.5 and naming_rate(records, ["Bread"], 1, 2)["rate"] == 0.0
     with pytest.raises(ValueError, match="injection loop 7"):
         positive_control_verdict(result.summary, 7, 2, 50)
 

@@ -32,7 +32,7 @@ from .grading import (
     rules_grade,
 )
 from .report import IntrospectionResult, compare_introspection
-from .stats import RESULT_RULE, positive_control_verdict, summarize
+from .stats import RESULT_RULE, naming_rate, positive_control_verdict, summarize
 from .trials import (
     CONTROL_QUESTIONS,
     IntrospectionConfig,
@@ -67,6 +67,7 @@ __all__ = [
     "summarize",
     "RESULT_RULE",
     "positive_control_verdict",
+    "naming_rate",
     "IntrospectionResult",
     "evaluate_introspection",
     "compare_introspection",

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..metrics import wilson_interval
+from .grading import named_concepts
 
-__all__ = ["summarize", "rate_grids", "RESULT_RULE", "positive_control_verdict"]
+__all__ = ["summarize", "rate_grids", "RESULT_RULE", "positive_control_verdict", "naming_rate"]
 
 
 def _rate(values, n_boot: int, alpha: float, seed: int) -> dict:
@@ -214,3 +215,15 @@ def positive_control_verdict(summary: dict, injection_loop: int, num_loops: int,
         "holds": detection_holds and identification_holds,
         "rule": RESULT_RULE,
     }
+
+
+def naming_rate(records: Sequence[dict], concepts: Sequence[str], injection_loop: int, num_loops: int) -> dict:
+    """Rate (Wilson interval) of injection trials at (``num_loops``, ``injection_loop``) whose response names any of
+    ``concepts`` (e.g. the trained ones, on held-out trials: the rate of answering with a learnt word)."""
+    hits = [
+        float(bool(named_concepts(" ".join(r["response"].lower().split()), concepts)))
+        for r in records
+        if r["trial_type"] == "injection"
+        and (int(r["num_loops"]), int(r["injection_loop"])) == (num_loops, injection_loop)
+    ]
+    return _rate(hits, 0, 0.05, 0)
