@@ -111,10 +111,13 @@ def residual_site_norms(model, trials: Sequence[dict]) -> dict[tuple[int, int, i
 
 
 @contextmanager
-def inject_rows(model, vectors: torch.Tensor, loops, layers, starts, num_loops: int | None = None) -> Iterator[list]:
+def inject_rows(
+    model, vectors: torch.Tensor, loops, layers, starts, num_loops: int | None = None, ends=None
+) -> Iterator[list]:
     """Per-row injection: row b gets ``vectors[b]`` (already scaled) after ``layers[b]`` in ``loops[b]`` from column
-    ``starts[b]`` to the end (generated tokens included). Rows with loop < 0 or a zero vector get nothing.
-    One :func:`loopalign.hooks.add_vector` per distinct (loop, layer), other rows zeroed."""
+    ``starts[b]`` to the end (generated tokens included), or to ``ends[b]`` (exclusive) when ``ends`` is given.
+    Rows with loop < 0 or a zero vector get nothing. One :func:`loopalign.hooks.add_vector` per distinct
+    (loop, layer), other rows zeroed."""
     vectors = torch.as_tensor(vectors).float()
     loops = torch.as_tensor(loops).long().view(-1)
     layers = torch.as_tensor(layers).long().view(-1)
@@ -124,6 +127,10 @@ def inject_rows(model, vectors: torch.Tensor, loops, layers, starts, num_loops: 
             f"inject_rows: vectors [B,H] and one loop/layer/start per row needed, got {list(vectors.shape)}, "
             f"{loops.numel()}, {layers.numel()}, {starts.numel()}"
         )
+    if ends is not None:
+        ends = torch.as_tensor(ends).long().view(-1)
+        if ends.numel() != starts.numel():
+            raise ValueError(f"inject_rows: one end per row needed, got {ends.numel()} for {starts.numel()} rows")
     active = (loops >= 0) & (vectors.abs().sum(-1) > 0)
     if num_loops is not None and bool((loops[active] >= num_loops).any()):
         bad = sorted(set(loops[active & (loops >= num_loops)].tolist()))
@@ -133,7 +140,9 @@ def inject_rows(model, vectors: torch.Tensor, loops, layers, starts, num_loops: 
     with ExitStack() as stack:
         for t, j in sites:
             mask = (active & (loops == t) & (layers == j)).float().unsqueeze(-1)
-            records.append(stack.enter_context(add_vector(model, vectors * mask, loop=t, layer=j, start=starts)))
+            records.append(
+                stack.enter_context(add_vector(model, vectors * mask, loop=t, layer=j, start=starts, end=ends))
+            )
         yield records
 
 

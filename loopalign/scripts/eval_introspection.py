@@ -18,10 +18,19 @@ from dataclasses import dataclass, field
 from trl import TrlParser
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
-from loopalign.eval import load_model_and_tokenizer
-from loopalign.eval.introspection import IntrospectionConfig, evaluate_introspection, parse_indices
+from loopalign.eval.introspection import (
+    RESULT_RULE,
+    IntrospectionConfig,
+    evaluate_introspection,
+    parse_indices,
+    positive_control_verdict,
+    split_concepts,
+)
+from loopalign.eval.introspection.checks import ChecksConfig, checks_markdown, run_checks
+from loopalign.eval.introspection.report import format_rate
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.speed import set_cpu_threads
+from loopalign.trainers.introspection.organism import INTROSPECTION_ORGANISM, load_introspection_model
 
 __all__ = [
     "EMBEDDED_DEFAULTS",
@@ -33,14 +42,26 @@ __all__ = [
     "main",
 ]
 
-#: Used when no --config is given: the CPU default model, about a minute on 2 CPU cores.
+#: Used when no --config is given: the introspection organism (a tiny looped model that knows the concept words,
+#: built into the cache on first use) on the 12 held-out concepts, injecting vectors extracted at the last loop into
+#: every loop at strengths 1-8, with controls, random vectors and control questions at every strength. Under a
+#: minute on 2 cores once the organism is built. This is the untrained baseline: the GRPO recipe's default trains
+#: the reports on the other concepts and evaluates these before and after.
 EMBEDDED_DEFAULTS = dict(
-    model_name_or_path="organism",
-    n_concepts=4,
+    model_name_or_path="introspection_organism",
+    n_concepts=50,
+    concept_split="held_out",
     loop_counts="4",
-    strengths="4",
-    n_controls=16,
+    extraction_loops="3",
+    strengths="1,2,4,8",
+    n_controls=48,
+    random_vectors=True,
+    n_random=3,
+    control_questions=True,
+    n_control_questions=3,
     max_new_tokens=16,
+    batch_size=64,
+    lindsey_checks=True,
     output_dir="outputs/eval_introspection_default",
 )
 
@@ -51,7 +72,11 @@ class EvalIntrospectionArguments:
     are :class:`IntrospectionConfig`'s, as text for the command line and YAML (see :func:`intro_config`)."""
 
     model_name_or_path: str = field(
-        default="organism", metadata={"help": "'organism' (CPU model organism), 'tiny', a folder or hub name."}
+        default=INTROSPECTION_ORGANISM,
+        metadata={
+            "help": f"'{INTROSPECTION_ORGANISM}' (CPU organism that knows the concept words), 'organism' (the gap "
+            "organism), 'tiny', a folder or hub name."
+        },
     )
     dtype: str | None = field(default=None, metadata={"help": "Weights dtype: bfloat16 | float16 | float32."})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)."})
@@ -59,6 +84,14 @@ class EvalIntrospectionArguments:
         default=None, metadata={"help": "Concept vectors .safetensors (default: extract)."}
     )
     n_concepts: int = field(default=8, metadata={"help": "Concept words to extract when no vector file is given."})
+    concept_split: str = field(
+        default="none",
+        metadata={
+            "help": "held_out: evaluate only the held-out share of the concepts (split_concepts, the split the GRPO "
+            "recipe trains on the rest of); none: every concept."
+        },
+    )
+    held_out_share: float = field(default=0.25, metadata={"help": "Share of concepts held out (concept_split)."})
     vector_layers: str | None = field(
         default=None,
         metadata={"help": "Layers to extract vectors at, e.g. '16' or '10-18' (default: about 2/3 depth)."},
@@ -84,6 +117,12 @@ class EvalIntrospectionArguments:
     n_random: int = field(default=10, metadata={"help": "Random-vector trials per (N, ext, inj, layer)."})
     control_questions: bool = field(default=False, metadata={"help": "Also ask 'no'-answer questions, injected."})
     n_control_questions: int = field(default=5, metadata={"help": "Control questions per cell."})
+    lindsey_checks: bool = field(
+        default=False,
+        metadata={
+            "help": "Also run Lindsey et al.'s thoughts-vs-text and prefill checks at the last loop, first vector layer."
+        },
+    )
     max_new_tokens: int = field(default=100, metadata={"help": "Tokens sampled per trial."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     batch_size: int = field(default=16, metadata={"help": "Trials per generate call."})
@@ -91,6 +130,12 @@ class EvalIntrospectionArguments:
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     output_dir: str = field(default="outputs/eval_introspection", metadata={"help": "Where the reports go."})
     report_to: list[str] = field(default_factory=list, metadata={"help": "[wandb] to log the rates."})
+
+    def __post_init__(self):
+        if self.concept_split not in ("held_out", "none"):
+            raise ValueError(f"concept_split must be 'held_out' or 'none', got {self.concept_split!r}")
+        if not 0 < self.held_out_share < 1:
+            raise ValueError(f"held_out_share must be in (0, 1), got {self.held_out_share}")
 
 
 def intro_config(args: EvalIntrospectionArguments, **overrides) -> IntrospectionConfig:
@@ -132,7 +177,7 @@ def run(args: EvalIntrospectionArguments) -> dict:
     """Load the model, get the concept vectors, run the protocol, write and print the reports."""
     t0 = time.time()
     set_cpu_threads(on_cpu=args.device == "cpu" or None, announce=True)
-    model, tok = load_model_and_tokenizer(args.model_name_or_path, device=args.device, dtype=args.dtype or "auto",
+    model, tok = load_introspection_model(args.model_name_or_path, device=args.device, dtype=args.dtype or "auto",
                                           seed=args.seed)  # fmt: skip
     label = {"tiny": "tiny (random)"}.get(args.model_name_or_path, args.model_name_or_path)
     cfg = intro_config(args)
@@ -142,8 +187,24 @@ def run(args: EvalIntrospectionArguments) -> dict:
     )
     print(f"model: {label}; concept vectors: {len(vectors.vectors)} words, layers {vectors.layers}, "
           f"{vectors.num_loops} loops ({time.time() - t0:.1f}s)")  # fmt: skip
+    if args.concept_split == "held_out":
+        held_out = split_concepts(list(vectors.vectors), args.held_out_share)[1]
+        cfg = intro_config(args, concepts=tuple(held_out))
+        print(f"evaluating the {len(held_out)} held-out concepts: {', '.join(held_out)}")
     result = evaluate_introspection(model, tok, vectors, cfg, out_dir=args.output_dir, model_name=label)
     print(result.markdown().split("\n## Cells")[0])
+    n, last = max(result.config["loop_counts"] or [max_n]), max_n - 1
+    if any(r["injection_loop"] == last and r["num_loops"] == n for r in result.summary["by_injection_loop"]):
+        v = positive_control_verdict(result.summary, last, n, len(CONCEPT_WORDS))
+        print(f"Result rule: {RESULT_RULE}.\nAt N = {n}, injection loop {last}: detection − FP "
+              f"{format_rate(v['detection_minus_fp'])}, identification {format_rate(v['identification'])} (chance "
+              f"{100 * v['chance_identification']:.1f}): {'holds' if v['holds'] else 'does not hold'}.")  # fmt: skip
+    if args.lindsey_checks:
+        ext = max(cfg.extraction_loops or (vectors.num_loops - 1,))
+        checks = ChecksConfig(num_loops=n, extraction_loop=min(ext, vectors.num_loops - 1), injection_loop=last,
+                              layer=vectors.layers[0], strengths=cfg.strengths, concepts=cfg.concepts,
+                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+        print(checks_markdown(run_checks(model, tok, vectors, checks, out_dir=args.output_dir)))
     print(f"reports in {args.output_dir}/ ({time.time() - t0:.1f}s)")
     if "wandb" in (args.report_to or []):
         import wandb

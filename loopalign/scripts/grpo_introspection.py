@@ -21,15 +21,18 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
-from loopalign.eval import load_model_and_tokenizer
 from loopalign.eval.introspection import (
+    RESULT_RULE,
     IntrospectionConfig,
     compare_introspection,
     evaluate_introspection,
+    naming_rate,
     parse_indices,
+    positive_control_verdict,
     split_concepts,
 )
-from loopalign.eval.introspection.report import plot_comparison
+from loopalign.eval.introspection.checks import ChecksConfig, checks_markdown, run_checks
+from loopalign.eval.introspection.report import format_rate, plot_comparison
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.io import atomic_write_text
 from loopalign.speed import set_cpu_threads
@@ -39,6 +42,7 @@ from loopalign.trainers.introspection import (
     introspection_dataset,
     make_introspection_trainer,
 )
+from loopalign.trainers.introspection.organism import load_introspection_model
 
 __all__ = [
     "EMBEDDED_DEFAULTS",
@@ -51,29 +55,40 @@ __all__ = [
     "main",
 ]
 
-# Used when no --config is given: the CPU default model, a few minutes on 2 CPU cores.
+#: Used when no --config is given: the CPU positive control. The introspection organism (a tiny looped model that
+#: knows the concept words, built into the cache on first use), vectors for the 50 concept words, SFT target reports
+#: on the train concepts (injection at the last loop), before/after evaluation on the 12 held-out concepts with
+#: controls, random vectors and control questions at every strength. About 5 minutes on 2 idle cores.
 EMBEDDED_DEFAULTS = dict(
-    model_name_or_path="organism",
-    use_peft=True,
-    lora_r=8,
-    lora_alpha=16,
-    lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    model_name_or_path="introspection_organism",
+    mode="sft",
+    use_peft=False,
+    activation_checkpointing=False,  # GRPOConfig turns it on; a tiny model needs no memory saving
     output_dir="outputs/grpo_introspection_default",
-    max_steps=16,
+    max_steps=300,
     per_device_train_batch_size=8,
     num_generations=4,
     max_completion_length=16,
-    learning_rate=1e-3,
+    learning_rate=3e-3,
+    warmup_steps=10,
     beta=0.0,
-    logging_steps=4,
+    logging_steps=50,
     save_strategy="no",
     report_to=[],
     use_cpu=True,
-    n_concepts=8,
-    eval_concepts=4,
-    eval_n_controls=16,
+    n_concepts=50,
+    train_strengths="1,2,4,8",
+    train_rows=2400,
+    eval_extraction_loops="3",
+    eval_strengths="1,2,4,8",
+    eval_n_controls=48,
+    eval_random_vectors=True,
+    eval_n_random=3,
+    eval_control_questions=True,
+    eval_n_control_questions=3,
     eval_max_new_tokens=16,
-    eval_strengths="4",
+    eval_batch_size=64,
+    eval_checks=True,
 )
 
 
@@ -108,9 +123,19 @@ class IntrospectionScriptArguments:
     eval_concepts: int | None = field(default=None, metadata={"help": "Concepts evaluated (default: all extracted)."})
     eval_trials_per_concept: int = field(default=1, metadata={"help": "Samples per concept per cell."})
     eval_n_controls: int = field(default=50, metadata={"help": "Control trials per loop count."})
+    eval_random_vectors: bool = field(default=False, metadata={"help": "Random-vector trials at every strength."})
+    eval_n_random: int = field(default=10, metadata={"help": "Random-vector trials per site and strength."})
+    eval_control_questions: bool = field(
+        default=False, metadata={"help": "'No'-answer questions, injected at every strength and uninjected."}
+    )
+    eval_n_control_questions: int = field(default=5, metadata={"help": "Control questions per cell."})
     eval_max_new_tokens: int = field(default=100, metadata={"help": "Tokens sampled per eval trial."})
     eval_batch_size: int = field(default=16, metadata={"help": "Trials per generate call."})
     eval_n_boot: int = field(default=1000, metadata={"help": "Unused (Wilson intervals); kept for old configs."})
+    eval_checks: bool = field(
+        default=False,
+        metadata={"help": "Also run Lindsey et al.'s thoughts-vs-text and prefill checks at the trained site."},
+    )
     skip_eval: bool = field(default=False, metadata={"help": "Train only."})
 
     def __post_init__(self):
@@ -143,6 +168,10 @@ def eval_config(script_args: IntrospectionScriptArguments, concepts, model_loops
         concepts=tuple(concepts),
         trials_per_concept=script_args.eval_trials_per_concept,
         n_controls=script_args.eval_n_controls,
+        random_vectors=script_args.eval_random_vectors,
+        n_random=script_args.eval_n_random,
+        control_questions=script_args.eval_control_questions,
+        n_control_questions=script_args.eval_n_control_questions,
         max_new_tokens=script_args.eval_max_new_tokens,
         batch_size=script_args.eval_batch_size,
         n_boot=script_args.eval_n_boot,
@@ -150,12 +179,52 @@ def eval_config(script_args: IntrospectionScriptArguments, concepts, model_loops
     )
 
 
+def checks_config(script_args, training_args, concepts, vectors, n_model: int) -> ChecksConfig:
+    """Lindsey's checks at the trained site (last training injection loop, first training layer) on ``concepts``."""
+    loop = (parse_indices(script_args.train_injection_loops, "train_injection_loops") or (n_model - 1,))[-1]
+    ext = (parse_indices(script_args.train_extraction_loops, "train_extraction_loops") or (n_model - 1,))[-1]
+    layer = (parse_indices(script_args.train_layers, "train_layers") or tuple(vectors.layers))[0]
+    strengths = tuple(float(s) for s in script_args.eval_strengths.split(","))
+    return ChecksConfig(num_loops=n_model, extraction_loop=ext, injection_loop=loop, layer=layer, strengths=strengths,
+                        concepts=tuple(concepts), max_new_tokens=script_args.eval_max_new_tokens,
+                        batch_size=script_args.eval_batch_size)  # fmt: skip
+
+
+def result_verdicts(before, after, script_args, n_model: int, n_words: int, trained=()) -> str:
+    """Markdown: the result rule, stated before the run, and whether before / after clear it (held-out concepts
+    only; with ``concept_split=none`` the evaluated concepts were trained on and it says so)."""
+    loop = (parse_indices(script_args.train_injection_loops, "train_injection_loops") or (n_model - 1,))[-1]
+    lines = [f"Result rule: {RESULT_RULE}.", ""]
+    if script_args.concept_split != "held_out":
+        lines += [
+            "(concept_split=none: the evaluated concepts were also trained on, so this is not the held-out test.)",
+            "",
+        ]
+    lines += [
+        "| | detection − FP | identification | chance | random-vector claims | holds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, res in (("before", before), ("after", after)):
+        try:
+            v = positive_control_verdict(res.summary, loop, n_model, n_words)
+        except ValueError:
+            continue
+        lines.append(
+            f"| {label} (N = {n_model}, inj loop {loop}) | {format_rate(v['detection_minus_fp'])} | {format_rate(v['identification'])} "
+            f"| {100 * v['chance_identification']:.1f} | {format_rate(naming_rate(res.records, trained, loop, n_model)) if trained else '–'} "
+            f"| {format_rate(v['random_detection'])} | "
+            f"{'yes' if v['holds'] else 'no'} (detection {'yes' if v['detection_holds'] else 'no'}, identification "
+            f"{'yes' if v['identification_holds'] else 'no'}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionGRPOConfig, model_args: ModelConfig):
     """Vectors, the before eval, training (GRPO or SFT), the after eval, ``compare.md``."""
     t0 = time.time()
     set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
     name = model_args.model_name_or_path
-    model, tok = load_model_and_tokenizer(name, device="cpu" if training_args.use_cpu else None,
+    model, tok = load_introspection_model(name, device="cpu" if training_args.use_cpu else None,
                                           dtype=model_args.dtype or "auto", seed=training_args.seed)  # fmt: skip
     label = {"tiny": "tiny (random)"}.get(name, name)
     n_model = int(model.config.total_ut_steps)
@@ -196,6 +265,9 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
         t = time.time()
         before = evaluate_introspection(model, tok, vectors, cfg, out_dir=os.path.join(out, "before"),
                                         model_name=label)  # fmt: skip
+        if script_args.eval_checks:
+            run_checks(model, tok, vectors, checks_config(script_args, training_args, eval_concepts, vectors, n_model),
+                       out_dir=os.path.join(out, "before"))  # fmt: skip
         print(f"before training: {len(before.records)} eval trials ({time.time() - t:.1f}s)")
 
     t = time.time()
@@ -223,10 +295,17 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
             f"# Introspection before / after {script_args.mode}\n\nmodel: `{label}`; rates in % (detection and "
             "identification on injected trials, false positives on controls); loops 0-based.\n\n"
         )
-        atomic_write_text(os.path.join(out, "compare.md"), header + table)
+        if script_args.eval_checks:
+            checks = run_checks(tuned, tok, vectors, checks_config(script_args, training_args, eval_concepts, vectors,
+                                n_model), out_dir=os.path.join(out, "after"))  # fmt: skip
+            print(checks_markdown(checks))
+        trained = train_concepts if script_args.concept_split == "held_out" else ()
+        verdicts = result_verdicts(before, after, script_args, n_model, len(vectors.vectors), trained)
+        atomic_write_text(os.path.join(out, "compare.md"), header + verdicts + "\n" + table)
         plot_comparison(before, after, out)  # before_after_{heatmaps,curves}.{png,svg}
         print(f"after training ({time.time() - t:.1f}s). Rates per injection loop, before -> after:\n")
         print(table)
+        print(verdicts)
         print(f"reports, heatmaps and adapters in {out}/; total {time.time() - t0:.1f}s")
     return trainer
 

@@ -119,7 +119,52 @@ def test_scripts_main_parses_argv_and_rejects_bad_options():
         _recipe("grpo_introspection").main(["--use_cpu", "true", "--concept_split", "some"])
     with pytest.raises(ValueError, match="no_such_option"):
         _recipe("eval_introspection").main(["--no_such_option", "1"])
-    script, train, model = _recipe("grpo_introspection").parse_args(["--mode", "sft", "--use_cpu", "true"])
-    assert script.mode == "sft" and model.model_name_or_path == "organism" and train.max_steps == 16
+    script, train, model = _recipe("grpo_introspection").parse_args(["--mode", "grpo", "--max_steps", "7"])
+    assert script.mode == "grpo" and train.max_steps == 7
     (args,) = [_recipe("eval_introspection").parse_args(["--n_concepts", "3"])]
     assert args.n_concepts == 3 and args.output_dir == "outputs/eval_introspection_default"
+
+
+def test_the_cpu_defaults_are_the_positive_control():
+    """[introspection-v2] item 5: with no arguments both recipes run on the introspection organism, the GRPO recipe
+    trains target reports on the train concepts and evaluates the held-out ones with every control."""
+    from loopalign.trainers.introspection.organism import INTROSPECTION_ORGANISM
+
+    script, train, model = _recipe("grpo_introspection").parse_args([])
+    assert model.model_name_or_path == INTROSPECTION_ORGANISM and script.mode == "sft" and not model.use_peft
+    assert script.concept_split == "held_out" and script.n_concepts == 50 and train.use_cpu
+    assert script.eval_random_vectors and script.eval_control_questions and script.eval_checks
+    assert script.eval_extraction_loops == "3" and script.eval_injection_loops == "all"
+    assert not train.gradient_checkpointing
+    (args,) = [_recipe("eval_introspection").parse_args([])]
+    assert args.model_name_or_path == INTROSPECTION_ORGANISM and args.concept_split == "held_out"
+    assert args.random_vectors and args.control_questions and args.n_concepts == 50
+    # a config file replaces the embedded defaults (the 1.4B configs keep their own model and settings)
+    cfg = ROOT / "recipes" / "configs" / "grpo_introspection_ouro_1.4b.yaml"
+    script, train, model = _recipe("grpo_introspection").parse_args(["--config", str(cfg), "--use_cpu", "true"])
+    assert model.model_name_or_path == "ByteDance/Ouro-1.4B" and script.mode == "grpo" and model.use_peft
+
+
+def test_the_cpu_default_yaml_is_the_embedded_default():
+    r = _recipe("grpo_introspection")
+    path = ROOT / "recipes" / "configs" / "grpo_introspection_cpu_default.yaml"
+    from_file = r.parse_args(["--config", str(path)])
+    embedded = r.parse_args([])
+    for a, b in zip(from_file, embedded):
+        fields = [f for f in type(a).__dataclass_fields__ if not f.startswith("_")]
+        assert {f: getattr(a, f) for f in fields if getattr(a, f) != getattr(b, f)} == {}, type(a).__name__
+
+
+def test_the_mode_choice_lives_in_the_library():
+    """[architecture] one parsed GRPO config -> the trainer of the chosen mode; the SFT config keeps its fields."""
+    from loopalign.trainers.introspection import IntrospectionSFTConfig, make_introspection_trainer, sft_config_from
+
+    _, train, _ = _recipe("grpo_introspection").parse_args(["--learning_rate", "0.01", "--max_steps", "3"])
+    train.concept_vectors = "vectors.safetensors"
+    sft = sft_config_from(train)
+    assert isinstance(sft, IntrospectionSFTConfig)
+    assert (sft.learning_rate, sft.max_steps, sft.per_device_train_batch_size, sft.output_dir) == (
+        0.01, 3, train.per_device_train_batch_size, train.output_dir)  # fmt: skip
+    assert sft.concept_vectors == "vectors.safetensors" and not sft.remove_unused_columns
+    with pytest.raises(ValueError, match="mode"):
+        make_introspection_trainer("ppo", None, train, None)

@@ -90,11 +90,57 @@ def test_layer_sweep_option_extracts_and_injects_at_every_layer(tmp_path):
 
     out = tmp_path / "sweep"
     args = script.parse_args(["--model_name_or_path", "tiny", "--device", "cpu", "--layer_sweep", "true",
-                              "--n_concepts", "2", "--loop_counts", "2", "--strengths", "4", "--n_controls", "1",
-                              "--max_new_tokens", "2", "--output_dir", str(out)])  # fmt: skip
+                              "--n_concepts", "2", "--loop_counts", "2", "--extraction_loops", "all", "--strengths", "4", "--n_controls", "1",
+                              "--max_new_tokens", "2", "--lindsey_checks", "true", "--output_dir", str(out)])  # fmt: skip
     summary = script.run(args)["summary"]
     assert summary["grids"]["2"]["layer_loop"]["rows"] == [0, 1]  # the tiny model's two layers
     assert {c["layer"] for c in summary["cells"]} == {0, 1}
     assert (out / "rate_heatmaps.png").exists() and "layer x injection loop" in (out / "introspection.md").read_text()
+    assert "| prefill | accepts | 4 |" in (out / "checks.md").read_text()
     with pytest.raises(ValueError, match="layer_sweep"):
         script.vector_layers(script.parse_args(["--layer_sweep", "true", "--vector_layers", "1"]), None)
+
+
+def test_positive_control_verdict_reads_the_rule_off_the_summary(result):
+    from loopalign.eval.introspection import RESULT_RULE, positive_control_verdict
+
+    v = positive_control_verdict(result.summary, 1, 2, 50)
+    row = next(r for r in result.summary["by_injection_loop"] if r["injection_loop"] == 1)
+    assert v["detection_minus_fp"] == row["detection_minus_fp"] and v["identification"] == row["identification"]
+    assert v["chance_identification"] == 0.02 and v["rule"] == RESULT_RULE and v["random_detection"]["n"] == 8
+    records = copy.deepcopy(result.records)
+    for r in records:  # a perfect reporter: every injected trial a coherent, correct report; controls silent
+        if r["trial_type"] == "injection":
+            r["grade"].update(detected=True, identified=True, incoherent=False, success=True)
+        elif r["trial_type"] == "control":
+            r["grade"].update(detected=False)
+    perfect = positive_control_verdict(summarize(records), 1, 2, 50)
+    assert perfect["holds"]  # a perfect reporter clears the bar
+    assert perfect["detection_holds"] and perfect["identification_holds"]
+    from loopalign.eval.introspection import naming_rate
+
+    for r in records:
+        r["response"] = "I think of satellites." if r["concept"] == "Dust" else "Nothing comes to mind."
+    rate = naming_rate(records, ["Satellites"], 1, 2)  # half the loop-1 injection trials are Dust's
+    assert rate["n"] == 8 and rate["rate"] == 0.5 and naming_rate(records, ["Bread"], 1, 2)["rate"] == 0.0
+    with pytest.raises(ValueError, match="injection loop 7"):
+        positive_control_verdict(result.summary, 7, 2, 50)
+
+
+def test_grpo_recipe_body_runs_sft_mode_and_writes_the_side_by_side_report(tmp_path):
+    """The recipe body end to end on the random tiny model (SFT mode, a few steps): before/after reports, compare.md
+    with the result rule and verdicts, the before/after figures, the checks."""
+    from loopalign.scripts import grpo_introspection as script
+
+    out = tmp_path / "run"
+    script.main(["--model_name_or_path", "tiny", "--n_concepts", "4", "--max_steps", "2", "--train_rows", "16",
+                 "--per_device_train_batch_size", "4", "--eval_strengths", "4", "--eval_n_controls", "2",
+                 "--eval_n_random", "1", "--eval_n_control_questions", "1", "--eval_max_new_tokens", "2",
+                 "--logging_steps", "1", "--output_dir", str(out)])  # fmt: skip
+    compare = (out / "compare.md").read_text()
+    assert (
+        "Result rule:" in compare and "| before (N = 4, inj loop 3) |" in compare and "Per strength, N = 4" in compare
+    )
+    for name in ("before_after_heatmaps.png", "before_after_curves.png", "after/checks.md", "before/introspection.md",
+                 "after/rate_heatmaps.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name

@@ -32,7 +32,7 @@ from .grading import (
     rules_grade,
 )
 from .report import IntrospectionResult, compare_introspection
-from .stats import summarize
+from .stats import RESULT_RULE, naming_rate, positive_control_verdict, summarize
 from .trials import (
     CONTROL_QUESTIONS,
     IntrospectionConfig,
@@ -65,6 +65,9 @@ __all__ = [
     "parse_indices",
     "split_concepts",
     "summarize",
+    "RESULT_RULE",
+    "positive_control_verdict",
+    "naming_rate",
     "IntrospectionResult",
     "evaluate_introspection",
     "compare_introspection",

@@ -14,6 +14,7 @@ from loopalign.io import atomic_write, atomic_write_text
 __all__ = [
     "IntrospectionResult",
     "compare_introspection",
+    "format_rate",
     "grid_markdown",
     "plot_rate_grids",
     "plot_strength_curves",
@@ -25,7 +26,8 @@ def _pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def _ci(r: dict | None) -> str:
+def format_rate(r: dict | None) -> str:
+    """A rate dict as "rate [lo, hi]" in % ("–" when empty)."""
     if not r or r.get("rate") is None:
         return "–"
     return f"{_pct(r['rate'])} [{_pct(r['lo'])}, {_pct(r['hi'])}]"
@@ -85,9 +87,9 @@ class IntrospectionResult:
         for r in s["by_injection_loop"]:
             lines.append(
                 f"| {r['num_loops']} | {'–' if r['injection_loop'] is None else r['injection_loop']} | "
-                f"{_ci(r.get('detection'))} | {_ci(r.get('identification'))} | {_ci(r.get('false_positive'))} | "
-                f"{_ci(r.get('detection_minus_fp'))} | {_ci(r.get('leakage'))} | "
-                f"{_ci(r.get('incoherent'))} | {(r.get('detection') or {}).get('n', 0)} |"
+                f"{format_rate(r.get('detection'))} | {format_rate(r.get('identification'))} | {format_rate(r.get('false_positive'))} | "
+                f"{format_rate(r.get('detection_minus_fp'))} | {format_rate(r.get('leakage'))} | "
+                f"{format_rate(r.get('incoherent'))} | {(r.get('detection') or {}).get('n', 0)} |"
             )
         for n, h in s["heatmaps"].items():
             lines += ["", f"## Identification heatmap, N = {n} (rows: injection loop, columns: extraction loop)", ""]
@@ -106,7 +108,7 @@ class IntrospectionResult:
         for r in s["cells"]:
             lines.append(
                 f"| {r['num_loops']} | {r['extraction_loop']} | {r['injection_loop']} | {r['layer']} | "
-                f"{r['strength']:g} | {_ci(r['detection'])} | {_ci(r['identification'])} | {_ci(r['incoherent'])} | "
+                f"{r['strength']:g} | {format_rate(r['detection'])} | {format_rate(r['identification'])} | {format_rate(r['incoherent'])} | "
                 f"{r['detection']['n']} |"
             )
         if s["controls"]:
@@ -119,7 +121,7 @@ class IntrospectionResult:
             ]
             for r in s["controls"]:
                 lines.append(
-                    f"| {r['num_loops']} | {_ci(r['false_positive'])} | {_ci(r['incoherent'])} | "
+                    f"| {r['num_loops']} | {format_rate(r['false_positive'])} | {format_rate(r['incoherent'])} | "
                     f"{r['false_positive']['n']} |"
                 )
         if s["random"]:
@@ -128,7 +130,7 @@ class IntrospectionResult:
             for r in s["random"]:
                 lines.append(
                     f"| {r['num_loops']} | {r['extraction_loop']} | {r['injection_loop']} | {r['layer']} | "
-                    f"{_ci(r['detection'])} | {r['detection']['n']} |"
+                    f"{format_rate(r['detection'])} | {r['detection']['n']} |"
                 )
         if s["control_questions"]:
             lines += [
@@ -141,7 +143,7 @@ class IntrospectionResult:
             for r in s["control_questions"]:
                 lines.append(
                     f"| {r['num_loops']} | {r['extraction_loop']} | {r['injection_loop']} | {r['layer']} | "
-                    f"{r['strength']:g} | {_ci(r['yes'])} |"
+                    f"{r['strength']:g} | {format_rate(r['yes'])} |"
                 )
         return "\n".join(lines) + "\n"
 
@@ -216,7 +218,7 @@ def compare_introspection(before: IntrospectionResult, after: IntrospectionResul
     ]
     for key in sorted(set(b) | set(a), key=lambda k: (k[0], -1 if k[1] is None else k[1])):
         rb, ra = b.get(key, {}), a.get(key, {})
-        cells = [_ci(r.get(k)) for k in ("detection", "identification", "false_positive", "detection_minus_fp")
+        cells = [format_rate(r.get(k)) for k in ("detection", "identification", "false_positive", "detection_minus_fp")
                  for r in (rb, ra)]  # fmt: skip
         n = (ra.get("detection") or rb.get("detection") or {}).get("n", 0)
         lines.append(f"| {key[0]} | {'–' if key[1] is None else key[1]} | " + " | ".join(cells) + f" | {n} |")
@@ -236,8 +238,8 @@ def compare_introspection(before: IntrospectionResult, after: IntrospectionResul
                             return grid[metric][grid["rows"].index(loop)][grid["cols"].index(s)]
                         return None
 
-                    cells = [_ci(at(lb, "detection")), _ci(at(la, "detection")), _ci(at(lb, "identification")),
-                             _ci(at(la, "identification")), _ci(at(rb_, "detection")), _ci(at(ra_, "detection"))]  # fmt: skip
+                    cells = [format_rate(at(lb, "detection")), format_rate(at(la, "detection")), format_rate(at(lb, "identification")),
+                             format_rate(at(la, "identification")), format_rate(at(rb_, "detection")), format_rate(at(ra_, "detection"))]  # fmt: skip
                     lines.append(f"| {loop} | {s:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -351,15 +353,17 @@ def plot_strength_curves(grids: dict, title_prefix: str = ""):
     fig, axes = plt.subplots(1, max(1, len(grids)), figsize=(4.2 * max(1, len(grids)), 3.4), squeeze=False)
     for ax, (n, g) in zip(axes[0], grids.items()):
         ls, rs = g["loop_strength"], g["random_loop_strength"]
+        loops = sorted(set(ls["rows"]) | set(rs["rows"]))
         for grid, style, label in ((ls, "-o", "inj loop {}"), (rs, "--x", "random, inj loop {}")):
             for loop, row in zip(grid["rows"], grid["detection"]):
+                color = f"C{loops.index(loop) % 10}"  # a loop's random-vector line shares its colour
                 pts = [(s, c) for s, c in zip(grid["cols"], row) if c["rate"] is not None]
                 if not pts:
                     continue
                 xs = [s for s, _ in pts]
                 ys = [c["rate"] for _, c in pts]
                 err = [[c["rate"] - c["lo"] for _, c in pts], [c["hi"] - c["rate"] for _, c in pts]]
-                ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=2, label=label.format(loop), markersize=4)
+                ax.errorbar(xs, ys, yerr=err, fmt=style, color=color, capsize=2, label=label.format(loop), markersize=4)
         fp = g["false_positive"]
         if fp.get("rate") is not None:
             ax.axhspan(fp["lo"], fp["hi"], color="grey", alpha=0.2)

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..metrics import wilson_interval
+from .grading import named_concepts
 
-__all__ = ["summarize", "rate_grids"]
+__all__ = ["summarize", "rate_grids", "RESULT_RULE", "positive_control_verdict", "naming_rate"]
 
 
 def _rate(values, n_boot: int, alpha: float, seed: int) -> dict:
@@ -168,3 +169,61 @@ def rate_grids(by: dict, fp: dict, alpha: float) -> dict:
             "false_positive": fp.get(n, {}).get("false_positive", _rate([], 0, alpha, 0)),
         }
     return out
+
+
+#: the positive control's bar, stated before any run (docs/introspection.md)
+RESULT_RULE = (
+    "at the trained injection site (the model's last loop), on concepts held out from training, pooled over "
+    "strengths: (1) the 95% lower bound (Newcombe) of detection minus the controls' false-positive rate is above 0, "
+    "and (2) the 95% Wilson lower bound of identification is above chance, 1/K for K concept words the model "
+    "could name"
+)
+
+
+def positive_control_verdict(summary: dict, injection_loop: int, num_loops: int, n_concept_words: int) -> dict:
+    """Whether a summary clears :data:`RESULT_RULE` at (``num_loops``, ``injection_loop``): the two rates with
+    their intervals, the chance rate 1/``n_concept_words``, random-vector claims at that loop, and ``holds``."""
+    row = next(
+        (
+            r
+            for r in summary["by_injection_loop"]
+            if (r["num_loops"], r["injection_loop"]) == (num_loops, injection_loop)
+        ),
+        None,
+    )
+    if row is None:
+        raise ValueError(f"no injection trials at N = {num_loops}, injection loop {injection_loop}")
+    chance = 1.0 / n_concept_words
+    diff, ident = row["detection_minus_fp"], row["identification"]
+    rand = [g for r in summary["random"] if (r["num_loops"], r["injection_loop"]) == (num_loops, injection_loop)
+            for g in [r["detection"]]]  # fmt: skip
+    k = sum(round(r["rate"] * r["n"]) for r in rand if r["rate"] is not None)
+    n = sum(r["n"] for r in rand)
+    detection_holds = diff["lo"] is not None and diff["lo"] > 0
+    identification_holds = ident["lo"] is not None and ident["lo"] > chance
+    return {
+        "num_loops": num_loops,
+        "injection_loop": injection_loop,
+        "detection": row["detection"],
+        "false_positive": row["false_positive"],
+        "detection_minus_fp": diff,
+        "identification": ident,
+        "chance_identification": chance,
+        "random_detection": _rate([1.0] * k + [0.0] * (n - k), 0, 0.05, 0),
+        "detection_holds": detection_holds,
+        "identification_holds": identification_holds,
+        "holds": detection_holds and identification_holds,
+        "rule": RESULT_RULE,
+    }
+
+
+def naming_rate(records: Sequence[dict], concepts: Sequence[str], injection_loop: int, num_loops: int) -> dict:
+    """Rate (Wilson interval) of injection trials at (``num_loops``, ``injection_loop``) whose response names any of
+    ``concepts`` (e.g. the trained ones, on held-out trials: the rate of answering with a learnt word)."""
+    hits = [
+        float(bool(named_concepts(" ".join(r["response"].lower().split()), concepts)))
+        for r in records
+        if r["trial_type"] == "injection"
+        and (int(r["num_loops"]), int(r["injection_loop"])) == (num_loops, injection_loop)
+    ]
+    return _rate(hits, 0, 0.05, 0)

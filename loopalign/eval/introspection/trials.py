@@ -248,19 +248,24 @@ def generate_responses(model, tokenizer, trials: Sequence[dict], vectors, config
                 width = max(len(r["input_ids"]) for r in rows)
                 ids = torch.full((len(rows), width), pad, dtype=torch.long)
                 mask = torch.zeros_like(ids)
-                starts = []
+                starts, ends = [], []
                 for k, r in enumerate(rows):
                     p = len(r["input_ids"])
                     ids[k, width - p :] = torch.tensor(r["input_ids"])
                     mask[k, width - p :] = 1
                     starts.append(width - p + int(r["injection_start"]))
+                    # a trial's optional injection_end (token index, exclusive) stops it there; else to the end
+                    ends.append(width - p + int(r["injection_end"]) if r.get("injection_end") is not None else 1 << 30)
                 vec = trial_vectors(rows, vectors, hidden, site_norms)
                 loops = [int(r["injection_loop"]) if r.get("trial_type") != "control" else -1 for r in rows]
                 layers = [int(r["layer"]) for r in rows]
                 gen_kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, pad_token_id=pad)
                 if config.do_sample:
                     gen_kwargs.update(temperature=config.temperature, top_p=1.0, top_k=0)
-                with inject_rows(model, vec.to(device), loops, layers, starts, num_loops=n):
+                bounded = any(r.get("injection_end") is not None for r in rows)
+                with inject_rows(
+                    model, vec.to(device), loops, layers, starts, num_loops=n, ends=ends if bounded else None
+                ):
                     seqs = model.generate(
                         input_ids=ids.to(device), attention_mask=mask.to(device), num_loops=n, **gen_kwargs
                     )

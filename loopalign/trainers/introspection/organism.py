@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from loopalign.eval.api import load_model_and_tokenizer
 from loopalign.injection import BASELINE_WORDS, CONCEPT_WORDS, concept_prompt_ids
 from loopalign.io import apply_umask_tree, make_temp_dir
 from loopalign.models.ouro import OuroForCausalLM, tiny_config
@@ -57,6 +58,9 @@ __all__ = [
     "load_introspection_organism",
     "build_introspection_organism",
     "word_reply",
+    "word_accuracy",
+    "train_word_stage",
+    "load_introspection_model",
 ]
 
 #: the model name the introspection recipes resolve to this organism
@@ -306,3 +310,12 @@ def load_introspection_organism(
     path = ensure_introspection_organism(config, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.to(device or "cpu").eval(), AutoTokenizer.from_pretrained(path)
+
+
+def load_introspection_model(name: str, device: str | None = None, dtype: str = "auto", seed: int = 0):
+    """(model, tokenizer) for a model name of the introspection recipes: :data:`INTROSPECTION_ORGANISM` is this
+    organism (built into the cache first when missing); any other name goes to
+    :func:`loopalign.eval.load_model_and_tokenizer` ('organism', 'tiny', a folder or a hub name)."""
+    if name == INTROSPECTION_ORGANISM:
+        return load_introspection_organism(device=device)
+    return load_model_and_tokenizer(name, device=device, dtype=dtype, seed=seed)
