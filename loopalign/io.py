@@ -37,6 +37,7 @@ __all__ = [
     "file_lock",
     "lock_timeout_from_env",
     "swap_into_place",
+    "remove_stale_builds",
 ]
 
 
@@ -221,6 +222,19 @@ def atomic_folder(out: str | os.PathLike, prefix: str | None = None) -> Iterator
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_builds(out: str | os.PathLike, prefix: str | None = None) -> None:
+    """Remove the temporary sibling folders that killed :func:`atomic_folder` builds of ``out`` left (``prefix``:
+    the one the builds used; call it while holding the build's lock, so no live build is removed)."""
+    out = os.path.abspath(os.fspath(out))
+    prefix = prefix or f".{os.path.basename(out)}.tmp-"
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        return
+    for entry in os.scandir(parent):
+        if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
 
 
 #: seconds a process waits for another's build before giving up (``$LOOPALIGN_LOCK_TIMEOUT``)

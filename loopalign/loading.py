@@ -49,10 +49,13 @@ GAP_CONFIG_FILE = "gap_config.json"
 #: Named models, resolved lazily as ``"module:function"`` (a registry, like transformers' Auto mappings):
 #: the function takes (device=, seed=) and returns (model in eval mode, tokenizer). The organism sits above
 #: this module (it trains and evaluates), so it is named here, not imported.
-NAMED_MODELS: dict[str, str] = {"organism": "loopalign.organism:load_organism"}
+NAMED_MODELS: dict[str, str] = {
+    "organism": "loopalign.organism:load_organism",
+    "introspection_organism": "loopalign.trainers.introspection.organism:load_introspection_organism",
+}
 
 #: models that need no network and no folder: ``"tiny"`` and the named ones
-LOCAL_MODELS = ("organism", "tiny")
+LOCAL_MODELS = ("organism", "introspection_organism", "tiny")
 
 
 def default_device() -> str:

@@ -96,13 +96,7 @@ def _imports(module: str, path: Path) -> list[tuple[str, bool, int]]:
     return out
 
 
-#: modules being re-layered on other branches this week (the speed paths; the introspection split); emptied
-#: when they land
-PENDING: set[str] = {
-    "loopalign.data.io",
-}
-
-IMPORTS = {module: _imports(module, path) for module, path in MODULES.items() if module not in PENDING}
+IMPORTS = {module: _imports(module, path) for module, path in MODULES.items()}
 
 
 def _floor(module: str) -> int | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import datasets
 
+from loopalign.injection.builds import check_vectors
 from loopalign.io import apply_umask, make_temp_dir, swap_into_place
 
 from .schema import RENDERED_FIELDS, TRIAL_FIELDS, VERIFICATION_FIELDS, Dropped, Rejected, validate_records
@@ -372,7 +373,5 @@ def load_build(out: str | os.PathLike, validate: bool = True) -> tuple[datasets.
         if got != meta["content_hash"]:
             raise SourceError(f"{out}: content hash {got[:12]} does not match metadata {meta['content_hash'][:12]}")
         if meta["kind"] == "trial" and meta.get("vectors_hash"):
-            from data_builders.injection import check_vectors  # TODO(merge): loopalign.injection
-
             check_vectors(out, meta)
     return ds, meta

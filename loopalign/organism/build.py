@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from loopalign.io import atomic_folder, file_lock, lock_timeout_from_env
+from loopalign.io import atomic_folder, file_lock, lock_timeout_from_env, remove_stale_builds
 from loopalign.loading import load_pretrained, load_tokenizer
 
 from .cache import file_records, is_organism, organism_path, verify_organism
@@ -18,12 +17,6 @@ from .card import model_card
 from .config import MARKER_FILE, OrganismConfig
 from .evaluate import card_records, evaluate_organism, organism_properties, organism_slices
 from .train import expected_build_seconds, train_organism
-
-
-def _remove_stale_builds(path: Path) -> None:
-    """Remove temporary folders left by interrupted builds of ``path`` (call while holding its lock)."""
-    for stale in path.parent.glob(f".tmp-{path.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def ensure_organism(
@@ -57,7 +50,7 @@ def ensure_organism(
         raise ValueError(f"ensure_organism: lock_timeout must be > 0 seconds, got {lock_timeout!r}")
     with file_lock(path.parent / f"{path.name}.lock", timeout, what=f"the organism {path}"):
         if force or not is_organism(path, config):  # another process may have built it while we waited
-            _remove_stale_builds(path)
+            remove_stale_builds(path, prefix=f".tmp-{path.name}-")
             build_organism(config, path, progress=progress)
     return path
 

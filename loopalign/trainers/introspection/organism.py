@@ -27,27 +27,19 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from loopalign.eval.api import load_model_and_tokenizer
 from loopalign.injection import BASELINE_WORDS, CONCEPT_WORDS, concept_prompt_ids
-from loopalign.io import apply_umask_tree, make_temp_dir
+from loopalign.io import atomic_folder, file_lock, lock_timeout_from_env, remove_stale_builds
+from loopalign.loading import load_model, load_pretrained, load_tokenizer
 from loopalign.models.ouro import OuroForCausalLM, tiny_config
 from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
-from loopalign.organism import (
-    CorruptOrganismError,
-    _file_lock,
-    _file_records,
-    _remove_stale_builds,
-    lock_timeout_from_env,
-    organism_cache_dir,
-)
+from loopalign.organism import CorruptOrganismError, organism_cache_dir
+from loopalign.organism.cache import file_records
 from loopalign.tokenizer import local_tokenizer
 
 __all__ = [
@@ -159,7 +151,7 @@ def _is_complete(path: Path, config: IntrospectionOrganismConfig) -> bool:
 def _verify(path: Path) -> None:
     """The model and tokenizer files against the sizes and sha256 sums recorded at build time."""
     want = json.loads((path / _MARKER).read_text())["files"]
-    got = {k: v for k, v in _file_records(path).items() if k in want}
+    got = {k: v for k, v in file_records(path).items() if k in want}
     for name, rec in want.items():
         if got.get(name) != rec:
             problem = "is missing" if name not in got else "differs from the size / sha256 recorded at build time"
@@ -238,15 +230,14 @@ def build_introspection_organism(
     if not str(out_dir):
         raise ValueError("build_introspection_organism: out_dir is required")
     out = Path(out_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(make_temp_dir(out.parent, prefix=f".tmp-{out.name}-"))
-    try:
+    with atomic_folder(out, prefix=f".tmp-{out.name}-") as tmp_dir:  # renamed into place when whole
+        tmp = Path(tmp_dir)
         t0 = time.perf_counter()
         print(f"building the introspection organism {out}: {config.steps} steps", flush=True)
         model, tokenizer, losses = train_word_stage(config, progress)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        files = _file_records(tmp)
+        files = file_records(tmp)
         meta = {
             "recipe_version": config.recipe_version,
             "config_hash": config.config_hash(),
@@ -261,19 +252,8 @@ def build_introspection_organism(
         }
         (tmp / "losses.json").write_text(json.dumps(losses))
         (tmp / _MARKER).write_text(json.dumps(meta, indent=2))  # written last: marks a complete organism
-        apply_umask_tree(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{out.name}-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        print(f"introspection organism built in {meta['build_seconds']} s; word accuracy "
-              f"{100 * meta['word_accuracy']:.0f}%", flush=True)  # fmt: skip
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    print(f"introspection organism built in {meta['build_seconds']} s; word accuracy "
+          f"{100 * meta['word_accuracy']:.0f}%", flush=True)  # fmt: skip
     return out
 
 
@@ -291,9 +271,9 @@ def ensure_introspection_organism(
         _verify(path)
         return path
     timeout = lock_timeout_from_env() if lock_timeout is None else float(lock_timeout)
-    with _file_lock(path.parent / f"{path.name}.lock", timeout, what=f"the introspection organism {path}"):
+    with file_lock(path.parent / f"{path.name}.lock", timeout, what=f"the introspection organism {path}"):
         if force or not _is_complete(path, config):
-            _remove_stale_builds(path)
+            remove_stale_builds(path, prefix=f".tmp-{path.name}-")
             build_introspection_organism(config, path, progress=progress)
     _verify(path)
     return path
@@ -305,17 +285,10 @@ def load_introspection_organism(
     device: str | torch.device | None = None,
 ):
     """-> (model in eval mode, tokenizer), built into the cache first when missing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = ensure_introspection_organism(config, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.to(device or "cpu").eval(), AutoTokenizer.from_pretrained(path)
+    model = load_pretrained(str(path), dtype=torch.float32)
+    return model.to(device or "cpu").eval(), load_tokenizer(str(path))
 
 
-def load_introspection_model(name: str, device: str | None = None, dtype: str = "auto", seed: int = 0):
-    """(model, tokenizer) for a model name of the introspection recipes: :data:`INTROSPECTION_ORGANISM` is this
-    organism (built into the cache first when missing); any other name goes to
-    :func:`loopalign.eval.load_model_and_tokenizer` ('organism', 'tiny', a folder or a hub name)."""
-    if name == INTROSPECTION_ORGANISM:
-        return load_introspection_organism(device=device)
-    return load_model_and_tokenizer(name, device=device, dtype=dtype, seed=seed)
+#: moved into the one loader (loopalign.loading.load_model knows INTROSPECTION_ORGANISM); kept for one release
+load_introspection_model = load_model
