@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from loopalign.batching import pad_left, pad_token_id
 from loopalign.io import apply_umask
 
 from .prompts import concept_prompt_ids
@@ -84,16 +85,12 @@ class ConceptVectors:
 def _last_token_states(model, tokenizer, words, num_loops, layers, batch_size, template) -> torch.Tensor:
     """[N, T, L, H] residuals at the last prompt token for each word (left-padded batches)."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     out = []
     for start in range(0, len(words), batch_size):
         seqs = [concept_prompt_ids(tokenizer, w, template) for w in words[start : start + batch_size]]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
+        enc = pad_left(seqs, pad)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
         res = model(
             input_ids=ids.to(device), attention_mask=mask.to(device), num_loops=num_loops, output_layer_states=True
         )

@@ -21,12 +21,14 @@ are logged as ``introspection/detection``, ``introspection/identification``, ``i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 
 from loopalign.eval.introspection.grading import Grade, Judge, grade_response
 
 __all__ = [
     "REWARD_KEYS",
+    "reward_weights",
     "DEFAULT_REWARD_WEIGHTS",
     "completion_text",
     "grade_completions",
@@ -161,14 +163,21 @@ _PARTS = {
 }
 
 
-def _check_weights(weights: dict | None) -> dict[str, float]:
-    weights = dict(DEFAULT_REWARD_WEIGHTS if weights is None else weights)
+def reward_weights(value=None, option: str = "introspection reward weights") -> dict[str, float]:
+    """Reward weights from a dict, a JSON string or None (-> :data:`DEFAULT_REWARD_WEIGHTS`), checked: known keys
+    (:data:`REWARD_KEYS`) and numbers; a ValueError naming ``option`` otherwise."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{option} is not valid JSON: {value!r}") from e
+    weights = dict(DEFAULT_REWARD_WEIGHTS if value is None else value)
     unknown = sorted(set(weights) - set(REWARD_KEYS))
     if unknown:
-        raise ValueError(f"unknown introspection reward(s) {unknown}; valid: {list(REWARD_KEYS)}")
+        raise ValueError(f"{option}: unknown introspection reward(s) {unknown}; valid: {list(REWARD_KEYS)}")
     for k, v in weights.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"reward weight {k!r} must be a number, got {v!r}")
+            raise ValueError(f"{option}[{k!r}] must be a number, got {v!r}")
     return {k: float(v) for k, v in weights.items()}
 
 
@@ -178,7 +187,7 @@ def make_reward_funcs(
     """Reward functions (named ``introspection_<key>``) for the keys in ``weights`` and their weights, for
     ``GRPOTrainer(reward_funcs=...)`` and ``GRPOConfig.reward_weights``. One grading per batch is shared by
     all functions (cached on the completions' identity). Keys: :data:`REWARD_KEYS`."""
-    weights = _check_weights(weights)
+    weights = reward_weights(weights)
     cache: dict = {}
 
     def graded(completions, kwargs):
@@ -212,7 +221,7 @@ def make_reward_funcs(
 
 def combined_reward(weights: dict[str, float] | None = None, judge: Judge | None = None) -> Callable:
     """One reward function: the weighted sum of the parts (a None part counts 0)."""
-    weights = _check_weights(weights)
+    weights = reward_weights(weights)
 
     def introspection_reward(prompts, completions, **kwargs):
         trials, grades = grade_completions(completions, judge, **kwargs)

@@ -3,13 +3,6 @@ import torch
 
 
 @pytest.fixture(scope="session")
-def tok():
-    from loopalign.tokenizer import local_tokenizer
-
-    return local_tokenizer()
-
-
-@pytest.fixture(scope="session")
 def tiny(tok):
     """A random tiny Ouro (2 layers x 4 loops) and concept vectors for 4 words at both layers, all loops."""
     from loopalign import OuroForCausalLM, tiny_config

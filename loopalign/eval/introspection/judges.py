@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from loopalign.batching import pad_left, pad_token_id
+
 from .grading import Grade, is_incoherent, rules_grade
 
 __all__ = ["model_judge", "grader_agreement", "DETECTION_QUESTION", "CONCEPT_QUESTION"]
@@ -55,13 +57,8 @@ def _p_yes(model, tokenizer, questions: Sequence[str], yes: int, no: int, num_lo
             )
             for q in chunk
         ]
-        longest = max(len(p) for p in prompts)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding: the last position is every prompt's end
-            ids[i, longest - len(p) :] = torch.tensor(p)
-            mask[i, longest - len(p) :] = 1
+        enc = pad_left(prompts, pad_token_id(tokenizer))  # left padding: the last position is every prompt's end
+        ids, mask = enc["input_ids"], enc["attention_mask"]
         kwargs = {"num_loops": num_loops} if num_loops is not None else {}
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits[:, -1].float()
         pair = torch.stack([logits[:, yes], logits[:, no]], dim=-1)

@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from loopalign.batching import pad_left, pad_token_id
 from loopalign.injection import inject_rows, residual_site_norms, trial_prompt, trial_vectors
+from loopalign.loops import parse_int_set
 
 from .grading import Judge, grade_response
 from .judges import grader_agreement
@@ -76,25 +78,7 @@ def split_concepts(words: Sequence[str], held_out_share: float = 0.25) -> tuple[
 def parse_indices(value, name: str = "indices") -> tuple[int, ...] | None:
     """0-based indices or counts from ``'all'`` / ``''`` / None (-> None: everything), ``'0-3'``, ``'0,2'``, an int
     or a sequence of ints; a ValueError naming ``name`` otherwise."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value.strip() in ("all", ""):
-            return None
-        out: list[int] = []
-        try:
-            for part in value.replace(" ", "").split(","):
-                a, _, b = part.partition("-")
-                out.extend(range(int(a), int(b) + 1) if b else [int(a)])
-        except ValueError:
-            raise ValueError(f"{name}: expected 'all', '0-3' or '0,2', got {value!r}") from None
-        return tuple(sorted(set(out)))
-    if isinstance(value, int):
-        return (value,)
-    out = tuple(int(v) for v in value)
-    if not out:
-        raise ValueError(f"{name} must not be empty")
-    return out
+    return parse_int_set(value, name, minimum=0, allow_all=True, what="'all' or indices", example="'0-3' or '0,2'")
 
 
 @dataclass
@@ -233,7 +217,7 @@ def generate_responses(model, tokenizer, trials: Sequence[dict], vectors, config
     """Sample one response per trial (left-padded batches grouped by loop count, injection hooks on)."""
     device = next(model.parameters()).device
     hidden = int(model.config.hidden_size)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     out: list[str] = [""] * len(trials)
     groups: dict[int, list[int]] = defaultdict(list)
     for i, t in enumerate(trials):
@@ -245,14 +229,12 @@ def generate_responses(model, tokenizer, trials: Sequence[dict], vectors, config
         for n, idx in sorted(groups.items()):
             for b in range(0, len(idx), config.batch_size):
                 rows = [trials[i] for i in idx[b : b + config.batch_size]]
-                width = max(len(r["input_ids"]) for r in rows)
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
+                enc = pad_left([r["input_ids"] for r in rows], pad)
+                ids, mask = enc["input_ids"], enc["attention_mask"]
+                width = ids.shape[1]
                 starts, ends = [], []
-                for k, r in enumerate(rows):
+                for r in rows:
                     p = len(r["input_ids"])
-                    ids[k, width - p :] = torch.tensor(r["input_ids"])
-                    mask[k, width - p :] = 1
                     starts.append(width - p + int(r["injection_start"]))
                     # a trial's optional injection_end (token index, exclusive) stops it there; else to the end
                     ends.append(width - p + int(r["injection_end"]) if r.get("injection_end") is not None else 1 << 30)

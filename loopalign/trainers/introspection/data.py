@@ -14,6 +14,7 @@ import random
 import datasets
 import torch
 
+from loopalign.batching import pad_right
 from loopalign.injection import injection_spec, trial_prompt
 
 __all__ = [
@@ -130,15 +131,8 @@ class IntrospectionSFTCollator:
         self.pad_id, self.vectors, self.hidden = pad_id, vectors, hidden
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for k, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[k, :n] = torch.tensor(r["input_ids"])
-            mask[k, :n] = 1
-            labels[k, :n] = torch.tensor(r["labels"])
+        batch = pad_right(rows, self.pad_id)
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         spec = injection_spec(rows, self.vectors, self.hidden)
         start = torch.tensor([int(r["injection_start"]) for r in rows])  # right padding: columns = token indices
         return {

@@ -16,39 +16,22 @@ The model runs its configured loop count (``config.total_ut_steps``) in training
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from loopalign.injection import inject_rows, injection_spec, load_vectors
 from loopalign.io import apply_umask_tree
-from loopalign.rewards.introspection import DEFAULT_REWARD_WEIGHTS, REWARD_KEYS, make_reward_funcs
+from loopalign.rewards.introspection import DEFAULT_REWARD_WEIGHTS, REWARD_KEYS, make_reward_funcs, reward_weights
 
+from ..common import AtomicCheckpointMixin, default_bf16, model_and_tokenizer
 from .data import validate_injection_rows
 
 __all__ = ["IntrospectionGRPOConfig", "IntrospectionGRPOTrainer"]
 
 _SPEC_TENSORS = ("injection_vector", "injection_loop", "injection_layer", "injection_from_end")
-
-
-def _weights_from(value, name: str) -> dict[str, float]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{name} is not valid JSON: {value!r}") from e
-    weights = dict(DEFAULT_REWARD_WEIGHTS if value is None else value)
-    unknown = sorted(set(weights) - set(REWARD_KEYS))
-    if unknown:
-        raise ValueError(f"{name}: unknown reward(s) {unknown}; valid: {list(REWARD_KEYS)}")
-    for k, v in weights.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"{name}[{k!r}] must be a number, got {v!r}")
-    return {k: float(v) for k, v in weights.items()}
 
 
 @dataclass
@@ -67,15 +50,14 @@ class IntrospectionGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        self.bf16 = default_bf16(self.bf16)
         super().__post_init__()
         if self.use_vllm:
             raise ValueError("IntrospectionGRPOConfig: use_vllm is not supported (injection hooks need transformers)")
-        self.introspection_rewards = _weights_from(self.introspection_rewards, "introspection_rewards")
+        self.introspection_rewards = reward_weights(self.introspection_rewards, "introspection_rewards")
 
 
-class IntrospectionGRPOTrainer(GRPOTrainer):
+class IntrospectionGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
     """GRPOTrainer whose rollouts and log-prob recomputations run with each row's concept injection."""
 
     _tag_names = ["trl", "grpo", "loopalign", "introspection"]
@@ -96,7 +78,7 @@ class IntrospectionGRPOTrainer(GRPOTrainer):
         if not isinstance(args, IntrospectionGRPOConfig):
             raise TypeError(f"IntrospectionGRPOTrainer needs an IntrospectionGRPOConfig, got {type(args).__name__}")
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+            model, processing_class = model_and_tokenizer(model, processing_class, args.model_init_kwargs)
         vectors = concept_vectors if concept_vectors is not None else args.concept_vectors
         if vectors is None:
             raise ValueError("IntrospectionGRPOTrainer needs concept_vectors (or args.concept_vectors, a path)")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from trl import SFTConfig, SFTTrainer
 
 from loopalign.injection import inject_rows, load_vectors
 from loopalign.io import apply_umask_tree
 
+from ..common import AtomicCheckpointMixin, default_bf16, model_and_tokenizer
 from .data import IntrospectionSFTCollator, sft_features, validate_injection_rows
 
 __all__ = ["IntrospectionSFTConfig", "IntrospectionSFTTrainer"]
@@ -29,14 +29,13 @@ class IntrospectionSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        self.bf16 = default_bf16(self.bf16)
         super().__post_init__()
         self.remove_unused_columns = False
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
 
 
-class IntrospectionSFTTrainer(SFTTrainer):
+class IntrospectionSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
     """SFT on target introspection reports with the row's injection on during the forward."""
 
     _tag_names = ["trl", "sft", "loopalign", "introspection"]
@@ -54,17 +53,16 @@ class IntrospectionSFTTrainer(SFTTrainer):
     ):
         if not isinstance(args, IntrospectionSFTConfig):
             raise TypeError(f"IntrospectionSFTTrainer needs an IntrospectionSFTConfig, got {type(args).__name__}")
+        if processing_class is None:
+            raise ValueError(
+                "IntrospectionSFTTrainer needs processing_class (the tokenizer the dataset was built with)"
+            )
+        model, processing_class = model_and_tokenizer(model, processing_class, args.model_init_kwargs)
         vectors = concept_vectors if concept_vectors is not None else args.concept_vectors
         if vectors is None:
             raise ValueError("IntrospectionSFTTrainer needs concept_vectors (or args.concept_vectors, a path)")
         self.concept_vectors = load_vectors(vectors)
         self._hidden_size = int(model.config.hidden_size)
-        if processing_class is None:
-            raise ValueError(
-                "IntrospectionSFTTrainer needs processing_class (the tokenizer the dataset was built with)"
-            )
-        if processing_class.pad_token_id is None:
-            processing_class.pad_token = processing_class.eos_token
         for ds in (train_dataset, *([] if eval_dataset is None else [eval_dataset])):
             validate_injection_rows(ds, self.concept_vectors, model.config)
         features = sft_features(train_dataset, processing_class, args.max_length)
