@@ -26,8 +26,11 @@ def organism_path(config: OrganismConfig | None = None, cache_dir: str | os.Path
     return root / config.folder_name()
 
 
-def is_organism(path: str | os.PathLike, config: OrganismConfig | None = None) -> bool:
-    """True when ``path`` holds a complete organism (of ``config``, when given)."""
+def is_organism(
+    path: str | os.PathLike, config=None, required: tuple[str, ...] = ("config.json", "tokenizer.json", "README.md")
+) -> bool:
+    """True when ``path`` holds a complete organism build: its marker, the ``required`` files, and (with ``config``,
+    anything with a ``config_hash()``) that config's hash."""
     marker = Path(path) / MARKER_FILE
     if not marker.is_file():
         return False
@@ -37,7 +40,7 @@ def is_organism(path: str | os.PathLike, config: OrganismConfig | None = None) -
         return False
     if config is not None and meta.get("config_hash") != config.config_hash():
         return False
-    return all((Path(path) / name).is_file() for name in ("config.json", "tokenizer.json", "README.md"))
+    return all((Path(path) / name).is_file() for name in required)
 
 
 class CorruptOrganismError(RuntimeError):
@@ -86,8 +89,11 @@ def rebuild_command(path: Path, config: OrganismConfig | None) -> str:
     return " ".join(parts)
 
 
-def _check_files(path: Path, meta: dict, config: OrganismConfig | None) -> None:
-    for name, want in meta["files"].items():
+def check_files(path: str | os.PathLike, files: dict, rebuild: str, what: str = "organism") -> None:
+    """Each file of ``files`` (name -> {bytes, sha256}, recorded at build time) in the folder ``path``: present,
+    of its size and sha256; else :class:`CorruptOrganismError` naming the file and the ``rebuild`` command."""
+    path = Path(path)
+    for name, want in files.items():
         file = path / name
         problem = None
         if not file.is_file():
@@ -102,8 +108,8 @@ def _check_files(path: Path, meta: dict, config: OrganismConfig | None) -> None:
                 problem = "is corrupted: its sha256 differs from the one recorded at build time"
         if problem:
             raise CorruptOrganismError(
-                f"the cached organism's file {file} {problem} (organism.json holds the checksums); the cache is "
-                f"damaged, so the organism is not loaded. Rebuild it with `{rebuild_command(path, config)}`"
+                f"the cached {what}'s file {file} {problem} (organism.json holds the checksums); the cache is "
+                f"damaged, so the {what} is not loaded. Rebuild it with `{rebuild}`"
             )
 
 
@@ -130,7 +136,7 @@ def verify_organism(path: str | os.PathLike, config: OrganismConfig | None = Non
         return False
     before = marker.stat().st_mtime_ns
     try:
-        _check_files(path, meta, config)
+        check_files(path, meta["files"], rebuild_command(path, config))
     except CorruptOrganismError:
         # a rebuild (--force) renamed a new organism into place while we read: check that one
         if not marker.is_file() or marker.stat().st_mtime_ns == before:

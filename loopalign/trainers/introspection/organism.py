@@ -33,13 +33,14 @@ from pathlib import Path
 
 import torch
 
+from loopalign.batching import pad_sequences, pad_token_id
 from loopalign.injection import BASELINE_WORDS, CONCEPT_WORDS, concept_prompt_ids
 from loopalign.io import atomic_folder, file_lock, lock_timeout_from_env, remove_stale_builds
 from loopalign.loading import load_model, load_pretrained, load_tokenizer
 from loopalign.models.ouro import OuroForCausalLM, tiny_config
 from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
-from loopalign.organism import CorruptOrganismError, organism_cache_dir
-from loopalign.organism.cache import file_records
+from loopalign.organism import organism_cache_dir
+from loopalign.organism.cache import check_files, file_records, is_organism
 from loopalign.tokenizer import local_tokenizer
 
 __all__ = [
@@ -138,26 +139,13 @@ def introspection_organism_path(
 
 
 def _is_complete(path: Path, config: IntrospectionOrganismConfig) -> bool:
-    marker = path / _MARKER
-    if not marker.is_file():
-        return False
-    try:
-        meta = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return meta.get("config_hash") == config.config_hash()
+    return is_organism(path, config, required=("config.json", "tokenizer.json"))
 
 
 def _verify(path: Path) -> None:
     """The model and tokenizer files against the sizes and sha256 sums recorded at build time."""
-    want = json.loads((path / _MARKER).read_text())["files"]
-    got = {k: v for k, v in file_records(path).items() if k in want}
-    for name, rec in want.items():
-        if got.get(name) != rec:
-            problem = "is missing" if name not in got else "differs from the size / sha256 recorded at build time"
-            raise CorruptOrganismError(
-                f"the cached introspection organism's file {path / name} {problem}; rebuild it with `{REBUILD_COMMAND}`"
-            )
+    meta = json.loads((path / _MARKER).read_text())
+    check_files(path, meta["files"], REBUILD_COMMAND, what="introspection organism")
 
 
 def _batch(tokenizer, words: list[str], rng: random.Random, size: int) -> dict[str, torch.Tensor]:
@@ -167,12 +155,8 @@ def _batch(tokenizer, words: list[str], rng: random.Random, size: int) -> dict[s
         prompt = concept_prompt_ids(tokenizer, w)
         reply = tokenizer.encode(word_reply(w), add_special_tokens=False) + [end]
         seqs.append((prompt + reply, len(prompt)))
-    width = max(len(s) for s, _ in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)  # right padding with <|endoftext|> (id 0)
-    labels = torch.full_like(ids, -100)
-    for i, (s, n_prompt) in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        labels[i, n_prompt : len(s)] = torch.tensor(s[n_prompt:])
+    ids = pad_sequences([s for s, _ in seqs], pad_token_id(tokenizer))  # right padding
+    labels = pad_sequences([[-100] * n_prompt + s[n_prompt:] for s, n_prompt in seqs], -100)
     return {"input_ids": ids, "labels": labels}
 
 
