@@ -174,7 +174,7 @@ def reward_weights(value=None, option: str = "introspection reward weights") -> 
     weights = dict(DEFAULT_REWARD_WEIGHTS if value is None else value)
     unknown = sorted(set(weights) - set(REWARD_KEYS))
     if unknown:
-        raise ValueError(f"{option}: unknown introspection reward(s) {unknown}; valid: {list(REWARD_KEYS)}")
+        raise ValueError(f"{option}: unknown reward(s) {unknown}; valid introspection rewards: {list(REWARD_KEYS)}")
     for k, v in weights.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"{option}[{k!r}] must be a number, got {v!r}")

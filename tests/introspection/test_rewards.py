@@ -63,7 +63,7 @@ def test_make_reward_funcs_weights_and_logged_rates():
     assert logged["introspection/false_positive"] == [pytest.approx(1 / 3)]  # logged once per batch
     assert logged["introspection/detection"] == [pytest.approx(2 / 4)]  # coherent claims on injected trials
     assert logged["introspection/identification"] == [pytest.approx(1 / 4)]
-    with pytest.raises(ValueError, match="unknown introspection reward"):
+    with pytest.raises(ValueError, match="unknown reward"):
         make_reward_funcs({"detection": 1.0, "vibes": 1.0})
 
 
