@@ -45,6 +45,7 @@ from loopalign.injection import (
 )
 from loopalign.injection.builds import VECTORS_FILE, check_vectors, rebuild_command
 from loopalign.io import make_temp_dir
+from loopalign.loops import int_set_type
 
 from .io import load_build, save_build, swap_into_place
 from .loading import load_model, load_tokenizer
@@ -157,17 +158,6 @@ def build_trials(tokenizer, config: TrialConfig, vectors: ConceptVectors | None 
     for r in rows:
         validate_trial(r)
     return rows
-
-
-def _int_list(text: str) -> tuple[int, ...] | None:
-    if text in ("all", ""):
-        return None
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        import argparse
-
-        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated integers, got {text!r}") from None
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -325,9 +315,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="a model folder, a hub name, or 'tiny' (random tiny Ouro)")
     p.add_argument("--tokenizer", help="tokenizer ('local', folder or hub name; default: the model's)")
     p.add_argument("--loops", type=int, help="num_loops the model runs (default: config.total_ut_steps)")
-    p.add_argument("--layers", type=_int_list, default=None, help="0-based layers, e.g. 0,1 (default all)")
-    p.add_argument("--extraction-loops", type=_int_list, default=None, help="0-based (default all)")
-    p.add_argument("--injection-loops", type=_int_list, default=None, help="0-based (default all)")
+    p.add_argument(
+        "--layers",
+        type=int_set_type("--layers", allow_all=True),
+        default=None,
+        help="0-based layers, e.g. 0,1 (default all)",
+    )
+    p.add_argument(
+        "--extraction-loops",
+        type=int_set_type("--extraction-loops", allow_all=True),
+        default=None,
+        help="0-based (default all)",
+    )
+    p.add_argument(
+        "--injection-loops",
+        type=int_set_type("--injection-loops", allow_all=True),
+        default=None,
+        help="0-based (default all)",
+    )
     p.add_argument("--strengths", type=_float_list, default=(1.0, 2.0, 4.0, 8.0), help="comma-separated strengths")
     p.add_argument("--n-controls", type=int, default=50, help="no-injection control trials")
     p.add_argument("--n-concepts", type=int, help="use only the first N concept words")

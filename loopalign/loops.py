@@ -5,6 +5,7 @@ Shapes: B batch, S sequence, H hidden, V vocabulary, T loops, L layers per loop.
 
 from __future__ import annotations
 
+import argparse
 import numbers
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ __all__ = [
     "parse_int_set",
     "parse_loop_counts",
     "parse_loop_indices",
+    "int_set_type",
 ]
 
 
@@ -252,3 +254,16 @@ def parse_loop_indices(spec, option: str = "loop indices", num_loops: int | None
     return parse_int_set(
         spec, option, minimum=0, maximum=num_loops, allow_all=True, what="0-based loop indices", example="'0-3' or '3'"
     )
+
+
+def int_set_type(option: str, minimum: int = 0, allow_all: bool = False):
+    """An argparse ``type=`` for :func:`parse_int_set` ('0-3', '0,2'; 'all' -> None with ``allow_all``): a bad value
+    is an ``argparse.ArgumentTypeError`` naming ``option``."""
+
+    def parse(text: str):
+        try:
+            return parse_int_set(text, option, minimum=minimum, allow_all=allow_all)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
