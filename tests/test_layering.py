@@ -157,3 +157,10 @@ def test_no_import_circles():
         if module not in state:
             visit(module, [module])
     assert not circles, "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_test_modules_have_unique_names():
+    """The test folders are not packages: pytest imports test modules by their basename, so two ``test_x.py`` in
+    different folders collide when one run collects both."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
