@@ -49,6 +49,7 @@ TABLE = [
     ("I detect a thought about milk and bread.", "Milk", True, False),
     # negatives, plain
     ("No, I do not detect an injected thought.", "Oceans", False, False),
+    ("Yes, I do not detect an injected thought.", "Oceans", False, False),  # a bare yes gives way to the denial
     ("No.", "Oceans", False, False),
     ("I detect nothing unusual in this trial.", "Oceans", False, False),
     ("I don't notice any injected thought. Oceans are nice though.", "Oceans", False, False),

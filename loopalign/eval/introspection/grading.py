@@ -177,10 +177,16 @@ _NEGATION_RE = re.compile(r"\b(?:not|no|never|nothing|none|neither|nor|without|c
 _CLAUSE_RE = re.compile(r"[.!?;,:\n]|\bbut\b|\bhowever\b")
 
 
+_BARE_YES_RE = re.compile(r"^\W*(?:yes|yeah|yep|affirmative)\W*$")
+
+
 def detection_claim(text: str) -> tuple[bool, int]:
     """(claimed, offset) for lower-cased, whitespace-normalised ``text``: the first clause that makes a
     detection statement (affirmative or negative) decides; it is a claim when it affirms and holds no
-    negation outside hedges of uncertainty. offset: where the affirmation starts (-1 when none)."""
+    negation outside hedges of uncertainty. A bare "yes" clause gives way to a later clause that makes a
+    statement ("Yes, I do not detect an injected thought" is a denial). offset: where the affirmation starts
+    (-1 when none)."""
+    statements = []  # (claimed, offset, bare yes) of each clause that makes a detection statement
     start = 0
     for m in [*_CLAUSE_RE.finditer(text), None]:
         end = m.start() if m else len(text)
@@ -188,9 +194,17 @@ def detection_claim(text: str) -> tuple[bool, int]:
         a, n = _first(_AFFIRM_RE, clause), _first(_NEGATE_RE, clause)
         if a >= 0 or n >= 0:
             negated = n >= 0 or bool(_NEGATION_RE.search(_HEDGE_RE.sub(" ", clause)))
-            return (not negated and a >= 0), (start + a if a >= 0 and not negated else -1)
+            claimed = not negated and a >= 0
+            statements.append((claimed, start + a if claimed else -1, bool(_BARE_YES_RE.match(clause))))
+            if not statements[-1][2]:
+                break
         start = m.end() if m else len(text)
-    return False, -1
+    if not statements:
+        return False, -1
+    if statements[0][2] and len(statements) > 1:
+        claimed, offset, _ = statements[1]
+        return (True, statements[0][1]) if claimed else (False, -1)
+    return statements[0][0], statements[0][1]
 
 
 def named_concepts(text: str, concepts: Sequence[str]) -> list[str]:
