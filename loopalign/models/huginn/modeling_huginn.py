@@ -41,6 +41,7 @@ from loopalign.compat import CACHE_FIELD, pick_cache
 
 # Loop-routed LoRA (loopalign.lora) and Ouro read the one context variable of the current loop; Huginn sets the same.
 from loopalign.models.ouro.modeling_ouro import _CURRENT_LOOP, current_loop
+from loopalign.speed import checkpointing_kwargs
 
 from .configuration_huginn import HuginnConfig
 
@@ -324,6 +325,19 @@ class HuginnPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = False
     _can_compile_fullgraph = False
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ):
+        """transformers' activation checkpointing of every block call (each (step, layer) of the core), plus the
+        op-level policies of :data:`loopalign.speed.CHECKPOINT_POLICIES` under the key ``policy``."""
+        kwargs = dict(activation_checkpointing_kwargs or {})
+        policy = kwargs.pop("policy", "full")
+        every_n_layers = kwargs.pop("every_n_layers", every_n_layers)
+        offload = kwargs.pop("offload", offload)
+        super().activation_checkpointing_enable(
+            checkpointing_kwargs(policy, kwargs), every_n_layers=every_n_layers, offload=offload
+        )
 
     def _checkpointing_on(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules() if isinstance(m, HuginnBlock))
