@@ -26,8 +26,6 @@ from loopalign.models.huginn import (
     tiny_huginn_config,
 )
 
-CORE_AND_CODA = r".*\.(core_block|coda)\.\d+\.(attn\.Wqkv|attn\.proj|mlp\.fc|mlp\.proj)"
-
 
 def tiny(**overrides):
     torch.manual_seed(0)
@@ -253,7 +251,7 @@ def test_injection_during_cached_generation_covers_generated_tokens():
 
 
 def _lora_model():
-    model = get_peft_model(tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=CORE_AND_CODA))
+    model = get_peft_model(tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=["Wqkv", "proj", "fc"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -262,7 +260,9 @@ def _lora_model():
 
 
 @torch.no_grad()
-def test_lora_on_core_and_coda_routed_to_chosen_steps():
+def test_lora_on_every_block_routed_to_chosen_steps():
+    """Prelude LoRA counts as loop 0, coda LoRA as the step it reads out: routed to loop t, an adapter changes
+    loop t and later, never an earlier step's readout."""
     model = _lora_model()
     x = ids()
     with model.disable_adapter():
@@ -278,6 +278,9 @@ def test_lora_on_core_and_coda_routed_to_chosen_steps():
         late = model(input_ids=x, num_loops=4, output_loop_states=True, output_loop_logits=True)
     assert torch.equal(late.loop_logits[1], base.loop_logits[1])
     assert not torch.allclose(late.loop_logits[2], base.loop_logits[2], atol=1e-3)
+    with route_lora_by_loop(model, "0"):
+        first = model(input_ids=x, num_loops=4, output_loop_states=True, output_loop_logits=True)
+    assert all(not torch.allclose(first.loop_logits[t], base.loop_logits[t], atol=1e-3) for t in range(4))
 
 
 def test_lora_trains_under_truncated_backprop_and_checkpointing():

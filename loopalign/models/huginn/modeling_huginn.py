@@ -7,8 +7,8 @@ Any step's state can be read out the same way (``loop_hidden_states``: the ``ln_
 
 A "loop" in loopalign's contract is one recurrence step; its looped layers are the recurrent-block layers
 (:class:`HuginnRecurrentBlock`), which set the current loop (:func:`current_loop`) while they run. The coda,
-run as the readout of step t, also runs at loop t (so loop-routed LoRA on the coda acts on chosen readouts);
-the prelude runs outside any loop.
+run as the readout of step t, also runs at loop t, and the prelude at loop 0 (it feeds every step, as loop 0
+does), so loop-routed LoRA acting on loop t changes loop t and what follows, never an earlier step's readout.
 
 Beyond the reference modeling code: the attention mask is honoured (padding is masked and positions count real
 tokens only), gradients flow through the steps chosen by ``num_steps=(n_no_grad, n_grad)`` (an int runs every
@@ -520,7 +520,7 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
 
         x = inputs_embeds
         for i, block in enumerate(self.transformer.prelude):
-            x = block(x, **ctx, cache_slot=self._slot(0, "prelude", i))
+            x = block(x, **ctx, cache_slot=self._slot(0, "prelude", i), loop_index=0, num_loops=total)
         embedded = x
         if input_states is not None:
             if input_states.shape != embedded.shape:
