@@ -303,3 +303,17 @@ def test_save_and_load_round_trip(tmp_path):
     x = ids()
     with torch.no_grad():
         assert torch.equal(again(x).logits, model(x).logits)
+
+
+@torch.no_grad()
+def test_bf16_runs_with_a_float32_rope_table_and_stays_near_float32():
+    model = tiny()
+    x = ids()
+    ref = model(x, num_loops=3).logits
+    half = tiny().to(torch.bfloat16)
+    assert half.freqs_cis.dtype == torch.bfloat16 and half._rope_fp32().dtype == torch.float32
+    torch.testing.assert_close(half._rope_fp32(), model.freqs_cis)
+    out = half(x, num_loops=3, output_loop_states=True)
+    assert out.logits.dtype == torch.float32 and out.loop_hidden_states[0].dtype == torch.bfloat16
+    assert float((out.logits - ref).abs().max()) < 0.1
+    assert half.generate(ids(1, 5), max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 8)

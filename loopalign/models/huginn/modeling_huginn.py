@@ -415,6 +415,18 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def _rope_fp32(self) -> torch.Tensor:
+        """``freqs_cis`` in float32. A model cast to bf16/fp16 casts the buffer too, which would blur the angles at
+        long positions, so the table is then recomputed in float32 (once per device)."""
+        if self.freqs_cis.dtype == torch.float32:
+            return self.freqs_cis
+        cached = getattr(self, "_rope_cache", None)
+        if cached is None or cached.device != self.freqs_cis.device:
+            c = self.config
+            cached = rope_table(c.head_dim, c.rope_base, c.block_size, device=self.freqs_cis.device)
+            self._rope_cache = cached
+        return cached
+
     # -- pieces (also the reference's names) -------------------------------------------------------------------
     def initialize_state(self, embedded: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """A random initial latent state like ``embedded`` [B,S,H]: truncated normal (std sqrt(2/(5H)) * scale,
@@ -511,10 +523,11 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
         token_positions = torch.arange(past_len, past_len + seq, device=device)
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+        table = self._rope_fp32()
         if position_ids is None:
-            rope = self.freqs_cis[:, past_len : past_len + seq]
+            rope = table[:, past_len : past_len + seq]
         else:
-            rope = self.freqs_cis[0, position_ids.clamp(max=config.block_size - 1)]  # [B,S,1,D/2,2]
+            rope = table[0, position_ids.clamp(max=config.block_size - 1)]  # [B,S,1,D/2,2]
         mask = build_attention_mask(attention_mask, seq, past_len, inputs_embeds.dtype, device)
         ctx = dict(rope=rope, attention_mask=mask, cache=cache, token_positions=token_positions)
 
