@@ -106,6 +106,11 @@ def test_step_arguments_and_their_errors():
         tiny(block_size=6)(ids(1, 8))
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         model(torch.tensor([[1, 600]]))
+    with pytest.raises(ValueError, match="criterion"):  # adaptive exits: refused, never silently ignored
+        model.generate(ids(1, 4), max_new_tokens=2, criterion="entropy-diff", num_steps=4)
+    with pytest.raises(NotImplementedError, match="exit_threshold"):
+        model(ids(), exit_threshold=1e-3)
+    model(ids(), output_details={"return_logits": True})  # the reference's output switch is accepted
     config = tiny_huginn_config(mean_recurrence=32, mean_backprop_depth=8)
     g = torch.Generator().manual_seed(0)
     draws = [sample_num_steps(config, g) for _ in range(200)]

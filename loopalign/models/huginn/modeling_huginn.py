@@ -313,6 +313,24 @@ def build_attention_mask(
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+#: options of the reference's generate/forward that this implementation does not have (refused, never ignored)
+_REFERENCE_ONLY_OPTIONS = frozenset(
+    {
+        "criterion",
+        "exit_threshold",
+        "exit_evaluator",
+        "continuous_compute",
+        "min_steps",
+        "check_criterion_every_n_steps",
+        "do_not_exit_in_prefill",
+        "draft_steps",
+        "headway",
+        "lookup_strategy",
+        "cache_lookup_strategy",
+    }
+)
+
+
 class HuginnPreTrainedModel(PreTrainedModel):
     config_class = HuginnConfig
     config: HuginnConfig
@@ -478,6 +496,13 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
         num_loops: steps, all with gradients; num_steps: the reference's int or (n_no_grad, n_grad);
         input_states [B,S,H]: the initial latent state; init_scale: its random scale when not given."""
         config = self.config
+        kwargs.pop("output_details", None)  # the reference's switch for which outputs to return: all are returned
+        unsupported = sorted(set(kwargs) & _REFERENCE_ONLY_OPTIONS)
+        if unsupported:
+            raise NotImplementedError(
+                f"HuginnForCausalLM: the reference option(s) {unsupported} (adaptive exits, speculative or "
+                "diffusion-style decoding, cache lookup strategies) are not implemented; run a fixed num_steps"
+            )
         cache = pick_cache(cache, past_key_values, "HuginnForCausalLM.forward")
         n_no_grad, n_grad = resolve_num_steps(num_loops, num_steps, config.mean_recurrence)
         total = n_no_grad + n_grad
