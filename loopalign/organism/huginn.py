@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         raise SystemExit("usage: python -m loopalign.organism.huginn OUT_DIR")
     out = argv[0]
-    config = replace(OrganismConfig())
+    config = OrganismConfig()
     result = train_huginn_organism(config)
     result.model.save_pretrained(out)
     result.tokenizer.save_pretrained(out)
