@@ -385,7 +385,7 @@ class HuginnPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, 0.0, values.get("embedding", std))
-        elif isinstance(module, nn.Linear) and not isinstance(getattr(module, "weight", None), type(None)):
+        elif isinstance(module, nn.Linear):
             init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
                 init.zeros_(module.bias)
