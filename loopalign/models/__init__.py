@@ -1,3 +1,3 @@
 """Model implementations; importing registers them with transformers' Auto classes."""
 
-from . import ouro  # noqa: F401
+from . import huginn, ouro  # noqa: F401

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .huginn.modeling_huginn import HuginnRecurrentBlock
 from .ouro.modeling_ouro import OuroDecoderLayer
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 #: the decoder-layer classes that run once per loop, one per looped family (a new family adds its own)
-LOOPED_LAYER_CLASSES: tuple[type[nn.Module], ...] = (OuroDecoderLayer,)
+LOOPED_LAYER_CLASSES: tuple[type[nn.Module], ...] = (OuroDecoderLayer, HuginnRecurrentBlock)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
