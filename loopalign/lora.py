@@ -3,8 +3,8 @@
 The routing happens inside the single forward pass: each decoder layer call in a loop that is not
 selected runs with that layer's adapters switched off (PEFT's per-layer ``disable_adapters``
 state), so on those loops the model computes the base projections and its outputs equal the base
-model's bit for bit. The switch is made inside the decoder layer's ``forward``
-(``OuroDecoderLayer.call_contexts``), so it is also right when gradient checkpointing recomputes a
+model's bit for bit. The switch is made inside the layer's ``forward`` (its ``call_contexts``; see
+:func:`loopalign.models.contract.loop_context_layers`), so it is also right when gradient checkpointing recomputes a
 layer during backward, and ``torch.compile``-d layers follow it: the compiled code guards on the
 adapters' state (one graph with adapters on, one with them off), whether routing is installed
 before or after compiling.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loopalign.hooks import decoder_layers
+from loopalign.models.contract import loop_context_layers, unwrap
 
 __all__ = [
     "LoopSelection",
@@ -175,11 +175,17 @@ def route_lora_by_loop(model: nn.Module, loops: str | Iterable[int] | LoopSelect
             raise RuntimeError(f"LoRA module {name} is merged into its base weights; unmerge before routing by loop")
     routed = []
     if selection.kind != "all":
-        for decoder_layer in decoder_layers(model):
-            modules = [m for _, m in _lora_layers(decoder_layer)]
+        loop_layers = loop_context_layers(model)
+        if not loop_layers:
+            raise ValueError(
+                f"route_lora_by_loop: {type(unwrap(model)).__name__} is not a looped model (it runs one loop); "
+                f"route its adapters to 'all', not {selection.describe()!r}"
+            )
+        for loop_layer in loop_layers:
+            modules = [m for _, m in _lora_layers(loop_layer)]
             if modules:
-                decoder_layer.call_contexts[_ROUTING] = _LoopGate(selection, modules)
-                routed.append(decoder_layer)
+                loop_layer.call_contexts[_ROUTING] = _LoopGate(selection, modules)
+                routed.append(loop_layer)
     routing = LoopLoRARouting(selection, routed, model)
     model._loopalign_lora_routing = routing
     return routing
@@ -230,11 +236,11 @@ def skip_lora_input_upcast(model: nn.Module) -> int:
     count = 0
     if not _lora_layers(model):
         return count
-    for decoder_layer in decoder_layers(model):
-        modules = [m for _, m in _lora_layers(decoder_layer) if _upcast_is_a_round_trip(m)]
-        decoder_layer.call_contexts.pop(_UPCAST, None)
+    for loop_layer in loop_context_layers(model):
+        modules = [m for _, m in _lora_layers(loop_layer) if _upcast_is_a_round_trip(m)]
+        loop_layer.call_contexts.pop(_UPCAST, None)
         if modules:
-            decoder_layer.call_contexts[_UPCAST] = _UpcastSkip(modules)
+            loop_layer.call_contexts[_UPCAST] = _UpcastSkip(modules)
             count += len(modules)
     return count
 

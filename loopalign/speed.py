@@ -18,9 +18,9 @@ from torch import nn
 
 from loopalign.hooks import decoder_layers
 
-# the policies live beside the model (loopalign.models.ouro.checkpointing) so that imports point one
-# way (speed -> hooks -> models.ouro); their public place stays here
-from loopalign.models.ouro.checkpointing import CHECKPOINT_POLICIES, checkpointing_kwargs
+# the policies live beside the model (loopalign.models.checkpointing) so that imports point one
+# way (speed -> hooks -> models); their public place stays here
+from loopalign.models.checkpointing import CHECKPOINT_POLICIES, checkpointing_kwargs
 
 __all__ = [
     "CHECKPOINT_POLICIES",

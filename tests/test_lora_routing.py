@@ -3,8 +3,9 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from loopalign.lora import parse_loop_selection, route_lora_by_loop
+from loopalign.lora import parse_loop_selection, route_lora_by_loop, skip_lora_input_upcast
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -114,3 +115,24 @@ def test_skipped_loops_skip_the_adapter_matmuls(tiny_model_factory):
         counts[spec] = mode.count
     # 7 adapted projections x 2 matmuls (A, B) x 2 layers x 3 skipped loops
     assert counts["all"] - counts["last"] == 7 * 2 * 2 * 3
+
+
+def test_a_plain_causal_lm_routes_all_only_and_skips_no_upcast():
+    """A non-looped model has no loop-aware layers: routing to some loops is refused by name, 'all' and the
+    upcast skip are no-ops, and its adapters still act."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="LlamaForCausalLM is not a looped model.*'all'"):
+        route_lora_by_loop(model, "last")
+    with route_lora_by_loop(model, "all"):
+        pass
+    assert skip_lora_input_upcast(model) == 0

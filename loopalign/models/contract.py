@@ -9,8 +9,10 @@ A looped model (Ouro today) provides
 - ``forward(..., output_loop_logits=True)`` -> ``loop_logits``: T x [B,S,V] (the LM head on each loop's state);
 - ``generate(..., num_loops=T)``;
 - its looped decoder layers as modules that run once per loop (:func:`looped_layers`), with the current loop
-  index readable while they run (``loopalign.models.ouro.modeling_ouro.current_loop``), so forward hooks
-  (:mod:`loopalign.hooks`) and loop-routed LoRA (:mod:`loopalign.lora`) know the loop.
+  index readable while they run (``loopalign.models.current_loop.current_loop``), so forward hooks
+  (:mod:`loopalign.hooks`) know the loop;
+- the modules that take per-call contexts with the loop they run at (:func:`loop_context_layers`), so
+  loop-routed LoRA (:mod:`loopalign.lora`) knows the loop.
 
 A plain transformers causal LM is accepted as a model with one loop: its loop state is the final normed
 hidden state, its loop logits its logits, its exit distribution all mass on loop 1, and its decoder layers run
@@ -35,6 +37,7 @@ __all__ = [
     "is_looped",
     "loop_forward",
     "loop_generate_kwargs",
+    "loop_context_layers",
     "looped_layers",
     "num_hidden_layers",
     "trained_loops",
@@ -95,6 +98,16 @@ def looped_layers(model: nn.Module) -> list[nn.Module]:
             f"({len(lists)} module lists of length num_hidden_layers={n}); see docs/models.md to add the family"
         )
     return list(lists[0])
+
+
+def loop_context_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules that run with a known loop and enter per-call contexts around each call: each has
+    ``call_contexts``, a dict name -> ``make(loop_index, num_loops)`` -> a context manager or None, entered
+    inside the module's forward (so also when gradient checkpointing recomputes it). Loop-routed LoRA and
+    the LoRA upcast skip (:mod:`loopalign.lora`) install theirs here. Ouro: its decoder layers; Huginn: every
+    block (prelude at loop 0, the recurrent block at its step, the coda at the step it reads out); a plain
+    causal LM: none."""
+    return [m for m in unwrap(model).modules() if isinstance(getattr(m, "call_contexts", None), dict)]
 
 
 @dataclass

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +40,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from loopalign.compat import CACHE_FIELD, pick_cache
+from loopalign.models.checkpointing import checkpointing_kwargs
 
 # Loop-routed LoRA (loopalign.lora) and Ouro read the one context variable of the current loop; Huginn sets the same.
-from loopalign.models.ouro.modeling_ouro import _CURRENT_LOOP, current_loop
-from loopalign.speed import checkpointing_kwargs
+from loopalign.models.current_loop import current_loop, running_loop
 
 from .configuration_huginn import HuginnConfig
 
@@ -174,6 +176,9 @@ class HuginnBlock(GradientCheckpointingLayer):
         if self.sandwich:
             self.norm_3 = HuginnRMSNorm(config.n_embd, config.norm_eps)
             self.norm_4 = HuginnRMSNorm(config.n_embd, config.norm_eps)
+        #: name -> make(loop_index, num_loops) -> context manager or None, entered around each call that knows
+        #: its loop (loop-routed LoRA installs one here; see loopalign.models.contract.loop_context_layers)
+        self.call_contexts: dict[str, Callable[[int, int], AbstractContextManager | None]] = {}
 
     def forward(
         self,
@@ -188,16 +193,18 @@ class HuginnBlock(GradientCheckpointingLayer):
         token_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         where = None if loop_index is None else (loop_index, num_loops if num_loops is not None else loop_index + 1)
-        token = _CURRENT_LOOP.set(where)
-        try:
+        with running_loop(where), ExitStack() as stack:
+            if where is not None:
+                for make in self.call_contexts.values():
+                    context = make(*where)
+                    if context is not None:
+                        stack.enter_context(context)
             x = hidden_states
             if self.sandwich:
                 x = self.norm_2(x + self.attn(self.norm_1(x), rope, attention_mask, cache, cache_slot))
                 return self.norm_4(x + self.mlp(self.norm_3(x)))
             x = x + self.attn(self.norm_1(x), rope, attention_mask, cache, cache_slot)
             return x + self.mlp(self.norm_2(x))
-        finally:
-            _CURRENT_LOOP.reset(token)
 
 
 class HuginnRecurrentBlock(HuginnBlock):

@@ -10,7 +10,6 @@ State-dict keys equal the released checkpoints', so ``ByteDance/Ouro-1.4B`` load
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 
@@ -31,7 +30,8 @@ from loopalign.loops import (
     threshold_exit_index,
 )
 
-from .checkpointing import checkpointing_kwargs
+from ..checkpointing import checkpointing_kwargs
+from ..current_loop import _CURRENT_LOOP, current_loop
 from .configuration_ouro import OuroConfig
 
 __all__ = [
@@ -43,16 +43,6 @@ __all__ = [
     "OuroLoopCache",
     "current_loop",
 ]
-
-
-#: (loop_index, num_loops) of the decoder layer now running; set inside the layer's forward, so it
-#: is also right when gradient checkpointing recomputes that forward during backward.
-_CURRENT_LOOP: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("ouro_loop", default=None)
-
-
-def current_loop() -> tuple[int, int] | None:
-    """(loop_index, num_loops) of the Ouro decoder layer being computed, or None outside one."""
-    return _CURRENT_LOOP.get()
 
 
 class OuroRMSNorm(nn.Module):
@@ -285,7 +275,7 @@ class OuroPreTrainedModel(PreTrainedModel):
     ):
         """transformers' activation checkpointing, plus op-level selective checkpointing: the key
         ``policy`` of ``activation_checkpointing_kwargs`` names what a checkpointed layer keeps
-        (:data:`loopalign.models.ouro.checkpointing.CHECKPOINT_POLICIES`: ``full``, ``save_attention``,
+        (:data:`loopalign.models.checkpointing.CHECKPOINT_POLICIES`: ``full``, ``save_attention``,
         ``save_matmuls``). ``every_n_layers`` and ``offload`` may also come in that dict (as from
         ``TrainingArguments.activation_checkpointing_kwargs``)."""
         kwargs = dict(activation_checkpointing_kwargs or {})

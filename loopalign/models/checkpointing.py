@@ -1,7 +1,7 @@
-"""Selective activation checkpointing policies for the Ouro decoder layer.
+"""Selective activation checkpointing policies for looped decoder layers (every family).
 
-Kept beside the model (not in :mod:`loopalign.speed`, which re-exports them) so that imports point
-one way: ``loopalign.speed``, ``loopalign.hooks`` and ``loopalign.lora`` import ``loopalign.models.ouro``,
+Kept beside the models (not in :mod:`loopalign.speed`, which re-exports them) so that imports point
+one way: ``loopalign.speed``, ``loopalign.hooks`` and ``loopalign.lora`` import ``loopalign.models``,
 never the reverse.
 """
 
