@@ -38,6 +38,7 @@ __all__ = [
     "lock_timeout_from_env",
     "swap_into_place",
     "remove_stale_builds",
+    "ensure_built",
 ]
 
 
@@ -299,3 +300,30 @@ def file_lock(path: str | os.PathLike, timeout: float, what: str, poll: float = 
             f.truncate()
             f.flush()
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_built(
+    path: str | os.PathLike,
+    is_complete: Callable[[str], bool],
+    build: Callable[[str], object],
+    what: str,
+    force: bool = False,
+    lock_timeout: float | None = None,
+    prefix: str | None = None,
+) -> str:
+    """The folder ``path``, built with ``build(path)`` first when ``is_complete(path)`` is False (or ``force``),
+    under a lock beside it (``<path>.lock``): two processes asking at once build it once, the second waits
+    (saying for whom), then finds it complete. ``build`` must write atomically (:func:`atomic_folder` with
+    ``prefix``, whose leftovers from killed builds are removed first). Waiting gives up after ``lock_timeout``
+    seconds (default ``$LOOPALIGN_LOCK_TIMEOUT``) with a ``TimeoutError``. -> ``path``."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if is_complete(path) and not force:
+        return path
+    timeout = lock_timeout_from_env() if lock_timeout is None else float(lock_timeout)
+    if not timeout > 0:
+        raise ValueError(f"lock_timeout must be > 0 seconds, got {lock_timeout!r}")
+    with file_lock(f"{path}.lock", timeout, what=what):
+        if force or not is_complete(path):  # another process may have built it while we waited
+            remove_stale_builds(path, prefix=prefix)
+            build(path)
+    return path

@@ -52,10 +52,11 @@ GAP_CONFIG_FILE = "gap_config.json"
 NAMED_MODELS: dict[str, str] = {
     "organism": "loopalign.organism:load_organism",
     "introspection_organism": "loopalign.trainers.introspection.organism:load_introspection_organism",
+    "huginn_organism": "loopalign.organism.huginn:load_huginn_organism",
 }
 
 #: models that need no network and no folder: ``"tiny"`` and the named ones
-LOCAL_MODELS = ("organism", "introspection_organism", "tiny")
+LOCAL_MODELS = ("organism", "introspection_organism", "huginn_organism", "tiny")
 
 
 def default_device() -> str:

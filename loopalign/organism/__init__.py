@@ -40,9 +40,11 @@ from loopalign.io import DEFAULT_LOCK_TIMEOUT  # noqa: E402
 
 from .build import build_organism, ensure_organism, load_organism
 from .cache import (
+    ORGANISM_MODELS,
     REBUILD_COMMAND,
     CorruptOrganismError,
     is_organism,
+    is_organism_model,
     organism_cache_dir,
     organism_config_for,
     organism_path,
@@ -69,6 +71,8 @@ __all__ = [
     "organism_properties",
     "organism_slices",
     "organism_config_for",
+    "is_organism_model",
+    "ORGANISM_MODELS",
     "TASK_FAMILIES",
     "DIGIT_GROUP_FIELD",
     "is_organism",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from loopalign.io import atomic_folder, file_lock, lock_timeout_from_env, remove_stale_builds
+from loopalign.io import atomic_folder, ensure_built
 from loopalign.loading import load_pretrained, load_tokenizer
 
 from .cache import file_records, is_organism, organism_path, verify_organism
@@ -45,13 +45,17 @@ def ensure_organism(
             f"no organism at {path}; build it with `python recipes/pretrain_organism.py` "
             "or load_organism(build_if_missing=True)"
         )
-    timeout = lock_timeout_from_env() if lock_timeout is None else float(lock_timeout)
-    if not timeout > 0:
+    if lock_timeout is not None and not float(lock_timeout) > 0:
         raise ValueError(f"ensure_organism: lock_timeout must be > 0 seconds, got {lock_timeout!r}")
-    with file_lock(path.parent / f"{path.name}.lock", timeout, what=f"the organism {path}"):
-        if force or not is_organism(path, config):  # another process may have built it while we waited
-            remove_stale_builds(path, prefix=f".tmp-{path.name}-")
-            build_organism(config, path, progress=progress)
+    ensure_built(
+        path,
+        lambda p: is_organism(p, config),
+        lambda p: build_organism(config, p, progress=progress),
+        what=f"the organism {path}",
+        force=force,
+        lock_timeout=lock_timeout,
+        prefix=f".tmp-{path.name}-",
+    )
     return path
 
 

@@ -145,10 +145,29 @@ def verify_organism(path: str | os.PathLike, config: OrganismConfig | None = Non
     return True
 
 
+#: the named models that are gap organisms (their data: the organism's digit tasks)
+ORGANISM_MODELS = ("organism", "huginn_organism")
+
+
+def is_organism_model(model_name: str | os.PathLike) -> bool:
+    """True for a gap organism: a named one (:data:`ORGANISM_MODELS`) or a folder whose ``organism.json`` holds an
+    :class:`OrganismConfig` (any family); False for anything else (the introspection organism included)."""
+    if str(model_name) in ORGANISM_MODELS:
+        return True
+    marker = Path(str(model_name)) / MARKER_FILE
+    if not marker.is_file():
+        return False
+    try:
+        OrganismConfig.from_dict(json.loads(marker.read_text())["config"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
 def organism_config_for(model_name: str | os.PathLike) -> OrganismConfig:
     """The :class:`OrganismConfig` behind a model name: the default for ``"organism"``, the recorded
     one for an organism folder (its ``organism.json``), else the default (for data in its format)."""
     marker = Path(str(model_name)) / MARKER_FILE
-    if str(model_name) != "organism" and marker.is_file():
+    if str(model_name) not in ORGANISM_MODELS and marker.is_file():
         return OrganismConfig.from_dict(json.loads(marker.read_text())["config"])
     return OrganismConfig()

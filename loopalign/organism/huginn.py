@@ -7,27 +7,52 @@ The recurrent block has the Ouro organism's shared layers and width (``OrganismC
 Huginn has no exit gate, so the objective is the uniform mean of the per-step losses (every step's readout
 supervised), with gradients through every step.
 
-    python -m loopalign.organism.huginn OUT_DIR        # train, save model + tokenizer, evaluate into OUT_DIR/eval
+    loopalign organism --family huginn                      # build into the cache (or reuse it), print its card
+    loopalign organism --family huginn --output_dir DIR     # ... into DIR
+    loopalign eval-gap --model_name_or_path huginn_organism  # evaluate it (a named model, built on first use)
+
+The build is written like the Ouro organism's: atomically (a temporary folder renamed into place), under a lock,
+with ``organism.json`` (``"family": "huginn"``, the config, figures and the sha256 of every model and tokenizer
+file, checked on load) and a short model card with the per-step gap table.
 """
 
 from __future__ import annotations
 
-import sys
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from loopalign.io import atomic_folder, ensure_built
+from loopalign.loading import load_pretrained, load_tokenizer
 from loopalign.models.huginn import HuginnConfig, HuginnForCausalLM, tiny_huginn_config
 from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
 from loopalign.tokenizer import local_tokenizer
 
-from .config import OrganismConfig
+from .cache import check_files, file_records, is_organism, organism_cache_dir
+from .config import MARKER_FILE, OrganismConfig
 from .data import training_batch
 from .evaluate import evaluate_organism
 from .train import TrainResult, _lr_at, torch_threads
 
-__all__ = ["huginn_organism_config", "train_huginn_organism"]
+__all__ = [
+    "HUGINN_FAMILY",
+    "build_huginn_organism",
+    "ensure_huginn_organism",
+    "huginn_organism_config",
+    "huginn_organism_path",
+    "is_huginn_organism",
+    "load_huginn_organism",
+    "train_huginn_organism",
+]
+
+#: ``organism.json``'s ``family`` for this organism (the Ouro organism's marker has none, or ``"ouro"``)
+HUGINN_FAMILY = "huginn"
+#: rebuilds the default Huginn organism in the default cache
+REBUILD_COMMAND = "loopalign organism --family huginn --force"
 
 
 def huginn_organism_config(config: OrganismConfig, vocab_size: int, prelude: int = 1, coda: int = 1) -> HuginnConfig:
@@ -99,21 +124,132 @@ def train_huginn_organism(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train with the default OrganismConfig, save to OUT_DIR, evaluate as the organism's card does."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m loopalign.organism.huginn OUT_DIR")
-    out = argv[0]
-    config = OrganismConfig()
-    result = train_huginn_organism(config)
-    result.model.save_pretrained(out)
-    result.tokenizer.save_pretrained(out)
-    print(f"trained in {result.seconds:.0f}s; final per-step losses {result.loop_losses[-1]}")
-    gap = evaluate_organism(result.model, result.tokenizer, config, out_dir=f"{out}/eval")
-    print(gap.markdown())
-    return 0
+def huginn_organism_path(config: OrganismConfig | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<cache root>/organism-huginn-v{version}-{hash}``: beside the Ouro organism of the same config."""
+    config = config or OrganismConfig()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else organism_cache_dir()
+    return root / config.folder_name().replace("organism-", "organism-huginn-", 1)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def is_huginn_organism(path: str | os.PathLike, config: OrganismConfig | None = None) -> bool:
+    """True when ``path`` holds a complete Huginn organism build (of ``config``, when given)."""
+    if not is_organism(path, config):
+        return False
+    return json.loads((Path(path) / MARKER_FILE).read_text()).get("family") == HUGINN_FAMILY
+
+
+def _card(config: OrganismConfig, meta: dict, gap_markdown: str) -> str:
+    shape = meta["shape"]
+    return "\n".join(
+        [
+            f"# loopalign Huginn-shaped model organism (recipe v{config.recipe_version}, `{config.config_hash()}`)",
+            "",
+            f"A tiny recurrent-depth model (prelude {shape['prelude']} / recurrent block {shape['recurrent']} / "
+            f"coda {shape['coda']} blocks, hidden {config.hidden_size}, {meta['parameters'] / 1e6:.2f}M parameters, "
+            f"{config.num_loops} steps from the zero state) trained from scratch by loopalign on a CPU "
+            f"({meta['train_seconds']:.0f} s, {config.num_threads} threads) on the Ouro organism's tasks and data, "
+            "with the uniform mean of the per-step losses (Huginn has no exit gate). Built by "
+            "`loopalign.organism.huginn.build_huginn_organism`; load it with `load_huginn_organism()` or "
+            "`AutoModelForCausalLM.from_pretrained(folder)` after `import loopalign`.",
+            "",
+            f"Final per-step training losses: {meta['final_loop_losses']}.",
+            "",
+            "## Per-step SV / RR / gap on held-out records",
+            "",
+            gap_markdown,
+            "",
+            "One seed; see docs/families.md for how these figures compare with the Ouro organism's.",
+            "",
+        ]
+    )
+
+
+def build_huginn_organism(
+    config: OrganismConfig | None = None,
+    out_dir: str | os.PathLike = "",
+    prelude: int = 1,
+    coda: int = 1,
+    progress: bool = True,
+) -> Path:
+    """Train, save (model + tokenizer), evaluate (``eval/``) and write the card and ``organism.json`` into
+    ``out_dir``, atomically (an interrupted build leaves no half model; an existing ``out_dir`` is replaced)."""
+    config = config or OrganismConfig()
+    if not str(out_dir):
+        raise ValueError("build_huginn_organism: out_dir is required")
+    out = Path(out_dir).expanduser().resolve()
+    with atomic_folder(out, prefix=f".tmp-{out.name}-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        t0 = time.perf_counter()
+        print(f"building the Huginn organism {out}: {config.steps} steps, {config.num_threads} thread(s)", flush=True)
+        trained = train_huginn_organism(config, prelude=prelude, coda=coda, progress=progress)
+        trained.model.save_pretrained(tmp)
+        trained.tokenizer.save_pretrained(tmp)
+        files = file_records(tmp)
+        t1 = time.perf_counter()
+        result = evaluate_organism(trained.model, trained.tokenizer, config, out_dir=tmp / "eval")
+        meta = {
+            "family": HUGINN_FAMILY,
+            "recipe_version": config.recipe_version,
+            "config_hash": config.config_hash(),
+            "config": config.to_dict(),
+            "shape": {"prelude": prelude, "recurrent": config.num_layers, "coda": coda},
+            "parameters": sum(p.numel() for p in trained.model.parameters()),
+            "num_threads": config.num_threads,
+            "train_seconds": round(trained.seconds, 1),
+            "eval_seconds": round(time.perf_counter() - t1, 1),
+            "build_seconds": round(time.perf_counter() - t0, 1),
+            "torch": torch.__version__,
+            "final_loss": trained.losses[-1],
+            "final_loop_losses": trained.loop_losses[-1],
+            "eval": {
+                "n_records": result.meta["n_records"],
+                "table": [
+                    {
+                        k: row[k]
+                        for k in ("loop", "sv", "sv_lo", "sv_hi", "rr", "rr_lo", "rr_hi", "gap", "gap_lo", "gap_hi")
+                    }
+                    for row in result.table
+                ],
+            },
+            "files": files,
+        }
+        (tmp / "README.md").write_text(_card(config, meta, result.markdown()), encoding="utf-8")
+        (tmp / "losses.json").write_text(json.dumps({"loss": trained.losses, "loop_losses": trained.loop_losses}))
+        (tmp / MARKER_FILE).write_text(json.dumps(meta, indent=2))  # written last: marks a complete organism
+    return out
+
+
+def ensure_huginn_organism(
+    config: OrganismConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: bool = True,
+    lock_timeout: float | None = None,
+) -> Path:
+    """The Huginn organism's folder in the cache, built first when missing (or with ``force``) under a lock; its
+    files are checked against the checksums of the build (a damaged one raises ``CorruptOrganismError``)."""
+    config = config or OrganismConfig()
+    path = huginn_organism_path(config, cache_dir)
+    ensure_built(
+        path,
+        lambda p: is_huginn_organism(p, config),
+        lambda p: build_huginn_organism(config, p, progress=progress),
+        what=f"the Huginn organism {path}",
+        force=force,
+        lock_timeout=lock_timeout,
+        prefix=f".tmp-{path.name}-",
+    )
+    meta = json.loads((path / MARKER_FILE).read_text())
+    check_files(path, meta["files"], REBUILD_COMMAND, what="Huginn organism")
+    return path
+
+
+def load_huginn_organism(
+    config: OrganismConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+):
+    """-> (model in eval mode, tokenizer) of the Huginn organism, built into the cache first when missing."""
+    path = ensure_huginn_organism(config, cache_dir)
+    model = load_pretrained(str(path), dtype=torch.float32)
+    return model.to(device or "cpu").eval(), load_tokenizer(str(path))

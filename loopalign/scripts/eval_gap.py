@@ -34,7 +34,13 @@ from loopalign.eval import (
 from loopalign.io import atomic_write_text
 from loopalign.loading import LOCAL_MODELS, load_model
 from loopalign.loops import parse_loop_counts
-from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for, organism_eval_records
+from loopalign.organism import (
+    DIGIT_GROUP_FIELD,
+    ORGANISM_MODELS,
+    is_organism_model,
+    organism_config_for,
+    organism_eval_records,
+)
 from loopalign.scripts.args import (
     GapEvalArguments,
     default_eval_loops,
@@ -103,8 +109,11 @@ class EvalGapScriptArguments(GapEvalArguments):
         super().__post_init__()
         if self.dataset is None and self.model_name_or_path not in LOCAL_MODELS:
             raise ValueError(f"dataset is required unless model_name_or_path is one of {LOCAL_MODELS}")
-        if self.dataset == "organism" and self.model_name_or_path != "organism":
-            raise ValueError("dataset='organism' (its held-out digit tasks) needs model_name_or_path='organism'")
+        if self.dataset == "organism" and not is_organism_model(self.model_name_or_path):
+            raise ValueError(
+                "dataset='organism' (its held-out digit tasks) needs a gap organism as model_name_or_path "
+                f"({' or '.join(ORGANISM_MODELS)}, or an organism's folder), got {self.model_name_or_path!r}"
+            )
         if self.dataset_limit < 1:
             raise ValueError(f"dataset_limit must be >= 1, got {self.dataset_limit}")
         try:
@@ -133,7 +142,7 @@ class EvalGapScriptArguments(GapEvalArguments):
 
 def load_records(args: EvalGapScriptArguments, tokenizer):
     """-> (records, group_by): the dataset named by ``args.dataset`` or the model's default."""
-    name = args.dataset or ("organism" if args.model_name_or_path == "organism" else "synthetic")
+    name = args.dataset or ("organism" if args.model_name_or_path in ORGANISM_MODELS else "synthetic")
     if name == "organism":
         organism = organism_config_for(args.model_name_or_path)
         if organism.tasks == "digits":  # its own held-out tasks (its evaluation triples), clustered by triple

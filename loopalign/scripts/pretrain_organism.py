@@ -4,6 +4,7 @@
     loopalign organism --force                            # rebuild the cached organism
     loopalign organism --output_dir DIR --seed 1 --steps 300   # another organism, in DIR
     loopalign organism --config organism.yaml             # OrganismConfig fields from YAML, options override
+    loopalign organism --family huginn                    # the Huginn-shaped organism (same tasks and data)
 
 Every ``OrganismConfig`` field is an option of the same name (its default and meaning are the
 library's). The cache is ``$LOOPALIGN_CACHE`` (default ``~/.cache/loopalign``); the organism's
@@ -30,9 +31,23 @@ from loopalign.organism import (
     organism_cache_dir,
     organism_path,
 )
+from loopalign.organism.huginn import (
+    build_huginn_organism,
+    ensure_huginn_organism,
+    huginn_organism_path,
+    is_huginn_organism,
+)
 from loopalign.scripts.args import make_parser, parse_or_exit, rename_deprecated_options
 
 DEPRECATED_OPTIONS = {"--out": "--output_dir"}  # pre-0.2 name (kept for one release)
+
+
+#: the organism families this script builds
+FAMILIES = ("ouro", "huginn")
+
+
+def _is_ouro_organism(path, config) -> bool:
+    return is_organism(path, config) and not is_huginn_organism(path, config)
 
 
 def _field_comments(cls) -> dict[str, str]:
@@ -88,18 +103,30 @@ class PretrainOrganismScriptArguments:
     cache_dir: str | None = field(default=None, metadata={"help": f"Cache root (default {organism_cache_dir()})."})
     force: bool = field(default=False, metadata={"help": "Rebuild even when a complete organism is there."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar (--no_progress: none)."})
+    family: str = field(
+        default="ouro",
+        metadata={
+            "help": "The organism's architecture: 'ouro' (shared layers looped, exit gate) or 'huginn' (prelude / "
+            "recurrent block / coda, loopalign.organism.huginn); the same tasks, data and evaluation."
+        },
+    )
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
 
 
 def build(script_args: PretrainOrganismScriptArguments, config: OrganismConfig) -> str:
     """Build (or reuse) the organism; print its card. -> its folder."""
     start = time.perf_counter()
+    huginn = script_args.family == "huginn"
     if script_args.output_dir is not None:
-        if is_organism(script_args.output_dir, config) and not script_args.force:
-            path = script_args.output_dir
+        path = script_args.output_dir
+        if (is_huginn_organism if huginn else _is_ouro_organism)(path, config) and not script_args.force:
             print(f"reusing the organism in {path} (--force rebuilds it)")
         else:
-            path = build_organism(config, script_args.output_dir, progress=script_args.progress)
-    else:
+            path = (build_huginn_organism if huginn else build_organism)(config, path, progress=script_args.progress)
+    elif not huginn:  # the cache, built under its lock
         path = organism_path(config, script_args.cache_dir)
         if script_args.force and is_organism(path, config):
             build_organism(config, path, progress=script_args.progress)
@@ -108,6 +135,14 @@ def build(script_args: PretrainOrganismScriptArguments, config: OrganismConfig) 
             path = ensure_organism(config, script_args.cache_dir, progress=script_args.progress)
             if existed:
                 print(f"reusing the cached organism in {path} (--force rebuilds it)")
+    else:
+        existed = is_huginn_organism(huginn_organism_path(config, script_args.cache_dir), config)
+        existed = existed and not script_args.force
+        path = ensure_huginn_organism(
+            config, script_args.cache_dir, force=script_args.force, progress=script_args.progress
+        )
+        if existed:
+            print(f"reusing the cached organism in {path} (--force rebuilds it)")
     with open(f"{path}/organism.json") as f:
         meta = json.load(f)
     with open(f"{path}/README.md") as f:

@@ -35,7 +35,7 @@ import torch
 
 from loopalign.batching import pad_sequences, pad_token_id
 from loopalign.injection import BASELINE_WORDS, CONCEPT_WORDS, concept_prompt_ids
-from loopalign.io import atomic_folder, file_lock, lock_timeout_from_env, remove_stale_builds
+from loopalign.io import atomic_folder, ensure_built
 from loopalign.loading import load_model, load_pretrained, load_tokenizer
 from loopalign.models.ouro import OuroForCausalLM, tiny_config
 from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
@@ -251,14 +251,15 @@ def ensure_introspection_organism(
     """The organism's folder in the cache, built first when missing (or with ``force``) under a lock, checked."""
     config = config or IntrospectionOrganismConfig()
     path = introspection_organism_path(config, cache_dir)
-    if _is_complete(path, config) and not force:
-        _verify(path)
-        return path
-    timeout = lock_timeout_from_env() if lock_timeout is None else float(lock_timeout)
-    with file_lock(path.parent / f"{path.name}.lock", timeout, what=f"the introspection organism {path}"):
-        if force or not _is_complete(path, config):
-            remove_stale_builds(path, prefix=f".tmp-{path.name}-")
-            build_introspection_organism(config, path, progress=progress)
+    ensure_built(
+        path,
+        lambda p: _is_complete(Path(p), config),
+        lambda p: build_introspection_organism(config, p, progress=progress),
+        what=f"the introspection organism {path}",
+        force=force,
+        lock_timeout=lock_timeout,
+        prefix=f".tmp-{path.name}-",
+    )
     _verify(path)
     return path
 
