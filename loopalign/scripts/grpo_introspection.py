@@ -201,8 +201,8 @@ def result_verdicts(before, after, script_args, n_model: int, n_words: int, trai
             "",
         ]
     lines += [
-        "| | detection − FP | identification | chance | random-vector claims | holds |",
-        "|---|---|---|---|---|---|",
+        "| | detection − FP | identification | chance | names a trained concept | random-vector claims | holds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, res in (("before", before), ("after", after)):
         try:

@@ -144,3 +144,20 @@ def test_grpo_recipe_body_runs_sft_mode_and_writes_the_side_by_side_report(tmp_p
     for name in ("before_after_heatmaps.png", "before_after_curves.png", "after/checks.md", "before/introspection.md",
                  "after/rate_heatmaps.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
+    for name in ("compare.md", "after/checks.md", "after/introspection.md"):
+        assert not _ragged_table_rows((out / name).read_text()), name
+
+
+def _ragged_table_rows(markdown: str) -> list[str]:
+    """Rows of the markdown tables in ``markdown`` whose cell count differs from their table's header."""
+    bad, width = [], None
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            width = None
+            continue
+        cells = len(line.strip().strip("|").split("|"))
+        if width is None:
+            width = cells
+        elif cells != width:
+            bad.append(line)
+    return bad
