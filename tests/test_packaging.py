@@ -12,10 +12,26 @@ ROOT = Path(__file__).resolve().parent.parent
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 
+#: optional extras whose packages CI tests at both ends too (the dev extra installs them)
+TESTED_EXTRAS = ("deepspeed",)
+
+
 def _requirements() -> dict[str, Requirement]:
+    """The core dependencies and those of :data:`TESTED_EXTRAS`."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = [Requirement(r) for r in project["dependencies"]]
+    reqs += [Requirement(r) for extra in TESTED_EXTRAS for r in project["optional-dependencies"][extra]]
     return {canonicalize_name(r.name): r for r in reqs}
+
+
+def test_the_dev_install_brings_the_tested_extras():
+    """The README installs ``.[dev]``; CI runs exactly that, so the extras it tests come with dev."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    dev = {canonicalize_name(Requirement(r).name): Requirement(r) for r in extras["dev"]}
+    for extra in TESTED_EXTRAS:
+        for r in map(Requirement, extras[extra]):
+            assert canonicalize_name(r.name) in dev, f"the dev extra lacks {r.name} (of the {extra} extra)"
+            assert dev[canonicalize_name(r.name)].specifier == r.specifier, (r, dev[canonicalize_name(r.name)])
 
 
 def _pins(path: Path) -> dict[str, str]:
