@@ -1,5 +1,10 @@
 """Launched by test_distributed.py with `accelerate launch` (2 CPU processes, gloo): a few gap-SFT
-steps, then every rank writes its trainable tensors (LoRA adapters and probes) for comparison."""
+steps, then every rank writes its trainable tensors (LoRA adapters and probes) for comparison.
+
+    ddp_gap_sft.py OUT [ouro|huginn]     # the family of the tiny model (default ouro)
+
+Each rank also writes the distributed type accelerate ran (``rank{r}.type``), so a test sees that the launch
+ran what its config asks for (accelerate runs FSDP on accelerators only: on CPU an FSDP config runs as DDP)."""
 
 import os
 import sys
@@ -10,16 +15,23 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from loopalign import OuroForCausalLM, tiny_config
+from loopalign.models.huginn import HuginnForCausalLM, tiny_huginn_config
 from loopalign.tokenizer import local_tokenizer
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer
 from loopalign.trainers.gap_data import synthetic_verification
 
+FAMILIES = {
+    "ouro": (lambda n: OuroForCausalLM(tiny_config(vocab_size=n)), ["q_proj", "v_proj", "down_proj"]),
+    "huginn": (lambda n: HuginnForCausalLM(tiny_huginn_config(vocab_size=n)), ["Wqkv", "proj", "fc"]),
+}
 
-def main(out: str) -> None:
+
+def main(out: str, family: str = "ouro") -> None:
     tok = local_tokenizer()
     data: datasets.Dataset = synthetic_verification(tok, n_problems=16, levels=(1,), seed=0)
     torch.manual_seed(0)
-    model = OuroForCausalLM(tiny_config(vocab_size=len(tok)))
+    make, targets = FAMILIES[family]
+    model = make(len(tok))
     args = GapSFTConfig(
         output_dir=os.path.join(out, "run"),
         max_steps=3,
@@ -40,15 +52,16 @@ def main(out: str) -> None:
         args=args,
         train_dataset=data,
         processing_class=tok,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=targets),
     )
     trainer.train()
     state = trainer.accelerator
-    assert state.num_processes == 2, state.num_processes
+    with open(os.path.join(out, f"rank{state.process_index}.type"), "w") as f:
+        f.write(state.distributed_type.name)
     tensors = {n: p.detach().clone().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
     tensors["__world_size"] = torch.tensor(state.num_processes)
     save_file(tensors, os.path.join(out, f"rank{state.process_index}.safetensors"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

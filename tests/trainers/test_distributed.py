@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,19 +20,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two_ranks(tmp_path, config: str, *overrides: str) -> None:
+def _launch_two_ranks(tmp_path, config: str, *overrides: str, family: str = "ouro") -> None:
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "accelerate_configs" / config), *overrides,
         "--main_process_port", str(_free_port()),
-        str(ROOT / "tests" / "trainers" / "ddp_gap_sft.py"), str(tmp_path),
+        str(ROOT / "tests" / "trainers" / "ddp_gap_sft.py"), str(tmp_path), family,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def _assert_ranks_identical_and_trained(tmp_path) -> None:
+def _assert_ranks_identical_and_trained(tmp_path, distributed_type: str = "MULTI_CPU") -> None:
+    ran = {(tmp_path / f"rank{r}.type").read_text() for r in (0, 1)}
+    assert ran == {distributed_type}, f"the launch ran {ran}, its config asks for {distributed_type}"
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
     assert int(ranks[0].pop("__world_size")) == 2 and int(ranks[1].pop("__world_size")) == 2
     assert ranks[0].keys() == ranks[1].keys()
@@ -55,13 +58,44 @@ def test_deepspeed_zero_configs_train_on_two_cpu_ranks(tmp_path, config):
     accelerator, gloo). Needs the ``deepspeed`` extra; on GPUs the same files run in bf16."""
     pytest.importorskip("deepspeed")
     _launch_two_ranks(tmp_path, config, "--num_processes", "2", "--mixed_precision", "no")
-    _assert_ranks_identical_and_trained(tmp_path)
+    _assert_ranks_identical_and_trained(tmp_path, "DEEPSPEED")
 
 
 @pytest.mark.slow
-def test_fsdp_config_trains_on_two_cpu_ranks(tmp_path):
+def test_the_fsdp_config_launches_on_cpu_as_ddp(tmp_path):
+    """accelerate runs FSDP on accelerators only: on 2 CPU ranks the shipped fsdp.yaml launches and trains as DDP
+    (MULTI_CPU), said here so that nobody reads this test as an FSDP run. What FSDP itself needs from the model
+    is checked below without a GPU."""
     _launch_two_ranks(tmp_path, "fsdp.yaml", "--num_processes", "2", "--mixed_precision", "no")
-    _assert_ranks_identical_and_trained(tmp_path)
+    _assert_ranks_identical_and_trained(tmp_path, "MULTI_CPU")
+
+
+@pytest.mark.parametrize("family", ["ouro", "huginn"])
+def test_fsdp_wrap_classes_name_every_decoder_block(family):
+    """The class fsdp.yaml wraps (Ouro) and the one docs/families.md passes for Huginn resolve in the model as
+    accelerate resolves them, and every decoder block is an instance (each its own FSDP unit), LoRA-wrapped too;
+    ``_no_split_modules`` (accelerate's default when no class is named) names only classes the model has."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from peft import LoraConfig, get_peft_model
+
+    from loopalign import OuroForCausalLM, tiny_config
+    from loopalign.models.huginn import HuginnForCausalLM, tiny_huginn_config
+
+    if family == "ouro":
+        config = yaml.safe_load((ROOT / "accelerate_configs" / "fsdp.yaml").read_text())
+        name = config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
+        base = OuroForCausalLM(tiny_config(vocab_size=64))
+        targets, n_blocks = ["q_proj"], base.config.num_hidden_layers
+    else:
+        name = "HuginnBlock"
+        base = HuginnForCausalLM(tiny_huginn_config(vocab_size=64))
+        c = base.config
+        targets, n_blocks = ["Wqkv"], c.n_layers_in_prelude + c.n_layers_in_recurrent_block + c.n_layers_in_coda
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=targets))
+    cls = get_module_class_from_name(model, name)
+    assert cls is not None, f"{name} is not a module class of {family}"
+    assert sum(isinstance(m, cls) for m in model.modules()) == n_blocks  # every block its own unit, no other module
+    assert all(get_module_class_from_name(model, n) is not None for n in model._no_split_modules)
 
 
 @pytest.mark.slow
