@@ -36,7 +36,7 @@ Modules: :mod:`.config` (the recipe), :mod:`.cache` (where builds live, their ch
 """
 
 # moved to loopalign.io; re-exported for one release
-from loopalign.io import DEFAULT_LOCK_TIMEOUT  # noqa: E402
+from loopalign.io import DEFAULT_LOCK_TIMEOUT
 
 from .build import build_organism, ensure_organism, load_organism
 from .cache import (

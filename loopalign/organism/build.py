@@ -15,7 +15,7 @@ from loopalign.loading import load_pretrained, load_tokenizer
 from .cache import file_records, is_organism, organism_path, verify_organism
 from .card import model_card
 from .config import MARKER_FILE, OrganismConfig
-from .evaluate import card_records, evaluate_organism, organism_properties, organism_slices
+from .evaluate import card_records, evaluate_organism, gap_table_rows, organism_properties, organism_slices
 from .train import expected_build_seconds, train_organism
 
 
@@ -128,13 +128,7 @@ def build_organism(
             "final_exit_probs": trained.exit_probs[-1],
             "eval": {
                 "n_records": result.meta["n_records"],
-                "table": [
-                    {
-                        k: row[k]
-                        for k in ("loop", "sv", "sv_lo", "sv_hi", "rr", "rr_lo", "rr_hi", "gap", "gap_lo", "gap_hi")
-                    }
-                    for row in result.table
-                ],
+                "table": gap_table_rows(result),
                 "tp": [{"loop": r["loop"], "accuracy": r["accuracy"], "n": r["n"]} for r in (result.tp or [])],
                 "auroc": [{k: row[k] for k in ("loop", "sv_auroc", "rr_auroc", "gap_auroc")} for row in result.table],
                 "slices": slices,

@@ -46,6 +46,12 @@ def evaluate_organism(model, tokenizer, config: OrganismConfig, out_dir: str | o
         )
 
 
+def gap_table_rows(result) -> list[dict]:
+    """The per-loop SV / RR / gap figures (with their interval ends) of a gap result, as organism.json stores them."""
+    keys = ("loop", "sv", "sv_lo", "sv_hi", "rr", "rr_lo", "rr_hi", "gap", "gap_lo", "gap_hi")
+    return [{k: row[k] for k in keys} for row in result.table]
+
+
 def organism_slices(result, records: list[dict], biased_items) -> list[dict]:
     """SV and RR per loop on the records about the sycophantic items (``biased``) and the others
     (``unbiased``): accuracy (SV: its 0.5 rule; RR: the probe's) and AUROC, on RR-scored records.

@@ -35,7 +35,7 @@ from loopalign.tokenizer import local_tokenizer
 from .cache import check_files, file_records, is_organism, organism_cache_dir
 from .config import MARKER_FILE, OrganismConfig
 from .data import training_batch
-from .evaluate import evaluate_organism
+from .evaluate import evaluate_organism, gap_table_rows
 from .train import TrainResult, _lr_at, torch_threads
 
 __all__ = [
@@ -203,13 +203,7 @@ def build_huginn_organism(
             "final_loop_losses": trained.loop_losses[-1],
             "eval": {
                 "n_records": result.meta["n_records"],
-                "table": [
-                    {
-                        k: row[k]
-                        for k in ("loop", "sv", "sv_lo", "sv_hi", "rr", "rr_lo", "rr_hi", "gap", "gap_lo", "gap_hi")
-                    }
-                    for row in result.table
-                ],
+                "table": gap_table_rows(result),
             },
             "files": files,
         }

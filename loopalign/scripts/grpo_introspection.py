@@ -307,6 +307,10 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
         print(table)
         print(verdicts)
         print(f"reports, heatmaps and adapters in {out}/; total {time.time() - t0:.1f}s")
+    # every rank, when its work is done: its process group is destroyed before the interpreter exits (accelerate's
+    # end_training); left to interpreter shutdown, gloo can abort a finished rank ("terminate called without an
+    # active exception"), failing a run whose results were written
+    trainer.accelerator.end_training()
     return trainer
 
 

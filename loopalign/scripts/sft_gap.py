@@ -310,6 +310,10 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         print("\nBefore / after gap SFT on the held-out split:\n")
         print(comparison.markdown())
         print(f"\nReports, plots, adapters and probes are in {out}/")
+    # every rank, when its work is done: its process group is destroyed before the interpreter exits (accelerate's
+    # end_training); left to interpreter shutdown, gloo can abort a finished rank ("terminate called without an
+    # active exception"), failing a run whose results were written
+    trainer.accelerator.end_training()
 
 
 def cli_model(argv: list[str]) -> str | None:

@@ -61,6 +61,7 @@ def main(out: str, family: str = "ouro") -> None:
     tensors = {n: p.detach().clone().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
     tensors["__world_size"] = torch.tensor(state.num_processes)
     save_file(tensors, os.path.join(out, f"rank{state.process_index}.safetensors"))
+    state.end_training()  # as the recipes do: the process group is destroyed before exit
 
 
 if __name__ == "__main__":

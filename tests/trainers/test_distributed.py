@@ -30,6 +30,7 @@ def _launch_two_ranks(tmp_path, config: str, *overrides: str, family: str = "our
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "terminate called" not in done.stderr, done.stderr[-3000:]  # a rank aborted at exit (process group left)
 
 
 def _assert_ranks_identical_and_trained(tmp_path, distributed_type: str = "MULTI_CPU") -> None:
@@ -116,6 +117,7 @@ def test_the_readme_cpu_launch_of_the_recipe_is_one_distributed_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "terminate called" not in done.stderr, done.stderr[-3000:]  # every rank ends its process group
     assert "2 processes, distributed" in done.stdout, done.stdout[-2000:]
     assert "parallel_mode" not in done.stderr  # transformers' warning about non-distributed copies
     assert (out / "compare.json").exists()
