@@ -113,3 +113,23 @@ def test_train_step_benchmark_rejects_unknown_cases():
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert done.returncode != 0 and "--cases takes numbers from [1, 2, 3, 4, 5]" in done.stderr
+
+
+def test_random_model_folder_loads_as_the_shape_and_is_refused_twice(tmp_path):
+    """benchmarks/random_model.py writes a model folder the recipes load by path (the 1.4B-shape end-to-end run on a
+    GPU uses it); a second write into it is refused without --force, and --force replaces it."""
+    from loopalign.loading import load_pretrained, load_tokenizer
+
+    out = tmp_path / "random-tiny"
+    (info,) = _run("random_model.py", "--shape", "tiny", "--out", str(out))
+    model, tok = load_pretrained(str(out)), load_tokenizer(str(out))
+    assert type(model).__name__ == "OuroForCausalLM" and info["parameters"] == sum(
+        p.numel() for p in model.parameters()
+    )
+    assert model.config.vocab_size >= len(tok) and model.config.total_ut_steps == 4
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "random_model.py"), "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert done.returncode != 0 and "--force" in done.stderr
+    (again,) = _run("random_model.py", "--shape", "tiny", "--seed", "1", "--out", str(out), "--force")
+    assert json.loads((out / "random_model.json").read_text())["seed"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no build folder left behind

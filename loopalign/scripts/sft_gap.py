@@ -10,15 +10,19 @@ Arguments: the script's (GapScriptArguments: data; GapEvalArguments: the before/
 GapSFTConfig (TRL's SFTConfig + the loop-aware objective) and TRL's ModelConfig, from YAML
 (``--config``) with command-line overrides. Writes into ``output_dir``: the adapters, probes and
 settings (``final/``), ``before/`` and ``after/`` gap reports (JSON, Markdown, PNG/SVG plots), and
-``compare.md`` / ``compare.json`` with the verdict; logs the same to W&B with ``report_to: wandb``.
+``compare.md`` / ``compare.json`` with the verdict, and ``timings.json`` (the wall time of each phase: load,
+data, before-eval, replay, train, after-eval; printed at the end); logs the same to W&B with ``report_to: wandb``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -225,14 +229,40 @@ def train_and_compare(script_args: GapScriptArguments, training_args: GapSFTConf
         run(script_args, training_args, model_args)
 
 
+class PhaseTimes:
+    """Wall seconds of the recipe's phases on this process, in order (``with times("train"): ...``)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 3)
+
+    def as_dict(self, **context) -> dict:
+        """``{"phases": {name: s}, "total": s, **context}``; total includes what no phase covers."""
+        return {"phases": dict(self.seconds), "total": round(time.perf_counter() - self.start, 3), **context}
+
+    def line(self) -> str:
+        d = self.as_dict()
+        return ", ".join(f"{k} {v:.1f} s" for k, v in d["phases"].items()) + f"; total {d['total']:.1f} s"
+
+
 def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> None:
     """The recipe, top to bottom (``train_and_compare`` holds the output folder's lock around it)."""
+    times = PhaseTimes()
     if training_args.world_size > 1 and training_args.process_index == 0:
         print(f"{training_args.world_size} processes, {training_args.parallel_mode.value} (one model, data split)")
     set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    with times("load"):
+        model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     training_args.check_against_model(model.config)  # probe_layer, lora_loops, loop_weights: before any data
-    with training_args.main_process_first(desc="building the verification dataset"):
+    with times("data"), training_args.main_process_first(desc="building the verification dataset"):
         train_ds, eval_ds = load_datasets(script_args, model_args.model_name_or_path, tokenizer, training_args)
     check_against_data(training_args, train_ds, eval_ds)
     resume = resume_target(training_args.resume_from_checkpoint)
@@ -258,20 +288,22 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
             before = GapResult.from_json(before_dir)
         else:
             print(f"train {len(train_ds)} / held-out {len(eval_ds)} verification records; evaluating before training")
-            before = evaluate_gap(model, tokenizer, eval_ds, config=gap_config, out_dir=before_dir)
+            with times("before_eval"):
+                before = evaluate_gap(model, tokenizer, eval_ds, config=gap_config, out_dir=before_dir)
             print(short_markdown(before, os.path.join(before_dir, "gap.md")))
 
     replay = None
     if training_args.loss_weights["replay"] > 0:  # the base model's own answers to the training tasks
-        build = self_replay_dataset(
-            model,
-            tokenizer,
-            list(dict.fromkeys(train_ds["task"]))[: script_args.replay_tasks],
-            num_loops=training_args.num_loops or model.config.total_ut_steps,
-            max_new_tokens=script_args.tp_max_new_tokens,
-            sources=sorted(set(train_ds["source"])) if "source" in train_ds.column_names else (),
-            batch_size=training_args.per_device_eval_batch_size,
-        )
+        with times("replay"):
+            build = self_replay_dataset(
+                model,
+                tokenizer,
+                list(dict.fromkeys(train_ds["task"]))[: script_args.replay_tasks],
+                num_loops=training_args.num_loops or model.config.total_ut_steps,
+                max_new_tokens=script_args.tp_max_new_tokens,
+                sources=sorted(set(train_ds["source"])) if "source" in train_ds.column_names else (),
+                batch_size=training_args.per_device_eval_batch_size,
+            )
         replay = build.dataset
         if training_args.process_index == 0:
             print(
@@ -288,18 +320,21 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         replay_dataset=replay,
     )
     use_short_console_log(trainer, trainer.num_loops)  # W&B and the trainer state keep every metric
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(os.path.join(out, "final"))
+    with times("train"):
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(os.path.join(out, "final"))
 
     if trainer.accelerator.is_main_process:
         tuned = trainer.accelerator.unwrap_model(trainer.model).eval()
-        after = evaluate_gap(tuned, tokenizer, eval_ds, config=gap_config, out_dir=os.path.join(out, "after"))
+        with times("after_eval"):
+            after = evaluate_gap(tuned, tokenizer, eval_ds, config=gap_config, out_dir=os.path.join(out, "after"))
         # the verdict is taken at the depth the adapters were trained at (default: the model's total_ut_steps)
         depth = training_args.num_loops
         comparison = compare(before, after, CompareConfig(loops=depth, rr_tolerance=script_args.rr_tolerance))
         atomic_write_text(os.path.join(out, "compare.md"), comparison.markdown())
         atomic_write_text(os.path.join(out, "compare.json"), comparison.to_json())
-        write_adapter_card(os.path.join(out, "final"), comparison.markdown())  # how to load it, and the verdict
+        # how to load it (adapters or, for a full fine-tune, the model), and the verdict
+        write_adapter_card(os.path.join(out, "final"), comparison.markdown(), base_model=model_args.model_name_or_path)
         if wandb:
             import wandb as wb
 
@@ -310,6 +345,10 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         print("\nBefore / after gap SFT on the held-out split:\n")
         print(comparison.markdown())
         print(f"\nReports, plots, adapters and probes are in {out}/")
+        timings = times.as_dict(world_size=training_args.world_size, device=str(training_args.device),
+                                resumed=bool(resume), model=model_args.model_name_or_path)  # fmt: skip
+        atomic_write_text(os.path.join(out, "timings.json"), json.dumps(timings, indent=1))
+        print(f"phase times (main process): {times.line()}")
     # every rank, when its work is done: its process group is destroyed before the interpreter exits (accelerate's
     # end_training); left to interpreter shutdown, gloo can abort a finished rank ("terminate called without an
     # active exception"), failing a run whose results were written

@@ -15,15 +15,21 @@ from loopalign.loading import GAP_CONFIG_FILE, is_gap_run_folder, load_gap_model
 __all__ = ["GAP_CONFIG_FILE", "is_gap_run_folder", "load_gap_model", "write_adapter_card"]
 
 
-def write_adapter_card(path: str | os.PathLike, verdict_markdown: str | None = None) -> str:
+def write_adapter_card(
+    path: str | os.PathLike, verdict_markdown: str | None = None, base_model: str | None = None
+) -> str:
     """Replace PEFT's empty README template in an adapter folder with what the run is and how to load
-    it (routing included), plus the before/after verdict when given. Written atomically. -> path."""
+    it (routing included), plus the before/after verdict when given. A full fine-tune (no ``adapter_config.json``:
+    the folder is the whole model) gets a model card instead (``base_model``: what it was trained from).
+    Written atomically. -> path of the card."""
     path = os.fspath(path)
     with open(os.path.join(path, GAP_CONFIG_FILE)) as f:
         settings = json.load(f)
+    weights = {k: v for k, v in settings.get("loss_weights", {}).items() if v}
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return _write_full_model_card(path, settings, weights, verdict_markdown, base_model)
     with open(os.path.join(path, "adapter_config.json")) as f:
         adapter = json.load(f)
-    weights = {k: v for k, v in settings.get("loss_weights", {}).items() if v}
     lines = [
         "---",
         "library_name: peft",
@@ -57,6 +63,43 @@ def write_adapter_card(path: str | os.PathLike, verdict_markdown: str | None = N
             if settings.get("lora_loops", "all") != "all"
             else "; this run used all loops, so it gives the same model."
         ),
+        "",
+    ]
+    if verdict_markdown:
+        lines += ["## Before / after (held-out records)", "", verdict_markdown.strip(), ""]
+    target = os.path.join(path, "README.md")
+    atomic_write_text(target, "\n".join(lines))
+    return target
+
+
+def _write_full_model_card(path: str, settings: dict, weights: dict, verdict_markdown, base_model) -> str:
+    lines = [
+        "---",
+        "library_name: transformers",
+        *([f"base_model: {base_model}"] if base_model else []),
+        "tags: [loopalign, gap-sft, looped-transformer]",
+        "---",
+        "",
+        "# loopalign gap-SFT model (full fine-tune)",
+        "",
+        "All weights trained by loopalign's `GapSFTTrainer`"
+        + (f" from `{base_model}`" if base_model else "")
+        + " so that the verbal verdict (SV) catches up with what a probe reads from the hidden states (RR), per loop.",
+        "",
+        f"- loops per forward: {settings.get('num_loops')}",
+        f"- objective: {', '.join(f'{k} {v:g}' for k, v in weights.items())}; loop weighting "
+        f"{settings.get('loop_weighting')}",
+        f"- verdict tokens: {settings.get('verdict_tokens')}",
+        "",
+        "## Load it",
+        "",
+        "```python",
+        "from loopalign.loading import load_pretrained, load_tokenizer",
+        'model, tokenizer = load_pretrained("PATH/TO/THIS/FOLDER"), load_tokenizer("PATH/TO/THIS/FOLDER")',
+        "```",
+        "",
+        "or `AutoModelForCausalLM.from_pretrained` after `import loopalign`, or "
+        "`loopalign eval-gap --model_name_or_path PATH/TO/THIS/FOLDER ...`.",
         "",
     ]
     if verdict_markdown:

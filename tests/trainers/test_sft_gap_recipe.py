@@ -33,3 +33,35 @@ def test_recipe_writes_before_after_reports_and_the_verdict(tmp_path, capsys, sf
     # a short console: the before table once, compactly; per-loop training details only in the logs
     assert "(full report: " in printed and "## SV metrics" not in printed
     assert "'sv/loop_4'" in printed and "'loss/loop_1'" not in printed
+    # the wall time of each phase, in the order they ran; phases run one after the other, so they add up to at most the total
+    timings = json.loads((run / "timings.json").read_text())
+    phases = timings["phases"]
+    assert list(phases)[:3] == ["load", "data", "before_eval"] and list(phases)[-2:] == ["train", "after_eval"]
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= timings["total"]
+    assert phases["train"] > 0 and phases["before_eval"] > 0 and timings["world_size"] == 1
+    assert "phase times (main process): load" in printed
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_run_ends_with_a_model_card_and_a_loadable_model(tmp_path, sft_gap_script, parse_sft_gap):
+    """Without --use_peft the run trains every weight and final/ is the whole model: it gets a model card (there is
+    no adapter_config.json to describe) and loads by its path as the trained model."""
+    import torch
+
+    from loopalign.loading import load_model
+
+    argv = [
+        "--model_name_or_path", "tiny", "--dataset", "synthetic", "--dataset_limit", "40", "--eval_loops", "4",
+        "--eval_n_boot", "20", "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--report_to", "none",
+        "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true", "--loss_weights", '{"lm": 1.0}',
+    ]  # fmt: skip
+    sft_gap_script.train_and_compare(*parse_sft_gap(argv))
+    final = tmp_path / "run" / "final"
+    assert not (final / "adapter_config.json").exists() and (final / "model.safetensors").exists()
+    card = (final / "README.md").read_text()
+    assert "full fine-tune" in card and "base_model: tiny" in card and "SV caught up" in card
+    (tuned, _), (base, _) = load_model(str(final), device="cpu"), load_model("tiny", device="cpu")
+    ids = torch.arange(3, 19).unsqueeze(0)
+    with torch.no_grad():
+        assert (tuned(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 1e-4  # the trained weights
