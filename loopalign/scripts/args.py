@@ -8,6 +8,7 @@ injection options are 0-based loop indices (:func:`~loopalign.loops.parse_loop_i
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ __all__ = [
     "GapEvalArguments",
     "default_eval_loops",
     "make_parser",
+    "lora_targets_as_names",
     "parse_or_exit",
     "rename_deprecated_options",
 ]
@@ -152,10 +154,24 @@ def make_parser(dataclass_types: Sequence[type], doc: str | None) -> TrlParser:
     return TrlParser(tuple(dataclass_types), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def lora_targets_as_names(model_args) -> None:
+    """TRL's ``ModelConfig`` turns a one-element ``lora_target_modules`` into a plain string (so that
+    ``all-linear`` works), and PEFT reads a string as a regular expression over the whole module path: one
+    module name (``--lora_target_modules q_proj``) then matches no module at all. A string that is a module name
+    (letters, digits, ``_`` and ``.``) goes back into a list; ``all-linear`` and real patterns stay as given."""
+    targets = getattr(model_args, "lora_target_modules", None)
+    if isinstance(targets, str) and targets != "all-linear" and re.fullmatch(r"[A-Za-z0-9_.]+", targets):
+        model_args.lora_target_modules = [targets]
+
+
 def parse_or_exit(parser: TrlParser, argv: Sequence[str]) -> tuple:
     """``parser.parse_args_and_config(argv)``; an invalid value (a dataclass's ``ValueError``) ends the
-    script with the usage line and the message (exit status 2), not a traceback."""
+    script with the usage line and the message (exit status 2), not a traceback. One LoRA target module stays a
+    name (:func:`lora_targets_as_names`)."""
     try:
-        return parser.parse_args_and_config(args=list(argv))
+        parsed = parser.parse_args_and_config(args=list(argv))
     except ValueError as e:
         parser.error(str(e))
+    for args in parsed:
+        lora_targets_as_names(args)
+    return parsed

@@ -35,6 +35,7 @@ from loopalign.eval.introspection.checks import ChecksConfig, checks_markdown, r
 from loopalign.eval.introspection.report import format_rate, plot_comparison
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.io import atomic_write_text
+from loopalign.scripts.args import parse_or_exit
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.introspection import (
     INTROSPECTION_MODES,
@@ -321,7 +322,7 @@ def parse_args(argv: list[str] | None = None):
     parser = TrlParser((IntrospectionScriptArguments, IntrospectionGRPOConfig, ModelConfig))
     if "--config" not in argv:
         parser.set_defaults(**EMBEDDED_DEFAULTS)
-    return parser.parse_args_and_config(args=argv)
+    return parse_or_exit(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

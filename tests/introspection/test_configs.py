@@ -113,10 +113,12 @@ def test_recipes_are_thin_and_import_no_sibling(name):
     assert callable(_recipe(name).main)
 
 
-def test_scripts_main_parses_argv_and_rejects_bad_options():
-    """main(argv) parses with TrlParser: a bad option fails naming it before any model is loaded."""
-    with pytest.raises(ValueError, match="concept_split"):
+def test_scripts_main_parses_argv_and_rejects_bad_options(capsys):
+    """main(argv) parses with TrlParser: a bad option fails naming it before any model is loaded (a bad value ends
+    the GRPO recipe with its usage line and the message, exit status 2, as the gap recipes do)."""
+    with pytest.raises(SystemExit) as exited:
         _recipe("grpo_introspection").main(["--use_cpu", "true", "--concept_split", "some"])
+    assert exited.value.code == 2 and "concept_split must be 'held_out' or 'none'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no_such_option"):
         _recipe("eval_introspection").main(["--no_such_option", "1"])
     script, train, model = _recipe("grpo_introspection").parse_args(["--mode", "grpo", "--max_steps", "7"])

@@ -29,8 +29,13 @@ def parse_sft_gap(sft_gap_script):
     """argv -> (script_args, training_args, model_args), parsed as recipes/sft_gap.py parses them."""
     from trl import ModelConfig, TrlParser
 
-    def parse(argv):
+    from loopalign.scripts.args import lora_targets_as_names
+
+    def parse(argv):  # as parse_or_exit, but a bad value raises its ValueError (tests match the message)
         parser = TrlParser((sft_gap_script.GapScriptArguments, sft_gap_script.GapSFTConfig, ModelConfig))
-        return parser.parse_args_and_config(args=argv)
+        parsed = parser.parse_args_and_config(args=argv)
+        for args in parsed:
+            lora_targets_as_names(args)
+        return parsed
 
     return parse

@@ -133,3 +133,30 @@ def test_each_recipe_takes_yaml_and_the_command_line_overrides_it(script, tmp_pa
     ):
         parsed = module.build_parser(argv).parse_args_and_config(args=argv)
         assert getattr(next(o for o in parsed if hasattr(o, option)), option) == expected
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (["q_proj"], ["q_proj"]),  # TRL makes one name a string, which PEFT would read as a pattern matching nothing
+        (["self_attn.q_proj"], ["self_attn.q_proj"]),
+        (["q_proj", "v_proj"], ["q_proj", "v_proj"]),
+        (["all-linear"], "all-linear"),
+        ([r".*\.q_proj"], r".*\.q_proj"),  # a pattern stays a pattern
+    ],
+)
+def test_one_lora_target_module_stays_a_module_name(given, expected, tmp_path, parse_sft_gap):
+    from peft import get_peft_model
+    from trl import get_peft_config
+
+    from loopalign import OuroForCausalLM, tiny_config
+
+    argv = ["--model_name_or_path", "tiny", "--use_peft", "true", "--lora_target_modules", *given,
+            "--output_dir", str(tmp_path), "--use_cpu", "true"]  # fmt: skip
+    *_, model_args = parse_sft_gap(argv)
+    assert model_args.lora_target_modules == expected
+    yaml_file = tmp_path / "one.yaml"
+    yaml_file.write_text(yaml.safe_dump({"model_name_or_path": "tiny", "lora_target_modules": given}))
+    assert parse_sft_gap(["--config", str(yaml_file), "--use_cpu", "true"])[2].lora_target_modules == expected
+    model = get_peft_model(OuroForCausalLM(tiny_config(vocab_size=64)), get_peft_config(model_args))
+    assert any("lora_A" in n for n, _ in model.named_parameters())  # the adapters went somewhere
