@@ -137,16 +137,21 @@ def load_gap_model(path: str | os.PathLike, base=None, device: str | None = None
     if base is None:
         if not base_name:
             raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path: pass base=")
-        base = load_pretrained(base_name, dtype=dtype)
-    elif isinstance(base, str):
-        base = load_pretrained(base, dtype=dtype)
+        base = base_name
+    base_tokenizer = None
+    if isinstance(base, str):
+        if base in LOCAL_MODELS:  # "tiny", "organism", ...: built or loaded as load_model does
+            base, base_tokenizer = load_model(base, device="cpu")
+        else:  # a folder or hub name
+            base = load_pretrained(base, dtype=dtype)
     model = PeftModel.from_pretrained(base, path)
     lora_loops = settings.get("lora_loops", "all")
     if lora_loops != "all":
         route_lora_by_loop(model, lora_loops)
     model = model.to(device or default_device()).eval()
-    tok_source = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base_name
-    return model, load_tokenizer(tok_source)
+    if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        return model, load_tokenizer(path)
+    return model, base_tokenizer if base_tokenizer is not None else load_tokenizer(base_name)
 
 
 def _named_loader(name: str) -> Callable:
@@ -171,9 +176,14 @@ def load_model(
         torch.manual_seed(seed)
         model = OuroForCausalLM(tiny_config(vocab_size=len(tok)))
         model.config._name_or_path = "tiny"
+        # what PEFT records as the adapters' base model, so load_gap_model can rebuild it: "tiny" is the seed-0 model;
+        # another seed is not reproducible from the name, so nothing is recorded (load_gap_model then asks for base=)
+        model.name_or_path = "tiny" if seed == 0 else ""
         return model.to(device).eval(), tok
     if name in NAMED_MODELS:
         model, tok = _named_loader(name)(device=device)
+        # the name, not this machine's cache folder, is what adapters trained on it record as their base model
+        model.name_or_path = name
         return model, (tokenizer if tokenizer is not None else tok)
     if is_gap_run_folder(name):
         model, tok = load_gap_model(name, device=device, dtype=dtype)

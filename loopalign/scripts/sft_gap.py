@@ -160,7 +160,7 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args: GapSFTConfi
     name = model_args.model_name_or_path
     if name in LOCAL_MODELS:  # the organism is built into the cache first when missing (by one process)
         with training_args.main_process_first(desc=f"loading the {name} model"):
-            model, tokenizer = load_model(name, device="cpu", seed=training_args.seed)
+            model, tokenizer = load_model(name, device="cpu")  # "tiny" is one model (seed 0): final/ can name it
         return model.train(), tokenizer
     model = load_pretrained(
         name,

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -24,6 +25,17 @@ def test_recipe_writes_before_after_reports_and_the_verdict(tmp_path, capsys, sf
     comparison = json.loads((run / "compare.json").read_text())
     assert set(comparison) >= {"verdict"} and "SV caught up" in comparison["verdict"]
     assert (run / "final" / "adapter_model.safetensors").exists()
+    # the adapters name their base ("tiny", not a from-config blank), so final/ loads by its path alone
+    assert json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    from peft import PeftModel
+
+    from loopalign.loading import load_model
+
+    (tuned, _), (base, _) = load_model(str(run / "final"), device="cpu"), load_model("tiny", device="cpu")
+    assert isinstance(tuned, PeftModel)
+    ids = torch.arange(3, 19).unsqueeze(0)
+    with torch.no_grad():
+        assert (tuned(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 0  # the trained adapters
     assert not (run / "final" / "loop_probes.safetensors").exists()  # the default objective has no probes
     assert len(comparison["tp"]) == 4  # TP before and after, per loop
     card = (run / "final" / "README.md").read_text()  # not PEFT's empty template
@@ -46,8 +58,6 @@ def test_recipe_writes_before_after_reports_and_the_verdict(tmp_path, capsys, sf
 def test_a_full_fine_tune_run_ends_with_a_model_card_and_a_loadable_model(tmp_path, sft_gap_script, parse_sft_gap):
     """Without --use_peft the run trains every weight and final/ is the whole model: it gets a model card (there is
     no adapter_config.json to describe) and loads by its path as the trained model."""
-    import torch
-
     from loopalign.loading import load_model
 
     argv = [
