@@ -28,6 +28,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopalign.data.verification import underscores_as_dashes
+
 # moved to loopalign.injection; re-exported for one release
 from loopalign.injection import (
     BASELINE_WORDS,
@@ -310,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(
         prog="python -m data_builders.injection",
-        description="Extract concept vectors per (loop, layer) and build concept-injection trial records.",
+        description="Extract concept vectors per (loop, layer) and build concept-injection trial records. "
+        "Options may be spelled with - or _ (--extraction-loops, --extraction_loops).",
     )
     p.add_argument("--model", required=True, help="a model folder, a hub name, or 'tiny' (random tiny Ouro)")
     p.add_argument("--tokenizer", help="tokenizer ('local', folder or hub name; default: the model's)")
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+    args = p.parse_args(underscores_as_dashes(p, list(sys.argv[1:] if argv is None else argv)))
     try:
         strengths = tuple(args.strengths)
         check_injection_options(args.loops, args.n_concepts, args.n_controls, args.batch_size, strengths)

@@ -347,7 +347,8 @@ def parser() -> argparse.ArgumentParser:
     command = sys.argv[0] if sys.argv and sys.argv[0].startswith("loopalign ") else None
     p = argparse.ArgumentParser(
         prog=command or "python -m data_builders.verification",
-        description="Build a verification dataset (task, candidate answer, label) and optionally render prompts.",
+        description="Build a verification dataset (task, candidate answer, label) and optionally render prompts. "
+        "Options may be spelled with - or _ (--num-loops, --num_loops).",
     )
     p.add_argument("--source", required=True, choices=SOURCES)
     p.add_argument("--path", help="local file/folder or hub dataset name (all sources but synthetic)")
@@ -389,8 +390,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def underscores_as_dashes(p: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The data builders' options are spelled with dashes (``--num-loops``); the recipes' with underscores
+    (``--eval_loops``). So that one spelling works everywhere, ``--num_loops`` (or ``--num_loops=4``) is read as
+    ``--num-loops`` when that is an option of ``p``; anything else is left for argparse to judge."""
+    known = set(p._option_string_actions)
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        dashed = "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+        out.append(dashed + eq + value if dashed != name and dashed in known and name not in known else arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(underscores_as_dashes(p, list(sys.argv[1:] if argv is None else argv)))
     try:
         cfg = VerificationBuild(**{k: v for k, v in vars(args).items()})
         meta = build_verification(cfg)
