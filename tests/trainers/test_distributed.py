@@ -33,13 +33,14 @@ def _launch_two_ranks(tmp_path, config: str, *overrides: str, family: str = "our
     assert "terminate called" not in done.stderr, done.stderr[-3000:]  # a rank aborted at exit (process group left)
 
 
-def _assert_ranks_identical_and_trained(tmp_path, distributed_type: str = "MULTI_CPU") -> None:
+def _assert_ranks_identical_and_trained(tmp_path, distributed_type: str = "MULTI_CPU", adapted: str = "q_proj") -> None:
     ran = {(tmp_path / f"rank{r}.type").read_text() for r in (0, 1)}
     assert ran == {distributed_type}, f"the launch ran {ran}, its config asks for {distributed_type}"
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
     assert int(ranks[0].pop("__world_size")) == 2 and int(ranks[1].pop("__world_size")) == 2
     assert ranks[0].keys() == ranks[1].keys()
     assert any("lora_B" in k for k in ranks[0]) and any(k.startswith("loop_probes") for k in ranks[0])
+    assert any(adapted in k for k in ranks[0] if "lora_B" in k), f"no adapter on {adapted}: not the family asked for"
     moved = [k for k in ranks[0] if "lora_B" in k and ranks[0][k].abs().sum() > 0]
     assert moved, "the adapters did not train"
     for k in ranks[0]:
@@ -66,9 +67,10 @@ def test_deepspeed_zero_configs_train_on_two_cpu_ranks(tmp_path, config):
 def test_the_fsdp_config_launches_on_cpu_as_ddp(tmp_path):
     """accelerate runs FSDP on accelerators only: on 2 CPU ranks the shipped fsdp.yaml launches and trains as DDP
     (MULTI_CPU), said here so that nobody reads this test as an FSDP run. What FSDP itself needs from the model
-    is checked below without a GPU."""
-    _launch_two_ranks(tmp_path, "fsdp.yaml", "--num_processes", "2", "--mixed_precision", "no")
-    _assert_ranks_identical_and_trained(tmp_path, "MULTI_CPU")
+    is checked below without a GPU. The model is a tiny Huginn (the other 2-rank runs train Ouro), so the second
+    family's adapters and probes are seen to train and stay identical across ranks too."""
+    _launch_two_ranks(tmp_path, "fsdp.yaml", "--num_processes", "2", "--mixed_precision", "no", family="huginn")
+    _assert_ranks_identical_and_trained(tmp_path, "MULTI_CPU", adapted="Wqkv")
 
 
 @pytest.mark.parametrize("family", ["ouro", "huginn"])
