@@ -131,17 +131,22 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @contextmanager
-def _adapters_off(modules: list[nn.Module]) -> Iterator[None]:
-    """PEFT's per-layer ``disable_adapters`` state set for the block (requires_grad untouched, unlike
-    ``enable_adapters(False)``), then restored."""
-    before = [m._disable_adapters for m in modules]
+def _attribute_set(modules: list[nn.Module], name: str, value) -> Iterator[None]:
+    """``name`` set to ``value`` on every module for the block, then each module's own value restored."""
+    before = [getattr(m, name) for m in modules]
     for m in modules:
-        m._disable_adapters = True
+        setattr(m, name, value)
     try:
         yield
     finally:
-        for m, value in zip(modules, before):
-            m._disable_adapters = value
+        for m, old in zip(modules, before):
+            setattr(m, name, old)
+
+
+def _adapters_off(modules: list[nn.Module]):
+    """PEFT's per-layer ``disable_adapters`` state set for the block (requires_grad untouched, unlike
+    ``enable_adapters(False)``), then restored."""
+    return _attribute_set(modules, "_disable_adapters", True)
 
 
 class _LoopGate:
@@ -215,16 +220,9 @@ class _UpcastSkip:
         return _upcast_off(self.modules) if torch.is_autocast_enabled(device_type) else None
 
 
-@contextmanager
-def _upcast_off(modules: list[nn.Module]) -> Iterator[None]:
-    before = [m.cast_input_dtype_enabled for m in modules]
-    for m in modules:
-        m.cast_input_dtype_enabled = False
-    try:
-        yield
-    finally:
-        for m, value in zip(modules, before):
-            m.cast_input_dtype_enabled = value
+def _upcast_off(modules: list[nn.Module]):
+    """PEFT's cast of the LoRA input to the adapters' dtype off for the block, then restored."""
+    return _attribute_set(modules, "cast_input_dtype_enabled", False)
 
 
 def skip_lora_input_upcast(model: nn.Module) -> int:

@@ -25,12 +25,31 @@ def write_adapter_card(
     path = os.fspath(path)
     with open(os.path.join(path, GAP_CONFIG_FILE)) as f:
         settings = json.load(f)
+    adapter_file = os.path.join(path, "adapter_config.json")
+    if os.path.isfile(adapter_file):
+        with open(adapter_file) as f:
+            lines = _adapter_card_lines(settings, json.load(f))
+    else:
+        lines = _full_model_card_lines(settings, base_model)
+    if verdict_markdown:
+        lines += ["## Before / after (held-out records)", "", verdict_markdown.strip(), ""]
+    target = os.path.join(path, "README.md")
+    atomic_write_text(target, "\n".join(lines))
+    return target
+
+
+def _objective_lines(settings: dict) -> list[str]:
+    """The card's lines on the training objective and the verdict tokens (adapters and full fine-tunes alike)."""
     weights = {k: v for k, v in settings.get("loss_weights", {}).items() if v}
-    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        return _write_full_model_card(path, settings, weights, verdict_markdown, base_model)
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        adapter = json.load(f)
-    lines = [
+    return [
+        f"- objective: {', '.join(f'{k} {v:g}' for k, v in weights.items())}; loop weighting "
+        f"{settings.get('loop_weighting')}",
+        f"- verdict tokens: {settings.get('verdict_tokens')}",
+    ]
+
+
+def _adapter_card_lines(settings: dict, adapter: dict) -> list[str]:
+    return [
         "---",
         "library_name: peft",
         f"base_model: {adapter.get('base_model_name_or_path')}",
@@ -45,9 +64,7 @@ def write_adapter_card(
         "",
         f"- loops per forward: {settings.get('num_loops')}; adapters active on loops: "
         f"`{settings.get('lora_loops')}` (0-based)",
-        f"- objective: {', '.join(f'{k} {v:g}' for k, v in weights.items())}; loop weighting "
-        f"{settings.get('loop_weighting')}",
-        f"- verdict tokens: {settings.get('verdict_tokens')}",
+        *_objective_lines(settings),
         "",
         "## Load it (the loop routing is part of the model)",
         "",
@@ -65,15 +82,10 @@ def write_adapter_card(
         ),
         "",
     ]
-    if verdict_markdown:
-        lines += ["## Before / after (held-out records)", "", verdict_markdown.strip(), ""]
-    target = os.path.join(path, "README.md")
-    atomic_write_text(target, "\n".join(lines))
-    return target
 
 
-def _write_full_model_card(path: str, settings: dict, weights: dict, verdict_markdown, base_model) -> str:
-    lines = [
+def _full_model_card_lines(settings: dict, base_model: str | None) -> list[str]:
+    return [
         "---",
         "library_name: transformers",
         *([f"base_model: {base_model}"] if base_model else []),
@@ -87,9 +99,7 @@ def _write_full_model_card(path: str, settings: dict, weights: dict, verdict_mar
         + " so that the verbal verdict (SV) catches up with what a probe reads from the hidden states (RR), per loop.",
         "",
         f"- loops per forward: {settings.get('num_loops')}",
-        f"- objective: {', '.join(f'{k} {v:g}' for k, v in weights.items())}; loop weighting "
-        f"{settings.get('loop_weighting')}",
-        f"- verdict tokens: {settings.get('verdict_tokens')}",
+        *_objective_lines(settings),
         "",
         "## Load it",
         "",
@@ -102,8 +112,3 @@ def _write_full_model_card(path: str, settings: dict, weights: dict, verdict_mar
         "`loopalign eval-gap --model_name_or_path PATH/TO/THIS/FOLDER ...`.",
         "",
     ]
-    if verdict_markdown:
-        lines += ["## Before / after (held-out records)", "", verdict_markdown.strip(), ""]
-    target = os.path.join(path, "README.md")
-    atomic_write_text(target, "\n".join(lines))
-    return target
