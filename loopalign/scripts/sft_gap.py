@@ -40,6 +40,7 @@ from loopalign.eval.report import short_markdown
 from loopalign.io import atomic_write_text, folder_lock
 from loopalign.loading import LOCAL_MODELS, load_model, load_pretrained, load_tokenizer
 from loopalign.loops import parse_loop_counts
+from loopalign.models.contract import trained_loops
 from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for
 from loopalign.scripts.args import GapEvalArguments, default_eval_loops, make_parser, parse_or_exit
 from loopalign.speed import set_cpu_threads
@@ -299,7 +300,7 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
                 model,
                 tokenizer,
                 list(dict.fromkeys(train_ds["task"]))[: script_args.replay_tasks],
-                num_loops=training_args.num_loops or model.config.total_ut_steps,
+                num_loops=training_args.num_loops or trained_loops(model),
                 max_new_tokens=script_args.tp_max_new_tokens,
                 sources=sorted(set(train_ds["source"])) if "source" in train_ds.column_names else (),
                 batch_size=training_args.per_device_eval_batch_size,

@@ -40,6 +40,7 @@ from loopalign.io import apply_umask_tree, atomic_save_safetensors, atomic_write
 from loopalign.loading import GAP_CONFIG_FILE
 from loopalign.loops import gather_positions, loop_logits
 from loopalign.lora import parse_loop_selection, route_lora_by_loop, skip_lora_input_upcast
+from loopalign.models.contract import is_looped, loop_forward
 from loopalign.objectives import (
     LoopProbes,
     consistency_loss,
@@ -213,9 +214,31 @@ class GapSFTConfig(SFTConfig):
             raise ValueError(f"GapSFTConfig.lora_loops={self.lora_loops!r}: {e}") from None
 
     def check_against_model(self, model_config) -> tuple[int, int]:
-        """Validate loop/layer options against a model config; returns (num_loops, probe_layer)."""
-        num_loops = self.num_loops or model_config.total_ut_steps
-        num_layers = model_config.num_hidden_layers
+        """Validate loop/layer options against a model config; returns (num_loops, probe_layer).
+
+        A plain causal LM (no ``total_ut_steps``) is a model with one loop: ``num_loops`` must then be 1 (or unset)
+        and ``lora_loops`` "all"; ``probe_layer`` picks the layer its readout terms read."""
+        depth = getattr(model_config, "total_ut_steps", None)
+        num_layers = getattr(model_config, "num_hidden_layers", None)
+        if num_layers is None:
+            raise ValueError(f"{type(model_config).__name__} names no num_hidden_layers: see docs/models.md")
+        if depth is None:  # a plain causal LM: one loop
+            if self.num_loops not in (None, 1):
+                raise ValueError(
+                    f"GapSFTConfig.num_loops={self.num_loops}: {type(model_config).__name__} is not a looped model "
+                    "(it runs one loop); leave num_loops unset or 1"
+                )
+            if self.lora_loops != "all":
+                raise ValueError(
+                    f"GapSFTConfig.lora_loops={self.lora_loops!r}: {type(model_config).__name__} is not a looped model "
+                    "(it runs one loop); use lora_loops='all'"
+                )
+            if self.loss_weights.get("gate", 0) > 0 or self.loop_weighting == "ouro_entropy":
+                raise ValueError(
+                    "GapSFTConfig: the 'gate' loss and loop_weighting='ouro_entropy' need a model with an exit gate "
+                    f"(Ouro); {type(model_config).__name__} has none"
+                )
+        num_loops = self.num_loops or int(depth or 1)
         layer = num_layers if self.probe_layer is None else self.probe_layer
         if not 0 <= layer <= num_layers:
             raise ValueError(
@@ -359,21 +382,28 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             )
         return build_gap_features(train_dataset, self.processing_class, **feature_kwargs)
 
-    def _readout_features(self, model, inputs, detach: bool) -> tuple[object, torch.Tensor]:
-        """One forward of all loops; returns (output, features [T,B,H] at probe_layer, probe_index)."""
-        num_layers = self.model.config.num_hidden_layers
-        positions = inputs["probe_index"][:, None]
-        sites = [(t, self.probe_layer) for t in range(self.num_loops)] if self.probe_layer < num_layers else [(0, 0)]
-        with capture_activations(model, sites, positions=positions, detach=detach) as cap:
-            out = model(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
+    def _loop_forward(self, model, input_ids, attention_mask):
+        """All loops in one forward -> an output with ``loop_hidden_states`` (T x [B,S,H]); a looped model also
+        gives ``exit_probs`` / ``gate_logits``; a plain causal LM is its one loop (:func:`loop_forward`)."""
+        if is_looped(model):
+            return model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 num_loops=self.num_loops,
                 output_loop_states=True,
                 use_cache=False,
                 exit="last",
                 logits_to_keep=1,
             )
+        return loop_forward(model, input_ids, attention_mask, num_loops=1, logits_to_keep=1)
+
+    def _readout_features(self, model, inputs, detach: bool) -> tuple[object, torch.Tensor]:
+        """One forward of all loops; returns (output, features [T,B,H] at probe_layer, probe_index)."""
+        num_layers = self.model.config.num_hidden_layers
+        positions = inputs["probe_index"][:, None]
+        sites = [(t, self.probe_layer) for t in range(self.num_loops)] if self.probe_layer < num_layers else [(0, 0)]
+        with capture_activations(model, sites, positions=positions, detach=detach) as cap:
+            out = self._loop_forward(model, inputs["input_ids"], inputs["attention_mask"])
         if self.probe_layer == num_layers:
             feats = [gather_positions(h, positions)[:, 0] for h in out.loop_hidden_states]
             feats = [f.detach() for f in feats] if detach else feats
@@ -542,15 +572,7 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         picks = torch.randperm(n, generator=gen)[: min(n, self.args.replay_batch_size)].tolist()
         batch = collate_replay([self.replay_features[i] for i in picks], self.processing_class.pad_token_id)
         device = loop_w.device
-        out = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            num_loops=self.num_loops,
-            output_loop_states=True,
-            use_cache=False,
-            exit="last",
-            logits_to_keep=1,
-        )
+        out = self._loop_forward(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
         token_losses, _ = per_loop_token_losses(
             lm_head, out.loop_hidden_states, batch["labels"].to(device), self.args.lm_chunk_size
         )

@@ -1,0 +1,116 @@
+"""Gap SFT on plain (non-looped) causal LMs: a model with one loop, through the command line, with the readout
+terms at a chosen layer, and the trained adapters reloaded by their folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from loopalign.trainers import GapSFTConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _llama(tok):
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    return LlamaForCausalLM(config), ["q_proj", "v_proj"]
+
+
+def _gpt2(tok):
+    config = GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_positions=512, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config), ["c_attn"]
+
+
+@pytest.fixture(scope="module")
+def saved_rows(gap_dataset, tmp_path_factory):
+    rows, _ = gap_dataset
+    path = tmp_path_factory.mktemp("rows") / "rows.jsonl"
+    rows.to_json(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [_llama, _gpt2], ids=["llama", "gpt2"])
+def test_sft_gap_command_trains_a_plain_causal_lm_and_its_adapters_reload(family, gap_dataset, saved_rows, tmp_path):
+    _, tok = gap_dataset
+    torch.manual_seed(0)
+    model, targets = family(tok)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    out = tmp_path / "run"
+    weights = {"lm": 1.0, "rr_distill": 1.0, "rr_probe": 1.0, "probe_distill": 1.0}
+    argv = [sys.executable, "-m", "loopalign", "sft-gap", "--model_name_or_path", str(tmp_path / "base"),
+            "--dataset", str(saved_rows), "--output_dir", str(out), "--max_steps", "2",
+            "--per_device_train_batch_size", "8", "--eval_n_boot", "50", "--use_peft", "true", "--lora_r", "4",
+            "--lora_target_modules", *targets, "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true",
+            "--disable_tqdm", "true", "--probe_layer", "1", "--loss_weights", json.dumps(weights)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    comparison = json.loads((out / "compare.json").read_text())
+    assert comparison["depth"] == 1 and [r["loop"] for r in comparison["rows"]] == [1]
+    settings = json.loads((out / "final" / "gap_config.json").read_text())
+    assert settings["num_loops"] == 1 and settings["probe_layer"] == 1
+    # the adapters reload onto their base by the folder alone, and they changed the model
+    from loopalign.loading import load_model
+
+    (tuned, _), (base, _) = (
+        load_model(str(out / "final"), device="cpu"),
+        load_model(str(tmp_path / "base"), device="cpu"),
+    )
+    ids = torch.arange(3, 19).unsqueeze(0)
+    with torch.no_grad():
+        assert (tuned(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_loops": 2}, "not a looped model"),
+        ({"lora_loops": "last"}, "lora_loops='all'"),
+        ({"loss_weights": {"gate": 1.0}}, "exit gate"),
+        ({"loop_weighting": "ouro_entropy"}, "exit gate"),
+        ({"probe_layer": 4}, "probe_layer=4 is out of range"),
+    ],
+)
+def test_loop_options_a_plain_model_cannot_honour_are_refused_by_name(options, message, gap_dataset, tmp_path):
+    _, tok = gap_dataset
+    config = _llama(tok)[0].config
+    args = GapSFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **options)
+    with pytest.raises(ValueError, match=message):
+        args.check_against_model(config)
+
+
+def test_a_plain_model_trains_at_its_one_loop_with_a_mid_layer_readout(gap_dataset, tmp_path):
+    """One step through the trainer: the readout terms read layer 1 of a 3-layer Llama, and the loss is finite."""
+    from peft import LoraConfig
+
+    from loopalign.trainers import GapSFTTrainer
+
+    rows, tok = gap_dataset
+    torch.manual_seed(0)
+    model, targets = _llama(tok)
+    args = GapSFTConfig(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1, per_device_train_batch_size=8,
+        probe_layer=1, loss_weights={"lm": 1.0, "rr_probe": 1.0, "rr_distill": 1.0}, save_strategy="no",
+        disable_tqdm=True,
+    )  # fmt: skip
+    trainer = GapSFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(list(rows)[:16]), processing_class=tok,
+        peft_config=LoraConfig(r=4, target_modules=targets),
+    )  # fmt: skip
+    assert trainer.num_loops == 1 and trainer.probe_layer == 1 and len(trainer.base_probes) == 1
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
