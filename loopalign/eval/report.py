@@ -111,6 +111,7 @@ def gap_markdown(result) -> str:
         ]
     lines += controls_markdown(getattr(result, "controls", None), result.metric)
     lines += _robust_tables(result)
+    lines += per_layer_markdown(result)
     lines += [
         "",
         "## SV metrics (RR-scored records)",
@@ -308,6 +309,33 @@ def compare_markdown(comp) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_layer_rows(result) -> tuple[list[str], list[list[float]]]:
+    """RR per layer: (layer names, per loop the held-out accuracy of each layer's probe [T][L']), read from the
+    result's heatmap. On a plain causal LM (one loop) this is the readout's curve over depth."""
+    heat = (result.heatmap or {}).get("test") or []
+    return list((result.heatmap or {}).get("layers") or []), [list(row) for row in heat]
+
+
+def per_layer_markdown(result) -> list[str]:
+    """The "RR per layer" section of gap.md: each layer's probe (L2 chosen on validation), scored on held-out
+    records, per loop; the best layer per loop is marked."""
+    layers, rows = per_layer_rows(result)
+    if not layers or not rows:
+        return []
+    lines = [
+        "",
+        "## RR per layer (accuracy of each layer's probe on held-out records; * = best layer of the loop)",
+        "",
+        "| loop | " + " | ".join(layers) + " |",
+        "|" + "---|" * (len(layers) + 1),
+    ]
+    for row, values in zip(result.table, rows):
+        best = int(np.nanargmax(values)) if np.isfinite(np.asarray(values, dtype=float)).any() else -1
+        cells = [_pct(v) + ("*" if i == best else "") for i, v in enumerate(values)]
+        lines.append(f"| {row['loop']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _figures(result) -> dict:
     import matplotlib
 
@@ -349,11 +377,21 @@ def _figures(result) -> dict:
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     figs["rr_heatmap"] = fig
+    fig, ax = plt.subplots(figsize=(max(5, 0.25 * heat.shape[1] + 2), 3.5))
+    for ti, t in enumerate(loops):
+        ax.plot(range(heat.shape[1]), heat[ti], marker=".", label=f"loop {t}")
+    ax.set_xticks(range(heat.shape[1]), result.heatmap["layers"], fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("RR accuracy (held-out)")
+    ax.set_title("RR per layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    figs["rr_vs_layer"] = fig
     return figs
 
 
 def plot_gap(result, out_dir: str) -> dict[str, str]:
-    """Write sv_vs_loop, rr_vs_loop, gap_vs_loop, rr_heatmap as PNG and SVG. -> {name.ext: path}."""
+    """Write sv_vs_loop, rr_vs_loop, gap_vs_loop, rr_heatmap, rr_vs_layer as PNG and SVG. -> {name.ext: path}."""
     import matplotlib.pyplot as plt
 
     paths = {}
@@ -411,6 +449,17 @@ def log_wandb(
             run.log(data)
         cols = ["loop", "sv", "sv_lo", "sv_hi", "rr", "rr_lo", "rr_hi", "gap", "gap_lo", "gap_hi", "rr_fixed"]
         table = wandb.Table(columns=cols, data=[[row.get(c) for c in cols] for row in result.table])
+        layers, per_layer = per_layer_rows(result)
+        if layers:
+            by_layer = wandb.Table(
+                columns=["loop", "layer", "rr_accuracy"],
+                data=[
+                    [row["loop"], name, v]
+                    for row, vals in zip(result.table, per_layer)
+                    for name, v in zip(layers, vals)
+                ],
+            )
+            run.log({prefix + "rr_per_layer": by_layer})
         images = {}
         import matplotlib.pyplot as plt
 

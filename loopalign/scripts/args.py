@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from trl import TrlParser
 
 from loopalign.eval import CompareConfig, FeatureConfig, GapConfig, ReadoutConfig, TaskConfig
-from loopalign.loops import parse_loop_counts
+from loopalign.loops import parse_int_set, parse_loop_counts
 
 __all__ = [
     "GapEvalArguments",
@@ -61,6 +61,20 @@ class GapEvalArguments:
         default=str(_READOUT.position),
         metadata={"help": "RR probe position: verdict | answer_end | concat | an index into probe_indices."},
     )
+    eval_layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Layers RR may read (0-based, e.g. 12-29 or 18; the model's layer count L = its final normed "
+            "state); RR selects the best per loop among them and the report shows RR per layer. Default: all."
+        },
+    )
+    eval_fixed_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Layer of the fixed-layer readout (rr_fixed). Default: the normed state L, or the deepest of "
+            "eval_layers when they are given."
+        },
+    )
     metric: str = field(
         default=_GAP.metric, metadata={"help": "Headline metric: auto | accuracy | balanced_accuracy | f1 | auroc."}
     )
@@ -97,12 +111,29 @@ class GapEvalArguments:
             raise ValueError(f"eval_n_boot must be >= 10, got {self.eval_n_boot}")
         if self.tp_max_new_tokens is not None and self.tp_max_new_tokens < 1:
             raise ValueError(f"tp_max_new_tokens must be >= 1 (or unset), got {self.tp_max_new_tokens}")
+        if self.eval_layers is not None:
+            parse_int_set(self.eval_layers, "eval_layers", what="0-based layer indices", example="'12-29' or '18'")
+        if self.eval_fixed_layer is not None:
+            if self.eval_fixed_layer < 0:
+                raise ValueError(f"eval_fixed_layer must be a layer index >= 0, got {self.eval_fixed_layer}")
+            if self.eval_layers is not None and self.eval_fixed_layer not in self.layers():
+                raise ValueError(
+                    f"eval_fixed_layer={self.eval_fixed_layer} is not among eval_layers={self.eval_layers!r}"
+                )
         self.gap_config(loops=[1], batch_size=1, seed=0)  # GapConfig / ReadoutConfig validate the rest
+
+    def layers(self) -> list[int] | None:
+        """The layers RR reads (``eval_layers``), or None for all of them."""
+        if self.eval_layers is None:
+            return None
+        return list(parse_int_set(self.eval_layers, "eval_layers"))
 
     def gap_config(self, *, loops: Sequence[int], batch_size: int, seed: int, **overrides) -> GapConfig:
         """The :class:`GapConfig` these options describe; ``loops``: the resolved loop counts
         (``eval_loops`` or :func:`default_eval_loops`); ``overrides``: GapConfig fields set by the script."""
         position = int(self.eval_position) if self.eval_position.lstrip("-").isdigit() else self.eval_position
+        layers = self.layers()
+        fixed_layer = self.eval_fixed_layer if self.eval_fixed_layer is not None or layers is None else max(layers)
         kwargs = dict(
             loops=list(loops),
             metric=self.metric,
@@ -110,8 +141,10 @@ class GapEvalArguments:
             sv_decision=self.sv_decision,
             n_boot=self.eval_n_boot,
             seed=seed,
-            features=FeatureConfig(batch_size=batch_size),
-            readout=ReadoutConfig(split=self.eval_readout, folds=self.eval_folds, position=position, seed=seed),
+            features=FeatureConfig(batch_size=batch_size, layers=layers),
+            readout=ReadoutConfig(
+                split=self.eval_readout, folds=self.eval_folds, position=position, seed=seed, fixed_layer=fixed_layer
+            ),
             task=TaskConfig(max_new_tokens=self.tp_max_new_tokens, batch_size=batch_size) if self.eval_tp else None,
             tp_loops=self.eval_tp_loops,
             sampled_verdict=self.sampled_verdict,
