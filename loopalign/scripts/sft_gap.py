@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import datasets
 import torch
 from trl import ModelConfig, get_peft_config
 
@@ -36,6 +37,8 @@ from loopalign.eval import (
     evaluate_gap,
     log_comparison_wandb,
 )
+from loopalign.eval.families import compare_families, record_families, split_families
+from loopalign.eval.general import answer_general_questions, general_markdown, save_general
 from loopalign.eval.report import short_markdown
 from loopalign.io import atomic_write_text, folder_lock
 from loopalign.loading import LOCAL_MODELS, load_model, load_pretrained, load_tokenizer
@@ -98,6 +101,33 @@ class GapScriptArguments(GapEvalArguments):
     field_map: str = field(default="beavertails", metadata={"help": "Field map of safety-pairs sources."})
     synthetic_levels: str = field(default="1,2", metadata={"help": "Difficulty levels of the synthetic source."})
     eval_fraction: float = field(default=0.3, metadata={"help": "Share of tasks held out for the before/after eval."})
+    family_field: str = field(
+        default="family",
+        metadata={
+            "help": "Record field (or key of its JSON meta) naming each record's family (e.g. a statement family)."
+        },
+    )
+    heldout_families: str | None = field(
+        default=None,
+        metadata={
+            "help": "Families never trained on (comma-separated values of family_field): all their records are "
+            "evaluated, per family, before and after training, with the transfer summary (families.md)."
+        },
+    )
+    eval_by_family: bool = field(
+        default=False,
+        metadata={
+            "help": "Also evaluate and compare every family on its own (before/families/<family>/, families.md); "
+            "on whenever heldout_families is set."
+        },
+    )
+    transfer_goal: float = field(
+        default=0.5, metadata={"help": "Transfer rule: the mean SV recovery on held-out families to reach (0-1]."}
+    )
+    general_questions: bool = field(
+        default=False,
+        metadata={"help": "Greedy answers to a fixed set of simple questions before and after training (general.md)."},
+    )
     replay_tasks: int | None = field(
         default=None,
         metadata={
@@ -117,8 +147,20 @@ class GapScriptArguments(GapEvalArguments):
             levels = []
         if not levels or any(not 1 <= x <= 6 for x in levels):
             raise ValueError(f"synthetic_levels must be levels in 1..6 (e.g. '1,2'), got {self.synthetic_levels!r}")
+        if not 0 < self.transfer_goal <= 1:
+            raise ValueError(f"transfer_goal must be in (0, 1], got {self.transfer_goal}")
+        if not self.family_field.strip():
+            raise ValueError("family_field must name a record field")
+        if self.heldout_families is not None and not self.heldout_family_names():
+            raise ValueError(f"heldout_families must name families (comma-separated), got {self.heldout_families!r}")
         if self.replay_tasks is not None and self.replay_tasks < 1:
             raise ValueError(f"replay_tasks must be >= 1 (or unset for all), got {self.replay_tasks}")
+
+    def heldout_family_names(self) -> list[str]:
+        return [f.strip() for f in (self.heldout_families or "").split(",") if f.strip()]
+
+    def by_family(self) -> bool:
+        return self.eval_by_family or bool(self.heldout_family_names())
 
 
 def resume_target(value):
@@ -198,6 +240,60 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
     return split_by_task(data, script_args.eval_fraction, seed=training_args.seed)
 
 
+def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds):
+    """-> (train, held-out records of the trained families, {family: its evaluation records}). With
+    ``heldout_families`` their records leave both splits (never trained on) and are evaluated whole; with
+    ``by_family()`` each trained family is evaluated on its held-out records too. {} when not by family."""
+    if not script_args.by_family():
+        return train_ds, eval_ds, {}
+    field_name, heldout = script_args.family_field, script_args.heldout_family_names()
+    every = sorted(set(record_families(train_ds, field_name)) | set(record_families(eval_ds, field_name)))
+    unknown = sorted(set(heldout) - set(every))
+    if unknown:
+        raise ValueError(f"heldout_families: {unknown} are not families of the dataset ({field_name!r}: {every})")
+    if set(heldout) >= set(every):
+        raise ValueError(f"heldout_families={heldout} holds out every family of the dataset: none left to train on")
+    if heldout:
+        train_ds, train_held = split_families(
+            train_ds, field_name, [f for f in heldout if f in set(record_families(train_ds, field_name))]
+        )
+        eval_ds, eval_held = split_families(
+            eval_ds, field_name, [f for f in heldout if f in set(record_families(eval_ds, field_name))]
+        )
+        held = datasets.concatenate_datasets([train_held, eval_held])
+    else:
+        held = eval_ds.select([])
+    sets = {}
+    for part in (eval_ds, held):
+        families = record_families(part, field_name) if len(part) else []
+        for family in sorted(set(families)):
+            sets[family] = part.select([i for i, f in enumerate(families) if f == family])
+    for family, part in sets.items():
+        if len(set(part["label"])) < 2:
+            raise ValueError(f"family {family!r} has {len(part)} evaluation records of one class: use more data")
+        n_tasks = len(set(part["task"]))
+        if script_args.eval_readout == "kfold" and n_tasks < script_args.eval_folds:
+            raise ValueError(
+                f"family {family!r} has {n_tasks} evaluation tasks, fewer than eval_folds={script_args.eval_folds} "
+                "(its RR probes are fitted on its own folds): use more data or fewer folds"
+            )
+    return train_ds, eval_ds, sets
+
+
+def evaluate_families(model, tokenizer, family_sets: dict, gap_config, out_dir: str, resume=None) -> dict:
+    """{family: GapResult}: each family evaluated on its own records into ``out_dir/<family>/`` (a resumed run
+    reuses the evaluations already there)."""
+    results = {}
+    for family, part in family_sets.items():
+        path = os.path.join(out_dir, family)
+        if resume and os.path.exists(os.path.join(path, "gap.json")):
+            results[family] = GapResult.from_json(path)
+            continue
+        print(f"family {family}: {len(part)} records")
+        results[family] = evaluate_gap(model, tokenizer, part, config=gap_config, out_dir=path)
+    return results
+
+
 def prepare_reporting(training_args: GapSFTConfig) -> None:
     """Before anything expensive: W&B without an API key runs offline (said once, not a crash at
     ``trainer.train()``), and a sweep run writes into its own ``output_dir/sweep-<sweep>-<run>/``."""
@@ -265,6 +361,7 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     training_args.check_against_model(model.config)  # probe_layer, lora_loops, loop_weights: before any data
     with times("data"), training_args.main_process_first(desc="building the verification dataset"):
         train_ds, eval_ds = load_datasets(script_args, model_args.model_name_or_path, tokenizer, training_args)
+        train_ds, eval_ds, family_sets = family_eval_sets(script_args, train_ds, eval_ds)
     check_against_data(training_args, train_ds, eval_ds)
     resume = resume_target(training_args.resume_from_checkpoint)
     if training_args.use_cpu or not torch.cuda.is_available():
@@ -292,6 +389,17 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
             with times("before_eval"):
                 before = evaluate_gap(model, tokenizer, eval_ds, config=gap_config, out_dir=before_dir)
             print(short_markdown(before, os.path.join(before_dir, "gap.md")))
+
+    if training_args.process_index == 0:
+        with times("before_eval"):
+            families_before = evaluate_families(
+                model, tokenizer, family_sets, gap_config, os.path.join(before_dir, "families"), resume
+            )
+            general_before = (
+                answer_general_questions(model, tokenizer, num_loops=trained_loops(model))
+                if script_args.general_questions
+                else None
+            )
 
     replay = None
     if training_args.loss_weights["replay"] > 0:  # the base model's own answers to the training tasks
@@ -334,6 +442,25 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         comparison = compare(before, after, CompareConfig(loops=depth, rr_tolerance=script_args.rr_tolerance))
         atomic_write_text(os.path.join(out, "compare.md"), comparison.markdown())
         atomic_write_text(os.path.join(out, "compare.json"), comparison.to_json())
+        families = None
+        if family_sets:
+            with times("after_eval"):
+                families_after = evaluate_families(
+                    tuned, tokenizer, family_sets, gap_config, os.path.join(out, "after", "families")
+                )
+            families = compare_families(
+                families_before,
+                families_after,
+                trained=set(family_sets) - set(script_args.heldout_family_names()),
+                loop=comparison.loops[0],
+                config=CompareConfig(rr_tolerance=script_args.rr_tolerance),
+                goal=script_args.transfer_goal,
+            )
+            families.save(out)
+        general_after = None
+        if general_before is not None:
+            general_after = answer_general_questions(tuned, tokenizer, num_loops=trained_loops(tuned))
+            save_general(out, general_before, general_after)
         # how to load it (adapters or, for a full fine-tune, the model), and the verdict
         write_adapter_card(os.path.join(out, "final"), comparison.markdown(), base_model=model_args.model_name_or_path)
         if wandb:
@@ -345,6 +472,10 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
             wb.run.config.update({"recipe": dataclasses.asdict(script_args)}, allow_val_change=True)
         print("\nBefore / after gap SFT on the held-out split:\n")
         print(comparison.markdown())
+        if families is not None:
+            print(families.markdown())
+        if general_after is not None:
+            print(general_markdown(general_before, general_after))
         print(f"\nReports, plots, adapters and probes are in {out}/")
         timings = times.as_dict(world_size=training_args.world_size, device=str(training_args.device),
                                 resumed=bool(resume), model=model_args.model_name_or_path)  # fmt: skip

@@ -1,0 +1,239 @@
+"""The gap per record family: one evaluation and one before/after comparison per family (a statement family such
+as ``city_country``, a data source, any record field), and the transfer summary of families never trained on.
+
+A record's family is the value of ``field`` in the record itself or, failing that, in its JSON ``meta``
+(:func:`record_family`). Each family is evaluated on its own records (its own probe folds and bootstrap clusters),
+so RR, SV and the gap are read within the family, never pooled across families whose base rates differ.
+
+The transfer rule, stated before any figure (``TRANSFER_RULE``): for the families that were never trained on, SV's
+recovery is (SV_after − SV_before) / (RR_before − SV_before) on a metric, averaged over those families whose base
+gap RR_before − SV_before is at least ``min_gap``; the goal is a mean recovery >= ``goal`` on balanced accuracy and
+on AUROC, with no held-out family whose SV fell (the upper CI bound of its dSV below 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from loopalign.io import atomic_write_text
+
+from .gap import CompareConfig, GapResult, compare
+
+__all__ = [
+    "FamilyComparison",
+    "TRANSFER_RULE",
+    "compare_families",
+    "family_counts",
+    "record_family",
+    "record_families",
+    "split_families",
+]
+
+TRANSFER_RULE = (
+    "Transfer rule (fixed before any number is looked at): for each family never trained on, SV recovery = "
+    "(SV_after - SV_before) / (RR_before - SV_before) at the verdict depth, on balanced accuracy and on AUROC, over "
+    "the families whose base gap RR_before - SV_before is >= {min_gap:g}; transfer reached = the mean recovery is "
+    ">= {goal:g} on both metrics AND no held-out family's SV fell (the upper 95% CI bound of its dSV on balanced "
+    "accuracy below 0)."
+)
+
+
+def record_family(row: dict, field_name: str) -> str | None:
+    """The family of one record: ``row[field_name]`` when present and not empty, else the same key of its JSON
+    ``meta``; None when neither has it."""
+    value = row.get(field_name)
+    if value not in (None, ""):
+        return str(value)
+    meta = row.get("meta")
+    if isinstance(meta, str) and meta.strip().startswith("{"):
+        value = json.loads(meta).get(field_name)
+    elif isinstance(meta, dict):
+        value = meta.get(field_name)
+    return None if value in (None, "") else str(value)
+
+
+def record_families(dataset, field_name: str) -> list[str]:
+    """Every record's family, in order; a record without one fails, naming its id and the field."""
+    out = []
+    for i, row in enumerate(dataset):
+        family = record_family(row, field_name)
+        if family is None:
+            raise ValueError(
+                f"record {row.get('id', i)!r} has no {field_name!r} (neither a field nor a key of its meta): "
+                "every record needs a family to be evaluated by family"
+            )
+        out.append(family)
+    return out
+
+
+def family_counts(dataset, field_name: str) -> dict[str, dict]:
+    """{family: {"records": n, "label_1": n1}} in sorted family order."""
+    counts: dict[str, dict] = {}
+    for family, label in zip(record_families(dataset, field_name), dataset["label"]):
+        c = counts.setdefault(family, {"records": 0, "label_1": 0})
+        c["records"] += 1
+        c["label_1"] += int(label == 1)
+    return dict(sorted(counts.items()))
+
+
+def split_families(dataset, field_name: str, heldout: list[str] | tuple[str, ...]) -> tuple[object, object]:
+    """(records of the other families, records of the ``heldout`` families). Every held-out name must be a family
+    of the dataset (an unknown name fails, listing the families), and at least one family must remain to train on."""
+    families = record_families(dataset, field_name)
+    known = sorted(set(families))
+    unknown = sorted(set(heldout) - set(known))
+    if unknown:
+        raise ValueError(f"heldout_families: {unknown} are not families of the dataset ({field_name!r}: {known})")
+    held = set(heldout)
+    if held >= set(known):
+        raise ValueError(
+            f"heldout_families={sorted(held)} holds out every family of the dataset: none left to train on"
+        )
+    rest = [i for i, f in enumerate(families) if f not in held]
+    out = [i for i, f in enumerate(families) if f in held]
+    return dataset.select(rest), dataset.select(out)
+
+
+def _depth_row(result: GapResult, loop: int) -> dict:
+    (row,) = [r for r in result.table if r["loop"] == loop]
+    return row
+
+
+@dataclass
+class FamilyComparison:
+    """Per family: the before/after figures at the verdict depth and the comparison's verdict; and the transfer
+    summary over the families never trained on (``TRANSFER_RULE``).
+
+    rows: one per family {family, trained, n_records, sv/rr before/after on balanced accuracy and AUROC, d_sv (+ CI)
+    on balanced accuracy, recovery_bal / recovery_auroc (None when the base gap is below ``min_gap``), verdict};
+    transfer: {families, mean_recovery_bal, mean_recovery_auroc, fell: [families whose SV fell], reached}."""
+
+    loop: int
+    rows: list[dict]
+    transfer: dict
+    rule: str
+    config: dict = field(default_factory=dict)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(asdict(self), indent=indent, default=lambda x: None)
+
+    def markdown(self) -> str:
+        pct = _pct
+        lines = [
+            f"# Before / after per family (loop {self.loop})",
+            "",
+            self.rule,
+            "",
+            "| family | trained on | records | SV bal. acc before → after | dSV bal. acc [95% CI] | SV AUROC before → "
+            "after | RR bal. acc before → after | RR AUROC before → after | recovery (bal. acc / AUROC) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            rec = " / ".join("–" if r[k] is None else f"{100 * r[k]:.0f}%" for k in ("recovery_bal", "recovery_auroc"))
+            lines.append(
+                f"| {r['family']} | {'yes' if r['trained'] else 'no (held out)'} | {r['n_records']} | "
+                f"{pct(r['sv_bal_before'])} → {pct(r['sv_bal_after'])} | {pct(r['d_sv_bal'])} "
+                f"[{pct(r['d_sv_bal_lo'])}, {pct(r['d_sv_bal_hi'])}] | {pct(r['sv_auroc_before'])} → "
+                f"{pct(r['sv_auroc_after'])} | {pct(r['rr_bal_before'])} → {pct(r['rr_bal_after'])} | "
+                f"{pct(r['rr_auroc_before'])} → {pct(r['rr_auroc_after'])} | {rec} |"
+            )
+        t = self.transfer
+        if t["families"]:
+            mean = " / ".join(
+                "–" if t[k] is None else f"{100 * t[k]:.0f}%" for k in ("mean_recovery_bal", "mean_recovery_auroc")
+            )
+            lines += [
+                "",
+                f"**Transfer to families never trained on ({', '.join(t['families'])}): mean recovery {mean} "
+                f"(balanced accuracy / AUROC; goal {100 * self.config['goal']:.0f}%); SV fell in: "
+                f"{', '.join(t['fell']) or 'none'}; reached: {'yes' if t['reached'] else 'no'}.**",
+            ]
+        lines += ["", "Each family's own verdict (the comparison rule, on that family's held-out records):", ""]
+        lines += [f"- {r['family']}: {r['verdict']}" for r in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def save(self, out_dir: str) -> None:
+        atomic_write_text(os.path.join(out_dir, "families.json"), self.to_json())
+        atomic_write_text(os.path.join(out_dir, "families.md"), self.markdown())
+
+
+def _pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _recovery(sv_before: float, sv_after: float, rr_before: float, min_gap: float) -> float | None:
+    base_gap = rr_before - sv_before
+    return None if base_gap < min_gap else (sv_after - sv_before) / base_gap
+
+
+def compare_families(
+    before: dict[str, GapResult],
+    after: dict[str, GapResult],
+    trained: set[str] | list[str],
+    loop: int,
+    config: CompareConfig | None = None,
+    goal: float = 0.5,
+    min_gap: float = 0.05,
+) -> FamilyComparison:
+    """Compare each family's before/after evaluation at ``loop`` (the verdict depth) and summarise the transfer to
+    the families not in ``trained``. ``config``: the comparison rule of each family's own verdict (its loops are set
+    to ``loop``); ``goal`` / ``min_gap``: the transfer rule's thresholds (fractions)."""
+    missing = sorted(set(before) ^ set(after))
+    if missing:
+        raise ValueError(f"compare_families: families {missing} were evaluated before or after training, not both")
+    base = dict(asdict(config or CompareConfig()), loops=loop)
+    by_metric = {m: CompareConfig(**dict(base, metric=m)) for m in ("balanced_accuracy", "auroc")}
+    rows = []
+    for family in sorted(before):
+        b, a = before[family], after[family]
+        comp_bal = compare(b, a, by_metric["balanced_accuracy"])
+        rb, ra = _depth_row(b, loop), _depth_row(a, loop)
+        (crow,) = [r for r in comp_bal.rows if r["loop"] == loop]
+        row = {
+            "family": family,
+            "trained": family in set(trained),
+            "n_records": int(b.meta.get("n_records", 0)),
+            "sv_bal_before": rb["sv_balanced_accuracy"],
+            "sv_bal_after": ra["sv_balanced_accuracy"],
+            "sv_auroc_before": rb["sv_auroc"],
+            "sv_auroc_after": ra["sv_auroc"],
+            "rr_bal_before": rb["rr_balanced_accuracy"],
+            "rr_bal_after": ra["rr_balanced_accuracy"],
+            "rr_auroc_before": rb["rr_auroc"],
+            "rr_auroc_after": ra["rr_auroc"],
+            "d_sv_bal": crow["d_sv"],
+            "d_sv_bal_lo": crow["d_sv_lo"],
+            "d_sv_bal_hi": crow["d_sv_hi"],
+            "verdict": comp_bal.verdict,
+        }
+        row["recovery_bal"] = _recovery(row["sv_bal_before"], row["sv_bal_after"], row["rr_bal_before"], min_gap)
+        row["recovery_auroc"] = _recovery(
+            row["sv_auroc_before"], row["sv_auroc_after"], row["rr_auroc_before"], min_gap
+        )
+        rows.append(row)
+    held = [r for r in rows if not r["trained"]]
+
+    def mean(key):
+        values = [r[key] for r in held if r[key] is not None]
+        return float(np.mean(values)) if values else None
+
+    fell = [r["family"] for r in held if r["d_sv_bal_hi"] < 0]
+    m_bal, m_auc = mean("recovery_bal"), mean("recovery_auroc")
+    transfer = {
+        "families": [r["family"] for r in held],
+        "mean_recovery_bal": m_bal,
+        "mean_recovery_auroc": m_auc,
+        "fell": fell,
+        "reached": bool(held) and m_bal is not None and m_auc is not None and min(m_bal, m_auc) >= goal and not fell,
+    }
+    return FamilyComparison(
+        loop=loop,
+        rows=rows,
+        transfer=transfer,
+        rule=TRANSFER_RULE.format(min_gap=min_gap, goal=goal),
+        config={"goal": goal, "min_gap": min_gap, "compare": base},
+    )

@@ -1,0 +1,123 @@
+"""sft-gap by record family: families held out of training are evaluated whole, every family gets its own before /
+after comparison (families.md / .json with the transfer summary), and general questions are answered before and
+after. Bad family options fail before the model trains, naming the option and the families."""
+
+import json
+
+import datasets
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from loopalign.eval.families import record_families, record_family, split_families
+
+
+def _with_families(rows, names="abc"):
+    """Each task's records get one family of ``names`` (in meta), so a family holds whole tasks."""
+    tasks = sorted(set(rows["task"]))
+    family = {t: names[i % len(names)] for i, t in enumerate(tasks)}
+
+    def add(row):
+        meta = json.loads(row["meta"])
+        meta["family"] = family[row["task"]]
+        return {"meta": json.dumps(meta)}
+
+    return rows.map(add)
+
+
+def test_a_records_family_is_its_field_or_its_meta_key():
+    assert record_family({"family": "x", "meta": '{"family": "y"}'}, "family") == "x"
+    assert record_family({"meta": '{"family": "y"}'}, "family") == "y"
+    assert record_family({"meta": "{}"}, "family") is None
+    data = datasets.Dataset.from_list([{"id": "r1", "meta": "{}", "label": 1}])
+    with pytest.raises(ValueError, match="record 'r1' has no 'family'"):
+        record_families(data, "family")
+
+
+def test_split_families_names_unknown_families_and_keeps_one_to_train_on(gap_dataset):
+    rows = _with_families(gap_dataset[0])
+    rest, held = split_families(rows, "family", ["b"])
+    assert set(record_families(held, "family")) == {"b"} and "b" not in set(record_families(rest, "family"))
+    assert len(rest) + len(held) == len(rows)
+    with pytest.raises(ValueError, match=r"\['z'\] are not families of the dataset"):
+        split_families(rows, "family", ["z"])
+    with pytest.raises(ValueError, match="holds out every family"):
+        split_families(rows, "family", ["a", "b", "c"])
+
+
+@pytest.fixture(scope="module")
+def llama_folder(gap_dataset, tmp_path_factory):
+    _, tok = gap_dataset
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _argv(folder, rows_path, out, *extra):
+    return ["--model_name_or_path", str(folder), "--dataset", str(rows_path), "--output_dir", str(out),
+            "--max_steps", "2", "--per_device_train_batch_size", "8", "--eval_n_boot", "50", "--use_peft", "true",
+            "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "--report_to", "none",
+            "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true", "--eval_tp", "false",
+            "--eval_fraction", "0.5", *extra]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
+    gap_dataset, llama_folder, tmp_path, sft_gap_script, parse_sft_gap, capsys
+):
+    rows = _with_families(gap_dataset[0], "ac")
+    rows.to_json(tmp_path / "rows.jsonl")
+    out = tmp_path / "run"
+    argv = _argv(llama_folder, tmp_path / "rows.jsonl", out, "--heldout_families", "c", "--general_questions", "true",
+                 "--eval_folds", "3")  # fmt: skip
+    sft_gap_script.train_and_compare(*parse_sft_gap(argv))
+    families = json.loads((out / "families.json").read_text())
+    rows_by = {r["family"]: r for r in families["rows"]}
+    assert set(rows_by) == {"a", "c"}
+    assert rows_by["c"]["trained"] is False and rows_by["a"]["trained"]
+    # every record of the held-out family is evaluated (both splits), none is in the pooled held-out set
+    n_c = sum(f == "c" for f in record_families(rows, "family"))
+    assert rows_by["c"]["n_records"] == n_c
+    pooled = json.loads((out / "before" / "gap.json").read_text())["records"]["ids"]
+    c_ids = {r["id"] for r in rows if json.loads(r["meta"])["family"] == "c"}
+    assert not c_ids & set(pooled)
+    for family in "ac":
+        assert (out / "before" / "families" / family / "gap.json").exists()
+        assert (out / "after" / "families" / family / "gap.json").exists()
+    r = rows_by["c"]
+    if r["recovery_bal"] is not None:  # the recovery is the share of the base gap SV closed
+        base = r["rr_bal_before"] - r["sv_bal_before"]
+        assert r["recovery_bal"] == pytest.approx((r["sv_bal_after"] - r["sv_bal_before"]) / base)
+    assert families["transfer"]["families"] == ["c"]
+    general = json.loads((out / "general.json").read_text())
+    assert len(general["before"]["answers"]) == len(general["after"]["answers"]) == 10
+    printed = capsys.readouterr().out
+    assert "Before / after per family" in printed and "Transfer rule" in printed and "General questions" in printed
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--heldout_families", "z"], r"heldout_families: \['z'\] are not families of the dataset"),
+        (["--heldout_families", "a,b,c"], "holds out every family"),
+        (["--heldout_families", " , "], "heldout_families must name families"),
+        (["--transfer_goal", "0"], "transfer_goal must be in"),
+        (["--eval_by_family", "true"], "family 'a' has 3 evaluation tasks, fewer than eval_folds=5"),
+    ],
+)
+def test_bad_family_options_fail_before_training(
+    extra, message, gap_dataset, llama_folder, tmp_path, sft_gap_script, parse_sft_gap
+):
+    rows = _with_families(gap_dataset[0])
+    rows.to_json(tmp_path / "rows.jsonl")
+    with pytest.raises(ValueError, match=message):
+        sft_gap_script.train_and_compare(
+            *parse_sft_gap(_argv(llama_folder, tmp_path / "rows.jsonl", tmp_path / "o", *extra))
+        )
+    assert not (tmp_path / "o" / "before").exists()
