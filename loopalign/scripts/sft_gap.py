@@ -37,7 +37,7 @@ from loopalign.eval import (
     evaluate_gap,
     log_comparison_wandb,
 )
-from loopalign.eval.families import compare_families, record_families, split_families
+from loopalign.eval.families import TRANSFER_RULE, compare_families, record_families, split_families
 from loopalign.eval.general import answer_general_questions, general_markdown, save_general
 from loopalign.eval.report import short_markdown
 from loopalign.io import atomic_write_text, folder_lock
@@ -363,6 +363,15 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         train_ds, eval_ds = load_datasets(script_args, model_args.model_name_or_path, tokenizer, training_args)
         train_ds, eval_ds, family_sets = family_eval_sets(script_args, train_ds, eval_ds)
     check_against_data(training_args, train_ds, eval_ds)
+    if family_sets and training_args.process_index == 0:
+        held = set(script_args.heldout_family_names())
+        print(
+            "families evaluated on their own: "
+            + ", ".join(
+                f"{f} ({len(d)} records{', never trained on' if f in held else ''})" for f, d in family_sets.items()
+            )
+        )
+        print(TRANSFER_RULE.format(min_gap=0.05, goal=script_args.transfer_goal))
     resume = resume_target(training_args.resume_from_checkpoint)
     if training_args.use_cpu or not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # pinned memory needs an accelerator (a warning per loader)
