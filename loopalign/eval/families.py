@@ -34,7 +34,8 @@ __all__ = [
 ]
 
 TRANSFER_RULE = (
-    "Transfer rule (fixed before any number is looked at): for each family never trained on, SV recovery = "
+    "Transfer rule (fixed before any number is looked at): for each family whose labels were never trained on (held "
+    "out, or trained on as unlabelled text), SV recovery = "
     "(SV_after - SV_before) / (RR_before - SV_before) at the verdict depth, on balanced accuracy and on AUROC, over "
     "the families whose base gap RR_before - SV_before is >= {min_gap:g}; transfer reached = the mean recovery is "
     ">= {goal:g} on both metrics AND no held-out family's SV fell (the upper 95% CI bound of its dSV on balanced "
@@ -135,7 +136,8 @@ class FamilyComparison:
         for r in self.rows:
             rec = " / ".join("–" if r[k] is None else f"{100 * r[k]:.0f}%" for k in ("recovery_bal", "recovery_auroc"))
             lines.append(
-                f"| {r['family']} | {'yes' if r['trained'] else 'no (held out)'} | {r['n_records']} | "
+                f"| {r['family']} | {_TRAINING[r.get('training', 'labels' if r['trained'] else 'none')]} | "
+                f"{r['n_records']} | "
                 f"{pct(r['sv_bal_before'])} → {pct(r['sv_bal_after'])} | {pct(r['d_sv_bal'])} "
                 f"[{pct(r['d_sv_bal_lo'])}, {pct(r['d_sv_bal_hi'])}] | {pct(r['sv_auroc_before'])} → "
                 f"{pct(r['sv_auroc_after'])} | {pct(r['rr_bal_before'])} → {pct(r['rr_bal_after'])} | "
@@ -161,6 +163,9 @@ class FamilyComparison:
         atomic_write_text(os.path.join(out_dir, "families.md"), self.markdown())
 
 
+_TRAINING = {"labels": "yes", "text only": "text only (no labels)", "none": "no (held out)"}
+
+
 def _pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
 
@@ -175,12 +180,14 @@ def compare_families(
     after: dict[str, GapResult],
     trained: set[str] | list[str],
     loop: int,
+    unlabeled: set[str] | list[str] = (),
     config: CompareConfig | None = None,
     goal: float = 0.5,
     min_gap: float = 0.05,
 ) -> FamilyComparison:
     """Compare each family's before/after evaluation at ``loop`` (the verdict depth) and summarise the transfer to
-    the families not in ``trained``. ``config``: the comparison rule of each family's own verdict (its loops are set
+    the families not in ``trained`` (held out, or in ``unlabeled``: trained on without labels). ``config``: the
+    comparison rule of each family's own verdict (its loops are set
     to ``loop``); ``goal`` / ``min_gap``: the transfer rule's thresholds (fractions)."""
     missing = sorted(set(before) ^ set(after))
     if missing:
@@ -196,6 +203,7 @@ def compare_families(
         row = {
             "family": family,
             "trained": family in set(trained),
+            "training": "labels" if family in set(trained) else "text only" if family in set(unlabeled) else "none",
             "n_records": int(b.meta.get("n_records", 0)),
             "sv_bal_before": rb["sv_balanced_accuracy"],
             "sv_bal_after": ra["sv_balanced_accuracy"],

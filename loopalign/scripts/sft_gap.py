@@ -114,6 +114,14 @@ class GapScriptArguments(GapEvalArguments):
             "evaluated, per family, before and after training, with the transfer summary (families.md)."
         },
     )
+    unlabeled_families: str | None = field(
+        default=None,
+        metadata={
+            "help": "Families whose training records are trained on without their labels (comma-separated): their "
+            "text enters training unlabelled, taught by probe_distill alone (targets from a probe fitted on the "
+            "labelled families); their held-out records are evaluated per family. Needs loss_weights.probe_distill > 0."
+        },
+    )
     eval_by_family: bool = field(
         default=False,
         metadata={
@@ -153,14 +161,24 @@ class GapScriptArguments(GapEvalArguments):
             raise ValueError("family_field must name a record field")
         if self.heldout_families is not None and not self.heldout_family_names():
             raise ValueError(f"heldout_families must name families (comma-separated), got {self.heldout_families!r}")
+        if self.unlabeled_families is not None and not self.unlabeled_family_names():
+            raise ValueError(
+                f"unlabeled_families must name families (comma-separated), got {self.unlabeled_families!r}"
+            )
+        both = sorted(set(self.heldout_family_names()) & set(self.unlabeled_family_names()))
+        if both:
+            raise ValueError(f"families {both} are in both heldout_families and unlabeled_families: choose one")
         if self.replay_tasks is not None and self.replay_tasks < 1:
             raise ValueError(f"replay_tasks must be >= 1 (or unset for all), got {self.replay_tasks}")
 
     def heldout_family_names(self) -> list[str]:
         return [f.strip() for f in (self.heldout_families or "").split(",") if f.strip()]
 
+    def unlabeled_family_names(self) -> list[str]:
+        return [f.strip() for f in (self.unlabeled_families or "").split(",") if f.strip()]
+
     def by_family(self) -> bool:
-        return self.eval_by_family or bool(self.heldout_family_names())
+        return self.eval_by_family or bool(self.heldout_family_names()) or bool(self.unlabeled_family_names())
 
 
 def resume_target(value):
@@ -240,19 +258,38 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
     return split_by_task(data, script_args.eval_fraction, seed=training_args.seed)
 
 
-def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds):
+def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, training_args: GapSFTConfig):
     """-> (train, held-out records of the trained families, {family: its evaluation records}). With
     ``heldout_families`` their records leave both splits (never trained on) and are evaluated whole; with
     ``by_family()`` each trained family is evaluated on its held-out records too. {} when not by family."""
     if not script_args.by_family():
         return train_ds, eval_ds, {}
     field_name, heldout = script_args.family_field, script_args.heldout_family_names()
+    unlabeled = script_args.unlabeled_family_names()
     every = sorted(set(record_families(train_ds, field_name)) | set(record_families(eval_ds, field_name)))
-    unknown = sorted(set(heldout) - set(every))
-    if unknown:
-        raise ValueError(f"heldout_families: {unknown} are not families of the dataset ({field_name!r}: {every})")
-    if set(heldout) >= set(every):
-        raise ValueError(f"heldout_families={heldout} holds out every family of the dataset: none left to train on")
+    for option, names in (("heldout_families", heldout), ("unlabeled_families", unlabeled)):
+        unknown = sorted(set(names) - set(every))
+        if unknown:
+            raise ValueError(f"{option}: {unknown} are not families of the dataset ({field_name!r}: {every})")
+    if set(heldout) | set(unlabeled) >= set(every):
+        raise ValueError(
+            f"heldout_families={heldout} and unlabeled_families={unlabeled} leave no family of the dataset "
+            "whose labels are trained on"
+        )
+    if unlabeled:
+        if training_args.loss_weights["probe_distill"] <= 0:
+            raise ValueError(
+                "unlabeled_families needs loss_weights.probe_distill > 0: no other term trains on unlabelled records"
+            )
+        hide = set(unlabeled)
+        families = record_families(train_ds, field_name)
+        train_ds = train_ds.map(
+            lambda row, i: {
+                "label": None if families[i] in hide else row["label"],
+                "labelled": families[i] not in hide,
+            },
+            with_indices=True,
+        )
     if heldout:
         train_ds, train_held = split_families(
             train_ds, field_name, [f for f in heldout if f in set(record_families(train_ds, field_name))]
@@ -361,15 +398,17 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     training_args.check_against_model(model.config)  # probe_layer, lora_loops, loop_weights: before any data
     with times("data"), training_args.main_process_first(desc="building the verification dataset"):
         train_ds, eval_ds = load_datasets(script_args, model_args.model_name_or_path, tokenizer, training_args)
-        train_ds, eval_ds, family_sets = family_eval_sets(script_args, train_ds, eval_ds)
+        train_ds, eval_ds, family_sets = family_eval_sets(script_args, train_ds, eval_ds, training_args)
     check_against_data(training_args, train_ds, eval_ds)
     if family_sets and training_args.process_index == 0:
-        held = set(script_args.heldout_family_names())
+        held, text_only = set(script_args.heldout_family_names()), set(script_args.unlabeled_family_names())
+
+        def how(f):
+            return ", never trained on" if f in held else ", trained on without labels" if f in text_only else ""
+
         print(
             "families evaluated on their own: "
-            + ", ".join(
-                f"{f} ({len(d)} records{', never trained on' if f in held else ''})" for f, d in family_sets.items()
-            )
+            + ", ".join(f"{f} ({len(d)} records{how(f)})" for f, d in family_sets.items())
         )
         print(TRANSFER_RULE.format(min_gap=0.05, goal=script_args.transfer_goal))
     resume = resume_target(training_args.resume_from_checkpoint)
@@ -460,7 +499,10 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
             families = compare_families(
                 families_before,
                 families_after,
-                trained=set(family_sets) - set(script_args.heldout_family_names()),
+                trained=set(family_sets)
+                - set(script_args.heldout_family_names())
+                - set(script_args.unlabeled_family_names()),
+                unlabeled=set(script_args.unlabeled_family_names()),
                 loop=comparison.loops[0],
                 config=CompareConfig(rr_tolerance=script_args.rr_tolerance),
                 goal=script_args.transfer_goal,

@@ -105,7 +105,7 @@ def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
     "extra, message",
     [
         (["--heldout_families", "z"], r"heldout_families: \['z'\] are not families of the dataset"),
-        (["--heldout_families", "a,b,c"], "holds out every family"),
+        (["--heldout_families", "a,b,c"], "leave no family of the dataset whose labels are trained on"),
         (["--heldout_families", " , "], "heldout_families must name families"),
         (["--transfer_goal", "0"], "transfer_goal must be in"),
         (["--eval_by_family", "true"], "family 'a' has 3 evaluation tasks, fewer than eval_folds=5"),
@@ -121,3 +121,33 @@ def test_bad_family_options_fail_before_training(
             *parse_sft_gap(_argv(llama_folder, tmp_path / "rows.jsonl", tmp_path / "o", *extra))
         )
     assert not (tmp_path / "o" / "before").exists()
+
+
+@pytest.mark.slow
+def test_unlabeled_families_train_as_text_only_through_probe_distillation(
+    gap_dataset, llama_folder, tmp_path, sft_gap_script, parse_sft_gap
+):
+    rows = _with_families(gap_dataset[0], "ac")
+    rows.to_json(tmp_path / "rows.jsonl")
+    out = tmp_path / "run"
+    weights = json.dumps({"lm": 1.0, "probe_distill": 1.0})
+    argv = _argv(llama_folder, tmp_path / "rows.jsonl", out, "--unlabeled_families", "c", "--eval_folds", "3",
+                 "--loss_weights", weights, "--distill_folds", "2")  # fmt: skip
+    sft_gap_script.train_and_compare(*parse_sft_gap(argv))
+    families = {r["family"]: r for r in json.loads((out / "families.json").read_text())["rows"]}
+    assert families["c"]["training"] == "text only" and families["a"]["training"] == "labels"
+    targets = json.loads((out / "final" / "gap_config.json").read_text())["probe_targets"]
+    # c's training records went in without labels: exactly those are the unlabelled ones
+    eval_ids = set(json.loads((out / "before" / "gap.json").read_text())["records"]["ids"])
+    n_c_train = sum(json.loads(r["meta"])["family"] == "c" and r["id"] not in eval_ids for r in rows)
+    assert n_c_train > 0 and targets["n_records"] - targets["n_labelled"] == n_c_train
+
+
+def test_unlabeled_families_need_probe_distillation(gap_dataset, llama_folder, tmp_path, sft_gap_script, parse_sft_gap):
+    rows = _with_families(gap_dataset[0], "ac")
+    rows.to_json(tmp_path / "rows.jsonl")
+    argv = _argv(llama_folder, tmp_path / "rows.jsonl", tmp_path / "o", "--unlabeled_families", "c")
+    with pytest.raises(ValueError, match="unlabeled_families needs loss_weights.probe_distill > 0"):
+        sft_gap_script.train_and_compare(*parse_sft_gap(argv))
+    with pytest.raises(ValueError, match=r"families \['c'\] are in both"):
+        parse_sft_gap(argv + ["--heldout_families", "c"])
