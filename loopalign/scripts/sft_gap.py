@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import datasets
 import torch
 from trl import ModelConfig, get_peft_config
 
@@ -259,9 +258,10 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
 
 
 def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, training_args: GapSFTConfig):
-    """-> (train, held-out records of the trained families, {family: its evaluation records}). With
-    ``heldout_families`` their records leave both splits (never trained on) and are evaluated whole; with
-    ``by_family()`` each trained family is evaluated on its held-out records too. {} when not by family."""
+    """-> (train, held-out records of the trained families, {family: its evaluation records}). Every family is
+    evaluated on the same held-out entities (the split by task): ``heldout_families`` leave the training split (never
+    trained on) and the pooled evaluation; ``unlabeled_families`` stay in training without labels. {} when not by
+    family."""
     if not script_args.by_family():
         return train_ds, eval_ds, {}
     field_name, heldout = script_args.family_field, script_args.heldout_family_names()
@@ -290,14 +290,13 @@ def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, trainin
             },
             with_indices=True,
         )
-    if heldout:
-        train_ds, train_held = split_families(
+    if heldout:  # never trained on: their training-split records are left out, their held-out entities evaluated
+        train_ds, _ = split_families(
             train_ds, field_name, [f for f in heldout if f in set(record_families(train_ds, field_name))]
         )
-        eval_ds, eval_held = split_families(
+        eval_ds, held = split_families(
             eval_ds, field_name, [f for f in heldout if f in set(record_families(eval_ds, field_name))]
         )
-        held = datasets.concatenate_datasets([train_held, eval_held])
     else:
         held = eval_ds.select([])
     sets = {}

@@ -81,12 +81,15 @@ def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
     rows_by = {r["family"]: r for r in families["rows"]}
     assert set(rows_by) == {"a", "c"}
     assert rows_by["c"]["trained"] is False and rows_by["a"]["trained"]
-    # every record of the held-out family is evaluated (both splits), none is in the pooled held-out set
-    n_c = sum(f == "c" for f in record_families(rows, "family"))
-    assert rows_by["c"]["n_records"] == n_c
-    pooled = json.loads((out / "before" / "gap.json").read_text())["records"]["ids"]
+    # the held-out family is evaluated on its held-out entities, is not in the pooled set, and is never trained on
+    pooled = set(json.loads((out / "before" / "gap.json").read_text())["records"]["ids"])
+    c_eval = set(json.loads((out / "before" / "families" / "c" / "gap.json").read_text())["records"]["ids"])
     c_ids = {r["id"] for r in rows if json.loads(r["meta"])["family"] == "c"}
-    assert not c_ids & set(pooled)
+    assert c_eval <= c_ids and not c_ids & pooled and rows_by["c"]["n_records"] == len(c_eval) > 0
+    a_eval = set(json.loads((out / "before" / "families" / "a" / "gap.json").read_text())["records"]["ids"])
+    assert a_eval == pooled  # the trained family's held-out entities are the pooled evaluation
+    settings = json.loads((out / "final" / "gap_config.json").read_text())
+    assert settings["num_loops"] == 1
     for family in "ac":
         assert (out / "before" / "families" / family / "gap.json").exists()
         assert (out / "after" / "families" / family / "gap.json").exists()
