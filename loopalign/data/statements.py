@@ -190,8 +190,10 @@ def build_statements(cfg: StatementBuild) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
+    # a `loopalign <command>` entry sets argv[0] to its own name; else this is `python -m data_builders.statements`
+    command = sys.argv[0] if sys.argv and sys.argv[0].startswith("loopalign ") else None
     p = argparse.ArgumentParser(
-        prog="python -m data_builders.statements",
+        prog=command or "python -m data_builders.statements",
         description="Build true/false statement records (GeoNames facts and generated numbers), split by entity, "
         "with a card of sources and licences. Options may be spelled with - or _ (--per-family, --per_family).",
     )

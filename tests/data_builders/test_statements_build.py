@@ -86,6 +86,7 @@ def test_evaluation_reads_the_build_and_clusters_by_entity(build, tiny_ouro, tok
         (["--per_family", "100000", "--families", "capital"], "--per-family"),
         (["--families", "city_country,atlantis"], "--families"),
         (["--eval_fraction", "1.5"], "--eval-fraction"),
+        (["--families", "numeric", "--per_family", "10"], "--eval-fraction"),  # 5 numbers, none held out at seed 0
         (["--max_length", "64"], "--max-length"),
         (["--render", "--template", "missing.yaml"], "--template"),
     ],
@@ -97,11 +98,18 @@ def test_bad_options_fail_naming_the_option_before_anything_is_written(tmp_path,
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_an_existing_folder_is_kept_without_overwrite(build, capsys):
+def test_an_existing_folder_is_kept_without_overwrite_and_replaced_whole_with_it(build, tmp_path, capsys):
     before = (build / "records.jsonl").read_bytes()
     assert main(["--families", "numeric", "--per_family", "10", "--out", str(build)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (build / "records.jsonl").read_bytes() == before
+    copy = tmp_path / "copy"
+    assert main([*ARGS, "--out", str(copy)]) == 0
+    assert main(["--families", "numeric", "--per_family", "40", "--out", str(copy), "--overwrite"]) == 0
+    assert (
+        len(load_build(copy)[0]) == 40 and len(load_build(copy / "train")[0]) + len(load_build(copy / "eval")[0]) == 40
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no temporary folder left behind
 
 
 def test_the_module_command(tmp_path):
