@@ -13,7 +13,7 @@ tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 
 #: optional extras whose packages CI tests at both ends too (the dev extra installs them)
-TESTED_EXTRAS = ("deepspeed",)
+TESTED_EXTRAS = ("deepspeed", "statements")
 
 
 def _requirements() -> dict[str, Requirement]:

@@ -3,16 +3,32 @@
 A verification record (one candidate answer A to one task, with the verifier's label):
 
     id        str   unique within a build
-    task      str   the question (math) or the user request (safety)
+    task      str   the question (math), the user request (safety), or the entity a statement is
+                    about (statement; see below)
     gold      str   the normalised gold final answer; "" when there is none (safety)
-    answer    str   the candidate answer text A
-    label     int   1 = verifier says correct / appropriate, 0 = not
-    source    str   where the record came from (e.g. "gsm8k-solutions", "synthetic")
+    answer    str   the candidate answer text A (statement: the statement itself)
+    label     int   1 = verifier says correct / appropriate (statement: the statement is true), 0 = not
+    source    str   where the record came from (e.g. "gsm8k-solutions", "synthetic", "statements-capital")
     meta      str   a JSON-encoded dict (free-form provenance)
-    scenario  str   "math" | "safety"
+    scenario  str   "math" | "safety" | "statement"
     parse_status str  "ok" (answer parsed), "unparsed" (no final answer could be read: its own
                     category, counted in build reports, never silently "wrong"), "na" (no parsing
-                    involved, e.g. safety)
+                    involved, e.g. safety, statement)
+
+A ``statement`` record is one claim judged true or false on its own ("Paris is a city in France."),
+mapped onto the same fields so that every consumer of records (rendering, evaluation, training,
+bootstrap clusters, the split by task) handles it unchanged:
+
+- ``answer``: the statement; its last token is ``answer_end_index`` (where probes read), as the end of
+  a candidate answer is for math;
+- ``task``: a request about the statement's entity ("Tell me about the city of Paris."), the same
+  text for every statement about that entity in every family: it is the cluster id, so probe folds,
+  bootstrap clusters and ``split_by_task`` never split an entity (the prompt does not show it);
+- ``gold``: the true value of the relation for the entity ("France"), "" where there is none
+  (generated numeric comparisons);
+- ``label``: 1 = the statement is true; ``parse_status``: "na";
+- ``meta``: at least ``family`` (e.g. "city_country"), ``entity``, ``split`` ("train" / "eval", by
+  entity) and ``negated`` (see :mod:`loopalign.data.sources.statements`).
 
 A rendered record adds ``prompt`` (str), ``input_ids`` (list[int]), ``verdict_index`` (int, last
 prompt token), ``answer_end_index`` (int, last token of A) and ``probe_indices`` ([answer_end_index,
@@ -46,7 +62,7 @@ __all__ = [
     "meta_dict",
 ]
 
-SCENARIOS = ("math", "safety")
+SCENARIOS = ("math", "safety", "statement")
 PARSE_STATUSES = ("ok", "unparsed", "na")
 TRIAL_TYPES = ("injection", "control")
 
@@ -147,6 +163,10 @@ def validate_record(row: dict, rendered: bool | None = None) -> dict:
         raise RecordError(rid, "parse_status", f"must be one of {PARSE_STATUSES}, got {row['parse_status']!r}")
     if row["scenario"] == "math" and not row["gold"].strip():
         raise RecordError(rid, "gold", "a math record needs a gold answer")
+    if row["scenario"] == "statement" and row["parse_status"] != "na":
+        raise RecordError(
+            rid, "parse_status", f"a statement record is not parsed: must be 'na', got {row['parse_status']!r}"
+        )
     if not row["answer"].strip():
         raise RecordError(rid, "answer", "empty candidate answer")
     if not row["source"].strip():

@@ -5,11 +5,14 @@
         --path /work/shared/data/gsm8k/example_model_solutions.jsonl --render --tokenizer local --out DIR
     python -m data_builders.verification --source xstest-completions \\
         --path /work/shared/data/xstest/model_completions --out DIR
+    python -m data_builders.verification --source table --path my_rows.csv \\
+        --columns task=question,answer=response,label=ok,gold=reference --render --tokenizer MODEL --out DIR
 
 Sources: ``synthetic``, ``gsm8k`` and ``math`` give problems, answered by ``--candidates controlled``
 (gold + wrong answers; the default) or ``sampled`` (``--policy``); ``safety-prompts`` gives prompts
 (sampled only); ``gsm8k-solutions``, ``xstest-completions`` and ``safety-pairs`` are already
-(task, answer, label) records. ``--n``: the number of synthetic problems, else the rows read.
+(task, answer, label) records, and so is ``table``: a user's own ``.jsonl`` / ``.csv`` file read through
+a column map (``--columns``, :mod:`loopalign.data.sources.table`; ``--scenario`` math, safety or statement). ``--n``: the number of synthetic problems, else the rows read.
 The output folder (see :mod:`loopalign.data.io`) has ``content_hash`` in ``metadata.json``.
 """
 
@@ -46,11 +49,12 @@ from .sources import (
 )
 from .sources.base import SourceResult
 from .sources.synthetic import MAX_LEVEL
+from .sources.table import load_table, parse_column_map
 
-__all__ = ["SOURCES", "VerificationBuild", "build_verification", "main"]
+__all__ = ["SOURCES", "VerificationBuild", "build_verification", "table_verification_records", "main"]
 
 PROBLEM_SOURCES = ("synthetic", "gsm8k", "math", "safety-prompts")
-RECORD_SOURCES = ("gsm8k-solutions", "xstest-completions", "safety-pairs")
+RECORD_SOURCES = ("gsm8k-solutions", "xstest-completions", "safety-pairs", "table")
 SOURCES = PROBLEM_SOURCES + RECORD_SOURCES
 
 
@@ -84,10 +88,25 @@ class VerificationBuild:
     max_length: int | None = None
     skip_invalid: bool = False
     overwrite: bool = False
+    columns: str | None = None
+    scenario: str | None = None
 
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"--source must be one of {SOURCES}, got {self.source!r}")
+        if self.source == "table":
+            if not self.columns:
+                raise ValueError(
+                    "--source table needs --columns, e.g. task=question,answer=response,label=ok,gold=reference "
+                    "or statement=claim,label=truth,cluster=subject"
+                )
+            try:
+                cmap = parse_column_map(self.columns)
+                cmap.check(self.scenario or ("statement" if cmap.statement else "math"))
+            except ValueError as e:
+                raise ValueError(f"--{e}" if str(e).startswith("columns") else f"--scenario: {e}") from None
+        elif self.columns or self.scenario:
+            raise ValueError("--columns and --scenario apply to --source table (a user's .jsonl / .csv file)")
         if self.source != "synthetic" and not self.path:
             raise ValueError(f"--source {self.source} needs --path (a local file/folder or a hub dataset name)")
         if self.candidates not in ("controlled", "sampled"):
@@ -166,6 +185,8 @@ def _load_source(cfg: VerificationBuild) -> SourceResult:
         return load_gsm8k_solutions(cfg.path, **kw)
     if cfg.source == "xstest-completions":
         return load_xstest_completions(cfg.path, **kw)
+    if cfg.source == "table":
+        return load_table(cfg.path, cfg.columns, cfg.scenario, **kw)
     return load_safety_pairs(cfg.path, cfg.field_map, split=cfg.split, **kw)
 
 
@@ -335,6 +356,47 @@ def synthetic_verification_records(
     return rendered
 
 
+def table_verification_records(
+    tokenizer,
+    path: str,
+    columns,
+    scenario: str | None = None,
+    template=DEFAULT_TEMPLATE,
+    max_length: int | None = None,
+    skip_invalid: bool = False,
+    limit: int | None = None,
+) -> tuple[list[dict], dict]:
+    """In memory, what ``--source table --render`` builds from a user's ``.jsonl`` / ``.csv`` file and
+    column map (:func:`loopalign.data.sources.table.load_table`), rendered with ``tokenizer`` (its chat
+    template) -> (rendered records, report). A bad row raises naming the row and the column; with
+    ``skip_invalid`` it is left out and counted: the report holds ``read`` (entries of the file), ``kept``,
+    ``rejected`` and ``rejected_by_reason``, ``scenario`` and ``columns``."""
+    cmap = parse_column_map(columns)
+    scenario = scenario or ("statement" if cmap.statement else "math")
+    loaded = load_table(path, cmap, scenario, limit=limit, skip_invalid=skip_invalid)
+    rejected = list(loaded.rejected)
+    checked = validate_records(loaded.items, kind="verification", skip_invalid=skip_invalid)  # unique ids
+    rejected += checked.rejected
+    rendered, bad = render_records(checked.rows, tokenizer, template, max_length, skip_invalid=skip_invalid)
+    rejected += bad
+    report = {
+        "path": str(path),
+        "scenario": scenario,
+        "columns": cmap.as_dict(),
+        "read": loaded.n_read,
+        "kept": len(rendered),
+        "rejected": len(rejected),
+        "rejected_by_reason": dict(sorted(Counter(r.reason for r in rejected).items())),
+    }
+    if not rendered:
+        raise ValueError(
+            f"{path}: no usable rows ({loaded.n_read} read, {len(rejected)} rejected"
+            + _reason_list(report["rejected_by_reason"])
+            + ")"
+        )
+    return rendered, report
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -358,6 +420,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=_ints, default=(1, 2, 3, 4), help="synthetic difficulty levels, e.g. 1,2,3,4")
     p.add_argument("--split", default="test", help="hub split (default test)")
     p.add_argument("--field-map", default="beavertails", help="safety-pairs field map: beavertails | pku-saferlhf")
+    p.add_argument(
+        "--columns",
+        help="table: FIELD=COLUMN pairs mapping the file's columns: task=,answer=,label= (+ gold= for math) or "
+        "statement=,label=; optional cluster=, id=",
+    )
+    p.add_argument(
+        "--scenario",
+        choices=("math", "safety", "statement"),
+        help="table: the records' scenario (default math, or statement for a statement= map)",
+    )
     p.add_argument("--candidates", default="controlled", choices=("controlled", "sampled"))
     p.add_argument("--wrong-per-problem", type=int, default=1)
     p.add_argument("--policy", help="policy model for sampled candidates: folder, hub name or 'tiny'")

