@@ -37,6 +37,7 @@ __all__ = [
     "is_looped",
     "loop_forward",
     "loop_generate_kwargs",
+    "final_norm",
     "loop_context_layers",
     "looped_layers",
     "num_hidden_layers",
@@ -98,6 +99,26 @@ def looped_layers(model: nn.Module) -> list[nn.Module]:
             f"({len(lists)} module lists of length num_hidden_layers={n}); see docs/models.md to add the family"
         )
     return list(lists[0])
+
+
+#: where plain causal LMs keep the norm applied to the last layer's output before the LM head (a logit lens reads an
+#: earlier layer through it): Llama / Qwen2 / Mistral / Gemma, GPT-2, OPT / Phi, GPT-NeoX
+_FINAL_NORM_PATHS = ("model.norm", "transformer.ln_f", "model.final_layernorm", "gpt_neox.final_layer_norm")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm a plain causal LM applies before its LM head, so ``lm_head(final_norm(h))`` reads any layer's
+    residual stream ``h`` as the model reads its last (the logit lens)."""
+    inner = unwrap(model)
+    for path in _FINAL_NORM_PATHS:
+        module = inner
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise TypeError(
+        f"{type(inner).__name__}: no final norm at any of {list(_FINAL_NORM_PATHS)}; see docs/models.md to add the family"
+    )
 
 
 def loop_context_layers(model: nn.Module) -> list[nn.Module]:

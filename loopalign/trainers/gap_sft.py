@@ -15,6 +15,8 @@ One forward pass per batch runs all loops; from it come
   reads as RR (``fit_probe_targets``, before training). With ``label_fraction`` < 1 only a
   task-grouped share of the records keeps its label; the rest are trained by this term alone, and
   every label-reading term and metric (lm, probe, rr_probe, sv/rr) sees the labelled records only.
+- ``layer_verdict`` (plain causal LMs): the Yes/No verdict read at each of ``verdict_layers`` through the model's
+  final norm and LM head (a logit lens), trained on the labels: the one-loop analogue of per-loop deep supervision;
 - ``replay``: per-loop LM loss on the model's own answers to the training tasks (a separate small
   batch each step from ``replay_dataset``, see :mod:`loopalign.trainers.replay`), so training the
   verdict does not teach the model to answer everything with it (TP is kept).
@@ -26,6 +28,7 @@ named apart from the evaluation's RR and gap, which read the evaluation's site o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,9 +41,9 @@ from trl import SFTConfig, SFTTrainer
 from loopalign.hooks import capture_activations
 from loopalign.io import apply_umask_tree, atomic_save_safetensors, atomic_write_text
 from loopalign.loading import GAP_CONFIG_FILE
-from loopalign.loops import gather_positions, loop_logits
+from loopalign.loops import gather_positions, loop_logits, parse_int_set
 from loopalign.lora import parse_loop_selection, route_lora_by_loop, skip_lora_input_upcast
-from loopalign.models.contract import is_looped, loop_forward
+from loopalign.models.contract import final_norm, is_looped, loop_forward
 from loopalign.objectives import (
     LoopProbes,
     consistency_loss,
@@ -76,6 +79,7 @@ LOSS_KEYS = {
     "gate": 0.0,
     "probe_distill": 0.0,
     "replay": 0.0,
+    "layer_verdict": 0.0,
 }
 LOOP_WEIGHTINGS = ("uniform", "last", "list", "ouro_entropy")
 PROBES_FILE = "loop_probes.safetensors"
@@ -115,6 +119,13 @@ class GapSFTConfig(SFTConfig):
     )
     distill_position: str = field(
         default="verdict", metadata={"help": f"Where the probe_distill target probes read: {PROBE_POSITIONS}."}
+    )
+    verdict_layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Layers (0-based, e.g. '18,24') whose residual stream at the verdict position, read through the "
+            "final norm and LM head, is trained to give the verdict (loss_weights.layer_verdict; plain causal LMs)."
+        },
     )
     verdict_yes: str = field(default="Yes", metadata={"help": "One-token verbal verdict for label 1."})
     verdict_no: str = field(default="No", metadata={"help": "One-token verbal verdict for label 0."})
@@ -195,6 +206,14 @@ class GapSFTConfig(SFTConfig):
             raise ValueError(
                 f"GapSFTConfig.distill_position must be one of {PROBE_POSITIONS}, got {self.distill_position!r}"
             )
+        if (self.verdict_layers is None) != (self.loss_weights["layer_verdict"] == 0):
+            raise ValueError(
+                "GapSFTConfig: verdict_layers and loss_weights.layer_verdict > 0 go together (the layers the term reads, "
+                f"and its weight); got verdict_layers={self.verdict_layers!r}, layer_verdict="
+                f"{self.loss_weights['layer_verdict']}"
+            )
+        if self.verdict_layers is not None:
+            parse_int_set(self.verdict_layers, "GapSFTConfig.verdict_layers", what="0-based layer indices")
         if isinstance(self.distill_folds, bool) or not isinstance(self.distill_folds, int) or self.distill_folds < 2:
             raise ValueError(f"GapSFTConfig.distill_folds must be an int >= 2, got {self.distill_folds!r}")
         if not 0.0 < self.label_fraction <= 1.0:
@@ -239,6 +258,13 @@ class GapSFTConfig(SFTConfig):
                     f"(Ouro); {type(model_config).__name__} has none"
                 )
         num_loops = self.num_loops or int(depth or 1)
+        if self.verdict_layers is not None:
+            if depth is not None:
+                raise ValueError(
+                    "GapSFTConfig.verdict_layers is for plain causal LMs (a logit lens on their layers); a looped "
+                    "model supervises its verdict per loop (loop_weighting)"
+                )
+            parse_int_set(self.verdict_layers, "GapSFTConfig.verdict_layers", maximum=num_layers)  # each < L
         layer = num_layers if self.probe_layer is None else self.probe_layer
         if not 0 <= layer <= num_layers:
             raise ValueError(
@@ -278,6 +304,10 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             raise TypeError(f"GapSFTTrainer needs a GapSFTConfig, got {type(args).__name__}")
         model, processing_class = model_and_tokenizer(model, processing_class, args.model_init_kwargs)
         self.num_loops, self.probe_layer = args.check_against_model(model.config)
+        #: layers whose logit-lens verdict the layer_verdict term trains (plain causal LMs), ascending
+        self.verdict_layer_indices = (
+            list(parse_int_set(args.verdict_layers, "GapSFTConfig.verdict_layers")) if args.verdict_layers else []
+        )
         self.yes_id, self.no_id = verdict_token_ids(
             processing_class, args.verdict_yes, args.verdict_no, option="GapSFTConfig.verdict_yes / verdict_no"
         )
@@ -474,7 +504,16 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         mode = "train" if model.training else "eval"
         w = self.weights
         needs_grad_features = w["rr_probe"] > 0 or w["rr_distill"] > 0
-        out, feats = self._readout_features(model, inputs, detach=not needs_grad_features)
+        lens_layers = self.verdict_layer_indices
+        lens = (
+            capture_activations(
+                model, [(0, i) for i in lens_layers], positions=inputs["verdict_index"][:, None], detach=False
+            )
+            if lens_layers and w["layer_verdict"] > 0
+            else contextlib.nullcontext()
+        )
+        with lens as lens_cap:
+            out, feats = self._readout_features(model, inputs, detach=not needs_grad_features)
         unwrapped = self.accelerator.unwrap_model(model)
         lm_head = unwrapped.get_output_embeddings()
         loop_w = self._loop_weights(feats.device)
@@ -517,6 +556,18 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             gates = torch.stack(out.gate_logits, dim=-1).reshape(-1, self.num_loops)[index]
             terms["gate"] = ouro_gate_loss(token_losses, gates)
 
+        if lens_cap is not None:  # the verdict at earlier layers, read through the final norm and head (logit lens)
+            norm = final_norm(unwrapped)
+            states = torch.stack([lens_cap.get(0, i)[:, 0] for i in lens_layers])  # [K,B,H]
+            lens_logits = lm_head(norm(states.to(lm_head.weight.dtype)))  # [K,B,V]
+            log_yes = verbal_log_probs(lens_logits, self.yes_id, self.no_id)  # [K,B]
+            log_no = torch.log1p(-log_yes.exp().clamp(max=1 - 1e-6))
+            y = labels.clamp(min=0).float()
+            nll = -(y * log_yes + (1 - y) * log_no)  # [K,B]
+            per_layer = (nll * mask).sum(dim=1) / mask.sum().clamp(min=1)
+            terms["layer_verdict"] = per_layer.mean()
+            for k, i in enumerate(lens_layers):
+                self._metrics[mode][f"layer_verdict/layer_{i}"].append(per_layer[k].detach().item())
         verdict_logits = loop_logits(lm_head, out.loop_hidden_states, inputs["verdict_index"][:, None])[:, :, 0]
         p_yes = verbal_log_probs(verdict_logits.detach(), self.yes_id, self.no_id).exp()  # [T,B]
         # metrics over the labelled records (NaN, not logged, when a batch has none)
@@ -630,6 +681,7 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             "distill_folds": self.args.distill_folds,
             "distill_position": self.args.distill_position,
             "probe_targets": self.probe_targets_summary,
+            "verdict_layers": self.verdict_layer_indices,
         }
         atomic_write_text(os.path.join(output_dir, GAP_CONFIG_FILE), json.dumps(settings, indent=2))
 

@@ -114,3 +114,44 @@ def test_a_plain_model_trains_at_its_one_loop_with_a_mid_layer_readout(gap_datas
     assert trainer.num_loops == 1 and trainer.probe_layer == 1 and len(trainer.base_probes) == 1
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_the_verdict_is_supervised_at_earlier_layers_through_the_logit_lens(gap_dataset, tmp_path):
+    """layer_verdict: the Yes/No verdict read at layers 0 and 1 through the final norm and LM head is trained on the
+    labels; its loss falls on a repeated batch, and the term needs both its layers and its weight."""
+    from peft import LoraConfig
+
+    from loopalign.models.contract import final_norm
+    from loopalign.trainers import GapSFTTrainer
+
+    rows, tok = gap_dataset
+    torch.manual_seed(0)
+    model, targets = _llama(tok)
+    assert final_norm(model) is model.model.norm
+    args = GapSFTConfig(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=12, per_device_train_batch_size=8,
+        learning_rate=1e-2, verdict_layers="0,1", loss_weights={"lm": 0.0, "layer_verdict": 1.0},
+        save_strategy="no", disable_tqdm=True, logging_steps=1,
+    )  # fmt: skip
+    train = datasets.Dataset.from_list(list(rows)[:8])  # one batch, seen 12 times
+    trainer = GapSFTTrainer(
+        model=model, args=args, train_dataset=train, processing_class=tok,
+        peft_config=LoraConfig(r=4, target_modules=targets),
+    )  # fmt: skip
+    trainer.train()
+    losses = [h["layer_verdict_loss"] for h in trainer.state.log_history if "layer_verdict_loss" in h]
+    assert len(losses) == 12 and losses[-1] < losses[0], losses
+    # the term reads layers 0 and 1 only: their adapters moved, the top layer's (above every read) got no gradient
+    moved = {
+        name.split(".layers.")[1].split(".")[0]: bool(p.abs().max() > 0)
+        for name, p in trainer.model.named_parameters()
+        if "lora_B" in name
+    }
+    assert moved == {"0": True, "1": True, "2": False}, moved
+    assert any("layer_verdict/layer_1" in h for h in trainer.state.log_history)
+    with pytest.raises(ValueError, match="verdict_layers and loss_weights.layer_verdict > 0 go together"):
+        GapSFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, verdict_layers="1")
+    bad = GapSFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, verdict_layers="3",
+                       loss_weights={"layer_verdict": 1.0})  # fmt: skip
+    with pytest.raises(ValueError, match="out of range"):
+        bad.check_against_model(model.config)
