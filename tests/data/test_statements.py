@@ -9,6 +9,7 @@ import pytest
 
 from loopalign.data.prompts import PromptTemplate, load_template, render_record, render_records
 from loopalign.data.schema import RecordError, make_record, meta_dict, validate_record
+from loopalign.data.sources import Problem
 from loopalign.data.sources.statements import (
     FAMILIES,
     check_statement_options,
@@ -127,6 +128,8 @@ def test_records_are_statement_records_clustered_by_entity(records):
     with pytest.raises(RecordError, match="parse_status"):
         make_record("x", "Tell me about 7.", "", "7 is less than 9.", 1, "s", "statement", "ok")
     assert validate_record(make_record("x", "Tell me about 7.", "", "7 is less than 9.", 1, "s", "statement", "na"))
+    with pytest.raises(RecordError, match="scenario"):  # a problem is answered by candidates; a statement is not
+        Problem("p", "Tell me about 7.", "", "s", scenario="statement")
 
 
 def _check_positions(rec, tok):

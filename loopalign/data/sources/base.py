@@ -35,6 +35,10 @@ class Problem:
             raise RecordError(self.id, "scenario", f"must be one of {SCENARIOS}, got {self.scenario!r}")
         if self.scenario == "math" and not self.gold:
             raise RecordError(self.id, "gold", "a math problem needs a gold answer")
+        if self.scenario == "statement":  # nothing to answer: no candidates to make or sample
+            raise RecordError(
+                self.id, "scenario", "a statement is judged as it stands, not answered: make statement records directly"
+            )
 
 
 @dataclass
