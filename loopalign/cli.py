@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "loopalign.scripts.build_data",
         "build a verification dataset (python -m data_builders.verification)",
     ),
+    "build-statements": (
+        "loopalign.scripts.build_statements",
+        "build true/false statement data by family, split by entity (python -m data_builders.statements)",
+    ),
     "eval-introspection": ("loopalign.scripts.eval_introspection", "concept-injection introspection per loop"),
     "grpo-introspection": ("loopalign.scripts.grpo_introspection", "GRPO / SFT training for introspection"),
 }
