@@ -23,6 +23,7 @@ import yaml
 from .schema import RecordError, Rejected, validate_record
 
 __all__ = [
+    "check_rendered_with",
     "PromptTemplate",
     "DEFAULT_TEMPLATE",
     "TEMPLATE_FIELDS",
@@ -199,3 +200,27 @@ def verdict_token_ids(
     if ids[0] == ids[1]:
         raise ValueError(f"the yes and no verdict tokens are the same id {ids[0]}")
     return ids[0], ids[1]
+
+
+def check_rendered_with(rows, tokenizer, sample: int = 8) -> None:
+    """Records rendered with another tokenizer than the run's are token ids of another vocabulary: the model would
+    read noise. Re-tokenize the ``prompt`` of up to ``sample`` records (spread over ``rows``) with ``tokenizer`` and
+    fail, naming the first record that differs, when its ``input_ids`` are not what this tokenizer gives. Records
+    without a ``prompt`` cannot be checked and pass."""
+    n = len(rows)
+    if n == 0:
+        return
+    step = max(1, n // sample)
+    for i in range(0, n, step)[:sample]:
+        row = rows[i]
+        prompt = row.get("prompt") if hasattr(row, "get") else None
+        if not prompt:
+            continue
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if list(ids) != list(row["input_ids"]):
+            name = getattr(tokenizer, "name_or_path", "?")
+            raise ValueError(
+                f"record {row.get('id', i)!r}: its input_ids are not its prompt tokenized by this run's tokenizer "
+                f"({name!r}): the dataset was rendered with another tokenizer; rebuild it with this model's tokenizer "
+                "(e.g. --tokenizer of the builder) or give the unrendered records"
+            )

@@ -29,6 +29,7 @@ import torch
 from trl import ModelConfig, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
+from loopalign.data.prompts import check_rendered_with
 from loopalign.eval import (
     CompareConfig,
     GapResult,
@@ -254,6 +255,7 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
         synthetic_levels=[int(x) for x in script_args.synthetic_levels.split(",")],
         seed=training_args.seed,
     )
+    check_rendered_with(data, tokenizer)  # a build rendered for another model would be read as noise
     return split_by_task(data, script_args.eval_fraction, seed=training_args.seed)
 
 

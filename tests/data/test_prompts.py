@@ -82,3 +82,34 @@ def test_max_length_and_skip(tok):
     n = max(len(render_record(r, tok)["input_ids"]) for r in recs if "s0-0" in r["id"])
     kept, rejected = render_records(recs, tok, max_length=n, skip_invalid=True)
     assert kept and rejected and len(kept) + len(rejected) == len(recs)
+
+
+def test_records_rendered_with_another_tokenizer_are_refused_by_record():
+    import pytest
+
+    from loopalign.data.prompts import check_rendered_with, render_records
+    from loopalign.data.schema import make_record
+    from loopalign.tokenizer import local_tokenizer
+
+    tok = local_tokenizer()
+    records = [
+        make_record(
+            id=f"r{i}",
+            task=f"What is {i} + 1?",
+            gold=str(i + 1),
+            answer=str(i + 1),
+            label=1,
+            source="t",
+            scenario="math",
+            parse_status="ok",
+        )  # fmt: skip
+        for i in range(4)
+    ]
+    rows, rejected = render_records(records, tok)
+    assert not rejected
+    check_rendered_with(rows, tok)  # the same tokenizer: fine
+    other = local_tokenizer()
+    other.add_tokens(["What is"])  # one more token: the same prompt tokenizes differently
+    with pytest.raises(ValueError, match="record 'r0': its input_ids are not its prompt tokenized"):
+        check_rendered_with(rows, other)
+    check_rendered_with([{k: v for k, v in r.items() if k != "prompt"} for r in rows], other)  # nothing to check
