@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
+from loopalign.data.schema import SCENARIOS
+from loopalign.data.sources.table import parse_column_map
 from loopalign.eval import CompareConfig, FeatureConfig, GapConfig, ReadoutConfig, TaskConfig
 from loopalign.loops import parse_int_set, parse_loop_counts
 
@@ -60,6 +62,27 @@ class GapEvalArguments:
     eval_position: str = field(
         default=str(_READOUT.position),
         metadata={"help": "RR probe position: verdict | answer_end | concat | an index into probe_indices."},
+    )
+    dataset_columns: str | None = field(
+        default=None,
+        metadata={
+            "help": "Read --dataset as your own .jsonl / .csv with this column map, rendered with the model's chat "
+            "template: 'task=q,answer=a,label=y[,gold=g,cluster=c]' or 'statement=s,label=y[,cluster=c]' "
+            "(docs/data.md). Unset: --dataset is a build, a saved dataset or rendered records."
+        },
+    )
+    dataset_scenario: str | None = field(
+        default=None,
+        metadata={
+            "help": "Scenario of --dataset_columns rows: math | safety | statement (default: statement when "
+            "the map has a statement column, else math)."
+        },
+    )
+    skip_invalid_rows: bool = field(
+        default=False,
+        metadata={
+            "help": "With --dataset_columns: leave out (and count) rows that fail validation instead of failing."
+        },
     )
     eval_layers: str | None = field(
         default=None,
@@ -111,6 +134,10 @@ class GapEvalArguments:
             raise ValueError(f"eval_n_boot must be >= 10, got {self.eval_n_boot}")
         if self.tp_max_new_tokens is not None and self.tp_max_new_tokens < 1:
             raise ValueError(f"tp_max_new_tokens must be >= 1 (or unset), got {self.tp_max_new_tokens}")
+        if self.dataset_columns is not None:
+            parse_column_map(self.dataset_columns)  # a bad map fails here, naming the column
+        if self.dataset_scenario is not None and self.dataset_scenario not in SCENARIOS:
+            raise ValueError(f"dataset_scenario must be one of {SCENARIOS}, got {self.dataset_scenario!r}")
         if self.eval_layers is not None:
             parse_int_set(self.eval_layers, "eval_layers", what="0-based layer indices", example="'12-29' or '18'")
         if self.eval_fixed_layer is not None:

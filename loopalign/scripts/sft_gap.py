@@ -25,11 +25,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import datasets
 import torch
 from trl import ModelConfig, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
 from loopalign.data.prompts import check_rendered_with
+from loopalign.data.verification import table_verification_records
 from loopalign.eval import (
     CompareConfig,
     GapResult,
@@ -241,6 +243,22 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
             seed=training_args.seed,
             organism_config=organism_config_for(model_name),
         )
+    if script_args.dataset_columns is not None:  # the user's own table, rendered with this model's template
+        rows, report = table_verification_records(
+            tokenizer,
+            script_args.dataset,
+            script_args.dataset_columns,
+            scenario=script_args.dataset_scenario,
+            max_length=training_args.max_length,
+            skip_invalid=script_args.skip_invalid_rows,
+            limit=script_args.dataset_limit,
+        )
+        print(
+            f"{script_args.dataset}: {report['read']} rows read, {report['kept']} kept, {report['rejected']} rejected"
+            + (f" {report['rejected_by_reason']}" if report["rejected"] else "")
+            + f" ({report['scenario']}; columns {report['columns']})"
+        )
+        return split_by_task(datasets.Dataset.from_list(rows), script_args.eval_fraction, seed=training_args.seed)
     local = model_name in LOCAL_MODELS
     data = load_verification_dataset(
         script_args.dataset,
