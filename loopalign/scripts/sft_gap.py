@@ -277,6 +277,11 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
     return split_by_task(data, script_args.eval_fraction, seed=training_args.seed)
 
 
+def statements_only(dataset) -> bool:
+    """True when every record is a statement (a claim judged true or false: no task the model answers, so no TP)."""
+    return "scenario" in dataset.column_names and set(dataset["scenario"]) == {"statement"}
+
+
 def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, training_args: GapSFTConfig):
     """-> (train, held-out records of the trained families, {family: its evaluation records}). Every family is
     evaluated on the same held-out entities (the split by task): ``heldout_families`` leave the training split (never
@@ -443,6 +448,10 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         # the organism's tasks cluster by their (item, a, b) triple: names do not change the arithmetic
         group_by=DIGIT_GROUP_FIELD if script_args.dataset == "organism" else "task",
     )
+    if gap_config.task is not None and statements_only(eval_ds):
+        gap_config.task = None  # a statement is judged as it stands: there is no answer of the model's to score
+        if training_args.process_index == 0:
+            print("TP: not measured (statement records have no task for the model to answer)")
     wandb = "wandb" in (training_args.report_to or [])
     out = training_args.output_dir
     before_dir = os.path.join(out, "before")

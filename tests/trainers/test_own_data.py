@@ -39,7 +39,7 @@ def _argv(folder, data, out, *extra):
             "--dataset_columns", "statement=claim,label=truth,cluster=thing", "--max_steps", "2",
             "--per_device_train_batch_size", "8", "--eval_n_boot", "50", "--use_peft", "true", "--lora_r", "4",
             "--lora_target_modules", "q_proj", "v_proj", "--report_to", "none", "--save_strategy", "no",
-            "--use_cpu", "true", "--disable_tqdm", "true", "--eval_tp", "false", *extra]  # fmt: skip
+            "--use_cpu", "true", "--disable_tqdm", "true", *extra]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -52,6 +52,8 @@ def test_sft_gap_trains_on_a_csv_of_statements_through_a_column_map(
     sft_gap_script.train_and_compare(*parse_sft_gap(argv))
     printed = capsys.readouterr().out
     assert "81 rows read, 80 kept, 1 rejected" in printed and "statement" in printed
+    assert "TP: not measured (statement records" in printed  # statements have no task to answer
+    assert json.loads((out / "compare.json").read_text())["tp"] == []
     gap = json.loads((out / "before" / "gap.json").read_text())
     # the cluster column groups the bootstrap and the split: both claims about one number stay together
     clusters = gap["records"]["clusters"]
