@@ -53,7 +53,15 @@ from .metrics import (
     f1_score,
     label_balance,
 )
-from .readout import ReadoutConfig, ReadoutResult, calibrate_scores, fit_readout, make_splits
+from .readout import (
+    ReadoutConfig,
+    ReadoutResult,
+    apply_frozen_probes,
+    calibrate_scores,
+    fit_readout,
+    load_frozen_probes,
+    make_splits,
+)
 from .report import log_comparison_wandb, log_wandb, plot_gap, save_gap
 from .task import TaskConfig, generate_texts, integer_verifier, task_performance
 from .verbal import parse_verdict, sampled_verdicts, sv_metrics, verdict_token_ids
@@ -92,6 +100,8 @@ __all__ = [
     "f1_score",
     "fit_probes",
     "fit_readout",
+    "apply_frozen_probes",
+    "load_frozen_probes",
     "gap_table",
     "generate_texts",
     "integer_verifier",

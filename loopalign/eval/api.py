@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -15,13 +16,21 @@ from loopalign.data.io import load_build
 from loopalign.io import folder_lock
 from loopalign.loading import LOCAL_MODELS, load_model
 from loopalign.models.contract import trained_loops
-from loopalign.probes import save_probes
+from loopalign.probes import LinearProbe, save_probes
 
 from .controls import evaluate_controls, record_authors
 from .features import FeatureConfig, extract_features, prepare_records
 from .gap import GapResult, gap_table, metric_value, parse_loops
 from .metrics import METRICS, label_balance
-from .readout import ReadoutConfig, calibrate_scores, fit_readout
+from .readout import (
+    ReadoutConfig,
+    apply_frozen_probes,
+    calibrate_scores,
+    fit_readout,
+    frozen_probes,
+    load_frozen_probes,
+    resolve_select_by,
+)
 from .task import TaskConfig, task_performance
 from .verbal import sampled_verdicts, sv_metrics, sv_predictions, verdict_token_ids
 
@@ -131,6 +140,7 @@ def evaluate_gap(
     out_dir: str | None = None,
     wandb: bool = False,
     wandb_kwargs: dict | None = None,
+    frozen_probes: str | dict[str, LinearProbe] | None = None,
 ) -> GapResult:
     """SV and RR per loop (one forward per batch serves every loop), the gap table with bootstrap
     CIs, and TP when ``config.task`` is set. With ``out_dir``: gap.json, gap.md, plots and
@@ -139,15 +149,33 @@ def evaluate_gap(
     ``out_dir`` is locked (:func:`loopalign.io.folder_lock`) from the start of the evaluation to the
     last file: while another evaluation writes there, this one fails at once with
     ``FolderLockedError`` naming the folder and that run (pid, host), before any model work.
+
+    ``frozen_probes``: the per-fold RR probes of an earlier evaluation (its ``out_dir``, its probes path, or
+    the probes: :func:`loopalign.eval.readout.load_frozen_probes`), typically the base model's "before";
+    they are applied unchanged to this model's features, each record scored by the probe that held it
+    out, and the posteriors land in ``records['rr_frozen_prob']`` [T][N] for the frozen half of
+    :func:`loopalign.eval.compare`'s part (c). Checked before any model work.
     """
-    args = (model, tokenizer, dataset, loops, config, verifier, out_dir, wandb, wandb_kwargs)
+    if frozen_probes is not None:
+        frozen_probes = _frozen(frozen_probes)
+    args = (model, tokenizer, dataset, loops, config, verifier, out_dir, wandb, wandb_kwargs, frozen_probes)
     if out_dir is None:
         return _evaluate_gap(*args)
     with folder_lock(out_dir, "evaluate_gap"):
         return _evaluate_gap(*args)
 
 
-def _evaluate_gap(model, tokenizer, dataset, loops, config, verifier, out_dir, wandb, wandb_kwargs) -> GapResult:
+def _frozen(probes) -> dict[str, LinearProbe]:
+    if isinstance(probes, (str, os.PathLike)):
+        return load_frozen_probes(os.fspath(probes))
+    if isinstance(probes, dict):
+        return frozen_probes(probes)
+    raise TypeError(f"evaluate_gap: frozen_probes must be a path or a dict of probes, got {type(probes).__name__}")
+
+
+def _evaluate_gap(
+    model, tokenizer, dataset, loops, config, verifier, out_dir, wandb, wandb_kwargs, frozen=None
+) -> GapResult:
     config = config or GapConfig()
     if loops is not None:
         config.loops = parse_loops(loops)
@@ -157,17 +185,22 @@ def _evaluate_gap(model, tokenizer, dataset, loops, config, verifier, out_dir, w
     pad_id = pad_token_id(tokenizer)
     feats = extract_features(model, records, config.loops, verdict_ids, config.features, pad_id=pad_id)
     t_feat = time.perf_counter() - start
-    readout = fit_readout(feats, config.readout)
-    t_probe = time.perf_counter() - start - t_feat
     labels = feats.labels
+    # the headline metric is fixed before the probes are fitted: their L2 and layer are selected by it
+    metric, metric_rule = resolve_metric(
+        config.metric, label_balance(labels)["minority_share"], config.min_minority_share
+    )
+    readout_config = resolve_select_by(config.readout, metric)
+    readout = fit_readout(feats, readout_config, metric)
+    rr_frozen = apply_frozen_probes(feats, frozen) if frozen is not None else None
+    t_probe = time.perf_counter() - start - t_feat
     ev = readout.eval_index
     sv_prob, sv_pred = sv_predictions(feats, config.sv_decision)
     # SV with a label-fitted threshold: a cut on its log-odds fitted on RR's train splits, scored out of fold
     sv_logodds = (feats.verdict_logp[..., 0] - feats.verdict_logp[..., 1]).double().numpy()
-    sv_cal_prob = calibrate_scores(sv_logodds, labels, readout.splits, config.readout)
+    sv_cal_prob = calibrate_scores(sv_logodds, labels, readout.splits, readout_config)
     balance = label_balance(labels[ev])
     unbalanced = bool(balance["minority_share"] < config.min_minority_share)
-    metric, metric_rule = resolve_metric(config.metric, balance["minority_share"], config.min_minority_share)
     notes = []
     if unbalanced:
         notes.append(
@@ -207,7 +240,7 @@ def _evaluate_gap(model, tokenizer, dataset, loops, config, verifier, out_dir, w
         t0 = time.perf_counter()
         author_field, authors = record_authors(dataset, config.author_field)
         controls, control_probs = evaluate_controls(
-            feats, readout, groups, config.readout, metric, authors, author_field or config.author_field, config.seed
+            feats, readout, groups, readout_config, metric, authors, author_field or config.author_field, config.seed
         )
         t_controls = time.perf_counter() - t0
     tp = None
@@ -253,6 +286,7 @@ def _evaluate_gap(model, tokenizer, dataset, loops, config, verifier, out_dir, w
             "clusters": groups,
             "exit_probs": feats.exit_probs.tolist(),
             **{f"control_{k}_prob": v.tolist() for k, v in control_probs.items() if v is not None},
+            **({"rr_frozen_prob": rr_frozen.tolist()} if rr_frozen is not None else {}),
         },
         tp=tp,
         sv_sampled=sampled,
@@ -270,6 +304,8 @@ def _evaluate_gap(model, tokenizer, dataset, loops, config, verifier, out_dir, w
             "device": str(next(model.parameters()).device),
             "total_ut_steps": trained_loops(model),
             "metric_rule": metric_rule,
+            "select_by": readout_config.select_by,
+            "frozen_readout": None if frozen is None else {"n_probes": len(frozen)},
             "label_balance": dict(balance, min_minority_share=config.min_minority_share, unbalanced=unbalanced),
             "clusters": {
                 "field": config.group_by,
@@ -283,7 +319,7 @@ def _evaluate_gap(model, tokenizer, dataset, loops, config, verifier, out_dir, w
     )
     if out_dir is not None:
         result.save(out_dir)
-        save_probes(readout.probes, f"{out_dir}/probes")
+        save_probes({**readout.probes, **readout.fold_probes}, f"{out_dir}/probes")
     if wandb:
         result.log_wandb(**(wandb_kwargs or {}))
     del feats
@@ -299,8 +335,6 @@ load_model_and_tokenizer = load_model
 def load_eval_dataset(path: str):
     """A data_builders build folder (metadata.json + dataset/), a ``save_to_disk`` folder, or a
     .jsonl/.json file -> ``datasets.Dataset``."""
-    import os
-
     import datasets
 
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "metadata.json")):

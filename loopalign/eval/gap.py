@@ -1,5 +1,5 @@
 """The gap table (SV, RR and RR - SV per loop, with paired bootstrap 95% intervals) and
-``compare(before, after)``, which says whether SV caught up and whether RR was preserved.
+``compare(before, after)``, the before/after verdict (rule v2: :data:`VERDICT_RULE`, docs/concepts.md).
 
 Every loop gets the headline metric plus accuracy, balanced accuracy and AUROC, for SV by its fixed
 0.5 rule on P(yes) ("raw"), for SV with a label-fitted threshold fitted as RR's probe is
@@ -30,6 +30,7 @@ from .metrics import (
     cluster_members,
     cluster_resample,
     f1_score,
+    label_balance,
 )
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "trained_depth",
     "TABLE_METRICS",
     "VERDICT_RULE",
+    "tp_deltas",
 ]
 from .report import compare_markdown, gap_markdown, log_wandb, save_gap
 
@@ -220,6 +222,15 @@ class GapResult:
             rr,
         )
 
+    def frozen_rr(self) -> np.ndarray | None:
+        """[T, N] posteriors of the probes fitted on the *before* evaluation's features, applied frozen to
+        this result's features (``evaluate_gap(frozen_probes=...)``; NaN where no frozen probe scored the
+        record); None when this result has none (an old result, or evaluated without frozen probes)."""
+        rows = self.records.get("rr_frozen_prob")
+        if rows is None:
+            return None
+        return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+
     def clusters(self) -> list:
         """The bootstrap cluster (task id) of each record [N]; None = a record of its own."""
         c = self.records.get("clusters")
@@ -240,13 +251,24 @@ class GapResult:
 DEFAULT_TRAINED_DEPTH = 4
 
 VERDICT_RULE = (
-    "Verdict rule (fixed before any number is looked at): the verdict is taken at the trained depth D "
-    "(the model's total_ut_steps, else 4; CompareConfig.loops overrides) on the headline metric, with "
-    "{level}% cluster-bootstrap CIs that resample tasks, paired (the same tasks in before and after). "
-    "SV caught up = the after-gap RR - SV is not above 0 (its CI upper bound <= 0, or its CI includes 0: "
-    "lower bound <= gap_tolerance = {gap_tol:g}) AND dSV's CI lower bound > sv_min_gain = {sv_gain:g}. "
-    "RR preserved = dRR's CI lower bound > -rr_tolerance = {rr_neg:g}. Loops past D are reported "
-    "separately as extrapolation and never enter the verdict."
+    "Verdict rule v2 (fixed before any number is looked at). Taken at the trained depth D (the model's "
+    "total_ut_steps, else 4; CompareConfig.loops overrides) on the headline metric, with {level}% "
+    "cluster-bootstrap CIs that resample tasks, paired (the same tasks in before and after; dTP resamples "
+    "the same clusters). Every part is required for 'yes': "
+    "(a) SV caught up with what the base model's hidden state showed: the lower bound of SV after - RR "
+    "before > -{delta} points, on the headline metric and on AUROC; "
+    "(b) gap closed, as an equivalence test: the upper bound of RR after - SV after <= +{delta} points "
+    "(absence of evidence never passes: a smaller evaluation cannot pass more easily); "
+    "(c) RR preserved, both ways: the refitted RR (lower bound of RR after - RR before > -{rr} points) and "
+    "the probes fitted before training applied frozen to the after features (lower bound of RR frozen "
+    "after - RR before > -{rr} points); without the frozen readout (c) cannot pass; a significant rise "
+    "is reported as 'the readout changed'; "
+    "(d) TP kept: the lower bound of dTP at D > -{tp} points (not blocking when TP was not measured); "
+    "(e) saturation: when SV after and RR after are both >= {sat}% or an interval of (a) or (b) has "
+    "zero width, the result is 'saturated: not measurable', never 'yes'. "
+    "(f) flagged, not required: 'SV went past what the base readout knew' when the lower bound of SV "
+    "after - RR before > +{delta} points. Loops past D are reported separately as extrapolation and "
+    "never enter the verdict."
 )
 
 
@@ -258,37 +280,49 @@ def trained_depth(result: GapResult) -> int:
 
 @dataclass
 class CompareConfig:
-    """The before/after verdict rule and its thresholds (fractions, e.g. 0.02 = 2 points).
+    """The before/after verdict rule (v2) and its thresholds (fractions, e.g. 0.02 = 2 points).
 
-    The rule, stated before any number is computed:
+    The rule, stated before any number is computed (:data:`VERDICT_RULE`; docs/concepts.md):
 
     - the verdict is taken at the trained depth D: ``loops`` (an int), default the model's trained
       depth (``meta['total_ut_steps']`` of the results, else 4; when D was not evaluated, the deepest
       evaluated loop below it). A list of loops averages them instead (none may exceed D);
-    - **SV caught up** = the after-gap RR - SV is not above 0 — its CI upper bound <= 0 or its CI
-      includes 0, i.e. its CI lower bound <= ``gap_tolerance`` (default 0) — AND the dSV CI lower
-      bound > ``sv_min_gain`` (default 0);
-    - **RR preserved** = the dRR CI lower bound > -``rr_tolerance`` (default 0.02);
+    - **(a) SV caught up** with what the base model's hidden state showed: the CI lower bound of
+      SV after - RR before > -``delta``, on the headline metric and on AUROC;
+    - **(b) gap closed**, an equivalence test: the CI upper bound of RR after - SV after <= ``delta``;
+    - **(c) RR preserved**, both ways: the refitted RR (CI lower bound of dRR > -``rr_tolerance``) and the
+      probes fitted before training applied frozen to the after features (CI lower bound of RR frozen
+      after - RR before > -``rr_tolerance``); absent frozen posteriors fail (c);
+    - **(d) TP kept**: the CI lower bound of dTP at D > -``tp_tolerance`` (passes, saying so, when TP was
+      not measured in both);
+    - **(e) saturation**: SV after and RR after both >= ``saturation``, or a zero-width interval in (a)
+      or (b): "saturated: not measurable", never "yes";
+    - **(f)** flagged: the CI lower bound of SV after - RR before > ``delta``;
     - CIs are percentile cluster bootstraps over tasks (records without a task: one cluster each),
-      paired when both results scored the same records (the same tasks are resampled in both);
+      paired when both results scored the same records; dTP resamples the same clusters;
     - loops past D are reported separately as extrapolation and never enter the verdict.
+
+    ``sv_min_gain`` and ``gap_tolerance`` set the v1 rule of 0.1; they are gone (``delta`` is the margin of
+    the v2 rule), and passing them fails, naming them.
     """
 
     loops: int | list[int] | None = None  # verdict depth D (int) or loops averaged (list); None = trained depth
     metric: str | None = None  # None = the results' headline metric; or one of METRICS
-    sv_min_gain: float = 0.0  # SV improved when the dSV CI lower bound > sv_min_gain
-    gap_tolerance: float = 0.0  # gap closed when the after-gap CI lower bound <= gap_tolerance (CI includes 0)
-    rr_tolerance: float = 0.02  # RR preserved when the dRR CI lower bound > -rr_tolerance
+    delta: float = 0.02  # margin of parts a, b and flag f (0.02 = 2 points)
+    rr_tolerance: float = 0.02  # part c: RR preserved when the lower bounds of dRR and frozen drift > -rr_tolerance
+    tp_tolerance: float = 0.01  # part d: TP kept when the lower bound of dTP > -tp_tolerance
+    saturation: float = 0.99  # part e: SV after and RR after both at or above it = saturated
     n_boot: int = 1000  # bootstrap resamples
     alpha: float = 0.05  # 1 - interval level
     seed: int = 0  # bootstrap seed
 
     def __post_init__(self):
-        if self.gap_tolerance < 0 or self.rr_tolerance < 0:
-            raise ValueError(
-                f"CompareConfig tolerances must be >= 0, got gap_tolerance={self.gap_tolerance}, "
-                f"rr_tolerance={self.rr_tolerance}"
-            )
+        for name in ("delta", "rr_tolerance", "tp_tolerance"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"CompareConfig.{name} must be in [0, 1) (a fraction; 0.02 = 2 points), got {value}")
+        if not 0.5 < self.saturation <= 1:
+            raise ValueError(f"CompareConfig.saturation must be in (0.5, 1], got {self.saturation}")
         if self.n_boot < 10:
             raise ValueError(f"CompareConfig.n_boot must be >= 10, got {self.n_boot}")
         if not 0 < self.alpha < 1:
@@ -301,19 +335,31 @@ class CompareConfig:
     def rule(self) -> str:
         level = int(round(100 * (1 - self.alpha)))
         return VERDICT_RULE.format(
-            level=level, gap_tol=self.gap_tolerance, sv_gain=self.sv_min_gain, rr_neg=-self.rr_tolerance
+            level=level,
+            delta=f"{100 * self.delta:g}",
+            rr=f"{100 * self.rr_tolerance:g}",
+            tp=f"{100 * self.tp_tolerance:g}",
+            sat=f"{100 * self.saturation:g}",
         )
 
 
 @dataclass
 class Comparison:
-    """compare() output.
+    """compare() output (JSON-serialisable).
 
     loops: the verdict loops (one: the depth D, unless a list was asked for); depth: D; rows: per loop
-    <= D, deltas with CIs and ``in_verdict``; extrapolation: the same for loops past D (never in the
-    verdict); summary: the verdict quantities (mean over the verdict loops) with CIs; gap_closed /
-    sv_improved / sv_caught_up / rr_preserved: the rule's parts; rule: the rule in words; clusters:
-    how the bootstrap resampled (n_clusters, n_records, n_without_task).
+    <= D, the before/after figures and deltas with CIs and ``in_verdict``; extrapolation: the same for
+    loops past D (never in the verdict); summary: the verdict quantities (mean over the verdict loops)
+    with CIs; rule: the rule in words; clusters: how the bootstrap resampled (n_clusters, n_records,
+    n_without_task); tp: TP before / after and dTP per loop (paired over the gap's clusters).
+
+    One boolean per part of the rule: ``sv_caught_up`` (a), ``gap_closed`` (b), ``rr_preserved`` (c,
+    both ways; ``frozen_readout`` says whether its frozen half was measured), ``tp_kept`` (d; True with
+    ``tp_measured`` False when TP was not measured), ``saturated`` (e), ``sv_past_base_readout`` (flag f,
+    not required); ``passed``: the overall verdict (a, b, c, d and not e); ``outcome``: "yes", "no" or
+    "saturated: not measurable"; ``parts``: each part's line; ``verdict``: the verdict in words, a line
+    per part. ``sv_improved`` (dSV's lower bound > 0) is reported, not part of the rule. ``notes``:
+    caveats (unbalanced labels, depth fallbacks).
     """
 
     loops: list[int]
@@ -332,6 +378,15 @@ class Comparison:
     rule: str = ""
     clusters: dict = field(default_factory=dict)
     tp: list[dict] = field(default_factory=list)
+    tp_kept: bool = True
+    tp_measured: bool = False
+    frozen_readout: bool = False
+    saturated: bool = False
+    sv_past_base_readout: bool = False
+    passed: bool = False
+    outcome: str = "no"
+    parts: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(_nan_to_none(asdict(self)), indent=indent)
@@ -341,16 +396,21 @@ class Comparison:
 
 
 def _eval_arrays(res: GapResult, loops: list[int]):
+    """The RR-scored records of ``res`` at ``loops``: ids, y, SV P(yes), SV decision, RR posterior, frozen
+    RR posterior (NaN [T, n] when absent) and clusters."""
     ids, y, ev, svp, svd, rrp = res.arrays()
     ti = [res.loops.index(t) for t in loops]
     keep = np.flatnonzero(ev)
     clusters = res.clusters()
+    frozen = res.frozen_rr()
+    frozen = np.full(rrp.shape, np.nan) if frozen is None else frozen
     return (
         [ids[i] for i in keep],
         y[keep],
         svp[ti][:, keep],
         svd[ti][:, keep],
         rrp[ti][:, keep],
+        frozen[ti][:, keep],
         [clusters[i] for i in keep],
     )
 
@@ -384,11 +444,97 @@ def _verdict_loops(before: GapResult, after: GapResult, config: CompareConfig, c
     return [depth], depth, note
 
 
+def _cluster_keys(ids: list, clusters: list) -> list:
+    """Bootstrap cluster of each record: its task id, or (for a record without one) the record itself."""
+    return [c if c is not None else ("record", r) for r, c in zip(ids, clusters)]
+
+
+def _tp_sums(before: GapResult, after: GapResult, gap_keys: list) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """TP of the tasks both results answered, summed per bootstrap cluster, for each loop both measured.
+
+    A TP task is named by the id of its first record (:func:`loopalign.eval.api.evaluate_gap`); its cluster
+    is that record's (the before result's records). Clusters are the gap's ``gap_keys`` first, then
+    clusters only TP has (``n_tp_only``, resampled as a stratum of their own).
+    -> (rows {loop, n_tasks, n_tp_only}, sums [L, 3, K + E] of (correct before, correct after, tasks), E)."""
+    b_rows = {r["loop"]: r for r in (before.tp or [])}
+    a_rows = {r["loop"]: r for r in (after.tp or [])}
+    record_cluster = dict(zip(before.records["ids"], _cluster_keys(before.records["ids"], before.clusters())))
+    position = {k: j for j, k in enumerate(dict.fromkeys(gap_keys))}
+    extra: dict = {}
+    found = []
+    for t in sorted(set(b_rows) & set(a_rows)):
+        b, a = b_rows[t], a_rows[t]
+        if not b.get("task_ids") or not a.get("task_ids"):
+            continue
+        bc = {k: int(c == 1) for k, c in zip(b["task_ids"], b["correct"])}
+        ac = {k: int(c == 1) for k, c in zip(a["task_ids"], a["correct"])}
+        shared = [k for k in bc if k in ac]
+        if not shared:
+            continue
+        cols = []
+        for k in shared:
+            key = record_cluster.get(k, ("record", k))
+            if key not in position:
+                extra.setdefault(key, len(extra))
+            cols.append(("gap", position[key]) if key in position else ("extra", extra[key]))
+        found.append((t, shared, bc, ac, cols))
+    n_gap = len(position)
+    sums = np.zeros((len(found), 3, n_gap + len(extra)))
+    rows = []
+    for li, (t, shared, bc, ac, cols) in enumerate(found):
+        for k, (kind, j) in zip(shared, cols):
+            col = j if kind == "gap" else n_gap + j
+            sums[li, :, col] += (bc[k], ac[k], 1)
+        rows.append({"loop": t, "n_tasks": len(shared), "n_tp_only_clusters": sum(kind == "extra" for kind, _ in cols)})
+    return rows, sums, len(extra)
+
+
+def _tp_figures(sums: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sums [L, 3, C], cluster weights [C] -> [L, 3]: TP before, TP after, dTP."""
+    s = sums @ weights  # [L, 3]
+    with np.errstate(all="ignore"):
+        before, after = s[:, 0] / s[:, 2], s[:, 1] / s[:, 2]
+    return np.stack([before, after, after - before], axis=1)
+
+
+#: the figures compare() reports per loop (and, as a mean over the verdict loops, in its summary)
+COMPARE_FIGURES = (
+    "d_sv",
+    "d_rr",
+    "d_gap",
+    "gap_before",
+    "gap_after",
+    "sv_before",
+    "sv_after",
+    "rr_before",
+    "rr_after",
+    "sv_reach",  # SV after - RR before (part a, flag f)
+    "sv_auroc_before",
+    "sv_auroc_after",
+    "rr_auroc_before",
+    "rr_auroc_after",
+    "sv_reach_auroc",  # AUROC of SV after - AUROC of RR before (part a)
+    "rr_frozen_after",  # the before probes, frozen, on the after features
+    "rr_drift",  # RR frozen after - RR before (part c)
+)
+
+
+def _masked_metric(metric: str, y: np.ndarray, prob: np.ndarray) -> float:
+    """The metric of a probe posterior on the records it scored (NaN elsewhere)."""
+    ok = ~np.isnan(prob)
+    if not ok.any():
+        return float("nan")
+    return metric_value(metric, y[ok], prob[ok], (prob[ok] > 0.5).astype(np.int64))
+
+
 def compare(before: GapResult, after: GapResult, config: CompareConfig | None = None) -> Comparison:
-    """Did SV catch up at the trained depth while RR held? See :class:`CompareConfig` for the rule.
+    """The before/after verdict at the trained depth under the v2 rule (:class:`CompareConfig`,
+    :data:`VERDICT_RULE`): every part on its own line, all required for "yes".
 
     Paired over shared record ids (cluster-resampling their tasks) when both results scored mostly the
-    same records, else independent cluster bootstraps."""
+    same records, else independent cluster bootstraps. dTP resamples the same clusters as the gap (the
+    before result's tasks in the unpaired case). The frozen half of part (c) reads ``after``'s
+    ``records['rr_frozen_prob']`` (:func:`loopalign.eval.api.evaluate_gap` with ``frozen_probes``)."""
     config = config or CompareConfig()
     if config.metric is None and before.metric != after.metric:
         raise ValueError(
@@ -404,8 +550,8 @@ def compare(before: GapResult, after: GapResult, config: CompareConfig | None = 
             f"compare: loops {missing or loops} not in both results (before {before.loops}, after {after.loops})"
         )
     reported = common
-    b_ids, b_y, b_svp, b_svd, b_rr, b_cl = _eval_arrays(before, reported)
-    a_ids, a_y, a_svp, a_svd, a_rr, a_cl = _eval_arrays(after, reported)
+    b_ids, b_y, b_svp, b_svd, b_rr, _, b_cl = _eval_arrays(before, reported)
+    a_ids, a_y, a_svp, a_svd, a_rr, a_frz, a_cl = _eval_arrays(after, reported)
     shared = sorted(set(b_ids) & set(a_ids))
     paired = len(shared) > 0 and len(shared) >= 0.5 * min(len(b_ids), len(a_ids))
     if paired:
@@ -417,22 +563,34 @@ def compare(before: GapResult, after: GapResult, config: CompareConfig | None = 
             raise ValueError("compare: the two results give different labels to the same record ids")
     n_loops = len(reported)
     vi = [reported.index(t) for t in loops]
+    frozen_present = after.frozen_rr() is not None and bool(np.isfinite(a_frz[vi]).any())
+    frozen_note = ""
+    if paired and frozen_present:
+        n_frozen = int(np.isfinite(a_frz[vi][:, a_sel]).all(0).sum())
+        if n_frozen < len(shared):
+            frozen_note = f"the frozen probes scored {n_frozen} of the {len(shared)} paired records. "
 
     def per_loop(y, svp, svd, rrp, idx):
         rrd = (rrp > 0.5).astype(np.int64)
-        sv = np.array([metric_value(metric, y[idx], svp[t, idx], svd[t, idx]) for t in range(n_loops)])
-        rr = np.array([metric_value(metric, y[idx], rrp[t, idx], rrd[t, idx]) for t in range(n_loops)])
-        return sv, rr
+        yi = y[idx]
+        sv = [metric_value(metric, yi, svp[t, idx], svd[t, idx]) for t in range(n_loops)]
+        rr = [metric_value(metric, yi, rrp[t, idx], rrd[t, idx]) for t in range(n_loops)]
+        sv_auc = [auroc(yi, svp[t, idx]) for t in range(n_loops)]
+        rr_auc = [auroc(yi, rrp[t, idx]) for t in range(n_loops)]
+        return np.array(sv), np.array(rr), np.array(sv_auc), np.array(rr_auc)
 
     def stat(b_idx, a_idx):
-        sv_b, rr_b = per_loop(b_y, b_svp, b_svd, b_rr, b_idx)
-        sv_a, rr_a = per_loop(a_y, a_svp, a_svd, a_rr, a_idx)
-        d_sv, d_rr = sv_a - sv_b, rr_a - rr_b
+        sv_b, rr_b, sv_auc_b, rr_auc_b = per_loop(b_y, b_svp, b_svd, b_rr, b_idx)
+        sv_a, rr_a, sv_auc_a, rr_auc_a = per_loop(a_y, a_svp, a_svd, a_rr, a_idx)
+        if frozen_present:
+            frz = np.array([_masked_metric(metric, a_y[a_idx], a_frz[t, a_idx]) for t in range(n_loops)])
+        else:
+            frz = np.full(n_loops, np.nan)
         gap_b, gap_a = rr_b - sv_b, rr_a - sv_a
-        return np.concatenate(
+        figures = np.stack(
             [
-                d_sv,
-                d_rr,
+                sv_a - sv_b,
+                rr_a - rr_b,
                 gap_a - gap_b,
                 gap_b,
                 gap_a,
@@ -440,113 +598,277 @@ def compare(before: GapResult, after: GapResult, config: CompareConfig | None = 
                 sv_a,
                 rr_b,
                 rr_a,
-                [d_sv[vi].mean(), d_rr[vi].mean(), gap_b[vi].mean(), gap_a[vi].mean()],
+                sv_a - rr_b,
+                sv_auc_b,
+                sv_auc_a,
+                rr_auc_b,
+                rr_auc_a,
+                sv_auc_a - rr_auc_b,
+                frz,
+                frz - rr_b,
             ]
-        )
+        )  # [F, n_loops]
+        with np.errstate(all="ignore"), _quiet():
+            return np.concatenate([figures.ravel(), figures[:, vi].mean(1)])
 
     rng = np.random.default_rng(config.seed)
     if paired:
-        # the tasks of the shared records (before's ids; a record without one is its own cluster)
-        members = cluster_members([b_cl[i] for i in b_sel])
-        est = stat(b_sel, a_sel)
-        boots = []
-        for _ in range(config.n_boot):
-            r = cluster_resample(members, rng)
-            boots.append(stat(b_sel[r], a_sel[r]))
+        keys = _cluster_keys(shared, [b_cl[i] for i in b_sel])
+        members = cluster_members(keys)
+        gap_keys = list(dict.fromkeys(keys))
         n_clusters, n_records = len(members), len(shared)
         n_without = sum(c is None for c in (b_cl[i] for i in b_sel))
     else:
-        b_members, a_members = cluster_members(b_cl), cluster_members(a_cl)
-        est = stat(np.arange(len(b_y)), np.arange(len(a_y)))
-        boots = [stat(cluster_resample(b_members, rng), cluster_resample(a_members, rng)) for _ in range(config.n_boot)]
-        n_clusters, n_records = len(b_members) + len(a_members), len(b_y) + len(a_y)
+        keys = _cluster_keys(b_ids, b_cl)
+        members, a_members = cluster_members(keys), cluster_members(_cluster_keys(a_ids, a_cl))
+        gap_keys = list(dict.fromkeys(keys))
+        n_clusters, n_records = len(members) + len(a_members), len(b_y) + len(a_y)
         n_without = sum(c is None for c in b_cl) + sum(c is None for c in a_cl)
+    tp_rows, tp_sums, n_extra = _tp_sums(before, after, gap_keys)
+    k_gap = len(members)
+
+    def tp_weights(picks):
+        w = np.bincount(picks, minlength=k_gap).astype(np.float64)
+        if n_extra:
+            w = np.concatenate([w, np.bincount(rng.integers(0, n_extra, n_extra), minlength=n_extra)])
+        return w
+
+    est = stat(b_sel, a_sel) if paired else stat(np.arange(len(b_y)), np.arange(len(a_y)))
+    tp_est = _tp_figures(tp_sums, np.ones(tp_sums.shape[-1]))
+    boots, tp_boots = [], []
+    for _ in range(config.n_boot):
+        picks = rng.integers(0, k_gap, k_gap)
+        r = np.concatenate([members[j] for j in picks])
+        if paired:
+            boots.append(stat(b_sel[r], a_sel[r]))
+        else:
+            boots.append(stat(r, cluster_resample(a_members, rng)))
+        tp_boots.append(_tp_figures(tp_sums, tp_weights(picks)))
     boots = np.stack(boots)
     with np.errstate(all="ignore"), _quiet():
         lo = np.nanpercentile(boots, 100 * config.alpha / 2, axis=0)
         hi = np.nanpercentile(boots, 100 * (1 - config.alpha / 2), axis=0)
-    names = ["d_sv", "d_rr", "d_gap", "gap_before", "gap_after", "sv_before", "sv_after", "rr_before", "rr_after"]
+        if tp_rows:
+            tp_lo = np.nanpercentile(np.stack(tp_boots), 100 * config.alpha / 2, axis=0)
+            tp_hi = np.nanpercentile(np.stack(tp_boots), 100 * (1 - config.alpha / 2), axis=0)
     rows, extrapolation = [], []
     for ti, t in enumerate(reported):
         row = {"loop": t, "in_verdict": t in loops, "extrapolation": t > depth}
-        for k, name in enumerate(names):
+        for k, name in enumerate(COMPARE_FIGURES):
             j = k * n_loops + ti
             row[name], row[f"{name}_lo"], row[f"{name}_hi"] = float(est[j]), float(lo[j]), float(hi[j])
         (extrapolation if t > depth else rows).append(row)
-    base = len(names) * n_loops
+    base = len(COMPARE_FIGURES) * n_loops
     summary = {}
-    for k, name in enumerate(["d_sv", "d_rr", "gap_before", "gap_after"]):
+    for k, name in enumerate(COMPARE_FIGURES):
         j = base + k
         summary[name], summary[f"{name}_lo"], summary[f"{name}_hi"] = float(est[j]), float(lo[j]), float(hi[j])
-    sv_improved = bool(summary["d_sv_lo"] > config.sv_min_gain)
-    gap_closed = bool(summary["gap_after_lo"] <= config.gap_tolerance)
-    sv_caught_up = bool(sv_improved and gap_closed)
-    rr_preserved = bool(summary["d_rr_lo"] > -config.rr_tolerance)
-    yn = {True: "yes", False: "no"}
+    tp = []
+    for li, r in enumerate(tp_rows):
+        tp.append(
+            {
+                "loop": r["loop"],
+                "tp_before": float(tp_est[li, 0]),
+                "tp_after": float(tp_est[li, 1]),
+                "d_tp": float(tp_est[li, 2]),
+                "d_tp_lo": float(tp_lo[li, 2]),
+                "d_tp_hi": float(tp_hi[li, 2]),
+                "n_tasks": r["n_tasks"],
+                "n_tp_only_clusters": r["n_tp_only_clusters"],
+            }
+        )
     level = int(round(100 * (1 - config.alpha)))
+    notes = [n for n in (note.strip(), frozen_note.strip()) if n]
+    balance = label_balance(b_y[b_sel] if paired else b_y)
+    if metric in ("accuracy", "f1") and balance["n"] and balance["minority_share"] < PRIOR_DRIVEN_SHARE:
+        notes.append(
+            f"labels are unbalanced ({100 * balance['positive_share']:.1f}% label 1): {metric} is prior-driven "
+            "here (a label-prior predictor scores well); read part (a)'s AUROC line"
+        )
+    judged = _judge(summary, tp, depth, frozen_present, config)
     where = f"loop {loops[0]}" if len(loops) == 1 else f"mean over loops {loops}"
-    s = summary
-    verdict = (
-        f"SV caught up: {yn[sv_caught_up]}: dSV = {s['d_sv']:+.3f} [{s['d_sv_lo']:+.3f}, {s['d_sv_hi']:+.3f}] "
-        f"(lower bound > {config.sv_min_gain:+.3f}: {yn[sv_improved]}), gap after = {s['gap_after']:+.3f} "
-        f"[{s['gap_after_lo']:+.3f}, {s['gap_after_hi']:+.3f}] (not above 0, lower bound <= "
-        f"{config.gap_tolerance:+.3f}: {yn[gap_closed]}); dRR = {s['d_rr']:+.3f} [{s['d_rr_lo']:+.3f}, "
-        f"{s['d_rr_hi']:+.3f}]; RR preserved: {yn[rr_preserved]} (lower bound > {-config.rr_tolerance:+.3f}). "
-        f"{metric}, {where} (trained depth {depth}), {level}% cluster-bootstrap CIs over {n_clusters} "
-        f"clusters, {'paired' if paired else 'unpaired'}. {note}"
-    ).strip()
+    head = (
+        f"Verdict: {judged['outcome']} ({metric}, {where}, trained depth {depth}; {level}% cluster-bootstrap CIs "
+        f"over {n_clusters} clusters, {'paired' if paired else 'unpaired'})"
+    )
+    verdict = "\n".join([head] + [p["line"] for p in judged["parts"]] + notes)
     return Comparison(
         loops=loops,
         metric=metric,
         paired=bool(paired),
         rows=rows,
         summary=summary,
-        sv_improved=sv_improved,
-        sv_caught_up=sv_caught_up,
-        rr_preserved=rr_preserved,
+        sv_improved=bool(summary["d_sv_lo"] > 0),
+        sv_caught_up=judged["a"],
+        rr_preserved=judged["c"],
         verdict=verdict,
         config=asdict(config),
         depth=depth,
         extrapolation=extrapolation,
-        gap_closed=gap_closed,
+        gap_closed=judged["b"],
         rule=config.rule(),
         clusters={"n_clusters": n_clusters, "n_records": n_records, "n_without_task": n_without},
-        tp=tp_deltas(before, after, config),
+        tp=tp,
+        tp_kept=judged["d"],
+        tp_measured=judged["tp_measured"],
+        frozen_readout=bool(frozen_present),
+        saturated=judged["e"],
+        sv_past_base_readout=judged["f"],
+        passed=judged["passed"],
+        outcome=judged["outcome"],
+        parts=judged["parts"],
+        notes=notes,
     )
 
 
-def tp_deltas(before: GapResult, after: GapResult, config: CompareConfig | None = None) -> list[dict]:
-    """TP before and after per loop (both measured), with dTP and its CI: a bootstrap over the tasks
-    both answered, paired (each task is answered once per model, so tasks are the clusters).
-    Rows: loop, tp_before, tp_after, d_tp (+ _lo/_hi), n_tasks. [] when either lacks TP."""
-    config = config or CompareConfig()
-    b_rows = {r["loop"]: r for r in (before.tp or [])}
-    a_rows = {r["loop"]: r for r in (after.tp or [])}
-    rng = np.random.default_rng(config.seed)
-    out = []
-    for t in sorted(set(b_rows) & set(a_rows)):
-        b, a = b_rows[t], a_rows[t]
-        if not b.get("task_ids") or not a.get("task_ids"):
-            continue
-        bc = {k: int(c == 1) for k, c in zip(b["task_ids"], b["correct"])}
-        ac = {k: int(c == 1) for k, c in zip(a["task_ids"], a["correct"])}
-        shared = sorted(set(bc) & set(ac))
-        if not shared:
-            continue
-        x = np.array([bc[k] for k in shared], dtype=float)
-        y = np.array([ac[k] for k in shared], dtype=float)
-        idx = rng.integers(0, len(shared), size=(config.n_boot, len(shared)))
-        boots = (y[idx] - x[idx]).mean(axis=1)
-        lo, hi = np.percentile(boots, [100 * config.alpha / 2, 100 * (1 - config.alpha / 2)])
-        out.append(
-            {
-                "loop": t,
-                "tp_before": float(x.mean()),
-                "tp_after": float(y.mean()),
-                "d_tp": float(y.mean() - x.mean()),
-                "d_tp_lo": float(lo),
-                "d_tp_hi": float(hi),
-                "n_tasks": len(shared),
-            }
+#: below this minority-class share, accuracy columns are marked prior-driven (compare.md, gap.md)
+PRIOR_DRIVEN_SHARE = 0.4
+
+
+def _pts(x: float, signed: bool = True) -> str:
+    return "–" if x is None or np.isnan(x) else (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}")
+
+
+def _ci_pts(s: dict, name: str) -> str:
+    return f"{_pts(s[name])} [{_pts(s[name + '_lo'])}, {_pts(s[name + '_hi'])}]"
+
+
+def _gt(x: float, bound: float) -> bool:
+    """x > bound, False when x is undefined."""
+    return bool(not np.isnan(x) and x > bound)
+
+
+def _judge(s: dict, tp: list[dict], depth: int, frozen: bool, config: CompareConfig) -> dict:
+    """The v2 rule's parts from compare()'s summary and TP rows -> booleans, outcome and one line per part."""
+    yn = {True: "yes", False: "no"}
+    d, d_rr, d_tp = config.delta, config.rr_tolerance, config.tp_tolerance
+    a_head, a_auc = _gt(s["sv_reach_lo"], -d), _gt(s["sv_reach_auroc_lo"], -d)
+    a = a_head and a_auc
+    b = bool(not np.isnan(s["gap_after_hi"]) and s["gap_after_hi"] <= d)
+    c_refit = _gt(s["d_rr_lo"], -d_rr)
+    c_frozen = frozen and _gt(s["rr_drift_lo"], -d_rr)
+    c = c_refit and c_frozen
+    tp_row = next((r for r in tp if r["loop"] == depth), None)
+    tp_measured = tp_row is not None
+    tp_ok = (not tp_measured) or _gt(tp_row["d_tp_lo"], -d_tp)
+    zero = [
+        name
+        for name in ("sv_reach", "sv_reach_auroc", "gap_after")
+        if not np.isnan(s[f"{name}_lo"]) and s[f"{name}_hi"] - s[f"{name}_lo"] <= 1e-12
+    ]
+    ceiling = s["sv_after"] >= config.saturation and s["rr_after"] >= config.saturation
+    e = bool(ceiling or zero)
+    f = _gt(s["sv_reach_lo"], d)
+    passed = bool(a and b and c and tp_ok and not e)
+    outcome = "saturated: not measurable" if e else yn[passed]
+    parts = [
+        (
+            "a",
+            "SV caught up with what the base model's hidden state showed",
+            a,
+            f"SV after − RR before = {_ci_pts(s, 'sv_reach')} (lower bound > {_pts(-d)}: {yn[a_head]}); in AUROC "
+            f"{_ci_pts(s, 'sv_reach_auroc')} (lower bound > {_pts(-d)}: {yn[a_auc]})",
+        ),
+        (
+            "b",
+            "gap closed (equivalence test)",
+            b,
+            f"RR after − SV after = {_ci_pts(s, 'gap_after')} (upper bound ≤ {_pts(d)}: {yn[b]})",
+        ),
+    ]
+    c_text = f"refitted: dRR = {_ci_pts(s, 'd_rr')} (lower bound > {_pts(-d_rr)}: {yn[c_refit]}); "
+    if frozen:
+        c_text += (
+            f"frozen (the before probes on the after features): RR frozen after − RR before = "
+            f"{_ci_pts(s, 'rr_drift')} (lower bound > {_pts(-d_rr)}: {yn[c_frozen]})"
         )
-    return out
+    else:
+        c_text += (
+            "frozen readout absent (the after result has no frozen-probe posteriors: an old result, or "
+            "evaluate_gap without frozen_probes), so this part cannot pass"
+        )
+    rises = [name for name, key in (("refitted", "d_rr_lo"), ("frozen", "rr_drift_lo")) if _gt(s[key], d_rr)]
+    if rises:
+        c_text += f"; the readout changed: RR rose by more than {_pts(d_rr, False)} points ({', '.join(rises)})"
+    parts.append(("c", "RR preserved, both ways", c, c_text))
+    if tp_measured:
+        tp_text = (
+            f"dTP at loop {depth} = {_ci_pts(tp_row, 'd_tp')} (TP {_pts(tp_row['tp_before'], False)} → "
+            f"{_pts(tp_row['tp_after'], False)}; lower bound > {_pts(-d_tp)}: {yn[tp_ok]})"
+        )
+    else:
+        tp_text = f"TP not measured at loop {depth} in both results (not blocking)"
+    parts.append(("d", "TP kept", tp_ok, tp_text))
+    if e:
+        why = []
+        if ceiling:
+            why.append(
+                f"SV after {_pts(s['sv_after'], False)} and RR after {_pts(s['rr_after'], False)} are both ≥ "
+                f"{_pts(config.saturation, False)}"
+            )
+        if zero:
+            why.append(f"zero-width interval: {', '.join(zero)}")
+        e_text = f"{'; '.join(why)}; the verdict cannot be yes"
+    else:
+        e_text = (
+            f"not saturated (SV after {_pts(s['sv_after'], False)}, RR after {_pts(s['rr_after'], False)}; "
+            "no zero-width interval)"
+        )
+    parts.append(("e", "saturation", e, e_text))
+    parts.append(
+        (
+            "f",
+            "SV went past what the base readout knew",
+            f,
+            f"lower bound of SV after − RR before {_pts(s['sv_reach_lo'])} > {_pts(d)}: {yn[f]}"
+            + (" (the fine-tune taught the task, or RR is too weak a yardstick)" if f else ""),
+        )
+    )
+    lines = []
+    for key, name, ok, text in parts:
+        state = {"e": "saturated: not measurable" if ok else "no", "f": "flagged" if ok else "no"}.get(key, yn[ok])
+        lines.append({"part": key, "name": name, "passed": bool(ok), "line": f"({key}) {name}: {state} — {text}"})
+    return {
+        "a": a,
+        "b": b,
+        "c": c,
+        "d": tp_ok,
+        "e": e,
+        "f": f,
+        "tp_measured": tp_measured,
+        "passed": passed,
+        "outcome": outcome,
+        "parts": lines,
+    }
+
+
+def tp_deltas(before: GapResult, after: GapResult, config: CompareConfig | None = None) -> list[dict]:
+    """TP before and after per loop (both measured), with dTP and its CI: a paired cluster bootstrap over
+    the bootstrap clusters (tasks, :meth:`GapResult.clusters`) of the tasks both answered, as the gap's.
+    :func:`compare` computes the same rows within the gap's own bootstrap draws. Rows: loop, tp_before,
+    tp_after, d_tp (+ _lo/_hi), n_tasks, n_tp_only_clusters. [] when either lacks TP."""
+    config = config or CompareConfig()
+    rows, sums, n = _tp_sums(before, after, [])
+    if not rows:
+        return []
+    rng = np.random.default_rng(config.seed)
+    est = _tp_figures(sums, np.ones(n))
+    boots = np.stack(
+        [_tp_figures(sums, np.bincount(rng.integers(0, n, n), minlength=n).astype(float)) for _ in range(config.n_boot)]
+    )
+    with np.errstate(all="ignore"), _quiet():
+        lo = np.nanpercentile(boots, 100 * config.alpha / 2, axis=0)
+        hi = np.nanpercentile(boots, 100 * (1 - config.alpha / 2), axis=0)
+    return [
+        {
+            "loop": r["loop"],
+            "tp_before": float(est[i, 0]),
+            "tp_after": float(est[i, 1]),
+            "d_tp": float(est[i, 2]),
+            "d_tp_lo": float(lo[i, 2]),
+            "d_tp_hi": float(hi[i, 2]),
+            "n_tasks": r["n_tasks"],
+            "n_tp_only_clusters": r["n_tp_only_clusters"],
+        }
+        for i, r in enumerate(rows)
+    ]

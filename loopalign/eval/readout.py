@@ -9,17 +9,31 @@ in both train and test, and stratified by the group's majority label.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from loopalign.probes import LinearProbe, ProbeFitConfig, fit_probes
+from loopalign.probes import LinearProbe, ProbeFitConfig, fit_probes, load_probes
 
 from .features import Features
-from .metrics import accuracy, auroc, balanced_accuracy, binary_metrics, log_loss
+from .metrics import accuracy, auroc, balanced_accuracy, binary_metrics, f1_score, log_loss
 
-__all__ = ["ReadoutConfig", "ReadoutResult", "make_splits", "fit_readout", "select_features", "calibrate_scores"]
+__all__ = [
+    "ReadoutConfig",
+    "ReadoutResult",
+    "make_splits",
+    "fit_readout",
+    "select_features",
+    "calibrate_scores",
+    "apply_frozen_probes",
+    "frozen_probes",
+    "load_frozen_probes",
+]
+
+#: the selection criteria a readout knows; "headline" follows the evaluation's headline metric
+SELECT_BY = ("headline", "accuracy", "auroc", "balanced_accuracy", "f1", "log_loss")
 
 
 @dataclass
@@ -33,7 +47,8 @@ class ReadoutConfig:
     seed: int = 0  # split seed
     position: str | int = "verdict"  # "verdict" (last probe index), "answer_end" (first), "concat", or an int
     fixed_layer: int | None = None  # layer of the fixed-layer readout; None = the normed loop state (L)
-    select_by: str = "accuracy"  # validation criterion: "accuracy", "auroc", "balanced_accuracy", "log_loss"
+    select_by: str = "headline"  # validation criterion: "headline" (the evaluation's headline metric; accuracy
+    # for fit_readout on its own), "accuracy", "auroc", "balanced_accuracy", "f1", "log_loss"
     fit: ProbeFitConfig = field(default_factory=ProbeFitConfig)  # optimiser settings
 
     def __post_init__(self):
@@ -45,8 +60,10 @@ class ReadoutConfig:
             raise ValueError(f"ReadoutConfig.folds must be >= 3 (train, validation, test), got {self.folds}")
         if not self.l2_grid or any(c < 0 for c in self.l2_grid):
             raise ValueError(f"ReadoutConfig.l2_grid must be non-empty strengths >= 0, got {self.l2_grid}")
-        if self.select_by not in ("accuracy", "auroc", "balanced_accuracy", "log_loss"):
-            raise ValueError(f"ReadoutConfig.select_by {self.select_by!r} is not a known criterion")
+        if self.select_by not in SELECT_BY:
+            raise ValueError(
+                f"ReadoutConfig.select_by {self.select_by!r} is not a known criterion: use one of {SELECT_BY}"
+            )
         if isinstance(self.position, str) and self.position not in ("verdict", "answer_end", "concat"):
             raise ValueError(
                 f"ReadoutConfig.position must be 'verdict', 'answer_end', 'concat' or an int, got {self.position!r}"
@@ -128,6 +145,8 @@ def _score(y: np.ndarray, p: np.ndarray, by: str) -> float:
         return accuracy(y, pred) - 1e-3 * log_loss(y, p)  # tie-break on log-loss
     if by == "balanced_accuracy":
         return balanced_accuracy(y, pred) - 1e-3 * log_loss(y, p)
+    if by == "f1":
+        return f1_score(y, pred) - 1e-3 * log_loss(y, p)
     if by == "auroc":
         return auroc(y, p)
     return -log_loss(y, p)
@@ -140,7 +159,10 @@ class ReadoutResult:
     prob: [T, N] P(label 1) from the selected probe per loop (NaN where a record was not scored);
     fixed_prob: [T, N] from the fixed layer; heatmap_test / heatmap_val: [T, L'] accuracy of each
     layer's probe (its L2 chosen on validation); best_layer / best_l2: per loop (per fold for kfold);
-    eval_index: records with a test prediction; probes: selected probes (first fold) by name.
+    eval_index: records with a test prediction; probes: selected probes (first fold) by name;
+    fold_probes: the selected probe of every loop and fold (``loop{t}_fold{f}``), whose meta names the
+    layer, position and the fold's test record ids: applied frozen to a later model's features
+    (:func:`apply_frozen_probes`) they score each record with the probe that scored it here.
     """
 
     loops: list[int]
@@ -156,6 +178,7 @@ class ReadoutResult:
     eval_index: np.ndarray
     splits: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
     probes: dict[str, LinearProbe]
+    fold_probes: dict[str, LinearProbe] = field(default_factory=dict)
 
     def metrics(self, labels: np.ndarray, fixed: bool = False) -> list[dict]:
         """Per loop: accuracy, balanced accuracy, F1, AUROC (and ECE, log-loss) on the scored records."""
@@ -172,9 +195,18 @@ class ReadoutResult:
         return rows
 
 
-def fit_readout(features: Features, config: ReadoutConfig | None = None) -> ReadoutResult:
-    """Fit probes for every (loop, layer, L2) on train, select on validation, score on test."""
-    config = config or ReadoutConfig()
+def resolve_select_by(config: ReadoutConfig, metric: str) -> ReadoutConfig:
+    """``config`` with ``select_by="headline"`` replaced by the headline ``metric`` (other criteria as set)."""
+    if config.select_by != "headline":
+        return config
+    return dataclasses.replace(config, select_by=metric)
+
+
+def fit_readout(features: Features, config: ReadoutConfig | None = None, metric: str = "accuracy") -> ReadoutResult:
+    """Fit probes for every (loop, layer, L2) on train, select on validation, score on test.
+
+    ``metric``: the headline metric, the selection criterion when ``config.select_by`` is "headline"."""
+    config = resolve_select_by(config or ReadoutConfig(), metric)
     if features.states is None:
         raise ValueError("features were extracted with keep_states=False; RR needs hidden states")
     labels = features.labels
@@ -191,6 +223,7 @@ def fit_readout(features: Features, config: ReadoutConfig | None = None) -> Read
     best_layer = [[] for _ in range(n_loops)]
     best_l2 = [[] for _ in range(n_loops)]
     probes: dict[str, LinearProbe] = {}
+    fold_probes: dict[str, LinearProbe] = {}
     layer_prob = np.full((n_loops, n_layers, n), np.nan)
     for fi, (train, val, test) in enumerate(splits):
         y_tr, y_va = torch.as_tensor(labels[train]), labels[val]
@@ -213,6 +246,9 @@ def fit_readout(features: Features, config: ReadoutConfig | None = None) -> Read
             fixed_prob[ti, test] = cands[fixed_li][3]
             best_layer[ti].append(features.layers[li])
             best_l2[ti].append(probe.meta["l2"])
+            meta = dict(probe.meta, loop=t, layer=features.layers[li], position=config.position, fold=fi)
+            meta.update(select_by=config.select_by, test_ids=[features.ids[i] for i in test])
+            fold_probes[f"loop{t}_fold{fi}"] = dataclasses.replace(probe, meta=meta)
             if fi == 0:
                 for name, (chosen, lyr, sc) in {
                     "best": (probe, features.layers[li], score),
@@ -240,7 +276,66 @@ def fit_readout(features: Features, config: ReadoutConfig | None = None) -> Read
         eval_index=eval_index,
         splits=splits,
         probes=probes,
+        fold_probes=fold_probes,
     )
+
+
+def frozen_probes(probes: dict[str, LinearProbe]) -> dict[str, LinearProbe]:
+    """The per-fold probes of a readout (:attr:`ReadoutResult.fold_probes`, as saved in probes.json) in a
+    set of probes; ValueError when there are none (a probe set saved before frozen readouts existed)."""
+    out = {k: p for k, p in probes.items() if {"fold", "loop", "layer", "test_ids"} <= set(p.meta)}
+    if not out:
+        raise ValueError(
+            f"frozen_probes: none of the probes {sorted(probes)[:4]}... is a per-fold readout probe (meta with "
+            "'fold', 'loop', 'layer', 'test_ids'): the before-evaluation was saved before frozen readouts "
+            "existed; re-run it to measure drift"
+        )
+    return out
+
+
+def load_frozen_probes(path: str, required: bool = True) -> dict[str, LinearProbe] | None:
+    """The per-fold readout probes saved by ``evaluate_gap(out_dir=...)``: ``path`` is that folder (its
+    ``probes.safetensors`` / ``probes.json``) or the probe file's path without extension. With
+    ``required=False`` a folder without them gives None."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "probes")
+    try:
+        return frozen_probes(load_probes(path))
+    except (FileNotFoundError, ValueError):
+        if required:
+            raise
+        return None
+
+
+def apply_frozen_probes(features: Features, probes: dict[str, LinearProbe]) -> np.ndarray:
+    """Per-fold probes fitted on another model's features (:func:`frozen_probes`), applied unchanged to
+    ``features``: each record is scored, at each loop, by the probe whose fold held it out (its
+    ``test_ids``), at that probe's layer and position. -> [T, N] P(label 1), NaN where no probe scored
+    the record (a loop or record the probes never saw). Fails, naming the probe, on a layer that was
+    not extracted or a record two folds claim."""
+    if features.states is None:
+        raise ValueError("features were extracted with keep_states=False; frozen probes need hidden states")
+    probes = frozen_probes(probes)
+    row = {rid: i for i, rid in enumerate(features.ids)}
+    out = np.full((len(features.loops), len(features.ids)), np.nan)
+    for name, probe in sorted(probes.items()):
+        m = probe.meta
+        if m["loop"] not in features.loops:
+            continue
+        if m["layer"] not in features.layers:
+            raise ValueError(
+                f"frozen probe {name!r} reads layer {m['layer']}, which was not extracted (layers {features.layers})"
+            )
+        idx = np.array([row[r] for r in m["test_ids"] if r in row], dtype=np.int64)
+        if not idx.size:
+            continue
+        ti, li = features.loops.index(m["loop"]), features.layers.index(m["layer"])
+        if not np.isnan(out[ti, idx]).all():
+            raise ValueError(f"frozen probe {name!r}: its test records are also another fold's (loop {m['loop']})")
+        x = select_features(features.states[ti, li][torch.as_tensor(idx)], m["position"]).float()
+        with torch.no_grad():
+            out[ti, idx] = probe.predict_proba(x).double().numpy()
+    return out
 
 
 def _fit_threshold(score: np.ndarray, y: np.ndarray, by: str) -> float:

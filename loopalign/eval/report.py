@@ -24,6 +24,15 @@ def _ci(row: dict, name: str) -> str:
     return f"{_pct(row.get(name))} [{_pct(row.get(name + '_lo'))}, {_pct(row.get(name + '_hi'))}]"
 
 
+def _signed(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:+.1f}"
+
+
+def _dci(row: dict, name: str) -> str:
+    """A difference with its CI, in signed points."""
+    return f"{_signed(row.get(name))} [{_signed(row.get(name + '_lo'))}, {_signed(row.get(name + '_hi'))}]"
+
+
 _METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auroc": "AUROC", "f1": "F1"}
 
 
@@ -82,6 +91,13 @@ def gap_markdown(result) -> str:
     if m.get("total_ut_steps"):
         lines += [f"Trained depth: {m['total_ut_steps']} loops; loops past it are extrapolation.", ""]
     tp = {row["loop"]: row for row in (result.tp or [])}
+    prior = _prior_driven(result)
+    if prior and result.metric in _PRIOR_METRICS:
+        lines += [
+            f"The headline metric ({result.metric}) is **prior-driven** on these unbalanced labels: a predictor "
+            "of the label prior scores well, so its gap is not evidence; read balanced accuracy and AUROC below.",
+            "",
+        ]
     header = "| loop | SV | RR | gap RR−SV | RR fixed layer | SV all records | valid verdicts | best layer (folds) |"
     if tp:
         header += " TP |"
@@ -231,12 +247,24 @@ def controls_markdown(controls: dict | None, metric: str) -> list[str]:
     return lines
 
 
+#: metrics a label-prior predictor can score well with on unbalanced labels
+_PRIOR_METRICS = ("accuracy", "f1")
+
+
+def _prior_driven(result) -> bool:
+    """The evaluated labels are unbalanced (meta ``label_balance``): accuracy there is prior-driven."""
+    bal = (result.meta or {}).get("label_balance") or {}
+    return bool(bal.get("unbalanced"))
+
+
 def _robust_tables(result) -> list[str]:
     """Per metric (accuracy, balanced accuracy, AUROC): SV raw (0.5 rule), SV calibrated (label-fitted
-    threshold), RR and both gaps, with CIs."""
+    threshold), RR and both gaps, with CIs. On unbalanced labels the accuracy table is left out (it is
+    prior-driven; gap.json keeps it) and a line says so."""
     rows = result.table
     if not rows or "sv_auroc" not in rows[0]:
         return []
+    prior = _prior_driven(result)
     cal = "sv_cal_auroc" in rows[0]
     lines = [
         "",
@@ -246,7 +274,15 @@ def _robust_tables(result) -> list[str]:
         "splits, out-of-fold). AUROC ranks SV by P(yes) (raw) or its fitted posterior (calibrated) and RR by "
         "the probe posterior. A gap that shrinks from raw to calibrated is calibration, not missing knowledge.",
     ]
+    if prior:
+        lines += [
+            "",
+            "Accuracy is left out: the labels are unbalanced, so accuracy is prior-driven (a predictor of the label "
+            "prior scores well and its gap is not evidence). gap.json keeps it (`sv_accuracy`, `gap_accuracy`, ...).",
+        ]
     for metric in TABLE_METRICS:
+        if prior and metric in _PRIOR_METRICS:
+            continue
         head = "| loop | SV raw | " + ("SV calibrated | " if cal else "") + "RR | gap RR−SV raw |"
         head += " gap RR−SV calibrated |" if cal else ""
         lines += ["", f"### {_METRIC_NAMES[metric]}", "", head, "|" + "---|" * (head.count("|") - 1)]
@@ -262,21 +298,34 @@ def _robust_tables(result) -> list[str]:
 
 
 def compare_markdown(comp) -> str:
-    """The before/after verdict and per-loop deltas as Markdown."""
-    head = "| loop | SV before | SV after | dSV | RR before | RR after | dRR | gap after |"
-    sep = "|---|---|---|---|---|---|---|---|"
+    """The before/after verdict: the rule first, then the verdict with one line per part, then per-loop
+    figures (points, CIs) and TP."""
+    head = (
+        "| loop | SV before | SV after | RR before | RR after | SV after − RR before | RR after − SV after "
+        "| dRR (refitted) | RR frozen − RR before | dSV |"
+    )
+    sep = "|" + "---|" * (head.count("|") - 1)
 
     def line(r):
         mark = " (verdict)" if r.get("in_verdict") else ""
         return (
-            f"| {r['loop']}{mark} | {_pct(r['sv_before'])} | {_pct(r['sv_after'])} | {_ci(r, 'd_sv')} | "
-            f"{_pct(r['rr_before'])} | {_pct(r['rr_after'])} | {_ci(r, 'd_rr')} | {_ci(r, 'gap_after')} |"
+            f"| {r['loop']}{mark} | {_pct(r['sv_before'])} | {_pct(r['sv_after'])} | {_pct(r['rr_before'])} | "
+            f"{_pct(r['rr_after'])} | {_dci(r, 'sv_reach')} | {_dci(r, 'gap_after')} | {_dci(r, 'd_rr')} | "
+            f"{_dci(r, 'rr_drift')} | {_dci(r, 'd_sv')} |"
         )
 
     lines = [f"# Before / after ({comp.metric})", ""]
     if getattr(comp, "rule", ""):
         lines += [comp.rule, ""]
-    lines += [f"**{comp.verdict}**", ""]
+    parts = getattr(comp, "parts", None) or []
+    verdict_lines = comp.verdict.splitlines()
+    lines += [f"**{verdict_lines[0]}**", ""]
+    if parts:
+        lines += [f"- {p['line']}" for p in parts]
+        lines += [f"- note: {n}" for n in getattr(comp, "notes", None) or []]
+    else:  # a comparison written by an older version
+        lines += verdict_lines[1:]
+    lines.append("")
     c = getattr(comp, "clusters", None) or {}
     if c.get("n_without_task"):
         lines += [
@@ -284,7 +333,23 @@ def compare_markdown(comp) -> str:
             "of its own.",
             "",
         ]
+    if comp.metric in ("accuracy", "f1") and any("prior-driven" in n for n in getattr(comp, "notes", None) or []):
+        lines += [f"The {comp.metric} columns below are prior-driven (unbalanced labels): read the AUROC table.", ""]
     lines += [head, sep] + [line(r) for r in comp.rows]
+    if comp.rows and "sv_reach_auroc" in comp.rows[0]:
+        lines += [
+            "",
+            "AUROC (SV by P(yes), RR by the probe posterior):",
+            "",
+            "| loop | SV before | SV after | RR before | RR after | SV after − RR before |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in comp.rows:
+            mark = " (verdict)" if r.get("in_verdict") else ""
+            lines.append(
+                f"| {r['loop']}{mark} | {_pct(r['sv_auroc_before'])} | {_pct(r['sv_auroc_after'])} | "
+                f"{_pct(r['rr_auroc_before'])} | {_pct(r['rr_auroc_after'])} | {_dci(r, 'sv_reach_auroc')} |"
+            )
     extra = getattr(comp, "extrapolation", None) or []
     if extra:
         lines += [
@@ -298,14 +363,15 @@ def compare_markdown(comp) -> str:
     if tp:
         lines += [
             "",
-            f"## Task performance (greedy answers to the {tp[0]['n_tasks']} held-out tasks; paired task bootstrap)",
+            f"## Task performance (greedy answers to the {tp[0]['n_tasks']} held-out tasks; paired bootstrap over "
+            "the gap's task clusters)",
             "",
             "| loop | TP before | TP after | dTP |",
             "|---|---|---|---|",
         ]
         for r in tp:
             mark = " (trained depth)" if r["loop"] == comp.depth else ""
-            lines.append(f"| {r['loop']}{mark} | {_pct(r['tp_before'])} | {_pct(r['tp_after'])} | {_ci(r, 'd_tp')} |")
+            lines.append(f"| {r['loop']}{mark} | {_pct(r['tp_before'])} | {_pct(r['tp_after'])} | {_dci(r, 'd_tp')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -473,14 +539,34 @@ def log_wandb(
     return run
 
 
+#: the Comparison booleans logged to W&B: the rule's parts a-f, the overall verdict and what was measured
+PART_KEYS = (
+    "sv_caught_up",
+    "gap_closed",
+    "rr_preserved",
+    "tp_kept",
+    "saturated",
+    "sv_past_base_readout",
+    "passed",
+    "frozen_readout",
+    "tp_measured",
+    "sv_improved",
+)
+
+
 def log_comparison_wandb(comparison, run, prefix: str = "compare/") -> dict:
     """Put the before/after verdict into a W&B run: the verdict quantities at the trained depth with
-    their CIs, the rule's parts (``sv_caught_up``, ``rr_preserved``, ...) and TP at the depth in the
-    run's summary, and every loop's deltas as a table. -> the summary entries written."""
+    their CIs, one boolean per part of the rule (``sv_caught_up`` a, ``gap_closed`` b, ``rr_preserved`` c,
+    ``tp_kept`` d, ``saturated`` e, ``sv_past_base_readout`` f), ``passed`` and ``outcome``, and TP at the
+    depth in the run's summary, and every loop's figures as a table. -> the summary entries written."""
     import wandb
 
-    summary = {f"{prefix}depth": comparison.depth, f"{prefix}verdict": comparison.verdict}
-    for key in ("sv_caught_up", "rr_preserved", "sv_improved", "gap_closed"):
+    summary = {
+        f"{prefix}depth": comparison.depth,
+        f"{prefix}verdict": comparison.verdict,
+        f"{prefix}outcome": comparison.outcome,
+    }
+    for key in PART_KEYS:
         summary[prefix + key] = bool(getattr(comparison, key))
     for k, v in comparison.summary.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -30,6 +30,7 @@ from loopalign.eval import (
     compare,
     evaluate_gap,
     load_eval_dataset,
+    load_frozen_probes,
 )
 from loopalign.io import atomic_write_text
 from loopalign.loading import LOCAL_MODELS, load_model
@@ -162,6 +163,13 @@ def evaluate(args: EvalGapScriptArguments) -> GapResult:
     model_name = args.model_name_or_path
     out_dir = args.output_dir or f"outputs/eval_gap_{model_name if model_name in LOCAL_MODELS else 'model'}"
     set_cpu_threads(on_cpu=args.device == "cpu" or None, announce=True)
+    frozen = None
+    if args.compare:
+        compare_config = CompareConfig(loops=args.verdict_depth, seed=args.seed, rr_tolerance=args.rr_tolerance)
+        print(compare_config.rule())  # the rule, before any figure
+        # the before-evaluation's per-fold probes, frozen, on this model's features (the verdict's drift check)
+        before_dir = args.compare if os.path.isdir(args.compare) else os.path.dirname(args.compare) or "."
+        frozen = load_frozen_probes(before_dir, required=False)
     model, tok = load_model(model_name, device=args.device, dtype=args.dtype, seed=args.seed)
     data, group_by = load_records(args, tok)
     loops = (
@@ -184,11 +192,11 @@ def evaluate(args: EvalGapScriptArguments) -> GapResult:
         out_dir=out_dir,
         wandb=args.report_to == "wandb",
         wandb_kwargs={"project": args.wandb_project, "name": f"eval_gap:{model_name}"},
+        frozen_probes=frozen,
     )
     print(result.markdown())
     if args.compare:
-        config = CompareConfig(loops=args.verdict_depth, seed=args.seed, rr_tolerance=args.rr_tolerance)
-        comp = compare(GapResult.from_json(args.compare), result, config)
+        comp = compare(GapResult.from_json(args.compare), result, compare_config)
         atomic_write_text(f"{out_dir}/compare.json", comp.to_json())
         atomic_write_text(f"{out_dir}/compare.md", comp.markdown())
         print(comp.verdict)

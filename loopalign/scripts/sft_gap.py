@@ -37,6 +37,7 @@ from loopalign.eval import (
     GapResult,
     compare,
     evaluate_gap,
+    load_frozen_probes,
     log_comparison_wandb,
 )
 from loopalign.eval.families import TRANSFER_RULE, compare_families, record_families, split_families
@@ -455,7 +456,10 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     wandb = "wandb" in (training_args.report_to or [])
     out = training_args.output_dir
     before_dir = os.path.join(out, "before")
+    # the verdict is taken at the depth the adapters were trained at (default: the model's total_ut_steps)
+    compare_config = CompareConfig(loops=training_args.num_loops, rr_tolerance=script_args.rr_tolerance)
     if training_args.process_index == 0:
+        print(compare_config.rule())  # the rule, before any figure
         if resume and os.path.exists(os.path.join(before_dir, "gap.json")):
             # a resumed run: the base model and the held-out records are the same, so is the before-eval
             print(f"resuming: the before-evaluation in {before_dir} is reused")
@@ -512,10 +516,11 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     if trainer.accelerator.is_main_process:
         tuned = trainer.accelerator.unwrap_model(trainer.model).eval()
         with times("after_eval"):
-            after = evaluate_gap(tuned, tokenizer, eval_ds, config=gap_config, out_dir=os.path.join(out, "after"))
-        # the verdict is taken at the depth the adapters were trained at (default: the model's total_ut_steps)
-        depth = training_args.num_loops
-        comparison = compare(before, after, CompareConfig(loops=depth, rr_tolerance=script_args.rr_tolerance))
+            # the before-evaluation's probes, frozen, on the tuned features (part c's drift; None: an old before/)
+            frozen = load_frozen_probes(before_dir, required=False)
+            after_dir = os.path.join(out, "after")
+            after = evaluate_gap(tuned, tokenizer, eval_ds, config=gap_config, out_dir=after_dir, frozen_probes=frozen)
+        comparison = compare(before, after, compare_config)
         atomic_write_text(os.path.join(out, "compare.md"), comparison.markdown())
         atomic_write_text(os.path.join(out, "compare.json"), comparison.to_json())
         families = None

@@ -85,16 +85,22 @@ def test_evaluate_gap_writes_reports(tiny_model, tok, synthetic_rows, tmp_path, 
     again = GapResult.from_json(str(out))
     assert again.table == json.loads(res.to_json())["table"]
     same = compare(again, res)
-    assert same.paired and same.rr_preserved and not same.sv_improved
-    assert same.summary["d_sv"] == 0.0 and same.verdict.startswith("SV caught up: no")
-    # an "after" whose SV is right everywhere: SV catches up, RR preserved
+    assert same.paired and not same.sv_improved and not same.passed and same.outcome == "no"
+    assert same.summary["d_sv"] == 0.0 and same.verdict.startswith("Verdict: no")
+    # evaluated without frozen_probes: the frozen half of part (c) is absent, so (c) cannot pass
+    assert not same.frozen_readout and not same.rr_preserved and "frozen readout absent" in same.verdict
+    # TP was measured at loops 1 and 5, not at the trained depth: said, not blocking
+    assert not same.tp_measured and same.tp_kept and "TP not measured" in same.verdict
+    # an "after" whose SV is right everywhere, with the before probes' posteriors unchanged: every part passes
     after = GapResult.from_json(res.to_json())
     ids, y, ev, svp, svd, rrp = after.arrays()
     after.records["sv_prob"] = np.where(y[None] == 1, 0.9, 0.1).repeat(len(after.loops), 0).tolist()
     after.records["sv_pred"] = np.repeat(y[None], len(after.loops), 0).tolist()
-    comp = compare(res, after, CompareConfig(n_boot=200, gap_tolerance=0.5))
-    assert comp.sv_improved and comp.sv_caught_up and comp.rr_preserved
-    assert "SV caught up: yes" in comp.verdict and "RR preserved: yes" in comp.verdict
+    after.records["rr_frozen_prob"] = after.records["rr_prob"]
+    comp = compare(res, after, CompareConfig(n_boot=200))
+    assert comp.sv_improved and comp.sv_caught_up and comp.gap_closed and comp.rr_preserved and comp.passed
+    assert comp.sv_past_base_readout  # SV at 100% is far past what a random model's probe reads
+    assert comp.verdict.startswith("Verdict: yes") and "(c) RR preserved, both ways: yes" in comp.verdict
     assert "| loop | SV before" in comp.markdown()
     json.loads(comp.to_json())
 

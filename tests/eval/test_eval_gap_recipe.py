@@ -98,3 +98,25 @@ def test_pre_0_2_option_names_give_the_same_run_as_the_current_ones(tmp_path):
         assert ("is deprecated" in done.stderr) == (argv is old)
     tables = [json.loads((tmp_path / d / "gap.json").read_text())["table"] for d in ("old", "new")]
     assert tables[0] == tables[1] and [row["loop"] for row in tables[0]] == [2]
+
+
+def test_compare_prints_the_rule_first_and_reads_the_before_probes_frozen(tmp_path):
+    """eval-gap --compare BEFORE: the rule is printed before any figure, and the evaluation applies BEFORE's
+    probes, frozen, so part (c) of the verdict measures drift (here none: the same model)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    base = ["--model_name_or_path", "tiny", "--eval_loops", "4", "--dataset_limit", "12", "--eval_folds", "3",
+            "--eval_n_boot", "30", "--no_controls", "--no_eval_tp"]  # fmt: skip
+    outs = []
+    for name, extra in (("before", []), ("after", ["--compare", str(tmp_path / "before")])):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), *base, "--output_dir", str(tmp_path / name),
+             *extra],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        outs.append(done.stdout)
+    printed = outs[1]
+    assert printed.index("Verdict rule v2") < printed.index("| loop |") < printed.index("Verdict: ")
+    comparison = json.loads((tmp_path / "after" / "compare.json").read_text())
+    assert comparison["frozen_readout"] and comparison["summary"]["rr_drift"] == 0.0
+    assert "rr_frozen_prob" in json.loads((tmp_path / "after" / "gap.json").read_text())["records"]

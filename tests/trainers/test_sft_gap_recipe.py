@@ -23,7 +23,12 @@ def test_recipe_writes_before_after_reports_and_the_verdict(tmp_path, capsys, sf
         assert (run / folder / "gap.json").exists() and (run / folder / "gap.md").exists()
         assert (run / folder / "sv_vs_loop.png").exists() and (run / folder / "rr_heatmap.svg").exists()
     comparison = json.loads((run / "compare.json").read_text())
-    assert set(comparison) >= {"verdict"} and "SV caught up" in comparison["verdict"]
+    assert set(comparison) >= {"verdict", "passed", "outcome", "sv_caught_up", "gap_closed", "rr_preserved", "tp_kept"}
+    assert "SV caught up" in comparison["verdict"] and comparison["verdict"].startswith("Verdict: ")
+    # the after-evaluation read the before-evaluation's probes, frozen: part (c) measured drift
+    after = json.loads((run / "after" / "gap.json").read_text())
+    assert comparison["frozen_readout"] and "rr_frozen_prob" in after["records"]
+    assert "frozen (the before probes on the after features)" in comparison["verdict"]
     assert (run / "final" / "adapter_model.safetensors").exists()
     # the adapters name their base ("tiny", not a from-config blank), so final/ loads by its path alone
     assert json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
@@ -42,6 +47,7 @@ def test_recipe_writes_before_after_reports_and_the_verdict(tmp_path, capsys, sf
     assert "load_gap_model" in card and "SV caught up" in card
     printed = capsys.readouterr().out
     assert "Before / after gap SFT" in printed and "| loop |" in printed and "| loop | TP before" in printed
+    assert printed.index("Verdict rule v2") < printed.index("| loop |")  # the rule, before any figure
     # a short console: the before table once, compactly; per-loop training details only in the logs
     assert "(full report: " in printed and "## SV metrics" not in printed
     assert "'sv/loop_4'" in printed and "'loss/loop_1'" not in printed

@@ -43,9 +43,12 @@ def test_offline_wandb_run_gets_per_loop_metrics_and_plots(gap_dataset, tmp_path
         base = evaluate_gap(trainer.model.get_base_model(), tok, ds.select(range(24)), loops="1-4", config=None)
         written = log_comparison_wandb(compare(base, result, CompareConfig(loops=4)), run)
         summary = dict(run.summary)
-        for key in ("compare/depth", "compare/sv_caught_up", "compare/rr_preserved", "compare/d_sv", "compare/d_sv_lo"):
+        parts = ("sv_caught_up", "gap_closed", "rr_preserved", "tp_kept", "saturated", "sv_past_base_readout", "passed")
+        figures = ("depth", "outcome", "d_sv", "d_sv_lo", "sv_reach_lo", "sv_reach_auroc_lo", "gap_after_hi", "d_rr_lo")
+        for key in [f"compare/{k}" for k in (*parts, *figures)]:
             assert key in summary and summary[key] == written[key], key
-        assert summary["compare/depth"] == 4 and isinstance(summary["compare/sv_caught_up"], bool)
+        assert summary["compare/depth"] == 4 and all(isinstance(summary[f"compare/{k}"], bool) for k in parts)
+        assert summary["compare/outcome"] in ("yes", "no", "saturated: not measurable")
         run_dir = run.dir
     finally:
         wandb.finish()
