@@ -130,8 +130,9 @@ class FamilyComparison:
             self.rule,
             "",
             "| family | trained on | records | SV bal. acc before → after | dSV bal. acc [95% CI] | SV AUROC before → "
-            "after | RR bal. acc before → after | RR AUROC before → after | recovery (bal. acc / AUROC) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "after | RR bal. acc before → after | RR AUROC before → after | recovery (bal. acc / AUROC) | "
+            "(a) SV ≥ RR before | (b) gap closed | (c) RR kept | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             rec = " / ".join("–" if r[k] is None else f"{100 * r[k]:.0f}%" for k in ("recovery_bal", "recovery_auroc"))
@@ -141,7 +142,9 @@ class FamilyComparison:
                 f"{pct(r['sv_bal_before'])} → {pct(r['sv_bal_after'])} | {pct(r['d_sv_bal'])} "
                 f"[{pct(r['d_sv_bal_lo'])}, {pct(r['d_sv_bal_hi'])}] | {pct(r['sv_auroc_before'])} → "
                 f"{pct(r['sv_auroc_after'])} | {pct(r['rr_bal_before'])} → {pct(r['rr_bal_after'])} | "
-                f"{pct(r['rr_auroc_before'])} → {pct(r['rr_auroc_after'])} | {rec} |"
+                f"{pct(r['rr_auroc_before'])} → {pct(r['rr_auroc_after'])} | {rec} | "
+                + " | ".join(_yn(r.get(k)) for k in ("sv_reached_rr_before", "gap_closed", "rr_preserved"))
+                + f" | {r.get('outcome', '–')} |"
             )
         t = self.transfer
         if t["families"]:
@@ -154,8 +157,11 @@ class FamilyComparison:
                 f"(balanced accuracy / AUROC; goal {100 * self.config['goal']:.0f}%); SV fell in: "
                 f"{', '.join(t['fell']) or 'none'}; reached: {'yes' if t['reached'] else 'no'}.**",
             ]
-        lines += ["", "Each family's own verdict (the comparison rule, on that family's held-out records):", ""]
-        lines += [f"- {r['family']}: {r['verdict']}" for r in self.rows]
+        lines += [
+            "",
+            "(a), (b), (c) and the verdict are the comparison rule's (docs/concepts.md) on each family's held-out "
+            "records, on balanced accuracy; families.json holds each family's verdict in full.",
+        ]
         return "\n".join(lines) + "\n"
 
     def save(self, out_dir: str) -> None:
@@ -164,6 +170,10 @@ class FamilyComparison:
 
 
 _TRAINING = {"labels": "yes", "text only": "text only (no labels)", "none": "no (held out)"}
+
+
+def _yn(x) -> str:
+    return "–" if x is None else "yes" if x else "no"
 
 
 def _pct(x) -> str:
@@ -217,6 +227,10 @@ def compare_families(
             "d_sv_bal_lo": crow["d_sv_lo"],
             "d_sv_bal_hi": crow["d_sv_hi"],
             "verdict": comp_bal.verdict,
+            "outcome": comp_bal.outcome,
+            "sv_reached_rr_before": comp_bal.sv_caught_up,
+            "gap_closed": comp_bal.gap_closed,
+            "rr_preserved": comp_bal.rr_preserved,
         }
         row["recovery_bal"] = _recovery(row["sv_bal_before"], row["sv_bal_after"], row["rr_bal_before"], min_gap)
         row["recovery_auroc"] = _recovery(

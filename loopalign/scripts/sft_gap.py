@@ -342,9 +342,12 @@ def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, trainin
     return train_ds, eval_ds, sets
 
 
-def evaluate_families(model, tokenizer, family_sets: dict, gap_config, out_dir: str, resume=None) -> dict:
+def evaluate_families(
+    model, tokenizer, family_sets: dict, gap_config, out_dir: str, resume=None, frozen_from: str | None = None
+) -> dict:
     """{family: GapResult}: each family evaluated on its own records into ``out_dir/<family>/`` (a resumed run
-    reuses the evaluations already there)."""
+    reuses the evaluations already there). ``frozen_from``: the before-evaluation's families folder, whose probes
+    each family's after-evaluation applies frozen (the verdict's drift part)."""
     results = {}
     for family, part in family_sets.items():
         path = os.path.join(out_dir, family)
@@ -352,7 +355,8 @@ def evaluate_families(model, tokenizer, family_sets: dict, gap_config, out_dir: 
             results[family] = GapResult.from_json(path)
             continue
         print(f"family {family}: {len(part)} records")
-        results[family] = evaluate_gap(model, tokenizer, part, config=gap_config, out_dir=path)
+        frozen = load_frozen_probes(os.path.join(frozen_from, family), required=False) if frozen_from else None
+        results[family] = evaluate_gap(model, tokenizer, part, config=gap_config, out_dir=path, frozen_probes=frozen)
     return results
 
 
@@ -527,7 +531,12 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         if family_sets:
             with times("after_eval"):
                 families_after = evaluate_families(
-                    tuned, tokenizer, family_sets, gap_config, os.path.join(out, "after", "families")
+                    tuned,
+                    tokenizer,
+                    family_sets,
+                    gap_config,
+                    os.path.join(out, "after", "families"),
+                    frozen_from=os.path.join(before_dir, "families"),
                 )
             families = compare_families(
                 families_before,
@@ -537,7 +546,7 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
                 - set(script_args.unlabeled_family_names()),
                 unlabeled=set(script_args.unlabeled_family_names()),
                 loop=comparison.loops[0],
-                config=CompareConfig(rr_tolerance=script_args.rr_tolerance),
+                config=compare_config,
                 goal=script_args.transfer_goal,
             )
             families.save(out)
