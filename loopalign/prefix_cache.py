@@ -11,6 +11,10 @@ as the model runs them. Autograd stops at layer ``k``: there is nothing to go ba
     with cache.substitute(model, batch["input_ids"], batch["attention_mask"]):
         out = model(**batch)  # layers 0..k-1 cost nothing after a record's first forward
 
+Every record a forward inside :meth:`PrefixCache.substitute` sees is kept (training, evaluation and replay
+records alike): hidden x 4 bytes per token and cached layer (SmolLM2-135M from layer 12: 2.3 KiB per
+token, about 10 MiB for 80 records of 55 tokens).
+
 Exact up to float32 rounding: a record's states are those of its first forward (batched with other rows, right
 padding never reaches a real token under a causal mask), so later forwards see the same values the plain path
 would compute, to the rounding of a differently shaped matmul. Batches must be right-padded (rows 1..1 0..0 in
@@ -218,6 +222,7 @@ class PrefixCache:
         for row, (key, i) in enumerate(missing.items()):
             self._states[key] = {j: captured[j][row, : lengths[i]].float().cpu().clone() for j in self.cached_layers}
         self.computed += len(rows)
+        logger.debug("prefix cache: %d record(s) computed, %d held", len(rows), len(self._states))
         return len(rows)
 
     def _batch_states(self, keys: list[bytes], width: int, dtype, device) -> dict[int, torch.Tensor]:

@@ -9,6 +9,11 @@ another shape), which moves float32 results by rounding only.
 """
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -258,3 +263,16 @@ def test_a_left_padded_batch_is_refused(gap_dataset, tmp_path):
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     with pytest.raises(ValueError, match=r"right-padded.*row\(s\) \[0\]"):
         cache.fill(model, ids, mask)
+
+
+def test_the_benchmark_runs_both_paths_on_a_tiny_model():
+    """benchmarks/prefix_cache.py (figures in docs/performance.md) runs and prints both cases; nothing is timed."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(root / "benchmarks" / "prefix_cache.py"), "--tiny", "--batch", "4", "--steps", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == ["plain", "prefix cache", "summary"]
+    assert rows[1]["cache_records"] == 8 and rows[1]["cache_first_layer"] == 2  # (1 warm-up + 1 timed) x batch 4
+    assert all(r["seconds_per_step"] > 0 for r in rows[:2]) and rows[2]["speedup"] > 0
