@@ -75,7 +75,7 @@ def _lora(targets, layers=range(FIRST_TRAINED, LAYERS)):
     return LoraConfig(r=4, target_modules=targets, layers_to_transform=list(layers), init_lora_weights=False)
 
 
-def _trainer(model, tok, rows, tmp_path, targets, prefix_cache, replay=None, **options):
+def _trainer(model, tok, rows, tmp_path, targets, prefix_cache, replay=None, eval_rows=None, **options):
     torch.manual_seed(0)  # the same LoRA initialisation in both paths
     args = GapSFTConfig(
         output_dir=str(tmp_path / ("cached" if prefix_cache else "plain")), report_to="none", use_cpu=True,
@@ -84,7 +84,7 @@ def _trainer(model, tok, rows, tmp_path, targets, prefix_cache, replay=None, **o
     )  # fmt: skip
     return GapSFTTrainer(
         model=model, args=args, train_dataset=rows, processing_class=tok, peft_config=_lora(targets),
-        replay_dataset=replay,
+        replay_dataset=replay, eval_dataset=eval_rows,
     )  # fmt: skip
 
 
@@ -198,17 +198,25 @@ def test_the_lower_layers_run_once_per_record_across_epochs(gap_dataset, rows, t
 
         layer.forward = run
 
+    records, _ = gap_dataset
+    held_out = datasets.Dataset.from_list(list(records)[16:20])
     base, targets = _llama(tok)
-    options = dict(num_train_epochs=2, loss_weights={"lm": 1.0, "rr_distill": 1.0}, probe_layer=FIRST_TRAINED)
-    trainer = _trainer(base, tok, rows, tmp_path, targets, True, **options)
+    options = dict(
+        num_train_epochs=2, loss_weights={"lm": 1.0, "rr_distill": 1.0}, probe_layer=FIRST_TRAINED,
+        eval_strategy="epoch", per_device_eval_batch_size=4,
+    )  # fmt: skip
+    trainer = _trainer(base, tok, rows, tmp_path, targets, True, eval_rows=held_out, **options)
     for index in (0, FIRST_TRAINED - 1, FIRST_TRAINED):
         counted(trainer, index)
     trainer.train()
     assert trainer.state.global_step == 8  # 2 epochs of 4 batches
-    # each record's lower layers ran once; the trained layers ran every step, twice (tuned and adapters off)
-    assert counts[0] == counts[FIRST_TRAINED - 1] == len(rows)
-    assert counts[FIRST_TRAINED] == 2 * 2 * len(rows)
-    assert trainer.prefix_cache.computed == len(rows)
+    assert sum("eval_loss" in h for h in trainer.state.log_history) == 2
+    # each record's lower layers ran once, the held-out ones at the first evaluation; the trained layers ran
+    # every step and every evaluation, twice (tuned and adapters off)
+    n = len(rows) + len(held_out)
+    assert counts[0] == counts[FIRST_TRAINED - 1] == n
+    assert counts[FIRST_TRAINED] == 2 * 2 * n
+    assert trainer.prefix_cache.computed == trainer.prefix_cache.num_records == n
 
 
 def _refusal(build, message, tmp_path, gap_dataset, rows, **options):
