@@ -31,6 +31,7 @@ FLOORS = {
     "injection": 0,
     "compat": 0,
     "batching": 0,
+    "prefix_cache": 0,
     "eval": 1,
     "objectives": 1,
     "rewards": 1,

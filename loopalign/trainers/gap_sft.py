@@ -32,6 +32,7 @@ import contextlib
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,7 @@ from loopalign.objectives import (
     verbal_log_probs,
     weighted_loop_loss,
 )
+from loopalign.prefix_cache import PrefixCache, check_prefix_cache_family
 from loopalign.probes import fit_probes
 from loopalign.speed import CHECKPOINT_POLICIES, compile_decoder_layers
 
@@ -142,6 +144,16 @@ class GapSFTConfig(SFTConfig):
     compile_layers_mode: str | None = field(
         default=None, metadata={"help": "torch.compile mode of compile_layers (e.g. max-autotune-no-cudagraphs)."}
     )
+    prefix_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Plain causal LMs (Llama, Qwen2, GPT-2) whose lower layers are frozen (LoRA layers_to_transform): "
+            "compute the residual stream entering the lowest trained layer once per record (no grad, kept in CPU "
+            "memory) and reuse it in every later forward (lm, readout, rr_distill, replay, evaluation), so those "
+            "layers are not run again (loopalign.prefix_cache). Needs right-padded batches and no dropout below "
+            "the trained layers; a looped model has no frozen prefix and is refused."
+        },
+    )
 
     def __post_init__(self):
         self.bf16 = default_bf16(self.bf16)
@@ -165,6 +177,8 @@ class GapSFTConfig(SFTConfig):
             )
         if self.compile_layers and self.torch_compile:
             raise ValueError("GapSFTConfig: set compile_layers or torch_compile, not both")
+        if self.prefix_cache and (self.torch_compile or self.compile_layers):
+            raise ValueError("GapSFTConfig: prefix_cache replaces the lower layers' calls; it runs without compiling")
         # gap features carry extra columns (label, verdict and probe positions) and are prepared here
         self.remove_unused_columns = False
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
@@ -257,6 +271,8 @@ class GapSFTConfig(SFTConfig):
                     "GapSFTConfig: the 'gate' loss and loop_weighting='ouro_entropy' need a model with an exit gate "
                     f"(Ouro); {type(model_config).__name__} has none"
                 )
+        if self.prefix_cache:
+            check_prefix_cache_family(model_config)  # a looped model or an unsupported family, by name
         num_loops = self.num_loops or int(depth or 1)
         if self.verdict_layers is not None:
             if depth is not None:
@@ -347,6 +363,11 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         if args.lora_loops != "all":
             route_lora_by_loop(self.model, args.lora_loops)
         skip_lora_input_upcast(self.model)  # under autocast only, where bit-identical (loopalign.lora)
+        #: the frozen lower layers' states per record (GapSFTConfig.prefix_cache), filled as records are first seen
+        self.prefix_cache = None
+        if args.prefix_cache:
+            readout = [self.probe_layer] if self.probe_layer < model.config.num_hidden_layers else []
+            self.prefix_cache = PrefixCache(self.model, readout_layers=readout)
         if args.compile_layers:
             compile_decoder_layers(self.model, backend=args.compile_layers_backend, mode=args.compile_layers_mode)
         device = next(self.model.parameters()).device
@@ -427,12 +448,22 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             )
         return loop_forward(model, input_ids, attention_mask, num_loops=1, logits_to_keep=1)
 
+    def _prefix_states(self, model, input_ids, attention_mask):
+        """Inside: one forward of this batch runs on the cached lower-layer states (GapSFTConfig.prefix_cache)."""
+        if self.prefix_cache is None:
+            return nullcontext()
+        return self.prefix_cache.substitute(model, input_ids, attention_mask)
+
     def _readout_features(self, model, inputs, detach: bool) -> tuple[object, torch.Tensor]:
         """One forward of all loops; returns (output, features [T,B,H] at probe_layer, probe_index)."""
         num_layers = self.model.config.num_hidden_layers
         positions = inputs["probe_index"][:, None]
         sites = [(t, self.probe_layer) for t in range(self.num_loops)] if self.probe_layer < num_layers else [(0, 0)]
-        with capture_activations(model, sites, positions=positions, detach=detach) as cap:
+        # the prefix cache fills before the capture hooks go on, so they see only this forward
+        with (
+            self._prefix_states(model, inputs["input_ids"], inputs["attention_mask"]),
+            capture_activations(model, sites, positions=positions, detach=detach) as cap,
+        ):
             out = self._loop_forward(model, inputs["input_ids"], inputs["attention_mask"])
         if self.probe_layer == num_layers:
             feats = [gather_positions(h, positions)[:, 0] for h in out.loop_hidden_states]
@@ -623,7 +654,9 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         picks = torch.randperm(n, generator=gen)[: min(n, self.args.replay_batch_size)].tolist()
         batch = collate_replay([self.replay_features[i] for i in picks], self.processing_class.pad_token_id)
         device = loop_w.device
-        out = self._loop_forward(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        with self._prefix_states(model, input_ids, attention_mask):
+            out = self._loop_forward(model, input_ids, attention_mask)
         token_losses, _ = per_loop_token_losses(
             lm_head, out.loop_hidden_states, batch["labels"].to(device), self.args.lm_chunk_size
         )
