@@ -45,7 +45,7 @@ from loopalign.eval.general import answer_general_questions, general_markdown, s
 from loopalign.eval.report import short_markdown
 from loopalign.io import atomic_write_text, folder_lock
 from loopalign.loading import LOCAL_MODELS, load_model, load_pretrained, load_tokenizer
-from loopalign.loops import parse_loop_counts
+from loopalign.loops import parse_int_set, parse_loop_counts
 from loopalign.models.contract import trained_loops
 from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for
 from loopalign.scripts.args import GapEvalArguments, default_eval_loops, make_parser, parse_or_exit
@@ -104,6 +104,13 @@ class GapScriptArguments(GapEvalArguments):
     field_map: str = field(default="beavertails", metadata={"help": "Field map of safety-pairs sources."})
     synthetic_levels: str = field(default="1,2", metadata={"help": "Difficulty levels of the synthetic source."})
     eval_fraction: float = field(default=0.3, metadata={"help": "Share of tasks held out for the before/after eval."})
+    lora_layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder layers the LoRA adapters go on (0-based, e.g. 12-29; PEFT's layers_to_transform). "
+            "Default: every layer. With adapters on the top layers only, --prefix_cache true skips the rest."
+        },
+    )
     family_field: str = field(
         default="family",
         metadata={
@@ -171,6 +178,8 @@ class GapScriptArguments(GapEvalArguments):
         both = sorted(set(self.heldout_family_names()) & set(self.unlabeled_family_names()))
         if both:
             raise ValueError(f"families {both} are in both heldout_families and unlabeled_families: choose one")
+        if self.lora_layers is not None:
+            parse_int_set(self.lora_layers, "lora_layers", what="0-based layer indices", example="'12-29'")
         if self.replay_tasks is not None and self.replay_tasks < 1:
             raise ValueError(f"replay_tasks must be >= 1 (or unset for all), got {self.replay_tasks}")
 
@@ -276,6 +285,19 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
     )
     check_rendered_with(data, tokenizer)  # a build rendered for another model would be read as noise
     return split_by_task(data, script_args.eval_fraction, seed=training_args.seed)
+
+
+def lora_config(model_args: ModelConfig, script_args: GapScriptArguments, model_config):
+    """TRL's PEFT config from the model arguments, with ``lora_layers`` as PEFT's ``layers_to_transform`` (each
+    layer checked against the model's depth)."""
+    config = get_peft_config(model_args)
+    if script_args.lora_layers is None:
+        return config
+    if config is None:
+        raise ValueError("lora_layers needs --use_peft true (it places LoRA adapters)")
+    n = int(model_config.num_hidden_layers)
+    config.layers_to_transform = list(parse_int_set(script_args.lora_layers, "lora_layers", maximum=n))
+    return config
 
 
 def statements_only(dataset) -> bool:
@@ -425,6 +447,7 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     with times("load"):
         model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     training_args.check_against_model(model.config)  # probe_layer, lora_loops, loop_weights: before any data
+    lora_config(model_args, script_args, model.config)  # lora_layers against the model's depth, before any data
     with times("data"), training_args.main_process_first(desc="building the verification dataset"):
         train_ds, eval_ds = load_datasets(script_args, model_args.model_name_or_path, tokenizer, training_args)
         train_ds, eval_ds, family_sets = family_eval_sets(script_args, train_ds, eval_ds, training_args)
@@ -509,7 +532,7 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         args=training_args,
         train_dataset=train_ds,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=lora_config(model_args, script_args, model.config),
         replay_dataset=replay,
     )
     use_short_console_log(trainer, trainer.num_loops)  # W&B and the trainer state keep every metric

@@ -111,10 +111,11 @@ def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
         (["--heldout_families", "a,b,c"], "leave no family of the dataset whose labels are trained on"),
         (["--heldout_families", " , "], "heldout_families must name families"),
         (["--transfer_goal", "0"], "transfer_goal must be in"),
+        (["--lora_layers", "0-5"], "lora_layers: 5 is out of range"),
         (["--eval_by_family", "true"], "family 'a' has 3 evaluation tasks, fewer than eval_folds=5"),
     ],
 )
-def test_bad_family_options_fail_before_training(
+def test_bad_family_and_lora_layer_options_fail_before_training(
     extra, message, gap_dataset, llama_folder, tmp_path, sft_gap_script, parse_sft_gap
 ):
     rows = _with_families(gap_dataset[0])

@@ -42,8 +42,14 @@ def saved_rows(gap_dataset, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", [_llama, _gpt2], ids=["llama", "gpt2"])
-def test_sft_gap_command_trains_a_plain_causal_lm_and_its_adapters_reload(family, gap_dataset, saved_rows, tmp_path):
+@pytest.mark.parametrize(
+    "family, extra",
+    [(_llama, []), (_gpt2, []), (_llama, ["--lora_layers", "1-2", "--prefix_cache", "true"])],
+    ids=["llama", "gpt2", "llama-top-layers-prefix-cache"],
+)
+def test_sft_gap_command_trains_a_plain_causal_lm_and_its_adapters_reload(
+    family, extra, gap_dataset, saved_rows, tmp_path
+):
     _, tok = gap_dataset
     torch.manual_seed(0)
     model, targets = family(tok)
@@ -55,7 +61,7 @@ def test_sft_gap_command_trains_a_plain_causal_lm_and_its_adapters_reload(family
             "--dataset", str(saved_rows), "--output_dir", str(out), "--max_steps", "2",
             "--per_device_train_batch_size", "8", "--eval_n_boot", "50", "--use_peft", "true", "--lora_r", "4",
             "--lora_target_modules", *targets, "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true",
-            "--disable_tqdm", "true", "--probe_layer", "1", "--loss_weights", json.dumps(weights)]  # fmt: skip
+            "--disable_tqdm", "true", "--probe_layer", "1", "--loss_weights", json.dumps(weights), *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -63,6 +69,8 @@ def test_sft_gap_command_trains_a_plain_causal_lm_and_its_adapters_reload(family
     assert comparison["depth"] == 1 and [r["loop"] for r in comparison["rows"]] == [1]
     settings = json.loads((out / "final" / "gap_config.json").read_text())
     assert settings["num_loops"] == 1 and settings["probe_layer"] == 1
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert adapter["layers_to_transform"] == ([1, 2] if extra else None)
     # the adapters reload onto their base by the folder alone, and they changed the model
     from loopalign.loading import load_model
 
