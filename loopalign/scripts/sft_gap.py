@@ -30,7 +30,9 @@ import torch
 from trl import ModelConfig, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
-from loopalign.data.prompts import check_rendered_with
+from loopalign.data.prompts import check_rendered_with, render_records
+from loopalign.data.sources.statements import FAMILIES as STATEMENT_FAMILIES
+from loopalign.data.sources.statements import statement_records
 from loopalign.data.verification import table_verification_records
 from loopalign.eval import (
     CompareConfig,
@@ -91,12 +93,17 @@ class GapScriptArguments(GapEvalArguments):
         metadata={
             "help": "'organism' (the organism's digit tasks: train on its training tasks, evaluate on held-out ones); "
             "'synthetic'; a data_builders build folder, save_to_disk folder or .jsonl; or SOURCE:PATH_OR_HUB "
-            "(e.g. gsm8k:openai/gsm8k, gsm8k-solutions:FILE, safety-pairs:PKU-Alignment/PKU-SafeRLHF) built on the fly"
+            "(e.g. gsm8k:openai/gsm8k, gsm8k-solutions:FILE, safety-pairs:PKU-Alignment/PKU-SafeRLHF) built on the fly; "
+            "'statements[:FAMILIES]' (true/false statements by family, split by entity; docs/data.md); or your own "
+            ".csv / .jsonl with --dataset_columns"
         },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset source."})
     dataset_limit: int | None = field(
-        default=None, metadata={"help": "Problems / rows read (synthetic: 160; organism: 1000 distinct tasks)."}
+        default=None,
+        metadata={
+            "help": "Problems / rows read (synthetic: 160; organism: 1000 distinct tasks; statements: per family, 300)."
+        },
     )
     candidates: str = field(
         default="controlled", metadata={"help": "Answers for problem sources: controlled | sampled."}
@@ -269,6 +276,8 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
             + f" ({report['scenario']}; columns {report['columns']})"
         )
         return split_by_task(datasets.Dataset.from_list(rows), script_args.eval_fraction, seed=training_args.seed)
+    if script_args.dataset == "statements" or script_args.dataset.startswith("statements:"):
+        return statement_splits(script_args, tokenizer, training_args)
     local = model_name in LOCAL_MODELS
     data = load_verification_dataset(
         script_args.dataset,
@@ -285,6 +294,36 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
     )
     check_rendered_with(data, tokenizer)  # a build rendered for another model would be read as noise
     return split_by_task(data, script_args.eval_fraction, seed=training_args.seed)
+
+
+#: the statement data are built with this seed whatever --seed: runs of several seeds evaluate the same entities
+STATEMENT_DATA_SEED = 0
+
+
+def statement_splits(script_args: GapScriptArguments, tokenizer, training_args: GapSFTConfig):
+    """``--dataset statements[:FAMILIES]``: true/false statements (:mod:`loopalign.data.sources.statements`; every
+    family when none is named), ``dataset_limit`` per family (default 300), rendered with the run's tokenizer, split
+    by entity as the builder splits them (``eval_fraction`` of the entities held out, the same entities in every
+    family, data seed :data:`STATEMENT_DATA_SEED`). -> (train, held-out)."""
+    _, _, families = script_args.dataset.partition(":")
+    records = statement_records(
+        families or ",".join(STATEMENT_FAMILIES),
+        per_family=script_args.dataset_limit or 300,
+        seed=STATEMENT_DATA_SEED,
+        eval_fraction=script_args.eval_fraction,
+    )
+    rows, _ = render_records(records, tokenizer, max_length=training_args.max_length)
+    split = [json.loads(r["meta"])["split"] for r in rows]
+    data = datasets.Dataset.from_list(rows)
+    train = data.select([i for i, s in enumerate(split) if s == "train"])
+    held_out = data.select([i for i, s in enumerate(split) if s == "eval"])
+    for name, part in (("train", train), ("held-out", held_out)):
+        if len(part) == 0 or len(set(part["label"])) < 2:
+            raise ValueError(
+                f"--dataset {script_args.dataset}: the {name} split is empty or one class; raise dataset_limit"
+            )
+    print(f"statements ({families or 'every family'}): {len(train)} train / {len(held_out)} held-out records")
+    return train, held_out
 
 
 def lora_config(model_args: ModelConfig, script_args: GapScriptArguments, model_config):

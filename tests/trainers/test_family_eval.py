@@ -155,3 +155,27 @@ def test_unlabeled_families_need_probe_distillation(gap_dataset, llama_folder, t
         sft_gap_script.train_and_compare(*parse_sft_gap(argv))
     with pytest.raises(ValueError, match=r"families \['c'\] are in both"):
         parse_sft_gap(argv + ["--heldout_families", "c"])
+
+
+@pytest.mark.slow
+def test_statements_are_built_for_the_run_split_by_entity_and_compared_per_family(
+    llama_folder, tmp_path, sft_gap_script, parse_sft_gap
+):
+    """--dataset statements:FAMILIES builds true/false statements with the run's tokenizer, holds out the same
+    entities in every family, and with a family held out compares each family on its own."""
+    out = tmp_path / "run"
+    argv = ["--model_name_or_path", str(llama_folder), "--dataset", "statements:numeric,capital",
+            "--dataset_limit", "60", "--eval_fraction", "0.4", "--output_dir", str(out), "--max_steps", "1",
+            "--per_device_train_batch_size", "8", "--eval_n_boot", "50", "--use_peft", "true", "--lora_r", "4",
+            "--lora_target_modules", "q_proj", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true",
+            "--disable_tqdm", "true", "--eval_folds", "3", "--heldout_families", "capital"]  # fmt: skip
+    sft_gap_script.train_and_compare(*parse_sft_gap(argv))
+    before = json.loads((out / "before" / "families" / "capital" / "gap.json").read_text())
+    ids = before["records"]["ids"]
+    assert ids and all(i.startswith("capital/") for i in ids)
+    numeric = json.loads((out / "before" / "families" / "numeric" / "gap.json").read_text())["records"]["ids"]
+    assert numeric and all(i.startswith("numeric/") for i in numeric)
+    families = json.loads((out / "families.json").read_text())
+    assert {r["family"]: r["training"] for r in families["rows"]} == {"capital": "none", "numeric": "labels"}
+    with pytest.raises(ValueError, match="families: unknown"):
+        sft_gap_script.train_and_compare(*parse_sft_gap([*argv[:2], "--dataset", "statements:planets", *argv[4:]]))
