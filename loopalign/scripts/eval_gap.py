@@ -23,6 +23,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from loopalign.data.prompts import check_rendered_with
 from loopalign.data.verification import synthetic_verification_records
 from loopalign.eval import (
     CompareConfig,
@@ -50,6 +51,7 @@ from loopalign.scripts.args import (
     rename_deprecated_options,
 )
 from loopalign.speed import set_cpu_threads
+from loopalign.trainers.gap_data import is_statement_spec, statement_splits, statements_only, table_dataset
 
 #: pre-0.2 option -> its name now (kept for one release)
 DEPRECATED_OPTIONS = {
@@ -81,11 +83,15 @@ class EvalGapScriptArguments(GapEvalArguments):
     dataset: str | None = field(
         default=None,
         metadata={
-            "help": "'organism' | 'synthetic' | a build folder, save_to_disk folder or .jsonl (default: the organism's "
-            "held-out tasks for the organism, synthetic arithmetic for other local models; required for others)"
+            "help": "'organism' | 'synthetic' | a build folder, save_to_disk folder or .jsonl | 'statements[:FAMILIES]' "
+            "(the held-out entities of the statement data sft-gap trains on; docs/data.md) | your own .csv / .jsonl "
+            "with --dataset_columns (default: the organism's held-out tasks for the organism, synthetic arithmetic "
+            "for other local models; required for others)"
         },
     )
-    dataset_limit: int = field(default=300, metadata={"help": "Problems (2 records each) of organism / synthetic."})
+    dataset_limit: int = field(
+        default=300, metadata={"help": "Problems (2 records each) of organism / synthetic; statements per family."}
+    )
     synthetic_levels: str = field(default="1", metadata={"help": "Levels of the synthetic problems (e.g. '1,2')."})
     data_seed: int = field(default=20_000, metadata={"help": "Seed of the organism / synthetic problems (held out)."})
     output_dir: str | None = field(default=None, metadata={"help": "Output folder (default outputs/eval_gap_<model>)."})
@@ -155,7 +161,23 @@ def load_records(args: EvalGapScriptArguments, tokenizer):
     if name == "synthetic":
         levels = tuple(int(x) for x in args.synthetic_levels.split(",") if x.strip())
         return synthetic_verification_records(tokenizer, args.dataset_limit, seed=args.data_seed, levels=levels), "task"
-    return load_eval_dataset(name), "task"
+    if args.dataset_columns is not None:  # the user's own table, rendered with this model's template
+        return table_dataset(
+            name,
+            tokenizer,
+            args.dataset_columns,
+            scenario=args.dataset_scenario,
+            skip_invalid=args.skip_invalid_rows,
+        ), "task"
+    if is_statement_spec(name):  # the held-out entities, as sft-gap holds them out (eval_fraction 0.3 there too)
+        return statement_splits(name, tokenizer, args.dataset_limit, STATEMENT_EVAL_FRACTION)[1], "task"
+    data = load_eval_dataset(name)
+    check_rendered_with(data, tokenizer)  # a build rendered for another model would be read as noise
+    return data, "task"
+
+
+#: the share of statement entities held out, as sft-gap's default eval_fraction holds them out
+STATEMENT_EVAL_FRACTION = 0.3
 
 
 def evaluate(args: EvalGapScriptArguments) -> GapResult:
@@ -184,6 +206,9 @@ def evaluate(args: EvalGapScriptArguments) -> GapResult:
         group_by=group_by,
         verdict_tokens=args.verdict(),
     )
+    if config.task is not None and not isinstance(data, list) and statements_only(data):
+        config.task = None  # a statement is judged as it stands: there is no answer of the model's to score
+        print("TP: not measured (statement records have no task for the model to answer)")
     result = evaluate_gap(
         model,
         tok,

@@ -25,15 +25,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import datasets
 import torch
 from trl import ModelConfig, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
-from loopalign.data.prompts import check_rendered_with, render_records
-from loopalign.data.sources.statements import FAMILIES as STATEMENT_FAMILIES
-from loopalign.data.sources.statements import statement_records
-from loopalign.data.verification import table_verification_records
+from loopalign.data.prompts import check_rendered_with
 from loopalign.eval import (
     CompareConfig,
     GapResult,
@@ -54,7 +50,15 @@ from loopalign.scripts.args import GapEvalArguments, default_eval_loops, make_pa
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer, self_replay_dataset, write_adapter_card
 from loopalign.trainers.console import use_short_console_log
-from loopalign.trainers.gap_data import load_verification_dataset, organism_verification, split_by_task
+from loopalign.trainers.gap_data import (
+    is_statement_spec,
+    load_verification_dataset,
+    organism_verification,
+    split_by_task,
+    statement_splits,
+    statements_only,
+    table_dataset,
+)
 
 # Used when no --config is given: the model organism (loopalign.organism, built into the cache on first
 # use), trained on its own training tasks and evaluated on its held-out ones (tasks neither the organism
@@ -261,23 +265,24 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
             organism_config=organism_config_for(model_name),
         )
     if script_args.dataset_columns is not None:  # the user's own table, rendered with this model's template
-        rows, report = table_verification_records(
-            tokenizer,
+        data = table_dataset(
             script_args.dataset,
+            tokenizer,
             script_args.dataset_columns,
             scenario=script_args.dataset_scenario,
             max_length=training_args.max_length,
             skip_invalid=script_args.skip_invalid_rows,
             limit=script_args.dataset_limit,
         )
-        print(
-            f"{script_args.dataset}: {report['read']} rows read, {report['kept']} kept, {report['rejected']} rejected"
-            + (f" {report['rejected_by_reason']}" if report["rejected"] else "")
-            + f" ({report['scenario']}; columns {report['columns']})"
+        return split_by_task(data, script_args.eval_fraction, seed=training_args.seed)
+    if is_statement_spec(script_args.dataset):
+        return statement_splits(
+            script_args.dataset,
+            tokenizer,
+            script_args.dataset_limit,
+            script_args.eval_fraction,
+            training_args.max_length,
         )
-        return split_by_task(datasets.Dataset.from_list(rows), script_args.eval_fraction, seed=training_args.seed)
-    if script_args.dataset == "statements" or script_args.dataset.startswith("statements:"):
-        return statement_splits(script_args, tokenizer, training_args)
     local = model_name in LOCAL_MODELS
     data = load_verification_dataset(
         script_args.dataset,
@@ -296,36 +301,6 @@ def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, t
     return split_by_task(data, script_args.eval_fraction, seed=training_args.seed)
 
 
-#: the statement data are built with this seed whatever --seed: runs of several seeds evaluate the same entities
-STATEMENT_DATA_SEED = 0
-
-
-def statement_splits(script_args: GapScriptArguments, tokenizer, training_args: GapSFTConfig):
-    """``--dataset statements[:FAMILIES]``: true/false statements (:mod:`loopalign.data.sources.statements`; every
-    family when none is named), ``dataset_limit`` per family (default 300), rendered with the run's tokenizer, split
-    by entity as the builder splits them (``eval_fraction`` of the entities held out, the same entities in every
-    family, data seed :data:`STATEMENT_DATA_SEED`). -> (train, held-out)."""
-    _, _, families = script_args.dataset.partition(":")
-    records = statement_records(
-        families or ",".join(STATEMENT_FAMILIES),
-        per_family=script_args.dataset_limit or 300,
-        seed=STATEMENT_DATA_SEED,
-        eval_fraction=script_args.eval_fraction,
-    )
-    rows, _ = render_records(records, tokenizer, max_length=training_args.max_length)
-    split = [json.loads(r["meta"])["split"] for r in rows]
-    data = datasets.Dataset.from_list(rows)
-    train = data.select([i for i, s in enumerate(split) if s == "train"])
-    held_out = data.select([i for i, s in enumerate(split) if s == "eval"])
-    for name, part in (("train", train), ("held-out", held_out)):
-        if len(part) == 0 or len(set(part["label"])) < 2:
-            raise ValueError(
-                f"--dataset {script_args.dataset}: the {name} split is empty or one class; raise dataset_limit"
-            )
-    print(f"statements ({families or 'every family'}): {len(train)} train / {len(held_out)} held-out records")
-    return train, held_out
-
-
 def lora_config(model_args: ModelConfig, script_args: GapScriptArguments, model_config):
     """TRL's PEFT config from the model arguments, with ``lora_layers`` as PEFT's ``layers_to_transform`` (each
     layer checked against the model's depth)."""
@@ -337,11 +312,6 @@ def lora_config(model_args: ModelConfig, script_args: GapScriptArguments, model_
     n = int(model_config.num_hidden_layers)
     config.layers_to_transform = list(parse_int_set(script_args.lora_layers, "lora_layers", maximum=n))
     return config
-
-
-def statements_only(dataset) -> bool:
-    """True when every record is a statement (a claim judged true or false: no task the model answers, so no TP)."""
-    return "scenario" in dataset.column_names and set(dataset["scenario"]) == {"statement"}
 
 
 def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, training_args: GapSFTConfig):

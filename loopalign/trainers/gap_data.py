@@ -20,12 +20,31 @@ import torch
 
 from loopalign.batching import pad_right  # moved to loopalign.batching; re-exported for one release
 from loopalign.data.io import load_build
-from loopalign.data.prompts import verdict_token_ids
-from loopalign.data.verification import SOURCES, VerificationBuild, build_verification, synthetic_verification_records
+from loopalign.data.prompts import render_records, verdict_token_ids
+from loopalign.data.sources.statements import FAMILIES as STATEMENT_FAMILIES
+from loopalign.data.sources.statements import statement_records
+from loopalign.data.verification import (
+    SOURCES,
+    VerificationBuild,
+    build_verification,
+    synthetic_verification_records,
+    table_verification_records,
+)
 from loopalign.eval import load_eval_dataset
 from loopalign.organism import OrganismConfig, organism_eval_records
 
-__all__ = ["PROBE_POSITIONS", "verdict_token_ids", "build_gap_features", "GapCollator", "pad_right"]
+__all__ = [
+    "PROBE_POSITIONS",
+    "STATEMENT_DATA_SEED",
+    "verdict_token_ids",
+    "build_gap_features",
+    "GapCollator",
+    "is_statement_spec",
+    "pad_right",
+    "statement_splits",
+    "statements_only",
+    "table_dataset",
+]
 
 #: Where the probes read: the end of the candidate answer, or the verdict position.
 PROBE_POSITIONS = ("answer_end", "verdict")
@@ -266,3 +285,67 @@ def organism_verification(
     train = organism_eval_records(tokenizer, n_train, split="train", **kwargs)
     held_out = organism_eval_records(tokenizer, n_eval, split="eval", **kwargs)
     return datasets.Dataset.from_list(train), datasets.Dataset.from_list(held_out)
+
+
+#: the statement data are built with this seed whatever the run's seed: runs of several seeds share their held-out
+#: entities
+STATEMENT_DATA_SEED = 0
+
+
+def is_statement_spec(spec: str | None) -> bool:
+    """True for ``statements`` / ``statements:FAMILIES`` (built on the fly by :func:`statement_splits`)."""
+    return spec is not None and (spec == "statements" or spec.startswith("statements:"))
+
+
+def statement_splits(
+    spec: str, tokenizer, per_family: int | None = None, eval_fraction: float = 0.3, max_length: int | None = None
+):
+    """``statements[:FAMILIES]``: true/false statements (:mod:`loopalign.data.sources.statements`; every family when
+    none is named), ``per_family`` of each (default 300), rendered with ``tokenizer``, split by entity as the builder
+    splits them (``eval_fraction`` of the entities held out, the same entities in every family, data seed
+    :data:`STATEMENT_DATA_SEED`). -> (train, held-out) ``datasets.Dataset``s."""
+    _, _, families = spec.partition(":")
+    records = statement_records(
+        families or ",".join(STATEMENT_FAMILIES),
+        per_family=per_family or 300,
+        seed=STATEMENT_DATA_SEED,
+        eval_fraction=eval_fraction,
+    )
+    rows, _ = render_records(records, tokenizer, max_length=max_length)
+    split = [json.loads(r["meta"])["split"] for r in rows]
+    data = datasets.Dataset.from_list(rows)
+    train = data.select([i for i, s in enumerate(split) if s == "train"])
+    held_out = data.select([i for i, s in enumerate(split) if s == "eval"])
+    for name, part in (("train", train), ("held-out", held_out)):
+        if len(part) == 0 or len(set(part["label"])) < 2:
+            raise ValueError(f"dataset {spec}: the {name} split is empty or one class; raise dataset_limit")
+    print(f"statements ({families or 'every family'}): {len(train)} train / {len(held_out)} held-out records")
+    return train, held_out
+
+
+def statements_only(dataset) -> bool:
+    """True when every record is a statement (a claim judged true or false: no task the model answers, so no TP)."""
+    return "scenario" in dataset.column_names and set(dataset["scenario"]) == {"statement"}
+
+
+def table_dataset(
+    path: str,
+    tokenizer,
+    columns: str,
+    scenario: str | None = None,
+    max_length: int | None = None,
+    skip_invalid: bool = False,
+    limit: int | None = None,
+):
+    """A user's own ``.jsonl`` / ``.csv`` read through the column map ``columns`` and rendered with ``tokenizer``
+    (:func:`loopalign.data.verification.table_verification_records`); prints the rows read, kept and rejected.
+    -> ``datasets.Dataset``."""
+    rows, report = table_verification_records(
+        tokenizer, path, columns, scenario=scenario, max_length=max_length, skip_invalid=skip_invalid, limit=limit
+    )
+    print(
+        f"{path}: {report['read']} rows read, {report['kept']} kept, {report['rejected']} rejected"
+        + (f" {report['rejected_by_reason']}" if report["rejected"] else "")
+        + f" ({report['scenario']}; columns {report['columns']})"
+    )
+    return datasets.Dataset.from_list(rows)

@@ -1,0 +1,62 @@
+"""eval-gap's data: statement families built for the model (their held-out entities, TP left out), your own CSV
+through a column map, and a build rendered with another tokenizer refused."""
+
+import csv
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import loopalign.scripts.eval_gap as eval_gap
+from loopalign.trainers.gap_data import statement_splits
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tok, tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _run(folder, out, *extra):
+    argv = ["--model_name_or_path", str(folder), "--output_dir", str(out), "--eval_n_boot", "50",
+            "--eval_folds", "3", *extra]  # fmt: skip
+    assert eval_gap.main(argv) == 0
+    return json.loads((out / "gap.json").read_text())
+
+
+@pytest.mark.slow
+def test_eval_gap_on_statement_families_reads_their_held_out_entities_without_tp(llama_folder, tok, tmp_path, capsys):
+    gap = _run(llama_folder, tmp_path / "out", "--dataset", "statements:numeric", "--dataset_limit", "40")
+    _, held_out = statement_splits("statements:numeric", tok, 40, eval_gap.STATEMENT_EVAL_FRACTION)
+    assert sorted(gap["records"]["ids"]) == sorted(held_out["id"]) and gap["tp"] is None
+    assert "TP: not measured (statement records" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_eval_gap_reads_your_own_csv_through_a_column_map(llama_folder, tmp_path):
+    with open(tmp_path / "claims.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["claim", "truth", "thing"])
+        for i in range(12):
+            writer.writerow([f"{i} is smaller than {i + 5}.", 1, f"n{i}"])
+            writer.writerow([f"{i} is larger than {i + 5}.", 0, f"n{i}"])
+    gap = _run(llama_folder, tmp_path / "out", "--dataset", str(tmp_path / "claims.csv"),
+               "--dataset_columns", "statement=claim,label=truth,cluster=thing")  # fmt: skip
+    assert gap["meta"]["n_records"] == 24 and len(set(gap["records"]["clusters"])) == 12
+
+
+def test_a_dataset_rendered_with_another_tokenizer_is_refused(llama_folder, tok, tmp_path):
+    _, held_out = statement_splits("statements:numeric", tok, 40, 0.3)
+    rows = held_out.map(lambda r: {"input_ids": [i + 1 for i in r["input_ids"]]})  # another vocabulary's ids
+    rows.to_json(tmp_path / "rows.jsonl")
+    with pytest.raises(ValueError, match="rendered with another tokenizer"):
+        eval_gap.main(["--model_name_or_path", str(llama_folder), "--dataset", str(tmp_path / "rows.jsonl"),
+                       "--output_dir", str(tmp_path / "out")])  # fmt: skip
