@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from trl import ModelConfig, get_peft_config
 
@@ -40,6 +41,7 @@ from loopalign.eval import (
 )
 from loopalign.eval.families import TRANSFER_RULE, compare_families, record_families, split_families
 from loopalign.eval.general import answer_general_questions, general_markdown, save_general
+from loopalign.eval.metrics import auroc
 from loopalign.eval.report import short_markdown
 from loopalign.io import atomic_write_text, folder_lock
 from loopalign.loading import LOCAL_MODELS, load_model, load_pretrained, load_tokenizer
@@ -314,6 +316,26 @@ def lora_config(model_args: ModelConfig, script_args: GapScriptArguments, model_
     return config
 
 
+#: the column that keeps an unlabelled family's label for the probe-target diagnostic only
+HIDDEN_LABEL = "hidden_label"
+
+
+def probe_target_quality(features, train_ds, field_name: str) -> dict:
+    """{family: {"auroc", "n"}}: how well the probe_distill targets (the last loop's) of the unlabelled records
+    rank their hidden labels, per family: what probe distillation can teach there at best."""
+    target = {i: t[-1] for i, t in zip(features["id"], features["probe_target"])}
+    by_family: dict[str, tuple[list, list]] = {}
+    for row, family in zip(train_ds, record_families(train_ds, field_name)):
+        if row[HIDDEN_LABEL] is None or row["id"] not in target:
+            continue
+        ys, ps = by_family.setdefault(family, ([], []))
+        ys.append(int(row[HIDDEN_LABEL]))
+        ps.append(float(target[row["id"]]))
+    return {
+        f: {"auroc": float(auroc(np.array(y), np.array(p))), "n": len(y)} for f, (y, p) in sorted(by_family.items())
+    }
+
+
 def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, training_args: GapSFTConfig):
     """-> (train, held-out records of the trained families, {family: its evaluation records}). Every family is
     evaluated on the same held-out entities (the split by task): ``heldout_families`` leave the training split (never
@@ -340,10 +362,13 @@ def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, trainin
             )
         hide = set(unlabeled)
         families = record_families(train_ds, field_name)
+        # the hidden label is kept beside the record for one diagnostic only (how good the probe targets of the
+        # unlabelled families are, printed after they are fitted); no term reads it
         train_ds = train_ds.map(
             lambda row, i: {
                 "label": None if families[i] in hide else row["label"],
                 "labelled": families[i] not in hide,
+                HIDDEN_LABEL: row["label"] if families[i] in hide else None,
             },
             with_indices=True,
         )
@@ -544,6 +569,13 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         peft_config=lora_config(model_args, script_args, model.config),
         replay_dataset=replay,
     )
+    if training_args.process_index == 0 and HIDDEN_LABEL in train_ds.column_names and trainer.probe_targets_summary:
+        check = probe_target_quality(trainer.train_dataset, train_ds, script_args.family_field)
+        atomic_write_text(os.path.join(out, "probe_targets_check.json"), json.dumps(check, indent=1))
+        print(
+            "probe_distill targets of the unlabelled families against their hidden labels (a diagnostic; never "
+            "trained on): " + ", ".join(f"{f} AUROC {100 * c['auroc']:.1f} (n {c['n']})" for f, c in check.items())
+        )
     use_short_console_log(trainer, trainer.num_loops)  # W&B and the trainer state keep every metric
     with times("train"):
         trainer.train(resume_from_checkpoint=resume)

@@ -145,6 +145,8 @@ def test_unlabeled_families_train_as_text_only_through_probe_distillation(
     eval_ids = set(json.loads((out / "before" / "gap.json").read_text())["records"]["ids"])
     n_c_train = sum(json.loads(r["meta"])["family"] == "c" and r["id"] not in eval_ids for r in rows)
     assert n_c_train > 0 and targets["n_records"] - targets["n_labelled"] == n_c_train
+    check = json.loads((out / "probe_targets_check.json").read_text())  # the targets against the hidden labels
+    assert set(check) == {"c"} and check["c"]["n"] == n_c_train and 0 <= check["c"]["auroc"] <= 1
 
 
 def test_unlabeled_families_need_probe_distillation(gap_dataset, llama_folder, tmp_path, sft_gap_script, parse_sft_gap):
