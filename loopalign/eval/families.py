@@ -109,7 +109,8 @@ class FamilyComparison:
     """Per family: the before/after figures at the verdict depth and the comparison's verdict; and the transfer
     summary over the families never trained on (``TRANSFER_RULE``).
 
-    rows: one per family {family, trained, n_records, sv/rr before/after on balanced accuracy and AUROC, d_sv (+ CI)
+    rows: one per family {family, trained, training ("labels" | "text only" | "none"), n_records, sv/rr before/after
+    on balanced accuracy and AUROC, the before probes frozen on the after features (rr_frozen_bal_after), d_sv (+ CI)
     on balanced accuracy, recovery_bal / recovery_auroc (None when the base gap is below ``min_gap``), verdict};
     transfer: {families, mean_recovery_bal, mean_recovery_auroc, fell: [families whose SV fell], reached}."""
 
@@ -223,6 +224,7 @@ def compare_families(
             "rr_bal_after": ra["rr_balanced_accuracy"],
             "rr_auroc_before": rb["rr_auroc"],
             "rr_auroc_after": ra["rr_auroc"],
+            "rr_frozen_bal_after": crow.get("rr_frozen_after"),
             "d_sv_bal": crow["d_sv"],
             "d_sv_bal_lo": crow["d_sv_lo"],
             "d_sv_bal_hi": crow["d_sv_hi"],

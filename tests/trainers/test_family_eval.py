@@ -3,6 +3,7 @@ after comparison (families.md / .json with the transfer summary), and general qu
 after. Bad family options fail before the model trains, naming the option and the families."""
 
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -10,6 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loopalign.eval.families import record_families, record_family, split_families
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _with_families(rows, names="abc"):
@@ -102,6 +105,17 @@ def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
     assert len(general["before"]["answers"]) == len(general["after"]["answers"]) == 10
     printed = capsys.readouterr().out
     assert "Before / after per family" in printed and "Transfer rule" in printed and "General questions" in printed
+    # the docs' table and figure regenerate from the run's JSON
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_cure_table", ROOT / "benchmarks" / "real_cure_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    assert table.main([str(out), "--figure", str(tmp_path / "fig.png"), "--out", str(tmp_path / "table.md")]) == 0
+    text = (tmp_path / "table.md").read_text()
+    assert "| run |" in text and "labels: a" in text and "none: c" in text and (tmp_path / "fig.png").exists()
+    with pytest.raises(FileNotFoundError, match="not an sft-gap run by family"):
+        table.main([str(tmp_path)])
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,214 @@
+"""The real-model cure's tables and figure, regenerated from the runs' own JSON (docs/real-models.md).
+
+    python benchmarks/real_cure_table.py RUN_DIR [RUN_DIR ...] [--figure docs/figures/real_cure.png] [--out table.md]
+
+Each RUN_DIR is an ``sft-gap`` output folder run by family (``families.json``; ``compare.json``; ``general.json``
+and ``gap_config.json`` when present). Runs whose folder names differ only by a trailing ``_s<seed>`` are one
+variant over seeds: the table gives the mean and the range over the seeds. Printed per variant:
+
+- held-out entities of the families trained on (the pooled evaluation, ``compare.json``): SV and RR before → after
+  on the headline metric, the rule's outcome and parts (a)–(e);
+- per family kind (trained on with labels; text only; held out): the mean SV balanced accuracy and AUROC before →
+  after, RR's, and the transfer summary (mean recovery, families whose SV fell);
+- general questions kept (right answers before → after).
+
+The figure: per family, SV balanced accuracy before (hatched) and after (solid) beside RR before, for one run
+(the first given, or ``--figure-run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+
+import numpy as np
+
+log = logging.getLogger("real_cure_table")
+
+
+def _load(path: str, name: str) -> dict | None:
+    file = os.path.join(path, name)
+    if not os.path.exists(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
+
+
+def variant_of(run_dir: str) -> str:
+    """The variant a run folder belongs to: its name without a trailing ``_s<seed>``."""
+    return re.sub(r"_s\d+$", "", os.path.basename(os.path.normpath(run_dir)))
+
+
+def run_summary(run_dir: str) -> dict:
+    """The figures of one run, as plain numbers (fractions)."""
+    families = _load(run_dir, "families.json")
+    compare = _load(run_dir, "compare.json")
+    if families is None or compare is None:
+        raise FileNotFoundError(f"{run_dir}: not an sft-gap run by family (families.json and compare.json needed)")
+    general = _load(run_dir, "general.json")
+    (row,) = [r for r in compare["rows"] if r.get("in_verdict", True)][:1] or [compare["rows"][0]]
+    out = {
+        "run": run_dir,
+        "metric": compare["metric"],
+        "pooled": {
+            "sv_before": row["sv_before"],
+            "sv_after": row["sv_after"],
+            "rr_before": row["rr_before"],
+            "rr_after": row["rr_after"],
+            "rr_frozen_after": row.get("rr_frozen_after"),
+            "outcome": compare.get("outcome", "?"),
+            "parts": {
+                k: compare.get(k) for k in ("sv_caught_up", "gap_closed", "rr_preserved", "tp_kept", "saturated")
+            },
+        },
+        "families": families["rows"],
+        "transfer": families["transfer"],
+    }
+    if general and general.get("after"):
+        out["general"] = (
+            sum(general["before"]["right"]),
+            sum(general["after"]["right"]),
+            len(general["before"]["right"]),
+        )
+    return out
+
+
+def _kind(row: dict) -> str:
+    return row.get("training", "labels" if row["trained"] else "none")
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _fmt(values, pct: bool = True) -> str:
+    """Mean over seeds, with the range when there are several."""
+    values = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    if not values:
+        return "–"
+    scale = 100 if pct else 1
+    mean = scale * float(np.mean(values))
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} [{scale * min(values):.1f}, {scale * max(values):.1f}]"
+
+
+def variant_table(runs: list[dict]) -> list[str]:
+    """Markdown lines for the variants of ``runs`` (grouped by variant)."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(variant_of(r["run"]), []).append(r)
+    lines = [
+        "| variant | seeds | held-out entities, trained families: SV before → after | RR before → after (frozen "
+        "probe after) | outcome "
+        "| families | SV bal. acc before → after | SV AUROC before → after | RR bal. acc before | mean recovery "
+        "(bal. acc / AUROC) | general questions |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rs in groups.items():
+        first = True
+        for kind in ("labels", "text only", "none"):
+            fam = [[f for f in r["families"] if _kind(f) == kind] for r in rs]
+            if not any(fam):
+                continue
+            per_run = lambda key, fam=fam: [_mean([f[key] for f in fs]) for fs in fam]  # noqa: E731
+            names = ", ".join(f["family"] for f in fam[0])
+            head = ["", "", "", "", ""]
+            if first:
+                pooled = [r["pooled"] for r in rs]
+                outcomes = sorted({p["outcome"] for p in pooled})
+                head = [
+                    name,
+                    str(len(rs)),
+                    f"{_fmt([p['sv_before'] for p in pooled])} → {_fmt([p['sv_after'] for p in pooled])}",
+                    f"{_fmt([p['rr_before'] for p in pooled])} → {_fmt([p['rr_after'] for p in pooled])} "
+                    f"({_fmt([p['rr_frozen_after'] for p in pooled])})",
+                    " / ".join(outcomes),
+                ]
+                first = False
+            recovery = "–"
+            if kind != "labels":
+                rec_b = [r["transfer"].get("mean_recovery_bal") for r in rs]
+                rec_a = [r["transfer"].get("mean_recovery_auroc") for r in rs]
+                recovery = f"{_fmt(rec_b)} / {_fmt(rec_a)}"
+            general = "–"
+            if kind == "labels" and all("general" in r for r in rs):
+                general = ", ".join(f"{b}/{n} → {a}/{n}" for b, a, n in (r["general"] for r in rs))
+            lines.append(
+                "| "
+                + " | ".join(
+                    head
+                    + [
+                        f"{kind}: {names}",
+                        f"{_fmt(per_run('sv_bal_before'))} → {_fmt(per_run('sv_bal_after'))}",
+                        f"{_fmt(per_run('sv_auroc_before'))} → {_fmt(per_run('sv_auroc_after'))}",
+                        _fmt(per_run("rr_bal_before")),
+                        recovery,
+                        general,
+                    ]
+                )
+                + " |"
+            )
+    return lines
+
+
+def family_figure(run: dict, path: str) -> None:
+    """Per family: SV balanced accuracy before (hatched) and after (solid), RR before (a line), for one run."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from loopalign.io import atomic_write
+
+    rows = run["families"]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 3.8))
+    ax.bar(x - 0.2, [100 * r["sv_bal_before"] for r in rows], 0.4, label="SV before", hatch="//", fill=False)
+    ax.bar(x + 0.2, [100 * r["sv_bal_after"] for r in rows], 0.4, label="SV after")
+    ax.scatter(x, [100 * r["rr_bal_before"] for r in rows], marker="_", s=900, color="k", label="RR before", zorder=3)
+    ax.axhline(50, color="grey", lw=0.8)
+    ax.set_xticks(x, [f"{r['family']}\n({_kind(r)})" for r in rows], fontsize=8)
+    ax.set_ylabel("balanced accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{variant_of(run['run'])}: SV per family before / after, RR before")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or "png", dpi=120))
+    plt.close(fig)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="sft-gap output folders run by family")
+    parser.add_argument("--figure", default=None, help="write the per-family figure of one run here (PNG / SVG)")
+    parser.add_argument("--figure-run", default=None, help="the run the figure shows (default: the first)")
+    parser.add_argument("--out", default=None, help="also write the table here (Markdown)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = make_parser().parse_args(argv)
+    runs = [run_summary(r) for r in args.runs]  # a folder that is not a run fails here, naming it
+    text = "\n".join(variant_table(runs)) + "\n"
+    sys.stdout.write(text)
+    if args.out:
+        from loopalign.io import atomic_write_text
+
+        atomic_write_text(args.out, text)
+    if args.figure:
+        chosen = next((r for r in runs if r["run"] == args.figure_run), runs[0]) if args.figure_run else runs[0]
+        family_figure(chosen, args.figure)
+        log.info("figure: %s", args.figure)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
