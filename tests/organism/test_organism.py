@@ -30,6 +30,7 @@ from loopalign.organism import (
     train_organism,
     training_batch,
 )
+from loopalign.speed import build_fingerprint, fingerprint_hash
 from loopalign.tokenizer import local_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,6 +187,11 @@ def test_cache_builds_once_reuses_and_rebuilds_on_a_new_version(monkeypatch, tmp
     }
     card = (path / "README.md").read_text()
     assert "| loop | TP | SV | RR | gap RR−SV |" in card and "eval/sv_vs_loop.png" in card
+    # the card and organism.json record the kernel path that trained it (part of the folder's hash)
+    meta = json.loads((path / "organism.json").read_text())
+    assert meta["build"] == cfg.kernel_path() == build_fingerprint(cfg.num_threads)
+    assert f"CPU capability {torch.backends.cpu.get_cpu_capability()}" in card
+    assert f"build fingerprint `{fingerprint_hash(meta['build'])}`" in card
     assert not list(tmp_path.glob(".tmp-*"))
     assert model.config.total_ut_steps == 2 and not model.training
 
@@ -294,6 +300,7 @@ def organism():
 
 
 @pytest.mark.slow
+@pytest.mark.trained
 def test_the_organism_shows_the_gap(organism, tmp_path):
     path, model, tokenizer = organism
     meta = json.loads((path / "organism.json").read_text())
@@ -331,6 +338,7 @@ def test_the_organism_shows_the_gap(organism, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.trained
 def test_a_short_default_cure_closes_the_organisms_gap(organism, tmp_path):
     """recipes/sft_gap.py with its defaults, shortened (60 steps, 200 held-out tasks, loop 4): SV rises
     with its CI above 0, the gap after training is not above 0, RR holds, and TP is kept (replay)."""
@@ -352,6 +360,7 @@ def test_a_short_default_cure_closes_the_organisms_gap(organism, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.trained
 def test_eval_gap_measures_the_organism_on_its_own_held_out_tasks(organism, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
