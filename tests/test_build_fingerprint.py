@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from loopalign.organism import OrganismConfig
@@ -74,6 +75,7 @@ def test_the_fingerprint_records_the_kernel_path():
     assert OrganismConfig().kernel_path() == build_fingerprint(1)
 
 
+@pytest.mark.slow
 def test_another_cpu_capability_is_another_cache_folder():
     """The same process environment names the same folders in every process; another capability (AVX2 on an
     AVX-512 machine, else the unvectorised default) names other folders for all three organisms."""
