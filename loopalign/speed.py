@@ -1,5 +1,6 @@
 """Speed options for training and evaluating looped models: selective activation checkpointing,
-``torch.compile`` of the decoder layers, and the torch thread count of runs on a CPU.
+``torch.compile`` of the decoder layers, the torch thread count of runs on a CPU, and the CPU build
+fingerprint (:func:`build_fingerprint`: the kernel path a CPU build's numbers depend on).
 
 Both keep the model's numerics (tests compare gradients and outputs with the plain path). The
 policy is the ``policy`` key of ``activation_checkpointing_kwargs`` (read by
@@ -9,9 +10,15 @@ policy is the ``policy`` key of ``activation_checkpointing_kwargs`` (read by
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+import platform
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,6 +31,8 @@ from loopalign.models.checkpointing import CHECKPOINT_POLICIES, checkpointing_kw
 
 __all__ = [
     "CHECKPOINT_POLICIES",
+    "build_fingerprint",
+    "fingerprint_hash",
     "checkpointing_kwargs",
     "compile_decoder_layers",
     "compiled_decoder_layers",
@@ -114,3 +123,53 @@ def set_cpu_threads(on_cpu: bool | None = None, default: int = 1, announce: bool
     if announce:
         print(f"torch CPU threads: {threads} (OMP_NUM_THREADS sets another count)", flush=True)
     return threads
+
+
+@functools.cache
+def _native_cpu_isa() -> str:
+    """The widest x86 vector extension this CPU offers (what MKL picks on its own): ``AVX512``, ``AVX2`` or
+    ``DEFAULT`` read from ``/proc/cpuinfo``; the machine name (``arm64``, ...) where there is none."""
+    cpuinfo = Path("/proc/cpuinfo")
+    try:
+        flags = set(re.findall(r"^flags\s*:\s*(.*)$", cpuinfo.read_text(), re.MULTILINE)[0].split())
+    except (OSError, IndexError):
+        return platform.machine() or "unknown"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "AVX512"
+    if {"avx2", "fma"} <= flags:
+        return "AVX2"
+    return "DEFAULT"
+
+
+@functools.cache
+def _library_versions() -> tuple[str | None, str | None]:
+    """(MKL, oneDNN) versions torch was built with, read from ``torch.__config__.show()``; None where absent."""
+    text = torch.__config__.show()
+    mkl = re.search(r"Math Kernel Library Version ([\w.]+)", text) if torch.backends.mkl.is_available() else None
+    onednn = re.search(r"MKL-DNN v(\S+)", text) if torch.backends.mkldnn.is_available() else None
+    return (mkl.group(1) if mkl else None), (onednn.group(1) if onednn else None)
+
+
+def build_fingerprint(num_threads: int) -> dict:
+    """What makes a CPU build of a model a different model on another machine with the same code: the torch
+    version, the CPU capability torch's kernels use (``torch.backends.cpu.get_cpu_capability()``, which honours
+    ``ATEN_CPU_CAPABILITY``), the MKL and oneDNN versions torch was built with (None when absent), MKL's
+    instruction set (``MKL_ENABLE_INSTRUCTIONS``, else ``auto`` with the CPU's widest extension, which MKL then
+    picks) and the build's torch thread count ``num_threads`` (threads change float reductions). Losses of the
+    same training differ from step 1 between AVX-512 and AVX2 kernels, so a cache keyed on the config alone
+    would hand one machine's model to another; organism cache keys hash this record (:func:`fingerprint_hash`)."""
+    mkl, onednn = _library_versions()
+    mkl_isa = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper()
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl": mkl,
+        "mkl_instructions": mkl_isa or f"auto ({_native_cpu_isa()})",
+        "onednn": onednn,
+        "threads": int(num_threads),
+    }
+
+
+def fingerprint_hash(fingerprint: dict) -> str:
+    """sha256 (first 8 hex digits) of a :func:`build_fingerprint` record: a short name for a kernel path."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:8]

@@ -2,6 +2,7 @@
 docs/performance.md)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,7 +36,11 @@ def test_forward_benchmark_prints_every_case():
         "forward, eval path, LoRA merged",
         "forward+backward",
     ]
-    assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 for r in rows)
+    # every case row prints its figures as finite numbers; no assertion reads their size (a timing: on a loaded
+    # machine tflops, rounded to 3 decimals, printed 0.000)
+    for r in rows:
+        figures = [r["tokens_per_s"], r["peak_mem_gib"], r["tflops"]]
+        assert all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in figures), r
 
 
 def test_forward_benchmark_times_compiled_layers_on_the_plain_and_the_merged_model():
@@ -73,7 +78,8 @@ def test_train_step_benchmark_runs_the_cases_side_by_side_under_one_autocast(ext
     lines = _run_lines("train_step.py", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1", *extra)
     rows = [json.loads(line) for line in lines if line.startswith("{")]
     assert [r["case"] for r in rows] == cases
-    assert all(r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0 for r in rows)
+    assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] >= 0 for r in rows)  # a timing: not its size
+    assert all(r["peak_mem_gib"] > 0 for r in rows)
     # the same precision in every case: what the first LoRA layer saw, measured in each process
     bf16 = "--dtype" in extra
     assert {(r["autocast"], r["activation_dtype"], r["adapter_dtype"]) for r in rows} == {

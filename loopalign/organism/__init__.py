@@ -22,14 +22,17 @@ reads correctness better than the verdict (SV). See ``docs/organism.md`` for the
 
 The organism is cached under :func:`organism_cache_dir` (``$LOOPALIGN_CACHE``, else
 ``~/.cache/loopalign``) in a folder named by the recipe version and a hash of the
-:class:`OrganismConfig`, written atomically (built in a temporary folder, then renamed) under a
+:class:`OrganismConfig` and of the build fingerprint (:func:`loopalign.speed.build_fingerprint`:
+torch, the CPU capability its kernels use, MKL / oneDNN, threads; another kernel path trains
+another model), written atomically (built in a temporary folder, then renamed) under a
 lock, so an interrupted build leaves nothing behind and two processes do not build it twice (the
 second says whom it waits for, and gives up after ``LOOPALIGN_LOCK_TIMEOUT`` seconds). The
 folder is a ``save_pretrained`` model + tokenizer (``AutoModelForCausalLM.from_pretrained(folder)``
 works after ``import loopalign``), plus ``README.md`` (the model card with the gap table and plots),
-``eval/`` (gap.json, gap.md, plots, probes) and ``organism.json`` (config, figures, timings, and the
-size and sha256 of every model and tokenizer file: loading checks them, so a damaged cache fails
-naming the file and the command that rebuilds it instead of loading with NaN logits).
+``eval/`` (gap.json, gap.md, plots, probes) and ``organism.json`` (config, build fingerprint,
+figures, timings, and the size and sha256 of every model and tokenizer file: loading checks them,
+so a damaged cache fails naming the file and the command that rebuilds it instead of loading with
+NaN logits).
 
 Modules: :mod:`.config` (the recipe), :mod:`.cache` (where builds live, their checks), :mod:`.data`,
 :mod:`.train`, :mod:`.evaluate`, :mod:`.card` (the model card), :mod:`.build` (build under a lock, load).

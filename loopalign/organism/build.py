@@ -121,6 +121,7 @@ def build_organism(
             "eval_seconds": round(time.perf_counter() - t1, 1),
             "build_seconds": round(time.perf_counter() - t0, 1),
             "torch": torch.__version__,
+            "build": config.kernel_path(),  # the kernel path (part of config_hash): another one is another model
             "final_loss": trained.losses[-1],
             "loss_first_50": sum(trained.losses[:50]) / max(1, len(trained.losses[:50])),
             "loss_last_50": sum(trained.losses[-50:]) / max(1, len(trained.losses[-50:])),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from loopalign.speed import fingerprint_hash
+
 from .config import OrganismConfig
 
 
@@ -39,6 +41,18 @@ def _recipe_lines(config: OrganismConfig) -> list[str]:
     ]
 
 
+def build_line(meta: dict) -> str:
+    """The card's line naming the kernel path of the build (``organism.json``'s ``build``), whose figures differ
+    on another one."""
+    b = meta["build"]
+    return (
+        f"Built with torch {b['torch']}, CPU capability {b['cpu_capability']}, MKL {b['mkl'] or '–'} "
+        f"(instructions {b['mkl_instructions']}), oneDNN {b['onednn'] or '–'}, {b['threads']} thread(s): build "
+        f"fingerprint `{fingerprint_hash(b)}`. Another kernel path trains another model (its own cache folder), "
+        "so its figures differ from these."
+    )
+
+
 def model_card(config: OrganismConfig, meta: dict, result, props: dict) -> str:
     tp = {r["loop"]: r for r in (result.tp or [])}
     unit = "(item, a, b) triple" if config.tasks == "digits" else "task"
@@ -60,6 +74,8 @@ def model_card(config: OrganismConfig, meta: dict, result, props: dict) -> str:
         "from loopalign.organism import load_organism",
         "model, tokenizer = load_organism()",
         "```",
+        "",
+        build_line(meta),
         "",
         "## Recipe",
         "",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from loopalign.loops import parse_loop_counts
 from loopalign.models.ouro import tiny_config
+from loopalign.speed import build_fingerprint
 
 #: Version of the recipe (data, objective, defaults). Bump it when the recipe changes: cached
 #: organisms of other versions are then ignored and a new one is built.
@@ -23,7 +24,7 @@ TASK_FAMILIES = ("digits", "words")
 
 @dataclass
 class OrganismConfig:
-    """Everything that determines the organism (its hash names the cache folder)."""
+    """Everything that determines the organism (its hash, with the build fingerprint, names the cache folder)."""
 
     recipe_version: int = RECIPE_VERSION  # recipe version; a change means a new organism
     tasks: str = "digits"  # task family: digits (v2: digit sums, fixed held-out split) | words (v1: word problems)
@@ -64,6 +65,7 @@ class OrganismConfig:
     eval_seed: int = 10_000  # their data seed (training uses other seeds)
     eval_loops: str = "1-6"  # loop counts evaluated (beyond num_loops = extrapolation)
     num_threads: int = 1  # torch CPU threads of the build: the figures depend on it, so it is part of the hash
+    # (the hash also covers this process's kernel path: torch version, CPU capability, MKL / oneDNN; see kernel_path())
 
     def __post_init__(self):
         self.levels = tuple(int(x) for x in self.levels)
@@ -131,9 +133,15 @@ class OrganismConfig:
             raise ValueError(f"OrganismConfig: unknown fields {unknown}")
         return cls(**data)
 
+    def kernel_path(self) -> dict:
+        """The kernel path this process would build with (:func:`loopalign.speed.build_fingerprint` at the config's
+        threads): the same config trained on another CPU path is another model, so it is part of the hash."""
+        return build_fingerprint(self.num_threads)
+
     def config_hash(self) -> str:
-        """sha256 (first 10 hex digits) of the config's JSON."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        """sha256 (first 10 hex digits) of the config's JSON and this process's :meth:`kernel_path` fingerprint, so
+        two kernel paths (AVX-512 / AVX2, another torch or MKL) never share one cache folder."""
+        text = json.dumps({"config": self.to_dict(), "build": self.kernel_path()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     def folder_name(self) -> str:

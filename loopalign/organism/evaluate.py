@@ -80,8 +80,11 @@ def organism_slices(result, records: list[dict], biased_items) -> list[dict]:
     return rows
 
 
-#: the gap the organism must show at its trained depth (recipe v2): accuracy and AUROC points
-MIN_GAP, MIN_AUROC_GAP = 0.15, 0.2
+#: the gap the organism must show at its trained depth (recipe v2): accuracy and AUROC points. The organism is
+#: another model on another CPU kernel path: at loop 4 its gap measured 16.3-24.2 points and its AUROC gap
+#: 0.37-0.40 over three kernel paths of one machine (AVX-512, AVX2, unvectorised; docs/organism.md), 27.2 points
+#: where the recipe was written; the thresholds sit below every build by about the spread between builds
+MIN_GAP, MIN_AUROC_GAP = 0.10, 0.2
 
 
 def organism_properties(result, trained_loops: int = 4, slices: list[dict] | None = None) -> dict[str, dict]:

@@ -33,6 +33,7 @@ from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
 from loopalign.tokenizer import local_tokenizer
 
 from .cache import check_files, file_records, is_organism, organism_cache_dir
+from .card import build_line
 from .config import MARKER_FILE, OrganismConfig
 from .data import training_batch
 from .evaluate import evaluate_organism, gap_table_rows
@@ -152,6 +153,8 @@ def _card(config: OrganismConfig, meta: dict, gap_markdown: str) -> str:
             "`loopalign.organism.huginn.build_huginn_organism`; load it with `load_huginn_organism()` or "
             "`AutoModelForCausalLM.from_pretrained(folder)` after `import loopalign`.",
             "",
+            build_line(meta),
+            "",
             f"Final per-step training losses: {meta['final_loop_losses']}.",
             "",
             "## Per-step SV / RR / gap on held-out records",
@@ -199,6 +202,7 @@ def build_huginn_organism(
             "eval_seconds": round(time.perf_counter() - t1, 1),
             "build_seconds": round(time.perf_counter() - t0, 1),
             "torch": torch.__version__,
+            "build": config.kernel_path(),  # the kernel path (part of config_hash): another one is another model
             "final_loss": trained.losses[-1],
             "final_loop_losses": trained.loop_losses[-1],
             "eval": {

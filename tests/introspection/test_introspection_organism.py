@@ -28,6 +28,7 @@ def test_build_is_cached_by_config_hash_and_reused(built):
     assert path == introspection_organism_path(SMALL, cache) and path.name.startswith("introspection-organism-v1-")
     meta = json.loads((path / "organism.json").read_text())
     assert meta["config"] == SMALL.to_dict() and 0.0 <= meta["word_accuracy"] <= 1.0
+    assert meta["build"] == SMALL.kernel_path()  # the kernel path, part of the folder's hash
     assert meta["loss_last_20"] < meta["loss_first_20"] + 1.0 and {"config.json", "tokenizer.json"} <= set(
         meta["files"]
     )

@@ -76,6 +76,7 @@ def test_the_organism_command_builds_caches_and_checks_a_huginn_organism(tmp_pat
     assert [row["loop"] for row in meta["eval"]["table"]] == [1, 2]
     card = (path / "README.md").read_text()
     assert "Huginn-shaped model organism" in card and "| loop |" in card
+    assert meta["build"] == config.kernel_path() and f"CPU capability {meta['build']['cpu_capability']}" in card
     assert (path / "eval" / "gap.json").is_file()
     out = capsys.readouterr().out
     assert "building the Huginn organism" in out and f"organism: {path}" in out

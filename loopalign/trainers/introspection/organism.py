@@ -12,7 +12,8 @@ extractor) point at words the model can say. It knows nothing about introspectio
 CPU default teaches the reports on the train concepts and measures the held-out ones.
 
 Cached like the gap organism (its lock, stale-build cleanup and file checksums): under
-:func:`loopalign.organism.organism_cache_dir` in ``introspection-organism-v{version}-{hash}``, built in
+:func:`loopalign.organism.organism_cache_dir` in ``introspection-organism-v{version}-{hash}`` (the hash covers
+the config and the build fingerprint: torch, CPU capability, MKL / oneDNN, threads), built in
 a temporary folder and renamed into place under a file lock; ``organism.json`` holds the config, the
 losses and the size and sha256 of every model and tokenizer file, checked on load.
 
@@ -41,6 +42,7 @@ from loopalign.models.ouro import OuroForCausalLM, tiny_config
 from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
 from loopalign.organism import organism_cache_dir
 from loopalign.organism.cache import check_files, file_records, is_organism
+from loopalign.speed import build_fingerprint
 from loopalign.tokenizer import local_tokenizer
 
 __all__ = [
@@ -101,8 +103,15 @@ class IntrospectionOrganismConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def kernel_path(self) -> dict:
+        """This process's build fingerprint at the config's threads (:func:`loopalign.speed.build_fingerprint`)."""
+        return build_fingerprint(self.num_threads)
+
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        """sha256 (12 hex digits) of the config and this process's :meth:`kernel_path`: another kernel path
+        (AVX-512 / AVX2, another torch or MKL) trains another model, so it gets its own cache folder."""
+        text = json.dumps({"config": self.to_dict(), "build": self.kernel_path()}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def folder_name(self) -> str:
         return f"introspection-organism-v{self.recipe_version}-{self.config_hash()}"
@@ -232,6 +241,7 @@ def build_introspection_organism(
             "word_accuracy": word_accuracy(model, tokenizer),
             "build_seconds": round(time.perf_counter() - t0, 1),
             "torch": torch.__version__,
+            "build": config.kernel_path(),  # the kernel path (part of config_hash)
             "files": files,
         }
         (tmp / "losses.json").write_text(json.dumps(losses))
