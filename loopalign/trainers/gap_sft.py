@@ -367,6 +367,7 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         self.prefix_cache = None
         if args.prefix_cache:
             readout = [self.probe_layer] if self.probe_layer < model.config.num_hidden_layers else []
+            readout = sorted(set(readout) | set(self.verdict_layer_indices))  # the logit-lens layers read too
             self.prefix_cache = PrefixCache(self.model, readout_layers=readout)
         if args.compile_layers:
             compile_decoder_layers(self.model, backend=args.compile_layers_backend, mode=args.compile_layers_mode)
@@ -454,15 +455,24 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             return nullcontext()
         return self.prefix_cache.substitute(model, input_ids, attention_mask)
 
-    def _readout_features(self, model, inputs, detach: bool) -> tuple[object, torch.Tensor]:
-        """One forward of all loops; returns (output, features [T,B,H] at probe_layer, probe_index)."""
+    def _readout_features(self, model, inputs, detach: bool, lens_layers=()):
+        """One forward of all loops -> (output, features [T,B,H] at probe_layer, the capture of the residual stream at
+        ``lens_layers`` at the verdict position (kept in the graph; None without lens layers))."""
         num_layers = self.model.config.num_hidden_layers
         positions = inputs["probe_index"][:, None]
         sites = [(t, self.probe_layer) for t in range(self.num_loops)] if self.probe_layer < num_layers else [(0, 0)]
         # the prefix cache fills before the capture hooks go on, so they see only this forward
+        lens = (
+            capture_activations(
+                model, [(0, i) for i in lens_layers], positions=inputs["verdict_index"][:, None], detach=False
+            )
+            if lens_layers
+            else contextlib.nullcontext()
+        )
         with (
             self._prefix_states(model, inputs["input_ids"], inputs["attention_mask"]),
             capture_activations(model, sites, positions=positions, detach=detach) as cap,
+            lens as lens_cap,
         ):
             out = self._loop_forward(model, inputs["input_ids"], inputs["attention_mask"])
         if self.probe_layer == num_layers:
@@ -470,7 +480,7 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             feats = [f.detach() for f in feats] if detach else feats
         else:
             feats = [cap.get(t, self.probe_layer)[:, 0] for t in range(self.num_loops)]
-        return out, torch.stack(feats)
+        return out, torch.stack(feats), lens_cap
 
     @torch.no_grad()
     def fit_base_probes(self, features) -> list:
@@ -490,7 +500,7 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
                     features[i] for i in range(start, min(start + self.args.per_device_eval_batch_size, len(features)))
                 ]
                 batch = {k: v.to(device) for k, v in collate(rows).items()}
-                _, feats = self._readout_features(model, batch, detach=True)
+                _, feats, _ = self._readout_features(model, batch, detach=True)
                 keep = batch["labelled"].cpu()  # records without a label stay out of the fit
                 xs.append(feats.float().cpu()[:, keep])
                 ys.append(batch["label"].cpu()[keep])
@@ -535,16 +545,10 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         mode = "train" if model.training else "eval"
         w = self.weights
         needs_grad_features = w["rr_probe"] > 0 or w["rr_distill"] > 0
-        lens_layers = self.verdict_layer_indices
-        lens = (
-            capture_activations(
-                model, [(0, i) for i in lens_layers], positions=inputs["verdict_index"][:, None], detach=False
-            )
-            if lens_layers and w["layer_verdict"] > 0
-            else contextlib.nullcontext()
+        lens_layers = self.verdict_layer_indices if w["layer_verdict"] > 0 else []
+        out, feats, lens_cap = self._readout_features(
+            model, inputs, detach=not needs_grad_features, lens_layers=lens_layers
         )
-        with lens as lens_cap:
-            out, feats = self._readout_features(model, inputs, detach=not needs_grad_features)
         unwrapped = self.accelerator.unwrap_model(model)
         lm_head = unwrapped.get_output_embeddings()
         loop_w = self._loop_weights(feats.device)
@@ -620,7 +624,7 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             terms["rr_probe"] = (loop_w * per_loop["rr_probe"]).sum()
         if w["rr_distill"] > 0:
             with torch.no_grad(), unwrapped.disable_adapter():
-                _, base_feats = self._readout_features(model, inputs, detach=True)
+                _, base_feats, _ = self._readout_features(model, inputs, detach=True)
             per_loop["rr_distill"] = hidden_distillation_loss(feats, base_feats, self.args.rr_distill_kind)
             terms["rr_distill"] = (loop_w * per_loop["rr_distill"]).sum()
         # over ALL records: the targets are fixed probe posteriors, no label is read here. An eval

@@ -163,3 +163,33 @@ def test_the_verdict_is_supervised_at_earlier_layers_through_the_logit_lens(gap_
                        loss_weights={"layer_verdict": 1.0})  # fmt: skip
     with pytest.raises(ValueError, match="out of range"):
         bad.check_against_model(model.config)
+
+
+def test_the_logit_lens_verdict_under_the_prefix_cache_equals_the_plain_path(gap_dataset, tmp_path):
+    """layer_verdict with LoRA on the top layers: the loss of one batch is the same with and without the prefix cache
+    (the lens reads a trained layer above the cached ones)."""
+    from peft import LoraConfig
+
+    from loopalign.trainers import GapSFTTrainer
+
+    rows, tok = gap_dataset
+    losses = []
+    for cache in (False, True):
+        torch.manual_seed(0)
+        model, targets = _llama(tok)
+        args = GapSFTConfig(
+            output_dir=str(tmp_path / str(cache)), report_to="none", use_cpu=True, max_steps=1,
+            per_device_train_batch_size=8, verdict_layers="1", prefix_cache=cache,
+            loss_weights={"lm": 1.0, "layer_verdict": 1.0}, save_strategy="no", disable_tqdm=True,
+        )  # fmt: skip
+        peft = LoraConfig(r=4, target_modules=targets, layers_to_transform=[1, 2], init_lora_weights=False)
+        trainer = GapSFTTrainer(
+            model=model, args=args, train_dataset=datasets.Dataset.from_list(list(rows)[:8]), processing_class=tok,
+            peft_config=peft,
+        )  # fmt: skip
+        batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(8)]))
+        trainer.model.train()
+        for _ in range(2):  # the second pass reads the cache it filled
+            loss = trainer.compute_loss(trainer.model, batch)
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
