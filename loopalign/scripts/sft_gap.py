@@ -159,6 +159,13 @@ class GapScriptArguments(GapEvalArguments):
         default=False,
         metadata={"help": "Greedy answers to a fixed set of simple questions before and after training (general.md)."},
     )
+    replay_keep_cut: bool = field(
+        default=False,
+        metadata={
+            "help": "Replay: keep the base model's answers that tp_max_new_tokens cut off (its own text so far, no end "
+            "of turn), for open-ended tasks such as a statement's 'Tell me about ...'."
+        },
+    )
     replay_tasks: int | None = field(
         default=None,
         metadata={
@@ -553,12 +560,13 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
                 max_new_tokens=script_args.tp_max_new_tokens,
                 sources=sorted(set(train_ds["source"])) if "source" in train_ds.column_names else (),
                 batch_size=training_args.per_device_eval_batch_size,
+                keep_cut=script_args.replay_keep_cut,
             )
         replay = build.dataset
         if training_args.process_index == 0:
             print(
                 f"replay: the model's own answers to {len(replay)} of {build.n_tasks} training tasks "
-                f"({build.n_cut} cut off at {build.max_new_tokens} new tokens and left out)"
+                f"({build.n_cut} cut off at {build.max_new_tokens} new tokens and {'kept, without an end of turn' if script_args.replay_keep_cut else 'left out'})"
             )
 
     trainer = GapSFTTrainer(

@@ -29,7 +29,8 @@ class ReplayBuild:
 
     dataset: object  # datasets.Dataset: task, input_ids (prompt), completion_ids (answer + end of turn)
     n_tasks: int  # distinct tasks asked
-    n_cut: int  # answers cut off by max_new_tokens: left out (an unfinished answer is not one to keep)
+    n_cut: int  # answers cut off by max_new_tokens: left out (an unfinished answer is not one to keep), or kept
+    # without an end of turn with keep_cut
     max_new_tokens: int
 
 
@@ -42,11 +43,15 @@ def self_replay_dataset(
     sources: Sequence[str] = (),
     batch_size: int = 16,
     task_config=None,
+    keep_cut: bool = False,
 ) -> ReplayBuild:
     """The model's own greedy answers to ``tasks`` (distinct, in order) at ``num_loops`` loops, as
     replay records. Call it on the base model, before training. ``max_new_tokens``: default the
     sources' answer budget (``loopalign.data.sources.answer_token_budget``); ``task_config``: the
-    :class:`loopalign.eval.TaskConfig` whose prompt format (template, system turn) TP uses."""
+    :class:`loopalign.eval.TaskConfig` whose prompt format (template, system turn) TP uses. ``keep_cut``: keep the
+    answers the budget cut off, as the model's own text so far with no end of turn (nothing teaches the model to stop
+    there): for open-ended tasks ("Tell me about Paris.") whose answers run past any small budget; an answer that
+    must be finished to be right (math) is better left out."""
     config = task_config or TaskConfig()
     unique = list(dict.fromkeys(str(t) for t in tasks))
     if not unique:
@@ -66,9 +71,12 @@ def self_replay_dataset(
     for task, prompt, text, done in zip(unique, prompts, texts, finished):
         if not done:
             n_cut += 1
-            continue
+            if not keep_cut:
+                continue
         answer = tokenizer.encode(text.strip(), add_special_tokens=False)
-        rows.append({"task": task, "input_ids": list(prompt), "completion_ids": answer + [end]})
+        if not done and not answer:  # cut off with nothing to keep
+            continue
+        rows.append({"task": task, "input_ids": list(prompt), "completion_ids": answer + ([end] if done else [])})
     if not rows:
         raise ValueError(
             f"self_replay_dataset: all {len(unique)} answers were cut off at max_new_tokens={budget}: raise it "

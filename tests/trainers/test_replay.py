@@ -50,6 +50,9 @@ def test_cut_off_answers_are_left_out_and_counted(gap_dataset):
         self_replay_dataset(model, tok, ds["task"], num_loops=2, max_new_tokens=2)
     with pytest.raises(ValueError, match="no tasks"):
         self_replay_dataset(model, tok, [], num_loops=2)
+    kept = self_replay_dataset(model, tok, ds["task"], num_loops=2, max_new_tokens=2, keep_cut=True)
+    assert kept.n_cut == 24 and len(kept.dataset) == 24  # kept as the model's own text so far, with no end of turn
+    assert all(ids and ids[-1] != end for ids in kept.dataset["completion_ids"])
 
 
 def test_replay_features_label_the_answer_only():
