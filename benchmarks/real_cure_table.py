@@ -12,8 +12,8 @@ variant over seeds: the table gives the mean and the range over the seeds. Print
   after, RR's, and the transfer summary (mean recovery, families whose SV fell);
 - general questions kept (right answers before → after).
 
-The figure: per family, SV balanced accuracy before (hatched) and after (solid) beside RR before, for one run
-(the first given, or ``--figure-run``).
+The figure: per family, SV before (hatched) and after (solid) beside RR before, on balanced accuracy and on AUROC,
+for one run (the first given, or ``--figure-run``).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def variant_table(runs: list[dict]) -> list[str]:
 
 
 def family_figure(run: dict, path: str) -> None:
-    """Per family: SV balanced accuracy before (hatched) and after (solid), RR before (a line), for one run."""
+    """Per family: SV before (hatched) and after (solid) and RR before (a line), balanced accuracy and AUROC."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -168,16 +168,19 @@ def family_figure(run: dict, path: str) -> None:
 
     rows = run["families"]
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 3.8))
-    ax.bar(x - 0.2, [100 * r["sv_bal_before"] for r in rows], 0.4, label="SV before", hatch="//", fill=False)
-    ax.bar(x + 0.2, [100 * r["sv_bal_after"] for r in rows], 0.4, label="SV after")
-    ax.scatter(x, [100 * r["rr_bal_before"] for r in rows], marker="_", s=900, color="k", label="RR before", zorder=3)
-    ax.axhline(50, color="grey", lw=0.8)
-    ax.set_xticks(x, [f"{r['family']}\n({_kind(r)})" for r in rows], fontsize=8)
-    ax.set_ylabel("balanced accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{variant_of(run['run'])}: SV per family before / after, RR before")
-    ax.legend(fontsize=8, loc="lower right")
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.0 * len(rows) + 3), 4.0))
+    for ax, metric, name in zip(axes, ("bal", "auroc"), ("balanced accuracy", "AUROC")):
+        ax.bar(x - 0.2, [100 * r[f"sv_{metric}_before"] for r in rows], 0.4, label="SV before", hatch="//", fill=False)
+        ax.bar(x + 0.2, [100 * r[f"sv_{metric}_after"] for r in rows], 0.4, label="SV after")
+        rr = [100 * r[f"rr_{metric}_before"] for r in rows]
+        ax.scatter(x, rr, marker="_", s=900, color="k", label="RR before", zorder=3)
+        ax.axhline(50, color="grey", lw=0.8)
+        ax.set_xticks(x, [f"{r['family']}\n({_kind(r)})" for r in rows], fontsize=7)
+        ax.set_ylabel(f"{name} (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(name)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{variant_of(run['run'])}: SV per family before / after, RR before (held-out entities)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or "png", dpi=120))
