@@ -1,7 +1,7 @@
 """General ability kept: a model's greedy answers to a fixed set of simple questions, before and after training.
 
-Each question has the words a right answer contains (any one of them, case-insensitive); the score is the share of
-questions answered with one. It is a smoke test of general ability (did verdict training teach the model to say
+Each question has the words a right answer contains (any one of them, as a whole word, case-insensitive); the score
+is the share of questions answered with one. It is a smoke test of general ability (did verdict training teach the model to say
 "Yes" to everything, or break its answers?), not a benchmark: the answers themselves are saved beside the score so
 a reader can see what changed.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 
 from loopalign.io import atomic_write_text
@@ -74,8 +75,13 @@ def answer_general_questions(
     prompts = [_prompt_ids(tokenizer, q) for q, _ in questions]
     texts = generate_texts(model, tokenizer, prompts, num_loops, max_new_tokens=max_new_tokens, batch_size=batch_size)
     expected = [[w.lower() for w in words] for _, words in questions]
-    right = [any(w in text.lower() for w in words) for text, words in zip(texts, expected)]
+    right = [any(_has_word(text, w) for w in words) for text, words in zip(texts, expected)]
     return GeneralAnswers([q for q, _ in questions], expected, [t.strip() for t in texts], right, max_new_tokens)
+
+
+def _has_word(text: str, word: str) -> bool:
+    """``word`` as a whole word of ``text`` (case-insensitive): "no" is in "No, it is not", not in "I know"."""
+    return re.search(rf"(?<![a-z0-9]){re.escape(word.lower())}(?![a-z0-9])", text.lower()) is not None
 
 
 def general_markdown(before: GeneralAnswers, after: GeneralAnswers | None = None) -> str:
