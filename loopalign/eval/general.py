@@ -17,7 +17,14 @@ from loopalign.io import atomic_write_text
 
 from .task import generate_texts
 
-__all__ = ["GENERAL_QUESTIONS", "GeneralAnswers", "answer_general_questions", "general_markdown", "save_general"]
+__all__ = [
+    "GENERAL_QUESTIONS",
+    "GeneralAnswers",
+    "answer_general_questions",
+    "general_markdown",
+    "is_right",
+    "save_general",
+]
 
 #: (question, words any one of which a right answer contains). Facts a small instruct model knows, plus questions
 #: whose right answer is "no", so a model that learned to answer "Yes" shows it.
@@ -75,13 +82,18 @@ def answer_general_questions(
     prompts = [_prompt_ids(tokenizer, q) for q, _ in questions]
     texts = generate_texts(model, tokenizer, prompts, num_loops, max_new_tokens=max_new_tokens, batch_size=batch_size)
     expected = [[w.lower() for w in words] for _, words in questions]
-    right = [any(_has_word(text, w) for w in words) for text, words in zip(texts, expected)]
+    right = [is_right(text, words) for text, words in zip(texts, expected)]
     return GeneralAnswers([q for q, _ in questions], expected, [t.strip() for t in texts], right, max_new_tokens)
 
 
 def _has_word(text: str, word: str) -> bool:
     """``word`` as a whole word of ``text`` (case-insensitive): "no" is in "No, it is not", not in "I know"."""
     return re.search(rf"(?<![a-z0-9]){re.escape(word.lower())}(?![a-z0-9])", text.lower()) is not None
+
+
+def is_right(answer: str, expected_words) -> bool:
+    """True when ``answer`` holds any of ``expected_words`` as a whole word (the grading of :class:`GeneralAnswers`)."""
+    return any(_has_word(answer, w) for w in expected_words)
 
 
 def general_markdown(before: GeneralAnswers, after: GeneralAnswers | None = None) -> str:
