@@ -68,12 +68,14 @@ def run_summary(run_dir: str) -> dict:
         "families": families["rows"],
         "transfer": families["transfer"],
     }
-    if general and general.get("after"):
-        out["general"] = (
-            sum(general["before"]["right"]),
-            sum(general["after"]["right"]),
-            len(general["before"]["right"]),
-        )
+    if general and general.get("after"):  # graded again by today's rule (whole words), from the saved answers
+        from loopalign.eval.general import is_right
+
+        right = {
+            k: [is_right(a, e) for a, e in zip(general[k]["answers"], general[k]["expected"])]
+            for k in ("before", "after")
+        }
+        out["general"] = (sum(right["before"]), sum(right["after"]), len(right["before"]))
     return out
 
 
