@@ -6,8 +6,9 @@ Each RUN_DIR is an ``sft-gap`` output folder run by family (``families.json``; `
 and ``gap_config.json`` when present). Runs whose folder names differ only by a trailing ``_s<seed>`` are one
 variant over seeds: the table gives the mean and the range over the seeds. Printed per variant:
 
-- held-out entities of the families trained on (the pooled evaluation, ``compare.json``): SV and RR before → after
-  on the headline metric, the rule's outcome and parts (a)–(e);
+- the pooled evaluation (``compare.json``: the held-out entities of every family not held out, i.e. trained on
+  with labels or as text): SV and RR before → after on the headline metric, the frozen before-probe after, the
+  rule's outcome;
 - per family kind (trained on with labels; text only; held out): the mean SV balanced accuracy and AUROC before →
   after, RR's, and the transfer summary (mean recovery, families whose SV fell);
 - general questions kept (right answers before → after).
@@ -106,8 +107,8 @@ def variant_table(runs: list[dict]) -> list[str]:
     for r in runs:
         groups.setdefault(variant_of(r["run"]), []).append(r)
     lines = [
-        "| variant | seeds | held-out entities, trained families: SV before → after | RR before → after (frozen "
-        "probe after) | outcome "
+        "| variant | seeds | pooled held-out entities (every family not held out): SV before → after | RR before → "
+        "after (frozen probe after) | outcome "
         "| families | SV bal. acc before → after | SV AUROC before → after | RR bal. acc before | mean recovery "
         "(bal. acc / AUROC) | general questions |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
