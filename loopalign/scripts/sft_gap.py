@@ -133,14 +133,16 @@ class GapScriptArguments(GapEvalArguments):
     heldout_families: str | None = field(
         default=None,
         metadata={
-            "help": "Families never trained on (comma-separated values of family_field): all their records are "
-            "evaluated, per family, before and after training, with the transfer summary (families.md)."
+            "help": "Families never trained on (comma-separated values of family_field; 'none': no family): their "
+            "held-out entities are evaluated, per family, before and after training, with the transfer summary "
+            "(families.md)."
         },
     )
     unlabeled_families: str | None = field(
         default=None,
         metadata={
-            "help": "Families whose training records are trained on without their labels (comma-separated): their "
+            "help": "Families whose training records are trained on without their labels (comma-separated; 'none': "
+            "no family): their "
             "text enters training unlabelled, taught by probe_distill alone (targets from a probe fitted on the "
             "labelled families); their held-out records are evaluated per family. Needs loss_weights.probe_distill > 0."
         },
@@ -189,9 +191,9 @@ class GapScriptArguments(GapEvalArguments):
             raise ValueError(f"transfer_goal must be in (0, 1], got {self.transfer_goal}")
         if not self.family_field.strip():
             raise ValueError("family_field must name a record field")
-        if self.heldout_families is not None and not self.heldout_family_names():
+        if _names_nothing(self.heldout_families):
             raise ValueError(f"heldout_families must name families (comma-separated), got {self.heldout_families!r}")
-        if self.unlabeled_families is not None and not self.unlabeled_family_names():
+        if _names_nothing(self.unlabeled_families):
             raise ValueError(
                 f"unlabeled_families must name families (comma-separated), got {self.unlabeled_families!r}"
             )
@@ -204,13 +206,25 @@ class GapScriptArguments(GapEvalArguments):
             raise ValueError(f"replay_tasks must be >= 1 (or unset for all), got {self.replay_tasks}")
 
     def heldout_family_names(self) -> list[str]:
-        return [f.strip() for f in (self.heldout_families or "").split(",") if f.strip()]
+        return _family_names(self.heldout_families)
 
     def unlabeled_family_names(self) -> list[str]:
-        return [f.strip() for f in (self.unlabeled_families or "").split(",") if f.strip()]
+        return _family_names(self.unlabeled_families)
 
     def by_family(self) -> bool:
         return self.eval_by_family or bool(self.heldout_family_names()) or bool(self.unlabeled_family_names())
+
+
+def _family_names(value: str | None) -> list[str]:
+    """'a,b' -> ['a', 'b']; None or 'none' (to clear a YAML's value on the command line) -> []."""
+    if value is None or value.strip().lower() == "none":
+        return []
+    return [f.strip() for f in value.split(",") if f.strip()]
+
+
+def _names_nothing(value: str | None) -> bool:
+    """A family option given but naming no family (e.g. ' , '): an error; 'none' says so on purpose."""
+    return value is not None and value.strip().lower() != "none" and not _family_names(value)
 
 
 def resume_target(value):

@@ -171,6 +171,8 @@ def test_unlabeled_families_need_probe_distillation(gap_dataset, llama_folder, t
         sft_gap_script.train_and_compare(*parse_sft_gap(argv))
     with pytest.raises(ValueError, match=r"families \['c'\] are in both"):
         parse_sft_gap(argv + ["--heldout_families", "c"])
+    script_args = parse_sft_gap(argv + ["--unlabeled_families", "none"])[0]  # 'none' clears a YAML's families
+    assert script_args.unlabeled_family_names() == [] and not script_args.by_family()
 
 
 @pytest.mark.slow
