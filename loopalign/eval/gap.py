@@ -527,6 +527,20 @@ def _masked_metric(metric: str, y: np.ndarray, prob: np.ndarray) -> float:
     return metric_value(metric, y[ok], prob[ok], (prob[ok] > 0.5).astype(np.int64))
 
 
+def _tp_row(row: dict, est, lo, hi) -> dict:
+    """One loop's TP comparison row from (before, after, after - before) estimates and their bounds."""
+    return {
+        "loop": row["loop"],
+        "tp_before": float(est[0]),
+        "tp_after": float(est[1]),
+        "d_tp": float(est[2]),
+        "d_tp_lo": float(lo[2]),
+        "d_tp_hi": float(hi[2]),
+        "n_tasks": row["n_tasks"],
+        "n_tp_only_clusters": row["n_tp_only_clusters"],
+    }
+
+
 def compare(before: GapResult, after: GapResult, config: CompareConfig | None = None) -> Comparison:
     """The before/after verdict at the trained depth under the v2 rule (:class:`CompareConfig`,
     :data:`VERDICT_RULE`): every part on its own line, all required for "yes".
@@ -663,20 +677,7 @@ def compare(before: GapResult, after: GapResult, config: CompareConfig | None = 
     for k, name in enumerate(COMPARE_FIGURES):
         j = base + k
         summary[name], summary[f"{name}_lo"], summary[f"{name}_hi"] = float(est[j]), float(lo[j]), float(hi[j])
-    tp = []
-    for li, r in enumerate(tp_rows):
-        tp.append(
-            {
-                "loop": r["loop"],
-                "tp_before": float(tp_est[li, 0]),
-                "tp_after": float(tp_est[li, 1]),
-                "d_tp": float(tp_est[li, 2]),
-                "d_tp_lo": float(tp_lo[li, 2]),
-                "d_tp_hi": float(tp_hi[li, 2]),
-                "n_tasks": r["n_tasks"],
-                "n_tp_only_clusters": r["n_tp_only_clusters"],
-            }
-        )
+    tp = [_tp_row(r, tp_est[li], tp_lo[li], tp_hi[li]) for li, r in enumerate(tp_rows)]
     level = int(round(100 * (1 - config.alpha)))
     notes = [n for n in (note.strip(), frozen_note.strip()) if n]
     balance = label_balance(b_y[b_sel] if paired else b_y)
@@ -859,16 +860,4 @@ def tp_deltas(before: GapResult, after: GapResult, config: CompareConfig | None 
     with np.errstate(all="ignore"), _quiet():
         lo = np.nanpercentile(boots, 100 * config.alpha / 2, axis=0)
         hi = np.nanpercentile(boots, 100 * (1 - config.alpha / 2), axis=0)
-    return [
-        {
-            "loop": r["loop"],
-            "tp_before": float(est[i, 0]),
-            "tp_after": float(est[i, 1]),
-            "d_tp": float(est[i, 2]),
-            "d_tp_lo": float(lo[i, 2]),
-            "d_tp_hi": float(hi[i, 2]),
-            "n_tasks": r["n_tasks"],
-            "n_tp_only_clusters": r["n_tp_only_clusters"],
-        }
-        for i, r in enumerate(rows)
-    ]
+    return [_tp_row(r, est[i], lo[i], hi[i]) for i, r in enumerate(rows)]
