@@ -7,8 +7,6 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from loopalign.eval.families import record_families, record_family, split_families
 
@@ -46,20 +44,6 @@ def test_split_families_names_unknown_families_and_keeps_one_to_train_on(gap_dat
         split_families(rows, "family", ["z"])
     with pytest.raises(ValueError, match="holds out every family"):
         split_families(rows, "family", ["a", "b", "c"])
-
-
-@pytest.fixture(scope="module")
-def llama_folder(gap_dataset, tmp_path_factory):
-    _, tok = gap_dataset
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    folder = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _argv(folder, rows_path, out, *extra):

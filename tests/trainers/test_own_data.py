@@ -5,22 +5,6 @@ import csv
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-
-@pytest.fixture(scope="module")
-def llama_folder(gap_dataset, tmp_path_factory):
-    _, tok = gap_dataset
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    folder = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _statements(path, bad_row: bool = False):
