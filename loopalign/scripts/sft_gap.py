@@ -39,7 +39,7 @@ from loopalign.eval import (
     load_frozen_probes,
     log_comparison_wandb,
 )
-from loopalign.eval.families import TRANSFER_RULE, compare_families, record_families, split_families
+from loopalign.eval.families import TRANSFER_RULE, compare_families, record_families
 from loopalign.eval.general import answer_general_questions, general_markdown, save_general
 from loopalign.eval.metrics import auroc
 from loopalign.eval.report import short_markdown
@@ -366,7 +366,8 @@ def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, trainin
         return train_ds, eval_ds, {}
     field_name, heldout = script_args.family_field, script_args.heldout_family_names()
     unlabeled = script_args.unlabeled_family_names()
-    every = sorted(set(record_families(train_ds, field_name)) | set(record_families(eval_ds, field_name)))
+    train_families, eval_families = record_families(train_ds, field_name), record_families(eval_ds, field_name)
+    every = sorted(set(train_families) | set(eval_families))
     for option, names in (("heldout_families", heldout), ("unlabeled_families", unlabeled)):
         unknown = sorted(set(names) - set(every))
         if unknown:
@@ -382,31 +383,25 @@ def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, trainin
                 "unlabeled_families needs loss_weights.probe_distill > 0: no other term trains on unlabelled records"
             )
         hide = set(unlabeled)
-        families = record_families(train_ds, field_name)
         # the hidden label is kept beside the record for one diagnostic only (how good the probe targets of the
         # unlabelled families are, printed after they are fitted); no term reads it
         train_ds = train_ds.map(
             lambda row, i: {
-                "label": None if families[i] in hide else row["label"],
-                "labelled": families[i] not in hide,
-                HIDDEN_LABEL: row["label"] if families[i] in hide else None,
+                "label": None if train_families[i] in hide else row["label"],
+                "labelled": train_families[i] not in hide,
+                HIDDEN_LABEL: row["label"] if train_families[i] in hide else None,
             },
             with_indices=True,
         )
-    if heldout:  # never trained on: their training-split records are left out, their held-out entities evaluated
-        train_ds, _ = split_families(
-            train_ds, field_name, [f for f in heldout if f in set(record_families(train_ds, field_name))]
-        )
-        eval_ds, held = split_families(
-            eval_ds, field_name, [f for f in heldout if f in set(record_families(eval_ds, field_name))]
-        )
-    else:
-        held = eval_ds.select([])
-    sets = {}
-    for part in (eval_ds, held):
-        families = record_families(part, field_name) if len(part) else []
-        for family in sorted(set(families)):
-            sets[family] = part.select([i for i, f in enumerate(families) if f == family])
+    # held-out families are never trained on: their training-split records are left out, their held-out entities
+    # are evaluated on their own and leave the pooled evaluation
+    held = set(heldout)
+    train_ds = train_ds.select([i for i, f in enumerate(train_families) if f not in held])
+    sets = {
+        family: eval_ds.select([i for i, f in enumerate(eval_families) if f == family])
+        for family in sorted(set(eval_families))
+    }
+    eval_ds = eval_ds.select([i for i, f in enumerate(eval_families) if f not in held])
     for family, part in sets.items():
         if len(set(part["label"])) < 2:
             raise ValueError(f"family {family!r} has {len(part)} evaluation records of one class: use more data")
