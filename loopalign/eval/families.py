@@ -30,7 +30,6 @@ __all__ = [
     "family_counts",
     "record_family",
     "record_families",
-    "split_families",
 ]
 
 TRANSFER_RULE = (
@@ -79,24 +78,6 @@ def family_counts(dataset, field_name: str) -> dict[str, dict]:
         c["records"] += 1
         c["label_1"] += int(label == 1)
     return dict(sorted(counts.items()))
-
-
-def split_families(dataset, field_name: str, heldout: list[str] | tuple[str, ...]) -> tuple[object, object]:
-    """(records of the other families, records of the ``heldout`` families). Every held-out name must be a family
-    of the dataset (an unknown name fails, listing the families), and at least one family must remain to train on."""
-    families = record_families(dataset, field_name)
-    known = sorted(set(families))
-    unknown = sorted(set(heldout) - set(known))
-    if unknown:
-        raise ValueError(f"heldout_families: {unknown} are not families of the dataset ({field_name!r}: {known})")
-    held = set(heldout)
-    if held >= set(known):
-        raise ValueError(
-            f"heldout_families={sorted(held)} holds out every family of the dataset: none left to train on"
-        )
-    rest = [i for i, f in enumerate(families) if f not in held]
-    out = [i for i, f in enumerate(families) if f in held]
-    return dataset.select(rest), dataset.select(out)
 
 
 def _depth_row(result: GapResult, loop: int) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from loopalign.eval.families import record_families, record_family, split_families
+from loopalign.eval.families import record_families, record_family
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,17 +33,6 @@ def test_a_records_family_is_its_field_or_its_meta_key():
     data = datasets.Dataset.from_list([{"id": "r1", "meta": "{}", "label": 1}])
     with pytest.raises(ValueError, match="record 'r1' has no 'family'"):
         record_families(data, "family")
-
-
-def test_split_families_names_unknown_families_and_keeps_one_to_train_on(gap_dataset):
-    rows = _with_families(gap_dataset[0])
-    rest, held = split_families(rows, "family", ["b"])
-    assert set(record_families(held, "family")) == {"b"} and "b" not in set(record_families(rest, "family"))
-    assert len(rest) + len(held) == len(rows)
-    with pytest.raises(ValueError, match=r"\['z'\] are not families of the dataset"):
-        split_families(rows, "family", ["z"])
-    with pytest.raises(ValueError, match="holds out every family"):
-        split_families(rows, "family", ["a", "b", "c"])
 
 
 def _argv(folder, rows_path, out, *extra):
