@@ -31,6 +31,9 @@ from peft import LoraConfig
 from loopalign import OuroForCausalLM, tiny_config
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer
 
+# on a kernel path forced below the hardware's, attention runs on torch's math backend (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("bf16_attention")
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_TERMS = {"lm": 1.0, "probe": 1.0, "consistency": 1.0, "rr_probe": 1.0, "rr_distill": 1.0, "gate": 0.5}
 TERMS = [f"{k}_loss" for k in ALL_TERMS]
