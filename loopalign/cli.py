@@ -18,7 +18,10 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "sft-gap": ("loopalign.scripts.sft_gap", "gap SFT: LoRA so SV catches up with RR per loop, before/after verdict"),
     "eval-gap": ("loopalign.scripts.eval_gap", "SV / RR / gap (and TP) per loop for a model and dataset"),
-    "ablate-gap": ("loopalign.scripts.ablate_gap", "the gap-SFT objective's variants x seeds on the organism"),
+    "ablate-gap": (
+        "loopalign.scripts.ablate_gap",
+        "the gap-SFT objective's variants x seeds (the organism, or any model after --)",
+    ),
     "ouro-loops": ("loopalign.scripts.ouro_loops", "per-loop loss, answer accuracy and exit probability"),
     "organism": ("loopalign.scripts.pretrain_organism", "build (or reuse) the CPU model organism, print its card"),
     "build-data": (

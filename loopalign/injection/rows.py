@@ -16,6 +16,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from loopalign.hooks import add_vector, capture_activations
+from loopalign.models.contract import loop_generate_kwargs
 
 __all__ = [
     "TRIAL_TYPES",
@@ -101,7 +102,7 @@ def residual_site_norms(model, trials: Sequence[dict]) -> dict[tuple[int, int, i
     try:
         for (n, ids), sites in wanted.items():
             with capture_activations(model, sorted(sites)) as cap:
-                model(input_ids=torch.tensor([ids], device=device), num_loops=n, use_cache=False)
+                model(input_ids=torch.tensor([ids], device=device), use_cache=False, **loop_generate_kwargs(model, n))
             for loop, layer in sites:
                 h = cap.get(loop, layer)[0, starts[ids] :].float()
                 sums[(n, loop, layer)].append(float(h.norm(dim=-1).mean()))

@@ -21,7 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from loopalign.batching import pad_left, pad_token_id
+from loopalign.hooks import capture_activations
 from loopalign.io import apply_umask
+from loopalign.models.contract import is_looped, loop_generate_kwargs, num_hidden_layers, trained_loops
 
 from .prompts import concept_prompt_ids
 from .words import BASELINE_WORDS, CONCEPT_TEMPLATE, CONCEPT_WORDS
@@ -83,19 +85,22 @@ class ConceptVectors:
 
 
 def _last_token_states(model, tokenizer, words, num_loops, layers, batch_size, template) -> torch.Tensor:
-    """[N, T, L, H] residuals at the last prompt token for each word (left-padded batches)."""
+    """[N, T, L, H] residuals at the last prompt token for each word (left-padded batches), read by forward hooks
+    after each decoder layer in each loop, so any family works (a plain causal LM: T = 1)."""
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
+    sites = [(t, j) for t in range(num_loops) for j in layers]
     out = []
     for start in range(0, len(words), batch_size):
         seqs = [concept_prompt_ids(tokenizer, w, template) for w in words[start : start + batch_size]]
         enc = pad_left(seqs, pad)
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        res = model(
-            input_ids=ids.to(device), attention_mask=mask.to(device), num_loops=num_loops, output_layer_states=True
-        )
-        states = res.layer_hidden_states  # T x L x [B,S,H]
-        per = torch.stack([torch.stack([states[t][j][:, -1] for j in layers], dim=1) for t in range(num_loops)], dim=1)
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        kwargs = loop_generate_kwargs(model, num_loops)
+        if not is_looped(model):  # left padding: count positions from each row's first real token, as generate does
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        with capture_activations(model, sites, positions=[ids.shape[1] - 1]) as cap:
+            model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+        per = torch.stack([torch.stack([cap.get(t, j)[:, 0] for j in layers], dim=1) for t in range(num_loops)], dim=1)
         out.append(per.float().cpu())
     return torch.cat(out, dim=0)
 
@@ -113,13 +118,13 @@ def extract_concept_vectors(
     unique_baseline: bool = False,
     model_name: str = "",
 ) -> ConceptVectors:
-    """Concept vectors of a looped model: ``vectors[word]`` [T, L, H] (T = num_loops, L = len(layers)), float32.
+    """Concept vectors of a model: ``vectors[word]`` [T, L, H] (T = num_loops, L = len(layers)), float32.
 
-    ``layers`` (0-based, default all) and ``num_loops`` (default ``config.total_ut_steps``) are checked.
+    ``layers`` (0-based, default all) and ``num_loops`` (default the trained depth: ``config.total_ut_steps``, 1 for
+    a plain causal LM) are checked.
     """
-    cfg = model.config
-    n_layers = cfg.num_hidden_layers
-    num_loops = int(getattr(cfg, "total_ut_steps", 1) if num_loops is None else num_loops)
+    n_layers = num_hidden_layers(model)
+    num_loops = trained_loops(model) if num_loops is None else int(num_loops)
     layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
     bad = [x for x in layers if not 0 <= x < n_layers]
     if bad or not layers or len(set(layers)) != len(layers):
@@ -142,11 +147,11 @@ def extract_concept_vectors(
         model.train(was_training)
     vectors = {w: (conc[i] - base).contiguous() for i, w in enumerate(concepts)}
     meta = {
-        "model": model_name or getattr(cfg, "_name_or_path", "") or type(model).__name__,
+        "model": model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "num_loops": num_loops,
         "layers": layers,
         "template": template,
-        "hidden_size": int(cfg.hidden_size),
+        "hidden_size": int(model.config.hidden_size),
         "position": "last prompt token (assistant turn start)",
         "concepts": list(concepts),
         "baseline": base_words,

@@ -202,7 +202,8 @@ def loop_forward(
 
 
 def loop_generate_kwargs(model: nn.Module, num_loops: int | None) -> dict:
-    """The keyword arguments that make ``model.generate`` run ``num_loops`` loops: ``{"num_loops": T}`` for a
-    looped model, ``{}`` for a plain one (which runs its single loop; any other count is an error)."""
+    """The keyword arguments that make ``model.generate`` (or a forward) run ``num_loops`` loops:
+    ``{"num_loops": T}`` for a looped model, ``{}`` for a plain one (which runs its single loop; any other count is
+    an error)."""
     num_loops = _check_loops(model, num_loops)
     return {"num_loops": num_loops} if is_looped(model) else {}

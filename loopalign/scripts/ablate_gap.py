@@ -1,15 +1,19 @@
-"""Ablate the gap-SFT objective on the model organism: variants x seeds, one table and one plot.
+"""Ablate the gap-SFT objective (on the model organism by default): variants x seeds, one table and one plot.
 
     python recipes/ablate_gap.py                          # every variant, seeds 0 1 2, 2 runs at a time
     loopalign ablate-gap --variants lm probe_distill --seeds 0 1 2 3 4
     loopalign ablate-gap --output_dir outputs/ablate_gap -- --max_steps 300   # after --: passed to every run
+    loopalign ablate-gap --variants lm probe_distill -- --model_name_or_path smollm2-135m --dataset statements \
+        --probe_layer 18 --lora_layers 12-29     # any causal LM: each run trains it as a one-loop model
 
 Each run is ``loopalign sft-gap`` (recipes/sft_gap.py) with its defaults (the organism, its
 training tasks, 300 held-out tasks = 600 records, loops 1-6) plus one variant's objective and
 ``--seed S`` (which also draws the run's training and held-out tasks), in OUT/VARIANT/seed-S/ with
 its log beside it. A finished run (its compare.json) is reused, so an interrupted ablation resumes
 where it stopped. The table (``ablation.md``, ``ablation.json``) and the plot (``ablation.png``) are
-written to OUT; the training-free steering baseline is computed from the runs' before-evaluations.
+written to OUT; the training-free steering baseline is computed from the runs' before-evaluations. The options
+after ``--`` are the runs' own (``loopalign sft-gap --help``): another model or dataset changes every run; the
+variants with replay need a model that answers its tasks (replay trains on its own answers).
 """
 
 from __future__ import annotations

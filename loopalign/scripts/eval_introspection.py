@@ -24,11 +24,13 @@ from loopalign.eval.introspection import (
     evaluate_introspection,
     parse_indices,
     positive_control_verdict,
+    resolve_loop_words,
     split_concepts,
 )
 from loopalign.eval.introspection.checks import ChecksConfig, checks_markdown, run_checks
 from loopalign.eval.introspection.report import format_rate
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
+from loopalign.models.contract import num_hidden_layers, trained_loops
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.introspection.organism import INTROSPECTION_ORGANISM, load_introspection_model
 
@@ -51,8 +53,8 @@ EMBEDDED_DEFAULTS = dict(
     model_name_or_path="introspection_organism",
     n_concepts=50,
     concept_split="held_out",
-    loop_counts="4",
-    extraction_loops="3",
+    loop_counts="trained",
+    extraction_loops="last",
     strengths="1,2,4,8",
     n_controls=48,
     random_vectors=True,
@@ -100,8 +102,13 @@ class EvalIntrospectionArguments:
         default=False,
         metadata={"help": "Extract vectors at every layer and inject at each: the (layer x loop) heatmaps."},
     )
-    loop_counts: str = field(default="4", metadata={"help": "Total loop counts N, e.g. '1-8'."})
-    extraction_loops: str = field(default="all", metadata={"help": "0-based, 'all' = every loop < N."})
+    loop_counts: str = field(
+        default="trained",
+        metadata={"help": "Total loop counts N, e.g. '1-8'; 'trained' = the model's trained depth (1 for a plain LM)."},
+    )
+    extraction_loops: str = field(
+        default="all", metadata={"help": "0-based, 'all' = every loop < N, 'last' = the last loop of the largest N."}
+    )
     injection_loops: str = field(default="all", metadata={"help": "0-based, 'all' = every loop < N."})
     layers: str | None = field(default=None, metadata={"help": "Injection layers (default: the vectors' layers)."})
     strengths: str = field(default="1,2,4,8", metadata={"help": "Comma-separated strengths."})
@@ -138,11 +145,13 @@ class EvalIntrospectionArguments:
             raise ValueError(f"held_out_share must be in (0, 1), got {self.held_out_share}")
 
 
-def intro_config(args: EvalIntrospectionArguments, **overrides) -> IntrospectionConfig:
-    """The library's :class:`IntrospectionConfig` from the script arguments (``overrides`` win)."""
+def intro_config(args: EvalIntrospectionArguments, depth: int, **overrides) -> IntrospectionConfig:
+    """The library's :class:`IntrospectionConfig` from the script arguments (``overrides`` win) for a model of
+    trained depth ``depth`` (see :func:`resolve_loop_words`)."""
+    loop_counts, extraction_loops = resolve_loop_words(args.loop_counts, args.extraction_loops, depth)
     kw = dict(
-        loop_counts=args.loop_counts,
-        extraction_loops=args.extraction_loops,
+        loop_counts=loop_counts,
+        extraction_loops=extraction_loops,
         injection_loops=args.injection_loops,
         layers=args.layers,
         strengths=tuple(float(s) for s in str(args.strengths).split(",")),
@@ -163,13 +172,13 @@ def intro_config(args: EvalIntrospectionArguments, **overrides) -> Introspection
     return IntrospectionConfig(**kw)
 
 
-def vector_layers(args: EvalIntrospectionArguments, model_config) -> tuple[int, ...] | None:
+def vector_layers(args: EvalIntrospectionArguments, model) -> tuple[int, ...] | None:
     """Layers to extract concept vectors at: every layer with ``layer_sweep``, else ``vector_layers`` (None: the
     default layer, about 2/3 of the depth)."""
     if args.layer_sweep:
         if args.vector_layers or args.layers:
             raise ValueError("layer_sweep extracts and injects at every layer: leave vector_layers and layers out")
-        return tuple(range(int(model_config.num_hidden_layers)))
+        return tuple(range(num_hidden_layers(model)))
     return parse_indices(args.vector_layers, "vector_layers")
 
 
@@ -180,16 +189,17 @@ def run(args: EvalIntrospectionArguments) -> dict:
     model, tok = load_introspection_model(args.model_name_or_path, device=args.device, dtype=args.dtype or "auto",
                                           seed=args.seed)  # fmt: skip
     label = {"tiny": "tiny (random)"}.get(args.model_name_or_path, args.model_name_or_path)
-    cfg = intro_config(args)
-    max_n = max(cfg.loop_counts or (model.config.total_ut_steps,))
+    depth = trained_loops(model)
+    cfg = intro_config(args, depth)
+    max_n = max(cfg.loop_counts or (depth,))
     vectors = concept_vectors_for(
-        model, tok, args.concept_vectors, CONCEPT_WORDS[: args.n_concepts], vector_layers(args, model.config), max_n
+        model, tok, args.concept_vectors, CONCEPT_WORDS[: args.n_concepts], vector_layers(args, model), max_n
     )
     print(f"model: {label}; concept vectors: {len(vectors.vectors)} words, layers {vectors.layers}, "
           f"{vectors.num_loops} loops ({time.time() - t0:.1f}s)")  # fmt: skip
     if args.concept_split == "held_out":
         held_out = split_concepts(list(vectors.vectors), args.held_out_share)[1]
-        cfg = intro_config(args, concepts=tuple(held_out))
+        cfg = intro_config(args, depth, concepts=tuple(held_out))
         print(f"evaluating the {len(held_out)} held-out concepts: {', '.join(held_out)}")
     result = evaluate_introspection(model, tok, vectors, cfg, out_dir=args.output_dir, model_name=label)
     print(result.markdown().split("\n## Cells")[0])

@@ -29,12 +29,14 @@ from loopalign.eval.introspection import (
     naming_rate,
     parse_indices,
     positive_control_verdict,
+    resolve_loop_words,
     split_concepts,
 )
 from loopalign.eval.introspection.checks import ChecksConfig, checks_markdown, run_checks
 from loopalign.eval.introspection.report import format_rate, plot_comparison
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.io import atomic_write_text
+from loopalign.models.contract import trained_loops
 from loopalign.scripts.args import parse_or_exit
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.introspection import (
@@ -80,7 +82,7 @@ EMBEDDED_DEFAULTS = dict(
     n_concepts=50,
     train_strengths="1,2,4,8",
     train_rows=2400,
-    eval_extraction_loops="3",
+    eval_extraction_loops="last",
     eval_strengths="1,2,4,8",
     eval_n_controls=48,
     eval_random_vectors=True,
@@ -118,7 +120,9 @@ class IntrospectionScriptArguments:
     eval_loop_counts: str | None = field(
         default=None, metadata={"help": "Loop counts evaluated (default: the model's)."}
     )
-    eval_extraction_loops: str = field(default="all", metadata={"help": "0-based or 'all'."})
+    eval_extraction_loops: str = field(
+        default="all", metadata={"help": "0-based, 'all', or 'last' (the last loop of the largest eval N)."}
+    )
     eval_injection_loops: str = field(default="all", metadata={"help": "0-based or 'all'."})
     eval_strengths: str = field(default="2,4", metadata={"help": "Comma-separated eval strengths."})
     eval_concepts: int | None = field(default=None, metadata={"help": "Concepts evaluated (default: all extracted)."})
@@ -161,9 +165,11 @@ def run_concepts(vectors, script_args: IntrospectionScriptArguments) -> tuple[li
 
 def eval_config(script_args: IntrospectionScriptArguments, concepts, model_loops: int) -> IntrospectionConfig:
     """The before/after evaluation's :class:`IntrospectionConfig` (on ``concepts``)."""
+    loop_counts = parse_indices(script_args.eval_loop_counts, "eval_loop_counts") or (model_loops,)
+    _, extraction_loops = resolve_loop_words(",".join(map(str, loop_counts)), script_args.eval_extraction_loops, 1)
     return IntrospectionConfig(
-        loop_counts=parse_indices(script_args.eval_loop_counts, "eval_loop_counts") or (model_loops,),
-        extraction_loops=script_args.eval_extraction_loops,
+        loop_counts=loop_counts,
+        extraction_loops=extraction_loops,
         injection_loops=script_args.eval_injection_loops,
         strengths=tuple(float(s) for s in script_args.eval_strengths.split(",")),
         concepts=tuple(concepts),
@@ -228,7 +234,7 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
     model, tok = load_introspection_model(name, device="cpu" if training_args.use_cpu else None,
                                           dtype=model_args.dtype or "auto", seed=training_args.seed)  # fmt: skip
     label = {"tiny": "tiny (random)"}.get(name, name)
-    n_model = int(model.config.total_ut_steps)
+    n_model = trained_loops(model)
     eval_ns = parse_indices(script_args.eval_loop_counts, "eval_loop_counts") or (n_model,)
     vec_loops = script_args.vector_loops or max(max(eval_ns), n_model)
     vectors = concept_vectors_for(

@@ -100,6 +100,21 @@ def test_sampled_with_tiny_policy(tmp_path):
     assert verification.main(["--source", "synthetic", "--candidates", "sampled", "--out", str(tmp_path / "t")]) == 2
 
 
+def test_sampled_with_a_plain_causal_lm_policy(llama_folder, tmp_path, capsys):
+    """A plain causal LM (a saved tiny Llama, by its folder) samples the candidates at its one loop; asking it for
+    loops fails before any sampling, naming the option's value."""
+    args = ["--source", "synthetic", "--n", "3", "--candidates", "sampled", "--policy", str(llama_folder),
+            "--n-samples", "2", "--max-new-tokens", "4", "--on-unparsed", "keep", "--out", str(tmp_path / "s")]  # fmt: skip
+    assert verification.main(args) == 0
+    rows, meta = load_build(tmp_path / "s")
+    assert meta["sampling"]["generated"] == 6 and meta["settings"]["num_loops"] is None
+    assert len({r["answer"] for r in rows}) > 1  # the policy's own (random) text, not a fixed candidate
+    assert verification.main([*args[:-1], str(tmp_path / "t"), "--num-loops", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "num_loops=2" in err and "not a looped model" in err
+    assert not (tmp_path / "t").exists()
+
+
 def test_injection_cli(tmp_path):
     args = [
         "--model",

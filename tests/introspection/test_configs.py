@@ -47,7 +47,7 @@ def test_eval_config_parses(path):
     (args,) = TrlParser((r.EvalIntrospectionArguments,)).parse_args_and_config(args=["--config", str(path)])
     raw = yaml.safe_load(path.read_text())
     assert not set(raw) - set(r.EvalIntrospectionArguments.__dataclass_fields__)
-    cfg = r.intro_config(args)
+    cfg = r.intro_config(args, depth=4)
     assert cfg.loop_counts == tuple(range(1, 9)) and cfg.strengths == (1.0, 2.0, 4.0, 8.0)
 
 
@@ -136,7 +136,7 @@ def test_the_cpu_defaults_are_the_positive_control():
     assert model.model_name_or_path == INTROSPECTION_ORGANISM and script.mode == "sft" and not model.use_peft
     assert script.concept_split == "held_out" and script.n_concepts == 50 and train.use_cpu
     assert script.eval_random_vectors and script.eval_control_questions and script.eval_checks
-    assert script.eval_extraction_loops == "3" and script.eval_injection_loops == "all"
+    assert script.eval_extraction_loops == "last" and script.eval_injection_loops == "all"
     assert not train.gradient_checkpointing
     (args,) = [_recipe("eval_introspection").parse_args([])]
     assert args.model_name_or_path == INTROSPECTION_ORGANISM and args.concept_split == "held_out"

@@ -40,6 +40,7 @@ from .trials import (
     evaluate_introspection,
     generate_responses,
     parse_indices,
+    resolve_loop_words,
     split_concepts,
 )
 
@@ -63,6 +64,7 @@ __all__ = [
     "inject_rows",
     "generate_responses",
     "parse_indices",
+    "resolve_loop_words",
     "split_concepts",
     "summarize",
     "RESULT_RULE",

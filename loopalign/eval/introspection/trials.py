@@ -28,6 +28,7 @@ import torch
 from loopalign.batching import pad_left, pad_token_id
 from loopalign.injection import inject_rows, residual_site_norms, trial_prompt, trial_vectors
 from loopalign.loops import parse_int_set
+from loopalign.models.contract import loop_generate_kwargs
 
 from .grading import Judge, grade_response
 from .judges import grader_agreement
@@ -79,6 +80,18 @@ def parse_indices(value, name: str = "indices") -> tuple[int, ...] | None:
     """0-based indices or counts from ``'all'`` / ``''`` / None (-> None: everything), ``'0-3'``, ``'0,2'``, an int
     or a sequence of ints; a ValueError naming ``name`` otherwise."""
     return parse_int_set(value, name, minimum=0, allow_all=True, what="'all' or indices", example="'0-3' or '0,2'")
+
+
+def resolve_loop_words(loop_counts: str, extraction_loops: str, depth: int) -> tuple[str, str]:
+    """The command lines' loop words: ``loop_counts`` 'trained' -> the model's trained depth ``depth`` (Ouro 4, a
+    plain causal LM 1); ``extraction_loops`` 'last' -> the last loop of the largest loop count. Other values pass
+    through (as text, for :class:`IntrospectionConfig` to parse)."""
+    if str(loop_counts).strip().lower() == "trained":
+        loop_counts = str(depth)
+    if str(extraction_loops).strip().lower() == "last":
+        counts = parse_indices(loop_counts, "loop_counts")
+        extraction_loops = str(max(counts or (depth,)) - 1)
+    return loop_counts, extraction_loops
 
 
 @dataclass
@@ -249,7 +262,10 @@ def generate_responses(model, tokenizer, trials: Sequence[dict], vectors, config
                     model, vec.to(device), loops, layers, starts, num_loops=n, ends=ends if bounded else None
                 ):
                     seqs = model.generate(
-                        input_ids=ids.to(device), attention_mask=mask.to(device), num_loops=n, **gen_kwargs
+                        input_ids=ids.to(device),
+                        attention_mask=mask.to(device),
+                        **loop_generate_kwargs(model, n),
+                        **gen_kwargs,
                     )
                 texts = tokenizer.batch_decode(seqs[:, width:], skip_special_tokens=True)
                 for i, text in zip(idx[b : b + config.batch_size], texts):
