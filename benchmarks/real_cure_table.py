@@ -115,7 +115,7 @@ def variant_table(runs: list[dict]) -> list[str]:
     ]
     for name, rs in groups.items():
         first = True
-        for kind in ("labels", "text only", "none"):
+        for kind in ("labels", "probe labels", "text only", "none"):
             fam = [[f for f in r["families"] if _kind(f) == kind] for r in rs]
             if not any(fam):
                 continue

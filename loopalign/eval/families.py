@@ -151,7 +151,12 @@ class FamilyComparison:
         atomic_write_text(os.path.join(out_dir, "families.md"), self.markdown())
 
 
-_TRAINING = {"labels": "yes", "text only": "text only (no labels)", "none": "no (held out)"}
+_TRAINING = {
+    "labels": "yes",
+    "probe labels": "text only; labels fit the target probe",
+    "text only": "text only (no labels)",
+    "none": "no (held out)",
+}
 
 
 def _yn(x) -> str:
@@ -174,11 +179,14 @@ def compare_families(
     loop: int,
     unlabeled: set[str] | list[str] = (),
     config: CompareConfig | None = None,
+    probe_labeled: set[str] | list[str] = (),
     goal: float = 0.5,
     min_gap: float = 0.05,
 ) -> FamilyComparison:
     """Compare each family's before/after evaluation at ``loop`` (the verdict depth) and summarise the transfer to
-    the families not in ``trained`` (held out, or in ``unlabeled``: trained on without labels). ``config``: the
+    the families not in ``trained`` (held out, or in ``unlabeled``: trained on without labels); families in
+    ``probe_labeled`` (trained on without labels, but their labels fitted the probe_distill targets) are neither
+    trained nor counted as transfer, since a probe read their labels. ``config``: the
     comparison rule of each family's own verdict (its loops are set
     to ``loop``); ``goal`` / ``min_gap``: the transfer rule's thresholds (fractions)."""
     missing = sorted(set(before) ^ set(after))
@@ -195,7 +203,13 @@ def compare_families(
         row = {
             "family": family,
             "trained": family in set(trained),
-            "training": "labels" if family in set(trained) else "text only" if family in set(unlabeled) else "none",
+            "training": "labels"
+            if family in set(trained)
+            else "probe labels"
+            if family in set(probe_labeled)
+            else "text only"
+            if family in set(unlabeled)
+            else "none",
             "n_records": int(b.meta.get("n_records", 0)),
             "sv_bal_before": rb["sv_balanced_accuracy"],
             "sv_bal_after": ra["sv_balanced_accuracy"],
@@ -220,7 +234,7 @@ def compare_families(
             row["sv_auroc_before"], row["sv_auroc_after"], row["rr_auroc_before"], min_gap
         )
         rows.append(row)
-    held = [r for r in rows if not r["trained"]]
+    held = [r for r in rows if r["training"] in ("text only", "none")]  # no label of theirs was read
 
     def mean(key):
         values = [r[key] for r in held if r[key] is not None]

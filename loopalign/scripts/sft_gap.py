@@ -61,6 +61,7 @@ from loopalign.trainers.gap_data import (
     statements_only,
     table_dataset,
 )
+from loopalign.trainers.probe_targets import PROBE_LABEL
 
 # Used when no --config is given: the model organism (loopalign.organism, built into the cache on first
 # use), trained on its own training tasks and evaluated on its held-out ones (tasks neither the organism
@@ -147,6 +148,14 @@ class GapScriptArguments(GapEvalArguments):
             "labelled families); their held-out records are evaluated per family. Needs loss_weights.probe_distill > 0."
         },
     )
+    probe_label_families: str | None = field(
+        default=None,
+        metadata={
+            "help": "Families trained without their labels, like unlabeled_families, whose labels still fit the "
+            "probe_distill target probe (comma-separated; 'none': no family): the targets come from a probe that saw "
+            "them (out of fold), while no other term reads their labels. Needs loss_weights.probe_distill > 0."
+        },
+    )
     eval_by_family: bool = field(
         default=False,
         metadata={
@@ -197,9 +206,20 @@ class GapScriptArguments(GapEvalArguments):
             raise ValueError(
                 f"unlabeled_families must name families (comma-separated), got {self.unlabeled_families!r}"
             )
-        both = sorted(set(self.heldout_family_names()) & set(self.unlabeled_family_names()))
-        if both:
-            raise ValueError(f"families {both} are in both heldout_families and unlabeled_families: choose one")
+        if _names_nothing(self.probe_label_families):
+            raise ValueError(
+                f"probe_label_families must name families (comma-separated), got {self.probe_label_families!r}"
+            )
+        named = {
+            "heldout_families": self.heldout_family_names(),
+            "unlabeled_families": self.unlabeled_family_names(),
+            "probe_label_families": self.probe_label_family_names(),
+        }
+        for first, second in (("heldout_families", "unlabeled_families"), ("heldout_families", "probe_label_families"),
+                              ("unlabeled_families", "probe_label_families")):  # fmt: skip
+            both = sorted(set(named[first]) & set(named[second]))
+            if both:
+                raise ValueError(f"families {both} are in both {first} and {second}: choose one")
         if self.lora_layers is not None:
             parse_int_set(self.lora_layers, "lora_layers", what="0-based layer indices", example="'12-29'")
         if self.replay_tasks is not None and self.replay_tasks < 1:
@@ -211,8 +231,16 @@ class GapScriptArguments(GapEvalArguments):
     def unlabeled_family_names(self) -> list[str]:
         return _family_names(self.unlabeled_families)
 
+    def probe_label_family_names(self) -> list[str]:
+        return _family_names(self.probe_label_families)
+
     def by_family(self) -> bool:
-        return self.eval_by_family or bool(self.heldout_family_names()) or bool(self.unlabeled_family_names())
+        return (
+            self.eval_by_family
+            or bool(self.heldout_family_names())
+            or bool(self.unlabeled_family_names())
+            or bool(self.probe_label_family_names())
+        )
 
 
 def _family_names(value: str | None) -> list[str]:
@@ -365,34 +393,42 @@ def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, trainin
     if not script_args.by_family():
         return train_ds, eval_ds, {}
     field_name, heldout = script_args.family_field, script_args.heldout_family_names()
-    unlabeled = script_args.unlabeled_family_names()
+    unlabeled, probe_only = script_args.unlabeled_family_names(), script_args.probe_label_family_names()
     train_families, eval_families = record_families(train_ds, field_name), record_families(eval_ds, field_name)
     every = sorted(set(train_families) | set(eval_families))
-    for option, names in (("heldout_families", heldout), ("unlabeled_families", unlabeled)):
+    options = (("heldout_families", heldout), ("unlabeled_families", unlabeled), ("probe_label_families", probe_only))
+    for option, names in options:
         unknown = sorted(set(names) - set(every))
         if unknown:
             raise ValueError(f"{option}: {unknown} are not families of the dataset ({field_name!r}: {every})")
-    if set(heldout) | set(unlabeled) >= set(every):
+    if set(heldout) | set(unlabeled) | set(probe_only) >= set(every):
         raise ValueError(
-            f"heldout_families={heldout} and unlabeled_families={unlabeled} leave no family of the dataset "
-            "whose labels are trained on"
+            f"heldout_families={heldout}, unlabeled_families={unlabeled} and probe_label_families={probe_only} leave "
+            "no family of the dataset whose labels are trained on"
         )
-    if unlabeled:
+    if unlabeled or probe_only:
         if training_args.loss_weights["probe_distill"] <= 0:
+            option = "unlabeled_families" if unlabeled else "probe_label_families"
             raise ValueError(
-                "unlabeled_families needs loss_weights.probe_distill > 0: no other term trains on unlabelled records"
+                f"{option} needs loss_weights.probe_distill > 0: no other term trains on unlabelled records"
             )
-        hide = set(unlabeled)
+        hide = set(unlabeled) | set(probe_only)
         # the hidden label is kept beside the record for one diagnostic only (how good the probe targets of the
         # unlabelled families are, printed after they are fitted); no term reads it
-        train_ds = train_ds.map(
-            lambda row, i: {
-                "label": None if train_families[i] in hide else row["label"],
-                "labelled": train_families[i] not in hide,
-                HIDDEN_LABEL: row["label"] if train_families[i] in hide else None,
-            },
-            with_indices=True,
-        )
+        no_fit = set(unlabeled)
+
+        def hidden(row, i):
+            family = train_families[i]
+            out = {
+                "label": None if family in hide else row["label"],
+                "labelled": family not in hide,
+                HIDDEN_LABEL: row["label"] if family in hide else None,
+            }
+            if probe_only:  # the target probe's own labels: every family's but the unlabelled ones'
+                out[PROBE_LABEL] = None if family in no_fit else row["label"]
+            return out
+
+        train_ds = train_ds.map(hidden, with_indices=True)
     # held-out families are never trained on: their training-split records are left out, their held-out entities
     # are evaluated on their own and leave the pooled evaluation
     held = set(heldout)
@@ -504,8 +540,11 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     check_against_data(training_args, train_ds, eval_ds)
     if family_sets and training_args.process_index == 0:
         held, text_only = set(script_args.heldout_family_names()), set(script_args.unlabeled_family_names())
+        probe_only = set(script_args.probe_label_family_names())
 
         def how(f):
+            if f in probe_only:
+                return ", trained on without labels; its labels fit the probe_distill targets"
             return ", never trained on" if f in held else ", trained on without labels" if f in text_only else ""
 
         print(
@@ -624,8 +663,10 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
                 families_after,
                 trained=set(family_sets)
                 - set(script_args.heldout_family_names())
-                - set(script_args.unlabeled_family_names()),
+                - set(script_args.unlabeled_family_names())
+                - set(script_args.probe_label_family_names()),
                 unlabeled=set(script_args.unlabeled_family_names()),
+                probe_labeled=set(script_args.probe_label_family_names()),
                 loop=comparison.loops[0],
                 config=compare_config,
                 goal=script_args.transfer_goal,

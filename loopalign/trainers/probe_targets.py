@@ -31,7 +31,11 @@ from loopalign.probes import LinearProbe, ProbeFitConfig, fit_probes
 
 from .gap_data import PROBE_POSITIONS, verdict_token_ids
 
-__all__ = ["ProbeTargets", "fit_probe_targets", "labelled_only"]
+__all__ = ["PROBE_LABEL", "ProbeTargets", "fit_probe_targets", "labelled_only"]
+
+#: an optional column: the label the target probe is fitted on (None: the record does not fit it). Without it the
+#: probe fits the records whose label the other terms read (``labelled``).
+PROBE_LABEL = "probe_label"
 
 #: Targets are kept inside (eps, 1 - eps): a soft label, never a hard 0 or 1.
 TARGET_EPS = 1e-6
@@ -179,7 +183,9 @@ def fit_probe_targets(
     ``dataset``: rendered verification records (``input_ids``, ``verdict_index``, ``label``;
     ``probe_indices`` or ``answer_end_index``; ``group_by`` names the grouping field, records
     without it are their own group). An existing ``labelled`` column is used as is (then
-    ``label_fraction`` must be 1); records with no label are unlabelled. ``layer``: 0..L-1 after
+    ``label_fraction`` must be 1); records with no label are unlabelled. A ``probe_label`` column
+    (with ``labelled``) chooses the probe's own training labels: records with one fit the probe and
+    get out-of-fold targets even where ``labelled`` is False. ``layer``: 0..L-1 after
     that decoder layer, L = the normed loop state (default). ``position``: "verdict" or
     "answer_end". ``l2``: a strength or a grid (per loop, the lowest OOF log-loss wins).
     Returns :class:`ProbeTargets`; ``.dataset`` gains ``probe_target`` [num_loops] and ``labelled``.
@@ -206,7 +212,16 @@ def fit_probe_targets(
     records = prepare_records(_rows(dataset, group_by), tokenizer, require_label=False, group_by=group_by)
     groups = [r.group for r in records]
     labels = np.array([-1 if r.label is None else r.label for r in records], dtype=np.int64)
-    if "labelled" in dataset.column_names:
+    if PROBE_LABEL in dataset.column_names:
+        # the target probe reads its own labels: records the other terms train without a label may still fit it
+        if "labelled" not in dataset.column_names or label_fraction < 1.0:
+            raise ValueError(
+                f"fit_probe_targets: a {PROBE_LABEL!r} column needs a 'labelled' column (which records the other "
+                "terms read the label of) and label_fraction=1"
+            )
+        labels = np.array([-1 if v is None else int(v) for v in dataset[PROBE_LABEL]], dtype=np.int64)
+        labelled = labels >= 0
+    elif "labelled" in dataset.column_names:
         if label_fraction < 1.0:
             raise ValueError(
                 f"fit_probe_targets: the dataset has a 'labelled' column, so label_fraction={label_fraction} "

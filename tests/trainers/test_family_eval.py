@@ -136,6 +136,32 @@ def test_unlabeled_families_train_as_text_only_through_probe_distillation(
     assert set(check) == {"c"} and check["c"]["n"] == n_c_train and 0 <= check["c"]["auroc"] <= 1
 
 
+@pytest.mark.slow
+def test_probe_label_families_fit_the_target_probe_but_no_other_term(
+    gap_dataset, llama_folder, tmp_path, sft_gap_script, parse_sft_gap
+):
+    """b's labels fit the probe_distill target probe (its targets out of fold), c is text only: b's records train
+    without labels like c's, and only c, whose labels nothing read, counts as transfer."""
+    rows = _with_families(gap_dataset[0], "abc")
+    rows.to_json(tmp_path / "rows.jsonl")
+    out = tmp_path / "run"
+    weights = json.dumps({"lm": 1.0, "probe_distill": 1.0})
+    argv = _argv(llama_folder, tmp_path / "rows.jsonl", out, "--unlabeled_families", "c", "--probe_label_families",
+                 "b", "--eval_folds", "3", "--loss_weights", weights, "--distill_folds", "2")  # fmt: skip
+    sft_gap_script.train_and_compare(*parse_sft_gap(argv))
+    saved = json.loads((out / "families.json").read_text())
+    kinds = {r["family"]: r["training"] for r in saved["rows"]}
+    assert kinds == {"a": "labels", "b": "probe labels", "c": "text only"}
+    assert saved["transfer"]["families"] == ["c"]
+    eval_ids = set(json.loads((out / "before" / "gap.json").read_text())["records"]["ids"])
+    train_of = {f: sum(json.loads(r["meta"])["family"] == f and r["id"] not in eval_ids for r in rows) for f in "abc"}
+    targets = json.loads((out / "final" / "gap_config.json").read_text())["probe_targets"]
+    # the target probe fitted on a's and b's labels; c's records are the only ones it scored without their label
+    assert targets["n_labelled"] == train_of["a"] + train_of["b"] and targets["n_records"] == sum(train_of.values())
+    check = json.loads((out / "probe_targets_check.json").read_text())
+    assert set(check) == {"b", "c"} and check["b"]["n"] == train_of["b"]
+
+
 def test_unlabeled_families_need_probe_distillation(gap_dataset, llama_folder, tmp_path, sft_gap_script, parse_sft_gap):
     rows = _with_families(gap_dataset[0], "ac")
     rows.to_json(tmp_path / "rows.jsonl")
@@ -144,6 +170,11 @@ def test_unlabeled_families_need_probe_distillation(gap_dataset, llama_folder, t
         sft_gap_script.train_and_compare(*parse_sft_gap(argv))
     with pytest.raises(ValueError, match=r"families \['c'\] are in both"):
         parse_sft_gap(argv + ["--heldout_families", "c"])
+    with pytest.raises(ValueError, match=r"\['c'\] are in both unlabeled_families and probe_label_families"):
+        parse_sft_gap(argv + ["--probe_label_families", "c"])
+    only_probe = _argv(llama_folder, tmp_path / "rows.jsonl", tmp_path / "o", "--probe_label_families", "c")
+    with pytest.raises(ValueError, match="probe_label_families needs loss_weights.probe_distill > 0"):
+        sft_gap_script.train_and_compare(*parse_sft_gap(only_probe))
     script_args = parse_sft_gap(argv + ["--unlabeled_families", "none"])[0]  # 'none' clears a YAML's families
     assert script_args.unlabeled_family_names() == [] and not script_args.by_family()
 
