@@ -26,6 +26,7 @@ from .readout import (
     ReadoutConfig,
     apply_frozen_probes,
     calibrate_scores,
+    fit_all_sites_readout,
     fit_readout,
     frozen_probes,
     load_frozen_probes,
@@ -68,6 +69,8 @@ class GapConfig:
     author_field: str | None = "auto"  # record field naming the answer's author ("auto": author, source_model,
     # model, policy, at the top level or in `meta`); None: no author control
     compile_layers: bool = False  # torch.compile the layers for feature extraction (sets features.compile_layers)
+    all_sites_probe: bool = True  # also a stronger yardstick beside RR: one probe per loop over every extracted
+    # layer x probe position, on RR's splits (table: rr_all_sites, rr_all_sites_auroc; records: rr_all_prob)
 
     def __post_init__(self):
         self.loops = parse_loops(self.loops, "GapConfig.loops")
@@ -193,6 +196,8 @@ def _evaluate_gap(
     readout_config = resolve_select_by(config.readout, metric)
     readout = fit_readout(feats, readout_config, metric)
     rr_frozen = apply_frozen_probes(feats, frozen) if frozen is not None else None
+    n_sites = len(feats.layers) * int(feats.states.shape[3])
+    rr_all = fit_all_sites_readout(feats, readout.splits, readout_config) if config.all_sites_probe else None
     t_probe = time.perf_counter() - start - t_feat
     ev = readout.eval_index
     sv_prob, sv_pred = sv_predictions(feats, config.sv_decision)
@@ -235,6 +240,10 @@ def _evaluate_gap(
         row["rr_fixed"] = metric_value(metric, labels[ev], fixed, (fixed > 0.5).astype(np.int64))
         row["sv_valid_rate"] = sv["valid_rate"]
         row["best_layer"] = ",".join(map(str, rr["best_layer"]))
+        if rr_all is not None:
+            scored = rr_all[ti, ev]
+            row["rr_all_sites"] = metric_value(metric, labels[ev], scored, (scored > 0.5).astype(np.int64))
+            row["rr_all_sites_auroc"] = metric_value("auroc", labels[ev], scored, (scored > 0.5).astype(np.int64))
     controls, control_probs, t_controls = None, {}, 0.0
     if config.controls:
         t0 = time.perf_counter()
@@ -287,6 +296,7 @@ def _evaluate_gap(
             "exit_probs": feats.exit_probs.tolist(),
             **{f"control_{k}_prob": v.tolist() for k, v in control_probs.items() if v is not None},
             **({"rr_frozen_prob": rr_frozen.tolist()} if rr_frozen is not None else {}),
+            **({"rr_all_prob": rr_all.tolist()} if rr_all is not None else {}),
         },
         tp=tp,
         sv_sampled=sampled,
@@ -306,6 +316,7 @@ def _evaluate_gap(
             "metric_rule": metric_rule,
             "select_by": readout_config.select_by,
             "frozen_readout": None if frozen is None else {"n_probes": len(frozen)},
+            "all_sites_readout": None if rr_all is None else {"layers": readout.layer_names, "n_sites": n_sites},
             "label_balance": dict(balance, min_minority_share=config.min_minority_share, unbalanced=unbalanced),
             "clusters": {
                 "field": config.group_by,

@@ -231,6 +231,14 @@ class GapResult:
             return None
         return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
 
+    def all_sites_rr(self) -> np.ndarray | None:
+        """[T, N] posteriors of the all-sites probe (``GapConfig.all_sites_probe``; NaN where it did not score
+        the record); None when this result has none."""
+        rows = self.records.get("rr_all_prob")
+        if rows is None:
+            return None
+        return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+
     def clusters(self) -> list:
         """The bootstrap cluster (task id) of each record [N]; None = a record of its own."""
         c = self.records.get("clusters")
@@ -397,13 +405,14 @@ class Comparison:
 
 def _eval_arrays(res: GapResult, loops: list[int]):
     """The RR-scored records of ``res`` at ``loops``: ids, y, SV P(yes), SV decision, RR posterior, frozen
-    RR posterior (NaN [T, n] when absent) and clusters."""
+    RR posterior and all-sites posterior (each NaN [T, n] when absent) and clusters."""
     ids, y, ev, svp, svd, rrp = res.arrays()
     ti = [res.loops.index(t) for t in loops]
     keep = np.flatnonzero(ev)
     clusters = res.clusters()
-    frozen = res.frozen_rr()
+    frozen, every = res.frozen_rr(), res.all_sites_rr()
     frozen = np.full(rrp.shape, np.nan) if frozen is None else frozen
+    every = np.full(rrp.shape, np.nan) if every is None else every
     return (
         [ids[i] for i in keep],
         y[keep],
@@ -411,6 +420,7 @@ def _eval_arrays(res: GapResult, loops: list[int]):
         svd[ti][:, keep],
         rrp[ti][:, keep],
         frozen[ti][:, keep],
+        every[ti][:, keep],
         [clusters[i] for i in keep],
     )
 
@@ -516,6 +526,10 @@ COMPARE_FIGURES = (
     "sv_reach_auroc",  # AUROC of SV after - AUROC of RR before (part a)
     "rr_frozen_after",  # the before probes, frozen, on the after features
     "rr_drift",  # RR frozen after - RR before (part c)
+    "rr_all_before",  # the stronger yardstick: the all-sites probe on the base model (NaN when not computed)
+    "sv_reach_all",  # SV after - RR all sites before (flag f)
+    "rr_all_auroc_before",
+    "sv_reach_all_auroc",
 )
 
 
@@ -564,8 +578,9 @@ def compare(before: GapResult, after: GapResult, config: CompareConfig | None = 
             f"compare: loops {missing or loops} not in both results (before {before.loops}, after {after.loops})"
         )
     reported = common
-    b_ids, b_y, b_svp, b_svd, b_rr, _, b_cl = _eval_arrays(before, reported)
-    a_ids, a_y, a_svp, a_svd, a_rr, a_frz, a_cl = _eval_arrays(after, reported)
+    b_ids, b_y, b_svp, b_svd, b_rr, _, b_all, b_cl = _eval_arrays(before, reported)
+    a_ids, a_y, a_svp, a_svd, a_rr, a_frz, _, a_cl = _eval_arrays(after, reported)
+    all_present = before.all_sites_rr() is not None
     shared = sorted(set(b_ids) & set(a_ids))
     paired = len(shared) > 0 and len(shared) >= 0.5 * min(len(b_ids), len(a_ids))
     if paired:
@@ -600,6 +615,11 @@ def compare(before: GapResult, after: GapResult, config: CompareConfig | None = 
             frz = np.array([_masked_metric(metric, a_y[a_idx], a_frz[t, a_idx]) for t in range(n_loops)])
         else:
             frz = np.full(n_loops, np.nan)
+        if all_present:
+            every = np.array([_masked_metric(metric, b_y[b_idx], b_all[t, b_idx]) for t in range(n_loops)])
+            every_auc = np.array([_masked_metric("auroc", b_y[b_idx], b_all[t, b_idx]) for t in range(n_loops)])
+        else:
+            every = every_auc = np.full(n_loops, np.nan)
         gap_b, gap_a = rr_b - sv_b, rr_a - sv_a
         figures = np.stack(
             [
@@ -620,6 +640,10 @@ def compare(before: GapResult, after: GapResult, config: CompareConfig | None = 
                 sv_auc_a - rr_auc_b,
                 frz,
                 frz - rr_b,
+                every,
+                sv_a - every,
+                every_auc,
+                sv_auc_a - every_auc,
             ]
         )  # [F, n_loops]
         with np.errstate(all="ignore"), _quiet():
@@ -822,7 +846,14 @@ def _judge(s: dict, tp: list[dict], depth: int, frozen: bool, config: CompareCon
             "SV went past what the base readout knew",
             f,
             f"lower bound of SV after − RR before {_pts(s['sv_reach_lo'])} > {_pts(d)}: {yn[f]}"
-            + (" (the fine-tune taught the task, or RR is too weak a yardstick)" if f else ""),
+            + (" (the fine-tune taught the task, or RR is too weak a yardstick)" if f else "")
+            + (
+                f"; against the stronger yardstick (one probe over every layer x position, base model, "
+                f"{_pts(s['rr_all_before'], False)}): SV after − it = {_ci_pts(s, 'sv_reach_all')}, in AUROC "
+                f"{_ci_pts(s, 'sv_reach_all_auroc')}"
+                if not np.isnan(s.get("rr_all_before", np.nan))
+                else ""
+            ),
         )
     )
     lines = []

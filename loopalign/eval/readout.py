@@ -23,6 +23,8 @@ from .metrics import accuracy, auroc, balanced_accuracy, binary_metrics, f1_scor
 __all__ = [
     "ReadoutConfig",
     "ReadoutResult",
+    "all_sites_features",
+    "fit_all_sites_readout",
     "make_splits",
     "fit_readout",
     "select_features",
@@ -278,6 +280,36 @@ def fit_readout(features: Features, config: ReadoutConfig | None = None, metric:
         probes=probes,
         fold_probes=fold_probes,
     )
+
+
+def all_sites_features(features: Features, loop_index: int) -> torch.Tensor:
+    """[N, L'·K·H]: every extracted layer's state at every probe position, side by side, for one loop."""
+    states = features.states[loop_index]  # [L', N, K, H]
+    return states.permute(1, 0, 2, 3).reshape(states.shape[1], -1).float()
+
+
+def fit_all_sites_readout(
+    features: Features, splits: list[tuple[np.ndarray, np.ndarray, np.ndarray]], config: ReadoutConfig
+) -> np.ndarray:
+    """A stronger yardstick beside RR: per loop, one linear probe over every extracted layer x probe position
+    (:func:`all_sites_features`), on RR's own splits (``ReadoutResult.splits``), its L2 chosen on each split's
+    validation part by ``config.select_by`` (resolved, not "headline"). -> [T, N] P(label 1) on each split's test
+    records (NaN elsewhere), so it scores the same records as RR."""
+    if features.states is None:
+        raise ValueError("features were extracted with keep_states=False; the all-sites readout needs hidden states")
+    if config.select_by == "headline":
+        raise ValueError("fit_all_sites_readout: resolve select_by first (resolve_select_by)")
+    labels = features.labels
+    prob = np.full((len(features.loops), len(labels)), np.nan)
+    for ti in range(len(features.loops)):
+        x = all_sites_features(features, ti)
+        for train, val, test in splits:
+            fitted = fit_probes(x[train], torch.as_tensor(labels[train]), config.l2_grid, config.fit)
+            with torch.no_grad():
+                scored = [(_score(labels[val], p.predict_proba(x[val]).numpy(), config.select_by), p) for p in fitted]
+                probe = max(scored, key=lambda item: item[0])[1]
+                prob[ti, test] = probe.predict_proba(x[test]).numpy()
+    return prob
 
 
 def frozen_probes(probes: dict[str, LinearProbe]) -> dict[str, LinearProbe]:

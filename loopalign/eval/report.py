@@ -98,7 +98,9 @@ def gap_markdown(result) -> str:
             "of the label prior scores well, so its gap is not evidence; read balanced accuracy and AUROC below.",
             "",
         ]
-    header = "| loop | SV | RR | gap RR−SV | RR fixed layer | SV all records | valid verdicts | best layer (folds) |"
+    every = any(row.get("rr_all_sites") is not None for row in result.table)
+    header = "| loop | SV | RR | gap RR−SV | RR fixed layer |" + (" RR all sites |" if every else "")
+    header += " SV all records | valid verdicts | best layer (folds) |"
     if tp:
         header += " TP |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
@@ -109,6 +111,7 @@ def gap_markdown(result) -> str:
             _ci(row, "rr"),
             _ci(row, "gap"),
             _pct(row.get("rr_fixed")),
+            *([_pct(row.get("rr_all_sites"))] if every else []),
             _pct(sv_all.get(result.metric)),
             _pct(sv_all.get("valid_rate")),
             _per_fold(row.get("best_layer", "")),
@@ -350,6 +353,21 @@ def compare_markdown(comp) -> str:
                 f"| {r['loop']}{mark} | {_pct(r['sv_auroc_before'])} | {_pct(r['sv_auroc_after'])} | "
                 f"{_pct(r['rr_auroc_before'])} | {_pct(r['rr_auroc_after'])} | {_dci(r, 'sv_reach_auroc')} |"
             )
+    if comp.rows and comp.rows[0].get("rr_all_before") is not None and not np.isnan(comp.rows[0]["rr_all_before"]):
+        lines += [
+            "",
+            "A stronger yardstick beside RR (never in place of it): one linear probe over every layer RR may read x "
+            "both probe positions, on the base model, on RR's splits:",
+            "",
+            "| loop | RR all sites before | SV after − it | its AUROC before | SV AUROC after − it |",
+            "|---|---|---|---|---|",
+        ]
+        for r in comp.rows:
+            mark = " (verdict)" if r.get("in_verdict") else ""
+            lines.append(
+                f"| {r['loop']}{mark} | {_pct(r['rr_all_before'])} | {_dci(r, 'sv_reach_all')} | "
+                f"{_pct(r['rr_all_auroc_before'])} | {_dci(r, 'sv_reach_all_auroc')} |"
+            )
     extra = getattr(comp, "extrapolation", None) or []
     if extra:
         lines += [
@@ -514,6 +532,7 @@ def log_wandb(
                 data[prefix + "tp"] = tp[row["loop"]]
             run.log(data)
         cols = ["loop", "sv", "sv_lo", "sv_hi", "rr", "rr_lo", "rr_hi", "gap", "gap_lo", "gap_hi", "rr_fixed"]
+        cols += ["rr_all_sites", "rr_all_sites_auroc"]
         table = wandb.Table(columns=cols, data=[[row.get(c) for c in cols] for row in result.table])
         layers, per_layer = per_layer_rows(result)
         if layers:

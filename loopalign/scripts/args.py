@@ -113,6 +113,13 @@ class GapEvalArguments:
     controls: bool = field(
         default=_GAP.controls, metadata={"help": "Shortcut controls: question-only, author and noise probes."}
     )
+    all_sites_probe: bool = field(
+        default=_GAP.all_sites_probe,
+        metadata={
+            "help": "A stronger yardstick beside RR: one probe per loop over every layer RR may read x both probe "
+            "positions (rr_all_sites in gap.md; compare.md sets SV after against it)."
+        },
+    )
     author_field: str = field(
         default=str(_GAP.author_field),
         metadata={"help": "Record field naming each answer's author for the author control (auto | none | a field)."},
@@ -176,6 +183,7 @@ class GapEvalArguments:
             tp_loops=self.eval_tp_loops,
             sampled_verdict=self.sampled_verdict,
             controls=self.controls,
+            all_sites_probe=self.all_sites_probe,
             author_field=None if self.author_field.lower() == "none" else self.author_field,
         )
         kwargs.update(overrides)

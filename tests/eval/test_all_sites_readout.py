@@ -1,0 +1,88 @@
+"""The stronger yardstick beside RR ([verdict-v2] item 2): one probe per loop over every extracted layer x probe
+position, on RR's own splits. It reads what no single site holds, it scores the records RR scores, and compare()
+sets SV after against it without changing the verdict's parts."""
+
+import numpy as np
+import pytest
+import torch
+
+from loopalign.eval import GapResult, ReadoutConfig, compare, gap_table
+from loopalign.eval.features import Features
+from loopalign.eval.metrics import auroc
+from loopalign.eval.readout import fit_all_sites_readout, fit_readout, resolve_select_by
+from loopalign.probes import ProbeFitConfig
+
+CFG = ReadoutConfig(split="kfold", folds=4, l2_grid=(1e-3, 1e-1), fixed_layer=1, fit=ProbeFitConfig(device="cpu"))
+
+
+def _split_signal_features(n_tasks=120, per=2, hidden=6, seed=0) -> Features:
+    """Two layers x two positions; the label is the sign of (layer 0, position 0, dim 0) + (layer 1, position 1,
+    dim 0): each site alone holds half of the signal, buried under the other half as noise."""
+    rng = np.random.default_rng(seed)
+    n = n_tasks * per
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    y = (a + b > 0).astype(np.int64)
+    states = rng.normal(size=(1, 2, n, 2, hidden)) * 0.1  # [T, L', N, K, H]
+    states[0, 0, :, 0, 0] = a
+    states[0, 1, :, 1, 0] = b
+    return Features(
+        ids=[f"r{i}" for i in range(n)],
+        labels=y,
+        groups=[f"t{i // per}" for i in range(n)],
+        loops=[1],
+        layers=[0, 1],
+        num_layers=2,
+        states=torch.as_tensor(states, dtype=torch.float32),
+        verdict_logp=torch.zeros(1, n, 2),
+        verdict_valid=torch.ones(1, n, dtype=torch.bool),
+        exit_probs=torch.ones(n, 1),
+    )
+
+
+def test_the_all_sites_probe_reads_what_no_single_site_holds_on_rrs_records():
+    feats = _split_signal_features()
+    config = resolve_select_by(CFG, "auroc")
+    readout = fit_readout(feats, config, "auroc")
+    every = fit_all_sites_readout(feats, readout.splits, config)
+    ev = readout.eval_index
+    assert np.array_equal(np.flatnonzero(~np.isnan(every[0])), ev)  # the same records as RR
+    y = feats.labels[ev]
+    rr_auc, every_auc = auroc(y, readout.prob[0, ev]), auroc(y, every[0, ev])
+    assert every_auc > 0.97 and every_auc > rr_auc + 0.05, (every_auc, rr_auc)  # each site alone: about 0.85
+    with pytest.raises(ValueError, match="resolve select_by"):
+        fit_all_sites_readout(feats, readout.splits, CFG)
+
+
+def _result(y, tasks, sv, rr, every=None):
+    sv, rr = np.asarray(sv)[None], np.asarray(rr)[None]
+    sv_pred = (sv > 0.5).astype(np.int64)
+    records = {"ids": [f"r{i}" for i in range(len(y))], "labels": y.tolist(), "eval": [True] * len(y),
+               "sv_prob": sv.tolist(), "sv_pred": sv_pred.tolist(), "rr_prob": rr.tolist(), "clusters": tasks}  # fmt: skip
+    if every is not None:
+        records["rr_all_prob"] = np.asarray(every)[None].tolist()
+    return GapResult(loops=[1], metric="accuracy", table=gap_table(y, sv, sv_pred, rr, [1], n_boot=20, clusters=tasks),
+                     sv=[], sv_eval=[], rr=[], rr_fixed=[], heatmap={}, records=records, meta={"total_ut_steps": 1})  # fmt: skip
+
+
+def test_compare_sets_sv_after_against_the_all_sites_probe_beside_rr():
+    """SV after matches RR before (70%) but sits below the all-sites probe (90%): the verdict's parts are those of
+    the same comparison without the yardstick, and part (f)'s line and the rows carry SV after minus it."""
+    rng = np.random.default_rng(0)
+    n = 600
+    y = np.tile([1, 0], n // 2)
+    tasks = [f"t{i // 2}" for i in range(n)]
+
+    def prob(acc):
+        right = np.zeros(n, dtype=bool)
+        right[rng.choice(n, int(acc * n), replace=False)] = True
+        return np.where(right == (y == 1), 0.8, 0.2)
+
+    sv_b, rr, every, sv_a = prob(0.5), prob(0.7), prob(0.9), prob(0.7)
+    plain = compare(_result(y, tasks, sv_b, rr), _result(y, tasks, sv_a, rr))
+    with_all = compare(_result(y, tasks, sv_b, rr, every), _result(y, tasks, sv_a, rr))
+    assert [p["passed"] for p in with_all.parts] == [p["passed"] for p in plain.parts]
+    (row,) = with_all.rows
+    assert row["rr_all_before"] == pytest.approx(0.9) and row["sv_reach_all_hi"] < 0 < row["sv_reach_all"] + 0.3
+    assert np.isnan(plain.rows[0]["rr_all_before"])
+    f_line = next(p["line"] for p in with_all.parts if p["part"] == "f")
+    assert "stronger yardstick" in f_line and "stronger yardstick" not in plain.parts[-1]["line"]
