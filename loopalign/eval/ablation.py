@@ -21,7 +21,16 @@ from .gap import GapResult
 from .metrics import auroc, cluster_members, cluster_resample
 from .steering import steered_logits
 
-__all__ = ["RunArrays", "load_run", "ablation_rows", "steering_rows", "ablation_markdown", "plot_ablation"]
+__all__ = [
+    "RunArrays",
+    "load_run",
+    "ablation_rows",
+    "rule_rows",
+    "steering_rows",
+    "ablation_markdown",
+    "rule_markdown",
+    "plot_ablation",
+]
 
 #: the figures of a row, each a difference or level in [0, 1] (AUROC in [0, 1] too)
 FIGURES = ("d_sv", "d_rr", "d_sv_auroc", "d_rr_auroc", "sv_after", "rr_after", "gap_after", "sv_auroc_after")
@@ -40,6 +49,11 @@ class RunArrays:
     sv_pred: tuple[np.ndarray, np.ndarray]
     rr_prob: tuple[np.ndarray, np.ndarray]
     tp: list[dict]
+    #: compare.json's verdict: each rule part's pass/fail ({"a": True, ...}) and the outcome ("yes", "no", ...)
+    parts: dict[str, bool] | None = None
+    outcome: str | None = None
+    #: families.json's transfer summary (runs by family, e.g. items held out), else None
+    transfer: dict | None = None
 
 
 def load_run(path: str | os.PathLike) -> RunArrays:
@@ -64,7 +78,13 @@ def load_run(path: str | os.PathLike) -> RunArrays:
     at = [after.loops.index(t) for t in loops]
     clusters = before.clusters()
     with open(os.path.join(path, "compare.json")) as f:
-        tp = json.load(f).get("tp") or []
+        comparison = json.load(f)
+    tp = comparison.get("tp") or []
+    parts = {p["part"]: bool(p["passed"]) for p in comparison.get("parts") or []} or None
+    transfer = None
+    if os.path.exists(os.path.join(path, "families.json")):
+        with open(os.path.join(path, "families.json")) as f:
+            transfer = json.load(f).get("transfer")
     return RunArrays(
         path=path,
         loops=loops,
@@ -74,6 +94,9 @@ def load_run(path: str | os.PathLike) -> RunArrays:
         sv_pred=(b_svd[bt][:, keep_b], a_svd[at][:, keep_a]),
         rr_prob=(b_rr[bt][:, keep_b], a_rr[at][:, keep_a]),
         tp=tp,
+        parts=parts,
+        outcome=comparison.get("outcome"),
+        transfer=transfer,
     )
 
 
@@ -139,6 +162,72 @@ def ablation_rows(
             row["d_tp"] = float(np.mean([x["d_tp"] for x in tps])) if tps else None
             rows.append(row)
     return rows
+
+
+#: the verdict rule's parts (docs/concepts.md), in the order compare() prints them
+RULE_PARTS = ("a", "b", "c", "d", "e", "f")
+
+
+def rule_rows(variants: dict[str, Sequence[RunArrays]]) -> list[dict]:
+    """Per variant: how many seeds pass each part of the verdict rule (``parts[p]``: seeds passing part p; e:
+    saturated, f: flagged), the outcomes, and for runs by family the transfer summary (seeds reaching it, the mean
+    recovery over seeds). -> rows {variant, n_seeds, parts, outcomes, transfer}."""
+    rows = []
+    for name, runs in variants.items():
+        judged = [r for r in runs if r.parts is not None]
+        parts = {p: sum(bool(r.parts.get(p)) for r in judged) for p in RULE_PARTS} if judged else None
+        outcomes: dict[str, int] = {}
+        for r in judged:
+            outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
+        transfers = [r.transfer for r in runs if r.transfer is not None]
+        transfer = None
+        if transfers:
+
+            def mean(key, transfers=transfers):
+                values = [t[key] for t in transfers if t.get(key) is not None]
+                return float(np.mean(values)) if values else None
+
+            transfer = {
+                "families": transfers[0].get("families"),
+                "reached": sum(bool(t.get("reached")) for t in transfers),
+                "n": len(transfers),
+                "mean_recovery_bal": mean("mean_recovery_bal"),
+                "mean_recovery_auroc": mean("mean_recovery_auroc"),
+            }
+        rows.append(
+            {"variant": name, "n_seeds": len(runs), "n_judged": len(judged), "parts": parts, "outcomes": outcomes,
+             "transfer": transfer}
+        )  # fmt: skip
+    return rows
+
+
+def rule_markdown(rows: list[dict]) -> list[str]:
+    """Markdown lines: per variant, the seeds passing each part of the verdict rule, the outcomes and the transfer."""
+    names = {"a": "(a) SV reached RR before", "b": "(b) gap closed", "c": "(c) RR preserved", "d": "(d) TP kept",
+             "e": "(e) saturated", "f": "(f) SV past the base readout"}  # fmt: skip
+    lines = [
+        "",
+        "The verdict rule per variant (docs/concepts.md): seeds whose run passes each part (e: saturated, f: flagged; "
+        "each run's own compare.json), the outcomes, and, for runs by family, the transfer rule (families.json).",
+        "",
+        "| variant | seeds | " + " | ".join(names[p] for p in RULE_PARTS) + " | outcomes | transfer reached |",
+        "|---|---|" + "---|" * (len(RULE_PARTS) + 2),
+    ]
+    for r in rows:
+        if r["parts"] is None:
+            cells = ["–"] * len(RULE_PARTS)
+        else:
+            cells = [f"{r['parts'][p]}/{r['n_judged']}" for p in RULE_PARTS]
+        outcomes = ", ".join(f"{k}: {v}" for k, v in sorted(r["outcomes"].items())) or "–"
+        t = r["transfer"]
+        if t is None:
+            transfer = "–"
+        else:
+            rec = [x for x in (t["mean_recovery_bal"], t["mean_recovery_auroc"]) if x is not None]
+            recovery = " / ".join(f"{100 * x:.0f}%" for x in rec) if rec else "–"
+            transfer = f"{t['reached']}/{t['n']} (held out: {', '.join(t['families'] or [])}; mean recovery {recovery})"
+        lines.append(f"| {r['variant']} | {r['n_seeds']} | " + " | ".join(cells) + f" | {outcomes} | {transfer} |")
+    return lines
 
 
 def steering_rows(

@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import loopalign
-from loopalign.eval.ablation import ablation_markdown, ablation_rows, load_run, plot_ablation, steering_rows
+from loopalign.eval.ablation import (
+    ablation_markdown,
+    ablation_rows,
+    load_run,
+    plot_ablation,
+    rule_markdown,
+    rule_rows,
+    steering_rows,
+)
 from loopalign.io import atomic_write_text
 from loopalign.scripts.args import make_parser, parse_or_exit, rename_deprecated_options
 
@@ -54,6 +62,18 @@ VARIANTS = {
     "lm_10pct_probe_distill": (
         "lm on 10% labels + probe_distill on all + replay",
         {"loss_weights": {"lm": 1.0, "replay": 1.0, "probe_distill": 1.0}, "label_fraction": 0.1},
+    ),
+    "lm_free": (
+        "probe_distill + replay, no lm (10% labels fit the target probe only)",
+        {"loss_weights": {"lm": 0.0, "replay": 1.0, "probe_distill": 1.0}, "label_fraction": 0.1},
+    ),
+    "item_transfer": (
+        "lm + replay + rr_distill; items eggs, marbles, shells never trained on",
+        {
+            "loss_weights": {"lm": 1.0, "replay": 1.0, "rr_distill": 1.0},
+            "family_field": "item",
+            "heldout_families": "eggs,marbles,shells",
+        },
     ),
 }
 
@@ -134,9 +154,13 @@ def ablate(args: AblateGapScriptArguments, extra: list[str]) -> str:
     depth = json.loads((root / args.variants[0] / f"seed-{args.seeds[0]}" / "compare.json").read_text())["depth"]
     rows = ablation_rows({VARIANTS[v][0]: rs for v, rs in runs.items()}, n_boot=args.eval_n_boot)
     rows += steering_rows(runs[args.variants[0]], n_boot=args.eval_n_boot)
-    text = ablation_markdown(rows, depth)
+    rules = rule_rows({VARIANTS[v][0]: rs for v, rs in runs.items()})
+    text = ablation_markdown(rows, depth) + "\n".join(rule_markdown(rules)) + "\n"
     atomic_write_text(root / "ablation.md", text)
-    atomic_write_text(root / "ablation.json", json.dumps({"depth": depth, "seeds": args.seeds, "rows": rows}, indent=1))
+    atomic_write_text(
+        root / "ablation.json",
+        json.dumps({"depth": depth, "seeds": args.seeds, "rows": rows, "rule": rules}, indent=1),
+    )
     plot_ablation(rows, depth, str(root / "ablation.png"))
     print(text)
     print(f"table, JSON and plot in {root}/")

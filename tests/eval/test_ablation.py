@@ -85,3 +85,27 @@ def test_steering_adds_the_probe_to_the_verdict(before, tmp_path):
     (r2,) = [r for r in steering_rows(runs, n_boot=20) if r["loop"] == 2]
     assert r2["sv_after"] == pytest.approx(rows[1]["steered"]) and r2["d_rr"] == 0.0
     json.dumps(r2)  # JSON-serialisable
+
+
+def test_the_rule_table_counts_each_part_and_the_transfer_per_variant(before, tmp_path):
+    """rule_rows reads each run's own compare.json parts and, for runs by family, families.json's transfer."""
+    from loopalign.eval.ablation import RULE_PARTS, rule_markdown, rule_rows
+
+    same = [load_run(_write_run(tmp_path / f"same{s}", before, before)) for s in range(2)]
+    cured_paths = [_write_run(tmp_path / f"cured{s}", before, _perfect_sv(before)) for s in range(3)]
+    for s, path in enumerate(cured_paths):
+        transfer = {"families": ["eggs"], "reached": s == 0, "mean_recovery_bal": 0.2 * s, "mean_recovery_auroc": None}
+        (path / "families.json").write_text(json.dumps({"rows": [], "transfer": transfer}))
+    cured = [load_run(p) for p in cured_paths]
+    rows = {r["variant"]: r for r in rule_rows({"same": same, "cured": cured})}
+    for name, runs in (("same", same), ("cured", cured)):
+        want = {p: sum(r.parts[p] for r in runs) for p in RULE_PARTS}
+        assert rows[name]["parts"] == want and rows[name]["n_judged"] == len(runs)
+        assert sum(rows[name]["outcomes"].values()) == len(runs)
+    assert rows["same"]["transfer"] is None
+    assert rows["cured"]["transfer"]["reached"] == 1 and rows["cured"]["transfer"]["n"] == 3
+    assert rows["cured"]["transfer"]["mean_recovery_bal"] == pytest.approx(0.2)
+    text = "\n".join(rule_markdown(list(rows.values())))
+    assert (
+        f"| same | 2 | {rows['same']['parts']['a']}/2 |" in text and "1/3 (held out: eggs; mean recovery 20%)" in text
+    )
