@@ -135,10 +135,12 @@ def variant_table(runs: list[dict]) -> list[str]:
                 ]
                 first = False
             recovery = "–"
-            if kind != "labels":
-                rec_b = [r["transfer"].get("mean_recovery_bal") for r in rs]
-                rec_a = [r["transfer"].get("mean_recovery_auroc") for r in rs]
-                recovery = f"{_fmt(rec_b)} / {_fmt(rec_a)}"
+            if kind in ("text only", "none"):  # the transfer families of this kind (a probe read no label of theirs)
+
+                def kind_mean(key, fam=fam):
+                    return [_mean([f[key] for f in fs if f.get(key) is not None]) for fs in fam]
+
+                recovery = f"{_fmt(kind_mean('recovery_bal'))} / {_fmt(kind_mean('recovery_auroc'))}"
             general = "–"
             if kind == "labels" and all("general" in r for r in rs):
                 general = ", ".join(f"{b}/{n} → {a}/{n}" for b, a, n in (r["general"] for r in rs))
