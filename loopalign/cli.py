@@ -37,11 +37,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def installed_version() -> str:
+    """The installed distribution's version (the package's ``__version__`` when run from a source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("loopalign")
+    except PackageNotFoundError:
+        from loopalign import __version__
+
+        return __version__
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items()]
     return (
-        "usage: loopalign <command> [options]   (loopalign <command> --help: the command's options)\n\n"
+        "usage: loopalign <command> [options]   (loopalign <command> --help: the command's options; "
+        "loopalign --version)\n\n"
         "commands:\n" + "\n".join(lines) + "\n"
     )
 
@@ -50,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch ``argv`` (default ``sys.argv[1:]``): its first item names the command, the rest go to the
     command's ``main``. -> exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"loopalign {installed_version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage(), end="")
         return 0 if argv else 2

@@ -171,3 +171,11 @@ def test_the_organismsrebuild_command_parses_back_to_its_config(tmp_path):
     script_args, organism_args = pretrain_organism.build_parser().parse_args_and_config(args=command[2:])
     assert organism_args.organism_config() == config and script_args.force
     assert script_args.output_dir == str(tmp_path / "elsewhere")
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    assert cli.main(["--version"]) == 0 and cli.main(["-V"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"loopalign {version('loopalign')}"] * 2

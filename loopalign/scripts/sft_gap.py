@@ -702,14 +702,20 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     trainer.accelerator.end_training()
 
 
+#: the spellings the parser accepts for the model option (HfArgumentParser adds the dashed one)
+_MODEL_OPTIONS = ("--model_name_or_path", "--model-name-or-path")
+
+
 def cli_model(argv: list[str]) -> str | None:
-    """The ``--model_name_or_path`` given on the command line, if any."""
+    """The ``--model_name_or_path`` (or ``--model-name-or-path``) given on the command line, if any: the last one,
+    as the parser reads it."""
+    model = None
     for i, arg in enumerate(argv):
-        if arg == "--model_name_or_path" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--model_name_or_path="):
-            return arg.split("=", 1)[1]
-    return None
+        if arg in _MODEL_OPTIONS and i + 1 < len(argv):
+            model = argv[i + 1]
+        elif arg.startswith(tuple(f"{o}=" for o in _MODEL_OPTIONS)):
+            model = arg.split("=", 1)[1]
+    return model
 
 
 def embedded_defaults_apply(argv: list[str]) -> bool:

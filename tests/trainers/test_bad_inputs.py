@@ -42,6 +42,12 @@ def test_the_organism_defaults_apply_to_local_models_only(sft_gap_script, parse_
     assert not recipe.embedded_defaults_apply(["--model_name_or_path", "ByteDance/Ouro-1.4B"])
     assert not recipe.embedded_defaults_apply(["--model_name_or_path=ByteDance/Ouro-1.4B", "--max_steps", "3"])
     assert not recipe.embedded_defaults_apply(["--config", "recipes/configs/sft_gap_cpu_default.yaml"])
+    # the dashed spelling the parser also accepts names the same model, so it gets the same defaults
+    for argv in (["--model-name-or-path", "ByteDance/Ouro-1.4B"], ["--model-name-or-path=ByteDance/Ouro-1.4B"]):
+        assert not recipe.embedded_defaults_apply(argv)
+        (_, training_args, model_args) = recipe.build_parser(argv).parse_args_and_config(args=argv)
+        assert model_args.model_name_or_path == "ByteDance/Ouro-1.4B" and training_args.max_steps == -1
+    assert recipe.embedded_defaults_apply(["--model-name-or-path", "tiny"])
 
 
 @pytest.mark.parametrize("extra,message", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
