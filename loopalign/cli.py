@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 __all__ = ["COMMANDS", "main"]
 
@@ -38,15 +39,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def installed_version() -> str:
-    """The installed distribution's version (the package's ``__version__`` when run from a source tree)."""
-    from importlib.metadata import PackageNotFoundError, version
-
+    """The installed distribution's version ("not installed" when run from a source tree without ``pip install``)."""
     try:
         return version("loopalign")
     except PackageNotFoundError:
-        from loopalign import __version__
-
-        return __version__
+        return "(not installed: run from a source tree)"
 
 
 def usage() -> str:
