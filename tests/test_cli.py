@@ -133,8 +133,19 @@ def test_ablate_gap_runs_its_sft_gap_runs_through_the_cli_and_resumes(tmp_path, 
     assert cli.main(argv) == 0
     assert "1 runs to do" in capsys.readouterr().out
     assert (out / "lm" / "seed-0" / "compare.json").exists() and (out / "ablation.png").exists()
-    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    saved = json.loads((out / "ablation.json").read_text())
+    rows = saved["rows"]
     assert rows[0]["variant"] == "lm + replay" and rows[0]["n_seeds"] == 1
+    (rule,) = saved["rule"]  # the verdict rule's parts per variant, from the run's own compare.json
+    assert rule["variant"] == "lm + replay" and rule["n_judged"] == 1 and set(rule["parts"]) == set("abcdef")
+    assert "The verdict rule per variant" in (out / "ablation.md").read_text()
+    # the docs' tables regenerate from the JSON alone
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation_table", ROOT / "benchmarks" / "ablation_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.table(saved) == (out / "ablation.md").read_text()
     assert cli.main(argv) == 0 and "0 runs to do" in capsys.readouterr().out
 
 
