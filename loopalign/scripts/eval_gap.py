@@ -20,6 +20,7 @@ other models on held-out synthetic arithmetic from data_builders. The pre-0.2 na
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -94,7 +95,12 @@ class EvalGapScriptArguments(GapEvalArguments):
     )
     synthetic_levels: str = field(default="1", metadata={"help": "Levels of the synthetic problems (e.g. '1,2')."})
     data_seed: int = field(default=20_000, metadata={"help": "Seed of the organism / synthetic problems (held out)."})
-    output_dir: str | None = field(default=None, metadata={"help": "Output folder (default outputs/eval_gap_<model>)."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Output folder (default outputs/eval_gap_<model>: one per model, e.g. ByteDance--Ouro-1.4B)."
+        },
+    )
     verdict_tokens: str | None = field(default=None, metadata={"help": "yes,no strings or ids (default Yes,No)."})
     per_device_eval_batch_size: int = field(
         default=16, metadata={"help": "Records per forward / prompts per generate."}
@@ -180,10 +186,26 @@ def load_records(args: EvalGapScriptArguments, tokenizer):
 STATEMENT_EVAL_FRACTION = 0.3
 
 
+def default_output_dir(model_name: str) -> str:
+    """``outputs/eval_gap_<model>``, one folder per model so a second model never overwrites the first: a local
+    model by its name (``organism``), a hub id with ``/`` as ``--`` (``ByteDance--Ouro-1.4B``), a folder or file by
+    its last two path parts (``run-final``, a ``.gguf`` without its suffix)."""
+    if model_name in LOCAL_MODELS:
+        slug = model_name
+    elif os.path.exists(model_name):
+        path = os.path.abspath(model_name)
+        stem = os.path.splitext(os.path.basename(path))[0] if os.path.isfile(path) else os.path.basename(path)
+        slug = f"{os.path.basename(os.path.dirname(path))}-{stem}"
+    else:
+        slug = model_name.strip("/").replace("/", "--")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", slug).strip("._") or "model"
+    return f"outputs/eval_gap_{slug}"
+
+
 def evaluate(args: EvalGapScriptArguments) -> GapResult:
     """The recipe on parsed arguments: load, measure, write (and compare with ``args.compare``)."""
     model_name = args.model_name_or_path
-    out_dir = args.output_dir or f"outputs/eval_gap_{model_name if model_name in LOCAL_MODELS else 'model'}"
+    out_dir = args.output_dir or default_output_dir(model_name)
     set_cpu_threads(on_cpu=args.device == "cpu" or None, announce=True)
     frozen = None
     if args.compare:

@@ -120,3 +120,22 @@ def test_compare_prints_the_rule_first_and_reads_the_before_probes_frozen(tmp_pa
     comparison = json.loads((tmp_path / "after" / "compare.json").read_text())
     assert comparison["frozen_readout"] and comparison["summary"]["rr_drift"] == 0.0
     assert "rr_frozen_prob" in json.loads((tmp_path / "after" / "gap.json").read_text())["records"]
+
+
+def test_each_model_gets_its_own_default_output_folder(tmp_path):
+    """eval-gap without --output_dir writes to outputs/eval_gap_<model>: a second model never overwrites the first."""
+    from loopalign.scripts.eval_gap import default_output_dir
+
+    (tmp_path / "run-a" / "final").mkdir(parents=True)
+    (tmp_path / "run-b" / "final").mkdir(parents=True)
+    gguf = tmp_path / "models" / "small.Q4.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"")
+    assert default_output_dir("organism") == "outputs/eval_gap_organism"
+    assert default_output_dir("ByteDance/Ouro-1.4B") == "outputs/eval_gap_ByteDance--Ouro-1.4B"
+    assert default_output_dir(str(tmp_path / "run-a" / "final")) == "outputs/eval_gap_run-a-final"
+    assert default_output_dir(str(tmp_path / "run-a" / "final")) != default_output_dir(
+        str(tmp_path / "run-b" / "final")
+    )
+    assert default_output_dir(str(gguf)) == "outputs/eval_gap_models-small.Q4"
+    assert default_output_dir("org/name with spaces") == "outputs/eval_gap_org--name_with_spaces"
