@@ -196,7 +196,6 @@ def _evaluate_gap(
     readout_config = resolve_select_by(config.readout, metric)
     readout = fit_readout(feats, readout_config, metric)
     rr_frozen = apply_frozen_probes(feats, frozen) if frozen is not None else None
-    n_sites = len(feats.layers) * int(feats.states.shape[3])
     rr_all = fit_all_sites_readout(feats, readout.splits, readout_config) if config.all_sites_probe else None
     t_probe = time.perf_counter() - start - t_feat
     ev = readout.eval_index
@@ -242,8 +241,9 @@ def _evaluate_gap(
         row["best_layer"] = ",".join(map(str, rr["best_layer"]))
         if rr_all is not None:
             scored = rr_all[ti, ev]
-            row["rr_all_sites"] = metric_value(metric, labels[ev], scored, (scored > 0.5).astype(np.int64))
-            row["rr_all_sites_auroc"] = metric_value("auroc", labels[ev], scored, (scored > 0.5).astype(np.int64))
+            decided = (scored > 0.5).astype(np.int64)
+            row["rr_all_sites"] = metric_value(metric, labels[ev], scored, decided)
+            row["rr_all_sites_auroc"] = metric_value("auroc", labels[ev], scored, decided)
     controls, control_probs, t_controls = None, {}, 0.0
     if config.controls:
         t0 = time.perf_counter()
@@ -316,7 +316,9 @@ def _evaluate_gap(
             "metric_rule": metric_rule,
             "select_by": readout_config.select_by,
             "frozen_readout": None if frozen is None else {"n_probes": len(frozen)},
-            "all_sites_readout": None if rr_all is None else {"layers": readout.layer_names, "n_sites": n_sites},
+            "all_sites_readout": None
+            if rr_all is None
+            else {"layers": readout.layer_names, "n_sites": len(feats.layers) * int(feats.states.shape[3])},
             "label_balance": dict(balance, min_minority_share=config.min_minority_share, unbalanced=unbalanced),
             "clusters": {
                 "field": config.group_by,

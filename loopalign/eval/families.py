@@ -194,6 +194,11 @@ def compare_families(
         raise ValueError(f"compare_families: families {missing} were evaluated before or after training, not both")
     base = dict(asdict(config or CompareConfig()), loops=loop)
     by_metric = {m: CompareConfig(**dict(base, metric=m)) for m in ("balanced_accuracy", "auroc")}
+    kinds = (("labels", set(trained)), ("probe labels", set(probe_labeled)), ("text only", set(unlabeled)))
+
+    def kind_of(family: str) -> str:  # how the family was trained on: the first kind naming it, else held out
+        return next((kind for kind, names in kinds if family in names), "none")
+
     rows = []
     for family in sorted(before):
         b, a = before[family], after[family]
@@ -202,14 +207,8 @@ def compare_families(
         (crow,) = [r for r in comp_bal.rows if r["loop"] == loop]
         row = {
             "family": family,
-            "trained": family in set(trained),
-            "training": "labels"
-            if family in set(trained)
-            else "probe labels"
-            if family in set(probe_labeled)
-            else "text only"
-            if family in set(unlabeled)
-            else "none",
+            "trained": kind_of(family) == "labels",
+            "training": kind_of(family),
             "n_records": int(b.meta.get("n_records", 0)),
             "sv_bal_before": rb["sv_balanced_accuracy"],
             "sv_bal_after": ra["sv_balanced_accuracy"],

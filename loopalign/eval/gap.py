@@ -212,7 +212,7 @@ class GapResult:
     def arrays(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """-> (ids, labels [N], eval mask [N], sv_prob [T,N], sv_pred [T,N], rr_prob [T,N] (NaN unscored))."""
         r = self.records
-        rr = np.array([[np.nan if v is None else v for v in row] for row in r["rr_prob"]], dtype=np.float64)
+        rr = self._posteriors("rr_prob")
         return (
             list(r["ids"]),
             np.asarray(r["labels"], dtype=np.int64),
@@ -226,15 +226,16 @@ class GapResult:
         """[T, N] posteriors of the probes fitted on the *before* evaluation's features, applied frozen to
         this result's features (``evaluate_gap(frozen_probes=...)``; NaN where no frozen probe scored the
         record); None when this result has none (an old result, or evaluated without frozen probes)."""
-        rows = self.records.get("rr_frozen_prob")
-        if rows is None:
-            return None
-        return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+        return self._posteriors("rr_frozen_prob")
 
     def all_sites_rr(self) -> np.ndarray | None:
         """[T, N] posteriors of the all-sites probe (``GapConfig.all_sites_probe``; NaN where it did not score
         the record); None when this result has none."""
-        rows = self.records.get("rr_all_prob")
+        return self._posteriors("rr_all_prob")
+
+    def _posteriors(self, key: str) -> np.ndarray | None:
+        """``records[key]`` ([T][N] posteriors, None where unscored) as a float array with NaN; None when absent."""
+        rows = self.records.get(key)
         if rows is None:
             return None
         return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)

@@ -300,6 +300,13 @@ def _robust_tables(result) -> list[str]:
     return lines
 
 
+def _loop_rows(rows: list[dict], cells) -> list[str]:
+    """One markdown table row per comparison row: its loop (marked when it is in the verdict), then ``cells(row)``."""
+    return [
+        f"| {r['loop']}{' (verdict)' if r.get('in_verdict') else ''} | " + " | ".join(cells(r)) + " |" for r in rows
+    ]
+
+
 def compare_markdown(comp) -> str:
     """The before/after verdict: the rule first, then the verdict with one line per part, then per-loop
     figures (points, CIs) and TP."""
@@ -309,13 +316,10 @@ def compare_markdown(comp) -> str:
     )
     sep = "|" + "---|" * (head.count("|") - 1)
 
-    def line(r):
-        mark = " (verdict)" if r.get("in_verdict") else ""
-        return (
-            f"| {r['loop']}{mark} | {_pct(r['sv_before'])} | {_pct(r['sv_after'])} | {_pct(r['rr_before'])} | "
-            f"{_pct(r['rr_after'])} | {_dci(r, 'sv_reach')} | {_dci(r, 'gap_after')} | {_dci(r, 'd_rr')} | "
-            f"{_dci(r, 'rr_drift')} | {_dci(r, 'd_sv')} |"
-        )
+    def cells(r):
+        return [_pct(r["sv_before"]), _pct(r["sv_after"]), _pct(r["rr_before"]), _pct(r["rr_after"])] + [
+            _dci(r, k) for k in ("sv_reach", "gap_after", "d_rr", "rr_drift", "d_sv")
+        ]
 
     lines = [f"# Before / after ({comp.metric})", ""]
     if getattr(comp, "rule", ""):
@@ -338,7 +342,7 @@ def compare_markdown(comp) -> str:
         ]
     if comp.metric in ("accuracy", "f1") and any("prior-driven" in n for n in getattr(comp, "notes", None) or []):
         lines += [f"The {comp.metric} columns below are prior-driven (unbalanced labels): read the AUROC table.", ""]
-    lines += [head, sep] + [line(r) for r in comp.rows]
+    lines += [head, sep] + _loop_rows(comp.rows, cells)
     if comp.rows and "sv_reach_auroc" in comp.rows[0]:
         lines += [
             "",
@@ -347,12 +351,13 @@ def compare_markdown(comp) -> str:
             "| loop | SV before | SV after | RR before | RR after | SV after − RR before |",
             "|---|---|---|---|---|---|",
         ]
-        for r in comp.rows:
-            mark = " (verdict)" if r.get("in_verdict") else ""
-            lines.append(
-                f"| {r['loop']}{mark} | {_pct(r['sv_auroc_before'])} | {_pct(r['sv_auroc_after'])} | "
-                f"{_pct(r['rr_auroc_before'])} | {_pct(r['rr_auroc_after'])} | {_dci(r, 'sv_reach_auroc')} |"
-            )
+        lines += _loop_rows(
+            comp.rows,
+            lambda r: (
+                [_pct(r[k]) for k in ("sv_auroc_before", "sv_auroc_after", "rr_auroc_before", "rr_auroc_after")]
+                + [_dci(r, "sv_reach_auroc")]
+            ),
+        )
     if comp.rows and comp.rows[0].get("rr_all_before") is not None and not np.isnan(comp.rows[0]["rr_all_before"]):
         lines += [
             "",
@@ -362,12 +367,13 @@ def compare_markdown(comp) -> str:
             "| loop | RR all sites before | SV after − it | its AUROC before | SV AUROC after − it |",
             "|---|---|---|---|---|",
         ]
-        for r in comp.rows:
-            mark = " (verdict)" if r.get("in_verdict") else ""
-            lines.append(
-                f"| {r['loop']}{mark} | {_pct(r['rr_all_before'])} | {_dci(r, 'sv_reach_all')} | "
-                f"{_pct(r['rr_all_auroc_before'])} | {_dci(r, 'sv_reach_all_auroc')} |"
-            )
+        lines += _loop_rows(
+            comp.rows,
+            lambda r: (
+                [_pct(r["rr_all_before"]), _dci(r, "sv_reach_all")]
+                + [_pct(r["rr_all_auroc_before"]), _dci(r, "sv_reach_all_auroc")]
+            ),
+        )
     extra = getattr(comp, "extrapolation", None) or []
     if extra:
         lines += [
@@ -376,7 +382,7 @@ def compare_markdown(comp) -> str:
             "",
             head,
             sep,
-        ] + [line(r) for r in extra]
+        ] + _loop_rows(extra, cells)
     tp = getattr(comp, "tp", None) or []
     if tp:
         lines += [

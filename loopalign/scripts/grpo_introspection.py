@@ -166,7 +166,7 @@ def run_concepts(vectors, script_args: IntrospectionScriptArguments) -> tuple[li
 def eval_config(script_args: IntrospectionScriptArguments, concepts, model_loops: int) -> IntrospectionConfig:
     """The before/after evaluation's :class:`IntrospectionConfig` (on ``concepts``)."""
     loop_counts = parse_indices(script_args.eval_loop_counts, "eval_loop_counts") or (model_loops,)
-    _, extraction_loops = resolve_loop_words(",".join(map(str, loop_counts)), script_args.eval_extraction_loops, 1)
+    _, extraction_loops = resolve_loop_words(loop_counts, script_args.eval_extraction_loops, model_loops)
     return IntrospectionConfig(
         loop_counts=loop_counts,
         extraction_loops=extraction_loops,

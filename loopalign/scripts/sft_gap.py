@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -215,9 +216,8 @@ class GapScriptArguments(GapEvalArguments):
             "unlabeled_families": self.unlabeled_family_names(),
             "probe_label_families": self.probe_label_family_names(),
         }
-        for first, second in (("heldout_families", "unlabeled_families"), ("heldout_families", "probe_label_families"),
-                              ("unlabeled_families", "probe_label_families")):  # fmt: skip
-            both = sorted(set(named[first]) & set(named[second]))
+        for (first, a), (second, b) in itertools.combinations(named.items(), 2):
+            both = sorted(set(a) & set(b))
             if both:
                 raise ValueError(f"families {both} are in both {first} and {second}: choose one")
         if self.lora_layers is not None:

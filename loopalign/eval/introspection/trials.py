@@ -82,10 +82,10 @@ def parse_indices(value, name: str = "indices") -> tuple[int, ...] | None:
     return parse_int_set(value, name, minimum=0, allow_all=True, what="'all' or indices", example="'0-3' or '0,2'")
 
 
-def resolve_loop_words(loop_counts: str, extraction_loops: str, depth: int) -> tuple[str, str]:
+def resolve_loop_words(loop_counts, extraction_loops: str, depth: int) -> tuple:
     """The command lines' loop words: ``loop_counts`` 'trained' -> the model's trained depth ``depth`` (Ouro 4, a
-    plain causal LM 1); ``extraction_loops`` 'last' -> the last loop of the largest loop count. Other values pass
-    through (as text, for :class:`IntrospectionConfig` to parse)."""
+    plain causal LM 1); ``extraction_loops`` 'last' -> the last loop of the largest loop count (``loop_counts`` as
+    text or ints). Other values pass through (for :class:`IntrospectionConfig` to parse)."""
     if str(loop_counts).strip().lower() == "trained":
         loop_counts = str(depth)
     if str(extraction_loops).strip().lower() == "last":
