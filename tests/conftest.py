@@ -93,17 +93,49 @@ def _single_thread_for_data_tests(request):
 
 
 @pytest.fixture(scope="session")
-def llama_folder(tok, tmp_path_factory):
-    """A saved tiny random Llama (2 layers, hidden 32) with the local tokenizer: a plain causal LM by folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_causal_lm(tok):
+    """``make(kind, layers)``: a tiny random plain causal LM over the local tokenizer, ``kind`` "llama" (hidden 32,
+    4 heads, 2 KV heads) or "gpt2" (hidden 32, 4 heads). The caller seeds torch first."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    def make(kind: str = "llama", layers: int = 2):
+        if kind == "llama":
+            return LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=len(tok),
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=layers,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )  # fmt: skip
+            )
+        if kind == "gpt2":
+            return GPT2LMHeadModel(
+                GPT2Config(
+                    vocab_size=len(tok),
+                    n_embd=32,
+                    n_layer=layers,
+                    n_head=4,
+                    n_positions=512,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    bos_token_id=tok.bos_token_id,
+                )  # fmt: skip
+            )
+        raise ValueError(f"tiny_causal_lm: unknown kind {kind!r}")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llama_folder(tok, tiny_causal_lm, tmp_path_factory):
+    """A saved tiny random Llama (2 layers, hidden 32) with the local tokenizer: a plain causal LM by folder."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
     folder = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_causal_lm("llama", 2).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from loopalign.eval.general import _has_word, answer_general_questions, general_markdown
 
@@ -22,13 +21,9 @@ def test_an_expected_word_counts_only_as_a_whole_word(text, word, expected):
     assert _has_word(text, word) is expected
 
 
-def test_answers_are_greedy_reproducible_and_reported(tok):
+def test_answers_are_greedy_reproducible_and_reported(tok, tiny_causal_lm):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_causal_lm("llama", 2).eval()
     questions = [("What is 2 + 3?", ("5",)), ("Name a colour.", ("blue", "red"))]
     first = answer_general_questions(model, tok, questions, max_new_tokens=4)
     again = answer_general_questions(model, tok, questions, max_new_tokens=4)

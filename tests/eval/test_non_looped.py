@@ -2,19 +2,14 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from loopalign.eval import GapConfig, evaluate_gap
 
 
 @pytest.fixture(scope="module")
-def llama(tok):
+def llama(tiny_causal_lm):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_causal_lm("llama", 2).eval()
 
 
 def test_gap_of_a_plain_causal_lm_is_one_loop(llama, tok, synthetic_rows, tmp_path):

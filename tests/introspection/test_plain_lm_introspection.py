@@ -6,47 +6,13 @@ import json
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 
-def _llama(tok):
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )  # fmt: skip
-    )
-
-
-def _gpt2(tok):
-    return GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=len(tok),
-            n_embd=32,
-            n_layer=3,
-            n_head=4,
-            n_positions=512,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.bos_token_id,
-        )  # fmt: skip
-    )
-
-
-@pytest.fixture(scope="module", params=[_llama, _gpt2], ids=["llama", "gpt2"])
-def plain_folder(request, tmp_path_factory):
-    from loopalign.tokenizer import local_tokenizer
-
-    tok = local_tokenizer()
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def plain_folder(request, tok, tiny_causal_lm, tmp_path_factory):
     torch.manual_seed(0)
-    model = request.param(tok)
-    folder = tmp_path_factory.mktemp(request.param.__name__.strip("_"))
+    model = tiny_causal_lm(request.param, 3)
+    folder = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

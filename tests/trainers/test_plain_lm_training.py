@@ -10,27 +10,14 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from loopalign.trainers import GapSFTConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _llama(tok):
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    return LlamaForCausalLM(config), ["q_proj", "v_proj"]
-
-
-def _gpt2(tok):
-    config = GPT2Config(
-        vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_positions=512, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-    )  # fmt: skip
-    return GPT2LMHeadModel(config), ["c_attn"]
+#: LoRA target modules of each tiny family (conftest's ``tiny_causal_lm``)
+TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +31,15 @@ def saved_rows(gap_dataset, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family, extra",
-    [(_llama, []), (_gpt2, []), (_llama, ["--lora_layers", "1-2", "--prefix_cache", "true"])],
+    [("llama", []), ("gpt2", []), ("llama", ["--lora_layers", "1-2", "--prefix_cache", "true"])],
     ids=["llama", "gpt2", "llama-top-layers-prefix-cache"],
 )
 def test_sft_gap_command_trains_a_plain_causal_lm_and_its_adapters_reload(
-    family, extra, gap_dataset, saved_rows, tmp_path
+    family, extra, gap_dataset, saved_rows, tmp_path, tiny_causal_lm
 ):
     _, tok = gap_dataset
     torch.manual_seed(0)
-    model, targets = family(tok)
+    model, targets = tiny_causal_lm(family, 3), TARGETS[family]
     model.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     out = tmp_path / "run"
@@ -93,15 +80,17 @@ def test_sft_gap_command_trains_a_plain_causal_lm_and_its_adapters_reload(
         ({"probe_layer": 4}, "probe_layer=4 is out of range"),
     ],
 )
-def test_loop_options_a_plain_model_cannot_honour_are_refused_by_name(options, message, gap_dataset, tmp_path):
+def test_loop_options_a_plain_model_cannot_honour_are_refused_by_name(
+    options, message, gap_dataset, tmp_path, tiny_causal_lm
+):
     _, tok = gap_dataset
-    config = _llama(tok)[0].config
+    config = tiny_causal_lm("llama", 3).config
     args = GapSFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **options)
     with pytest.raises(ValueError, match=message):
         args.check_against_model(config)
 
 
-def test_a_plain_model_trains_at_its_one_loop_with_a_mid_layer_readout(gap_dataset, tmp_path):
+def test_a_plain_model_trains_at_its_one_loop_with_a_mid_layer_readout(gap_dataset, tmp_path, tiny_causal_lm):
     """One step through the trainer: the readout terms read layer 1 of a 3-layer Llama, and the loss is finite."""
     from peft import LoraConfig
 
@@ -109,7 +98,7 @@ def test_a_plain_model_trains_at_its_one_loop_with_a_mid_layer_readout(gap_datas
 
     rows, tok = gap_dataset
     torch.manual_seed(0)
-    model, targets = _llama(tok)
+    model, targets = tiny_causal_lm("llama", 3), TARGETS["llama"]
     args = GapSFTConfig(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1, per_device_train_batch_size=8,
         probe_layer=1, loss_weights={"lm": 1.0, "rr_probe": 1.0, "rr_distill": 1.0}, save_strategy="no",
@@ -124,7 +113,7 @@ def test_a_plain_model_trains_at_its_one_loop_with_a_mid_layer_readout(gap_datas
     assert torch.isfinite(torch.tensor(result.training_loss))
 
 
-def test_the_verdict_is_supervised_at_earlier_layers_through_the_logit_lens(gap_dataset, tmp_path):
+def test_the_verdict_is_supervised_at_earlier_layers_through_the_logit_lens(gap_dataset, tmp_path, tiny_causal_lm):
     """layer_verdict: the Yes/No verdict read at layers 0 and 1 through the final norm and LM head is trained on the
     labels; its loss falls on a repeated batch, and the term needs both its layers and its weight."""
     from peft import LoraConfig
@@ -134,7 +123,7 @@ def test_the_verdict_is_supervised_at_earlier_layers_through_the_logit_lens(gap_
 
     rows, tok = gap_dataset
     torch.manual_seed(0)
-    model, targets = _llama(tok)
+    model, targets = tiny_causal_lm("llama", 3), TARGETS["llama"]
     assert final_norm(model) is model.model.norm
     args = GapSFTConfig(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=12, per_device_train_batch_size=8,
@@ -165,7 +154,7 @@ def test_the_verdict_is_supervised_at_earlier_layers_through_the_logit_lens(gap_
         bad.check_against_model(model.config)
 
 
-def test_the_logit_lens_verdict_under_the_prefix_cache_equals_the_plain_path(gap_dataset, tmp_path):
+def test_the_logit_lens_verdict_under_the_prefix_cache_equals_the_plain_path(gap_dataset, tmp_path, tiny_causal_lm):
     """layer_verdict with LoRA on the top layers: the loss of one batch is the same with and without the prefix cache
     (the lens reads a trained layer above the cached ones)."""
     from peft import LoraConfig
@@ -176,7 +165,7 @@ def test_the_logit_lens_verdict_under_the_prefix_cache_equals_the_plain_path(gap
     losses = []
     for cache in (False, True):
         torch.manual_seed(0)
-        model, targets = _llama(tok)
+        model, targets = tiny_causal_lm("llama", 3), TARGETS["llama"]
         args = GapSFTConfig(
             output_dir=str(tmp_path / str(cache)), report_to="none", use_cpu=True, max_steps=1,
             per_device_train_batch_size=8, verdict_layers="1", prefix_cache=cache,
