@@ -21,6 +21,7 @@ import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
 from loopalign.eval.introspection import (
     RESULT_RULE,
     IntrospectionConfig,
+    check_loop_counts,
     evaluate_introspection,
     parse_indices,
     positive_control_verdict,
@@ -191,6 +192,7 @@ def run(args: EvalIntrospectionArguments) -> dict:
     label = {"tiny": "tiny (random)"}.get(args.model_name_or_path, args.model_name_or_path)
     depth = trained_loops(model)
     cfg = intro_config(args, depth)
+    check_loop_counts(model, cfg.loop_counts, "--loop_counts")
     max_n = max(cfg.loop_counts or (depth,))
     vectors = concept_vectors_for(
         model, tok, args.concept_vectors, CONCEPT_WORDS[: args.n_concepts], vector_layers(args, model), max_n

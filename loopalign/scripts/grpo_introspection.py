@@ -24,6 +24,7 @@ import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
 from loopalign.eval.introspection import (
     RESULT_RULE,
     IntrospectionConfig,
+    check_loop_counts,
     compare_introspection,
     evaluate_introspection,
     naming_rate,
@@ -236,6 +237,7 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
     label = {"tiny": "tiny (random)"}.get(name, name)
     n_model = trained_loops(model)
     eval_ns = parse_indices(script_args.eval_loop_counts, "eval_loop_counts") or (n_model,)
+    check_loop_counts(model, eval_ns, "--eval_loop_counts")
     vec_loops = script_args.vector_loops or max(max(eval_ns), n_model)
     vectors = concept_vectors_for(
         model, tok, training_args.concept_vectors, CONCEPT_WORDS[: script_args.n_concepts],

@@ -65,6 +65,17 @@ def test_injection_at_loop_zero_changes_a_plain_lms_generation(plain_folder):
             pass
 
 
+def test_other_loop_counts_on_a_plain_lm_fail_naming_the_option(plain_folder, tmp_path):
+    """--loop_counts 4 on a plain LM fails after the load, before any vector or trial, naming the option."""
+    from loopalign.cli import main
+
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match=r"--loop_counts=4: .* is a plain causal LM and runs one loop"):
+        main(["eval-introspection", "--model_name_or_path", str(plain_folder), "--device", "cpu", "--loop_counts", "4",
+              "--output_dir", str(out)])  # fmt: skip
+    assert not out.exists()
+
+
 def test_resolve_loop_words_reads_the_models_depth():
     from loopalign.eval.introspection import resolve_loop_words
 

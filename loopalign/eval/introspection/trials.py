@@ -28,7 +28,7 @@ import torch
 from loopalign.batching import pad_left, pad_token_id
 from loopalign.injection import inject_rows, residual_site_norms, trial_prompt, trial_vectors
 from loopalign.loops import parse_int_set
-from loopalign.models.contract import loop_generate_kwargs
+from loopalign.models.contract import is_looped, loop_generate_kwargs, unwrap
 
 from .grading import Judge, grade_response
 from .judges import grader_agreement
@@ -92,6 +92,16 @@ def resolve_loop_words(loop_counts, extraction_loops: str, depth: int) -> tuple:
         counts = parse_indices(loop_counts, "loop_counts")
         extraction_loops = str(max(counts or (depth,)) - 1)
     return loop_counts, extraction_loops
+
+
+def check_loop_counts(model, loop_counts, option: str) -> None:
+    """Fail before any work when a plain causal LM (one loop) is asked for other loop counts, naming ``option``."""
+    counts = sorted(set(loop_counts or ()))
+    if not is_looped(model) and counts and counts != [1]:
+        raise ValueError(
+            f"{option}={','.join(map(str, counts))}: {type(unwrap(model)).__name__} is a plain causal LM and runs one "
+            f"loop; pass {option} 1 (or 'trained')"
+        )
 
 
 @dataclass
