@@ -194,6 +194,19 @@ def test_cache_builds_once_reuses_and_rebuilds_on_a_new_version(monkeypatch, tmp
     assert f"build fingerprint `{fingerprint_hash(meta['build'])}`" in card
     assert not list(tmp_path.glob(".tmp-*"))
     assert model.config.total_ut_steps == 2 and not model.training
+    # docs/organism.md's table of builds reads the same figures back from the folder (and from its saved rows)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("organism_table", REPO / "benchmarks" / "organism_table.py")
+    organism_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(organism_table)
+    (depth_row,) = [r for r in meta["eval"]["table"] if r["loop"] == cfg.num_loops]
+    row = organism_table.build_row(str(path))
+    assert row["max_operand"] == cfg.max_operand and row["rr"] == depth_row["rr"] and row["sv"] == depth_row["sv"]
+    assert row["rr_all_sites"] is not None
+    rows_json = tmp_path / "rows.json"
+    assert organism_table.main([str(path), "--save", str(rows_json)]) == 0
+    assert json.loads(rows_json.read_text())["rows"] == [row] and organism_table.main([str(rows_json)]) == 0
 
     # reused: the same folder, untouched, and it loads without building
     stamp = (path / "organism.json").stat().st_mtime_ns
