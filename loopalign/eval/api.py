@@ -28,6 +28,7 @@ from .readout import (
     calibrate_scores,
     fit_all_sites_readout,
     fit_readout,
+    fit_train_split_readout,
     frozen_probes,
     load_frozen_probes,
     resolve_select_by,
@@ -71,6 +72,8 @@ class GapConfig:
     compile_layers: bool = False  # torch.compile the layers for feature extraction (sets features.compile_layers)
     all_sites_probe: bool = True  # also a stronger yardstick beside RR: one probe per loop over every extracted
     # layer x probe position, on RR's splits (table: rr_all_sites, rr_all_sites_auroc; records: rr_all_prob)
+    train_split_records: int = 512  # with evaluate_gap(probe_train_dataset=...): the training records the
+    # train-split probe is fitted on, whole clusters drawn with `seed` up to this many (0: all of them)
 
     def __post_init__(self):
         self.loops = parse_loops(self.loops, "GapConfig.loops")
@@ -90,6 +93,8 @@ class GapConfig:
             raise ValueError(f"GapConfig.n_boot must be >= 10, got {self.n_boot}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"GapConfig.alpha must be in (0, 1), got {self.alpha}")
+        if self.train_split_records < 0:
+            raise ValueError(f"GapConfig.train_split_records must be >= 0 (0: all), got {self.train_split_records}")
         if self.sampled_max_new_tokens < 1:
             raise ValueError(f"GapConfig.sampled_max_new_tokens must be >= 1, got {self.sampled_max_new_tokens}")
 
@@ -144,6 +149,7 @@ def evaluate_gap(
     wandb: bool = False,
     wandb_kwargs: dict | None = None,
     frozen_probes: str | dict[str, LinearProbe] | None = None,
+    probe_train_dataset=None,
 ) -> GapResult:
     """SV and RR per loop (one forward per batch serves every loop), the gap table with bootstrap
     CIs, and TP when ``config.task`` is set. With ``out_dir``: gap.json, gap.md, plots and
@@ -158,14 +164,53 @@ def evaluate_gap(
     they are applied unchanged to this model's features, each record scored by the probe that held it
     out, and the posteriors land in ``records['rr_frozen_prob']`` [T][N] for the frozen half of
     :func:`loopalign.eval.compare`'s part (c). Checked before any model work.
+
+    ``probe_train_dataset``: labelled records the evaluation never scores (the fine-tune's training split), in
+    the dataset's format: a stronger yardstick beside RR, a probe fitted on them through this model
+    (:func:`loopalign.eval.readout.fit_train_split_readout`; ``config.train_split_records`` of them) and applied
+    to every evaluated record: ``rr_train_split`` / ``rr_train_split_auroc`` in the table,
+    ``records['rr_train_prob']``. Its records are checked (labels, no id shared with ``dataset``) before any
+    model work.
     """
     if frozen_probes is not None:
         frozen_probes = _frozen(frozen_probes)
+    train_records = None
+    if probe_train_dataset is not None:
+        train_records = _train_split_records(probe_train_dataset, dataset, tokenizer, config or GapConfig())
     args = (model, tokenizer, dataset, loops, config, verifier, out_dir, wandb, wandb_kwargs, frozen_probes)
+    args += (train_records,)
     if out_dir is None:
         return _evaluate_gap(*args)
     with folder_lock(out_dir, "evaluate_gap"):
         return _evaluate_gap(*args)
+
+
+def _train_split_records(train, dataset, tokenizer, config: GapConfig) -> list:
+    """The train-split probe's records, validated (labelled, disjoint from ``dataset``) and drawn: whole clusters
+    in a seeded order until ``config.train_split_records`` records (0: all)."""
+    records = prepare_records(train, tokenizer=tokenizer, require_label=True, group_by=config.group_by)
+    evaluated = {str(row["id"]) for row in dataset if row.get("id") is not None}  # records without an id: unchecked
+    shared = [str(row["id"]) for row in train if row.get("id") is not None and str(row["id"]) in evaluated]
+    if shared:
+        raise ValueError(
+            f"probe_train_dataset: record {shared[0]!r} (and {len(shared) - 1} more) is also in the evaluated "
+            "dataset: the train-split probe must be fitted on records the evaluation never scores"
+        )
+    if config.train_split_records and len(records) > config.train_split_records:
+        by_group: dict[str, list] = {}
+        for r in records:
+            by_group.setdefault(r.group, []).append(r)
+        order = list(by_group)
+        np.random.default_rng(config.seed).shuffle(order)
+        kept = []
+        for g in order:
+            if len(kept) >= config.train_split_records:
+                break
+            kept += by_group[g]
+        records = kept
+    if len({r.label for r in records}) < 2:
+        raise ValueError(f"probe_train_dataset: its {len(records)} drawn records hold a single class")
+    return records
 
 
 def _frozen(probes) -> dict[str, LinearProbe]:
@@ -177,7 +222,7 @@ def _frozen(probes) -> dict[str, LinearProbe]:
 
 
 def _evaluate_gap(
-    model, tokenizer, dataset, loops, config, verifier, out_dir, wandb, wandb_kwargs, frozen=None
+    model, tokenizer, dataset, loops, config, verifier, out_dir, wandb, wandb_kwargs, frozen=None, train_records=None
 ) -> GapResult:
     config = config or GapConfig()
     if loops is not None:
@@ -197,6 +242,11 @@ def _evaluate_gap(
     readout = fit_readout(feats, readout_config, metric)
     rr_frozen = apply_frozen_probes(feats, frozen) if frozen is not None else None
     rr_all = fit_all_sites_readout(feats, readout.splits, readout_config) if config.all_sites_probe else None
+    rr_train, train_probes = None, None
+    if train_records is not None:
+        train_feats = extract_features(model, train_records, config.loops, verdict_ids, config.features, pad_id=pad_id)
+        rr_train, train_probes = fit_train_split_readout(train_feats, feats, readout_config)
+        del train_feats
     t_probe = time.perf_counter() - start - t_feat
     ev = readout.eval_index
     sv_prob, sv_pred = sv_predictions(feats, config.sv_decision)
@@ -244,6 +294,11 @@ def _evaluate_gap(
             decided = (scored > 0.5).astype(np.int64)
             row["rr_all_sites"] = metric_value(metric, labels[ev], scored, decided)
             row["rr_all_sites_auroc"] = metric_value("auroc", labels[ev], scored, decided)
+        if rr_train is not None:
+            scored = rr_train[ti, ev]
+            decided = (scored > 0.5).astype(np.int64)
+            row["rr_train_split"] = metric_value(metric, labels[ev], scored, decided)
+            row["rr_train_split_auroc"] = metric_value("auroc", labels[ev], scored, decided)
     controls, control_probs, t_controls = None, {}, 0.0
     if config.controls:
         t0 = time.perf_counter()
@@ -297,6 +352,7 @@ def _evaluate_gap(
             **{f"control_{k}_prob": v.tolist() for k, v in control_probs.items() if v is not None},
             **({"rr_frozen_prob": rr_frozen.tolist()} if rr_frozen is not None else {}),
             **({"rr_all_prob": rr_all.tolist()} if rr_all is not None else {}),
+            **({"rr_train_prob": rr_train.tolist()} if rr_train is not None else {}),
         },
         tp=tp,
         sv_sampled=sampled,
@@ -319,6 +375,9 @@ def _evaluate_gap(
             "all_sites_readout": None
             if rr_all is None
             else {"layers": readout.layer_names, "n_sites": len(feats.layers) * int(feats.states.shape[3])},
+            "train_split_readout": None
+            if rr_train is None
+            else {"n_train": len(train_records), "per_loop": train_probes},
             "label_balance": dict(balance, min_minority_share=config.min_minority_share, unbalanced=unbalanced),
             "clusters": {
                 "field": config.group_by,

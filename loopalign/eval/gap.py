@@ -46,7 +46,7 @@ __all__ = [
     "VERDICT_RULE",
     "tp_deltas",
 ]
-from .report import compare_markdown, gap_markdown, log_wandb, save_gap
+from .report import YARDSTICK_TABLES, compare_markdown, gap_markdown, log_wandb, save_gap
 
 
 def parse_loops(spec: str | int | list[int] | tuple[int, ...], option: str = "loops") -> list[int]:
@@ -233,6 +233,11 @@ class GapResult:
         the record); None when this result has none."""
         return self._posteriors("rr_all_prob")
 
+    def train_split_rr(self) -> np.ndarray | None:
+        """[T, N] posteriors of the train-split probe (``evaluate_gap(probe_train_dataset=...)``); None when this
+        result has none."""
+        return self._posteriors("rr_train_prob")
+
     def _posteriors(self, key: str) -> np.ndarray | None:
         """``records[key]`` ([T][N] posteriors, None where unscored) as a float array with NaN; None when absent."""
         rows = self.records.get(key)
@@ -404,16 +409,22 @@ class Comparison:
         return compare_markdown(self)
 
 
+#: the stronger yardsticks beside RR (never in place of it): compare's figure prefix -> the records' posteriors
+#: (what each is: ``loopalign.eval.report.YARDSTICK_TABLES``, the same keys)
+YARDSTICKS = {"all": "rr_all_prob", "train": "rr_train_prob"}
+
+
 def _eval_arrays(res: GapResult, loops: list[int]):
     """The RR-scored records of ``res`` at ``loops``: ids, y, SV P(yes), SV decision, RR posterior, frozen
-    RR posterior and all-sites posterior (each NaN [T, n] when absent) and clusters."""
+    RR posterior (NaN [T, n] when absent), the yardsticks' posteriors by :data:`YARDSTICKS` name (absent ones
+    left out) and clusters."""
     ids, y, ev, svp, svd, rrp = res.arrays()
     ti = [res.loops.index(t) for t in loops]
     keep = np.flatnonzero(ev)
     clusters = res.clusters()
-    frozen, every = res.frozen_rr(), res.all_sites_rr()
+    frozen = res.frozen_rr()
     frozen = np.full(rrp.shape, np.nan) if frozen is None else frozen
-    every = np.full(rrp.shape, np.nan) if every is None else every
+    sticks = {k: res._posteriors(key) for k, key in YARDSTICKS.items()}
     return (
         [ids[i] for i in keep],
         y[keep],
@@ -421,7 +432,7 @@ def _eval_arrays(res: GapResult, loops: list[int]):
         svd[ti][:, keep],
         rrp[ti][:, keep],
         frozen[ti][:, keep],
-        every[ti][:, keep],
+        {k: v[ti][:, keep] for k, v in sticks.items() if v is not None},
         [clusters[i] for i in keep],
     )
 
@@ -527,10 +538,14 @@ COMPARE_FIGURES = (
     "sv_reach_auroc",  # AUROC of SV after - AUROC of RR before (part a)
     "rr_frozen_after",  # the before probes, frozen, on the after features
     "rr_drift",  # RR frozen after - RR before (part c)
-    "rr_all_before",  # the stronger yardstick: the all-sites probe on the base model (NaN when not computed)
-    "sv_reach_all",  # SV after - RR all sites before (flag f)
-    "rr_all_auroc_before",
-    "sv_reach_all_auroc",
+    # the stronger yardsticks (YARDSTICKS; NaN when not computed) on the base model, and SV after against them:
+    # all = one probe over every layer x position (rr_all_before, sv_reach_all, ...), train = a probe fitted on
+    # the training split (rr_train_before, sv_reach_train, ...)
+    *(
+        f"{name}{k}{tail}"
+        for k in YARDSTICKS
+        for name, tail in (("rr_", "_before"), ("sv_reach_", ""), ("rr_", "_auroc_before"), ("sv_reach_", "_auroc"))
+    ),
 )
 
 
@@ -579,9 +594,8 @@ def compare(before: GapResult, after: GapResult, config: CompareConfig | None = 
             f"compare: loops {missing or loops} not in both results (before {before.loops}, after {after.loops})"
         )
     reported = common
-    b_ids, b_y, b_svp, b_svd, b_rr, _, b_all, b_cl = _eval_arrays(before, reported)
+    b_ids, b_y, b_svp, b_svd, b_rr, _, b_sticks, b_cl = _eval_arrays(before, reported)
     a_ids, a_y, a_svp, a_svd, a_rr, a_frz, _, a_cl = _eval_arrays(after, reported)
-    all_present = before.all_sites_rr() is not None
     shared = sorted(set(b_ids) & set(a_ids))
     paired = len(shared) > 0 and len(shared) >= 0.5 * min(len(b_ids), len(a_ids))
     if paired:
@@ -616,11 +630,16 @@ def compare(before: GapResult, after: GapResult, config: CompareConfig | None = 
             frz = np.array([_masked_metric(metric, a_y[a_idx], a_frz[t, a_idx]) for t in range(n_loops)])
         else:
             frz = np.full(n_loops, np.nan)
-        if all_present:
-            every = np.array([_masked_metric(metric, b_y[b_idx], b_all[t, b_idx]) for t in range(n_loops)])
-            every_auc = np.array([_masked_metric("auroc", b_y[b_idx], b_all[t, b_idx]) for t in range(n_loops)])
-        else:
-            every = every_auc = np.full(n_loops, np.nan)
+        sticks = []
+        for k in YARDSTICKS:
+            if k in b_sticks:
+                yard = np.array([_masked_metric(metric, b_y[b_idx], b_sticks[k][t, b_idx]) for t in range(n_loops)])
+                yard_auc = np.array(
+                    [_masked_metric("auroc", b_y[b_idx], b_sticks[k][t, b_idx]) for t in range(n_loops)]
+                )
+            else:
+                yard = yard_auc = np.full(n_loops, np.nan)
+            sticks += [yard, sv_a - yard, yard_auc, sv_auc_a - yard_auc]
         gap_b, gap_a = rr_b - sv_b, rr_a - sv_a
         figures = np.stack(
             [
@@ -641,10 +660,7 @@ def compare(before: GapResult, after: GapResult, config: CompareConfig | None = 
                 sv_auc_a - rr_auc_b,
                 frz,
                 frz - rr_b,
-                every,
-                sv_a - every,
-                every_auc,
-                sv_auc_a - every_auc,
+                *sticks,
             ]
         )  # [F, n_loops]
         with np.errstate(all="ignore"), _quiet():
@@ -848,12 +864,11 @@ def _judge(s: dict, tp: list[dict], depth: int, frozen: bool, config: CompareCon
             f,
             f"lower bound of SV after − RR before {_pts(s['sv_reach_lo'])} > {_pts(d)}: {yn[f]}"
             + (" (the fine-tune taught the task, or RR is too weak a yardstick)" if f else "")
-            + (
-                f"; against the stronger yardstick (one probe over every layer x position, base model, "
-                f"{_pts(s['rr_all_before'], False)}): SV after − it = {_ci_pts(s, 'sv_reach_all')}, in AUROC "
-                f"{_ci_pts(s, 'sv_reach_all_auroc')}"
-                if not np.isnan(s.get("rr_all_before", np.nan))
-                else ""
+            + "".join(
+                f"; against the stronger yardstick ({what}, base model, {_pts(s[f'rr_{k}_before'], False)}): "
+                f"SV after − it = {_ci_pts(s, f'sv_reach_{k}')}, in AUROC {_ci_pts(s, f'sv_reach_{k}_auroc')}"
+                for k, (what, _) in YARDSTICK_TABLES.items()
+                if not np.isnan(s.get(f"rr_{k}_before", np.nan))
             ),
         )
     )

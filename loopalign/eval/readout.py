@@ -25,6 +25,7 @@ __all__ = [
     "ReadoutResult",
     "all_sites_features",
     "fit_all_sites_readout",
+    "fit_train_split_readout",
     "make_splits",
     "fit_readout",
     "select_features",
@@ -310,6 +311,59 @@ def fit_all_sites_readout(
                 probe = max(scored, key=lambda item: item[0])[1]
                 prob[ti, test] = probe.predict_proba(x[test]).numpy()
     return prob
+
+
+def fit_train_split_readout(
+    train: Features, features: Features, config: ReadoutConfig
+) -> tuple[np.ndarray, list[dict]]:
+    """A stronger yardstick beside RR: per loop, a linear probe fitted on records the evaluation never scores
+    (``train``: typically the fine-tune's labelled training split, through the same model), applied to every
+    record of ``features``. Its layer and L2 are chosen by ``config.folds``-fold cross-validation on ``train``
+    (grouped like RR's splits; the mean validation score by ``config.select_by``, resolved, not "headline"),
+    then it is refitted on all of ``train`` at that layer and L2, at ``config.position``.
+    -> ([T, N] P(label 1) on every record of ``features``, per loop {"loop", "layer", "l2", "n_train"})."""
+    for name, f in (("train", train), ("features", features)):
+        if f.states is None:
+            raise ValueError(f"fit_train_split_readout: {name} were extracted with keep_states=False")
+    if config.select_by == "headline":
+        raise ValueError("fit_train_split_readout: resolve select_by first (resolve_select_by)")
+    if list(train.loops) != list(features.loops) or list(train.layers) != list(features.layers):
+        raise ValueError(
+            f"fit_train_split_readout: the training records were extracted at loops {train.loops} / layers "
+            f"{train.layers}, the evaluated ones at loops {features.loops} / layers {features.layers}"
+        )
+    shared = sorted(set(train.ids) & set(features.ids))
+    if shared:
+        raise ValueError(
+            f"fit_train_split_readout: {len(shared)} records are in both the training split and the evaluation "
+            f"(first {shared[0]!r}): a held-out yardstick cannot be fitted on what it scores"
+        )
+    splits = make_splits(train.ids, train.labels, train.groups, dataclasses.replace(config, split="kfold"))
+    y_all = torch.as_tensor(train.labels)
+    prob = np.full((len(features.loops), len(features.ids)), np.nan)
+    chosen = []
+    for ti, t in enumerate(features.loops):
+        best = None  # (summed held-out fold score, layer index, l2); ties keep the shallower layer
+        for li in range(len(train.layers)):
+            x = select_features(train.states[ti, li], config.position).float()
+            scores = np.zeros(len(config.l2_grid))
+            for fit_part, val, held in splits:  # fit on all folds but one, score that one
+                fit_idx = np.concatenate([fit_part, val])
+                fitted = fit_probes(x[fit_idx], y_all[fit_idx], config.l2_grid, config.fit)
+                with torch.no_grad():
+                    y_held = train.labels[held]
+                    scores += [_score(y_held, p.predict_proba(x[held]).numpy(), config.select_by) for p in fitted]
+            ci = int(np.argmax(scores))
+            if best is None or scores[ci] > best[0]:
+                best = (scores[ci], li, config.l2_grid[ci])
+        _, li, l2 = best
+        x = select_features(train.states[ti, li], config.position).float()
+        probe = fit_probes(x, y_all, [l2], config.fit)[0]
+        with torch.no_grad():
+            x_eval = select_features(features.states[ti, li], config.position).float()
+            prob[ti] = probe.predict_proba(x_eval).double().numpy()
+        chosen.append({"loop": t, "layer": train.layer_names[li], "l2": float(l2), "n_train": len(train.ids)})
+    return prob, chosen
 
 
 def frozen_probes(probes: dict[str, LinearProbe]) -> dict[str, LinearProbe]:

@@ -99,7 +99,9 @@ def gap_markdown(result) -> str:
             "",
         ]
     every = any(row.get("rr_all_sites") is not None for row in result.table)
+    trained = any(row.get("rr_train_split") is not None for row in result.table)
     header = "| loop | SV | RR | gap RR−SV | RR fixed layer |" + (" RR all sites |" if every else "")
+    header += " RR train split |" if trained else ""
     header += " SV all records | valid verdicts | best layer (folds) |"
     if tp:
         header += " TP |"
@@ -112,6 +114,7 @@ def gap_markdown(result) -> str:
             _ci(row, "gap"),
             _pct(row.get("rr_fixed")),
             *([_pct(row.get("rr_all_sites"))] if every else []),
+            *([_pct(row.get("rr_train_split"))] if trained else []),
             _pct(sv_all.get(result.metric)),
             _pct(sv_all.get("valid_rate")),
             _per_fold(row.get("best_layer", "")),
@@ -253,6 +256,16 @@ def controls_markdown(controls: dict | None, metric: str) -> list[str]:
 #: metrics a label-prior predictor can score well with on unbalanced labels
 _PRIOR_METRICS = ("accuracy", "f1")
 
+#: the stronger yardsticks beside RR (``loopalign.eval.gap.YARDSTICKS``, the same keys): what each is, and its column
+YARDSTICK_TABLES = {
+    "all": ("one linear probe over every layer RR may read x both probe positions, on RR's splits", "RR all sites"),
+    "train": (
+        "a linear probe fitted on the training split (its layer and L2 by cross-validation there), applied to "
+        "every evaluated record",
+        "RR train split",
+    ),
+}
+
 
 def _prior_driven(result) -> bool:
     """The evaluated labels are unbalanced (meta ``label_balance``): accuracy there is prior-driven."""
@@ -358,20 +371,22 @@ def compare_markdown(comp) -> str:
                 + [_dci(r, "sv_reach_auroc")]
             ),
         )
-    if comp.rows and comp.rows[0].get("rr_all_before") is not None and not np.isnan(comp.rows[0]["rr_all_before"]):
+    for k, (what, column) in YARDSTICK_TABLES.items():
+        first = comp.rows[0].get(f"rr_{k}_before") if comp.rows else None
+        if first is None or np.isnan(first):
+            continue
         lines += [
             "",
-            "A stronger yardstick beside RR (never in place of it): one linear probe over every layer RR may read x "
-            "both probe positions, on the base model, on RR's splits:",
+            f"A stronger yardstick beside RR (never in place of it): {what}, on the base model:",
             "",
-            "| loop | RR all sites before | SV after − it | its AUROC before | SV AUROC after − it |",
+            f"| loop | {column} before | SV after − it | its AUROC before | SV AUROC after − it |",
             "|---|---|---|---|---|",
         ]
         lines += _loop_rows(
             comp.rows,
-            lambda r: (
-                [_pct(r["rr_all_before"]), _dci(r, "sv_reach_all")]
-                + [_pct(r["rr_all_auroc_before"]), _dci(r, "sv_reach_all_auroc")]
+            lambda r, k=k: (
+                [_pct(r[f"rr_{k}_before"]), _dci(r, f"sv_reach_{k}")]
+                + [_pct(r[f"rr_{k}_auroc_before"]), _dci(r, f"sv_reach_{k}_auroc")]
             ),
         )
     extra = getattr(comp, "extrapolation", None) or []
@@ -538,7 +553,7 @@ def log_wandb(
                 data[prefix + "tp"] = tp[row["loop"]]
             run.log(data)
         cols = ["loop", "sv", "sv_lo", "sv_hi", "rr", "rr_lo", "rr_hi", "gap", "gap_lo", "gap_hi", "rr_fixed"]
-        cols += ["rr_all_sites", "rr_all_sites_auroc"]
+        cols += ["rr_all_sites", "rr_all_sites_auroc", "rr_train_split", "rr_train_split_auroc"]
         table = wandb.Table(columns=cols, data=[[row.get(c) for c in cols] for row in result.table])
         layers, per_layer = per_layer_rows(result)
         if layers:

@@ -120,6 +120,14 @@ class GapEvalArguments:
             "positions (rr_all_sites in gap.md; compare.md sets SV after against it)."
         },
     )
+    train_split_records: int = field(
+        default=_GAP.train_split_records,
+        metadata={
+            "help": "The train-split probe (a stronger yardstick beside RR, fitted on labelled training records "
+            "the evaluation never scores; rr_train_split in gap.md, compare.md sets SV after against it): at most "
+            "this many of them, whole clusters (0: all)."
+        },
+    )
     author_field: str = field(
         default=str(_GAP.author_field),
         metadata={"help": "Record field naming each answer's author for the author control (auto | none | a field)."},
@@ -184,6 +192,7 @@ class GapEvalArguments:
             sampled_verdict=self.sampled_verdict,
             controls=self.controls,
             all_sites_probe=self.all_sites_probe,
+            train_split_records=self.train_split_records,
             author_field=None if self.author_field.lower() == "none" else self.author_field,
         )
         kwargs.update(overrides)

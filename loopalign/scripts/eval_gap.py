@@ -117,6 +117,14 @@ class EvalGapScriptArguments(GapEvalArguments):
     verdict_depth: int | None = field(
         default=None, metadata={"help": "Loop of the --compare verdict (default: the trained depth)."}
     )
+    probe_train_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Labelled records the evaluation never scores, for the train-split probe (a stronger yardstick "
+            "beside RR, rr_train_split): a build, saved dataset or .jsonl rendered for this model, or 'train' with "
+            "--dataset statements (the training entities sft-gap trains on). Unset: no train-split probe."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -139,6 +147,13 @@ class EvalGapScriptArguments(GapEvalArguments):
             raise ValueError(f"verdict_tokens must be two tokens 'yes,no', got {self.verdict_tokens!r}")
         if self.report_to not in ("none", "wandb"):
             raise ValueError(f"report_to must be 'none' or 'wandb', got {self.report_to!r}")
+        if self.probe_train_dataset == "train" and not is_statement_spec(self.dataset or ""):
+            raise ValueError(
+                "probe_train_dataset='train' names the training entities of --dataset statements; with another "
+                f"dataset ({self.dataset!r}) give the training records' path"
+            )
+        if self.probe_train_dataset not in (None, "train") and not os.path.exists(self.probe_train_dataset):
+            raise ValueError(f"probe_train_dataset {self.probe_train_dataset!r} does not exist")
         if self.compare and not os.path.exists(
             os.path.join(self.compare, "gap.json") if os.path.isdir(self.compare) else self.compare
         ):
@@ -202,6 +217,17 @@ def default_output_dir(model_name: str) -> str:
     return f"outputs/eval_gap_{slug}"
 
 
+def load_probe_train_records(args: EvalGapScriptArguments, tokenizer):
+    """The train-split probe's records (``--probe_train_dataset``), or None."""
+    if args.probe_train_dataset is None:
+        return None
+    if args.probe_train_dataset == "train":  # the statement entities sft-gap trains on
+        return statement_splits(args.dataset, tokenizer, args.dataset_limit, STATEMENT_EVAL_FRACTION)[0]
+    data = load_eval_dataset(args.probe_train_dataset)
+    check_rendered_with(data, tokenizer)
+    return data
+
+
 def evaluate(args: EvalGapScriptArguments) -> GapResult:
     """The recipe on parsed arguments: load, measure, write (and compare with ``args.compare``)."""
     model_name = args.model_name_or_path
@@ -216,6 +242,7 @@ def evaluate(args: EvalGapScriptArguments) -> GapResult:
         frozen = load_frozen_probes(before_dir, required=False)
     model, tok = load_model(model_name, device=args.device, dtype=args.dtype, seed=args.seed)
     data, group_by = load_records(args, tok)
+    probe_train = load_probe_train_records(args, tok)
     loops = (
         parse_loop_counts(args.eval_loops, "eval_loops")
         if args.eval_loops is not None
@@ -240,6 +267,7 @@ def evaluate(args: EvalGapScriptArguments) -> GapResult:
         wandb=args.report_to == "wandb",
         wandb_kwargs={"project": args.wandb_project, "name": f"eval_gap:{model_name}"},
         frozen_probes=frozen,
+        probe_train_dataset=probe_train,
     )
     print(result.markdown())
     if args.compare:

@@ -62,7 +62,7 @@ from loopalign.trainers.gap_data import (
     statements_only,
     table_dataset,
 )
-from loopalign.trainers.probe_targets import PROBE_LABEL
+from loopalign.trainers.probe_targets import PROBE_LABEL, labelled_subset
 
 # Used when no --config is given: the model organism (loopalign.organism, built into the cache on first
 # use), trained on its own training tasks and evaluated on its held-out ones (tasks neither the organism
@@ -166,6 +166,14 @@ class GapScriptArguments(GapEvalArguments):
     )
     transfer_goal: float = field(
         default=0.5, metadata={"help": "Transfer rule: the mean SV recovery on held-out families to reach (0-1]."}
+    )
+    train_split_probe: bool = field(
+        default=True,
+        metadata={
+            "help": "Also fit, before and after, a probe on the run's labelled training records (train_split_records "
+            "of them) and score the held-out ones with it: a stronger yardstick beside RR (rr_train_split), which "
+            "reads the evaluation folds only."
+        },
     )
     general_questions: bool = field(
         default=False,
@@ -450,6 +458,23 @@ def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, trainin
     return train_ds, eval_ds, sets
 
 
+def labelled_training_records(train_ds, label_fraction: float, seed: int, group_by: str = "task"):
+    """The training records whose labels the run may read, for the train-split probe: not those of families
+    trained as text only (``labelled`` False), and under ``label_fraction`` < 1 the same labelled share the
+    probe_distill targets use. None when they do not hold both classes (said so)."""
+    keep = [i for i, row in enumerate(train_ds) if row["label"] is not None and row.get("labelled", True)]
+    if label_fraction < 1.0 and "labelled" not in train_ds.column_names:
+        rows = train_ds.select(keep)
+        groups = [str(r.get(group_by) if r.get(group_by) is not None else r["id"]) for r in rows]
+        chosen = labelled_subset(groups, np.asarray(rows["label"], dtype=np.int64), label_fraction, seed)
+        keep = [i for i, k in zip(keep, chosen) if k]
+    part = train_ds.select(keep)
+    if len(set(part["label"])) < 2:
+        print(f"train-split probe: left out ({len(part)} labelled training records, not both classes)")
+        return None
+    return part
+
+
 def evaluate_families(
     model, tokenizer, family_sets: dict, gap_config, out_dir: str, resume=None, frozen_from: str | None = None
 ) -> dict:
@@ -569,6 +594,11 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         gap_config.task = None  # a statement is judged as it stands: there is no answer of the model's to score
         if training_args.process_index == 0:
             print("TP: not measured (statement records have no task for the model to answer)")
+    probe_train = None
+    if script_args.train_split_probe:  # the stronger yardstick fitted on the labelled training split
+        probe_train = labelled_training_records(
+            train_ds, training_args.label_fraction, training_args.seed, gap_config.group_by or "task"
+        )
     wandb = "wandb" in (training_args.report_to or [])
     out = training_args.output_dir
     before_dir = os.path.join(out, "before")
@@ -583,7 +613,9 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         else:
             print(f"train {len(train_ds)} / held-out {len(eval_ds)} verification records; evaluating before training")
             with times("before_eval"):
-                before = evaluate_gap(model, tokenizer, eval_ds, config=gap_config, out_dir=before_dir)
+                before = evaluate_gap(
+                    model, tokenizer, eval_ds, config=gap_config, out_dir=before_dir, probe_train_dataset=probe_train
+                )
             print(short_markdown(before, os.path.join(before_dir, "gap.md")))
 
     if training_args.process_index == 0:
@@ -643,7 +675,15 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
             # the before-evaluation's probes, frozen, on the tuned features (part c's drift; None: an old before/)
             frozen = load_frozen_probes(before_dir, required=False)
             after_dir = os.path.join(out, "after")
-            after = evaluate_gap(tuned, tokenizer, eval_ds, config=gap_config, out_dir=after_dir, frozen_probes=frozen)
+            after = evaluate_gap(
+                tuned,
+                tokenizer,
+                eval_ds,
+                config=gap_config,
+                out_dir=after_dir,
+                frozen_probes=frozen,
+                probe_train_dataset=probe_train,
+            )
         comparison = compare(before, after, compare_config)
         atomic_write_text(os.path.join(out, "compare.md"), comparison.markdown())
         atomic_write_text(os.path.join(out, "compare.json"), comparison.to_json())

@@ -140,6 +140,12 @@ def test_probe_label_families_fit_the_target_probe_but_no_other_term(
     check = json.loads((out / "probe_targets_check.json").read_text())
     assert set(check) == {"b", "c"} and check["b"]["n"] == train_of["b"] and check["c"]["n"] == train_of["c"] > 0
     assert all(0 <= check[f]["auroc"] <= 1 for f in "bc")
+    # the train-split yardstick reads the labels the verdict terms train on: a's, not b's or c's
+    for when in ("before", "after"):
+        assert (
+            json.loads((out / when / "gap.json").read_text())["meta"]["train_split_readout"]["n_train"] == train_of["a"]
+        )
+    assert json.loads((out / "compare.json").read_text())["rows"][0]["rr_train_before"] is not None
 
 
 def test_unlabeled_families_need_probe_distillation(gap_dataset, llama_folder, tmp_path, sft_gap_script, parse_sft_gap):

@@ -1,0 +1,139 @@
+"""The train-split probe ([verdict-v2] item 2): a stronger yardstick beside RR, fitted on labelled records the
+evaluation never scores (the fine-tune's training split), its layer and L2 chosen by cross-validation there, applied
+to every evaluated record; evaluate_gap reports it per loop and compare() sets SV after against it."""
+
+import numpy as np
+import pytest
+import torch
+
+from loopalign.data.candidates import controlled_candidates
+from loopalign.data.prompts import render_records
+from loopalign.data.sources.synthetic import generate_problems
+from loopalign.eval import GapConfig, GapResult, ReadoutConfig, compare, evaluate_gap, gap_table
+from loopalign.eval.features import Features
+from loopalign.eval.metrics import auroc
+from loopalign.eval.readout import fit_train_split_readout, resolve_select_by
+from loopalign.probes import ProbeFitConfig
+
+CFG = resolve_select_by(
+    ReadoutConfig(split="kfold", folds=4, l2_grid=(1e-3, 1e-1), fit=ProbeFitConfig(device="cpu")), "auroc"
+)
+
+
+def _features(n_tasks, prefix, seed, hidden=6) -> Features:
+    """Two layers, one position: the label is the sign of layer 1's first dimension; layer 0 is noise."""
+    rng = np.random.default_rng(seed)
+    n = 2 * n_tasks
+    signal = rng.normal(size=n)
+    states = rng.normal(size=(1, 2, n, 1, hidden))
+    states[0, 1, :, 0, 0] = signal
+    return Features(
+        ids=[f"{prefix}{i}" for i in range(n)],
+        labels=(signal > 0).astype(np.int64),
+        groups=[f"{prefix}t{i // 2}" for i in range(n)],
+        loops=[1],
+        layers=[0, 1],
+        num_layers=2,
+        states=torch.as_tensor(states, dtype=torch.float32),
+        verdict_logp=torch.zeros(1, n, 2),
+        verdict_valid=torch.ones(1, n, dtype=torch.bool),
+        exit_probs=torch.ones(n, 1),
+    )
+
+
+def test_the_train_split_probe_picks_its_layer_on_the_training_records_and_scores_every_evaluated_one():
+    train, evaluated = _features(80, "train", 0), _features(40, "eval", 1)
+    prob, chosen = fit_train_split_readout(train, evaluated, CFG)
+    assert prob.shape == (1, 80) and not np.isnan(prob).any()  # every evaluated record, no folds of them
+    assert chosen == [{"loop": 1, "layer": "1", "l2": chosen[0]["l2"], "n_train": 160}]
+    assert auroc(evaluated.labels, prob[0]) > 0.97
+    with pytest.raises(ValueError, match="records are in both the training split and the evaluation"):
+        fit_train_split_readout(train, train, CFG)
+    with pytest.raises(ValueError, match="resolve select_by"):
+        fit_train_split_readout(train, evaluated, ReadoutConfig(split="kfold", folds=4))
+
+
+def _result(y, tasks, sv, rr, train=None):
+    sv, rr = np.asarray(sv)[None], np.asarray(rr)[None]
+    sv_pred = (sv > 0.5).astype(np.int64)
+    records = {"ids": [f"r{i}" for i in range(len(y))], "labels": y.tolist(), "eval": [True] * len(y),
+               "sv_prob": sv.tolist(), "sv_pred": sv_pred.tolist(), "rr_prob": rr.tolist(), "clusters": tasks}  # fmt: skip
+    if train is not None:
+        records["rr_train_prob"] = np.asarray(train)[None].tolist()
+    return GapResult(loops=[1], metric="accuracy", table=gap_table(y, sv, sv_pred, rr, [1], n_boot=20, clusters=tasks),
+                     sv=[], sv_eval=[], rr=[], rr_fixed=[], heatmap={}, records=records, meta={"total_ut_steps": 1})  # fmt: skip
+
+
+def test_compare_sets_sv_after_against_the_train_split_probe_beside_rr():
+    """SV after matches RR before (70%) and sits below the train-split probe (90%): the parts are unchanged, the
+    rows and part (f)'s line carry SV after minus the yardstick, and compare.md prints its table."""
+    rng = np.random.default_rng(0)
+    n = 600
+    y = np.tile([1, 0], n // 2)
+    tasks = [f"t{i // 2}" for i in range(n)]
+
+    def prob(acc):
+        right = np.zeros(n, dtype=bool)
+        right[rng.choice(n, int(acc * n), replace=False)] = True
+        return np.where(right == (y == 1), 0.8, 0.2)
+
+    sv_b, rr, train, sv_a = prob(0.5), prob(0.7), prob(0.9), prob(0.7)
+    plain = compare(_result(y, tasks, sv_b, rr), _result(y, tasks, sv_a, rr))
+    with_train = compare(_result(y, tasks, sv_b, rr, train), _result(y, tasks, sv_a, rr))
+    assert [p["passed"] for p in with_train.parts] == [p["passed"] for p in plain.parts]
+    (row,) = with_train.rows
+    assert row["rr_train_before"] == pytest.approx(0.9) and row["sv_reach_train_hi"] < 0
+    assert np.isnan(plain.rows[0]["rr_train_before"]) and np.isnan(row["rr_all_before"])
+    f_line = next(p["line"] for p in with_train.parts if p["part"] == "f")
+    assert "fitted on the training split" in f_line and "training split" not in plain.parts[-1]["line"]
+    assert "RR train split before" in with_train.markdown() and "RR train split" not in plain.markdown()
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_causal_lm):
+    torch.manual_seed(0)
+    return tiny_causal_lm("llama", 2).eval()
+
+
+def test_evaluate_gap_fits_the_train_split_probe_on_the_records_it_is_given(llama, tok, synthetic_rows, tmp_path):
+    train_rows, rejected = render_records(controlled_candidates(generate_problems(40, seed=7, levels=(1, 2))), tok)
+    train_rows = [dict(r, id=f"train-{r['id']}") for r in train_rows]
+    assert not rejected
+    config = GapConfig(n_boot=20, controls=False, train_split_records=30)
+    with pytest.raises(ValueError, match="is also in the evaluated dataset"):  # checked before any model work
+        evaluate_gap(None, tok, synthetic_rows, loops=[1], config=config, probe_train_dataset=synthetic_rows[:8])
+    result = evaluate_gap(
+        llama, tok, synthetic_rows, loops=[1], config=config, out_dir=tmp_path / "gap", probe_train_dataset=train_rows
+    )
+    (row,) = result.table
+    assert 0.0 <= row["rr_train_split"] <= 1.0 and 0.0 <= row["rr_train_split_auroc"] <= 1.0
+    readout = result.meta["train_split_readout"]
+    assert 30 <= readout["n_train"] < len(train_rows)  # whole tasks up to train_split_records
+    assert readout["per_loop"][0]["loop"] == 1
+    scored = np.array(result.records["rr_train_prob"], dtype=float)
+    assert scored.shape == (1, len(synthetic_rows)) and np.isfinite(scored).all()
+    assert "RR train split" in (tmp_path / "gap" / "gap.md").read_text()
+    assert GapResult.from_json(tmp_path / "gap").train_split_rr().shape == (1, len(synthetic_rows))
+
+
+def test_eval_gap_takes_the_train_split_probes_records_from_the_command_line(
+    llama, tok, synthetic_rows, tmp_path, capsys
+):
+    import datasets
+
+    from loopalign.scripts.eval_gap import main
+
+    train_rows, _ = render_records(controlled_candidates(generate_problems(20, seed=7, levels=(1, 2))), tok)
+    llama.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    datasets.Dataset.from_list(synthetic_rows).to_json(tmp_path / "rows.jsonl")
+    datasets.Dataset.from_list([dict(r, id=f"train-{r['id']}") for r in train_rows]).to_json(tmp_path / "train.jsonl")
+    common = ["--model_name_or_path", str(tmp_path / "llama"), "--dataset", str(tmp_path / "rows.jsonl"),
+              "--eval_tp", "false", "--eval_n_boot", "20", "--controls", "false", "--device", "cpu"]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:  # 'train' names the statements' training entities only
+        main(common + ["--probe_train_dataset", "train"])
+    assert exited.value.code == 2 and "probe_train_dataset='train'" in capsys.readouterr().err
+    main(common + ["--probe_train_dataset", str(tmp_path / "train.jsonl"), "--output_dir", str(tmp_path / "out")])
+    gap = GapResult.from_json(tmp_path / "out")
+    assert gap.meta["train_split_readout"]["n_train"] == len(train_rows)
+    assert gap.table[0]["rr_train_split"] is not None
