@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file
 from trl import SFTConfig, SFTTrainer
 
+from loopalign.eval.families import record_families
 from loopalign.hooks import capture_activations
 from loopalign.io import apply_umask_tree, atomic_save_safetensors, atomic_write_text
 from loopalign.loading import GAP_CONFIG_FILE
@@ -111,6 +112,15 @@ class GapSFTConfig(SFTConfig):
     rr_distill_kind: str = field(default="mse", metadata={"help": "rr_distill distance: mse | cosine."})
     distill_folds: int = field(
         default=5, metadata={"help": "Folds of the out-of-fold probe targets of probe_distill (>= 2)."}
+    )
+    distill_center_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "probe_distill: a record field (or key of its meta), typically the family, whose groups' "
+            "unlabelled targets are centred at their median (in logit), so half of each group's unlabelled records "
+            "are taught Yes: it assumes each group is balanced, and corrects a target probe whose cut was fitted "
+            "on other groups. None: targets as the probe gives them."
+        },
     )
     label_fraction: float = field(
         default=1.0,
@@ -232,6 +242,11 @@ class GapSFTConfig(SFTConfig):
             raise ValueError(f"GapSFTConfig.distill_folds must be an int >= 2, got {self.distill_folds!r}")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"GapSFTConfig.label_fraction must be in (0, 1], got {self.label_fraction}")
+        if self.distill_center_field is not None and self.loss_weights["probe_distill"] <= 0:
+            raise ValueError(
+                "GapSFTConfig.distill_center_field centres the probe_distill targets: it needs "
+                "loss_weights.probe_distill > 0"
+            )
         if self.rr_distill_kind not in ("mse", "cosine"):
             raise ValueError(f"GapSFTConfig.rr_distill_kind must be 'mse' or 'cosine', got {self.rr_distill_kind!r}")
         if not self.learning_rate > 0:
@@ -411,6 +426,9 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
                 seed=args.seed,
                 batch_size=args.per_device_eval_batch_size,
                 verdict_tokens=(args.verdict_yes, args.verdict_no),
+                center_groups=None
+                if args.distill_center_field is None
+                else record_families(train_dataset, args.distill_center_field),
             )
             self.probe_targets_summary = targets.summary()
             if self.is_world_process_zero():

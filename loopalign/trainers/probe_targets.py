@@ -62,6 +62,7 @@ class ProbeTargets:
     n_labelled: int
     n_records: int
     probes: list[LinearProbe] = field(default_factory=list, repr=False)
+    centering: dict[str, list[float]] = field(default_factory=dict)  # group -> logit shift per loop (center_groups)
 
     def summary(self) -> dict:
         """The probes' quality and settings as plain JSON-ready values."""
@@ -75,6 +76,7 @@ class ProbeTargets:
             "n_folds": self.n_folds,
             "n_labelled": self.n_labelled,
             "n_records": self.n_records,
+            "centering": self.centering,
         }
 
 
@@ -177,6 +179,7 @@ def fit_probe_targets(
     group_by: str | None = "task",
     verdict_tokens: tuple[str, str] = ("Yes", "No"),
     fit: ProbeFitConfig | None = None,
+    center_groups: Sequence[str] | None = None,
 ) -> ProbeTargets:
     """Frozen per-loop probe targets for the records of ``dataset`` (see the module doc).
 
@@ -188,6 +191,11 @@ def fit_probe_targets(
     get out-of-fold targets even where ``labelled`` is False. ``layer``: 0..L-1 after
     that decoder layer, L = the normed loop state (default). ``position``: "verdict" or
     "answer_end". ``l2``: a strength or a grid (per loop, the lowest OOF log-loss wins).
+    ``center_groups``: one name per record (a family): the targets of each group's unlabelled records are shifted,
+    in logit, by minus their median per loop, so half of them fall on each side of 0.5. It states an assumption,
+    that each such group is balanced (true of statement families built balanced per entity), and corrects a probe
+    whose bias was fitted on other groups' features: its ranking is kept, its cut is not. Labelled records keep
+    their out-of-fold targets.
     Returns :class:`ProbeTargets`; ``.dataset`` gains ``probe_target`` [num_loops] and ``labelled``.
     """
     if isinstance(label_fraction, bool) or not 0.0 < float(label_fraction) <= 1.0:
@@ -201,6 +209,10 @@ def fit_probe_targets(
     grid = [float(l2)] if isinstance(l2, (int, float)) else [float(c) for c in l2]
     if not grid or any(c < 0 for c in grid):
         raise ValueError(f"fit_probe_targets: l2 must be a strength >= 0 or a non-empty list of them, got {l2!r}")
+    if center_groups is not None and len(center_groups) != len(dataset):
+        raise ValueError(
+            f"fit_probe_targets: center_groups names {len(center_groups)} groups for {len(dataset)} records"
+        )
     num_layers = int(model.config.num_hidden_layers)
     layer = num_layers if layer is None else int(layer)
     if not 0 <= layer <= num_layers:
@@ -295,6 +307,9 @@ def fit_probe_targets(
         report["oof_accuracy"].append(accuracy(y, (prob[best] > 0.5).astype(np.int64)))
         report["oof_log_loss"].append(log_loss(y, prob[best]))
         report["l2"].append(grid[best])
+    shifts = {}
+    if center_groups is not None:
+        logits, shifts = center_unlabelled(logits, ~labelled, [str(g) for g in center_groups])
     targets = np.clip(_sigmoid(logits), TARGET_EPS, 1.0 - TARGET_EPS)  # [T,N]
 
     out = dataset.remove_columns([c for c in ("probe_target",) if c in dataset.column_names])
@@ -309,5 +324,22 @@ def fit_probe_targets(
         n_labelled=int(index.size),
         n_records=len(records),
         probes=probes,
+        centering=shifts,
         **report,
     )
+
+
+def center_unlabelled(
+    logits: np.ndarray, unlabelled: np.ndarray, groups: list[str]
+) -> tuple[np.ndarray, dict[str, list[float]]]:
+    """``logits`` [T, N] with each group's unlabelled records shifted by minus their median per loop
+    (:func:`fit_probe_targets`' ``center_groups``). -> (shifted logits, {group: the shift per loop})."""
+    out = logits.copy()
+    shifts: dict[str, list[float]] = {}
+    names = np.asarray(groups)
+    for g in sorted(set(names[unlabelled].tolist())):
+        idx = np.flatnonzero(unlabelled & (names == g))
+        median = np.median(logits[:, idx], axis=1)  # [T]
+        out[:, idx] -= median[:, None]
+        shifts[g] = [-float(m) for m in median]
+    return out, shifts

@@ -86,6 +86,30 @@ def test_unlabelled_records_get_the_full_fit_and_their_labels_are_never_read(mod
     assert other.dataset["labelled"] != out.dataset["labelled"]  # the subset follows the seed
 
 
+def test_centred_targets_keep_each_groups_ranking_and_put_half_its_unlabelled_records_on_each_side(model_and_data):
+    """center_groups: each group's unlabelled targets shift by minus their median logit (the group assumed
+    balanced); the labelled records' out-of-fold targets and every group's ranking stay as they were."""
+    model, ds, tok = model_and_data
+    kw = dict(num_loops=2, n_folds=3, label_fraction=0.5, seed=3, l2=0.1)
+    groups = ["even" if i % 4 < 2 else "odd" for i in range(len(ds))]
+    plain = fit_probe_targets(model, tok, ds, **kw)
+    centred = fit_probe_targets(model, tok, ds, **kw, center_groups=groups)
+    before, after = np.array(plain.dataset["probe_target"]), np.array(centred.dataset["probe_target"])
+    labelled = np.array(centred.dataset["labelled"])
+    np.testing.assert_array_equal(after[labelled], before[labelled])
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    for g in ("even", "odd"):
+        idx = np.flatnonzero(~labelled & (np.array(groups) == g))
+        for t in range(2):
+            assert np.median(logit(after[idx, t])) == pytest.approx(0.0, abs=1e-6)
+            assert np.array_equal(np.argsort(after[idx, t], kind="stable"), np.argsort(before[idx, t], kind="stable"))
+            shift = logit(after[idx, t]) - logit(before[idx, t])
+            assert shift == pytest.approx(np.full(len(idx), centred.centering[g][t]), abs=1e-5)
+    assert set(centred.summary()["centering"]) == {"even", "odd"} and plain.summary()["centering"] == {}
+    with pytest.raises(ValueError, match="center_groups names 3 groups"):
+        fit_probe_targets(model, tok, ds, **kw, center_groups=["a", "b", "c"])
+
+
 def test_adapters_are_off_while_the_targets_are_fit(model_and_data):
     from peft import get_peft_model
 
@@ -249,6 +273,7 @@ def test_precomputed_targets_are_used_as_given(gap_dataset, tmp_path):
         (dict(label_fraction=0.0, loss_weights={"probe_distill": 1.0}), r"label_fraction must be in \(0, 1\]"),
         (dict(distill_folds=1), "distill_folds must be an int >= 2"),
         (dict(distill_position="start"), "distill_position must be one of"),
+        (dict(distill_center_field="family"), "distill_center_field centres the probe_distill targets"),
     ],
 )
 def test_bad_distillation_configs_fail_at_construction(tmp_path, kw, message):
