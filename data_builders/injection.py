@@ -28,6 +28,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopalign.data.io import load_build, save_build, swap_into_place
+from loopalign.data.schema import validate_trial
 from loopalign.data.verification import underscores_as_dashes
 
 # moved to loopalign.injection; re-exported for one release
@@ -47,11 +49,8 @@ from loopalign.injection import (
 )
 from loopalign.injection.builds import VECTORS_FILE, check_vectors, rebuild_command
 from loopalign.io import make_temp_dir
+from loopalign.loading import load_model, load_tokenizer
 from loopalign.loops import int_set_type
-
-from .io import load_build, save_build, swap_into_place
-from .loading import load_model, load_tokenizer
-from .schema import validate_trial
 
 __all__ = [
     "CONCEPT_WORDS",
@@ -349,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         strengths = tuple(args.strengths)
         check_injection_options(args.loops, args.n_concepts, args.n_controls, args.batch_size, strengths)
         tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        model, tok = load_model(args.model, tok, seed=args.seed, device=args.device)
+        model, tok = load_model(args.model, device=args.device, seed=args.seed, tokenizer=tok)
         meta = build_injection(
             model,
             tok,

@@ -13,7 +13,7 @@ from data_builders.injection import (
     save_concept_vectors,
     trial_prompt,
 )
-from data_builders.schema import validate_records
+from loopalign.data.schema import validate_records
 from loopalign.hooks import capture_activations
 
 CONCEPTS = ("Dust", "Satellites", "Origami")

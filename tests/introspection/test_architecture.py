@@ -1,5 +1,5 @@
 """[architecture] the introspection packages import alone (a fresh interpreter each), and moved names stay
-importable for one release. Floors, circles and function-local imports of the whole package: tests/test_layering.py."""
+importable (data_builders.injection, the build's command). Floors, circles and function-local imports of the whole package: tests/test_layering.py."""
 
 import subprocess
 import sys
@@ -22,11 +22,7 @@ def test_importing_each_package_alone_has_no_import_circle():
 def test_moved_names_stay_importable_from_their_old_places():
     import data_builders.injection as old_db
     import loopalign.eval.introspection as ev
-    import loopalign.eval.judges as old_judges
     import loopalign.injection as inj
-    import loopalign.trainers.introspection as tr
-    import loopalign.trainers.introspection_grpo as old_tr
-    from loopalign.eval.introspection import judges
 
     for name in ("CONCEPT_WORDS", "BASELINE_WORDS", "ConceptVectors", "extract_concept_vectors",
                  "load_concept_vectors", "save_concept_vectors", "vectors_hash", "trial_prompt", "concept_prompt_ids",
@@ -35,8 +31,5 @@ def test_moved_names_stay_importable_from_their_old_places():
     for name in ("inject_rows", "trial_vector", "trial_vectors", "residual_site_norms", "transcript_prompt"):
         assert getattr(ev, name) is getattr(inj, name), name
     assert inj.transcript_prompt is inj.trial_prompt  # one transcript function
-    assert old_judges.model_judge is judges.model_judge and old_judges.grader_agreement is judges.grader_agreement
-    for name in old_tr.__all__:
-        assert getattr(old_tr, name) is (getattr(tr, name) if hasattr(tr, name) else getattr(inj, name)), name
     # one chat renderer: the old private copies are gone
     assert not hasattr(ev, "_chat") and not hasattr(old_db, "_chat")

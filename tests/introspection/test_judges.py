@@ -5,7 +5,7 @@ import torch
 
 from loopalign import OuroForCausalLM, tiny_config
 from loopalign.eval.introspection import Grade, grade_response
-from loopalign.eval.judges import grader_agreement, model_judge
+from loopalign.eval.introspection.judges import grader_agreement, model_judge
 from loopalign.tokenizer import local_tokenizer
 
 

@@ -1,7 +1,0 @@
-"""Moved to :mod:`loopalign.data.schema`; this name stays importable for one release (it is the same module)."""
-
-import sys
-
-from loopalign.data import schema as _moved
-
-sys.modules[__name__] = _moved
