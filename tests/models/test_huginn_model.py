@@ -322,3 +322,15 @@ def test_bf16_runs_with_a_float32_rope_table_and_stays_near_float32():
     assert out.logits.dtype == torch.float32 and out.loop_hidden_states[0].dtype == torch.bfloat16
     assert float((out.logits - ref).abs().max()) < 0.1
     assert half.generate(ids(1, 5), max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 8)
+
+
+def test_output_loop_logits_works_on_its_own():
+    """[architecture-2] item 7: the per-step logits without asking for the per-step states too (as on Ouro)."""
+    model = tiny()
+    x = torch.randint(0, 64, (2, 5))
+    alone = model(x, num_loops=3, output_loop_logits=True)
+    both = model(x, num_loops=3, output_loop_states=True, output_loop_logits=True)
+    assert len(alone.loop_logits) == 3 and alone.loop_hidden_states is None
+    for a, b in zip(alone.loop_logits, both.loop_logits):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(alone.logits, both.logits)

@@ -591,17 +591,14 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
                     if output_layer_states:
                         per_layer.append(x)
                 state = x
-            if output_loop_states:
+            if output_loop_states or output_loop_logits:
                 latent.append(state)
             if output_layer_states:
                 layer_states.append(tuple(per_layer))
 
         readouts: tuple[torch.Tensor, ...] | None = None
-        if output_loop_states or output_loop_logits:
-            states = latent if output_loop_states else None
-            if states is None:
-                raise ValueError("output_loop_logits needs the per-step states: pass output_loop_states=True too")
-            readouts = tuple(self._readout(s, t, total, ctx) for t, s in enumerate(states))
+        if output_loop_states or output_loop_logits:  # every step's readout (output_loop_logits alone needs them too)
+            readouts = tuple(self._readout(s, t, total, ctx) for t, s in enumerate(latent))
             final = readouts[-1]
         else:
             final = self._readout(state, total - 1, total, ctx)
