@@ -32,6 +32,7 @@ from loopalign.eval.introspection.checks import ChecksConfig, checks_markdown, r
 from loopalign.eval.introspection.report import format_rate
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.models.contract import num_hidden_layers, trained_loops
+from loopalign.scripts.args import parse_or_exit
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.introspection.organism import INTROSPECTION_ORGANISM, load_introspection_model
 
@@ -237,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> EvalIntrospectionArguments:
     parser = TrlParser((EvalIntrospectionArguments,))
     if "--config" not in argv:
         parser.set_defaults(**EMBEDDED_DEFAULTS)
-    (args,) = parser.parse_args_and_config(args=argv)
+    (args,) = parse_or_exit(parser, argv)  # a bad value: the usage line and the message, exit status 2
     return args
 
 

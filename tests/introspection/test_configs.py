@@ -119,8 +119,10 @@ def test_scripts_main_parses_argv_and_rejects_bad_options(capsys):
     with pytest.raises(SystemExit) as exited:
         _recipe("grpo_introspection").main(["--use_cpu", "true", "--concept_split", "some"])
     assert exited.value.code == 2 and "concept_split must be 'held_out' or 'none'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="no_such_option"):
-        _recipe("eval_introspection").main(["--no_such_option", "1"])
+    for bad, message in ((["--no_such_option", "1"], "no_such_option"), (["--held_out_share", "2"], "held_out_share")):
+        with pytest.raises(SystemExit) as exited:  # eval-introspection ends the same way: usage, message, status 2
+            _recipe("eval_introspection").main(bad)
+        assert exited.value.code == 2 and message in capsys.readouterr().err
     script, train, model = _recipe("grpo_introspection").parse_args(["--mode", "grpo", "--max_steps", "7"])
     assert script.mode == "grpo" and train.max_steps == 7
     (args,) = [_recipe("eval_introspection").parse_args(["--n_concepts", "3"])]
