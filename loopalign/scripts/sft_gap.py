@@ -273,6 +273,29 @@ def resume_target(value):
     return value
 
 
+def check_resume_and_saving(training_args: GapSFTConfig) -> None:
+    """``--resume_from_checkpoint`` names something to resume from, and ``--save_steps`` is not set beside a save
+    strategy that saves nothing; checked before the model loads, each error naming the option."""
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume, out = resume_target(training_args.resume_from_checkpoint), training_args.output_dir
+    if resume is True and (not os.path.isdir(out) or get_last_checkpoint(out) is None):
+        raise ValueError(
+            f"--resume_from_checkpoint true: no checkpoint-N folder in {out} to resume from (a run saves checkpoints "
+            "with --save_strategy steps --save_steps N); drop the option to start afresh"
+        )
+    if isinstance(resume, str) and not os.path.isdir(resume):
+        raise ValueError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+    default_steps = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "save_steps")
+    strategy = getattr(training_args.save_strategy, "value", training_args.save_strategy)
+    if strategy == "no" and training_args.save_steps != default_steps:
+        raise ValueError(
+            f"--save_steps {training_args.save_steps:g} with save_strategy 'no' (the default recipe's) saves "
+            "nothing: add --save_strategy steps"
+        )
+
+
 def check_against_data(training_args: GapSFTConfig, train_ds, eval_ds) -> None:
     """The options that depend on the data, checked before the first expensive step (the
     before-evaluation), each error naming the option (those that depend on the model are checked by
@@ -552,6 +575,7 @@ class PhaseTimes:
 def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> None:
     """The recipe, top to bottom (``train_and_compare`` holds the output folder's lock around it)."""
     times = PhaseTimes()
+    check_resume_and_saving(training_args)  # before any model work
     if training_args.world_size > 1 and training_args.process_index == 0:
         print(f"{training_args.world_size} processes, {training_args.parallel_mode.value} (one model, data split)")
     set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
@@ -594,6 +618,27 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         gap_config.task = None  # a statement is judged as it stands: there is no answer of the model's to score
         if training_args.process_index == 0:
             print("TP: not measured (statement records have no task for the model to answer)")
+    replay = None
+    if training_args.loss_weights["replay"] > 0:  # the base model's own answers to the training tasks; before the
+        # before-evaluation, so a model that cannot answer them (all cut off) fails in seconds, not after it
+        with times("replay"):
+            build = self_replay_dataset(
+                model,
+                tokenizer,
+                list(dict.fromkeys(train_ds["task"]))[: script_args.replay_tasks],
+                num_loops=training_args.num_loops or trained_loops(model),
+                max_new_tokens=script_args.tp_max_new_tokens,
+                sources=sorted(set(train_ds["source"])) if "source" in train_ds.column_names else (),
+                batch_size=training_args.per_device_eval_batch_size,
+                keep_cut=script_args.replay_keep_cut,
+            )
+        replay = build.dataset
+        if training_args.process_index == 0:
+            print(
+                f"replay: the model's own answers to {len(replay)} of {build.n_tasks} training tasks "
+                f"({build.n_cut} cut off at {build.max_new_tokens} new tokens and {'kept, without an end of turn' if script_args.replay_keep_cut else 'left out'})"
+            )
+
     probe_train = None
     if script_args.train_split_probe:  # the stronger yardstick fitted on the labelled training split
         probe_train = labelled_training_records(
@@ -627,26 +672,6 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
                 answer_general_questions(model, tokenizer, num_loops=trained_loops(model))
                 if script_args.general_questions
                 else None
-            )
-
-    replay = None
-    if training_args.loss_weights["replay"] > 0:  # the base model's own answers to the training tasks
-        with times("replay"):
-            build = self_replay_dataset(
-                model,
-                tokenizer,
-                list(dict.fromkeys(train_ds["task"]))[: script_args.replay_tasks],
-                num_loops=training_args.num_loops or trained_loops(model),
-                max_new_tokens=script_args.tp_max_new_tokens,
-                sources=sorted(set(train_ds["source"])) if "source" in train_ds.column_names else (),
-                batch_size=training_args.per_device_eval_batch_size,
-                keep_cut=script_args.replay_keep_cut,
-            )
-        replay = build.dataset
-        if training_args.process_index == 0:
-            print(
-                f"replay: the model's own answers to {len(replay)} of {build.n_tasks} training tasks "
-                f"({build.n_cut} cut off at {build.max_new_tokens} new tokens and {'kept, without an end of turn' if script_args.replay_keep_cut else 'left out'})"
             )
 
     trainer = GapSFTTrainer(

@@ -33,6 +33,13 @@ CASES = [
     (["--dataset", "missing/file.jsonl"], "missing/file.jsonl"),
     (["--load_in_4bit", "true"], "--load_in_4bit is not supported"),
     (["--push_to_hub", "true"], "--push_to_hub is not supported"),
+    (["--resume_from_checkpoint", "true"], "--resume_from_checkpoint true: no checkpoint-N folder"),
+    (["--resume_from_checkpoint", "no/such/checkpoint-4"], "no such checkpoint folder"),
+    (["--save_steps", "20"], "--save_steps 20 with save_strategy 'no'"),
+    (
+        ["--loss_weights", '{"lm": 1, "replay": 1}', "--tp_max_new_tokens", "1"],
+        "answers were cut off at max_new_tokens=1",
+    ),
 ]
 
 
