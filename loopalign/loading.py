@@ -98,6 +98,8 @@ def load_tokenizer(name: str = "local", revision: str | None = None, gguf_file: 
     gguf = resolve_gguf(name, gguf_file)
     if gguf is not None:
         name = str(gguf[0])
+    else:
+        check_local_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
     except Exception as e:  # noqa: BLE001 - any failure gets the same clear message
@@ -105,6 +107,17 @@ def load_tokenizer(name: str = "local", revision: str | None = None, gguf_file: 
             f"cannot load tokenizer {name!r} ({type(e).__name__}: {e}); offline? use a local folder"
         ) from e
     return ensure_pad_token(tokenizer)
+
+
+def check_local_path(name: str) -> None:
+    """A name written as a local path (``./x``, ``../x``, ``/x``, ``~/x``) that does not exist fails as a missing
+    path, not as a malformed hub id."""
+    looks_local = name.startswith((".", "/", "~"))
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"model {name!r}: no such local folder or file ({os.path.abspath(os.path.expanduser(name))}); a hub "
+            "model is named 'org/name'"
+        )
 
 
 def load_pretrained(name: str, dtype="auto", revision: str | None = None, gguf_file: str | None = None, **kwargs):
@@ -115,7 +128,9 @@ def load_pretrained(name: str, dtype="auto", revision: str | None = None, gguf_f
     its cached safetensors folder (converted first when missing), and names itself as the named model or the
     file's absolute path: what adapters trained on it record as their base, so :func:`load_gap_model` rebuilds it."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    gguf = resolve_gguf(name, gguf_file)
+    gguf = resolve_gguf(name, gguf_file)  # a missing .gguf file fails there, naming it
+    if gguf is None:
+        check_local_path(name)
     folder = str(gguf[0]) if gguf is not None else name
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype), revision=revision, **kwargs)

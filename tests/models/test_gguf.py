@@ -203,6 +203,9 @@ def test_a_missing_file_or_folder_says_what_is_missing(tmp_path, cache):
         load_pretrained(str(tmp_path / "absent.gguf"))
     with pytest.raises(FileNotFoundError, match="needs model_name_or_path to be its folder"):
         load_pretrained(str(tmp_path / "no-folder"), gguf_file="x.gguf")
+    for load in (load_pretrained, load_tokenizer):  # a path that is not there: not a "malformed hub id"
+        with pytest.raises(FileNotFoundError, match="no such local folder or file"):
+            load(str(tmp_path / "no-folder"))
 
 
 def test_a_failed_conversion_leaves_no_folder_and_a_killed_ones_leftovers_go(tiny_gguf, cache, monkeypatch):
