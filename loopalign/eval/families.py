@@ -85,13 +85,21 @@ def _depth_row(result: GapResult, loop: int) -> dict:
     return row
 
 
+def yes_rate(result: GapResult, loop: int) -> float:
+    """The share of the evaluated records SV answers "Yes" at ``loop``: near 0 or 1, the verdict says one word
+    whatever its ranking (AUROC) knows."""
+    _, _, ev, _, decided, _ = result.arrays()
+    return float(decided[result.loops.index(loop)][ev].mean())
+
+
 @dataclass
 class FamilyComparison:
     """Per family: the before/after figures at the verdict depth and the comparison's verdict; and the transfer
     summary over the families never trained on (``TRANSFER_RULE``).
 
     rows: one per family {family, trained, training ("labels" | "text only" | "none"), n_records, sv/rr before/after
-    on balanced accuracy and AUROC, the before probes frozen on the after features (rr_frozen_bal_after), d_sv (+ CI)
+    on balanced accuracy and AUROC, the share SV answers Yes (sv_yes_before / sv_yes_after), the before probes frozen
+    on the after features (rr_frozen_bal_after), d_sv (+ CI)
     on balanced accuracy, recovery_bal / recovery_auroc (None when the base gap is below ``min_gap``), verdict};
     transfer: {families, mean_recovery_bal, mean_recovery_auroc, fell: [families whose SV fell], reached}."""
 
@@ -112,9 +120,9 @@ class FamilyComparison:
             self.rule,
             "",
             "| family | trained on | records | SV bal. acc before → after | dSV bal. acc [95% CI] | SV AUROC before → "
-            "after | RR bal. acc before → after | RR AUROC before → after | recovery (bal. acc / AUROC) | "
-            "(a) SV ≥ RR before | (b) gap closed | (c) RR kept | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "after | SV says Yes before → after | RR bal. acc before → after | RR AUROC before → after | recovery "
+            "(bal. acc / AUROC) | (a) SV ≥ RR before | (b) gap closed | (c) RR kept | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             rec = " / ".join("–" if r[k] is None else f"{100 * r[k]:.0f}%" for k in ("recovery_bal", "recovery_auroc"))
@@ -123,7 +131,8 @@ class FamilyComparison:
                 f"{r['n_records']} | "
                 f"{pct(r['sv_bal_before'])} → {pct(r['sv_bal_after'])} | {pct(r['d_sv_bal'])} "
                 f"[{pct(r['d_sv_bal_lo'])}, {pct(r['d_sv_bal_hi'])}] | {pct(r['sv_auroc_before'])} → "
-                f"{pct(r['sv_auroc_after'])} | {pct(r['rr_bal_before'])} → {pct(r['rr_bal_after'])} | "
+                f"{pct(r['sv_auroc_after'])} | {pct(r.get('sv_yes_before'))} → {pct(r.get('sv_yes_after'))} | "
+                f"{pct(r['rr_bal_before'])} → {pct(r['rr_bal_after'])} | "
                 f"{pct(r['rr_auroc_before'])} → {pct(r['rr_auroc_after'])} | {rec} | "
                 + " | ".join(_yn(r.get(k)) for k in ("sv_reached_rr_before", "gap_closed", "rr_preserved"))
                 + f" | {r.get('outcome', '–')} |"
@@ -219,6 +228,8 @@ def compare_families(
             "rr_auroc_before": rb["rr_auroc"],
             "rr_auroc_after": ra["rr_auroc"],
             "rr_frozen_bal_after": crow.get("rr_frozen_after"),
+            "sv_yes_before": yes_rate(b, loop),
+            "sv_yes_after": yes_rate(a, loop),
             "d_sv_bal": crow["d_sv"],
             "d_sv_bal_lo": crow["d_sv_lo"],
             "d_sv_bal_hi": crow["d_sv_hi"],

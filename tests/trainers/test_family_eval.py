@@ -74,6 +74,11 @@ def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
         base = r["rr_bal_before"] - r["sv_bal_before"]
         assert r["recovery_bal"] == pytest.approx((r["sv_bal_after"] - r["sv_bal_before"]) / base)
     assert families["transfer"]["families"] == ["c"]
+    for r in families["rows"]:  # the share SV answers Yes: a verdict that says one word shows as 0 or 1
+        c_dir = out / "after" / "families" / r["family"] / "gap.json"
+        decided = json.loads(c_dir.read_text())["records"]["sv_pred"][0]
+        assert r["sv_yes_after"] == pytest.approx(sum(decided) / len(decided)) and 0 <= r["sv_yes_before"] <= 1
+    assert "SV says Yes before → after" in (out / "families.md").read_text()
     general = json.loads((out / "general.json").read_text())
     assert len(general["before"]["answers"]) == len(general["after"]["answers"]) == 10
     printed = capsys.readouterr().out
