@@ -401,8 +401,10 @@ HIDDEN_LABEL = "hidden_label"
 
 
 def probe_target_quality(features, train_ds, field_name: str) -> dict:
-    """{family: {"auroc", "n"}}: how well the probe_distill targets (the last loop's) of the unlabelled records
-    rank their hidden labels, per family: what probe distillation can teach there at best."""
+    """{family: {"auroc", "n", "taught_yes", "label_1"}}: how well the probe_distill targets (the last loop's) of the
+    unlabelled records rank their hidden labels, per family (what probe distillation can teach there at best), the
+    share of them the targets teach Yes (a target above 0.5) and the share truly label 1: far apart, the targets
+    teach the verdict a shifted cut."""
     target = {i: t[-1] for i, t in zip(features["id"], features["probe_target"])}
     by_family: dict[str, tuple[list, list]] = {}
     for row, family in zip(train_ds, record_families(train_ds, field_name)):
@@ -412,7 +414,13 @@ def probe_target_quality(features, train_ds, field_name: str) -> dict:
         ys.append(int(row[HIDDEN_LABEL]))
         ps.append(float(target[row["id"]]))
     return {
-        f: {"auroc": float(auroc(np.array(y), np.array(p))), "n": len(y)} for f, (y, p) in sorted(by_family.items())
+        f: {
+            "auroc": float(auroc(np.array(y), np.array(p))),
+            "n": len(y),
+            "taught_yes": float(np.mean(np.array(p) > 0.5)),
+            "label_1": float(np.mean(y)),
+        }
+        for f, (y, p) in sorted(by_family.items())
     }
 
 
@@ -687,7 +695,11 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         atomic_write_text(os.path.join(out, "probe_targets_check.json"), json.dumps(check, indent=1))
         print(
             "probe_distill targets of the unlabelled families against their hidden labels (a diagnostic; never "
-            "trained on): " + ", ".join(f"{f} AUROC {100 * c['auroc']:.1f} (n {c['n']})" for f, c in check.items())
+            "trained on): "
+            + ", ".join(
+                f"{f} AUROC {100 * c['auroc']:.1f}, Yes taught {100 * c['taught_yes']:.0f}% (n {c['n']})"
+                for f, c in check.items()
+            )
         )
     use_short_console_log(trainer, trainer.num_loops)  # W&B and the trainer state keep every metric
     with times("train"):

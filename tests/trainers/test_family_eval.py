@@ -144,7 +144,7 @@ def test_probe_label_families_fit_the_target_probe_but_no_other_term(
     assert targets["n_labelled"] == train_of["a"] + train_of["b"] and targets["n_records"] == sum(train_of.values())
     check = json.loads((out / "probe_targets_check.json").read_text())
     assert set(check) == {"b", "c"} and check["b"]["n"] == train_of["b"] and check["c"]["n"] == train_of["c"] > 0
-    assert all(0 <= check[f]["auroc"] <= 1 for f in "bc")
+    assert all(0 <= check[f]["auroc"] <= 1 and 0 <= check[f]["taught_yes"] <= 1 for f in "bc")
     # the train-split yardstick reads the labels the verdict terms train on: a's, not b's or c's
     for when in ("before", "after"):
         assert (
