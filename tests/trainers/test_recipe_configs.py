@@ -160,3 +160,16 @@ def test_one_lora_target_module_stays_a_module_name(given, expected, tmp_path, p
     assert parse_sft_gap(["--config", str(yaml_file), "--use_cpu", "true"])[2].lora_target_modules == expected
     model = get_peft_model(OuroForCausalLM(tiny_config(vocab_size=64)), get_peft_config(model_args))
     assert any("lora_A" in n for n, _ in model.named_parameters())  # the adapters went somewhere
+
+
+def test_the_embedded_defaults_are_the_shipped_default_config(sft_gap_script):
+    """[architecture-2] item 5: `sft-gap` with no --config and `--config recipes/configs/sft_gap_cpu_default.yaml`
+    parse to the same arguments, field for field (the embedded defaults cannot drift from the YAML)."""
+    import dataclasses
+
+    path = str(ROOT / "recipes" / "configs" / "sft_gap_cpu_default.yaml")
+    embedded = sft_gap_script.build_parser([]).parse_args_and_config(args=[])
+    shipped = sft_gap_script.build_parser(["--config", path]).parse_args_and_config(args=["--config", path])
+    for a, b in zip(embedded, shipped):
+        differ = {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
+        assert not differ, (type(a).__name__, sorted(differ))
