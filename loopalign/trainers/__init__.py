@@ -1,5 +1,8 @@
 """Trainers, each next to its config (TRL style)."""
 
+from loopalign.loading import is_gap_run_folder, load_gap_model
+
+from .adapter_card import write_adapter_card
 from .gap_data import GapCollator, build_gap_features, verdict_token_ids
 from .gap_sft import LOSS_KEYS, GapSFTConfig, GapSFTTrainer
 from .introspection import (
@@ -9,7 +12,6 @@ from .introspection import (
     IntrospectionSFTTrainer,
     introspection_dataset,
 )
-from .loading import is_gap_run_folder, load_gap_model, write_adapter_card
 from .probe_targets import ProbeTargets, fit_probe_targets, labelled_only
 from .replay import ReplayBuild, self_replay_dataset
 

@@ -1,6 +1,6 @@
 """Describe a gap-SFT run's adapters in their folder (``README.md``: a model card with the verdict).
 
-Loading them with their loop routing is :func:`loopalign.loading.load_gap_model` (re-exported here).
+Loading them with their loop routing is :func:`loopalign.loading.load_gap_model`.
 """
 
 from __future__ import annotations
@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import os
 
-# moved to loopalign.loading (the one loader); re-exported for one release
 from loopalign.io import atomic_write_text
-from loopalign.loading import GAP_CONFIG_FILE, is_gap_run_folder, load_gap_model
+from loopalign.loading import GAP_CONFIG_FILE
 
-__all__ = ["GAP_CONFIG_FILE", "is_gap_run_folder", "load_gap_model", "write_adapter_card"]
+__all__ = ["write_adapter_card"]
 
 
 def write_adapter_card(
