@@ -21,17 +21,7 @@ from .api import (
 )
 from .controls import evaluate_controls, record_authors
 from .features import FeatureConfig, Features, extract_features, prepare_records
-from .gap import (
-    TABLE_METRICS,
-    VERDICT_RULE,
-    CompareConfig,
-    Comparison,
-    GapResult,
-    compare,
-    gap_table,
-    parse_loops,
-    trained_depth,
-)
+from .gap import TABLE_METRICS, GapResult, gap_table, parse_loops
 from .introspection import (
     Grade,
     IntrospectionConfig,
@@ -65,6 +55,7 @@ from .readout import (
 from .report import log_comparison_wandb, log_wandb, plot_gap, save_gap
 from .task import TaskConfig, generate_texts, integer_verifier, task_performance
 from .verbal import parse_verdict, sampled_verdicts, sv_metrics, verdict_token_ids
+from .verdict import VERDICT_RULE, CompareConfig, Comparison, compare, trained_depth
 
 __all__ = [
     "TABLE_METRICS",

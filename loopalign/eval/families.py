@@ -21,7 +21,8 @@ import numpy as np
 
 from loopalign.io import atomic_write_text
 
-from .gap import CompareConfig, GapResult, compare
+from .gap import GapResult
+from .verdict import CompareConfig, compare
 
 __all__ = [
     "FamilyComparison",

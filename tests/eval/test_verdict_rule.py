@@ -18,7 +18,7 @@ from loopalign.eval import (
     gap_table,
     load_frozen_probes,
 )
-from loopalign.eval.gap import tp_deltas
+from loopalign.eval.verdict import tp_deltas
 
 # ---------------------------------------------------------------------------------------------------------------------
 # synthetic results: one loop (the trained depth), tasks of `per` records, every figure derived from RR before's
