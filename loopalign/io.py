@@ -161,17 +161,7 @@ def folder_lock(folder: str | os.PathLike, what: str = "a writer") -> Iterator[s
                 held[1] -= 1
         return
     path = os.path.join(folder, FOLDER_LOCK_NAME)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise FolderLockedError(
-                f"the output folder {folder} is being written by {holder} (lock {path}): two runs writing one "
-                "folder overwrite each other's files. Wait for that run to finish, or choose another output "
-                "folder; a killed run releases the lock by itself."
-            ) from None
+    with _open_locked(path, folder) as f:
         with _HELD_GUARD:
             _HELD_FOLDERS[key] = [me, 1]
         try:
@@ -183,10 +173,35 @@ def folder_lock(folder: str | os.PathLike, what: str = "a writer") -> Iterator[s
         finally:
             with _HELD_GUARD:
                 _HELD_FOLDERS.pop(key, None)
-            f.seek(0)
-            f.truncate()
-            f.flush()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # no lock file is left behind; a waiter on the old inode retries (_open_locked)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _open_locked(path: str, folder: str):
+    """The lock file at ``path``, opened and exclusively flocked (not waiting): FolderLockedError naming the holder
+    when another writer has it. A file the holder unlinked on release while this one was locking it is not the
+    lock any more (another writer may have made a new one), so it is opened again."""
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise FolderLockedError(
+                f"the output folder {folder} is being written by {holder} (lock {path}): two runs writing one "
+                "folder overwrite each other's files. Wait for that run to finish, or choose another output "
+                "folder; a killed run releases the lock by itself."
+            ) from None
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return f
+        f.close()
 
 
 def swap_into_place(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
