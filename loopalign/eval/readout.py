@@ -318,9 +318,9 @@ def fit_train_split_readout(
 ) -> tuple[np.ndarray, list[dict]]:
     """A stronger yardstick beside RR: per loop, a linear probe fitted on records the evaluation never scores
     (``train``: typically the fine-tune's labelled training split, through the same model), applied to every
-    record of ``features``. Its layer and L2 are chosen by ``config.folds``-fold cross-validation on ``train``
-    (grouped like RR's splits; the mean validation score by ``config.select_by``, resolved, not "headline"),
-    then it is refitted on all of ``train`` at that layer and L2, at ``config.position``.
+    record of ``features``. Its layer and L2 are chosen on ``train`` alone: fitted on two thirds of its groups
+    (stratified like RR's splits) and scored on the third left out by ``config.select_by`` (resolved, not
+    "headline"); then it is refitted on all of ``train`` at that layer and L2, at ``config.position``.
     -> ([T, N] P(label 1) on every record of ``features``, per loop {"loop", "layer", "l2", "n_train"})."""
     for name, f in (("train", train), ("features", features)):
         if f.states is None:
@@ -338,21 +338,22 @@ def fit_train_split_readout(
             f"fit_train_split_readout: {len(shared)} records are in both the training split and the evaluation "
             f"(first {shared[0]!r}): a held-out yardstick cannot be fitted on what it scores"
         )
-    splits = make_splits(train.ids, train.labels, train.groups, dataclasses.replace(config, split="kfold"))
+    # selection on one split: fit on two thirds of the training records (whole groups), score the third left out
+    fit_part, val, held = make_splits(
+        train.ids, train.labels, train.groups, dataclasses.replace(config, split="kfold", folds=3)
+    )[0]
+    fit_idx = np.concatenate([fit_part, val])
     y_all = torch.as_tensor(train.labels)
     prob = np.full((len(features.loops), len(features.ids)), np.nan)
     chosen = []
     for ti, t in enumerate(features.loops):
-        best = None  # (summed held-out fold score, layer index, l2); ties keep the shallower layer
+        best = None  # (held-out score, layer index, l2); ties keep the shallower layer
         for li in range(len(train.layers)):
             x = select_features(train.states[ti, li], config.position).float()
-            scores = np.zeros(len(config.l2_grid))
-            for fit_part, val, held in splits:  # fit on all folds but one, score that one
-                fit_idx = np.concatenate([fit_part, val])
-                fitted = fit_probes(x[fit_idx], y_all[fit_idx], config.l2_grid, config.fit)
-                with torch.no_grad():
-                    y_held = train.labels[held]
-                    scores += [_score(y_held, p.predict_proba(x[held]).numpy(), config.select_by) for p in fitted]
+            fitted = fit_probes(x[fit_idx], y_all[fit_idx], config.l2_grid, config.fit)
+            with torch.no_grad():
+                y_held = train.labels[held]
+                scores = [_score(y_held, p.predict_proba(x[held]).numpy(), config.select_by) for p in fitted]
             ci = int(np.argmax(scores))
             if best is None or scores[ci] > best[0]:
                 best = (scores[ci], li, config.l2_grid[ci])

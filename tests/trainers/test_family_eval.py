@@ -131,7 +131,8 @@ def test_probe_label_families_fit_the_target_probe_but_no_other_term(
     out = tmp_path / "run"
     weights = json.dumps({"lm": 1.0, "probe_distill": 1.0})
     argv = _argv(llama_folder, tmp_path / "rows.jsonl", out, "--unlabeled_families", "c", "--probe_label_families",
-                 "b", "--eval_folds", "3", "--loss_weights", weights, "--distill_folds", "2")  # fmt: skip
+                 "b", "--eval_folds", "3", "--loss_weights", weights, "--distill_folds", "2",
+                 "--train_split_probe", "true")  # fmt: skip
     sft_gap_script.train_and_compare(*parse_sft_gap(argv))
     saved = json.loads((out / "families.json").read_text())
     kinds = {r["family"]: r["training"] for r in saved["rows"]}
