@@ -2,6 +2,7 @@
 
     python benchmarks/organism_table.py ORGANISM_DIR [ORGANISM_DIR ...] --save docs/figures/organism_below_ceiling.json
     python benchmarks/organism_table.py docs/figures/organism_below_ceiling.json
+    python benchmarks/organism_table.py docs/figures/organism_below_ceiling.json NEW_DIR --save docs/figures/organism_below_ceiling.json
 
 An organism folder gives its config, build fingerprint, model-card figures and properties (``organism.json``) and the
 all-sites readout of its card evaluation (``eval/gap.json``); ``--save`` keeps one row per build in a small JSON,
@@ -18,8 +19,8 @@ import sys
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="organism folders, or one JSON written by --save")
-    parser.add_argument("--save", help="write the rows read from organism folders to this JSON")
+    parser.add_argument("inputs", nargs="+", help="organism folders and JSONs written by --save, in table order")
+    parser.add_argument("--save", help="write every row read (folders and JSONs) to this JSON")
     return parser
 
 
@@ -40,6 +41,7 @@ def build_row(folder: str) -> dict:
     return {
         "folder": os.path.basename(os.path.normpath(folder)),
         "max_operand": meta["config"]["max_operand"],
+        "steps": meta["config"]["steps"],
         "kernel_path": f"{build['cpu_capability']}, MKL {build['mkl_instructions']}",
         "loop": depth,
         "tp": tp["accuracy"],
@@ -60,13 +62,14 @@ def _pct(x) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| operands | kernel path | TP | SV | RR | RR all sites | gap RR − SV | unbiased SV | card properties failing |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| operands | steps | kernel path | TP | SV | RR | RR all sites | gap RR − SV | unbiased SV | card properties "
+        "failing |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gap = f"{100 * r['gap']:.1f} [{100 * r['gap_lo']:.1f}, {100 * r['gap_hi']:.1f}]"
         lines.append(
-            f"| 0..{r['max_operand']} | {r['kernel_path']} | {_pct(r['tp'])} | {_pct(r['sv'])} | {_pct(r['rr'])} | "
+            f"| 0..{r['max_operand']} | {r['steps']} | {r['kernel_path']} | {_pct(r['tp'])} | {_pct(r['sv'])} | {_pct(r['rr'])} | "
             f"{_pct(r['rr_all_sites'])} | {gap} | {_pct(r['unbiased_sv'])} | {', '.join(r['failing']) or 'none'} |"
         )
     return "\n".join(lines) + "\n"
@@ -74,11 +77,13 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    if len(args.inputs) == 1 and args.inputs[0].endswith(".json"):
-        with open(args.inputs[0]) as f:
-            rows = json.load(f)["rows"]
-    else:
-        rows = [build_row(folder) for folder in args.inputs]
+    rows = []
+    for name in args.inputs:  # saved rows (a JSON written by --save) and organism folders, in the order given
+        if name.endswith(".json"):
+            with open(name) as f:
+                rows += json.load(f)["rows"]
+        else:
+            rows.append(build_row(name))
     if args.save:
         with open(args.save, "w") as f:
             json.dump({"rows": rows}, f, indent=1)

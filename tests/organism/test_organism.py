@@ -207,6 +207,9 @@ def test_cache_builds_once_reuses_and_rebuilds_on_a_new_version(monkeypatch, tmp
     rows_json = tmp_path / "rows.json"
     assert organism_table.main([str(path), "--save", str(rows_json)]) == 0
     assert json.loads(rows_json.read_text())["rows"] == [row] and organism_table.main([str(rows_json)]) == 0
+    assert row["steps"] == cfg.steps
+    assert organism_table.main([str(rows_json), str(path), "--save", str(rows_json)]) == 0  # saved rows + a folder
+    assert json.loads(rows_json.read_text())["rows"] == [row, row]
 
     # reused: the same folder, untouched, and it loads without building
     stamp = (path / "organism.json").stat().st_mtime_ns
