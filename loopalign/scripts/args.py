@@ -40,6 +40,11 @@ def default_eval_loops(model_config) -> list[int]:
     return list(range(1, int(depth) + 3)) if depth else [1]
 
 
+#: what an sft-gap run keeps so that ``loopalign eval-gap --model_name_or_path RUN/final`` re-evaluates its adapters on
+#: the same records with the same settings: the held-out records, the train-split probe's records, the settings
+HELDOUT_FILE, TRAIN_SPLIT_FILE, EVAL_ARGS_FILE = "heldout.jsonl", "train_split.jsonl", "eval_args.json"
+
+
 @dataclass
 class GapEvalArguments:
     """The gap evaluation (SV / RR / gap / TP per loop) of ``eval_gap`` and of ``sft_gap``'s before/after

@@ -19,10 +19,11 @@ other models on held-out synthetic arithmetic from data_builders. The pre-0.2 na
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from loopalign.data.prompts import check_rendered_with
 from loopalign.data.verification import synthetic_verification_records
@@ -35,7 +36,7 @@ from loopalign.eval import (
     load_frozen_probes,
 )
 from loopalign.io import atomic_write_text
-from loopalign.loading import LOCAL_MODELS, load_model
+from loopalign.loading import LOCAL_MODELS, is_gap_run_folder, load_model
 from loopalign.loops import parse_loop_counts
 from loopalign.organism import (
     DIGIT_GROUP_FIELD,
@@ -45,6 +46,7 @@ from loopalign.organism import (
     organism_eval_records,
 )
 from loopalign.scripts.args import (
+    EVAL_ARGS_FILE,
     GapEvalArguments,
     default_eval_loops,
     make_parser,
@@ -117,6 +119,13 @@ class EvalGapScriptArguments(GapEvalArguments):
     verdict_depth: int | None = field(
         default=None, metadata={"help": "Loop of the --compare verdict (default: the trained depth)."}
     )
+    group_by: str | None = field(
+        default=None,
+        metadata={
+            "help": "Record field whose values cluster the records (probe splits, bootstrap); default: the "
+            "organism's (item, a, b) triple for its own tasks, else 'task'."
+        },
+    )
     probe_train_dataset: str | None = field(
         default=None,
         metadata={
@@ -127,9 +136,15 @@ class EvalGapScriptArguments(GapEvalArguments):
     )
 
     def __post_init__(self):
+        self.run_inputs = run_inputs_of(self.model_name_or_path) if self.dataset is None else None
+        if self.run_inputs is not None:  # an sft-gap run's final/: its held-out records and evaluation settings
+            self.adopt_run_settings(self.run_inputs)
         super().__post_init__()
         if self.dataset is None and self.model_name_or_path not in LOCAL_MODELS:
-            raise ValueError(f"dataset is required unless model_name_or_path is one of {LOCAL_MODELS}")
+            raise ValueError(
+                f"dataset is required unless model_name_or_path is one of {LOCAL_MODELS} or an sft-gap run's "
+                "final/ folder (whose run kept its held-out records)"
+            )
         if self.dataset == "organism" and not is_organism_model(self.model_name_or_path):
             raise ValueError(
                 "dataset='organism' (its held-out digit tasks) needs a gap organism as model_name_or_path "
@@ -161,11 +176,34 @@ class EvalGapScriptArguments(GapEvalArguments):
                 f"--compare {self.compare}: no gap.json there (a before/ folder of eval_gap or sft_gap, or its gap.json)"
             )
 
+    def adopt_run_settings(self, run: dict) -> None:
+        """The run's evaluation settings (``eval_args.json``) for every option left at its default; the run's
+        held-out records as the dataset and its train-split records for the train-split probe."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, value in run["args"].items():
+            if name in ("dataset", "probe_train_dataset"):
+                value = None if value is None else os.path.join(run["folder"], value)
+            if name in defaults and getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
+
     def verdict(self) -> tuple[str | int, str | int]:
         if self.verdict_tokens is None:
             return ("Yes", "No")
         yes, no = (s.strip() for s in self.verdict_tokens.split(","))
         return tuple(int(s) if s.lstrip("-").isdigit() else s for s in (yes, no))
+
+
+def run_inputs_of(model_name: str) -> dict | None:
+    """For an sft-gap run's ``final/`` (or a checkpoint) whose run folder kept ``eval_args.json``: {"folder": the run
+    folder, "args": the saved settings}; else None."""
+    if not os.path.isdir(model_name) or not is_gap_run_folder(model_name):
+        return None
+    folder = os.path.dirname(os.path.abspath(model_name))
+    path = os.path.join(folder, EVAL_ARGS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return {"folder": folder, "args": json.load(f)}
 
 
 def load_records(args: EvalGapScriptArguments, tokenizer):
@@ -240,8 +278,11 @@ def evaluate(args: EvalGapScriptArguments) -> GapResult:
         # the before-evaluation's per-fold probes, frozen, on this model's features (the verdict's drift check)
         before_dir = args.compare if os.path.isdir(args.compare) else os.path.dirname(args.compare) or "."
         frozen = load_frozen_probes(before_dir, required=False)
+    if args.run_inputs is not None:
+        print(f"an sft-gap run's adapters: evaluated on its held-out records with its settings ({args.dataset})")
     model, tok = load_model(model_name, device=args.device, dtype=args.dtype, seed=args.seed)
     data, group_by = load_records(args, tok)
+    group_by = args.group_by or group_by
     probe_train = load_probe_train_records(args, tok)
     loops = (
         parse_loop_counts(args.eval_loops, "eval_loops")

@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,7 +50,15 @@ from loopalign.loading import LOCAL_MODELS, load_model, load_pretrained, load_to
 from loopalign.loops import parse_int_set, parse_loop_counts
 from loopalign.models.contract import trained_loops
 from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for
-from loopalign.scripts.args import GapEvalArguments, default_eval_loops, make_parser, parse_or_exit
+from loopalign.scripts.args import (
+    EVAL_ARGS_FILE,
+    HELDOUT_FILE,
+    TRAIN_SPLIT_FILE,
+    GapEvalArguments,
+    default_eval_loops,
+    make_parser,
+    parse_or_exit,
+)
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer, self_replay_dataset, write_adapter_card
 from loopalign.trainers.console import use_short_console_log
@@ -273,6 +282,38 @@ def resume_target(value):
     if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", ""):
         return None
     return value
+
+
+def save_run_inputs(out: str, eval_ds, probe_train, script_args, training_args, model_args, gap_config) -> None:
+    """The held-out records exactly as evaluated (``heldout.jsonl``), the train-split probe's records
+    (``train_split.jsonl``), the evaluation settings eval-gap reads back (``eval_args.json``: every GapEvalArguments
+    field, the resolved loops, grouping, seed, batch size and verdict tokens) and every argument of the run
+    (``run_args.json``); each written atomically."""
+    os.makedirs(out, exist_ok=True)
+    for name, ds in ((HELDOUT_FILE, eval_ds), (TRAIN_SPLIT_FILE, probe_train)):
+        if ds is None:
+            continue
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        ds.to_json(tmp, lines=True)
+        os.replace(tmp, os.path.join(out, name))
+    saved = {f.name: getattr(script_args, f.name) for f in dataclasses.fields(GapEvalArguments)}
+    saved.update(
+        eval_loops=",".join(str(t) for t in gap_config.loops),
+        group_by=gap_config.group_by,
+        seed=training_args.seed,
+        per_device_eval_batch_size=training_args.per_device_eval_batch_size,
+        verdict_tokens=f"{training_args.verdict_yes},{training_args.verdict_no}",
+        dataset=HELDOUT_FILE,
+        probe_train_dataset=TRAIN_SPLIT_FILE if probe_train is not None else None,
+    )
+    atomic_write_text(os.path.join(out, EVAL_ARGS_FILE), json.dumps(saved, indent=1))
+    everything = {
+        "script": dataclasses.asdict(script_args),
+        "training": training_args.to_dict(),
+        "model": dataclasses.asdict(model_args),
+    }
+    atomic_write_text(os.path.join(out, "run_args.json"), json.dumps(everything, indent=1, default=str))
 
 
 def check_resume_and_saving(training_args: GapSFTConfig) -> None:
@@ -657,6 +698,8 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     wandb = "wandb" in (training_args.report_to or [])
     out = training_args.output_dir
     before_dir = os.path.join(out, "before")
+    if training_args.process_index == 0:  # the records and settings a later eval-gap of final/ reads back
+        save_run_inputs(out, eval_ds, probe_train, script_args, training_args, model_args, gap_config)
     # the verdict is taken at the depth the adapters were trained at (default: the model's total_ut_steps)
     compare_config = CompareConfig(loops=training_args.num_loops, rr_tolerance=script_args.rr_tolerance)
     if training_args.process_index == 0:
@@ -707,6 +750,8 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     with times("train"):
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(os.path.join(out, "final"))
+    if trainer.accelerator.is_main_process:  # the loss history beside the reports (W&B holds it too, when on)
+        atomic_write_text(os.path.join(out, "log_history.json"), json.dumps(trainer.state.log_history, indent=1))
 
     if trainer.accelerator.is_main_process:
         tuned = trainer.accelerator.unwrap_model(trainer.model).eval()
@@ -771,6 +816,10 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         if general_after is not None:
             print(general_markdown(general_before, general_after))
         print(f"\nReports, plots, adapters and probes are in {out}/")
+        print(
+            "Re-evaluate the adapters on the same held-out records with the same settings: "
+            f"loopalign eval-gap --model_name_or_path {os.path.join(out, 'final')}"
+        )
         timings = times.as_dict(world_size=training_args.world_size, device=str(training_args.device),
                                 resumed=bool(resume), model=model_args.model_name_or_path)  # fmt: skip
         atomic_write_text(os.path.join(out, "timings.json"), json.dumps(timings, indent=1))
