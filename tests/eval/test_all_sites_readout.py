@@ -1,6 +1,7 @@
 """The stronger yardstick beside RR ([verdict-v2] item 2): one probe per loop over every extracted layer x probe
 position, on RR's own splits. It reads what no single site holds, it scores the records RR scores, and compare()
-sets SV after against it without changing the verdict's parts."""
+sets SV after against it (and against the train-split probe, tests/eval/test_train_split_readout.py) without changing
+the verdict's parts."""
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from loopalign.eval import GapResult, ReadoutConfig, compare, gap_table
 from loopalign.eval.features import Features
 from loopalign.eval.metrics import auroc
 from loopalign.eval.readout import fit_all_sites_readout, fit_readout, resolve_select_by
+from loopalign.eval.verdict import YARDSTICKS
 from loopalign.probes import ProbeFitConfig
 
 CFG = ReadoutConfig(split="kfold", folds=4, l2_grid=(1e-3, 1e-1), fixed_layer=1, fit=ProbeFitConfig(device="cpu"))
@@ -53,20 +55,22 @@ def test_the_all_sites_probe_reads_what_no_single_site_holds_on_rrs_records():
         fit_all_sites_readout(feats, readout.splits, CFG)
 
 
-def _result(y, tasks, sv, rr, every=None):
+def _result(y, tasks, sv, rr, yardstick=None, posteriors=None):
     sv, rr = np.asarray(sv)[None], np.asarray(rr)[None]
     sv_pred = (sv > 0.5).astype(np.int64)
     records = {"ids": [f"r{i}" for i in range(len(y))], "labels": y.tolist(), "eval": [True] * len(y),
                "sv_prob": sv.tolist(), "sv_pred": sv_pred.tolist(), "rr_prob": rr.tolist(), "clusters": tasks}  # fmt: skip
-    if every is not None:
-        records["rr_all_prob"] = np.asarray(every)[None].tolist()
+    if yardstick is not None:
+        records[YARDSTICKS[yardstick]] = np.asarray(posteriors)[None].tolist()
     return GapResult(loops=[1], metric="accuracy", table=gap_table(y, sv, sv_pred, rr, [1], n_boot=20, clusters=tasks),
                      sv=[], sv_eval=[], rr=[], rr_fixed=[], heatmap={}, records=records, meta={"total_ut_steps": 1})  # fmt: skip
 
 
-def test_compare_sets_sv_after_against_the_all_sites_probe_beside_rr():
-    """SV after matches RR before (70%) but sits below the all-sites probe (90%): the verdict's parts are those of
-    the same comparison without the yardstick, and part (f)'s line and the rows carry SV after minus it."""
+@pytest.mark.parametrize("yardstick, words", [("all", "every layer RR may read"), ("train", "training split")])
+def test_compare_sets_sv_after_against_each_yardstick_beside_rr(yardstick, words):
+    """SV after matches RR before (70%) but sits below the yardstick (90%: the all-sites probe, or the probe fitted on
+    the training split): the verdict's parts are those of the same comparison without it, and part (f)'s line, the
+    rows and compare.md carry SV after minus it."""
     rng = np.random.default_rng(0)
     n = 600
     y = np.tile([1, 0], n // 2)
@@ -77,12 +81,15 @@ def test_compare_sets_sv_after_against_the_all_sites_probe_beside_rr():
         right[rng.choice(n, int(acc * n), replace=False)] = True
         return np.where(right == (y == 1), 0.8, 0.2)
 
-    sv_b, rr, every, sv_a = prob(0.5), prob(0.7), prob(0.9), prob(0.7)
+    sv_b, rr, stick, sv_a = prob(0.5), prob(0.7), prob(0.9), prob(0.7)
     plain = compare(_result(y, tasks, sv_b, rr), _result(y, tasks, sv_a, rr))
-    with_all = compare(_result(y, tasks, sv_b, rr, every), _result(y, tasks, sv_a, rr))
-    assert [p["passed"] for p in with_all.parts] == [p["passed"] for p in plain.parts]
-    (row,) = with_all.rows
-    assert row["rr_all_before"] == pytest.approx(0.9) and row["sv_reach_all_hi"] < 0 < row["sv_reach_all"] + 0.3
-    assert np.isnan(plain.rows[0]["rr_all_before"])
-    f_line = next(p["line"] for p in with_all.parts if p["part"] == "f")
+    with_it = compare(_result(y, tasks, sv_b, rr, yardstick, stick), _result(y, tasks, sv_a, rr))
+    assert [p["passed"] for p in with_it.parts] == [p["passed"] for p in plain.parts]
+    (row,) = with_it.rows
+    k = yardstick
+    assert row[f"rr_{k}_before"] == pytest.approx(0.9) and row[f"sv_reach_{k}_hi"] < 0 < row[f"sv_reach_{k}"] + 0.3
+    assert np.isnan(plain.rows[0][f"rr_{k}_before"])
+    assert all(np.isnan(row[f"rr_{other}_before"]) for other in YARDSTICKS if other != k)
+    f_line = next(p["line"] for p in with_it.parts if p["part"] == "f")
     assert "stronger yardstick" in f_line and "stronger yardstick" not in plain.parts[-1]["line"]
+    assert words in with_it.markdown() and words not in plain.markdown()

@@ -1,6 +1,7 @@
 """The train-split probe ([verdict-v2] item 2): a stronger yardstick beside RR, fitted on labelled records the
 evaluation never scores (the fine-tune's training split), its layer and L2 chosen by cross-validation there, applied
-to every evaluated record; evaluate_gap reports it per loop and compare() sets SV after against it."""
+to every evaluated record; evaluate_gap reports it per loop (compare() sets SV after against it:
+tests/eval/test_all_sites_readout.py)."""
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from loopalign.data.candidates import controlled_candidates
 from loopalign.data.prompts import render_records
 from loopalign.data.sources.synthetic import generate_problems
-from loopalign.eval import GapConfig, GapResult, ReadoutConfig, compare, evaluate_gap, gap_table
+from loopalign.eval import GapConfig, GapResult, ReadoutConfig, evaluate_gap
 from loopalign.eval.features import Features
 from loopalign.eval.metrics import auroc
 from loopalign.eval.readout import fit_train_split_readout, resolve_select_by
@@ -51,42 +52,6 @@ def test_the_train_split_probe_picks_its_layer_on_the_training_records_and_score
         fit_train_split_readout(train, train, CFG)
     with pytest.raises(ValueError, match="resolve select_by"):
         fit_train_split_readout(train, evaluated, ReadoutConfig(split="kfold", folds=4))
-
-
-def _result(y, tasks, sv, rr, train=None):
-    sv, rr = np.asarray(sv)[None], np.asarray(rr)[None]
-    sv_pred = (sv > 0.5).astype(np.int64)
-    records = {"ids": [f"r{i}" for i in range(len(y))], "labels": y.tolist(), "eval": [True] * len(y),
-               "sv_prob": sv.tolist(), "sv_pred": sv_pred.tolist(), "rr_prob": rr.tolist(), "clusters": tasks}  # fmt: skip
-    if train is not None:
-        records["rr_train_prob"] = np.asarray(train)[None].tolist()
-    return GapResult(loops=[1], metric="accuracy", table=gap_table(y, sv, sv_pred, rr, [1], n_boot=20, clusters=tasks),
-                     sv=[], sv_eval=[], rr=[], rr_fixed=[], heatmap={}, records=records, meta={"total_ut_steps": 1})  # fmt: skip
-
-
-def test_compare_sets_sv_after_against_the_train_split_probe_beside_rr():
-    """SV after matches RR before (70%) and sits below the train-split probe (90%): the parts are unchanged, the
-    rows and part (f)'s line carry SV after minus the yardstick, and compare.md prints its table."""
-    rng = np.random.default_rng(0)
-    n = 600
-    y = np.tile([1, 0], n // 2)
-    tasks = [f"t{i // 2}" for i in range(n)]
-
-    def prob(acc):
-        right = np.zeros(n, dtype=bool)
-        right[rng.choice(n, int(acc * n), replace=False)] = True
-        return np.where(right == (y == 1), 0.8, 0.2)
-
-    sv_b, rr, train, sv_a = prob(0.5), prob(0.7), prob(0.9), prob(0.7)
-    plain = compare(_result(y, tasks, sv_b, rr), _result(y, tasks, sv_a, rr))
-    with_train = compare(_result(y, tasks, sv_b, rr, train), _result(y, tasks, sv_a, rr))
-    assert [p["passed"] for p in with_train.parts] == [p["passed"] for p in plain.parts]
-    (row,) = with_train.rows
-    assert row["rr_train_before"] == pytest.approx(0.9) and row["sv_reach_train_hi"] < 0
-    assert np.isnan(plain.rows[0]["rr_train_before"]) and np.isnan(row["rr_all_before"])
-    f_line = next(p["line"] for p in with_train.parts if p["part"] == "f")
-    assert "fitted on the training split" in f_line and "training split" not in plain.parts[-1]["line"]
-    assert "RR train split before" in with_train.markdown() and "RR train split" not in plain.markdown()
 
 
 @pytest.fixture(scope="module")
