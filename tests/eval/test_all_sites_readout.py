@@ -5,10 +5,8 @@ the verdict's parts."""
 
 import numpy as np
 import pytest
-import torch
 
 from loopalign.eval import GapResult, ReadoutConfig, compare, gap_table
-from loopalign.eval.features import Features
 from loopalign.eval.metrics import auroc
 from loopalign.eval.readout import fit_all_sites_readout, fit_readout, resolve_select_by
 from loopalign.eval.verdict import YARDSTICKS
@@ -17,32 +15,20 @@ from loopalign.probes import ProbeFitConfig
 CFG = ReadoutConfig(split="kfold", folds=4, l2_grid=(1e-3, 1e-1), fixed_layer=1, fit=ProbeFitConfig(device="cpu"))
 
 
-def _split_signal_features(n_tasks=120, per=2, hidden=6, seed=0) -> Features:
+def _split_signal_features(make, n_tasks=120, per=2, hidden=6, seed=0):
     """Two layers x two positions; the label is the sign of (layer 0, position 0, dim 0) + (layer 1, position 1,
     dim 0): each site alone holds half of the signal, buried under the other half as noise."""
     rng = np.random.default_rng(seed)
     n = n_tasks * per
     a, b = rng.normal(size=n), rng.normal(size=n)
-    y = (a + b > 0).astype(np.int64)
     states = rng.normal(size=(1, 2, n, 2, hidden)) * 0.1  # [T, L', N, K, H]
     states[0, 0, :, 0, 0] = a
     states[0, 1, :, 1, 0] = b
-    return Features(
-        ids=[f"r{i}" for i in range(n)],
-        labels=y,
-        groups=[f"t{i // per}" for i in range(n)],
-        loops=[1],
-        layers=[0, 1],
-        num_layers=2,
-        states=torch.as_tensor(states, dtype=torch.float32),
-        verdict_logp=torch.zeros(1, n, 2),
-        verdict_valid=torch.ones(1, n, dtype=torch.bool),
-        exit_probs=torch.ones(n, 1),
-    )
+    return make(states, (a + b > 0).astype(np.int64), per=per)
 
 
-def test_the_all_sites_probe_reads_what_no_single_site_holds_on_rrs_records():
-    feats = _split_signal_features()
+def test_the_all_sites_probe_reads_what_no_single_site_holds_on_rrs_records(one_loop_features):
+    feats = _split_signal_features(one_loop_features)
     config = resolve_select_by(CFG, "auroc")
     readout = fit_readout(feats, config, "auroc")
     every = fit_all_sites_readout(feats, readout.splits, config)

@@ -11,7 +11,6 @@ from loopalign.data.candidates import controlled_candidates
 from loopalign.data.prompts import render_records
 from loopalign.data.sources.synthetic import generate_problems
 from loopalign.eval import GapConfig, GapResult, ReadoutConfig, evaluate_gap
-from loopalign.eval.features import Features
 from loopalign.eval.metrics import auroc
 from loopalign.eval.readout import fit_train_split_readout, resolve_select_by
 from loopalign.probes import ProbeFitConfig
@@ -21,29 +20,20 @@ CFG = resolve_select_by(
 )
 
 
-def _features(n_tasks, prefix, seed, hidden=6) -> Features:
+def _features(make, n_tasks, prefix, seed, hidden=6):
     """Two layers, one position: the label is the sign of layer 1's first dimension; layer 0 is noise."""
     rng = np.random.default_rng(seed)
     n = 2 * n_tasks
     signal = rng.normal(size=n)
     states = rng.normal(size=(1, 2, n, 1, hidden))
     states[0, 1, :, 0, 0] = signal
-    return Features(
-        ids=[f"{prefix}{i}" for i in range(n)],
-        labels=(signal > 0).astype(np.int64),
-        groups=[f"{prefix}t{i // 2}" for i in range(n)],
-        loops=[1],
-        layers=[0, 1],
-        num_layers=2,
-        states=torch.as_tensor(states, dtype=torch.float32),
-        verdict_logp=torch.zeros(1, n, 2),
-        verdict_valid=torch.ones(1, n, dtype=torch.bool),
-        exit_probs=torch.ones(n, 1),
-    )
+    return make(states, (signal > 0).astype(np.int64), prefix=prefix)
 
 
-def test_the_train_split_probe_picks_its_layer_on_the_training_records_and_scores_every_evaluated_one():
-    train, evaluated = _features(80, "train", 0), _features(40, "eval", 1)
+def test_the_train_split_probe_picks_its_layer_on_the_training_records_and_scores_every_evaluated_one(
+    one_loop_features,
+):
+    train, evaluated = _features(one_loop_features, 80, "train", 0), _features(one_loop_features, 40, "eval", 1)
     prob, chosen = fit_train_split_readout(train, evaluated, CFG)
     assert prob.shape == (1, 80) and not np.isnan(prob).any()  # every evaluated record, no folds of them
     assert chosen == [{"loop": 1, "layer": "1", "l2": chosen[0]["l2"], "n_train": 160}]
