@@ -495,18 +495,81 @@ def _figures(result) -> dict:
     return figs
 
 
-def plot_gap(result, out_dir: str) -> dict[str, str]:
-    """Write sv_vs_loop, rr_vs_loop, gap_vs_loop, rr_heatmap, rr_vs_layer as PNG and SVG. -> {name.ext: path}."""
+def before_after_figure(before, after, depth: int, title: str = ""):
+    """The run at a glance: TP, SV and RR per loop, before (dashed) and after (solid) training, on one 0–100% axis
+    with the chance line, the trained depth marked and loops past it shaded as extrapolation, 95% cluster-bootstrap
+    bands on SV and RR. A one-loop model (a plain causal LM) is drawn over its layers instead: RR per layer (each
+    layer's held-out probe) before and after, SV and TP as levels. -> a matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    colours = {"TP": "tab:green", "SV": "tab:blue", "RR": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    one_loop = len(before.loops) == 1 and len(after.loops) == 1
+    for result, style, when in ((before, "--", "before"), (after, "-", "after")):
+        rows = result.table
+        tp = {r["loop"]: r["accuracy"] for r in (result.tp or [])}
+        if one_loop:
+            layers, per_layer = per_layer_rows(result)
+            x = np.arange(len(layers))
+            if per_layer:
+                ax.plot(x, 100 * np.array(per_layer[0]), style, color=colours["RR"], marker="o", label=f"RR {when}")
+            ax.axhline(100 * rows[0]["sv"], ls=style, color=colours["SV"], label=f"SV {when}")
+            if tp:
+                ax.axhline(100 * next(iter(tp.values())), ls=style, color=colours["TP"], label=f"TP {when}")
+            ax.set_xticks(x, layers, fontsize=7)
+            ax.set_xlabel("layer (RR: each layer's held-out probe; SV and TP: the model's answer)")
+            continue
+        loops = [r["loop"] for r in rows]
+        for key in ("SV", "RR"):
+            k = key.lower()
+            y = 100 * np.array([r[k] for r in rows], dtype=float)
+            ax.plot(loops, y, style, color=colours[key], marker="o", label=f"{key} {when}")
+            lo = 100 * np.array([r[f"{k}_lo"] for r in rows], dtype=float)
+            hi = 100 * np.array([r[f"{k}_hi"] for r in rows], dtype=float)
+            ax.fill_between(loops, lo, hi, color=colours[key], alpha=0.08 if when == "before" else 0.15, lw=0)
+        if tp:
+            t_loops = sorted(tp)
+            ax.plot(t_loops, [100 * tp[t] for t in t_loops], style, color=colours["TP"], marker="s", label=f"TP {when}")
+        ax.set_xticks(loops)
+        ax.set_xlabel("loops")
+    if not one_loop:
+        last = max(max(before.loops), max(after.loops))
+        ax.axvline(depth, color="black", lw=0.8)
+        ax.text(depth, 97, f" trained depth {depth}", fontsize=7, va="top")
+        if last > depth:
+            ax.axvspan(depth + 0.5, last + 0.5, color="grey", alpha=0.1, lw=0, label="extrapolation")
+    ax.axhline(50, color="grey", lw=0.8, ls=":", label="chance (50%)")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel(f"{_METRIC_NAMES.get(before.metric, before.metric)} (%)")
+    n = before.meta.get("n_eval", "?")
+    bands = "" if one_loop else "; bands: 95% cluster-bootstrap CIs"
+    ax.set_title((title + "\n" if title else "") + f"before (dashed) and after (solid); n = {n} held-out records"
+                 + bands, fontsize=8)  # fmt: skip
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, out_dir: str, name: str) -> dict[str, str]:
+    """``fig`` as ``name``.png and .svg in ``out_dir``, each written atomically, then closed. -> {file: path}."""
     import matplotlib.pyplot as plt
 
     paths = {}
+    for ext in ("png", "svg"):
+        path = os.path.join(out_dir, f"{name}.{ext}")
+        paths[f"{name}.{ext}"] = atomic_write(path, lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=120))
+    plt.close(fig)
+    return paths
+
+
+def plot_gap(result, out_dir: str) -> dict[str, str]:
+    """Write sv_vs_loop, rr_vs_loop, gap_vs_loop, rr_heatmap, rr_vs_layer as PNG and SVG. -> {name.ext: path}."""
+    paths = {}
     for name, fig in _figures(result).items():
-        for ext in ("png", "svg"):
-            path = os.path.join(out_dir, f"{name}.{ext}")
-            paths[f"{name}.{ext}"] = atomic_write(
-                path, lambda tmp, fig=fig, ext=ext: fig.savefig(tmp, format=ext, dpi=120)
-            )
-        plt.close(fig)
+        paths.update(save_figure(fig, out_dir, name))
     return paths
 
 

@@ -35,6 +35,7 @@ from loopalign.eval import (
     load_eval_dataset,
     load_frozen_probes,
 )
+from loopalign.eval.report import before_after_figure, save_figure
 from loopalign.io import atomic_write_text
 from loopalign.loading import LOCAL_MODELS, is_gap_run_folder, load_model
 from loopalign.loops import parse_loop_counts
@@ -312,9 +313,12 @@ def evaluate(args: EvalGapScriptArguments) -> GapResult:
     )
     print(result.markdown())
     if args.compare:
-        comp = compare(GapResult.from_json(args.compare), result, compare_config)
+        before = GapResult.from_json(args.compare)
+        comp = compare(before, result, compare_config)
         atomic_write_text(f"{out_dir}/compare.json", comp.to_json())
         atomic_write_text(f"{out_dir}/compare.md", comp.markdown())
+        title = f"{model_name} against {args.compare}: verdict {comp.outcome}"
+        save_figure(before_after_figure(before, result, comp.depth, title=title), out_dir, "before_after")
         print(comp.verdict)
     print(f"wrote {out_dir}")
     return result

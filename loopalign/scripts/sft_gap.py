@@ -44,7 +44,7 @@ from loopalign.eval import (
 from loopalign.eval.families import TRANSFER_RULE, compare_families, record_families
 from loopalign.eval.general import answer_general_questions, general_markdown, save_general
 from loopalign.eval.metrics import auroc
-from loopalign.eval.report import short_markdown
+from loopalign.eval.report import before_after_figure, save_figure, short_markdown
 from loopalign.io import atomic_write_text, folder_lock
 from loopalign.loading import LOCAL_MODELS, load_model, load_pretrained, load_tokenizer
 from loopalign.loops import parse_int_set, parse_loop_counts
@@ -771,6 +771,10 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         comparison = compare(before, after, compare_config)
         atomic_write_text(os.path.join(out, "compare.md"), comparison.markdown())
         atomic_write_text(os.path.join(out, "compare.json"), comparison.to_json())
+        # the run at a glance: TP, SV and RR per loop (a plain LM: per layer), before dashed and after solid
+        title = f"{model_args.model_name_or_path}: sft-gap, verdict {comparison.outcome}"
+        figure = before_after_figure(before, after, comparison.depth, title=title)
+        save_figure(figure, out, "before_after")
         families = None
         if family_sets:
             with times("after_eval"):
@@ -808,6 +812,7 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
             after.log_wandb(run=wb.run, prefix="gap_after/")
             before.log_wandb(run=wb.run, prefix="gap_before/")
             log_comparison_wandb(comparison, wb.run)  # dSV, dRR, gap after, TP and the verdict in the summary
+            wb.run.log({"compare/before_after": wb.Image(os.path.join(out, "before_after.png"))})
             wb.run.config.update({"recipe": dataclasses.asdict(script_args)}, allow_val_change=True)
         print("\nBefore / after gap SFT on the held-out split:\n")
         print(comparison.markdown())

@@ -28,6 +28,7 @@ def test_eval_gap_of_a_runs_final_folder_reproduces_its_after_evaluation(
     for name in ("heldout.jsonl", "train_split.jsonl", "eval_args.json", "run_args.json", "log_history.json"):
         assert (out / name).exists(), name
     assert json.loads((out / "run_args.json").read_text())["training"]["seed"] == 3
+    assert (out / "before_after.png").stat().st_size > 0 and (out / "before_after.svg").exists()  # the run at a glance
     assert any(k.endswith("loss") for entry in json.loads((out / "log_history.json").read_text()) for k in entry)
 
     again = tmp_path / "again"
