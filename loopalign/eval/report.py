@@ -260,8 +260,8 @@ _PRIOR_METRICS = ("accuracy", "f1")
 YARDSTICK_TABLES = {
     "all": ("one linear probe over every layer RR may read x both probe positions, on RR's splits", "RR all sites"),
     "train": (
-        "a linear probe fitted on the training split (its layer and L2 by cross-validation there), applied to "
-        "every evaluated record",
+        "a linear probe fitted on the training split (its layer and L2 chosen on a third of it held out), applied "
+        "to every evaluated record",
         "RR train split",
     ),
 }
