@@ -71,24 +71,14 @@ def test_evaluate_gap_fits_the_train_split_probe_on_the_records_it_is_given(llam
     assert GapResult.from_json(tmp_path / "gap").train_split_rr().shape == (1, len(synthetic_rows))
 
 
-def test_eval_gap_takes_the_train_split_probes_records_from_the_command_line(
-    llama, tok, synthetic_rows, tmp_path, capsys
-):
-    import datasets
-
+def test_eval_gap_refuses_train_without_statements_before_loading_anything(capsys):
+    """--probe_train_dataset train names the statements' training entities only (the option's file form runs in
+    tests/trainers/test_reevaluate_run.py, where eval-gap reads a run's train_split.jsonl through it)."""
     from loopalign.scripts.eval_gap import main
 
-    train_rows, _ = render_records(controlled_candidates(generate_problems(20, seed=7, levels=(1, 2))), tok)
-    llama.save_pretrained(tmp_path / "llama")
-    tok.save_pretrained(tmp_path / "llama")
-    datasets.Dataset.from_list(synthetic_rows).to_json(tmp_path / "rows.jsonl")
-    datasets.Dataset.from_list([dict(r, id=f"train-{r['id']}") for r in train_rows]).to_json(tmp_path / "train.jsonl")
-    common = ["--model_name_or_path", str(tmp_path / "llama"), "--dataset", str(tmp_path / "rows.jsonl"),
-              "--eval_tp", "false", "--eval_n_boot", "20", "--controls", "false", "--device", "cpu"]  # fmt: skip
-    with pytest.raises(SystemExit) as exited:  # 'train' names the statements' training entities only
-        main(common + ["--probe_train_dataset", "train"])
+    with pytest.raises(SystemExit) as exited:
+        main(["--model_name_or_path", "tiny", "--dataset", "synthetic", "--probe_train_dataset", "train"])
     assert exited.value.code == 2 and "probe_train_dataset='train'" in capsys.readouterr().err
-    main(common + ["--probe_train_dataset", str(tmp_path / "train.jsonl"), "--output_dir", str(tmp_path / "out")])
-    gap = GapResult.from_json(tmp_path / "out")
-    assert gap.meta["train_split_readout"]["n_train"] == len(train_rows)
-    assert gap.table[0]["rr_train_split"] is not None
+    with pytest.raises(SystemExit) as exited:
+        main(["--model_name_or_path", "tiny", "--dataset", "synthetic", "--probe_train_dataset", "no/such.jsonl"])
+    assert exited.value.code == 2 and "does not exist" in capsys.readouterr().err
