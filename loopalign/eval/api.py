@@ -289,16 +289,12 @@ def _evaluate_gap(
         row["rr_fixed"] = metric_value(metric, labels[ev], fixed, (fixed > 0.5).astype(np.int64))
         row["sv_valid_rate"] = sv["valid_rate"]
         row["best_layer"] = ",".join(map(str, rr["best_layer"]))
-        if rr_all is not None:
-            scored = rr_all[ti, ev]
-            decided = (scored > 0.5).astype(np.int64)
-            row["rr_all_sites"] = metric_value(metric, labels[ev], scored, decided)
-            row["rr_all_sites_auroc"] = metric_value("auroc", labels[ev], scored, decided)
-        if rr_train is not None:
-            scored = rr_train[ti, ev]
-            decided = (scored > 0.5).astype(np.int64)
-            row["rr_train_split"] = metric_value(metric, labels[ev], scored, decided)
-            row["rr_train_split_auroc"] = metric_value("auroc", labels[ev], scored, decided)
+        for column, posteriors in (("rr_all_sites", rr_all), ("rr_train_split", rr_train)):  # the yardsticks
+            if posteriors is not None:
+                scored = posteriors[ti, ev]
+                decided = (scored > 0.5).astype(np.int64)
+                row[column] = metric_value(metric, labels[ev], scored, decided)
+                row[f"{column}_auroc"] = metric_value("auroc", labels[ev], scored, decided)
     controls, control_probs, t_controls = None, {}, 0.0
     if config.controls:
         t0 = time.perf_counter()

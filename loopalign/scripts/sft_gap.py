@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from loopalign.eval.families import TRANSFER_RULE, compare_families, record_fami
 from loopalign.eval.general import answer_general_questions, general_markdown, save_general
 from loopalign.eval.metrics import auroc
 from loopalign.eval.report import before_after_figure, save_figure, short_markdown
-from loopalign.io import atomic_write_text, folder_lock
+from loopalign.io import atomic_write, atomic_write_text, folder_lock
 from loopalign.loading import LOCAL_MODELS, load_model, load_pretrained, load_tokenizer
 from loopalign.loops import parse_int_set, parse_loop_counts
 from loopalign.models.contract import trained_loops
@@ -289,14 +288,9 @@ def save_run_inputs(out: str, eval_ds, probe_train, script_args, training_args, 
     (``train_split.jsonl``), the evaluation settings eval-gap reads back (``eval_args.json``: every GapEvalArguments
     field, the resolved loops, grouping, seed, batch size and verdict tokens) and every argument of the run
     (``run_args.json``); each written atomically."""
-    os.makedirs(out, exist_ok=True)
     for name, ds in ((HELDOUT_FILE, eval_ds), (TRAIN_SPLIT_FILE, probe_train)):
-        if ds is None:
-            continue
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        ds.to_json(tmp, lines=True)
-        os.replace(tmp, os.path.join(out, name))
+        if ds is not None:
+            atomic_write(os.path.join(out, name), lambda tmp, ds=ds: ds.to_json(tmp, lines=True))
     saved = {f.name: getattr(script_args, f.name) for f in dataclasses.fields(GapEvalArguments)}
     saved.update(
         eval_loops=",".join(str(t) for t in gap_config.loops),
@@ -750,10 +744,9 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     with times("train"):
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(os.path.join(out, "final"))
-    if trainer.accelerator.is_main_process:  # the loss history beside the reports (W&B holds it too, when on)
-        atomic_write_text(os.path.join(out, "log_history.json"), json.dumps(trainer.state.log_history, indent=1))
-
     if trainer.accelerator.is_main_process:
+        # the loss history beside the reports (W&B holds it too, when on)
+        atomic_write_text(os.path.join(out, "log_history.json"), json.dumps(trainer.state.log_history, indent=1))
         tuned = trainer.accelerator.unwrap_model(trainer.model).eval()
         with times("after_eval"):
             # the before-evaluation's probes, frozen, on the tuned features (part c's drift; None: an old before/)
