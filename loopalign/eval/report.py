@@ -526,13 +526,14 @@ def before_after_figure(before, after, depth: int, title: str = ""):
         for key in ("SV", "RR"):
             k = key.lower()
             y = 100 * np.array([r[k] for r in rows], dtype=float)
-            ax.plot(loops, y, style, color=colours[key], marker="o", label=f"{key} {when}")
+            ax.plot(loops, y, style, color=colours[key], marker="o", label=f"{key} {when}", clip_on=False)
             lo = 100 * np.array([r[f"{k}_lo"] for r in rows], dtype=float)
             hi = 100 * np.array([r[f"{k}_hi"] for r in rows], dtype=float)
             ax.fill_between(loops, lo, hi, color=colours[key], alpha=0.08 if when == "before" else 0.15, lw=0)
         if tp:
             t_loops = sorted(tp)
-            ax.plot(t_loops, [100 * tp[t] for t in t_loops], style, color=colours["TP"], marker="s", label=f"TP {when}")
+            tp_y = [100 * tp[t] for t in t_loops]  # at 100% a line sits on the frame: drawn over it, not clipped
+            ax.plot(t_loops, tp_y, style, color=colours["TP"], marker="s", label=f"TP {when}", clip_on=False)
         ax.set_xticks(loops)
         ax.set_xlabel("loops")
     if not one_loop:
