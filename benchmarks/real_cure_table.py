@@ -11,7 +11,10 @@ variant over seeds: the table gives the mean and the range over the seeds. Print
   rule's outcome;
 - per family kind (trained on with labels; text only; held out): the mean SV balanced accuracy and AUROC before →
   after, RR's, and the transfer summary (mean recovery, families whose SV fell);
-- general questions kept (right answers before → after).
+- general questions kept (right answers before → after);
+- with ``--cut``, per run and family where SV's Yes/No cut lies after training: the share answered Yes, the median
+  log-odds of Yes and the separation of true from false statements in log-odds (``families.json``, or for runs
+  written before those columns, the run's ``after/families/<family>/gap.json``).
 
 The figure: per family, SV before (hatched) and after (solid) beside RR before, on balanced accuracy and on AUROC,
 for one run (the first given, or ``--figure-run``).
@@ -162,6 +165,46 @@ def variant_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def cut_of(run: dict) -> dict[str, tuple[float, float, float] | None]:
+    """Per family: (the share SV answers Yes, the median log-odds of Yes, the true-minus-false separation) after
+    training, from families.json (runs written since the columns exist) or else from the run's per-family
+    after-evaluation (``after/families/<family>/gap.json``); None where neither is there."""
+    from loopalign.eval.families import verdict_log_odds, yes_rate
+    from loopalign.eval.gap import GapResult
+
+    out = {}
+    for row in run["families"]:
+        if row.get("sv_log_odds_after") is not None:
+            out[row["family"]] = (row["sv_yes_after"], row["sv_log_odds_after"], row["sv_separation_after"])
+            continue
+        path = os.path.join(run["run"], "after", "families", row["family"], "gap.json")
+        if not os.path.exists(path):
+            out[row["family"]] = None
+            continue
+        result = GapResult.from_json(path)
+        loop = result.loops[-1]
+        out[row["family"]] = (yes_rate(result, loop), *verdict_log_odds(result, loop))
+    return out
+
+
+def cut_table(runs: list[dict]) -> list[str]:
+    """Markdown lines: per run and family, where SV's Yes/No cut lies after training: the share it answers Yes, the
+    median log-odds of Yes and the separation (true minus false, in log-odds)."""
+    cuts = [cut_of(r) for r in runs]
+    families = sorted({f for c in cuts for f in c})
+    lines = [
+        "| run | " + " | ".join(families) + " |",
+        "|---|" + "---|" * len(families),
+    ]
+    for run, cut in zip(runs, cuts):
+        cells = []
+        for f in families:
+            c = cut.get(f)
+            cells.append("–" if c is None else f"{100 * c[0]:.0f}% ({c[1]:+.1f}, {c[2]:+.2f})")
+        lines.append(f"| {os.path.basename(os.path.normpath(run['run']))} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def family_figure(run: dict, path: str) -> None:
     """Per family: SV before (hatched) and after (solid) and RR before (a line), balanced accuracy and AUROC."""
     import matplotlib
@@ -198,6 +241,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--figure", default=None, help="write the per-family figure of one run here (PNG / SVG)")
     parser.add_argument("--figure-run", default=None, help="the run the figure shows (default: the first)")
     parser.add_argument("--out", default=None, help="also write the table here (Markdown)")
+    parser.add_argument(
+        "--cut",
+        action="store_true",
+        help="also print where SV's cut lies after training, per run and family: the share answered Yes (the "
+        "median log-odds of Yes, the true-minus-false separation)",
+    )
     return parser
 
 
@@ -206,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     runs = [run_summary(r) for r in args.runs]  # a folder that is not a run fails here, naming it
     text = "\n".join(variant_table(runs)) + "\n"
+    if args.cut:
+        text += "\n" + "\n".join(cut_table(runs)) + "\n"
     sys.stdout.write(text)
     if args.out:
         from loopalign.io import atomic_write_text

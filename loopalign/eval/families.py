@@ -93,6 +93,17 @@ def yes_rate(result: GapResult, loop: int) -> float:
     return float(decided[result.loops.index(loop)][ev].mean())
 
 
+def verdict_log_odds(result: GapResult, loop: int) -> tuple[float, float]:
+    """Where SV's cut lies and how far it separates, at ``loop``, in log-odds of P(Yes) (the verdict says Yes above
+    0) over the evaluated records: (the median, the mean on true records minus the mean on false ones). A median
+    far from 0 beside a small separation is a verdict that ranks a little and says one word."""
+    _, labels, ev, prob, _, _ = result.arrays()
+    p = np.clip(prob[result.loops.index(loop)][ev], 1e-6, 1 - 1e-6)
+    log_odds, y = np.log(p) - np.log1p(-p), labels[ev]
+    separation = float(log_odds[y == 1].mean() - log_odds[y == 0].mean()) if 0 < y.sum() < len(y) else float("nan")
+    return float(np.median(log_odds)), separation
+
+
 @dataclass
 class FamilyComparison:
     """Per family: the before/after figures at the verdict depth and the comparison's verdict; and the transfer
@@ -100,7 +111,8 @@ class FamilyComparison:
 
     rows: one per family {family, trained, training ("labels" | "text only" | "none"), n_records, sv/rr before/after
     on balanced accuracy and AUROC, the share SV answers Yes (sv_yes_before / sv_yes_after), the before probes frozen
-    on the after features (rr_frozen_bal_after), d_sv (+ CI)
+    on the after features (rr_frozen_bal_after), SV's log-odds median and true-minus-false separation
+    (sv_log_odds_* / sv_separation_*, ``verdict_log_odds``), d_sv (+ CI)
     on balanced accuracy, recovery_bal / recovery_auroc (None when the base gap is below ``min_gap``), verdict};
     transfer: {families, mean_recovery_bal, mean_recovery_auroc, fell: [families whose SV fell], reached}."""
 
@@ -148,6 +160,21 @@ class FamilyComparison:
                 f"**Transfer to families never trained on ({', '.join(t['families'])}): mean recovery {mean} "
                 f"(balanced accuracy / AUROC; goal {100 * self.config['goal']:.0f}%); SV fell in: "
                 f"{', '.join(t['fell']) or 'none'}; reached: {'yes' if t['reached'] else 'no'}.**",
+            ]
+        if all("sv_log_odds_after" in r for r in self.rows):
+            lines += [
+                "",
+                "Where SV's Yes/No cut lies: its log-odds of Yes (Yes above 0) on the family's held-out records, "
+                "the median, and the mean on true statements minus the mean on false ones (the separation). A "
+                "median far from 0 beside a small separation is a verdict that says one word for the family.",
+                "",
+                "| family | median log-odds before → after | separation before → after |",
+                "|---|---|---|",
+                *(
+                    f"| {r['family']} | {r['sv_log_odds_before']:+.2f} → {r['sv_log_odds_after']:+.2f} | "
+                    f"{r['sv_separation_before']:+.2f} → {r['sv_separation_after']:+.2f} |"
+                    for r in self.rows
+                ),
             ]
         lines += [
             "",
@@ -231,6 +258,11 @@ def compare_families(
             "rr_frozen_bal_after": crow.get("rr_frozen_after"),
             "sv_yes_before": yes_rate(b, loop),
             "sv_yes_after": yes_rate(a, loop),
+            **{
+                f"{name}_{when}": value
+                for when, result in (("before", b), ("after", a))
+                for name, value in zip(("sv_log_odds", "sv_separation"), verdict_log_odds(result, loop))
+            },
             "d_sv_bal": crow["d_sv"],
             "d_sv_bal_lo": crow["d_sv_lo"],
             "d_sv_bal_hi": crow["d_sv_hi"],

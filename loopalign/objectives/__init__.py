@@ -8,7 +8,7 @@ from .deep_supervision import (
     weighted_loop_loss,
 )
 from .probe_consistency import LoopProbes, consistency_loss, probe_loss, verbal_log_probs
-from .probe_distillation import probe_distillation_loss
+from .probe_distillation import probe_distillation_loss, probe_ranking_distillation_loss
 from .rr_preservation import frozen_probe_loss, hidden_distillation_loss
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "per_loop_token_losses",
     "probe_distillation_loss",
     "probe_loss",
+    "probe_ranking_distillation_loss",
     "shifted_targets",
     "verbal_log_probs",
     "weighted_loop_loss",

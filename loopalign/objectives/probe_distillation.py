@@ -15,7 +15,7 @@ from loopalign.probes import float32_region
 
 from .probe_consistency import masked_mean, verbal_log_probs
 
-__all__ = ["probe_distillation_loss"]
+__all__ = ["probe_distillation_loss", "probe_ranking_distillation_loss"]
 
 
 def probe_distillation_loss(
@@ -47,3 +47,52 @@ def probe_distillation_loss(
         p = target_probs.detach().to(log_yes.device, torch.float32)
         ce = -(p * log_yes + (1 - p) * log_no)  # [T,B]
         return ce.mean(dim=1) if weight is None else masked_mean(ce, weight)
+
+
+def probe_ranking_distillation_loss(
+    verdict_logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    groups: torch.Tensor,
+    yes_id: int,
+    no_id: int,
+    clamp: float = 1e-4,
+) -> torch.Tensor:
+    """Per-loop pairwise (RankNet) distillation of the verdict's ranking within groups, blind to each group's offset.
+
+    For every pair (i, j) of records in the same group (``groups[i] == groups[j] >= 0``, i < j), the verdict's
+    logit difference z = log q(Yes) - log q(No) is trained so that sigmoid(z_i - z_j) matches the targets' pair
+    probability sigmoid(t_i - t_j), t = logit(p) with p clamped to [clamp, 1 - clamp]. Adding a constant to every
+    z of one group leaves the loss unchanged: the term teaches which records of a group are truer than which,
+    never where the group's Yes/No cut lies (that is left to the labelled terms).
+
+    verdict_logits [T,B,V]; target_probs [T,B] in [0,1] (detached); groups [B] int (-1: in no group) -> [T], the
+    mean over pairs; a batch without a pair gives a zero that still carries a graph.
+    """
+    if verdict_logits.dim() != 3:
+        raise ValueError(
+            f"probe_ranking_distillation_loss: verdict_logits must be [T,B,V], got {list(verdict_logits.shape)}"
+        )
+    num_loops, batch = verdict_logits.shape[:2]
+    if tuple(target_probs.shape) != (num_loops, batch):
+        raise ValueError(
+            f"probe_ranking_distillation_loss: target_probs must be [T={num_loops}, B={batch}], "
+            f"got {list(target_probs.shape)}"
+        )
+    if tuple(groups.shape) != (batch,):
+        raise ValueError(f"probe_ranking_distillation_loss: groups must be [B={batch}], got {list(groups.shape)}")
+    with float32_region(verdict_logits.device):
+        log_yes = verbal_log_probs(verdict_logits, yes_id, no_id)  # [T,B]
+        log_no = verbal_log_probs(verdict_logits, no_id, yes_id)
+        z = log_yes - log_no
+        p = target_probs.detach().to(z.device, torch.float32).clamp(clamp, 1 - clamp)
+        t = torch.log(p) - torch.log1p(-p)
+        g = groups.to(z.device)
+        pairs = (g[:, None] == g[None, :]) & (g[:, None] >= 0)
+        pairs = torch.triu(pairs, diagonal=1).float()  # [B,B]
+        n_pairs = pairs.sum()
+        dz = z[:, :, None] - z[:, None, :]  # [T,B,B]
+        target = torch.sigmoid(t[:, :, None] - t[:, None, :])
+        ce = torch.nn.functional.binary_cross_entropy_with_logits(dz, target, reduction="none")
+        if n_pairs == 0:
+            return (z * 0.0).sum(dim=1)
+        return (ce * pairs).sum(dim=(1, 2)) / n_pairs

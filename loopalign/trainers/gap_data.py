@@ -44,6 +44,7 @@ __all__ = [
     "statement_splits",
     "statements_only",
     "table_dataset",
+    "with_distill_groups",
 ]
 
 #: Where the probes read: the end of the candidate answer, or the verdict position.
@@ -122,9 +123,31 @@ def build_gap_features(
                 raise ValueError(f"record {rid!r}: field 'probe_target' must be probabilities in [0, 1], got {t!r}")
         return out
 
-    keep = {"input_ids", "labels", "label", "verdict_index", "probe_index", "id", "length", "probe_target", "labelled"}
+    keep = {
+        "input_ids",
+        "labels",
+        "label",
+        "verdict_index",
+        "probe_index",
+        "id",
+        "length",
+        "probe_target",
+        "labelled",
+        "distill_group",
+    }
     drop = [c for c in records.column_names if c not in keep]
     return records.map(to_features, remove_columns=drop, desc="gap SFT features")
+
+
+def with_distill_groups(records, groups: list[str]):
+    """``records`` with a ``distill_group`` column: each record's group (``groups``, one name per record, e.g. its
+    family) as an int, the index of the name in sorted order; read by probe_distill's pairwise form."""
+    if len(groups) != len(records):
+        raise ValueError(f"with_distill_groups: {len(groups)} group names for {len(records)} records")
+    index = {name: i for i, name in enumerate(sorted(set(groups)))}
+    if "distill_group" in records.column_names:
+        records = records.remove_columns("distill_group")
+    return records.add_column("distill_group", [index[g] for g in groups])
 
 
 @dataclass
@@ -133,7 +156,7 @@ class GapCollator:
 
     Out: input_ids, attention_mask, labels [B,S]; label, verdict_index, probe_index [B];
     labelled [B] bool (all True when the features have no ``labelled``); probe_target [B,T] float
-    when the features carry it.
+    and distill_group [B] int when the features carry them.
     """
 
     pad_token_id: int
@@ -146,7 +169,17 @@ class GapCollator:
             "probe_index": torch.tensor([int(f["probe_index"]) for f in features]),
             "labelled": torch.tensor([bool(f.get("labelled", True)) for f in features]),
             **self._targets(features),
+            **self._groups(features),
         }
+
+    @staticmethod
+    def _groups(features: list[dict]) -> dict[str, torch.Tensor]:
+        present = ["distill_group" in f for f in features]
+        if not any(present):
+            return {}
+        if not all(present):
+            raise ValueError("GapCollator: some features carry 'distill_group' and some do not")
+        return {"distill_group": torch.tensor([int(f["distill_group"]) for f in features])}
 
     @staticmethod
     def _targets(features: list[dict]) -> dict[str, torch.Tensor]:

@@ -56,6 +56,7 @@ from loopalign.objectives import (
     per_loop_token_losses,
     probe_distillation_loss,
     probe_loss,
+    probe_ranking_distillation_loss,
     verbal_log_probs,
     weighted_loop_loss,
 )
@@ -64,7 +65,7 @@ from loopalign.probes import fit_probes
 from loopalign.speed import CHECKPOINT_POLICIES, compile_decoder_layers
 
 from .common import AtomicCheckpointMixin, default_bf16, model_and_tokenizer
-from .gap_data import PROBE_POSITIONS, GapCollator, build_gap_features, verdict_token_ids
+from .gap_data import PROBE_POSITIONS, GapCollator, build_gap_features, verdict_token_ids, with_distill_groups
 from .probe_targets import fit_probe_targets, labelled_only
 from .replay import collate_replay, replay_features
 
@@ -85,6 +86,7 @@ LOSS_KEYS = {
     "layer_verdict": 0.0,
 }
 LOOP_WEIGHTINGS = ("uniform", "last", "list", "ouro_entropy")
+DISTILL_KINDS = ("absolute", "pairwise")
 PROBES_FILE = "loop_probes.safetensors"
 
 
@@ -120,6 +122,16 @@ class GapSFTConfig(SFTConfig):
             "unlabelled targets are centred at their median (in logit), so half of each group's unlabelled records "
             "are taught Yes: it assumes each group is balanced, and corrects a target probe whose cut was fitted "
             "on other groups. None: targets as the probe gives them."
+        },
+    )
+    distill_kind: str = field(
+        default="absolute",
+        metadata={
+            "help": "probe_distill's form: 'absolute' (the verdict's P(Yes) pulled to each record's target) or "
+            "'pairwise' (RankNet within the groups of distill_center_field: for two records of one group the "
+            "verdict learns which is the truer by how much the targets say, and never where the group's Yes/No "
+            "cut lies, which is left to the labelled terms; centring then changes nothing, a pair's target being "
+            "a difference). Needs distill_center_field."
         },
     )
     label_fraction: float = field(
@@ -246,6 +258,13 @@ class GapSFTConfig(SFTConfig):
             raise ValueError(
                 "GapSFTConfig.distill_center_field centres the probe_distill targets: it needs "
                 "loss_weights.probe_distill > 0"
+            )
+        if self.distill_kind not in DISTILL_KINDS:
+            raise ValueError(f"GapSFTConfig.distill_kind must be one of {DISTILL_KINDS}, got {self.distill_kind!r}")
+        if self.distill_kind == "pairwise" and self.distill_center_field is None:
+            raise ValueError(
+                "GapSFTConfig.distill_kind='pairwise' compares records within groups: set distill_center_field "
+                "(e.g. 'family')"
             )
         if self.rr_distill_kind not in ("mse", "cosine"):
             raise ValueError(f"GapSFTConfig.rr_distill_kind must be 'mse' or 'cosine', got {self.rr_distill_kind!r}")
@@ -443,6 +462,10 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
                 f"GapSFTConfig.label_fraction={args.label_fraction}: the train dataset already carries 'probe_target' "
                 "but no 'labelled' column, so its targets were fit on every label; refit them with "
                 "fit_probe_targets(label_fraction=...) or drop the column"
+            )
+        if args.distill_kind == "pairwise":
+            train_dataset = with_distill_groups(
+                train_dataset, record_families(train_dataset, args.distill_center_field)
             )
         lengths = {len(t) for t in train_dataset["probe_target"]}
         if lengths != {self.num_loops}:
@@ -649,7 +672,12 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         # set without targets (they are fitted for the train set) skips the term.
         if w["probe_distill"] > 0 and "probe_target" in inputs:
             targets = inputs["probe_target"].T  # [T,B]
-            per_loop["probe_distill"] = probe_distillation_loss(verdict_logits, targets, self.yes_id, self.no_id)
+            if self.args.distill_kind == "pairwise":
+                per_loop["probe_distill"] = probe_ranking_distillation_loss(
+                    verdict_logits, targets, inputs["distill_group"], self.yes_id, self.no_id
+                )
+            else:
+                per_loop["probe_distill"] = probe_distillation_loss(verdict_logits, targets, self.yes_id, self.no_id)
             terms["probe_distill"] = (loop_w * per_loop["probe_distill"]).sum()
 
         loss = sum(w[k] * v for k, v in terms.items()) if terms else feats.sum() * 0.0

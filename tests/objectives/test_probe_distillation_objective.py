@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from loopalign.objectives import probe_distillation_loss
+from loopalign.objectives import probe_distillation_loss, probe_ranking_distillation_loss
 
 YES, NO = 2, 3
 
@@ -77,3 +77,48 @@ def test_shape_mismatches_fail_clearly(logits_shape, target_shape, weight_shape,
     weight = None if weight_shape is None else torch.ones(weight_shape)
     with pytest.raises(ValueError, match=message):
         probe_distillation_loss(torch.zeros(logits_shape), torch.zeros(target_shape), YES, NO, weight=weight)
+
+
+def test_pairwise_form_by_hand_over_pairs_of_one_group():
+    q = [[0.75, 0.2, 0.6, 0.9]]  # T=1, B=4: records 0, 1 in group 0; 2 alone in group 1; 3 in no group
+    p = [[0.9, 0.3, 0.5, 0.1]]
+    loss = probe_ranking_distillation_loss(_logits(q), torch.tensor(p), torch.tensor([0, 0, 1, -1]), YES, NO)
+
+    def logit(x):
+        return math.log(x / (1 - x))
+
+    dz = logit(0.75) - logit(0.2)
+    target = 1 / (1 + math.exp(-(logit(0.9) - logit(0.3))))
+    expected = -(target * math.log(1 / (1 + math.exp(-dz))) + (1 - target) * math.log(1 / (1 + math.exp(dz))))
+    torch.testing.assert_close(loss, torch.tensor([expected]), atol=1e-5, rtol=1e-5)
+
+
+def test_pairwise_form_is_blind_to_a_groups_offset_and_the_absolute_form_is_not():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 4)
+    target = torch.rand(2, 6)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    shifted = logits.clone()
+    shifted[:, 3:, YES] += 2.5  # group 1 leans to Yes as a whole: its ranking is unchanged
+    before = probe_ranking_distillation_loss(logits, target, groups, YES, NO)
+    torch.testing.assert_close(probe_ranking_distillation_loss(shifted, target, groups, YES, NO), before)
+    assert (
+        probe_distillation_loss(shifted, target, YES, NO) - probe_distillation_loss(logits, target, YES, NO)
+    ).abs().min() > 1e-3
+    # the ranking inside a group does matter: swap two records' verdicts within group 0
+    swapped = logits.clone()
+    swapped[:, [0, 1]] = logits[:, [1, 0]]
+    assert (probe_ranking_distillation_loss(swapped, target, groups, YES, NO) - before).abs().min() > 1e-4
+
+
+def test_pairwise_form_without_a_pair_gives_a_graph_carrying_zero_and_checks_shapes():
+    logits = _logits([[0.7, 0.1, 0.5]]).requires_grad_(True)
+    target = torch.tensor([[0.2, 0.9, 0.4]])
+    zero = probe_ranking_distillation_loss(logits, target, torch.tensor([0, 1, -1]), YES, NO)
+    assert torch.equal(zero, torch.zeros(1)) and zero.requires_grad
+    zero.sum().backward()
+    assert logits.grad.abs().max() == 0
+    with pytest.raises(ValueError, match=r"groups must be \[B=3\]"):
+        probe_ranking_distillation_loss(logits, target, torch.tensor([0, 1]), YES, NO)
+    with pytest.raises(ValueError, match=r"target_probs must be \[T=1, B=3\]"):
+        probe_ranking_distillation_loss(logits, target[:, :2], torch.tensor([0, 1, 2]), YES, NO)

@@ -3,6 +3,8 @@ after comparison (families.md / .json with the transfer summary), and general qu
 after. Bad family options fail before the model trains, naming the option and the families."""
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 import datasets
@@ -78,7 +80,14 @@ def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
         c_dir = out / "after" / "families" / r["family"] / "gap.json"
         decided = json.loads(c_dir.read_text())["records"]["sv_pred"][0]
         assert r["sv_yes_after"] == pytest.approx(sum(decided) / len(decided)) and 0 <= r["sv_yes_before"] <= 1
+        records = json.loads(c_dir.read_text())["records"]  # where the cut lies, in log-odds of Yes
+        odds = [math.log(p / (1 - p)) for p in records["sv_prob"][0]]
+        true = [o for o, y in zip(odds, records["labels"]) if y == 1]
+        false = [o for o, y in zip(odds, records["labels"]) if y == 0]
+        assert r["sv_separation_after"] == pytest.approx(sum(true) / len(true) - sum(false) / len(false), abs=1e-4)
+        assert r["sv_log_odds_after"] == pytest.approx(statistics.median(odds), abs=1e-4)
     assert "SV says Yes before → after" in (out / "families.md").read_text()
+    assert "median log-odds before → after" in (out / "families.md").read_text()
     general = json.loads((out / "general.json").read_text())
     assert len(general["before"]["answers"]) == len(general["after"]["answers"]) == 10
     printed = capsys.readouterr().out
@@ -89,8 +98,11 @@ def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
     spec = importlib.util.spec_from_file_location("real_cure_table", ROOT / "benchmarks" / "real_cure_table.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
-    assert table.main([str(out), "--figure", str(tmp_path / "fig.png"), "--out", str(tmp_path / "table.md")]) == 0
+    argv = [str(out), "--figure", str(tmp_path / "fig.png"), "--out", str(tmp_path / "table.md"), "--cut"]
+    assert table.main(argv) == 0
     text = (tmp_path / "table.md").read_text()
+    share = 100 * rows_by["c"]["sv_yes_after"]
+    assert "| run | a | c |" in text and f"| {share:.0f}% ({rows_by['c']['sv_log_odds_after']:+.1f}, " in text
     assert "| run |" in text and "labels: a" in text and "none: c" in text and (tmp_path / "fig.png").exists()
     with pytest.raises(FileNotFoundError, match="not an sft-gap run by family"):
         table.main([str(tmp_path)])

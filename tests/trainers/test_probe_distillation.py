@@ -274,6 +274,8 @@ def test_precomputed_targets_are_used_as_given(gap_dataset, tmp_path):
         (dict(distill_folds=1), "distill_folds must be an int >= 2"),
         (dict(distill_position="start"), "distill_position must be one of"),
         (dict(distill_center_field="family"), "distill_center_field centres the probe_distill targets"),
+        (dict(distill_kind="ranked", loss_weights={"probe_distill": 1.0}), "distill_kind must be one of"),
+        (dict(distill_kind="pairwise", loss_weights={"probe_distill": 1.0}), "pairwise' compares records within"),
     ],
 )
 def test_bad_distillation_configs_fail_at_construction(tmp_path, kw, message):
@@ -290,3 +292,27 @@ def test_labelled_only_baseline_trains_on_the_records_distillation_would_label(g
     distilled = _trainer(ds, tok, tmp_path, loss_weights={"probe_distill": 1.0}, label_fraction=0.5)
     kept = {r["id"] for r in distilled.train_dataset if r["labelled"]}
     assert {r["id"] for r in trainer.train_dataset} == kept and len(kept) == 24
+
+
+def test_pairwise_distillation_trains_on_pairs_within_each_task(gap_dataset, tmp_path):
+    """distill_kind='pairwise' with the records' task as the group: each batch's term compares the records of one
+    task (its gold and wrong answer) only, and a batch whose tasks are all different has no pair to train."""
+    ds, tok = gap_dataset
+    trainer = _trainer(
+        ds, tok, tmp_path, loss_weights={"probe_distill": 1.0}, distill_kind="pairwise", distill_center_field="task"
+    )
+    feats = trainer.train_dataset
+    tasks = sorted(set(ds["task"]))
+    assert [tasks[g] for g in feats["distill_group"]] == list(ds["task"])
+    model = trainer.model.train()
+    pair = [i for i, t in enumerate(ds["task"]) if t == tasks[0]]
+    assert len(pair) == 2
+    loss = trainer.compute_loss(model, trainer._prepare_inputs(trainer.data_collator([feats[i] for i in pair])))
+    assert trainer._metrics["train"]["probe_distill_loss"][-1] > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+    firsts = [feats[ds["task"].index(t)] for t in tasks[:4]]  # four records of four tasks: no pair
+    trainer.compute_loss(model, trainer._prepare_inputs(trainer.data_collator(firsts)))
+    assert trainer._metrics["train"]["probe_distill_loss"][-1] == 0.0
+    trainer.train()
+    assert all(np.isfinite(h["probe_distill_loss"]) for h in trainer.state.log_history if "loss" in h)
