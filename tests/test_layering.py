@@ -12,6 +12,7 @@ Floors (a module imports from its own floor or lower ones only; see README "Layo
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,3 +167,22 @@ def test_test_modules_have_unique_names():
     different folders collide when one run collects both."""
     names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_readme_layout_names_every_floored_module_at_its_floor():
+    """README's Layout block lists each top-level room of FLOORS under the floor this test enforces: a line
+    ``floor N`` opens floor N, indented lines continue it, any other line closes it."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Layout") :].split("```")[1]
+    floor, placed = None, {}
+    for line in block.splitlines():
+        head = re.match(r"floor (\d)\s", line)
+        if head:
+            floor = int(head.group(1))
+        elif not line.startswith(" "):
+            floor = None
+        if floor is not None:
+            for name in re.findall(r"loopalign/(\w+)(?:/|\.py)|[;,]\s+(\w+)\.py", line):
+                placed.setdefault(name[0] or name[1], floor)
+    wrong = {room: (placed.get(room), floor) for room, floor in FLOORS.items() if placed.get(room) != floor}
+    assert not wrong, f"README's Layout places these rooms at (README floor, enforced floor): {wrong}"
