@@ -206,30 +206,13 @@ def cut_table(runs: list[dict]) -> list[str]:
 
 
 def family_figure(run: dict, path: str) -> None:
-    """Per family: SV before (hatched) and after (solid) and RR before (a line), balanced accuracy and AUROC."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    """The run's per-family panels (``loopalign.eval.families.families_figure``) written to ``path`` (PNG / SVG)."""
     import matplotlib.pyplot as plt
 
+    from loopalign.eval.families import families_figure
     from loopalign.io import atomic_write
 
-    rows = run["families"]
-    x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.0 * len(rows) + 3), 4.0))
-    for ax, metric, name in zip(axes, ("bal", "auroc"), ("balanced accuracy", "AUROC")):
-        ax.bar(x - 0.2, [100 * r[f"sv_{metric}_before"] for r in rows], 0.4, label="SV before", hatch="//", fill=False)
-        ax.bar(x + 0.2, [100 * r[f"sv_{metric}_after"] for r in rows], 0.4, label="SV after")
-        rr = [100 * r[f"rr_{metric}_before"] for r in rows]
-        ax.scatter(x, rr, marker="_", s=900, color="k", label="RR before", zorder=3)
-        ax.axhline(50, color="grey", lw=0.8)
-        ax.set_xticks(x, [f"{r['family']}\n({_kind(r)})" for r in rows], fontsize=7)
-        ax.set_ylabel(f"{name} (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title(name)
-    axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{variant_of(run['run'])}: SV per family before / after, RR before (held-out entities)")
-    fig.tight_layout()
+    fig = families_figure(run["families"], title=variant_of(run["run"]))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or "png", dpi=120))
     plt.close(fig)

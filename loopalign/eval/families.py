@@ -22,15 +22,19 @@ import numpy as np
 from loopalign.io import atomic_write_text
 
 from .gap import GapResult
+from .report import save_figure
 from .verdict import CompareConfig, compare
 
 __all__ = [
     "FamilyComparison",
     "TRANSFER_RULE",
     "compare_families",
+    "families_figure",
     "family_counts",
     "record_family",
     "record_families",
+    "verdict_log_odds",
+    "yes_rate",
 ]
 
 TRANSFER_RULE = (
@@ -183,9 +187,11 @@ class FamilyComparison:
         ]
         return "\n".join(lines) + "\n"
 
-    def save(self, out_dir: str) -> None:
+    def save(self, out_dir: str, title: str = "") -> None:
+        """families.json, families.md and the per-family panels families.png / .svg (:func:`families_figure`)."""
         atomic_write_text(os.path.join(out_dir, "families.json"), self.to_json())
         atomic_write_text(os.path.join(out_dir, "families.md"), self.markdown())
+        save_figure(families_figure(self.rows, title=title), out_dir, "families")
 
 
 _TRAINING = {
@@ -299,3 +305,36 @@ def compare_families(
         rule=TRANSFER_RULE.format(min_gap=min_gap, goal=goal),
         config={"goal": goal, "min_gap": min_gap, "compare": base},
     )
+
+
+def families_figure(rows: list[dict], title: str = ""):
+    """Per family (the rows of :class:`FamilyComparison`): SV before (hatched) and after (solid) beside RR before
+    (a bar-wide dash) and after (a dot), on balanced accuracy and on AUROC, one 0–100% axis each with the chance
+    line; each family's label says how it was trained on. -> a matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.0 * len(rows) + 3), 4.2))
+    for ax, metric, name in zip(axes, ("bal", "auroc"), ("balanced accuracy", "AUROC")):
+        ax.bar(x - 0.2, [100 * r[f"sv_{metric}_before"] for r in rows], 0.4, label="SV before", hatch="//", fill=False)
+        ax.bar(x + 0.2, [100 * r[f"sv_{metric}_after"] for r in rows], 0.4, label="SV after")
+        ax.scatter(x, [100 * r[f"rr_{metric}_before"] for r in rows], marker="_", s=900, color="k", label="RR before")
+        ax.scatter(x, [100 * r[f"rr_{metric}_after"] for r in rows], marker="o", s=25, color="k", label="RR after")
+        ax.axhline(50, color="grey", lw=0.8, ls=":", label="chance (50%)")
+        kinds = [_SHORT_TRAINING[r.get("training", "labels" if r["trained"] else "none")] for r in rows]
+        ax.set_xticks(x, [f"{r['family']}\n({k})" for r, k in zip(rows, kinds)], fontsize=7)
+        ax.set_ylabel(f"{name} (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(name)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=len(labels), frameon=False)
+    fig.suptitle((title + ": " if title else "") + "SV and RR per family before / after, held-out entities", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+#: how a family was trained on, in a figure's tick label
+_SHORT_TRAINING = {"labels": "labels", "probe labels": "probe labels", "text only": "text only", "none": "held out"}

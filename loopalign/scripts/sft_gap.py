@@ -792,7 +792,7 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
                 config=compare_config,
                 goal=script_args.transfer_goal,
             )
-            families.save(out)
+            families.save(out, title=f"{model_args.model_name_or_path}: sft-gap")
         general_after = None
         if general_before is not None:
             general_after = answer_general_questions(tuned, tokenizer, num_loops=trained_loops(tuned))
@@ -806,6 +806,8 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
             before.log_wandb(run=wb.run, prefix="gap_before/")
             log_comparison_wandb(comparison, wb.run)  # dSV, dRR, gap after, TP and the verdict in the summary
             wb.run.log({"compare/before_after": wb.Image(os.path.join(out, "before_after.png"))})
+            if families is not None:
+                wb.run.log({"compare/families": wb.Image(os.path.join(out, "families.png"))})
             wb.run.config.update({"recipe": dataclasses.asdict(script_args)}, allow_val_change=True)
         print("\nBefore / after gap SFT on the held-out split:\n")
         print(comparison.markdown())

@@ -88,6 +88,7 @@ def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
         assert r["sv_log_odds_after"] == pytest.approx(statistics.median(odds), abs=1e-4)
     assert "SV says Yes before → after" in (out / "families.md").read_text()
     assert "median log-odds before → after" in (out / "families.md").read_text()
+    assert (out / "families.png").stat().st_size > 0 and (out / "families.svg").stat().st_size > 0  # the panels
     general = json.loads((out / "general.json").read_text())
     assert len(general["before"]["answers"]) == len(general["after"]["answers"]) == 10
     printed = capsys.readouterr().out
