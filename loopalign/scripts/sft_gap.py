@@ -798,7 +798,13 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
             general_after = answer_general_questions(tuned, tokenizer, num_loops=trained_loops(tuned))
             save_general(out, general_before, general_after)
         # how to load it (adapters or, for a full fine-tune, the model), and the verdict
-        write_adapter_card(os.path.join(out, "final"), comparison.markdown(), base_model=model_args.model_name_or_path)
+        write_adapter_card(
+            os.path.join(out, "final"),
+            comparison.markdown(),
+            base_model=model_args.model_name_or_path,
+            training=training_args.to_dict(),
+            dataset=script_args.dataset,
+        )
         if wandb:
             import wandb as wb
 

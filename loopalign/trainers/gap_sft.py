@@ -732,6 +732,12 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             )
         return optimizer
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """TRL writes its own card into ``output_dir`` with each checkpoint (a model "fine-tuned from None": it
+        cannot see a loopalign base); a gap-SFT run's card is loopalign's (``write_adapter_card``, in ``final/``),
+        so none is written here."""
+        return None
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
         output_dir = output_dir or self.args.output_dir

@@ -1,13 +1,18 @@
 """A trained run's adapters reload exactly, loop routing included (issue [artifacts])."""
 
+import json
+import re
+
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
 from loopalign import OuroForCausalLM, tiny_config
 from loopalign.eval import load_model_and_tokenizer
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer, load_gap_model, write_adapter_card
+from loopalign.trainers.adapter_card import base_model_kind
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +31,9 @@ def trained(gap_dataset, tmp_path_factory):
         args=args,
         train_dataset=ds,
         processing_class=tok,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0),
+        peft_config=LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"
+        ),
     )
     trainer.train()
     trainer.save_model(str(root / "final"))
@@ -53,11 +60,59 @@ def test_load_gap_model_gives_the_trained_model_and_a_plain_peft_load_does_not(t
         load_gap_model(root / "base")
 
 
-def test_the_adapter_card_says_how_to_load_it(trained):
-    root = trained[0]
-    card = open(write_adapter_card(root / "final", "**SV caught up: yes**")).read()
-    assert "load_gap_model" in card and "`>=2`" in card and "a different model" in card
-    assert "SV caught up: yes" in card and f"base_model: {root / 'base'}" in card
+def _snippets(card: str, folder) -> list[str]:
+    return [
+        block.replace("PATH/TO/THIS/FOLDER", str(folder)) for block in re.findall(r"```python\n(.*?)```", card, re.S)
+    ]
+
+
+def test_the_adapter_card_loads_with_each_of_its_snippets(trained):
+    """The card (huggingface_hub's ModelCard) says what the run is, and each of its three snippets, run as written,
+    gives a model: load_gap_model with the routing, PeftModel and AutoPeftModelForCausalLM without it."""
+    root, ids, logits, _ = trained
+    path = write_adapter_card(
+        root / "final", "**SV caught up: yes**", training={"learning_rate": 0.05, "seed": 0}, dataset="synthetic"
+    )
+    card = ModelCard.load(path)
+    assert card.data.library_name == "peft" and "loopalign" in card.data.tags
+    assert card.data.base_model is None  # a local folder is no Hub id: the hub's base_model field stays empty
+    text = card.text
+    assert f"the local folder `{root / 'base'}`" in text and "`>=2`" in text and "a different model" in text
+    assert "SV caught up: yes" in text and "- learning_rate: 0.05" in text and "- dataset: `synthetic`" in text
+    assert "transformers " in text and "peft " in text  # the versions
+    snippets = _snippets(text, root / "final")
+    assert len(snippets) == 3 and "load_gap_model" in snippets[0] and "AutoPeftModelForCausalLM" in snippets[2]
+    outputs = []
+    for code in snippets:
+        scope: dict = {}
+        exec(code, scope)  # noqa: S102  (the card's own snippets, as a user would paste them)
+        with torch.no_grad():
+            outputs.append(scope["model"].eval()(input_ids=ids, num_loops=4).logits)
+    torch.testing.assert_close(outputs[0], logits, atol=1e-5, rtol=0)  # with the routing: the trained model
+    torch.testing.assert_close(outputs[1], outputs[2], atol=1e-5, rtol=0)  # PEFT's two loaders: one model
+    assert (outputs[1] - logits).abs().max() > 1e-3  # without the routing, as the card says
+
+
+@pytest.mark.parametrize(
+    "base, kind, auto",
+    [("smollm2-135m", "loopalign", False), ("organism", "loopalign", False), ("ByteDance/Ouro-1.4B", "hub", True)],
+)
+def test_the_card_names_a_hub_base_and_says_why_auto_peft_cannot_load_a_loopalign_one(
+    trained, tmp_path, base, kind, auto
+):
+    import shutil
+
+    folder = tmp_path / "final"
+    shutil.copytree(trained[0] / "final", folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
+    assert base_model_kind(base) == kind
+    card = ModelCard.load(write_adapter_card(folder))
+    assert card.data.base_model == (base if kind == "hub" else None)
+    assert ("AutoPeftModelForCausalLM.from_pretrained" in card.text) == auto
+    assert ("cannot load these adapters" in card.text) == (not auto)
+    if not auto:
+        assert f"load_model({base!r})[0]" in card.text
 
 
 def test_a_build_left_in_the_output_folder_is_reused_only_with_the_same_settings(tmp_path, capsys, fixtures_dir):

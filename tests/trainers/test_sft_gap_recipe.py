@@ -76,7 +76,8 @@ def test_a_full_fine_tune_run_ends_with_a_model_card_and_a_loadable_model(tmp_pa
     final = tmp_path / "run" / "final"
     assert not (final / "adapter_config.json").exists() and (final / "model.safetensors").exists()
     card = (final / "README.md").read_text()
-    assert "full fine-tune" in card and "base_model: tiny" in card and "SV caught up" in card
+    assert "full fine-tune" in card and "SV caught up" in card
+    assert "- base model: `tiny`, a model loopalign builds" in card and "- max_steps: 2" in card  # no Hub id
     (tuned, _), (base, _) = load_model(str(final), device="cpu"), load_model("tiny", device="cpu")
     ids = torch.arange(3, 19).unsqueeze(0)
     with torch.no_grad():
