@@ -168,27 +168,19 @@ class GapCollator:
             "verdict_index": torch.tensor([int(f["verdict_index"]) for f in features]),
             "probe_index": torch.tensor([int(f["probe_index"]) for f in features]),
             "labelled": torch.tensor([bool(f.get("labelled", True)) for f in features]),
-            **self._targets(features),
-            **self._groups(features),
+            **self._optional(features, "probe_target", torch.float32),
+            **self._optional(features, "distill_group", torch.long),
         }
 
     @staticmethod
-    def _groups(features: list[dict]) -> dict[str, torch.Tensor]:
-        present = ["distill_group" in f for f in features]
+    def _optional(features: list[dict], name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` when every feature carries ``name``, ``{}`` when none does; a mix fails."""
+        present = [name in f for f in features]
         if not any(present):
             return {}
         if not all(present):
-            raise ValueError("GapCollator: some features carry 'distill_group' and some do not")
-        return {"distill_group": torch.tensor([int(f["distill_group"]) for f in features])}
-
-    @staticmethod
-    def _targets(features: list[dict]) -> dict[str, torch.Tensor]:
-        present = ["probe_target" in f for f in features]
-        if not any(present):
-            return {}
-        if not all(present):
-            raise ValueError("GapCollator: some features carry 'probe_target' and some do not")
-        return {"probe_target": torch.tensor([list(f["probe_target"]) for f in features], dtype=torch.float32)}
+            raise ValueError(f"GapCollator: some features carry {name!r} and some do not")
+        return {name: torch.tensor([f[name] for f in features], dtype=dtype)}
 
 
 def split_by_task(dataset, eval_fraction: float, seed: int = 0):
