@@ -174,7 +174,7 @@ def cut_of(run: dict) -> dict[str, tuple[float, float, float] | None]:
 
     out = {}
     for row in run["families"]:
-        if row.get("sv_log_odds_after") is not None:
+        if row.get("sv_log_odds_after") is not None and row.get("sv_yes_after") is not None:
             out[row["family"]] = (row["sv_yes_after"], row["sv_log_odds_after"], row["sv_separation_after"])
             continue
         path = os.path.join(run["run"], "after", "families", row["family"], "gap.json")
