@@ -70,6 +70,7 @@ def run_summary(run_dir: str) -> dict:
             },
         },
         "families": families["rows"],
+        "family_loop": families["loop"],
         "transfer": families["transfer"],
     }
     if general and general.get("after"):  # graded again by today's rule (whole words), from the saved answers
@@ -182,7 +183,7 @@ def cut_of(run: dict) -> dict[str, tuple[float, float, float] | None]:
             out[row["family"]] = None
             continue
         result = GapResult.from_json(path)
-        loop = result.loops[-1]
+        loop = run["family_loop"]  # the verdict depth the family comparison read, not the deepest loop evaluated
         out[row["family"]] = (yes_rate(result, loop), *verdict_log_odds(result, loop))
     return out
 

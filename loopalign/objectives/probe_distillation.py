@@ -81,18 +81,16 @@ def probe_ranking_distillation_loss(
     if tuple(groups.shape) != (batch,):
         raise ValueError(f"probe_ranking_distillation_loss: groups must be [B={batch}], got {list(groups.shape)}")
     with float32_region(verdict_logits.device):
-        log_yes = verbal_log_probs(verdict_logits, yes_id, no_id)  # [T,B]
-        log_no = verbal_log_probs(verdict_logits, no_id, yes_id)
-        z = log_yes - log_no
-        p = target_probs.detach().to(z.device, torch.float32).clamp(clamp, 1 - clamp)
-        t = torch.log(p) - torch.log1p(-p)
+        # log q(Yes) - log q(No) of the two-token softmax is the raw logit difference
+        z = verdict_logits[..., yes_id].float() - verdict_logits[..., no_id].float()  # [T,B]
         g = groups.to(z.device)
-        pairs = (g[:, None] == g[None, :]) & (g[:, None] >= 0)
-        pairs = torch.triu(pairs, diagonal=1).float()  # [B,B]
+        pairs = torch.triu((g[:, None] == g[None, :]) & (g[:, None] >= 0), diagonal=1).float()  # [B,B]
         n_pairs = pairs.sum()
-        dz = z[:, :, None] - z[:, None, :]  # [T,B,B]
-        target = torch.sigmoid(t[:, :, None] - t[:, None, :])
-        ce = torch.nn.functional.binary_cross_entropy_with_logits(dz, target, reduction="none")
         if n_pairs == 0:
             return (z * 0.0).sum(dim=1)
+        t = torch.logit(target_probs.detach().to(z.device, torch.float32), eps=clamp)
+        target = torch.sigmoid(t[:, :, None] - t[:, None, :])
+        ce = torch.nn.functional.binary_cross_entropy_with_logits(
+            z[:, :, None] - z[:, None, :], target, reduction="none"
+        )
         return (ce * pairs).sum(dim=(1, 2)) / n_pairs

@@ -130,8 +130,9 @@ class GapSFTConfig(SFTConfig):
             "help": "probe_distill's form: 'absolute' (the verdict's P(Yes) pulled to each record's target) or "
             "'pairwise' (RankNet within the groups of distill_center_field: for two records of one group the "
             "verdict learns which is the truer by how much the targets say, and never where the group's Yes/No "
-            "cut lies, which is left to the labelled terms; centring then changes nothing, a pair's target being "
-            "a difference). Needs distill_center_field."
+            "cut lies, which is left to the labelled terms). Needs distill_center_field; the targets are still centred "
+            "there, which moves a pair's target only where targets saturate (clamped to [1e-4, 1 - 1e-4]) or where "
+            "a group mixes labelled and unlabelled records (only the unlabelled ones are centred)."
         },
     )
     label_fraction: float = field(
@@ -432,6 +433,10 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         """Training features with ``probe_target`` / ``labelled``: the dataset's own, or fitted on
         the base model now (``fit_probe_targets``; the model is on its training device here)."""
         args = self.args
+        # each record's group (centring and the pairwise form): read once; fitting the targets keeps the record order
+        groups = (
+            None if args.distill_center_field is None else record_families(train_dataset, args.distill_center_field)
+        )
         if "probe_target" not in train_dataset.column_names:
             targets = fit_probe_targets(
                 self.model,
@@ -445,9 +450,7 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
                 seed=args.seed,
                 batch_size=args.per_device_eval_batch_size,
                 verdict_tokens=(args.verdict_yes, args.verdict_no),
-                center_groups=None
-                if args.distill_center_field is None
-                else record_families(train_dataset, args.distill_center_field),
+                center_groups=groups,
             )
             self.probe_targets_summary = targets.summary()
             if self.is_world_process_zero():
@@ -464,9 +467,7 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
                 "fit_probe_targets(label_fraction=...) or drop the column"
             )
         if args.distill_kind == "pairwise":
-            train_dataset = with_distill_groups(
-                train_dataset, record_families(train_dataset, args.distill_center_field)
-            )
+            train_dataset = with_distill_groups(train_dataset, groups)
         lengths = {len(t) for t in train_dataset["probe_target"]}
         if lengths != {self.num_loops}:
             raise ValueError(
