@@ -83,16 +83,19 @@ def test_a_bad_option_is_a_usage_error_not_a_traceback(capsys):
 
 
 def test_ouro_loops_runs_in_process_through_the_cli(capsys):
-    """``loopalign ouro-loops`` with the pre-0.2 names (``--loops 2`` = loops 1..2): measures only."""
-    assert cli.main(["ouro-loops", "--steps", "0", "--loops", "2"]) == 0
-    out, err = capsys.readouterr()
+    """``loopalign ouro-loops --max_steps 0``: measures only; the pre-0.2 names were removed before any release,
+    so one of them ends the command naming it."""
+    assert cli.main(["ouro-loops", "--max_steps", "0", "--eval_loops", "1-2"]) == 0
+    out, _ = capsys.readouterr()
     assert "| 1 |" in out and "| 2 |" in out and "| 3 |" not in out and "After" not in out
-    assert "--loops N is deprecated" in err and "--steps is deprecated" in err
+    with pytest.raises(SystemExit) as done:
+        cli.main(["ouro-loops", "--steps", "0"])
+    assert done.value.code == 2 and "['--steps', '0']" in capsys.readouterr().err
 
 
 def test_python_m_loopalign_and_the_recipe_give_the_same_evaluation(tmp_path):
     """The same tiny evaluation through ``python -m loopalign eval-gap`` (current option names) and
-    ``python recipes/eval_gap.py`` (a YAML for most options, the pre-0.2 ``--out``): identical tables."""
+    ``python recipes/eval_gap.py`` (a YAML for most options): identical tables."""
     config = tmp_path / "eval.yaml"
     config.write_text(
         "model_name_or_path: tiny\neval_loops: '1,3'\ndataset_limit: 10\neval_folds: 3\neval_n_boot: 30\n"
@@ -102,7 +105,7 @@ def test_python_m_loopalign_and_the_recipe_give_the_same_evaluation(tmp_path):
                 "--dataset_limit", "10", "--eval_folds", "3", "--eval_n_boot", "30", "--no_controls", "--no_eval_tp",
                 "--output_dir", str(tmp_path / "cli")]  # fmt: skip
     recipe_argv = [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), "--config", str(config),
-                   "--out", str(tmp_path / "recipe")]  # fmt: skip
+                   "--output_dir", str(tmp_path / "recipe")]  # fmt: skip
     for argv in (cli_argv, recipe_argv):
         done = subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]

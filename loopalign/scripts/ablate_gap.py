@@ -37,10 +37,7 @@ from loopalign.eval.ablation import (
     steering_rows,
 )
 from loopalign.io import atomic_write_text
-from loopalign.scripts.args import make_parser, parse_or_exit, rename_deprecated_options
-
-#: pre-0.2 option -> its name now (kept for one release)
-DEPRECATED_OPTIONS = {"--out": "--output_dir", "--n-boot": "--eval_n_boot"}
+from loopalign.scripts.args import make_parser, parse_or_exit
 
 #: name -> (what it is, the sft_gap arguments that make it)
 VARIANTS = {
@@ -177,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ``--`` goes to every run), run the ablation."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = rename_deprecated_options(
-        argv[: argv.index("--")] if "--" in argv else argv, DEPRECATED_OPTIONS, "ablate_gap"
-    )
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     (args,) = parse_or_exit(build_parser(argv), argv)
     ablate(args, extra)
     return 0

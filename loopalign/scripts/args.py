@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from trl import TrlParser
@@ -26,7 +25,6 @@ __all__ = [
     "make_parser",
     "lora_targets_as_names",
     "parse_or_exit",
-    "rename_deprecated_options",
 ]
 
 _GAP = GapConfig()
@@ -202,32 +200,6 @@ class GapEvalArguments:
         )
         kwargs.update(overrides)
         return GapConfig(**kwargs)
-
-
-def rename_deprecated_options(
-    argv: Sequence[str], renames: Mapping[str, str | Sequence[str]], script: str
-) -> list[str]:
-    """argv with deprecated option names replaced by their current ones (``--loops 1-8`` ->
-    ``--eval_loops 1-8``, also in the ``--loops=1-8`` form), one line on stderr per name used.
-    A rename to several tokens (``--wandb`` -> ``--report_to wandb``) takes no value. Stops at ``--``."""
-    out: list[str] = []
-    warned: set[str] = set()
-    for i, arg in enumerate(argv):
-        if arg == "--":
-            return out + list(argv[i:])
-        name, eq, value = arg.partition("=")
-        new = renames.get(name)
-        if new is None:
-            out.append(arg)
-            continue
-        tokens = [new] if isinstance(new, str) else list(new)
-        if name not in warned:
-            warned.add(name)
-            print(f"{script}: {name} is deprecated (kept for one release): use {' '.join(tokens)}", file=sys.stderr)
-        if eq:
-            tokens[-1] = f"{tokens[-1]}={value}"
-        out.extend(tokens)
-    return out
 
 
 def make_parser(dataclass_types: Sequence[type], doc: str | None) -> TrlParser:

@@ -13,8 +13,7 @@ evaluation: loops 1 to the model's depth + 2 (a non-looped model: 1), k-fold RR 
 model organism, built into the cache first when missing; ``tiny`` a random tiny Ouro. Without
 ``--dataset`` the organism is measured on its own held-out tasks (digit sums of its evaluation
 triples, gold + one wrong digit each, clustered by triple; ``--dataset_limit`` of them, ``--data_seed``),
-other models on held-out synthetic arithmetic from data_builders. The pre-0.2 names (``--model``,
-``--loops``, ``--out``, ``--data``, ``--split``, ``--tp``, ...) still work for one release, with a warning.
+other models on held-out synthetic arithmetic from data_builders.
 """
 
 from __future__ import annotations
@@ -52,28 +51,9 @@ from loopalign.scripts.args import (
     default_eval_loops,
     make_parser,
     parse_or_exit,
-    rename_deprecated_options,
 )
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.gap_data import is_statement_spec, statement_splits, statements_only, table_dataset
-
-#: pre-0.2 option -> its name now (kept for one release)
-DEPRECATED_OPTIONS = {
-    "--model": "--model_name_or_path",
-    "--data": "--dataset",
-    "--out": "--output_dir",
-    "--loops": "--eval_loops",
-    "--tp-loops": "--eval_tp_loops",
-    "--tp": "--eval_tp",
-    "--n-boot": "--eval_n_boot",
-    "--split": "--eval_readout",
-    "--folds": "--eval_folds",
-    "--position": "--eval_position",
-    "--n-problems": "--dataset_limit",
-    "--levels": "--synthetic_levels",
-    "--batch-size": "--per_device_eval_batch_size",
-    "--wandb": ("--report_to", "wandb"),
-}
 
 
 @dataclass
@@ -331,7 +311,7 @@ def build_parser(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """``recipes/eval_gap.py`` / ``loopalign eval-gap``: parse ``argv`` (default ``sys.argv[1:]``) and evaluate."""
-    argv = rename_deprecated_options(sys.argv[1:] if argv is None else argv, DEPRECATED_OPTIONS, "eval_gap")
+    argv = sys.argv[1:] if argv is None else argv
     (args,) = parse_or_exit(build_parser(argv), argv)
     evaluate(args)
     return 0

@@ -31,10 +31,11 @@ from loopalign.eval.introspection import (
 from loopalign.eval.introspection.checks import ChecksConfig, checks_markdown, run_checks
 from loopalign.eval.introspection.report import format_rate
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
+from loopalign.loading import load_model
 from loopalign.models.contract import num_hidden_layers, trained_loops
 from loopalign.scripts.args import parse_or_exit
 from loopalign.speed import set_cpu_threads
-from loopalign.trainers.introspection.organism import INTROSPECTION_ORGANISM, load_introspection_model
+from loopalign.trainers.introspection.organism import INTROSPECTION_ORGANISM
 
 __all__ = [
     "EMBEDDED_DEFAULTS",
@@ -188,7 +189,7 @@ def run(args: EvalIntrospectionArguments) -> dict:
     """Load the model, get the concept vectors, run the protocol, write and print the reports."""
     t0 = time.time()
     set_cpu_threads(on_cpu=args.device == "cpu" or None, announce=True)
-    model, tok = load_introspection_model(args.model_name_or_path, device=args.device, dtype=args.dtype or "auto",
+    model, tok = load_model(args.model_name_or_path, device=args.device, dtype=args.dtype or "auto",
                                           seed=args.seed)  # fmt: skip
     label = {"tiny": "tiny (random)"}.get(args.model_name_or_path, args.model_name_or_path)
     depth = trained_loops(model)

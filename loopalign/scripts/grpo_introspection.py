@@ -37,6 +37,7 @@ from loopalign.eval.introspection.checks import ChecksConfig, checks_markdown, r
 from loopalign.eval.introspection.report import format_rate, plot_comparison
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.io import atomic_write_text
+from loopalign.loading import load_model
 from loopalign.models.contract import trained_loops
 from loopalign.scripts.args import parse_or_exit
 from loopalign.speed import set_cpu_threads
@@ -46,7 +47,6 @@ from loopalign.trainers.introspection import (
     introspection_dataset,
     make_introspection_trainer,
 )
-from loopalign.trainers.introspection.organism import load_introspection_model
 
 __all__ = [
     "EMBEDDED_DEFAULTS",
@@ -232,7 +232,7 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
     t0 = time.time()
     set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
     name = model_args.model_name_or_path
-    model, tok = load_introspection_model(name, device="cpu" if training_args.use_cpu else None,
+    model, tok = load_model(name, device="cpu" if training_args.use_cpu else None,
                                           dtype=model_args.dtype or "auto", seed=training_args.seed)  # fmt: skip
     label = {"tiny": "tiny (random)"}.get(name, name)
     n_model = trained_loops(model)

@@ -6,8 +6,7 @@
 
 For every loop count in ``eval_loops`` (default 1 to the model's depth + 2) it prints the next-token
 loss on held-out arithmetic text, the accuracy of the answer digits (the tokens after "="), and
-the mean exit probability of that loop. The pre-0.2 names (``--model``, ``--steps``, ``--loops N``
-= ``--eval_loops 1-N``, ``--batch-size``, ``--lr``) still work for one release, with a warning.
+the mean exit probability of that loop.
 """
 
 from __future__ import annotations
@@ -23,16 +22,8 @@ from loopalign import OuroForCausalLM, tiny_config
 from loopalign.loading import load_pretrained, load_tokenizer
 from loopalign.loops import parse_loop_counts
 from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
-from loopalign.scripts.args import default_eval_loops, make_parser, parse_or_exit, rename_deprecated_options
+from loopalign.scripts.args import default_eval_loops, make_parser, parse_or_exit
 from loopalign.tokenizer import local_tokenizer
-
-#: pre-0.2 option -> its name now (kept for one release; ``--loops N`` meant loops 1..N)
-DEPRECATED_OPTIONS = {
-    "--model": "--model_name_or_path",
-    "--steps": "--max_steps",
-    "--batch-size": "--per_device_train_batch_size",
-    "--lr": "--learning_rate",
-}
 
 
 @dataclass
@@ -163,22 +154,6 @@ def run(args: OuroLoopsScriptArguments) -> dict[str, list[dict[str, float]]]:
     return rows
 
 
-def old_loops_option(argv: list[str]) -> list[str]:
-    """The pre-0.2 ``--loops N`` (report loops 1..N) as ``--eval_loops 1-N``, with one line saying so."""
-    out, i = [], 0
-    while i < len(argv):
-        name, eq, value = argv[i].partition("=")
-        if name == "--loops" and (eq or i + 1 < len(argv)):
-            value = value if eq else argv[i + 1]
-            print("ouro_loops: --loops N is deprecated (kept for one release): use --eval_loops 1-N", file=sys.stderr)
-            out += ["--eval_loops", f"1-{value}" if value.isdigit() else value]
-            i += 1 if eq else 2
-            continue
-        out.append(argv[i])
-        i += 1
-    return out
-
-
 def build_parser(argv: list[str] | None = None):
     """The script's ``TrlParser`` (OuroLoopsScriptArguments; YAML with ``--config``)."""
     return make_parser((OuroLoopsScriptArguments,), __doc__)
@@ -186,8 +161,7 @@ def build_parser(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """``recipes/ouro_loops.py`` / ``loopalign ouro-loops``: parse ``argv`` (default ``sys.argv[1:]``) and run."""
-    argv = old_loops_option(list(sys.argv[1:] if argv is None else argv))
-    argv = rename_deprecated_options(argv, DEPRECATED_OPTIONS, "ouro_loops")
+    argv = list(sys.argv[1:] if argv is None else argv)
     (args,) = parse_or_exit(build_parser(argv), argv)
     run(args)
     return 0

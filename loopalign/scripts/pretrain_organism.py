@@ -37,10 +37,7 @@ from loopalign.organism.huginn import (
     huginn_organism_path,
     is_huginn_organism,
 )
-from loopalign.scripts.args import make_parser, parse_or_exit, rename_deprecated_options
-
-DEPRECATED_OPTIONS = {"--out": "--output_dir"}  # pre-0.2 name (kept for one release)
-
+from loopalign.scripts.args import make_parser, parse_or_exit
 
 #: the organism families this script builds
 FAMILIES = ("ouro", "huginn")
@@ -161,7 +158,7 @@ def build_parser(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """``recipes/pretrain_organism.py`` / ``loopalign organism``: parse ``argv`` (default ``sys.argv[1:]``), build."""
-    argv = rename_deprecated_options(sys.argv[1:] if argv is None else argv, DEPRECATED_OPTIONS, "pretrain_organism")
+    argv = sys.argv[1:] if argv is None else argv
     script_args, organism_args = parse_or_exit(build_parser(argv), argv)
     build(script_args, organism_args.organism_config())
     return 0

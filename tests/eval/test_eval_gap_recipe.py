@@ -64,8 +64,7 @@ def test_compare_with_a_missing_folder_fails_before_the_evaluation(tmp_path):
 
 @pytest.mark.parametrize(
     "loops,option",
-    [("--eval_loops=-2", "eval_loops"), ("--eval_loops=abc", "eval_loops"), ("--eval_tp_loops=0", "eval_tp_loops"),
-     ("--loops=0", "eval_loops")],
+    [("--eval_loops=-2", "eval_loops"), ("--eval_loops=abc", "eval_loops"), ("--eval_tp_loops=0", "eval_tp_loops")],
 )  # fmt: skip
 def test_bad_loops_fail_naming_the_option_before_the_model_loads(tmp_path, loops, option):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -76,28 +75,6 @@ def test_bad_loops_fail_naming_the_option_before_the_model_loads(tmp_path, loops
     )  # fmt: skip
     assert done.returncode == 2 and f"{option} must be loop counts >= 1" in done.stderr, done.stderr[-500:]
     assert not (tmp_path / "o").exists()
-    if loops.startswith("--loops"):  # the pre-0.2 name: renamed, with one line saying so
-        assert "--loops is deprecated (kept for one release): use --eval_loops" in done.stderr
-
-
-def test_pre_0_2_option_names_give_the_same_run_as_the_current_ones(tmp_path):
-    """The deprecated spelling (--model, --loops, --n-problems, --split, --folds, --n-boot, --out) is renamed
-    before parsing: the same evaluation, the same numbers."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    old = ["--model", "tiny", "--loops", "2", "--n-problems", "10", "--split", "kfold", "--folds", "3",
-           "--n-boot", "30", "--no-controls", "--no-eval-tp", "--out", str(tmp_path / "old")]  # fmt: skip
-    new = ["--model_name_or_path", "tiny", "--eval_loops", "2", "--dataset_limit", "10", "--eval_readout", "kfold",
-           "--eval_folds", "3", "--eval_n_boot", "30", "--no_controls", "--no_eval_tp",
-           "--output_dir", str(tmp_path / "new")]  # fmt: skip
-    for argv in (old, new):
-        done = subprocess.run(
-            [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), *argv],
-            capture_output=True, text=True, env=env, timeout=600,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert ("is deprecated" in done.stderr) == (argv is old)
-    tables = [json.loads((tmp_path / d / "gap.json").read_text())["table"] for d in ("old", "new")]
-    assert tables[0] == tables[1] and [row["loop"] for row in tables[0]] == [2]
 
 
 def test_compare_prints_the_rule_first_and_reads_the_before_probes_frozen(tmp_path):

@@ -26,7 +26,20 @@ FAMILIES = {
 }
 
 
+def _deepspeed_without_its_shm_kernel() -> None:
+    """DeepSpeed on CPU JIT-compiles its shared-memory all-reduce kernel (``deepspeed_shm_comm``: about 45 s of C++
+    per fresh virtual environment, paid again by each CI leg) before its first collective. Under a DeepSpeed launch
+    this marks the kernel unavailable, so DeepSpeed takes the fallback it takes wherever the kernel cannot build
+    (torch.distributed over gloo): the subject here is loopalign's trainer under the shipped ZeRO configs, not
+    DeepSpeed's kernel."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def main(out: str, family: str = "ouro") -> None:
+    _deepspeed_without_its_shm_kernel()
     tok = local_tokenizer()
     data: datasets.Dataset = synthetic_verification(tok, n_problems=16, levels=(1,), seed=0)
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ import torch
 from loopalign.batching import pad_sequences, pad_token_id
 from loopalign.injection import BASELINE_WORDS, CONCEPT_WORDS, concept_prompt_ids
 from loopalign.io import atomic_folder, ensure_built
-from loopalign.loading import load_model, load_pretrained, load_tokenizer
+from loopalign.loading import load_pretrained, load_tokenizer
 from loopalign.models.ouro import OuroForCausalLM, tiny_config
 from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
 from loopalign.organism import organism_cache_dir
@@ -55,7 +55,6 @@ __all__ = [
     "word_reply",
     "word_accuracy",
     "train_word_stage",
-    "load_introspection_model",
 ]
 
 #: the model name the introspection recipes resolve to this organism
@@ -283,7 +282,3 @@ def load_introspection_organism(
     path = ensure_introspection_organism(config, cache_dir)
     model = load_pretrained(str(path), dtype=torch.float32)
     return model.to(device or "cpu").eval(), load_tokenizer(str(path))
-
-
-#: moved into the one loader (loopalign.loading.load_model knows INTROSPECTION_ORGANISM); kept for one release
-load_introspection_model = load_model
