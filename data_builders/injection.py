@@ -50,6 +50,7 @@ from loopalign.injection import (
 from loopalign.injection.builds import VECTORS_FILE, check_vectors, rebuild_command
 from loopalign.io import make_temp_dir
 from loopalign.loading import load_model, load_tokenizer
+from loopalign.log import enable_console
 from loopalign.loops import int_set_type
 
 __all__ = [
@@ -306,6 +307,7 @@ def _command(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m data_builders.injection --model tiny --loops 4 --layers 1 --out DIR``."""
+    enable_console()
     import argparse
     import sys
 

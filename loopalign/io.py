@@ -21,6 +21,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from loopalign.log import get_logger
+
+logger = get_logger(__name__)
+
 __all__ = [
     "atomic_write",
     "atomic_write_text",
@@ -297,10 +301,9 @@ def file_lock(path: str | os.PathLike, timeout: float, what: str, poll: float = 
                         "or stop that process; a killed build releases the lock by itself."
                     ) from None
                 if waited >= next_report:
-                    print(
+                    logger.info(
                         f"waiting for {holder} to finish building {what} (lock {path}; waited {waited:.0f} s, "
                         f"giving up after {timeout:.0f} s)",
-                        flush=True,
                     )
                     next_report += report_every
                 time.sleep(poll)

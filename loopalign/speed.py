@@ -24,10 +24,13 @@ import torch
 from torch import nn
 
 from loopalign.hooks import decoder_layers
+from loopalign.log import get_logger
 
 # the policies live beside the model (loopalign.models.checkpointing) so that imports point one
 # way (speed -> hooks -> models); their public place stays here
 from loopalign.models.checkpointing import CHECKPOINT_POLICIES, checkpointing_kwargs
+
+logger = get_logger(__name__)
 
 __all__ = [
     "CHECKPOINT_POLICIES",
@@ -121,7 +124,7 @@ def set_cpu_threads(on_cpu: bool | None = None, default: int = 1, announce: bool
             raise ValueError(f"OMP_NUM_THREADS must be a positive integer, got {value!r}")
     torch.set_num_threads(threads)
     if announce:
-        print(f"torch CPU threads: {threads} (OMP_NUM_THREADS sets another count)", flush=True)
+        logger.info(f"torch CPU threads: {threads} (OMP_NUM_THREADS sets another count)")
     return threads
 
 

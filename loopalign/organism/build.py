@@ -11,12 +11,15 @@ import torch
 
 from loopalign.io import atomic_folder, ensure_built
 from loopalign.loading import load_pretrained, load_tokenizer
+from loopalign.log import get_logger
 
 from .cache import file_records, is_organism, organism_path, verify_organism
 from .card import model_card
 from .config import MARKER_FILE, OrganismConfig
 from .evaluate import card_records, evaluate_organism, gap_table_rows, organism_properties, organism_slices
 from .train import expected_build_seconds, train_organism
+
+logger = get_logger(__name__)
 
 
 def ensure_organism(
@@ -97,10 +100,9 @@ def build_organism(
         tmp = Path(tmp_dir)
         t0 = time.perf_counter()
         threads = config.num_threads
-        print(
+        logger.info(
             f"building the organism {out}: {config.steps} steps with {threads} torch thread(s), expected about "
             f"{expected_build_seconds(config) / 60:.1f} min on an unloaded 2-core machine (longer under load)",
-            flush=True,
         )
         trained = train_organism(config, progress=progress)
         model, tokenizer = trained.model, trained.tokenizer

@@ -10,7 +10,11 @@ import os
 import shlex
 from pathlib import Path
 
+from loopalign.log import get_logger
+
 from .config import MARKER_FILE, OrganismConfig
+
+logger = get_logger(__name__)
 
 
 def organism_cache_dir() -> Path:
@@ -128,10 +132,9 @@ def verify_organism(path: str | os.PathLike, config: OrganismConfig | None = Non
     if not isinstance(meta.get("files"), dict):
         if str(path) not in _UNVERIFIED_REPORTED:
             _UNVERIFIED_REPORTED.add(str(path))
-            print(
+            logger.warning(
                 f"organism {path} was built before loopalign recorded file checksums: loading it unchecked "
                 f"(`{rebuild_command(path, config)}` rebuilds it with them)",
-                flush=True,
             )
         return False
     before = marker.stat().st_mtime_ns

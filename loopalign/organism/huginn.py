@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from loopalign.io import atomic_folder, ensure_built
 from loopalign.loading import load_pretrained, load_tokenizer
+from loopalign.log import get_logger
 from loopalign.models.huginn import HuginnConfig, HuginnForCausalLM, tiny_huginn_config
 from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
 from loopalign.tokenizer import local_tokenizer
@@ -38,6 +39,8 @@ from .config import MARKER_FILE, OrganismConfig
 from .data import training_batch
 from .evaluate import evaluate_organism, gap_table_rows
 from .train import TrainResult, _lr_at, torch_threads
+
+logger = get_logger(__name__)
 
 __all__ = [
     "HUGINN_FAMILY",
@@ -183,7 +186,7 @@ def build_huginn_organism(
     with atomic_folder(out, prefix=f".tmp-{out.name}-") as tmp_dir:
         tmp = Path(tmp_dir)
         t0 = time.perf_counter()
-        print(f"building the Huginn organism {out}: {config.steps} steps, {config.num_threads} thread(s)", flush=True)
+        logger.info(f"building the Huginn organism {out}: {config.steps} steps, {config.num_threads} thread(s)")
         trained = train_huginn_organism(config, prelude=prelude, coda=coda, progress=progress)
         trained.model.save_pretrained(tmp)
         trained.tokenizer.save_pretrained(tmp)

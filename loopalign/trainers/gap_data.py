@@ -31,7 +31,10 @@ from loopalign.data.verification import (
     table_verification_records,
 )
 from loopalign.eval import load_eval_dataset
+from loopalign.log import get_logger
 from loopalign.organism import OrganismConfig, organism_eval_records
+
+logger = get_logger(__name__)
 
 __all__ = [
     "PROBE_POSITIONS",
@@ -256,10 +259,10 @@ def load_verification_dataset(
         )
         differs = _build_differs(out_dir, cfg)
         if differs is None:
-            print(f"reusing the verification build in {out_dir} (same settings)")
+            logger.info(f"reusing the verification build in {out_dir} (same settings)")
         else:
             if differs:  # a build of other data left in this folder (another run's): never train on it
-                print(f"rebuilding {out_dir}: the build there has other settings ({'; '.join(differs)})")
+                logger.info(f"rebuilding {out_dir}: the build there has other settings ({'; '.join(differs)})")
             build_verification(dataclasses.replace(cfg, overwrite=bool(differs)))
         return load_build(out_dir)[0]
     if sep and not os.path.exists(spec):
@@ -344,7 +347,7 @@ def statement_splits(
     for name, part in (("train", train), ("held-out", held_out)):
         if len(part) == 0 or len(set(part["label"])) < 2:
             raise ValueError(f"dataset {spec}: the {name} split is empty or one class; raise dataset_limit")
-    print(f"statements ({families or 'every family'}): {len(train)} train / {len(held_out)} held-out records")
+    logger.info(f"statements ({families or 'every family'}): {len(train)} train / {len(held_out)} held-out records")
     return train, held_out
 
 
@@ -368,7 +371,7 @@ def table_dataset(
     rows, report = table_verification_records(
         tokenizer, path, columns, scenario=scenario, max_length=max_length, skip_invalid=skip_invalid, limit=limit
     )
-    print(
+    logger.info(
         f"{path}: {report['read']} rows read, {report['kept']} kept, {report['rejected']} rejected"
         + (f" {report['rejected_by_reason']}" if report["rejected"] else "")
         + f" ({report['scenario']}; columns {report['columns']})"

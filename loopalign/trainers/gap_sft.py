@@ -43,6 +43,7 @@ from loopalign.eval.families import record_families
 from loopalign.hooks import capture_activations
 from loopalign.io import apply_umask_tree, atomic_save_safetensors, atomic_write_text
 from loopalign.loading import GAP_CONFIG_FILE
+from loopalign.log import get_logger
 from loopalign.loops import gather_positions, loop_logits, parse_int_set
 from loopalign.lora import parse_loop_selection, route_lora_by_loop, skip_lora_input_upcast
 from loopalign.models.contract import final_norm, is_looped, loop_forward
@@ -68,6 +69,8 @@ from .common import AtomicCheckpointMixin, default_bf16, model_and_tokenizer
 from .gap_data import PROBE_POSITIONS, GapCollator, build_gap_features, verdict_token_ids, with_distill_groups
 from .probe_targets import fit_probe_targets, labelled_only
 from .replay import collate_replay, replay_features
+
+logger = get_logger(__name__)
 
 __all__ = ["GapSFTConfig", "GapSFTTrainer", "LOSS_KEYS", "LOOP_WEIGHTINGS"]
 
@@ -455,7 +458,7 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             self.probe_targets_summary = targets.summary()
             if self.is_world_process_zero():
                 auroc = ", ".join(f"{a:.3f}" for a in targets.oof_auroc)
-                print(
+                logger.info(
                     f"probe_distill targets: {targets.n_labelled}/{targets.n_records} records labelled; "
                     f"probe OOF AUROC per loop (1..{self.num_loops}): {auroc}"
                 )

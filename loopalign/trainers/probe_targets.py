@@ -27,9 +27,12 @@ from loopalign.batching import pad_token_id
 from loopalign.eval.features import FeatureConfig, extract_features, prepare_records
 from loopalign.eval.metrics import accuracy, auroc, log_loss
 from loopalign.eval.readout import ReadoutConfig, select_features
+from loopalign.log import get_logger
 from loopalign.probes import LinearProbe, ProbeFitConfig, fit_probes
 
 from .gap_data import PROBE_POSITIONS, verdict_token_ids
+
+logger = get_logger(__name__)
 
 __all__ = ["PROBE_LABEL", "ProbeTargets", "fit_probe_targets", "labelled_only"]
 
@@ -135,7 +138,9 @@ def labelled_only(dataset, fraction: float, seed: int = 0, group_by: str | None 
             f"label_fraction={fraction} keeps {len(keep)} of {len(labels)} training records, not both classes; "
             "raise label_fraction"
         )
-    print(f"label_fraction={fraction}: training on the {len(keep)} of {len(labels)} records that keep their labels")
+    logger.info(
+        f"label_fraction={fraction}: training on the {len(keep)} of {len(labels)} records that keep their labels"
+    )
     return dataset.select(keep.tolist())
 
 

@@ -2,6 +2,7 @@
 writes, locking) and, marked slow, the properties of the default organism measured by the gap eval."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -428,9 +429,10 @@ def test_a_build_says_its_threads_and_expected_time_and_keeps_the_umask(tmp_path
         assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
 
 
-def test_waiting_for_the_build_lock_says_for_whom_and_gives_up(tmp_path, capsys, monkeypatch):
+def test_waiting_for_the_build_lock_says_for_whom_and_gives_up(tmp_path, caplog, monkeypatch):
     import fcntl
 
+    caplog.set_level(logging.INFO, logger="loopalign")
     cfg = small_config(steps=4)
     lock = tmp_path / f"{organism_path(cfg, tmp_path).name}.lock"
     with open(lock, "a+") as held:  # another build holds the lock
@@ -441,7 +443,7 @@ def test_waiting_for_the_build_lock_says_for_whom_and_gives_up(tmp_path, capsys,
         with pytest.raises(TimeoutError, match=r"gave up after \d+ s .*pid 4242 .*LOOPALIGN_LOCK_TIMEOUT"):
             ensure_organism(cfg, cache_dir=tmp_path, progress=False, lock_timeout=1.5)
         assert 1.4 <= time.monotonic() - start < 30
-        assert "waiting for pid 4242 on somehost" in capsys.readouterr().out
+        assert "waiting for pid 4242 on somehost" in caplog.text
         monkeypatch.setenv("LOOPALIGN_LOCK_TIMEOUT", "0.5")
         with pytest.raises(TimeoutError, match="gave up"):
             ensure_organism(cfg, cache_dir=tmp_path, progress=False)

@@ -38,12 +38,15 @@ from loopalign.batching import pad_sequences, pad_token_id
 from loopalign.injection import BASELINE_WORDS, CONCEPT_WORDS, concept_prompt_ids
 from loopalign.io import atomic_folder, ensure_built
 from loopalign.loading import load_pretrained, load_tokenizer
+from loopalign.log import get_logger
 from loopalign.models.ouro import OuroForCausalLM, tiny_config
 from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
 from loopalign.organism import organism_cache_dir
 from loopalign.organism.cache import check_files, file_records, is_organism
 from loopalign.speed import build_fingerprint
 from loopalign.tokenizer import local_tokenizer
+
+logger = get_logger(__name__)
 
 __all__ = [
     "INTROSPECTION_ORGANISM",
@@ -196,7 +199,7 @@ def train_word_stage(config: IntrospectionOrganismConfig, progress: bool = True)
             opt.zero_grad(set_to_none=True)
             losses.append(round(float(loss.detach()), 5))
             if progress and (step + 1) % 100 == 0:
-                print(f"introspection organism: step {step + 1}/{config.steps}, loss {losses[-1]:.3f}", flush=True)
+                logger.info(f"introspection organism: step {step + 1}/{config.steps}, loss {losses[-1]:.3f}")
     finally:
         torch.set_num_threads(old)
     return model.eval(), tokenizer, losses
@@ -225,7 +228,7 @@ def build_introspection_organism(
     with atomic_folder(out, prefix=f".tmp-{out.name}-") as tmp_dir:  # renamed into place when whole
         tmp = Path(tmp_dir)
         t0 = time.perf_counter()
-        print(f"building the introspection organism {out}: {config.steps} steps", flush=True)
+        logger.info(f"building the introspection organism {out}: {config.steps} steps")
         model, tokenizer, losses = train_word_stage(config, progress)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -245,8 +248,8 @@ def build_introspection_organism(
         }
         (tmp / "losses.json").write_text(json.dumps(losses))
         (tmp / _MARKER).write_text(json.dumps(meta, indent=2))  # written last: marks a complete organism
-    print(f"introspection organism built in {meta['build_seconds']} s; word accuracy "
-          f"{100 * meta['word_accuracy']:.0f}%", flush=True)  # fmt: skip
+    logger.info(f"introspection organism built in {meta['build_seconds']} s; word accuracy "
+          f"{100 * meta['word_accuracy']:.0f}%")  # fmt: skip
     return out
 
 
