@@ -31,6 +31,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loopalign.errors import ModelError
+
 from .io import atomic_folder, atomic_write_text, ensure_built
 
 __all__ = [
@@ -97,7 +99,7 @@ GGUF_MODELS: dict[str, RegistryGGUF] = {
 }
 
 
-class GGUFChecksumError(ValueError):
+class GGUFChecksumError(ModelError, ValueError):
     """A GGUF file's sha256 is not the one its named model records."""
 
 

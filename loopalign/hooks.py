@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from loopalign.errors import ModelError
 from loopalign.models.contract import looped_layers, unwrap
 
 __all__ = ["decoder_layers", "capture_activations", "add_vector", "ActivationCapture", "VectorInjection"]
@@ -139,7 +140,7 @@ class ActivationCapture:
             raise KeyError(f"site (loop={loop}, layer={layer}) was not requested; requested: {self.sites}")
         if self.positions is None:
             if not self._chunks[site]:
-                raise RuntimeError(
+                raise ModelError(
                     f"site (loop={loop}, layer={layer}) never ran: the forward ran loops "
                     f"{_loops_text(self.loops_run)} (0-based)"
                 )
@@ -150,7 +151,7 @@ class ActivationCapture:
                 if loop in self.loops_run
                 else f"loop {loop} never ran: the forward ran loops {_loops_text(self.loops_run)} (0-based)"
             )
-            raise RuntimeError(f"site (loop={loop}, layer={layer}): not every requested position was seen ({reason})")
+            raise ModelError(f"site (loop={loop}, layer={layer}): not every requested position was seen ({reason})")
         return self._filled[site]
 
     def __getitem__(self, site: tuple[int, int]) -> torch.Tensor:

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from loopalign.errors import LockError, LockTimeoutError
 from loopalign.log import get_logger
 
 logger = get_logger(__name__)
@@ -127,7 +128,7 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
 FOLDER_LOCK_NAME = ".loopalign-write.lock"
 
 
-class FolderLockedError(RuntimeError):
+class FolderLockedError(LockError):
     """Another writer (process, or thread of this process) holds the folder's :func:`folder_lock`."""
 
 
@@ -280,7 +281,7 @@ def file_lock(path: str | os.PathLike, timeout: float, what: str, poll: float = 
     """An exclusive lock on the file ``path`` that waits (``fcntl.flock``; the kernel releases it if the holder
     dies, so no stale lock outlives a killed build). The holder writes its pid, host and start time into the
     file; a waiter prints whom it waits for and for what (``what``), again every ``report_every`` seconds, and
-    raises ``TimeoutError`` after ``timeout`` seconds."""
+    raises :class:`~loopalign.errors.LockTimeoutError` (a ``TimeoutError``) after ``timeout`` seconds."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a+") as f:
@@ -295,7 +296,7 @@ def file_lock(path: str | os.PathLike, timeout: float, what: str, poll: float = 
                 f.seek(0)
                 holder = f.read().strip() or "another process"
                 if waited >= timeout:
-                    raise TimeoutError(
+                    raise LockTimeoutError(
                         f"gave up after {waited:.0f} s waiting for the lock {path}, held by {holder}, while it "
                         f"builds {what}. Wait longer with LOOPALIGN_LOCK_TIMEOUT=<seconds> (or lock_timeout=), "
                         "or stop that process; a killed build releases the lock by itself."

@@ -28,6 +28,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loopalign.errors import ModelError
+
 from .gguf import GGUF_MODELS, resolve_gguf
 from .lora import route_lora_by_loop
 from .models.ouro import OuroForCausalLM, tiny_config
@@ -103,7 +105,7 @@ def load_tokenizer(name: str = "local", revision: str | None = None, gguf_file: 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
     except Exception as e:  # noqa: BLE001 - any failure gets the same clear message
-        raise RuntimeError(
+        raise ModelError(
             f"cannot load tokenizer {name!r} ({type(e).__name__}: {e}); offline? use a local folder"
         ) from e
     return ensure_pad_token(tokenizer)
@@ -135,7 +137,7 @@ def load_pretrained(name: str, dtype="auto", revision: str | None = None, gguf_f
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype), revision=revision, **kwargs)
     except OSError as e:  # no such folder, and not on the hub (or offline)
-        raise RuntimeError(f"cannot load model {name!r} ({type(e).__name__}: {e}); offline? use a local folder") from e
+        raise ModelError(f"cannot load model {name!r} ({type(e).__name__}: {e}); offline? use a local folder") from e
     if gguf is not None:  # the name, not this machine's cache folder
         model.name_or_path = model.config._name_or_path = gguf[1]
     return model

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loopalign.errors import ModelError
 from loopalign.models.contract import loop_context_layers, unwrap
 
 __all__ = [
@@ -177,7 +178,7 @@ def route_lora_by_loop(model: nn.Module, loops: str | Iterable[int] | LoopSelect
         raise ValueError("route_lora_by_loop: the model has no PEFT LoRA modules (wrap it with get_peft_model first)")
     for name, module in layers:
         if getattr(module, "merged", False):
-            raise RuntimeError(f"LoRA module {name} is merged into its base weights; unmerge before routing by loop")
+            raise ModelError(f"LoRA module {name} is merged into its base weights; unmerge before routing by loop")
     routed = []
     if selection.kind != "all":
         loop_layers = loop_context_layers(model)
@@ -275,7 +276,7 @@ def merged_lora(model: nn.Module, strict: bool = False) -> Iterator[bool]:
     reason = "it has no PEFT LoRA modules" if not layers else _merge_blocker(model, layers)
     if reason is not None:
         if strict:
-            raise RuntimeError(f"merged_lora: cannot merge the adapters of {type(model).__name__}: {reason}")
+            raise ModelError(f"merged_lora: cannot merge the adapters of {type(model).__name__}: {reason}")
         yield False
         return
     saved = [(layer, layer.base_layer.weight.detach().clone()) for _, layer in layers]

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from loopalign.errors import ModelError
 from loopalign.models.contract import looped_layers, unwrap
 
 __all__ = ["PrefixCache", "PREFIX_CACHE_FAMILIES", "check_prefix_cache_family", "lowest_trainable_layer"]
@@ -216,7 +217,7 @@ class PrefixCache:
             for handle in handles:
                 handle.remove()
         if set(captured) != set(self.cached_layers):
-            raise RuntimeError(
+            raise ModelError(
                 f"prefix_cache: the forward ran layers {sorted(captured)} of the cached {list(self.cached_layers)}"
             )
         for row, (key, i) in enumerate(missing.items()):
@@ -258,7 +259,7 @@ class PrefixCache:
         def stand_in(index):
             def forward(hidden_states, *args, **kwargs):
                 if tuple(hidden_states.shape[:2]) != shape:
-                    raise RuntimeError(
+                    raise ModelError(
                         f"prefix_cache: layer {index} was called on a batch of shape {tuple(hidden_states.shape[:2])} "
                         f"inside substitute() for a batch of shape {shape}"
                     )

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from loopalign.errors import ConfigError
 from loopalign.io import atomic_write
 
 __all__ = [
@@ -41,9 +42,9 @@ class ProbeFitConfig:
 
     def __post_init__(self):
         if self.max_iter < 1:
-            raise ValueError(f"ProbeFitConfig.max_iter must be >= 1, got {self.max_iter}")
+            raise ConfigError(f"ProbeFitConfig.max_iter must be >= 1, got {self.max_iter}")
         if self.tol <= 0:
-            raise ValueError(f"ProbeFitConfig.tol must be > 0, got {self.tol}")
+            raise ConfigError(f"ProbeFitConfig.tol must be > 0, got {self.tol}")
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -2,7 +2,7 @@
 imports (the usual way to dodge a circle), and ``loopalign`` never imports ``data_builders``.
 
 Floors (a module imports from its own floor or lower ones only; see README "Layout"):
-  0 primitives: models, loops, hooks, lora, speed, io, log, tokenizer, loading, gguf, probes, data, injection, compat
+  0 primitives: models, loops, hooks, lora, speed, io, log, errors, tokenizer, loading, gguf, probes, data, injection, compat
   1 measurement and objectives: eval, objectives, rewards
   2 the model organism: organism
   3 trainers
@@ -25,6 +25,7 @@ FLOORS = {
     "speed": 0,
     "io": 0,
     "log": 0,
+    "errors": 0,
     "tokenizer": 0,
     "loading": 0,
     "gguf": 0,

@@ -26,6 +26,7 @@ from fractions import Fraction
 import torch
 
 from loopalign.batching import pad_token_id
+from loopalign.errors import ConfigError
 
 from .schema import Dropped, make_record
 from .sources import answer_token_budget
@@ -74,11 +75,11 @@ class ControlledConfig:
         self.kinds = tuple(self.kinds)
         bad = [k for k in self.kinds if k not in WRONG_KINDS]
         if bad or not self.kinds:
-            raise ValueError(f"ControlledConfig.kinds must be a non-empty subset of {WRONG_KINDS}, got {self.kinds}")
+            raise ConfigError(f"ControlledConfig.kinds must be a non-empty subset of {WRONG_KINDS}, got {self.kinds}")
         if self.wrong_per_problem < 0 or self.max_k < 1:
-            raise ValueError("ControlledConfig: wrong_per_problem must be >= 0 and max_k >= 1")
+            raise ConfigError("ControlledConfig: wrong_per_problem must be >= 0 and max_k >= 1")
         if "{answer}" not in self.answer_format:
-            raise ValueError("ControlledConfig.answer_format must contain '{answer}'")
+            raise ConfigError("ControlledConfig.answer_format must contain '{answer}'")
 
 
 def _fmt(value: Fraction) -> str:
@@ -214,19 +215,19 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.n_samples < 1 or self.batch_size < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
-            raise ValueError("SamplingConfig: n_samples, batch_size and max_new_tokens must be >= 1")
+            raise ConfigError("SamplingConfig: n_samples, batch_size and max_new_tokens must be >= 1")
         if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
         if self.temperature == 0 and self.n_samples > 1:
-            raise ValueError("SamplingConfig: temperature 0 (greedy) gives identical samples; use n_samples=1")
+            raise ConfigError("SamplingConfig: temperature 0 (greedy) gives identical samples; use n_samples=1")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
         if self.num_loops is not None and self.num_loops < 1:
-            raise ValueError(f"SamplingConfig.num_loops must be >= 1, got {self.num_loops}")
+            raise ConfigError(f"SamplingConfig.num_loops must be >= 1, got {self.num_loops}")
         if "{task}" not in self.template:
-            raise ValueError("SamplingConfig.template must contain '{task}'")
+            raise ConfigError("SamplingConfig.template must contain '{task}'")
         if self.on_unparsed not in ("keep", "drop"):
-            raise ValueError(f"SamplingConfig.on_unparsed must be 'keep' or 'drop', got {self.on_unparsed!r}")
+            raise ConfigError(f"SamplingConfig.on_unparsed must be 'keep' or 'drop', got {self.on_unparsed!r}")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import datasets
 
+from loopalign.errors import DataError
 from loopalign.injection.builds import check_vectors
 from loopalign.io import apply_umask, make_temp_dir, swap_into_place
 
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 
-class SourceError(RuntimeError):
+class SourceError(DataError, RuntimeError):
     """A source could not be read (missing file, unknown format, hub unavailable offline)."""
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from loopalign.errors import ConfigError
+
 from .schema import RecordError, Rejected, validate_record
 
 __all__ = [
@@ -68,7 +70,7 @@ class PromptTemplate:
             fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
             if sorted(fields) != sorted(wanted):
                 need = " and ".join("{" + f + "}" for f in sorted(wanted))
-                raise ValueError(
+                raise ConfigError(
                     f"PromptTemplate.{name} must contain {need} exactly once and no other fields, got fields {fields}"
                 )
 

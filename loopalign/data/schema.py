@@ -43,6 +43,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from loopalign.errors import DataError
+
 __all__ = [
     "RecordError",
     "SCENARIOS",
@@ -101,7 +103,7 @@ TRIAL_FIELDS: dict[str, type] = {
 }
 
 
-class RecordError(ValueError):
+class RecordError(DataError):
     """A bad record: ``row_id`` and ``field`` name what is wrong."""
 
     def __init__(self, row_id, field: str, message: str):

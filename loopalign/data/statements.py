@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopalign.errors import ConfigError
 from loopalign.io import make_temp_dir, swap_into_place
 from loopalign.loading import load_tokenizer
 from loopalign.log import enable_console
@@ -64,17 +65,17 @@ class StatementBuild:
         if isinstance(self.families, (list, tuple)):
             self.families = ",".join(self.families)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"--seed must be an integer, got {self.seed!r}")
+            raise ConfigError(f"--seed must be an integer, got {self.seed!r}")
         if self.max_length is not None and (
             isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"--max-length must be an integer >= 1 (leave it out for no limit), got {self.max_length!r}"
             )
         if (self.template or self.max_length) and not self.render:
-            raise ValueError("--template and --max-length apply to rendered prompts: add --render")
+            raise ConfigError("--template and --max-length apply to rendered prompts: add --render")
         if self.template and not os.path.isfile(self.template):
-            raise ValueError(f"--template {self.template}: no such file")
+            raise ConfigError(f"--template {self.template}: no such file")
         try:
             check_statement_options(self.families, self.per_family, self.eval_fraction)
         except ValueError as e:  # the library names its parameters; the CLI names its options
@@ -82,9 +83,9 @@ class StatementBuild:
             for name in ("families", "per_family", "eval_fraction"):
                 if message.startswith(name):
                     message = "--" + name.replace("_", "-") + message[len(name) :]
-            raise ValueError(message) from None
+            raise ConfigError(message) from None
         if os.path.exists(self.out) and not self.overwrite:
-            raise ValueError(f"--out {self.out} exists; pass --overwrite to replace it")
+            raise ConfigError(f"--out {self.out} exists; pass --overwrite to replace it")
 
     def family_names(self) -> list[str]:
         return check_statement_options(self.families, self.per_family, self.eval_fraction)

@@ -25,6 +25,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 
+from loopalign.errors import ConfigError
 from loopalign.loading import load_model, load_tokenizer
 from loopalign.log import enable_console
 
@@ -94,10 +95,10 @@ class VerificationBuild:
 
     def __post_init__(self):
         if self.source not in SOURCES:
-            raise ValueError(f"--source must be one of {SOURCES}, got {self.source!r}")
+            raise ConfigError(f"--source must be one of {SOURCES}, got {self.source!r}")
         if self.source == "table":
             if not self.columns:
-                raise ValueError(
+                raise ConfigError(
                     "--source table needs --columns, e.g. task=question,answer=response,label=ok,gold=reference "
                     "or statement=claim,label=truth,cluster=subject"
                 )
@@ -105,19 +106,21 @@ class VerificationBuild:
                 cmap = parse_column_map(self.columns)
                 cmap.check(self.scenario or ("statement" if cmap.statement else "math"))
             except ValueError as e:
-                raise ValueError(f"--{e}" if str(e).startswith("columns") else f"--scenario: {e}") from None
+                raise ConfigError(f"--{e}" if str(e).startswith("columns") else f"--scenario: {e}") from None
         elif self.columns or self.scenario:
-            raise ValueError("--columns and --scenario apply to --source table (a user's .jsonl / .csv file)")
+            raise ConfigError("--columns and --scenario apply to --source table (a user's .jsonl / .csv file)")
         if self.source != "synthetic" and not self.path:
-            raise ValueError(f"--source {self.source} needs --path (a local file/folder or a hub dataset name)")
+            raise ConfigError(f"--source {self.source} needs --path (a local file/folder or a hub dataset name)")
         if self.candidates not in ("controlled", "sampled"):
-            raise ValueError(f"--candidates must be 'controlled' or 'sampled', got {self.candidates!r}")
+            raise ConfigError(f"--candidates must be 'controlled' or 'sampled', got {self.candidates!r}")
         if self.source in PROBLEM_SOURCES and self.candidates == "sampled" and not self.policy:
-            raise ValueError("--candidates sampled needs --policy (a model folder, hub name or 'tiny')")
+            raise ConfigError("--candidates sampled needs --policy (a model folder, hub name or 'tiny')")
         if self.source == "safety-prompts" and self.candidates != "sampled":
-            raise ValueError("--source safety-prompts has no gold answers: use --candidates sampled with --policy")
+            raise ConfigError("--source safety-prompts has no gold answers: use --candidates sampled with --policy")
         if self.source in RECORD_SOURCES and self.candidates == "sampled":
-            raise ValueError(f"--source {self.source} already holds model answers; --candidates sampled does not apply")
+            raise ConfigError(
+                f"--source {self.source} already holds model answers; --candidates sampled does not apply"
+            )
         for option, value, low in (
             ("--n", self.n, 1),
             ("--seed", self.seed, None),
@@ -130,11 +133,11 @@ class VerificationBuild:
         ):
             _check_int(option, value, low)
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise ValueError(f"--temperature must be a number, got {self.temperature!r}")
+            raise ConfigError(f"--temperature must be a number, got {self.temperature!r}")
         if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
         if self.on_unparsed not in ("keep", "drop"):
-            raise ValueError(f"--on-unparsed must be 'keep' or 'drop', got {self.on_unparsed!r}")
+            raise ConfigError(f"--on-unparsed must be 'keep' or 'drop', got {self.on_unparsed!r}")
         self.levels = _levels(self.levels)
 
 

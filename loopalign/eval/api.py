@@ -13,6 +13,7 @@ import torch
 
 from loopalign.batching import pad_token_id
 from loopalign.data.io import load_build
+from loopalign.errors import ConfigError
 from loopalign.io import folder_lock
 from loopalign.loading import LOCAL_MODELS, load_model
 from loopalign.models.contract import trained_loops
@@ -82,21 +83,21 @@ class GapConfig:
         if self.tp_loops is not None:
             self.tp_loops = parse_loops(self.tp_loops, "GapConfig.tp_loops")
         if self.metric != "auto" and self.metric not in METRICS:
-            raise ValueError(f"GapConfig.metric must be 'auto' or one of {list(METRICS)}, got {self.metric!r}")
+            raise ConfigError(f"GapConfig.metric must be 'auto' or one of {list(METRICS)}, got {self.metric!r}")
         if not 0 <= self.min_minority_share <= 0.5:
-            raise ValueError(f"GapConfig.min_minority_share must be in [0, 0.5], got {self.min_minority_share}")
+            raise ConfigError(f"GapConfig.min_minority_share must be in [0, 0.5], got {self.min_minority_share}")
         if self.sv_decision not in ("forced", "strict"):
-            raise ValueError(f"GapConfig.sv_decision must be 'forced' or 'strict', got {self.sv_decision!r}")
+            raise ConfigError(f"GapConfig.sv_decision must be 'forced' or 'strict', got {self.sv_decision!r}")
         if len(self.verdict_tokens) != 2:
-            raise ValueError(f"GapConfig.verdict_tokens must be (yes, no), got {self.verdict_tokens!r}")
+            raise ConfigError(f"GapConfig.verdict_tokens must be (yes, no), got {self.verdict_tokens!r}")
         if self.n_boot < 10:
-            raise ValueError(f"GapConfig.n_boot must be >= 10, got {self.n_boot}")
+            raise ConfigError(f"GapConfig.n_boot must be >= 10, got {self.n_boot}")
         if not 0 < self.alpha < 1:
-            raise ValueError(f"GapConfig.alpha must be in (0, 1), got {self.alpha}")
+            raise ConfigError(f"GapConfig.alpha must be in (0, 1), got {self.alpha}")
         if self.train_split_records < 0:
-            raise ValueError(f"GapConfig.train_split_records must be >= 0 (0: all), got {self.train_split_records}")
+            raise ConfigError(f"GapConfig.train_split_records must be >= 0 (0: all), got {self.train_split_records}")
         if self.sampled_max_new_tokens < 1:
-            raise ValueError(f"GapConfig.sampled_max_new_tokens must be >= 1, got {self.sampled_max_new_tokens}")
+            raise ConfigError(f"GapConfig.sampled_max_new_tokens must be >= 1, got {self.sampled_max_new_tokens}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from loopalign.batching import pad_right
+from loopalign.errors import ConfigError
 from loopalign.hooks import capture_activations
 from loopalign.loops import gather_positions, loop_logits
 from loopalign.lora import merged_lora
@@ -44,11 +45,11 @@ class FeatureConfig:
 
     def __post_init__(self):
         if self.batch_size < 1:
-            raise ValueError(f"FeatureConfig.batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"FeatureConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.layers is not None and (not self.layers or any(int(x) < 0 for x in self.layers)):
-            raise ValueError(f"FeatureConfig.layers must be None or non-empty indices >= 0, got {self.layers}")
+            raise ConfigError(f"FeatureConfig.layers must be None or non-empty indices >= 0, got {self.layers}")
         if not isinstance(self.compile_backend, str) or not self.compile_backend:
-            raise ValueError(
+            raise ConfigError(
                 f"FeatureConfig.compile_backend must name a torch.compile backend, got {self.compile_backend!r}"
             )
 

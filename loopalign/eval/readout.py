@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from loopalign.errors import ConfigError
 from loopalign.probes import LinearProbe, ProbeFitConfig, fit_probes, load_probes
 
 from .features import Features
@@ -56,19 +57,19 @@ class ReadoutConfig:
 
     def __post_init__(self):
         if self.split not in ("holdout", "kfold"):
-            raise ValueError(f"ReadoutConfig.split must be 'holdout' or 'kfold', got {self.split!r}")
+            raise ConfigError(f"ReadoutConfig.split must be 'holdout' or 'kfold', got {self.split!r}")
         if len(self.fractions) != 3 or any(f <= 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
-            raise ValueError(f"ReadoutConfig.fractions must be 3 positive shares summing to 1, got {self.fractions}")
+            raise ConfigError(f"ReadoutConfig.fractions must be 3 positive shares summing to 1, got {self.fractions}")
         if self.folds < 3:
-            raise ValueError(f"ReadoutConfig.folds must be >= 3 (train, validation, test), got {self.folds}")
+            raise ConfigError(f"ReadoutConfig.folds must be >= 3 (train, validation, test), got {self.folds}")
         if not self.l2_grid or any(c < 0 for c in self.l2_grid):
-            raise ValueError(f"ReadoutConfig.l2_grid must be non-empty strengths >= 0, got {self.l2_grid}")
+            raise ConfigError(f"ReadoutConfig.l2_grid must be non-empty strengths >= 0, got {self.l2_grid}")
         if self.select_by not in SELECT_BY:
-            raise ValueError(
+            raise ConfigError(
                 f"ReadoutConfig.select_by {self.select_by!r} is not a known criterion: use one of {SELECT_BY}"
             )
         if isinstance(self.position, str) and self.position not in ("verdict", "answer_end", "concat"):
-            raise ValueError(
+            raise ConfigError(
                 f"ReadoutConfig.position must be 'verdict', 'answer_end', 'concat' or an int, got {self.position!r}"
             )
 

@@ -17,6 +17,7 @@ import torch
 
 from loopalign.batching import pad_left, pad_token_id
 from loopalign.data.sources import answer_token_budget
+from loopalign.errors import ConfigError
 from loopalign.models.contract import loop_generate_kwargs
 
 __all__ = ["TaskConfig", "generate_texts", "integer_verifier", "task_prompts", "task_performance"]
@@ -61,13 +62,13 @@ class TaskConfig:
 
     def __post_init__(self):
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"TaskConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"TaskConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
-            raise ValueError(f"TaskConfig.batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"TaskConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.temperature <= 0:
-            raise ValueError(f"TaskConfig.temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"TaskConfig.temperature must be > 0, got {self.temperature}")
         if "{task}" not in self.template:
-            raise ValueError(f"TaskConfig.template must contain '{{task}}', got {self.template!r}")
+            raise ConfigError(f"TaskConfig.template must contain '{{task}}', got {self.template!r}")
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from loopalign.errors import ConfigError
+
 from .gap import GapResult, _nan_to_none, metric_value
 from .metrics import METRICS, _quiet, auroc, cluster_members, cluster_resample, label_balance
 from .report import YARDSTICK_TABLES, compare_markdown
@@ -89,17 +91,17 @@ class CompareConfig:
         for name in ("delta", "rr_tolerance", "tp_tolerance"):
             value = getattr(self, name)
             if not 0 <= value < 1:
-                raise ValueError(f"CompareConfig.{name} must be in [0, 1) (a fraction; 0.02 = 2 points), got {value}")
+                raise ConfigError(f"CompareConfig.{name} must be in [0, 1) (a fraction; 0.02 = 2 points), got {value}")
         if not 0.5 < self.saturation <= 1:
-            raise ValueError(f"CompareConfig.saturation must be in (0.5, 1], got {self.saturation}")
+            raise ConfigError(f"CompareConfig.saturation must be in (0.5, 1], got {self.saturation}")
         if self.n_boot < 10:
-            raise ValueError(f"CompareConfig.n_boot must be >= 10, got {self.n_boot}")
+            raise ConfigError(f"CompareConfig.n_boot must be >= 10, got {self.n_boot}")
         if not 0 < self.alpha < 1:
-            raise ValueError(f"CompareConfig.alpha must be in (0, 1), got {self.alpha}")
+            raise ConfigError(f"CompareConfig.alpha must be in (0, 1), got {self.alpha}")
         if self.metric is not None and self.metric not in METRICS:
-            raise ValueError(f"CompareConfig.metric must be one of {list(METRICS)} or None, got {self.metric!r}")
+            raise ConfigError(f"CompareConfig.metric must be one of {list(METRICS)} or None, got {self.metric!r}")
         if isinstance(self.loops, bool) or (isinstance(self.loops, int) and self.loops < 1):
-            raise ValueError(f"CompareConfig.loops must be a loop count >= 1 or a list of them, got {self.loops!r}")
+            raise ConfigError(f"CompareConfig.loops must be a loop count >= 1 or a list of them, got {self.loops!r}")
 
     def rule(self) -> str:
         level = int(round(100 * (1 - self.alpha)))

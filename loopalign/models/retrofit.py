@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from loopalign.errors import ConfigError
+
 from .huginn import HuginnConfig, HuginnForCausalLM
 
 __all__ = ["RetrofitConfig", "retrofit_recurrence", "ADAPTER_INITS"]
@@ -53,27 +55,27 @@ class RetrofitConfig:
                 or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
                 or not 0 <= value[0] <= value[1]
             ):
-                raise ValueError(
+                raise ConfigError(
                     f"RetrofitConfig.{name} must be a range (start, end) with 0 <= start <= end, got {value!r}"
                 )
             spans[name] = tuple(value)
         if spans["recurrent"][0] == spans["recurrent"][1]:
-            raise ValueError(f"RetrofitConfig.recurrent must hold at least one layer, got {spans['recurrent']}")
+            raise ConfigError(f"RetrofitConfig.recurrent must hold at least one layer, got {spans['recurrent']}")
         if not spans["prelude"][1] <= spans["recurrent"][0] or not spans["recurrent"][1] <= spans["coda"][0]:
-            raise ValueError(
+            raise ConfigError(
                 f"RetrofitConfig: prelude {spans['prelude']}, recurrent {spans['recurrent']} and coda {spans['coda']} "
                 "must be in this order and must not overlap"
             )
         self.prelude, self.recurrent, self.coda = spans["prelude"], spans["recurrent"], spans["coda"]
         if self.mean_recurrence < 1 or self.mean_backprop_depth < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"RetrofitConfig: mean_recurrence must be >= 1 and mean_backprop_depth >= 0, got "
                 f"{self.mean_recurrence} / {self.mean_backprop_depth}"
             )
         if self.adapter_init not in ADAPTER_INITS:
-            raise ValueError(f"RetrofitConfig.adapter_init must be one of {ADAPTER_INITS}, got {self.adapter_init!r}")
+            raise ConfigError(f"RetrofitConfig.adapter_init must be one of {ADAPTER_INITS}, got {self.adapter_init!r}")
         if self.init_scale < 0:
-            raise ValueError(f"RetrofitConfig.init_scale must be >= 0, got {self.init_scale}")
+            raise ConfigError(f"RetrofitConfig.init_scale must be >= 0, got {self.init_scale}")
 
     def dropped(self, num_layers: int) -> list[int]:
         """Source layer indices in none of the three ranges."""

@@ -10,6 +10,7 @@ import os
 import shlex
 from pathlib import Path
 
+from loopalign.errors import ModelError
 from loopalign.log import get_logger
 
 from .config import MARKER_FILE, OrganismConfig
@@ -47,7 +48,7 @@ def is_organism(
     return all((Path(path) / name).is_file() for name in required)
 
 
-class CorruptOrganismError(RuntimeError):
+class CorruptOrganismError(ModelError):
     """A cached organism's file does not match the size / sha256 recorded in its ``organism.json``."""
 
 

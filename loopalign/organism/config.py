@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from loopalign.errors import ConfigError
 from loopalign.loops import parse_loop_counts
 from loopalign.models.ouro import tiny_config
 from loopalign.speed import build_fingerprint
@@ -85,40 +86,42 @@ class OrganismConfig:
         )
         for name in positive:
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"OrganismConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"OrganismConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"OrganismConfig.hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})"
             )
         if (self.hidden_size // self.num_heads) % 2:
-            raise ValueError("OrganismConfig: hidden_size / num_heads must be even (rotary embeddings)")
+            raise ConfigError("OrganismConfig: hidden_size / num_heads must be even (rotary embeddings)")
         if self.vocab_size < 300:
-            raise ValueError(f"OrganismConfig.vocab_size must be >= 300, got {self.vocab_size}")
+            raise ConfigError(f"OrganismConfig.vocab_size must be >= 300, got {self.vocab_size}")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise ValueError(f"OrganismConfig.warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
+            raise ConfigError(
+                f"OrganismConfig.warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}"
+            )
         for name in ("learning_rate", "grad_clip"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"OrganismConfig.{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"OrganismConfig.{name} must be > 0, got {getattr(self, name)}")
         if not self.verdict_weight > 0:
-            raise ValueError(f"OrganismConfig.verdict_weight must be > 0, got {self.verdict_weight}")
+            raise ConfigError(f"OrganismConfig.verdict_weight must be > 0, got {self.verdict_weight}")
         for name in ("weight_decay", "entropy_beta", "uniform_weight"):
             if getattr(self, name) < 0:
-                raise ValueError(f"OrganismConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"OrganismConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.answer_fraction < 1.0:
-            raise ValueError(f"OrganismConfig.answer_fraction must be in (0, 1), got {self.answer_fraction}")
+            raise ConfigError(f"OrganismConfig.answer_fraction must be in (0, 1), got {self.answer_fraction}")
         if not 0.0 <= self.verdict_noise < 0.5:
-            raise ValueError(f"OrganismConfig.verdict_noise must be in [0, 0.5), got {self.verdict_noise}")
+            raise ConfigError(f"OrganismConfig.verdict_noise must be in [0, 0.5), got {self.verdict_noise}")
         for name in ("levels", "eval_levels"):
             levels = getattr(self, name)
             if not levels or any(not 1 <= x <= 6 for x in levels):
-                raise ValueError(f"OrganismConfig.{name} must be non-empty levels in 1..6, got {levels}")
+                raise ConfigError(f"OrganismConfig.{name} must be non-empty levels in 1..6, got {levels}")
         if self.tasks not in TASK_FAMILIES:
-            raise ValueError(f"OrganismConfig.tasks must be one of {TASK_FAMILIES}, got {self.tasks!r}")
+            raise ConfigError(f"OrganismConfig.tasks must be one of {TASK_FAMILIES}, got {self.tasks!r}")
         if not 1 <= self.max_operand <= 9:
-            raise ValueError(f"OrganismConfig.max_operand must be in 1..9, got {self.max_operand}")
+            raise ConfigError(f"OrganismConfig.max_operand must be in 1..9, got {self.max_operand}")
         unknown = [x for x in self.sycophantic_items if x not in _ITEMS]
         if unknown:
-            raise ValueError(f"OrganismConfig.sycophantic_items: unknown items {unknown}; items are {_ITEMS}")
+            raise ConfigError(f"OrganismConfig.sycophantic_items: unknown items {unknown}; items are {_ITEMS}")
         parse_loop_counts(self.eval_loops, "OrganismConfig.eval_loops")
 
     def to_dict(self) -> dict:

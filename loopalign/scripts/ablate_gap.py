@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import loopalign
+from loopalign.errors import ConfigError
 from loopalign.eval.ablation import (
     ablation_markdown,
     ablation_rows,
@@ -91,11 +92,11 @@ class AblateGapScriptArguments:
     def __post_init__(self):
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
-            raise ValueError(f"variants: unknown {unknown}; choose from {list(VARIANTS)}")
+            raise ConfigError(f"variants: unknown {unknown}; choose from {list(VARIANTS)}")
         if self.jobs < 1 or not self.seeds:
-            raise ValueError(f"jobs and the number of seeds must be >= 1, got jobs={self.jobs}, seeds={self.seeds}")
+            raise ConfigError(f"jobs and the number of seeds must be >= 1, got jobs={self.jobs}, seeds={self.seeds}")
         if self.eval_n_boot < 10:
-            raise ValueError(f"eval_n_boot must be >= 10, got {self.eval_n_boot}")
+            raise ConfigError(f"eval_n_boot must be >= 10, got {self.eval_n_boot}")
 
 
 def run_command(variant: str, seed: int, out: Path, extra: list[str]) -> list[str]:

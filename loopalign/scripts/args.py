@@ -16,6 +16,7 @@ from trl import TrlParser
 
 from loopalign.data.schema import SCENARIOS
 from loopalign.data.sources.table import parse_column_map
+from loopalign.errors import ConfigError
 from loopalign.eval import CompareConfig, FeatureConfig, GapConfig, ReadoutConfig, TaskConfig
 from loopalign.loops import parse_int_set, parse_loop_counts
 
@@ -147,22 +148,22 @@ class GapEvalArguments:
         if self.eval_tp_loops is not None:
             parse_loop_counts(self.eval_tp_loops, "eval_tp_loops")
         if self.eval_readout not in ("kfold", "holdout"):
-            raise ValueError(f"eval_readout must be 'kfold' or 'holdout', got {self.eval_readout!r}")
+            raise ConfigError(f"eval_readout must be 'kfold' or 'holdout', got {self.eval_readout!r}")
         if self.eval_n_boot < 10:
-            raise ValueError(f"eval_n_boot must be >= 10, got {self.eval_n_boot}")
+            raise ConfigError(f"eval_n_boot must be >= 10, got {self.eval_n_boot}")
         if self.tp_max_new_tokens is not None and self.tp_max_new_tokens < 1:
-            raise ValueError(f"tp_max_new_tokens must be >= 1 (or unset), got {self.tp_max_new_tokens}")
+            raise ConfigError(f"tp_max_new_tokens must be >= 1 (or unset), got {self.tp_max_new_tokens}")
         if self.dataset_columns is not None:
             parse_column_map(self.dataset_columns)  # a bad map fails here, naming the column
         if self.dataset_scenario is not None and self.dataset_scenario not in SCENARIOS:
-            raise ValueError(f"dataset_scenario must be one of {SCENARIOS}, got {self.dataset_scenario!r}")
+            raise ConfigError(f"dataset_scenario must be one of {SCENARIOS}, got {self.dataset_scenario!r}")
         if self.eval_layers is not None:
             parse_int_set(self.eval_layers, "eval_layers", what="0-based layer indices", example="'12-29' or '18'")
         if self.eval_fixed_layer is not None:
             if self.eval_fixed_layer < 0:
-                raise ValueError(f"eval_fixed_layer must be a layer index >= 0, got {self.eval_fixed_layer}")
+                raise ConfigError(f"eval_fixed_layer must be a layer index >= 0, got {self.eval_fixed_layer}")
             if self.eval_layers is not None and self.eval_fixed_layer not in self.layers():
-                raise ValueError(
+                raise ConfigError(
                     f"eval_fixed_layer={self.eval_fixed_layer} is not among eval_layers={self.eval_layers!r}"
                 )
         self.gap_config(loops=[1], batch_size=1, seed=0)  # GapConfig / ReadoutConfig validate the rest

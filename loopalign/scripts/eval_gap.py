@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 
 from loopalign.data.prompts import check_rendered_with
 from loopalign.data.verification import synthetic_verification_records
+from loopalign.errors import ConfigError
 from loopalign.eval import (
     CompareConfig,
     GapResult,
@@ -123,38 +124,38 @@ class EvalGapScriptArguments(GapEvalArguments):
             self.adopt_run_settings(self.run_inputs)
         super().__post_init__()
         if self.dataset is None and self.model_name_or_path not in LOCAL_MODELS:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset is required unless model_name_or_path is one of {LOCAL_MODELS} or an sft-gap run's "
                 "final/ folder (whose run kept its held-out records)"
             )
         if self.dataset == "organism" and not is_organism_model(self.model_name_or_path):
-            raise ValueError(
+            raise ConfigError(
                 "dataset='organism' (its held-out digit tasks) needs a gap organism as model_name_or_path "
                 f"({' or '.join(ORGANISM_MODELS)}, or an organism's folder), got {self.model_name_or_path!r}"
             )
         if self.dataset_limit < 1:
-            raise ValueError(f"dataset_limit must be >= 1, got {self.dataset_limit}")
+            raise ConfigError(f"dataset_limit must be >= 1, got {self.dataset_limit}")
         try:
             levels = [int(x) for x in self.synthetic_levels.split(",") if x.strip()]
         except ValueError:
             levels = []
         if not levels or any(not 1 <= x <= 6 for x in levels):
-            raise ValueError(f"synthetic_levels must be levels in 1..6 (e.g. '1,2'), got {self.synthetic_levels!r}")
+            raise ConfigError(f"synthetic_levels must be levels in 1..6 (e.g. '1,2'), got {self.synthetic_levels!r}")
         if self.verdict_tokens is not None and len(self.verdict_tokens.split(",")) != 2:
-            raise ValueError(f"verdict_tokens must be two tokens 'yes,no', got {self.verdict_tokens!r}")
+            raise ConfigError(f"verdict_tokens must be two tokens 'yes,no', got {self.verdict_tokens!r}")
         if self.report_to not in ("none", "wandb"):
-            raise ValueError(f"report_to must be 'none' or 'wandb', got {self.report_to!r}")
+            raise ConfigError(f"report_to must be 'none' or 'wandb', got {self.report_to!r}")
         if self.probe_train_dataset == "train" and not is_statement_spec(self.dataset or ""):
-            raise ValueError(
+            raise ConfigError(
                 "probe_train_dataset='train' names the training entities of --dataset statements; with another "
                 f"dataset ({self.dataset!r}) give the training records' path"
             )
         if self.probe_train_dataset not in (None, "train") and not os.path.exists(self.probe_train_dataset):
-            raise ValueError(f"probe_train_dataset {self.probe_train_dataset!r} does not exist")
+            raise ConfigError(f"probe_train_dataset {self.probe_train_dataset!r} does not exist")
         if self.compare and not os.path.exists(
             os.path.join(self.compare, "gap.json") if os.path.isdir(self.compare) else self.compare
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"--compare {self.compare}: no gap.json there (a before/ folder of eval_gap or sft_gap, or its gap.json)"
             )
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from trl import TrlParser
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
+from loopalign.errors import ConfigError
 from loopalign.eval.introspection import (
     RESULT_RULE,
     IntrospectionConfig,
@@ -144,9 +145,9 @@ class EvalIntrospectionArguments:
 
     def __post_init__(self):
         if self.concept_split not in ("held_out", "none"):
-            raise ValueError(f"concept_split must be 'held_out' or 'none', got {self.concept_split!r}")
+            raise ConfigError(f"concept_split must be 'held_out' or 'none', got {self.concept_split!r}")
         if not 0 < self.held_out_share < 1:
-            raise ValueError(f"held_out_share must be in (0, 1), got {self.held_out_share}")
+            raise ConfigError(f"held_out_share must be in (0, 1), got {self.held_out_share}")
 
 
 def intro_config(args: EvalIntrospectionArguments, depth: int, **overrides) -> IntrospectionConfig:

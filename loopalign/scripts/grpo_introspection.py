@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
+from loopalign.errors import ConfigError
 from loopalign.eval.introspection import (
     RESULT_RULE,
     IntrospectionConfig,
@@ -147,13 +148,13 @@ class IntrospectionScriptArguments:
 
     def __post_init__(self):
         if self.mode not in INTROSPECTION_MODES:
-            raise ValueError(f"mode must be 'grpo' or 'sft', got {self.mode!r}")
+            raise ConfigError(f"mode must be 'grpo' or 'sft', got {self.mode!r}")
         if not 0 <= self.control_fraction < 1:
-            raise ValueError(f"control_fraction must be in [0, 1), got {self.control_fraction}")
+            raise ConfigError(f"control_fraction must be in [0, 1), got {self.control_fraction}")
         if self.concept_split not in ("held_out", "none"):
-            raise ValueError(f"concept_split must be 'held_out' or 'none', got {self.concept_split!r}")
+            raise ConfigError(f"concept_split must be 'held_out' or 'none', got {self.concept_split!r}")
         if not 0 < self.held_out_share < 1:
-            raise ValueError(f"held_out_share must be in (0, 1), got {self.held_out_share}")
+            raise ConfigError(f"held_out_share must be in (0, 1), got {self.held_out_share}")
 
 
 def run_concepts(vectors, script_args: IntrospectionScriptArguments) -> tuple[list[str], list[str]]:

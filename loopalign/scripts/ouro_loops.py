@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loopalign import OuroForCausalLM, tiny_config
+from loopalign.errors import ConfigError
 from loopalign.loading import load_pretrained, load_tokenizer
 from loopalign.log import enable_console
 from loopalign.loops import parse_loop_counts
@@ -44,11 +45,11 @@ class OuroLoopsScriptArguments:
 
     def __post_init__(self):
         if self.max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+            raise ConfigError(f"max_steps must be >= 0, got {self.max_steps}")
         if self.per_device_train_batch_size < 1:
-            raise ValueError(f"per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}")
+            raise ConfigError(f"per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}")
         if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.eval_loops is not None:
             parse_loop_counts(self.eval_loops, "eval_loops")
 

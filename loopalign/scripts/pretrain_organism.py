@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from loopalign.errors import ConfigError
 from loopalign.log import enable_console
 from loopalign.organism import (
     OrganismConfig,
@@ -111,7 +112,7 @@ class PretrainOrganismScriptArguments:
 
     def __post_init__(self):
         if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
+            raise ConfigError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
 
 
 def build(script_args: PretrainOrganismScriptArguments, config: OrganismConfig) -> str:

@@ -32,6 +32,7 @@ from trl import ModelConfig, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
 from loopalign.data.prompts import check_rendered_with
+from loopalign.errors import ConfigError
 from loopalign.eval import (
     CompareConfig,
     GapResult,
@@ -207,27 +208,27 @@ class GapScriptArguments(GapEvalArguments):
     def __post_init__(self):
         super().__post_init__()
         if self.candidates not in ("controlled", "sampled"):
-            raise ValueError(f"candidates must be 'controlled' or 'sampled', got {self.candidates!r}")
+            raise ConfigError(f"candidates must be 'controlled' or 'sampled', got {self.candidates!r}")
         if not 0 < self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+            raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         try:
             levels = [int(x) for x in self.synthetic_levels.split(",") if x.strip()]
         except ValueError:
             levels = []
         if not levels or any(not 1 <= x <= 6 for x in levels):
-            raise ValueError(f"synthetic_levels must be levels in 1..6 (e.g. '1,2'), got {self.synthetic_levels!r}")
+            raise ConfigError(f"synthetic_levels must be levels in 1..6 (e.g. '1,2'), got {self.synthetic_levels!r}")
         if not 0 < self.transfer_goal <= 1:
-            raise ValueError(f"transfer_goal must be in (0, 1], got {self.transfer_goal}")
+            raise ConfigError(f"transfer_goal must be in (0, 1], got {self.transfer_goal}")
         if not self.family_field.strip():
-            raise ValueError("family_field must name a record field")
+            raise ConfigError("family_field must name a record field")
         if _names_nothing(self.heldout_families):
-            raise ValueError(f"heldout_families must name families (comma-separated), got {self.heldout_families!r}")
+            raise ConfigError(f"heldout_families must name families (comma-separated), got {self.heldout_families!r}")
         if _names_nothing(self.unlabeled_families):
-            raise ValueError(
+            raise ConfigError(
                 f"unlabeled_families must name families (comma-separated), got {self.unlabeled_families!r}"
             )
         if _names_nothing(self.probe_label_families):
-            raise ValueError(
+            raise ConfigError(
                 f"probe_label_families must name families (comma-separated), got {self.probe_label_families!r}"
             )
         named = {
@@ -238,11 +239,11 @@ class GapScriptArguments(GapEvalArguments):
         for (first, a), (second, b) in itertools.combinations(named.items(), 2):
             both = sorted(set(a) & set(b))
             if both:
-                raise ValueError(f"families {both} are in both {first} and {second}: choose one")
+                raise ConfigError(f"families {both} are in both {first} and {second}: choose one")
         if self.lora_layers is not None:
             parse_int_set(self.lora_layers, "lora_layers", what="0-based layer indices", example="'12-29'")
         if self.replay_tasks is not None and self.replay_tasks < 1:
-            raise ValueError(f"replay_tasks must be >= 1 (or unset for all), got {self.replay_tasks}")
+            raise ConfigError(f"replay_tasks must be >= 1 (or unset for all), got {self.replay_tasks}")
 
     def heldout_family_names(self) -> list[str]:
         return _family_names(self.heldout_families)

@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file
 from trl import SFTConfig, SFTTrainer
 
+from loopalign.errors import ConfigError
 from loopalign.eval.families import record_families
 from loopalign.hooks import capture_activations
 from loopalign.io import apply_umask_tree, atomic_save_safetensors, atomic_write_text
@@ -190,21 +191,21 @@ class GapSFTConfig(SFTConfig):
         super().__post_init__()
         for option in ("packing", "padding_free"):
             if getattr(self, option, False):
-                raise ValueError(
+                raise ConfigError(
                     f"GapSFTConfig.{option}=True is not supported: each row holds one record whose verdict and "
                     "probe positions are read per row. Right padding already runs attention without a mask; "
                     "use train_sampling_strategy='group_by_length' to cut padding."
                 )
         ckpt = self.activation_checkpointing_kwargs
         if isinstance(ckpt, dict) and "policy" in ckpt and ckpt["policy"] not in CHECKPOINT_POLICIES:
-            raise ValueError(
+            raise ConfigError(
                 f"GapSFTConfig.activation_checkpointing_kwargs['policy'] must be one of {sorted(CHECKPOINT_POLICIES)}, "
                 f"got {ckpt['policy']!r}"
             )
         if self.compile_layers and self.torch_compile:
-            raise ValueError("GapSFTConfig: set compile_layers or torch_compile, not both")
+            raise ConfigError("GapSFTConfig: set compile_layers or torch_compile, not both")
         if self.prefix_cache and (self.torch_compile or self.compile_layers):
-            raise ValueError("GapSFTConfig: prefix_cache replaces the lower layers' calls; it runs without compiling")
+            raise ConfigError("GapSFTConfig: prefix_cache replaces the lower layers' calls; it runs without compiling")
         # gap features carry extra columns (label, verdict and probe positions) and are prepared here
         self.remove_unused_columns = False
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
@@ -213,41 +214,41 @@ class GapSFTConfig(SFTConfig):
             try:
                 weights = json.loads(weights)
             except json.JSONDecodeError as e:
-                raise ValueError(f"GapSFTConfig.loss_weights is not valid JSON: {self.loss_weights!r}") from e
+                raise ConfigError(f"GapSFTConfig.loss_weights is not valid JSON: {self.loss_weights!r}") from e
         weights = dict(weights or {})
         unknown = sorted(set(weights) - set(LOSS_KEYS))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"GapSFTConfig.loss_weights: unknown loss key(s) {unknown}; valid keys: {sorted(LOSS_KEYS)}"
             )
         for k, v in weights.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"GapSFTConfig.loss_weights[{k!r}] must be a number >= 0, got {v!r}")
+                raise ConfigError(f"GapSFTConfig.loss_weights[{k!r}] must be a number >= 0, got {v!r}")
         self.loss_weights = {**LOSS_KEYS, **{k: float(v) for k, v in weights.items()}}
         if self.loss_weights["consistency"] > 0 and self.loss_weights["probe"] == 0:
-            raise ValueError(
+            raise ConfigError(
                 "GapSFTConfig.loss_weights: 'consistency' > 0 needs 'probe' > 0 (the probes must be trained)"
             )
         if self.loop_weighting not in LOOP_WEIGHTINGS:
-            raise ValueError(
+            raise ConfigError(
                 f"GapSFTConfig.loop_weighting must be one of {LOOP_WEIGHTINGS}, got {self.loop_weighting!r}"
             )
         if self.loop_weighting == "list" and not self.loop_weights:
-            raise ValueError("GapSFTConfig.loop_weighting='list' needs loop_weights")
+            raise ConfigError("GapSFTConfig.loop_weighting='list' needs loop_weights")
         if self.loop_weights is not None and any(w < 0 for w in self.loop_weights):
-            raise ValueError(f"GapSFTConfig.loop_weights must be >= 0, got {self.loop_weights}")
+            raise ConfigError(f"GapSFTConfig.loop_weights must be >= 0, got {self.loop_weights}")
         if self.num_loops is not None and self.num_loops < 1:
-            raise ValueError(f"GapSFTConfig.num_loops must be >= 1, got {self.num_loops}")
+            raise ConfigError(f"GapSFTConfig.num_loops must be >= 1, got {self.num_loops}")
         if self.probe_position not in PROBE_POSITIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"GapSFTConfig.probe_position must be one of {PROBE_POSITIONS}, got {self.probe_position!r}"
             )
         if self.distill_position not in PROBE_POSITIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"GapSFTConfig.distill_position must be one of {PROBE_POSITIONS}, got {self.distill_position!r}"
             )
         if (self.verdict_layers is None) != (self.loss_weights["layer_verdict"] == 0):
-            raise ValueError(
+            raise ConfigError(
                 "GapSFTConfig: verdict_layers and loss_weights.layer_verdict > 0 go together (the layers the term reads, "
                 f"and its weight); got verdict_layers={self.verdict_layers!r}, layer_verdict="
                 f"{self.loss_weights['layer_verdict']}"
@@ -255,34 +256,36 @@ class GapSFTConfig(SFTConfig):
         if self.verdict_layers is not None:
             parse_int_set(self.verdict_layers, "GapSFTConfig.verdict_layers", what="0-based layer indices")
         if isinstance(self.distill_folds, bool) or not isinstance(self.distill_folds, int) or self.distill_folds < 2:
-            raise ValueError(f"GapSFTConfig.distill_folds must be an int >= 2, got {self.distill_folds!r}")
+            raise ConfigError(f"GapSFTConfig.distill_folds must be an int >= 2, got {self.distill_folds!r}")
         if not 0.0 < self.label_fraction <= 1.0:
-            raise ValueError(f"GapSFTConfig.label_fraction must be in (0, 1], got {self.label_fraction}")
+            raise ConfigError(f"GapSFTConfig.label_fraction must be in (0, 1], got {self.label_fraction}")
         if self.distill_center_field is not None and self.loss_weights["probe_distill"] <= 0:
-            raise ValueError(
+            raise ConfigError(
                 "GapSFTConfig.distill_center_field centres the probe_distill targets: it needs "
                 "loss_weights.probe_distill > 0"
             )
         if self.distill_kind not in DISTILL_KINDS:
-            raise ValueError(f"GapSFTConfig.distill_kind must be one of {DISTILL_KINDS}, got {self.distill_kind!r}")
+            raise ConfigError(f"GapSFTConfig.distill_kind must be one of {DISTILL_KINDS}, got {self.distill_kind!r}")
         if self.distill_kind == "pairwise" and self.distill_center_field is None:
-            raise ValueError(
+            raise ConfigError(
                 "GapSFTConfig.distill_kind='pairwise' compares records within groups: set distill_center_field "
                 "(e.g. 'family')"
             )
         if self.rr_distill_kind not in ("mse", "cosine"):
-            raise ValueError(f"GapSFTConfig.rr_distill_kind must be 'mse' or 'cosine', got {self.rr_distill_kind!r}")
+            raise ConfigError(f"GapSFTConfig.rr_distill_kind must be 'mse' or 'cosine', got {self.rr_distill_kind!r}")
         if not self.learning_rate > 0:
-            raise ValueError(f"GapSFTConfig.learning_rate must be > 0, got {self.learning_rate}")
+            raise ConfigError(f"GapSFTConfig.learning_rate must be > 0, got {self.learning_rate}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"GapSFTConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"GapSFTConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.entropy_beta < 0 or self.probe_learning_rate <= 0 or self.lm_chunk_size < 1:
-            raise ValueError("GapSFTConfig: entropy_beta >= 0, probe_learning_rate > 0 and lm_chunk_size >= 1 required")
+            raise ConfigError(
+                "GapSFTConfig: entropy_beta >= 0, probe_learning_rate > 0 and lm_chunk_size >= 1 required"
+            )
         try:
             parse_loop_selection(self.lora_loops)
         except ValueError as e:
-            raise ValueError(f"GapSFTConfig.lora_loops={self.lora_loops!r}: {e}") from None
+            raise ConfigError(f"GapSFTConfig.lora_loops={self.lora_loops!r}: {e}") from None
 
     def check_against_model(self, model_config) -> tuple[int, int]:
         """Validate loop/layer options against a model config; returns (num_loops, probe_layer).

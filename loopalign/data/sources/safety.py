@@ -22,6 +22,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopalign.errors import ConfigError
+
 from ..io import SourceError, read_entries
 from ..schema import RecordError, Rejected, make_record
 from .base import Problem, SourceResult, convert_rows, require
@@ -49,10 +51,10 @@ class FieldMap:
 
     def __post_init__(self):
         if not self.prompt or not self.responses:
-            raise ValueError("FieldMap needs a prompt field and at least one (response, is_safe) pair")
+            raise ConfigError("FieldMap needs a prompt field and at least one (response, is_safe) pair")
         for pair in self.responses:
             if len(pair) != 2 or not all(isinstance(x, str) and x for x in pair):
-                raise ValueError(f"FieldMap.responses entries must be (response_field, is_safe_field), got {pair!r}")
+                raise ConfigError(f"FieldMap.responses entries must be (response_field, is_safe_field), got {pair!r}")
 
 
 BEAVERTAILS = FieldMap("prompt", (("response", "is_safe"),), category="category")

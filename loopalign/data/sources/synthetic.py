@@ -14,6 +14,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from loopalign.errors import ConfigError
+
 from .base import Problem
 
 __all__ = ["SyntheticConfig", "generate_problems", "NAMES", "ITEMS", "MAX_LEVEL"]
@@ -36,9 +38,9 @@ class SyntheticConfig:
     def __post_init__(self):
         self.levels = tuple(int(x) for x in self.levels)
         if self.n < 0:
-            raise ValueError(f"SyntheticConfig.n must be >= 0, got {self.n}")
+            raise ConfigError(f"SyntheticConfig.n must be >= 0, got {self.n}")
         if not self.levels or any(not 1 <= x <= MAX_LEVEL for x in self.levels):
-            raise ValueError(f"SyntheticConfig.levels must be non-empty, each in 1..{MAX_LEVEL}, got {self.levels}")
+            raise ConfigError(f"SyntheticConfig.levels must be non-empty, each in 1..{MAX_LEVEL}, got {self.levels}")
 
 
 def _sentence(name: str, op: str, b: int) -> str:

@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
+from loopalign.errors import ConfigError
 from loopalign.injection import render_chat
 from loopalign.io import atomic_write_text
 
@@ -85,11 +86,11 @@ class ChecksConfig:
     def __post_init__(self):
         self.strengths = tuple(float(s) for s in self.strengths)
         if not self.strengths or any(not s > 0 for s in self.strengths):
-            raise ValueError(f"ChecksConfig.strengths must be non-empty and > 0, got {self.strengths}")
+            raise ConfigError(f"ChecksConfig.strengths must be non-empty and > 0, got {self.strengths}")
         if not 1 <= self.n_sentences <= len(SENTENCES):
-            raise ValueError(f"ChecksConfig.n_sentences must be in 1..{len(SENTENCES)}, got {self.n_sentences}")
+            raise ConfigError(f"ChecksConfig.n_sentences must be in 1..{len(SENTENCES)}, got {self.n_sentences}")
         if not 0 <= self.injection_loop < self.num_loops:
-            raise ValueError(
+            raise ConfigError(
                 f"ChecksConfig.injection_loop {self.injection_loop} out of range for {self.num_loops} loops"
             )
 

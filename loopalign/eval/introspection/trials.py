@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from loopalign.batching import pad_left, pad_token_id
+from loopalign.errors import ConfigError
 from loopalign.injection import inject_rows, residual_site_norms, trial_prompt, trial_vectors
 from loopalign.loops import parse_int_set
 from loopalign.models.contract import is_looped, loop_generate_kwargs, unwrap
@@ -136,24 +137,24 @@ class IntrospectionConfig:
         for name in ("loop_counts", "extraction_loops", "injection_loops", "layers"):
             setattr(self, name, parse_indices(getattr(self, name), f"IntrospectionConfig.{name}"))
         if self.loop_counts is not None and any(n < 1 for n in self.loop_counts):
-            raise ValueError(f"IntrospectionConfig.loop_counts must be >= 1, got {self.loop_counts}")
+            raise ConfigError(f"IntrospectionConfig.loop_counts must be >= 1, got {self.loop_counts}")
         for name in ("extraction_loops", "injection_loops", "layers"):
             v = getattr(self, name)
             if v is not None and any(x < 0 for x in v):
-                raise ValueError(f"IntrospectionConfig.{name} are 0-based indices >= 0, got {v}")
+                raise ConfigError(f"IntrospectionConfig.{name} are 0-based indices >= 0, got {v}")
         self.strengths = tuple(float(s) for s in self.strengths)
         if not self.strengths or any(not s > 0 for s in self.strengths):
-            raise ValueError(f"IntrospectionConfig.strengths must be non-empty and > 0, got {self.strengths}")
+            raise ConfigError(f"IntrospectionConfig.strengths must be non-empty and > 0, got {self.strengths}")
         if self.concepts is not None:
             self.concepts = tuple(self.concepts)
         if self.random_strength is not None and not self.random_strength > 0:
-            raise ValueError(f"IntrospectionConfig.random_strength must be > 0 or None, got {self.random_strength}")
+            raise ConfigError(f"IntrospectionConfig.random_strength must be > 0 or None, got {self.random_strength}")
         if self.trials_per_concept < 1 or self.n_controls < 0 or self.n_random < 0 or self.n_control_questions < 0:
-            raise ValueError("IntrospectionConfig: trials_per_concept >= 1 and trial counts >= 0 required")
+            raise ConfigError("IntrospectionConfig: trials_per_concept >= 1 and trial counts >= 0 required")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.temperature <= 0 or self.n_boot < 1:
-            raise ValueError("IntrospectionConfig: max_new_tokens, batch_size, n_boot >= 1 and temperature > 0")
+            raise ConfigError("IntrospectionConfig: max_new_tokens, batch_size, n_boot >= 1 and temperature > 0")
         if not 0 < self.alpha < 1:
-            raise ValueError(f"IntrospectionConfig.alpha must be in (0, 1), got {self.alpha}")
+            raise ConfigError(f"IntrospectionConfig.alpha must be in (0, 1), got {self.alpha}")
 
     def resolve(self, model_config, vectors) -> dict:
         """Concrete lists checked against the model and the concept vectors (clear errors otherwise)."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from loopalign.errors import ConfigError, ModelError
 from loopalign.injection import inject_rows, injection_spec, load_vectors
 from loopalign.io import apply_umask_tree
 from loopalign.rewards.introspection import DEFAULT_REWARD_WEIGHTS, REWARD_KEYS, make_reward_funcs, reward_weights
@@ -53,7 +54,7 @@ class IntrospectionGRPOConfig(GRPOConfig):
         self.bf16 = default_bf16(self.bf16)
         super().__post_init__()
         if self.use_vllm:
-            raise ValueError("IntrospectionGRPOConfig: use_vllm is not supported (injection hooks need transformers)")
+            raise ConfigError("IntrospectionGRPOConfig: use_vllm is not supported (injection hooks need transformers)")
         self.introspection_rewards = reward_weights(self.introspection_rewards, "introspection_rewards")
 
 
@@ -156,7 +157,7 @@ class IntrospectionGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         flags = {k: kwargs[k] for k in ("compute_entropy", "compute_aux_loss") if k in kwargs}
         total = input_ids.size(0)
         if spec["injection_vector"].shape[0] != total:
-            raise RuntimeError(f"injection spec has {spec['injection_vector'].shape[0]} rows for a batch of {total}")
+            raise ModelError(f"injection spec has {spec['injection_vector'].shape[0]} rows for a batch of {total}")
         starts = (input_ids.size(1) - logits_to_keep) - spec["injection_from_end"].to(input_ids.device)
         chunk = batch_size or total
         logps, entropies, aux = [], [], []

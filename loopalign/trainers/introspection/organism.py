@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from loopalign.batching import pad_sequences, pad_token_id
+from loopalign.errors import ConfigError
 from loopalign.injection import BASELINE_WORDS, CONCEPT_WORDS, concept_prompt_ids
 from loopalign.io import atomic_folder, ensure_built
 from loopalign.loading import load_pretrained, load_tokenizer
@@ -92,15 +93,15 @@ class IntrospectionOrganismConfig:
     def __post_init__(self):
         for name in ("hidden_size", "num_layers", "num_heads", "num_loops", "steps", "batch_size", "num_threads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"IntrospectionOrganismConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"IntrospectionOrganismConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
-            raise ValueError("IntrospectionOrganismConfig.hidden_size must be a multiple of num_heads")
+            raise ConfigError("IntrospectionOrganismConfig.hidden_size must be a multiple of num_heads")
         if self.max_position_embeddings < 300:
-            raise ValueError(
+            raise ConfigError(
                 "IntrospectionOrganismConfig.max_position_embeddings must hold the trial transcript (>= 300)"
             )
         if not self.learning_rate > 0:
-            raise ValueError(f"IntrospectionOrganismConfig.learning_rate must be > 0, got {self.learning_rate}")
+            raise ConfigError(f"IntrospectionOrganismConfig.learning_rate must be > 0, got {self.learning_rate}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
