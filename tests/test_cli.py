@@ -49,7 +49,9 @@ def test_each_command_help_is_the_scripts_own(command, capsys):
         cli.main([command, "--help"])
     assert done.value.code == 0
     printed = capsys.readouterr().out
-    assert f"usage: loopalign {command} [-h]" in printed, printed[:300]
+    assert f"usage: loopalign {command} [" in printed, printed[:300]
+    if command in ("sft-gap", "eval-gap", "ablate-gap", "ouro-loops", "organism"):  # the commands of make_parser
+        assert f"usage: loopalign {command} [--config YAML] [--OPTION VALUE ...]\n" in printed, printed[:300]
     assert sys.argv[0] != f"loopalign {command}"  # restored
 
 
@@ -193,3 +195,25 @@ def test_version_prints_the_installed_version(capsys):
     assert cli.main(["--version"]) == 0 and cli.main(["-V"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [f"loopalign {version('loopalign')}"] * 2
+
+
+def test_a_commands_help_lists_loopalign_options_first_under_a_one_line_usage():
+    """`loopalign sft-gap --help`: the usage is one line naming --config; loopalign's own options (its script
+    arguments and what GapSFTConfig adds to TRL's SFTConfig) come before the inherited TRL / transformers ones."""
+    from loopalign.scripts import sft_gap
+    from loopalign.scripts.args import INHERITED_SECTION, OWN_SECTION
+
+    text = sft_gap.build_parser([]).format_help()
+    assert text.splitlines()[0].endswith(" [--config YAML] [--OPTION VALUE ...]") and text.startswith("usage: ")
+    own, inherited = text.index(OWN_SECTION + ":"), text.index(INHERITED_SECTION + ":")
+    assert own < inherited
+    for name in ("--eval_loops", "--dataset ", "--lora_layers", "--loss_weights", "--distill_kind"):
+        assert own < text.index(name) < inherited, name
+    for name in ("--lora_r ", "--gradient_accumulation_steps", "--model_name_or_path"):
+        assert text.index(name) > inherited, name
+    # the regrouping moves help lines only: the same options still parse
+    (script_args, training_args, model_args) = sft_gap.build_parser([]).parse_args_and_config(
+        args=["--dataset", "synthetic", "--lora_layers", "1-2", "--lora_r", "4", "--output_dir", "o"]
+    )
+    assert (script_args.dataset, script_args.lora_layers, model_args.lora_r) == ("synthetic", "1-2", 4)
+    assert training_args.output_dir == "o"

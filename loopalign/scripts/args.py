@@ -203,10 +203,57 @@ class GapEvalArguments:
         return GapConfig(**kwargs)
 
 
+#: the first line of every command's usage: the options are listed under it, loopalign's own first
+USAGE = "%(prog)s [--config YAML] [--OPTION VALUE ...]"
+#: the help sections of a command's options
+OWN_SECTION = "loopalign options"
+INHERITED_SECTION = "TRL and transformers options (inherited; see their documentation)"
+
+
+def own_fields(dataclass_types: Sequence[type]) -> set[str]:
+    """The option names that loopalign's own classes declare among ``dataclass_types`` (a loopalign subclass of
+    TRL's ``SFTConfig`` declares some; TRL's ``ModelConfig`` none)."""
+    names: set[str] = set()
+    for dtype in dataclass_types:
+        for cls in dtype.__mro__:
+            if cls.__module__.split(".")[0] == "loopalign":
+                names.update(vars(cls).get("__annotations__", {}))
+    return names
+
+
+def _sections(parser: argparse.ArgumentParser, own: set[str]) -> None:
+    """Regroup the options: loopalign's own under :data:`OWN_SECTION` (first, with how ``--config`` reads a YAML),
+    the inherited ones under :data:`INHERITED_SECTION` (argparse keeps a group's actions in ``_group_actions``:
+    moving them between groups changes the help only, never the parsing)."""
+    groups = getattr(parser, "_action_groups", None)
+    if not groups or not all(hasattr(g, "_group_actions") for g in groups):
+        return  # another argparse: one section, as before
+    first = parser.add_argument_group(
+        OWN_SECTION, "--config YAML reads any option below from a YAML file; options given here override it."
+    )
+    rest = parser.add_argument_group(INHERITED_SECTION)
+    for group in groups[:-2]:
+        for action in list(group._group_actions):
+            if not action.option_strings or action.dest == "help":
+                continue
+            group._group_actions.remove(action)
+            (first if action.dest in own or action.dest.removeprefix("no_") in own else rest)._group_actions.append(
+                action
+            )
+    groups.remove(first)
+    groups.remove(rest)
+    groups[1:1] = [first] + ([rest] if rest._group_actions else [])
+
+
 def make_parser(dataclass_types: Sequence[type], doc: str | None) -> TrlParser:
     """A ``TrlParser`` (YAML with ``--config`` + CLI overrides) over ``dataclass_types``, the script's
-    docstring as its description."""
-    return TrlParser(tuple(dataclass_types), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    docstring as its description; a one-line usage, and the help lists loopalign's own options before the ones
+    inherited from TRL and transformers."""
+    parser = TrlParser(
+        tuple(dataclass_types), description=doc, usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _sections(parser, own_fields(dataclass_types))
+    return parser
 
 
 def lora_targets_as_names(model_args) -> None:
