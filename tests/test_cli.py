@@ -217,3 +217,19 @@ def test_a_commands_help_lists_loopalign_options_first_under_a_one_line_usage():
     )
     assert (script_args.dataset, script_args.lora_layers, model_args.lora_r) == ("synthetic", "1-2", 4)
     assert training_args.output_dir == "o"
+
+
+def test_the_sft_gap_cpu_default_yaml_is_the_embedded_default():
+    """`loopalign sft-gap` with no arguments and `--config recipes/configs/sft_gap_cpu_default.yaml` parse to the same
+    run: the YAML spells out the embedded default, so the two cannot drift apart."""
+    from dataclasses import asdict
+
+    from loopalign.scripts import sft_gap
+
+    config = str(ROOT / "recipes" / "configs" / "sft_gap_cpu_default.yaml")
+    embedded = sft_gap.build_parser([]).parse_args_and_config(args=[])
+    spelled = sft_gap.build_parser(["--config", config]).parse_args_and_config(args=["--config", config])
+    for a, b in zip(embedded, spelled):
+        left, right = asdict(a), asdict(b)
+        differ = {k: (left[k], right[k]) for k in left if left[k] != right[k]}
+        assert not differ, f"{type(a).__name__}: the embedded default and the YAML differ: {differ}"
