@@ -15,8 +15,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from trl import TrlParser
-
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
 from loopalign.errors import ConfigError
 from loopalign.eval.introspection import (
@@ -35,7 +33,7 @@ from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.loading import load_model
 from loopalign.log import enable_console
 from loopalign.models.contract import num_hidden_layers, trained_loops
-from loopalign.scripts.args import parse_or_exit
+from loopalign.scripts.args import make_parser, parse_or_exit
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.introspection.organism import INTROSPECTION_ORGANISM
 
@@ -238,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> EvalIntrospectionArguments:
     import sys
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = TrlParser((EvalIntrospectionArguments,))
+    parser = make_parser((EvalIntrospectionArguments,), __doc__)
     if "--config" not in argv:
         parser.set_defaults(**EMBEDDED_DEFAULTS)
     (args,) = parse_or_exit(parser, argv)  # a bad value: the usage line and the message, exit status 2

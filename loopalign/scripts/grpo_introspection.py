@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
 from loopalign.errors import ConfigError
@@ -41,7 +41,7 @@ from loopalign.io import atomic_write_text
 from loopalign.loading import load_model
 from loopalign.log import enable_console
 from loopalign.models.contract import trained_loops
-from loopalign.scripts.args import parse_or_exit
+from loopalign.scripts.args import make_parser, parse_or_exit
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.introspection import (
     INTROSPECTION_MODES,
@@ -329,7 +329,7 @@ def parse_args(argv: list[str] | None = None):
     """TrlParser over (script arguments, :class:`IntrospectionGRPOConfig`, ModelConfig): ``--config`` YAML plus
     command-line overrides; without ``--config`` the :data:`EMBEDDED_DEFAULTS` (the CPU default) apply."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = TrlParser((IntrospectionScriptArguments, IntrospectionGRPOConfig, ModelConfig))
+    parser = make_parser((IntrospectionScriptArguments, IntrospectionGRPOConfig, ModelConfig), __doc__)
     if "--config" not in argv:
         parser.set_defaults(**EMBEDDED_DEFAULTS)
     return parse_or_exit(parser, argv)
