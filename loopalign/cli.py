@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "loopalign.scripts.build_statements",
         "build true/false statement data by family, split by entity (python -m data_builders.statements)",
     ),
+    "build-injection": (
+        "loopalign.scripts.build_injection",
+        "extract concept vectors and build concept-injection trials (python -m data_builders.injection)",
+    ),
     "eval-introspection": ("loopalign.scripts.eval_introspection", "concept-injection introspection per loop"),
     "grpo-introspection": ("loopalign.scripts.grpo_introspection", "GRPO / SFT training for introspection"),
 }

@@ -377,13 +377,15 @@ def test_injection_overwrite_is_atomic(tmp_path, monkeypatch, capsys):
     code, err = run(injection.main, [*INJ, "--out", out], capsys)
     assert code == 2 and "--overwrite" in err
 
-    real = injection.build_trials
+    from loopalign.injection import trials as trial_build  # where the build command finds build_trials
+
+    real = trial_build.build_trials
 
     def bad_trials(tokenizer, config, vectors=None):
         rows = real(tokenizer, config, vectors)
         return rows + [dict(rows[-1], id="control-bad", strength=1.0)]  # fails validation at save time
 
-    monkeypatch.setattr(injection, "build_trials", bad_trials)
+    monkeypatch.setattr(trial_build, "build_trials", bad_trials)
     args = [*INJ[:3], "3", *INJ[4:]]  # other loops: other vectors
     code, err = run(injection.main, [*args, "--out", out, "--overwrite"], capsys)
     assert code == 2 and "control-bad" in err
@@ -391,7 +393,7 @@ def test_injection_overwrite_is_atomic(tmp_path, monkeypatch, capsys):
     cv, ds, again = injection.load_injection(out)
     assert again == meta and injection.vectors_hash(cv) == meta["vectors_hash"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inj"]  # no temp folders left
-    monkeypatch.setattr(injection, "build_trials", real)
+    monkeypatch.setattr(trial_build, "build_trials", real)
     assert injection.main([*args, "--out", str(out), "--overwrite"]) == 0
     cv, _, meta3 = injection.load_injection(out)
     assert cv.num_loops == 3 and meta3["vectors_hash"] != meta["vectors_hash"]
