@@ -13,7 +13,8 @@ Under autocast, PEFT casts each adapter's input to the adapter's float32 weights
 it back for the matmul: :func:`skip_lora_input_upcast` drops that round trip where it is exact.
 
 Loop specs (0-based loop indices, as everywhere in loopalign): ``"all"``, ``"last"`` (the last
-loop of each call), ``">=2"`` (loops 2, 3, ...), ``"1,3"`` (a list), or a list of ints.
+loop of each call), ``">=2"`` (loops 2, 3, ...), ``"1,3"`` or ``"1-3"`` (a set, in the grammar of every loop set:
+:func:`loopalign.loops.parse_int_set`), or a list of ints.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from loopalign.errors import ModelError
+from loopalign.loops import parse_int_set
 from loopalign.models.contract import loop_context_layers, unwrap
 
 __all__ = [
@@ -41,7 +43,8 @@ __all__ = [
 _ROUTING = "lora_routing"
 _UPCAST = "lora_input_upcast"
 
-_SPEC = re.compile(r"^\s*(all|last|>=\s*\d+|\d+(\s*,\s*\d+)*)\s*$")
+_RANGE = r"\d+(\s*-\s*\d+)?"
+_SPEC = re.compile(rf"^\s*(all|last|>=\s*\d+|{_RANGE}(\s*,\s*{_RANGE})*)\s*$")
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def parse_loop_selection(spec: str | Iterable[int] | LoopSelection, max_loops: i
     elif isinstance(spec, str):
         if not _SPEC.match(spec):
             raise ValueError(
-                f"loop spec {spec!r} not understood: use 'all', 'last', '>=K' or a list like '1,3' (0-based)"
+                f"loop spec {spec!r} not understood: use 'all', 'last', '>=K' or a set like '1,3' or '1-3' (0-based)"
             )
         s = spec.replace(" ", "")
         if s in ("all", "last"):
@@ -84,7 +87,9 @@ def parse_loop_selection(spec: str | Iterable[int] | LoopSelection, max_loops: i
         elif s.startswith(">="):
             selection = LoopSelection("min", min_loop=int(s[2:]))
         else:
-            selection = LoopSelection("set", loops=frozenset(int(x) for x in s.split(",")))
+            selection = LoopSelection(
+                "set", loops=frozenset(parse_int_set(s, "loop spec", what="0-based loop indices"))
+            )
     else:
         loops = list(spec)
         if not loops or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in loops):

@@ -136,3 +136,13 @@ def test_a_plain_causal_lm_routes_all_only_and_skips_no_upcast():
     with route_lora_by_loop(model, "all"):
         pass
     assert skip_lora_input_upcast(model) == 0
+
+
+def test_lora_loops_take_the_loop_set_grammar_of_every_other_option():
+    """--lora_loops 2-3 means what --injection_loops 2-3 means (one grammar for loop sets: ranges and lists)."""
+    from loopalign.loops import parse_loop_indices
+
+    for spec in ("2-3", "0,2-3", "1", "0-1,3"):
+        assert parse_loop_selection(spec, max_loops=4).loops == frozenset(parse_loop_indices(spec, "--injection_loops"))
+    with pytest.raises(ValueError, match="loop spec must be 0-based loop indices"):
+        parse_loop_selection("3-1")
