@@ -4,7 +4,8 @@ from loopalign.loading import is_gap_run_folder, load_gap_model
 
 from .adapter_card import write_adapter_card
 from .gap_data import GapCollator, build_gap_features, verdict_token_ids
-from .gap_sft import LOSS_KEYS, GapSFTConfig, GapSFTTrainer
+from .gap_sft import GapSFTTrainer
+from .gap_sft_config import LOSS_KEYS, GapSFTConfig
 from .introspection import (
     IntrospectionGRPOConfig,
     IntrospectionGRPOTrainer,
