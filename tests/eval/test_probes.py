@@ -58,14 +58,16 @@ def test_probe_fit_errors():
     assert np.isfinite(fit_probes(x, y, [0.0])[0].weight.numpy()).all()
 
 
-def test_each_probe_is_a_stationary_point_of_its_documented_loss():
+@pytest.mark.parametrize("solver,floor", [("lbfgs", 2e-3), ("newton", 1e-5)])
+def test_each_probe_is_a_stationary_point_of_its_documented_loss(solver, floor):
     """The fit minimises mean BCE + l2/2 * ||w||^2 on standardised features (bias unpenalised): autograd's gradient
     of that loss, written here independently of the fit's own, vanishes at every returned probe, down to the noise
     floor of a float32 fit (the C probes' summed loss stops changing measurably near 1e-4..1e-3). A wrong gradient in
-    the fit (a missing 1/N, the penalty on the bias) would stop it orders of magnitude away."""
+    the fit (a missing 1/N, the penalty on the bias) would stop it orders of magnitude away. Newton's method (float64)
+    goes much further down."""
     x, y = _planted(n=200)
     l2 = [1e-2, 1e-1, 1.0]
-    for probe, strength in zip(fit_probes(x, y, l2, ProbeFitConfig(device="cpu", max_iter=500)), l2):
+    for probe, strength in zip(fit_probes(x, y, l2, ProbeFitConfig(device="cpu", max_iter=500, solver=solver)), l2):
         w, b = probe.weight.clone().requires_grad_(True), probe.bias.clone().requires_grad_(True)
         z = (x - probe.mean) / probe.std
         loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y.float()) + strength / 2 * (w @ w)
@@ -74,3 +76,25 @@ def test_each_probe_is_a_stationary_point_of_its_documented_loss():
     # and the strengths order the weights' sizes (more penalty, smaller weights)
     norms = [p.weight.norm().item() for p in fit_probes(x, y, l2)]
     assert norms[0] > norms[1] > norms[2]
+
+
+def test_the_solvers_agree_and_auto_picks_by_size_and_strength():
+    """Newton and L-BFGS reach the same probes (within L-BFGS's float32 stop); "auto" takes Newton for a small
+    problem whose strengths are all > 0, L-BFGS for l2 = 0 or a problem past NEWTON_MAX_WORK."""
+    from loopalign.probes import NEWTON_MAX_WORK, probe_solver
+
+    x, y = _planted(n=300)
+    newton = fit_probes(x, y, [1e-2, 1.0], ProbeFitConfig(solver="newton"))
+    lbfgs = fit_probes(x, y, [1e-2, 1.0], ProbeFitConfig(solver="lbfgs"))
+    for a, b in zip(newton, lbfgs):
+        assert (a.weight - b.weight).norm() / a.weight.norm() < 1e-2
+        assert a.bias.shape == b.bias.shape == ()
+    assert probe_solver(300, 16, [1e-2, 1.0]) == "newton"
+    assert probe_solver(300, 16, [0.0, 1e-2]) == "lbfgs"  # l2 = 0: the Hessian can be singular
+    assert probe_solver(1252, 576, [1e-4, 1e-3, 1e-2, 1e-1, 1.0]) == "lbfgs"  # a 135M model's hidden states
+    assert probe_solver(60, 576, [1e-4, 1e-3, 1e-2, 1e-1, 1.0]) == "lbfgs"  # ... even on few records
+    assert probe_solver(600, 64, [1e-4, 1e-3, 1e-2, 1e-1, 1.0]) == "newton"  # the organism's
+    assert probe_solver(int(NEWTON_MAX_WORK), 16, [1.0]) == "lbfgs"
+    assert probe_solver(300, 16, [1e-2], "lbfgs") == "lbfgs"
+    with pytest.raises(ValueError, match="solver must be"):
+        ProbeFitConfig(solver="adam")
