@@ -37,8 +37,8 @@ __all__ = [
 class ProbeFitConfig:
     """How probes are fit."""
 
-    max_iter: int = 200  # L-BFGS iterations (full batch)
-    tol: float = 1e-6  # L-BFGS gradient / change tolerance
+    max_iter: int = 200  # iterations (full batch) of either solver
+    tol: float = 1e-6  # gradient tolerance (L-BFGS: also the loss change's, x 1e-3)
     device: str | None = None  # "cuda", "cpu"; None = cuda when available
     dtype: torch.dtype = torch.float32  # compute dtype of the L-BFGS fit (Newton's runs in float64)
     solver: str = "auto"  # "newton" | "lbfgs" | "auto": Newton for small problems with every l2 > 0, else L-BFGS
