@@ -250,7 +250,7 @@ def build_introspection_organism(
         (tmp / "losses.json").write_text(json.dumps(losses))
         (tmp / _MARKER).write_text(json.dumps(meta, indent=2))  # written last: marks a complete organism
     logger.info(f"introspection organism built in {meta['build_seconds']} s; word accuracy "
-          f"{100 * meta['word_accuracy']:.0f}%")  # fmt: skip
+                f"{100 * meta['word_accuracy']:.0f}%")  # fmt: skip
     return out
 
 
