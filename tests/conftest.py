@@ -16,6 +16,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _library_messages_on_stdout():
+    """loopalign's messages on standard output in every test, as the commands show them (``enable_console``), so
+    a test that reads them sees the same whether or not a command ran in this process before it."""
+    from loopalign.log import enable_console
+
+    enable_console()
+
+
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES

@@ -16,7 +16,6 @@ from .api import (
     UnbalancedLabelsWarning,
     evaluate_gap,
     load_eval_dataset,
-    load_model_and_tokenizer,
     resolve_metric,
 )
 from .controls import evaluate_controls, record_authors
@@ -97,7 +96,6 @@ __all__ = [
     "generate_texts",
     "integer_verifier",
     "load_eval_dataset",
-    "load_model_and_tokenizer",
     "LOCAL_MODELS",
     "load_probes",
     "log_wandb",

@@ -15,7 +15,7 @@ from loopalign.batching import pad_token_id
 from loopalign.data.io import load_build
 from loopalign.errors import ConfigError
 from loopalign.io import folder_lock
-from loopalign.loading import LOCAL_MODELS, load_model
+from loopalign.loading import LOCAL_MODELS
 from loopalign.models.contract import trained_loops
 from loopalign.probes import LinearProbe, save_probes
 
@@ -42,7 +42,6 @@ __all__ = [
     "LOCAL_MODELS",
     "UnbalancedLabelsWarning",
     "evaluate_gap",
-    "load_model_and_tokenizer",
     "load_eval_dataset",
     "resolve_metric",
 ]
@@ -395,10 +394,6 @@ def _evaluate_gap(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
-
-
-#: moved to :func:`loopalign.loading.load_model` (the one loader); re-exported for one release
-load_model_and_tokenizer = load_model
 
 
 def load_eval_dataset(path: str):

@@ -7,12 +7,11 @@ from .deep_supervision import (
     shifted_targets,
     weighted_loop_loss,
 )
-from .probe_consistency import LoopProbes, consistency_loss, probe_loss, verbal_log_probs
+from .probe_consistency import consistency_loss, probe_loss, verbal_log_probs
 from .probe_distillation import probe_distillation_loss, probe_ranking_distillation_loss
 from .rr_preservation import frozen_probe_loss, hidden_distillation_loss
 
 __all__ = [
-    "LoopProbes",
     "consistency_loss",
     "frozen_probe_loss",
     "hidden_distillation_loss",

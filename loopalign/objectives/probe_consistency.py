@@ -16,10 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# moved to loopalign.probes (the one home of probes); re-exported for one release
-from loopalign.probes import LoopProbes, float32_region  # noqa: F401
-
-__all__ = ["LoopProbes", "verbal_log_probs", "probe_loss", "consistency_loss"]
+__all__ = ["verbal_log_probs", "probe_loss", "consistency_loss"]
 
 
 def verbal_log_probs(verdict_logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:

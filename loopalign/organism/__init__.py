@@ -38,9 +38,6 @@ Modules: :mod:`.config` (the recipe), :mod:`.cache` (where builds live, their ch
 :mod:`.train`, :mod:`.evaluate`, :mod:`.card` (the model card), :mod:`.build` (build under a lock, load).
 """
 
-# moved to loopalign.io; re-exported for one release
-from loopalign.io import DEFAULT_LOCK_TIMEOUT
-
 from .build import build_organism, ensure_organism, load_organism
 from .cache import (
     ORGANISM_MODELS,
@@ -85,5 +82,4 @@ __all__ = [
     "expected_build_seconds",
     "rebuild_command",
     "training_batch",
-    "DEFAULT_LOCK_TIMEOUT",
 ]

@@ -34,7 +34,7 @@ def ensure_organism(
 
     Two processes asking at once build it once: the second waits for the lock (saying for whom),
     then finds it built; it gives up after ``lock_timeout`` seconds (default
-    ``$LOOPALIGN_LOCK_TIMEOUT``, else :data:`DEFAULT_LOCK_TIMEOUT`) with a ``TimeoutError``.
+    ``$LOOPALIGN_LOCK_TIMEOUT``, else :data:`loopalign.io.DEFAULT_LOCK_TIMEOUT`) with a ``TimeoutError``.
     A cached organism is checked first (:func:`verify_organism`): a damaged one raises
     :class:`CorruptOrganismError` (``force`` rebuilds it).
     """

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import datasets
 import torch
 
-from loopalign.batching import pad_right  # moved to loopalign.batching; re-exported for one release
+from loopalign.batching import pad_right
 from loopalign.data.io import load_build
 from loopalign.data.prompts import render_records, verdict_token_ids
 from loopalign.data.sources.statements import FAMILIES as STATEMENT_FAMILIES
@@ -43,7 +43,6 @@ __all__ = [
     "build_gap_features",
     "GapCollator",
     "is_statement_spec",
-    "pad_right",
     "statement_splits",
     "statements_only",
     "table_dataset",

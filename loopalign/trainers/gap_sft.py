@@ -47,7 +47,6 @@ from loopalign.loops import gather_positions, loop_logits, parse_int_set
 from loopalign.lora import route_lora_by_loop, skip_lora_input_upcast
 from loopalign.models.contract import final_norm, is_looped, loop_forward
 from loopalign.objectives import (
-    LoopProbes,
     consistency_loss,
     frozen_probe_loss,
     hidden_distillation_loss,
@@ -61,7 +60,7 @@ from loopalign.objectives import (
     weighted_loop_loss,
 )
 from loopalign.prefix_cache import PrefixCache
-from loopalign.probes import fit_probes
+from loopalign.probes import LoopProbes, fit_probes
 from loopalign.speed import compile_decoder_layers
 
 from .common import AtomicCheckpointMixin, model_and_tokenizer

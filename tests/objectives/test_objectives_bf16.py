@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from loopalign.objectives import (
-    LoopProbes,
     consistency_loss,
     frozen_probe_loss,
     hidden_distillation_loss,
@@ -22,7 +21,7 @@ from loopalign.objectives import (
     probe_loss,
     shifted_targets,
 )
-from loopalign.probes import LinearProbe
+from loopalign.probes import LinearProbe, LoopProbes
 
 BF16 = torch.bfloat16
 

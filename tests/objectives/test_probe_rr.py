@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from loopalign.objectives import (
-    LoopProbes,
     consistency_loss,
     frozen_probe_loss,
     hidden_distillation_loss,
@@ -12,6 +11,7 @@ from loopalign.objectives import (
     probe_loss,
     verbal_log_probs,
 )
+from loopalign.probes import LoopProbes
 
 
 def test_verbal_log_probs_renormalise_over_yes_and_no():

@@ -415,15 +415,15 @@ def test_thread_count_is_part_of_the_cache_key():
         OrganismConfig(num_threads=0)
 
 
-def test_a_build_says_its_threads_and_expected_time_and_keeps_the_umask(tmp_path, capsys):
+def test_a_build_says_its_threads_and_expected_time_and_keeps_the_umask(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="loopalign")  # what the library says goes through its logger
     old = os.umask(0o022)
     try:
         cfg = small_config(steps=4)
         path = ensure_organism(cfg, cache_dir=tmp_path, progress=False)
     finally:
         os.umask(old)
-    out = capsys.readouterr().out
-    assert "4 steps with 1 torch thread(s), expected about" in out
+    assert "4 steps with 1 torch thread(s), expected about" in caplog.text
     for p in [path, *path.rglob("*")]:
         mode = p.stat().st_mode & 0o777
         assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
@@ -456,7 +456,7 @@ def test_waiting_for_the_build_lock_says_for_whom_and_gives_up(tmp_path, caplog,
     assert is_organism(organism_path(cfg, tmp_path), cfg)
 
 
-def test_a_damaged_cache_fails_naming_the_file_and_the_rebuild(tmp_path, capsys):
+def test_a_damaged_cache_fails_naming_the_file_and_the_rebuild(tmp_path, caplog):
     """Issue [hardening]: bytes overwritten mid-file used to load with NaN logits, a truncated file failed
     without naming it. organism.json records each model / tokenizer file's size and sha256 at build time;
     loading checks them and names the file and the command that rebuilds it."""
@@ -504,11 +504,12 @@ def test_a_damaged_cache_fails_naming_the_file_and_the_rebuild(tmp_path, capsys)
     meta = json.loads(marker.read_text())
     del meta["files"]
     marker.write_text(json.dumps(meta))
-    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="loopalign")
+    caplog.clear()
     for _ in range(2):
         old, _ = load_organism(cache_dir=tmp_path, config=cfg, build_if_missing=False)
-    out = capsys.readouterr().out
-    assert out.count("built before loopalign recorded file checksums") == 1 and len(out.strip().splitlines()) == 1
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("loopalign")]
+    assert sum("built before loopalign recorded file checksums" in m for m in said) == 1 and len(said) == 1, said
     for p, q in zip(model.state_dict().values(), old.state_dict().values()):
         assert torch.equal(p, q)
 

@@ -11,7 +11,6 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
 from loopalign import OuroForCausalLM, tiny_config
-from loopalign.eval import load_model_and_tokenizer
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer, load_gap_model, write_adapter_card
 from loopalign.trainers.adapter_card import base_model_kind
 
@@ -54,7 +53,9 @@ def test_load_gap_model_gives_the_trained_model_and_a_plain_peft_load_does_not(t
         assert (plain(input_ids=ids, num_loops=4).logits - logits).abs().max() > 1e-3  # routing lost
     assert len(tok) == len(trained[3])
     # eval_gap's loader (``--model final/``) goes through it too
-    via_eval, _ = load_model_and_tokenizer(str(root / "final"), device="cpu")
+    from loopalign.loading import load_model
+
+    via_eval, _ = load_model(str(root / "final"), device="cpu")
     with torch.no_grad():
         torch.testing.assert_close(via_eval(input_ids=ids, num_loops=4).logits, logits, atol=1e-5, rtol=0)
     with pytest.raises(FileNotFoundError, match="not a gap-SFT adapter folder"):
