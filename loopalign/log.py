@@ -17,6 +17,8 @@ import logging
 import os
 import sys
 
+from loopalign.errors import ConfigError
+
 __all__ = ["ROOT_LOGGER", "VERBOSITY_ENV", "enable_console", "get_logger"]
 
 #: the logger every module's logger descends from
@@ -54,7 +56,7 @@ def enable_console(level: int | None = None) -> logging.Logger:
     if level is None:
         name = os.environ.get(VERBOSITY_ENV, "info").strip().lower()
         if name not in _LEVELS:
-            raise ValueError(f"{VERBOSITY_ENV} must be one of {sorted(_LEVELS)}, got {name!r}")
+            raise ConfigError(f"{VERBOSITY_ENV} must be one of {sorted(_LEVELS)}, got {name!r}")
         level = _LEVELS[name]
     logger.setLevel(level)
     if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):

@@ -166,14 +166,15 @@ def _fit_newton(x, y, l2, config: ProbeFitConfig):
     theta = torch.zeros(len(l2), h + 1, dtype=torch.float64, device=z.device)
     theta[:, h] = math.log(float(yf.mean()) / (1 - float(yf.mean())))
 
-    def losses(t):  # [C]
-        logits = t @ za.T
+    def losses(t, logits=None):  # [C]
+        logits = t @ za.T if logits is None else logits
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, yf.expand_as(logits), reduction="none")
         return bce.mean(1) + 0.5 * (penalty * t * t).sum(1)
 
     active = torch.ones(len(l2), dtype=torch.bool, device=z.device)
     for _ in range(config.max_iter):
-        p = torch.sigmoid(theta @ za.T)  # [C,N]
+        logits = theta @ za.T  # [C,N]
+        p = torch.sigmoid(logits)
         grad = (p - yf) @ za / n + penalty * theta  # [C,H+1]
         active &= grad.abs().amax(1) > config.tol
         if not active.any():
@@ -182,7 +183,7 @@ def _fit_newton(x, y, l2, config: ProbeFitConfig):
         hessian = weighted.transpose(1, 2) @ za + torch.diag_embed(penalty)  # [C,H+1,H+1]
         step = torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1)  # [C,H+1]
         step[~active] = 0
-        before, decrease = losses(theta), (grad * step).sum(1)
+        before, decrease = losses(theta, logits), (grad * step).sum(1)
         t = torch.ones(len(l2), dtype=torch.float64, device=z.device)
         for _ in range(40):  # halve each probe's step until its loss falls enough (Armijo)
             ok = losses(theta - t[:, None] * step) <= before - 1e-4 * t * decrease

@@ -190,7 +190,7 @@ def run(args: EvalIntrospectionArguments) -> dict:
     t0 = time.time()
     set_cpu_threads(on_cpu=args.device == "cpu" or None, announce=True)
     model, tok = load_model(args.model_name_or_path, device=args.device, dtype=args.dtype or "auto",
-                                          seed=args.seed)  # fmt: skip
+                            seed=args.seed)  # fmt: skip
     label = {"tiny": "tiny (random)"}.get(args.model_name_or_path, args.model_name_or_path)
     depth = trained_loops(model)
     cfg = intro_config(args, depth)

@@ -235,7 +235,7 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
     set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
     name = model_args.model_name_or_path
     model, tok = load_model(name, device="cpu" if training_args.use_cpu else None,
-                                          dtype=model_args.dtype or "auto", seed=training_args.seed)  # fmt: skip
+                            dtype=model_args.dtype or "auto", seed=training_args.seed)  # fmt: skip
     label = {"tiny": "tiny (random)"}.get(name, name)
     n_model = trained_loops(model)
     eval_ns = parse_indices(script_args.eval_loop_counts, "eval_loop_counts") or (n_model,)

@@ -583,9 +583,7 @@ def prepare_reporting(training_args: GapSFTConfig) -> None:
 
 
 def train_and_compare(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args: ModelConfig) -> None:
-    """The recipe on parsed arguments: the output folder's lock around :func:`run` (loopalign's messages on the
-    console, as from the command)."""
-    enable_console()
+    """The recipe on parsed arguments: the output folder's lock around :func:`run`."""
     prepare_reporting(training_args)
     # one run per output folder: a second run into it fails at once, naming the holder
     lock = (

@@ -65,13 +65,13 @@ from loopalign.speed import compile_decoder_layers
 
 from .common import AtomicCheckpointMixin, model_and_tokenizer
 from .gap_data import GapCollator, build_gap_features, verdict_token_ids, with_distill_groups
-from .gap_sft_config import LOOP_WEIGHTINGS, LOSS_KEYS, PROBES_FILE, GapSFTConfig
+from .gap_sft_config import PROBES_FILE, GapSFTConfig
 from .probe_targets import fit_probe_targets, labelled_only
 from .replay import collate_replay, replay_features
 
 logger = get_logger(__name__)
 
-__all__ = ["GapSFTConfig", "GapSFTTrainer", "LOSS_KEYS", "LOOP_WEIGHTINGS"]
+__all__ = ["GapSFTTrainer"]
 
 
 class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
