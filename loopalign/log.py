@@ -19,7 +19,7 @@ import sys
 
 from loopalign.errors import ConfigError
 
-__all__ = ["ROOT_LOGGER", "VERBOSITY_ENV", "enable_console", "get_logger"]
+__all__ = ["ROOT_LOGGER", "VERBOSITY_ENV", "command_console", "enable_console", "get_logger"]
 
 #: the logger every module's logger descends from
 ROOT_LOGGER = "loopalign"
@@ -64,3 +64,13 @@ def enable_console(level: int | None = None) -> logging.Logger:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     return logger
+
+
+def command_console() -> logging.Logger:
+    """:func:`enable_console` for a command's ``main``: a bad ``LOOPALIGN_VERBOSITY`` ends the command with one line
+    on stderr and exit status 2, as a bad option does, not a traceback."""
+    try:
+        return enable_console()
+    except ConfigError as e:
+        sys.stderr.write(f"error: {e}\n")  # the command's usage error, before any logger exists to say it
+        raise SystemExit(2) from None

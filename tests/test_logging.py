@@ -82,3 +82,14 @@ def test_the_library_below_the_commands_logs_instead_of_printing():
         if lines:
             offenders[rel] = lines
     assert not offenders, f"print() in library modules (use loopalign.log.get_logger): {offenders}"
+
+
+def test_a_bad_verbosity_ends_a_command_with_a_usage_error_not_a_traceback(clean_root_logger, monkeypatch, capsys):
+    from loopalign import cli
+
+    monkeypatch.setenv("LOOPALIGN_VERBOSITY", "chatty")
+    with pytest.raises(SystemExit) as done:
+        cli.main(["ouro-loops", "--max_steps", "0"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "LOOPALIGN_VERBOSITY must be one of" in err and "Traceback" not in err

@@ -26,7 +26,7 @@ from pathlib import Path
 from loopalign.errors import ConfigError
 from loopalign.io import make_temp_dir, swap_into_place
 from loopalign.loading import load_tokenizer
-from loopalign.log import enable_console
+from loopalign.log import command_console
 
 from .io import save_build
 from .prompts import DEFAULT_TEMPLATE, load_template, render_records
@@ -217,7 +217,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    enable_console()
+    command_console()
     p = parser()
     args = p.parse_args(underscores_as_dashes(p, list(sys.argv[1:] if argv is None else argv)))
     try:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from loopalign.errors import ConfigError
 from loopalign.loading import load_model, load_tokenizer
-from loopalign.log import enable_console
+from loopalign.log import command_console
 
 from .candidates import (
     ControlledConfig,
@@ -480,7 +480,7 @@ def underscores_as_dashes(p: argparse.ArgumentParser, argv: list[str]) -> list[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    enable_console()
+    command_console()
     p = parser()
     args = p.parse_args(underscores_as_dashes(p, list(sys.argv[1:] if argv is None else argv)))
     try:

@@ -20,7 +20,7 @@ from loopalign.data.verification import underscores_as_dashes
 from loopalign.errors import ConfigError
 from loopalign.io import make_temp_dir
 from loopalign.loading import load_model, load_tokenizer
-from loopalign.log import enable_console
+from loopalign.log import command_console
 from loopalign.loops import int_set_type
 
 from .builds import VECTORS_FILE
@@ -259,7 +259,7 @@ def _command(args, prog: str) -> str:
 def main(argv: list[str] | None = None, prog: str = "loopalign build-injection") -> int:
     """The build command: ``loopalign build-injection --model tiny --loops 4 --layers 1 --out DIR`` (``prog``: the
     name it runs under, recorded in the build's rebuild command)."""
-    enable_console()
+    command_console()
     p = argparse.ArgumentParser(
         prog=prog,
         description="Extract concept vectors per (loop, layer) and build concept-injection trial records. "

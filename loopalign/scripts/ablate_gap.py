@@ -38,7 +38,7 @@ from loopalign.eval.ablation import (
     steering_rows,
 )
 from loopalign.io import atomic_write_text
-from loopalign.log import enable_console
+from loopalign.log import command_console
 from loopalign.scripts.args import make_parser, parse_or_exit
 
 #: name -> (what it is, the sft_gap arguments that make it)
@@ -174,7 +174,7 @@ def build_parser(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     """``recipes/ablate_gap.py`` / ``loopalign ablate-gap``: parse ``argv`` (default ``sys.argv[1:]``; what follows
     ``--`` goes to every run), run the ablation."""
-    enable_console()
+    command_console()
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv

@@ -38,7 +38,7 @@ from loopalign.eval import (
 from loopalign.eval.report import before_after_figure, save_figure
 from loopalign.io import atomic_write_text
 from loopalign.loading import LOCAL_MODELS, is_gap_run_folder, load_model
-from loopalign.log import enable_console
+from loopalign.log import command_console
 from loopalign.loops import parse_loop_counts
 from loopalign.organism import (
     DIGIT_GROUP_FIELD,
@@ -313,7 +313,7 @@ def build_parser(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """``recipes/eval_gap.py`` / ``loopalign eval-gap``: parse ``argv`` (default ``sys.argv[1:]``) and evaluate."""
-    enable_console()
+    command_console()
     argv = sys.argv[1:] if argv is None else argv
     (args,) = parse_or_exit(build_parser(argv), argv)
     evaluate(args)

@@ -39,7 +39,7 @@ from loopalign.eval.introspection.report import format_rate, plot_comparison
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.io import atomic_write_text
 from loopalign.loading import load_model
-from loopalign.log import enable_console
+from loopalign.log import command_console
 from loopalign.models.contract import trained_loops
 from loopalign.scripts.args import make_parser, parse_or_exit
 from loopalign.speed import set_cpu_threads
@@ -336,6 +336,6 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    enable_console()
+    command_console()
     run(*parse_args(argv))
     return 0

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from loopalign import OuroForCausalLM, tiny_config
 from loopalign.errors import ConfigError
 from loopalign.loading import load_pretrained, load_tokenizer
-from loopalign.log import enable_console
+from loopalign.log import command_console
 from loopalign.loops import parse_loop_counts
 from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
 from loopalign.scripts.args import default_eval_loops, make_parser, parse_or_exit
@@ -163,7 +163,7 @@ def build_parser(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """``recipes/ouro_loops.py`` / ``loopalign ouro-loops``: parse ``argv`` (default ``sys.argv[1:]``) and run."""
-    enable_console()
+    command_console()
     argv = list(sys.argv[1:] if argv is None else argv)
     (args,) = parse_or_exit(build_parser(argv), argv)
     run(args)

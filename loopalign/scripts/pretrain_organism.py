@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from loopalign.errors import ConfigError
-from loopalign.log import enable_console
+from loopalign.log import command_console
 from loopalign.organism import (
     OrganismConfig,
     build_organism,
@@ -160,7 +160,7 @@ def build_parser(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """``recipes/pretrain_organism.py`` / ``loopalign organism``: parse ``argv`` (default ``sys.argv[1:]``), build."""
-    enable_console()
+    command_console()
     argv = sys.argv[1:] if argv is None else argv
     script_args, organism_args = parse_or_exit(build_parser(argv), argv)
     build(script_args, organism_args.organism_config())

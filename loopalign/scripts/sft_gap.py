@@ -47,7 +47,7 @@ from loopalign.eval.metrics import auroc
 from loopalign.eval.report import before_after_figure, save_figure, short_markdown
 from loopalign.io import atomic_write, atomic_write_text, folder_lock
 from loopalign.loading import LOCAL_MODELS, load_model, load_pretrained, load_tokenizer
-from loopalign.log import enable_console
+from loopalign.log import command_console
 from loopalign.loops import parse_int_set, parse_loop_counts
 from loopalign.models.contract import trained_loops
 from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for
@@ -888,7 +888,7 @@ def build_parser(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """``recipes/sft_gap.py`` / ``loopalign sft-gap``: parse ``argv`` (default ``sys.argv[1:]``), train, compare."""
-    enable_console()
+    command_console()
     argv = list(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = parse_or_exit(build_parser(argv), argv)
     train_and_compare(script_args, training_args, model_args)
