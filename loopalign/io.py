@@ -1,9 +1,10 @@
 """Atomic file writes: a temporary file in the target's folder, then ``os.replace`` into place,
 so a reader (or a resumed run) never sees a half-written file; atomic folder builds
-(:func:`atomic_folder`: a temporary sibling folder renamed into place at the end). And two locks:
+(:func:`atomic_folder`: a temporary sibling folder renamed into place at the end). And two locks, each on
+``flock`` (released by the kernel when its holder dies) and each removing its lock file on release:
 :func:`folder_lock`, which keeps two writers out of one output folder (each file would be whole, but
-the folder a mix of both runs), and :func:`file_lock`, which makes a second builder wait for the first
-(the organism caches).
+the folder a mix of both runs), and :func:`file_lock` (on :mod:`filelock`), which makes a second builder
+wait for the first (the organism caches, GGUF conversions).
 
 ``tempfile`` creates its files 0600 and its folders 0700 whatever the umask; what lands here gets
 the modes an ordinary ``open`` / ``mkdir`` would give (0644 / 0755 under the usual umask 022), so a
@@ -20,6 +21,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+
+import filelock
 
 from loopalign.errors import LockError, LockTimeoutError
 from loopalign.log import get_logger
@@ -276,49 +279,113 @@ def lock_timeout_from_env() -> float:
     return timeout
 
 
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike, timeout: float, what: str, poll: float = 0.5, report_every: float = 60.0):
-    """An exclusive lock on the file ``path`` that waits (``fcntl.flock``; the kernel releases it if the holder
-    dies, so no stale lock outlives a killed build). The holder writes its pid, host and start time into the
-    file; a waiter prints whom it waits for and for what (``what``), again every ``report_every`` seconds, and
-    raises :class:`~loopalign.errors.LockTimeoutError` (a ``TimeoutError``) after ``timeout`` seconds."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a+") as f:
-        start = time.monotonic()
-        next_report = 0.0
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - start
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                if waited >= timeout:
-                    raise LockTimeoutError(
-                        f"gave up after {waited:.0f} s waiting for the lock {path}, held by {holder}, while it "
-                        f"builds {what}. Wait longer with LOOPALIGN_LOCK_TIMEOUT=<seconds> (or lock_timeout=), "
-                        "or stop that process; a killed build releases the lock by itself."
-                    ) from None
-                if waited >= next_report:
-                    logger.info(
-                        f"waiting for {holder} to finish building {what} (lock {path}; waited {waited:.0f} s, "
-                        f"giving up after {timeout:.0f} s)",
-                    )
-                    next_report += report_every
-                time.sleep(poll)
-        try:
-            f.seek(0)
+def _read_holder(path: str) -> str:
+    """Who holds the lock file ``path``, as its holder wrote it ("pid N on HOST since T"), else "another process"."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip() or "another process"
+    except OSError:  # released (and removed) since, or unreadable
+        return "another process"
+
+
+def _write_holder(path: str) -> tuple[int, int] | None:
+    """Write this process's pid, host and the time into the lock file ``path`` (which it holds)
+    -> the file's (device, inode), so that the release removes that file and no other."""
+    try:
+        with open(path, "r+", encoding="utf-8") as f:
             f.truncate()
             f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
             f.flush()
+            st = os.fstat(f.fileno())
+    except OSError:  # the holder information is for messages only; the lock holds without it
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _remove_lock_file(path: str, identity: tuple[int, int] | None) -> None:
+    """Unlink the lock file ``path`` if it is still the file this holder wrote (``identity``: device, inode)."""
+    if identity is None:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == identity:
+            os.unlink(path)
+
+
+def _remove_stale_lock_file(path: str) -> None:
+    """Remove the lock file ``path`` that a killed holder (or an earlier loopalign, whose lock kept its file) left
+    beside a complete build, if no one holds it (one try, no wait); a held lock, or one this process may not
+    open, stays."""
+    if not os.path.exists(path):
+        return
+    lock = filelock.FileLock(path, fallback_to_soft=False)
+    try:
+        lock.acquire(blocking=False)
+    except (filelock.Timeout, OSError):
+        return
+    try:
+        st = os.stat(path)
+        _remove_lock_file(path, (st.st_dev, st.st_ino))
+    except OSError:
+        pass
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, timeout: float, what: str, poll: float = 0.5, report_every: float = 60.0):
+    """An exclusive lock on the file ``path`` that waits: :class:`filelock.FileLock` (``fcntl.flock``; the kernel
+    releases it if the holder dies, so a killed build never leaves a lock that blocks). The holder writes its pid,
+    host and start time into the file; a waiter prints whom it waits for and for what (``what``), at once and again
+    every ``report_every`` seconds (trying every ``poll`` seconds), and raises
+    :class:`~loopalign.errors.LockTimeoutError` (a ``TimeoutError``) naming the lock and its holder after
+    ``timeout`` seconds.
+
+    No lock file is left behind: the holder removes it on release, before it unlocks (filelock's own release keeps
+    it). That is safe for a waiter that opened the old file and locks it once released: filelock checks that the
+    file it locked still has a name (``st_nlink`` > 0) and else opens the path again, so all contenders meet on
+    one file (every contender must check this; filelock >= 3.30 does). Only a holder killed with SIGKILL leaves
+    the file, with its pid in it; it does not block, and the next holder removes it."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # fallback_to_soft=False: on a file system without flock, fail (OSError) rather than fall back to a lock
+    # file whose mere existence is the lock, which a killed holder would leave blocking
+    lock = filelock.FileLock(path, fallback_to_soft=False)
+    start = time.monotonic()
+    next_report = 0.0
+    waited_for = None
+    while True:
+        waited = time.monotonic() - start
+        try:  # wait until the next report is due (or the timeout); the first try does not wait
+            lock.acquire(timeout=max(0.0, min(next_report, timeout) - waited), poll_interval=poll)
+            break
+        except filelock.Timeout:
+            waited = time.monotonic() - start
+            holder = _read_holder(path)
+            if waited >= timeout:
+                raise LockTimeoutError(
+                    f"gave up after {waited:.0f} s waiting for the lock {path}, held by {holder}, while it "
+                    f"builds {what}. Wait longer with LOOPALIGN_LOCK_TIMEOUT=<seconds> (or lock_timeout=), "
+                    "or stop that process; a killed build releases the lock by itself."
+                ) from None
+            if waited >= next_report:
+                logger.info(
+                    f"waiting for {holder} to finish building {what} (lock {path}; waited {waited:.0f} s, "
+                    f"giving up after {timeout:g} s)",
+                )
+                waited_for = holder
+                while next_report <= waited:
+                    next_report += max(report_every, poll, 0.01)
+    try:
+        if waited_for is not None:
+            logger.info(f"got the lock {path} after waiting {time.monotonic() - start:.0f} s for {waited_for}")
+        identity = _write_holder(path)
+        try:
             yield
         finally:
-            f.seek(0)
-            f.truncate()
-            f.flush()
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            _remove_lock_file(path, identity)  # before unlocking: see above
+    finally:
+        lock.release()
 
 
 def ensure_built(
@@ -331,12 +398,14 @@ def ensure_built(
     prefix: str | None = None,
 ) -> str:
     """The folder ``path``, built with ``build(path)`` first when ``is_complete(path)`` is False (or ``force``),
-    under a lock beside it (``<path>.lock``): two processes asking at once build it once, the second waits
-    (saying for whom), then finds it complete. ``build`` must write atomically (:func:`atomic_folder` with
-    ``prefix``, whose leftovers from killed builds are removed first). Waiting gives up after ``lock_timeout``
-    seconds (default ``$LOOPALIGN_LOCK_TIMEOUT``) with a ``TimeoutError``. -> ``path``."""
+    under a lock beside it (:func:`file_lock` on ``<path>.lock``, which it removes on release): two processes
+    asking at once build it once, the second waits (saying for whom), then finds it complete. ``build`` must write
+    atomically (:func:`atomic_folder` with ``prefix``, whose leftovers from killed builds are removed first).
+    Waiting gives up after ``lock_timeout`` seconds (default ``$LOOPALIGN_LOCK_TIMEOUT``) with a ``TimeoutError``.
+    -> ``path``."""
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if is_complete(path) and not force:
+        _remove_stale_lock_file(f"{path}.lock")
         return path
     timeout = lock_timeout_from_env() if lock_timeout is None else float(lock_timeout)
     if not timeout > 0:
