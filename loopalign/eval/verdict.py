@@ -36,7 +36,8 @@ VERDICT_RULE = (
     "is reported as 'the readout changed'; "
     "(d) TP kept: the lower bound of dTP at D > -{tp} points (not blocking when TP was not measured); "
     "(e) saturation: when SV after and RR after are both >= {sat}% or an interval of (a) or (b) has "
-    "zero width, the result is 'saturated: not measurable', never 'yes'. "
+    "zero width, the result is never 'yes': it is 'no' when (a), (b), (c) or (d) fails (a measured "
+    "failure), else 'saturated: not measurable'. "
     "(f) flagged, not required: 'SV went past what the base readout knew' when the lower bound of SV "
     "after - RR before > +{delta} points. Loops past D are reported separately as extrapolation and "
     "never enter the verdict."
@@ -67,7 +68,10 @@ class CompareConfig:
     - **(d) TP kept**: the CI lower bound of dTP at D > -``tp_tolerance`` (passes, saying so, when TP was
       not measured in both);
     - **(e) saturation**: SV after and RR after both >= ``saturation``, or a zero-width interval in (a)
-      or (b): "saturated: not measurable", never "yes";
+      or (b): never "yes"; "no" when (a), (b), (c) or (d) fails (saturation cannot hide a measured failure;
+      a zero-width interval at 0 passes (a) and (b), so a failing part is never the degenerate one), else
+      "saturated: not measurable" (rule v2 as first written said "saturated" in both cases; amended
+      2026-12-06, docs/concepts.md);
     - **(f)** flagged: the CI lower bound of SV after - RR before > ``delta``;
     - CIs are percentile cluster bootstraps over tasks (records without a task: one cluster each),
       paired when both results scored the same records; dTP resamples the same clusters;
@@ -558,8 +562,9 @@ def _judge(s: dict, tp: list[dict], depth: int, frozen: bool, config: CompareCon
     ceiling = s["sv_after"] >= config.saturation and s["rr_after"] >= config.saturation
     e = bool(ceiling or zero)
     f = _gt(s["sv_reach_lo"], d)
-    passed = bool(a and b and c and tp_ok and not e)
-    outcome = "saturated: not measurable" if e else yn[passed]
+    measured_pass = bool(a and b and c and tp_ok)
+    passed = measured_pass and not e
+    outcome = "saturated: not measurable" if e and measured_pass else yn[passed]
     parts = [
         (
             "a",
@@ -607,7 +612,10 @@ def _judge(s: dict, tp: list[dict], depth: int, frozen: bool, config: CompareCon
             )
         if zero:
             why.append(f"zero-width interval: {', '.join(zero)}")
-        e_text = f"{'; '.join(why)}; the verdict cannot be yes"
+        failing = [k for k, ok in (("a", a), ("b", b), ("c", c), ("d", tp_ok)) if not ok]
+        e_text = f"{'; '.join(why)}; the verdict cannot be yes" + (
+            f" (it is no: ({'), ('.join(failing)}) failed as measured)" if failing else ""
+        )
     else:
         e_text = (
             f"not saturated (SV after {_pts(s['sv_after'], False)}, RR after {_pts(s['rr_after'], False)}; "

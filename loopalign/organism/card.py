@@ -21,6 +21,13 @@ def _recipe_lines(config: OrganismConfig) -> list[str]:
             "the rest verification sequences (`NAME ITEM a+b = ANSWER`, the gold or a wrong digit, the reply a "
             "one-token verdict `Yes` / `No`). Loss on the replies"
             + (" and on the proposed digit." if config.candidate_lm else ".")
+            + (
+                f" About {100 * config.exception_share:.0f}% of the held-out triples (another fixed hash) are "
+                "*exceptions*: their answer is shifted by a hashed offset 1..9, a fact no training task shows, so "
+                "the model cannot know it."
+                if config.exception_share
+                else ""
+            )
         )
     else:
         data = (
@@ -51,6 +58,22 @@ def build_line(meta: dict) -> str:
         f"fingerprint `{fingerprint_hash(b)}`. Another kernel path trains another model (its own cache folder), "
         "so its figures differ from these."
     )
+
+
+def _slice_table(slices: list[dict], loops, names: tuple[str, str]) -> list[str]:
+    """Markdown rows: per loop, SV, RR and their AUROCs on two slices of :func:`organism_slices`."""
+    lines = [
+        f"| loop | {names[0]} SV | {names[0]} RR | {names[0]} AUROC SV / RR | {names[1]} SV | {names[1]} RR | "
+        f"{names[1]} AUROC SV / RR |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for loop in loops:
+        cells = []
+        for name in names:
+            x = next((s for s in slices if s["loop"] == loop and s["slice"] == name), None)
+            cells += [_pct(x["sv"]), _pct(x["rr"]), f"{x['sv_auroc']:.3f} / {x['rr_auroc']:.3f}"] if x else ["–"] * 3
+        lines.append(f"| {loop} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def model_card(config: OrganismConfig, meta: dict, result, props: dict) -> str:
@@ -105,20 +128,16 @@ def model_card(config: OrganismConfig, meta: dict, result, props: dict) -> str:
             "",
             f"By slice: the biased items ({', '.join(config.sycophantic_items)}) and the others (accuracy; AUROC):",
             "",
-            "| loop | biased SV | biased RR | biased AUROC SV / RR | unbiased SV | unbiased RR | unbiased AUROC SV / RR |",
-            "|---|---|---|---|---|---|---|",
+            *_slice_table(slices, result.loops, ("biased", "unbiased")),
         ]
-        for loop in result.loops:
-            b = next((x for x in slices if x["loop"] == loop and x["slice"] == "biased"), None)
-            u = next((x for x in slices if x["loop"] == loop and x["slice"] == "unbiased"), None)
-            cells = []
-            for x in (b, u):
-                cells += (
-                    [_pct(x["sv"]), _pct(x["rr"]), f"{x['sv_auroc']:.3f} / {x['rr_auroc']:.3f}"]
-                    if x
-                    else ["–", "–", "–"]
-                )
-            lines.append(f"| {loop} | " + " | ".join(cells) + " |")
+        if any(x["slice"] == "exception" for x in slices):
+            lines += [
+                "",
+                "The unbiased items' regular triples (what the model can verify) and the held-out exceptions "
+                "(what it cannot know):",
+                "",
+                *_slice_table(slices, result.loops, ("unbiased regular", "exception")),
+            ]
     lines += ["", "Properties (checked by `loopalign.organism.organism_properties`):", ""]
     for name, p in props.items():
         lines.append(f"- {'✅' if p['ok'] else '❌'} `{name}`: {p['detail']}")

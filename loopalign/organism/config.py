@@ -14,11 +14,11 @@ from loopalign.speed import build_fingerprint
 
 #: Version of the recipe (data, objective, defaults). Bump it when the recipe changes: cached
 #: organisms of other versions are then ignored and a new one is built.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 MARKER_FILE = "organism.json"
 _ITEMS = ("apples", "books", "coins", "eggs", "pens", "marbles", "stamps", "cards", "shells", "cookies")
-#: the task families: "digits" (recipe v2's default: loopalign.data.sources.digits, compact two-step
+#: the task families: "digits" (recipes v2 and v3: loopalign.data.sources.digits, compact two-step
 #: digit sums with a fixed held-out split) and "words" (recipe v1: level-k arithmetic word problems)
 TASK_FAMILIES = ("digits", "words")
 
@@ -30,6 +30,7 @@ class OrganismConfig:
     recipe_version: int = RECIPE_VERSION  # recipe version; a change means a new organism
     tasks: str = "digits"  # task family: digits (v2: digit sums, fixed held-out split) | words (v1: word problems)
     max_operand: int = 4  # digits: largest operand (answers are (a + b) mod 10; 9 did not train in budget)
+    exception_share: float = 0.15  # digits: share of held-out triples whose answer is a fact never trained on
     seed: int = 0  # seeds the initialisation and the training data
     hidden_size: int = 64  # width of the residual stream
     num_layers: int = 2  # shared decoder layers (run num_loops times)
@@ -117,6 +118,8 @@ class OrganismConfig:
                 raise ConfigError(f"OrganismConfig.{name} must be non-empty levels in 1..6, got {levels}")
         if self.tasks not in TASK_FAMILIES:
             raise ConfigError(f"OrganismConfig.tasks must be one of {TASK_FAMILIES}, got {self.tasks!r}")
+        if not 0.0 <= self.exception_share < 1.0:
+            raise ConfigError(f"OrganismConfig.exception_share must be in [0, 1), got {self.exception_share}")
         if not 1 <= self.max_operand <= 9:
             raise ConfigError(f"OrganismConfig.max_operand must be in 1..9, got {self.max_operand}")
         unknown = [x for x in self.sycophantic_items if x not in _ITEMS]

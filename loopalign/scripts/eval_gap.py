@@ -196,7 +196,11 @@ def load_records(args: EvalGapScriptArguments, tokenizer):
         organism = organism_config_for(args.model_name_or_path)
         if organism.tasks == "digits":  # its own held-out tasks (its evaluation triples), clustered by triple
             records = organism_eval_records(
-                tokenizer, args.dataset_limit, seed=args.data_seed, max_operand=organism.max_operand
+                tokenizer,
+                args.dataset_limit,
+                seed=args.data_seed,
+                max_operand=organism.max_operand,
+                exception_share=organism.exception_share,
             )
             return records, DIGIT_GROUP_FIELD
         name = "synthetic"

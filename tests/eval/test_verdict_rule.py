@@ -101,6 +101,7 @@ class Case:
     rr_after: tuple[int, int] = (0, 0)
     frozen: tuple[int, int] | None = (0, 0)  # None: the after result has no frozen readout (an old result)
     all_right_after: bool = False  # SV after and RR after right everywhere (the ceiling)
+    mirror_after: bool = False  # RR after right exactly where SV after is (a readout that copies the verdict)
     tp_before: float | None = 0.9
     tp_after: float | None = 0.9
     text: list[str] = field(default_factory=list)  # phrases the verdict must print
@@ -118,6 +119,8 @@ def _build(case: Case, seed: int = 0):
         sv_a = rr_a = np.ones(n, dtype=bool)
     else:
         sv_a, rr_a = _flip(rr_b, *case.sv_after, rng), _flip(rr_b, *case.rr_after, rng)
+        if case.mirror_after:
+            rr_a = sv_a.copy()
     frozen = None if case.frozen is None else _prob(y, _flip(rr_b, *case.frozen, rng), magnitude)
     tp_b = tp_a = None
     if case.tp_before is not None:
@@ -149,6 +152,15 @@ CASES = [
          frozen=None, text=["frozen readout absent"]),
     Case("saturation: both at 100%", dict(saturated=True, passed=False, outcome="saturated: not measurable",
          sv_caught_up=True), all_right_after=True, text=["saturated: not measurable", "cannot be yes"]),
+    # at the ceiling, but the probes fitted before training fall on the tuned features: saturation cannot hide a
+    # measured failure, so the verdict is no (rule v2 as first written said "saturated")
+    Case("saturation with frozen-probe drift", dict(saturated=True, rr_preserved=False, passed=False, outcome="no"),
+         all_right_after=True, frozen=(200, 0), text=["cannot be yes (it is no: (c) failed as measured)"]),
+    # not at a ceiling (RR before 70%, SV after about 85%): the refitted readout after training makes the verdict's
+    # decisions on every record, so (b)'s interval has zero width; the other parts are measured and pass
+    Case("readout copies the verdict", dict(saturated=True, gap_closed=True, passed=False,
+         outcome="saturated: not measurable"), rr_before=0.70, sv_after=(0, 90), rr_after=(0, 90),
+         mirror_after=True, text=["zero-width interval: gap_after"]),
     # SV after well above RR before, RR held: every part passes and f is flagged (a flag, not a block)
     Case("flag f: SV past the base readout", dict(YES, sv_past_base_readout=True), rr_before=0.70,
          sv_after=(0, 90), text=["(f) SV went past what the base readout knew: flagged"]),
@@ -186,6 +198,11 @@ def test_the_cases_are_the_situations_they_name():
     assert drift["d_rr"] == 0 and drift["rr_drift"] < -0.3 and drift["rr_frozen_after"] < 0.55
     sat = s["saturation: both at 100%"]
     assert sat["sv_after"] == sat["rr_after"] == 1.0 and sat["gap_after_lo"] == sat["gap_after_hi"] == 0.0
+    sat_drift = s["saturation with frozen-probe drift"]
+    assert sat_drift["sv_after"] == sat_drift["rr_after"] == 1.0 and sat_drift["rr_drift"] < -0.3
+    copy = s["readout copies the verdict"]
+    assert 0.8 < copy["sv_after"] == copy["rr_after"] < 0.95 and copy["gap_after_lo"] == copy["gap_after_hi"] == 0.0
+    assert copy["sv_reach_lo"] > 0.02  # SV after went past RR before, so (a) passes as measured
 
 
 def test_a_smaller_evaluation_does_not_pass_more_easily():

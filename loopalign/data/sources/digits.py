@@ -12,6 +12,14 @@ belongs to one split by a hash of the triple (:func:`digit_split`): about :data:
 of the 1,000 triples are ``"eval"``, the rest ``"train"``. A model trained on the train split (the
 organism, then ``sft_gap``) never sees an evaluation task, not even under another name; it only
 shares the arithmetic. Problem ``i`` of a split depends only on (seed, split, i).
+
+Exceptions (``exception_share`` > 0): a second fixed hash makes about that share of the *held-out* triples
+exceptions, whose answer is shifted by a hashed offset 1..9 (:func:`digit_offset`): gold (a + b + offset) mod 10.
+An exception is a fact, not arithmetic, and no training task shows one (train triples have none), so on an
+exception nothing a model trained on the train split computes tells the gold from a wrong digit: what its hidden
+state can know about the held-out tasks is below 100% by construction, on every machine, whatever it learned.
+(Exceptions on both sides, memorised from the train side, were tried first: they kept a 0.24M-parameter model from
+learning the arithmetic at all; docs/organism.md.)
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ __all__ = [
     "DIGIT_SPLITS",
     "HELD_OUT_SHARE",
     "digit_split",
+    "digit_offset",
     "digit_triples",
     "generate_digit_problems",
     "digit_candidates",
@@ -42,6 +51,17 @@ def digit_split(item: str, a: int, b: int) -> str:
     """``"eval"`` or ``"train"``: a fixed hash of the (item, a, b) triple (names do not matter)."""
     digest = hashlib.sha256(f"loopalign-digits|{item}|{a}|{b}".encode()).digest()
     return "eval" if int.from_bytes(digest[:4], "big") < HELD_OUT_SHARE * 2**32 else "train"
+
+
+def digit_offset(item: str, a: int, b: int, exception_share: float = 0.0) -> int:
+    """0 for a regular triple (every train triple); 1..9 for an exception (a fixed hash of the triple, about
+    ``exception_share`` of the held-out triples of :func:`digit_split`): its gold is (a + b + offset) mod 10."""
+    if not 0.0 <= exception_share < 1.0:
+        raise ValueError(f"exception_share must be in [0, 1), got {exception_share}")
+    digest = hashlib.sha256(f"loopalign-digit-exceptions|{item}|{a}|{b}".encode()).digest()
+    if digit_split(item, a, b) == "train" or int.from_bytes(digest[:4], "big") >= exception_share * 2**32:
+        return 0
+    return 1 + digest[4] % 9
 
 
 def digit_triples(split: str, max_operand: int = 9) -> list[tuple[str, int, int]]:
@@ -75,9 +95,11 @@ def generate_digit_problems(
     items: tuple[str, ...] = ITEMS,
     distinct: bool = False,
     max_operand: int = 9,
+    exception_share: float = 0.0,
 ) -> list[Problem]:
     """``n`` problems of ``split`` ("train" | "eval" | "all") about ``items``, with operands up to
-    ``max_operand``, deterministic by seed.
+    ``max_operand``, deterministic by seed; about ``exception_share`` of the triples are exceptions
+    (:func:`digit_offset`; meta ``offset``, 0 on a regular triple).
 
     ``distinct=False``: problem ``i`` is drawn on its own (a triple and a name at random; tasks can
     repeat), so the first n problems of a larger draw are the same. ``distinct=True``: n different
@@ -101,17 +123,16 @@ def generate_digit_problems(
             chosen.append((rng.choice(triples), rng.choice(NAMES)))
     out = []
     for i, ((item, a, b), name) in enumerate(chosen):
+        offset = digit_offset(item, a, b, exception_share)
         meta = {"item": item, "a": a, "b": b, "split": digit_split(item, a, b), "seed": seed, "index": i}
+        if exception_share:
+            meta["offset"] = offset
         total = a + b
+        gold = (total + offset) % 10
+        solution = f"{a} + {b} = {total}" + (f", an exception: + {offset}" if offset else "") + f"\n#### {gold}"
         out.append(
             Problem(
-                f"digits-{split}-s{seed}-{i}",
-                f"{name} {item} {a}+{b}",
-                str(total % 10),
-                "digits",
-                "math",
-                f"{a} + {b} = {total}\n#### {total % 10}",
-                meta,
+                f"digits-{split}-s{seed}-{i}", f"{name} {item} {a}+{b}", str(gold), "digits", "math", solution, meta
             )
         )
     return out
