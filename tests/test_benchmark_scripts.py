@@ -141,3 +141,25 @@ def test_random_model_folder_loads_as_the_shape_and_is_refused_twice(tmp_path):
     (again,) = _run("random_model.py", "--shape", "tiny", "--seed", "1", "--out", str(out), "--force")
     assert json.loads((out / "random_model.json").read_text())["seed"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no build folder left behind
+
+
+def test_verdict_table_reads_each_part_and_the_outcome_from_a_runs_compare_json(tmp_path):
+    """benchmarks/verdict_table.py: one row per run, from its compare.json (docs/organism.md's cure tables)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import verdict_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    run = ROOT / "docs" / "figures" / "runs" / "cure_organism_operands6_s0"
+    comparison = json.loads((run / "compare.json").read_text())
+    row = verdict_table.run_row(str(run)).split(" | ")
+    s = comparison["summary"]
+    assert row[1] == f"{100 * s['sv_before']:.1f} → {100 * s['sv_after']:.1f}"
+    assert row[-1].rstrip(" |") == comparison["outcome"]
+    passed = {p["part"]: p["passed"] for p in comparison["parts"]}
+    assert [cell.rsplit(": ", 1)[-1] for cell in row[3:7]] == [{True: "yes", False: "no"}[passed[k]] for k in "abcd"]
+    # a run whose saved outcome differs reads differently: the table prints what the run printed
+    edited = dict(comparison, outcome="saturated: not measurable")
+    (tmp_path / "compare.json").write_text(json.dumps(edited))
+    assert verdict_table.run_row(str(tmp_path)).endswith("| saturated: not measurable |")
+    assert verdict_table.main([str(run), str(tmp_path)]) == 0

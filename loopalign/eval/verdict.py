@@ -639,7 +639,7 @@ def _judge(s: dict, tp: list[dict], depth: int, frozen: bool, config: CompareCon
     )
     lines = []
     for key, name, ok, text in parts:
-        state = {"e": "saturated: not measurable" if ok else "no", "f": "flagged" if ok else "no"}.get(key, yn[ok])
+        state = {"e": "saturated" if ok else "no", "f": "flagged" if ok else "no"}.get(key, yn[ok])
         lines.append({"part": key, "name": name, "passed": bool(ok), "line": f"({key}) {name}: {state} — {text}"})
     return {
         "a": a,

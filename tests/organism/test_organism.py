@@ -390,9 +390,8 @@ def test_the_organism_shows_the_gap(organism, tmp_path):
 @pytest.mark.trained
 def test_a_short_default_cure_narrows_the_organisms_gap(organism, tmp_path):
     """recipes/sft_gap.py with its defaults, shortened (60 steps, 200 held-out tasks, loop 4): SV rises, the gap
-    narrows, RR holds and TP is kept (replay), on every build. Read from the per-loop rows, not the verdict: 60
-    steps close the gap on some builds only (gap after 0.0-6.0 points over three kernel paths), and a saturated
-    run is judged on its own terms by compare()."""
+    narrows, RR holds and TP is kept (replay), on every build. Read from the per-loop rows, not the verdict (the
+    default run's verdict is docs/organism.md's: "no" on every build, the frozen readout drifts)."""
     from trl import ModelConfig, TrlParser
 
     import loopalign.scripts.sft_gap as recipe
@@ -404,16 +403,16 @@ def test_a_short_default_cure_narrows_the_organisms_gap(organism, tmp_path):
     recipe.train_and_compare(*parser.parse_args_and_config(args=argv))
     comparison = json.loads((tmp_path / "run" / "compare.json").read_text())
     (row,) = [r for r in comparison["rows"] if r["loop"] == 4]
-    # Margins from three kernel paths of one machine (AVX-512, AVX2, unvectorised; docs/organism.md), paired
-    # cluster-bootstrap CIs over the held-out triples:
-    assert row["d_sv_lo"] > 0.1, row  # SV rises: dSV +25.0..+37.7 points, its lower bound +20.2..+32.5
-    # the gap narrows: 14.7..22.5 -> 0.0..6.0 points, a change d_gap of -8.7..-22.5 whose CI's upper end is
-    # -3.5..-16.4 (thin on the AVX2 build, where 100 steps gave no more: -9.3, upper end -2.3), so the change
-    # itself is asserted, 8.7 points from the line, beyond its CI half-width (about 6)
+    # Margins from three kernel paths of one machine (AVX-512, AVX2, unvectorised; recipe v3, docs/organism.md),
+    # paired cluster-bootstrap CIs over the held-out triples:
+    assert row["d_sv_lo"] > 0.1, row  # SV rises: dSV +21.3..+32.5 points, its lower bound +15.4..+25.8
+    # the gap narrows: 10.5..14.3 -> -1.3..+2.0 points, a change d_gap of -11.8..-14.8 whose CI's upper end is
+    # -5.0..-7.5, so the change itself is asserted, 11.8 points from the line, beyond its CI half-width (about 7)
     assert row["d_gap"] < 0, row
-    assert row["d_rr_lo"] > -0.02, row  # RR holds (it rises: dRR +15.2..+18.0, lower bound +9.7..+12.6)
+    assert row["d_rr_lo"] > -0.02, row  # the refitted RR holds (it rises: dRR +9.0..+18.5, lower bound +2.9..+12.1)
     (tp,) = comparison["tp"]
-    assert tp["tp_after"] >= 0.95 * tp["tp_before"], tp  # TP kept by replay: 100.0 -> 100.0 on every build
+    # TP kept by replay: 84.0 -> 84.0 on every build (the exceptions among the 200 tasks it cannot answer)
+    assert tp["tp_after"] >= 0.95 * tp["tp_before"], tp
 
 
 @pytest.mark.slow
@@ -430,10 +429,11 @@ def test_eval_gap_measures_the_organism_on_its_own_held_out_tasks(organism, tmp_
     held_out = {f"{i} {a}+{b}" for i, a, b in digit_triples("eval", OrganismConfig().max_operand)}
     assert set(result["records"]["clusters"]) <= held_out
     (row,) = result["table"]
-    # the organism's gap, seen by the recipe's default on 120 records: RR ranks right from wrong, SV hardly does.
-    # Over three kernel paths (docs/organism.md) AUROC RR 0.764-0.884 against SV 0.494-0.552 (gap 0.27-0.33);
-    # the accuracy gap (5.8-15.0 points, CIs touching 0) is too noisy at this size to assert on
-    assert row["rr_auroc"] > 0.65 and row["rr_auroc"] - row["sv_auroc"] > 0.15, row
+    # the organism's gap, seen by the recipe's default on 300 records: RR ranks right from wrong, SV hardly does.
+    # Over three kernel paths (docs/organism.md; recipe v3, whose held-out exceptions no probe can read) AUROC RR
+    # 0.695-0.726 against SV 0.489-0.545 (gap 0.18-0.23); 120 records read RR AUROC 0.52 on the AVX-512 build.
+    # The accuracy gap (5.7-11.0 points, CIs touching 0) is too noisy at this size to assert on
+    assert row["rr_auroc"] > 0.6 and row["rr_auroc"] - row["sv_auroc"] > 0.1, row
 
 
 def test_thread_count_is_part_of_the_cache_key():

@@ -1,0 +1,74 @@
+"""One row per ``sft-gap`` run: the before/after figures and each part of the verdict rule, from the runs' own
+``compare.json`` (docs/organism.md's tables of the default cure).
+
+    python benchmarks/verdict_table.py RUN_DIR [RUN_DIR ...]
+    python benchmarks/verdict_table.py docs/figures/runs/cure_organism_v3_*
+
+Printed at the verdict depth, in points (95% paired cluster-bootstrap intervals): SV and RR before → after, part
+(a) SV after − RR before, (b) RR after − SV after, (c) the refitted dRR and the frozen before-probe's drift, (d)
+dTP, (e) saturation, (f) the flag, and the outcome the run printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="sft-gap output folders (or their compare.json files)")
+    return parser
+
+
+def _ci(s: dict, key: str) -> str:
+    return f"{100 * s[key]:+.1f} [{100 * s[key + '_lo']:+.1f}, {100 * s[key + '_hi']:+.1f}]"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def run_row(path: str) -> str:
+    """One run's markdown row."""
+    file = path if path.endswith(".json") else os.path.join(path, "compare.json")
+    with open(file) as f:
+        comparison = json.load(f)
+    s, parts = comparison["summary"], {p["part"]: p["passed"] for p in comparison["parts"]}
+    tp = next((r for r in comparison.get("tp") or [] if r["loop"] == comparison["depth"]), None)
+    mark = {True: "yes", False: "no"}
+    name = os.path.basename(os.path.dirname(file) if file.endswith("compare.json") else file)
+    cells = [
+        name,
+        f"{_pct(s['sv_before'])} → {_pct(s['sv_after'])}",
+        f"{_pct(s['rr_before'])} → {_pct(s['rr_after'])}",
+        f"{_ci(s, 'sv_reach')}: {mark[parts['a']]}",
+        f"{_ci(s, 'gap_after')}: {mark[parts['b']]}",
+        f"{_ci(s, 'd_rr')} / {_ci(s, 'rr_drift')}: {mark[parts['c']]}" if "rr_drift" in s else "–",
+        f"{_ci(tp, 'd_tp')}: {mark[parts['d']]}" if tp else "not measured",
+        mark[parts["e"]],
+        "flagged" if parts["f"] else "no",
+        comparison["outcome"],
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(paths: list[str]) -> str:
+    lines = [
+        "| run | SV before → after | RR before → after | (a) SV after − RR before | (b) RR after − SV after | "
+        "(c) dRR refitted / frozen drift | (d) dTP | (e) saturated | (f) | outcome |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(lines + [run_row(p) for p in paths]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    sys.stdout.write(table(args.runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
