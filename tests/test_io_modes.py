@@ -71,7 +71,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 _LOCKER = textwrap.dedent(
     """
-    import os, sys, time
+    import os, sys, time, types
+    # loopalign.io and the two modules it imports (errors, log) need neither torch nor transformers: load them
+    # without the package's __init__, which imports both (3-5 s a process); the module under test is the same file
+    package = types.ModuleType("loopalign")
+    package.__path__ = [os.path.join(os.environ["LOOPALIGN_REPO"], "loopalign")]
+    sys.modules["loopalign"] = package
     from loopalign.io import file_lock
     from loopalign.log import enable_console
 
@@ -107,7 +112,7 @@ def locker():
     """Start ``_LOCKER`` in another process (``locker(mode, *args)`` -> Popen, stdin/stdout pipes); every process
     still alive at the end (or after 600 s, so that a hang fails instead of blocking) is killed."""
     procs = []
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, LOOPALIGN_REPO=str(REPO))
 
     def start(*args):
         proc = subprocess.Popen(
