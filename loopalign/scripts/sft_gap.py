@@ -78,7 +78,9 @@ from loopalign.trainers.probe_targets import PROBE_LABEL, labelled_subset
 # use), trained on its own training tasks and evaluated on its held-out ones (tasks neither the organism
 # nor this run ever trained on), verdict supervision on true labels at every loop (lm) with replay of the
 # model's own answers to the training tasks (replay: keeps TP) and feature distillation against the base
-# model at the readout sites (rr_distill: guards RR); the winner of recipes/ablate_gap.py. Minutes on 2 CPU cores.
+# model at the readout sites (rr_distill: guards RR). On recipe v2's organism it was the one variant of
+# recipes/ablate_gap.py that kept the frozen readout (2 of 3 seeds); on v3's, lm + replay alone passes the whole
+# verdict rule on 3 of 3 seeds and this on 1 of 3 (docs/organism.md). Minutes on 2 CPU cores.
 EMBEDDED_DEFAULTS = dict(
     model_name_or_path="organism",
     use_peft=True,
