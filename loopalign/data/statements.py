@@ -197,16 +197,30 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=command or "python -m data_builders.statements",
         description="Build true/false statement records (GeoNames facts and generated numbers), split by entity, "
-        "with a card of sources and licences. Options may be spelled with - or _ (--per-family, --per_family).",
+        "with a card of sources and licences. Options may be spelled with - or _ (--per-family, --per_family); "
+        "--output_dir and --data_seed (the recipes' names) work too.",
     )
-    p.add_argument("--out", required=True, help="output build folder (written atomically; train/ and eval/ inside)")
+    p.add_argument(
+        "--out",
+        "--output-dir",
+        dest="out",
+        required=True,
+        help="output build folder (written atomically; train/ and eval/ inside)",
+    )
     p.add_argument(
         "--families",
         default=",".join(FAMILIES),
         help=f"comma-separated families (default all): {', '.join(FAMILIES)}",
     )
     p.add_argument("--per-family", type=int, default=300, help="statements per family, even (default 300)")
-    p.add_argument("--seed", type=int, default=0, help="distractors, numbers and the entity split (default 0)")
+    p.add_argument(
+        "--seed",
+        "--data-seed",
+        dest="seed",
+        type=int,
+        default=0,
+        help="distractors, numbers and the entity split (default 0)",
+    )
     p.add_argument("--eval-fraction", type=float, default=0.2, help="chance an entity is held out (default 0.2)")
     p.add_argument("--render", action="store_true", help="add prompt, input_ids and token positions")
     p.add_argument("--tokenizer", default="local", help="'local' or a folder / hub name (with --render)")

@@ -414,15 +414,29 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=command or "python -m data_builders.verification",
         description="Build a verification dataset (task, candidate answer, label) and optionally render prompts. "
-        "Options may be spelled with - or _ (--num-loops, --num_loops).",
+        "Options may be spelled with - or _ (--num-loops, --num_loops); the recipes' names work too (--output_dir, "
+        "--dataset_limit, --synthetic_levels, --dataset_split, --data_seed).",
     )
     p.add_argument("--source", required=True, choices=SOURCES)
     p.add_argument("--path", help="local file/folder or hub dataset name (all sources but synthetic)")
-    p.add_argument("--out", required=True, help="output build folder (written atomically)")
-    p.add_argument("--n", type=int, help="synthetic: number of problems (default 200); others: rows read")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--levels", type=_ints, default=(1, 2, 3, 4), help="synthetic difficulty levels, e.g. 1,2,3,4")
-    p.add_argument("--split", default="test", help="hub split (default test)")
+    p.add_argument("--out", "--output-dir", dest="out", required=True, help="output build folder (written atomically)")
+    p.add_argument(
+        "--n",
+        "--dataset-limit",
+        dest="n",
+        type=int,
+        help="synthetic: number of problems (default 200); others: rows read",
+    )
+    p.add_argument("--seed", "--data-seed", dest="seed", type=int, default=0, help="draws the data (default 0)")
+    p.add_argument(
+        "--levels",
+        "--synthetic-levels",
+        dest="levels",
+        type=_ints,
+        default=(1, 2, 3, 4),
+        help="synthetic difficulty levels, e.g. 1,2,3,4",
+    )
+    p.add_argument("--split", "--dataset-split", dest="split", default="test", help="hub split (default test)")
     p.add_argument("--field-map", default="beavertails", help="safety-pairs field map: beavertails | pku-saferlhf")
     p.add_argument(
         "--columns",

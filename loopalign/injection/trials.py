@@ -256,16 +256,21 @@ def _command(args, prog: str) -> str:
     return " ".join([parts[0]] + [shlex.quote(x) for x in parts[1:]])
 
 
-def main(argv: list[str] | None = None, prog: str = "loopalign build-injection") -> int:
-    """The build command: ``loopalign build-injection --model tiny --loops 4 --layers 1 --out DIR`` (``prog``: the
-    name it runs under, recorded in the build's rebuild command)."""
-    command_console()
+def parser(prog: str = "loopalign build-injection") -> argparse.ArgumentParser:
+    """The build command's options (``prog``: the name it runs under)."""
     p = argparse.ArgumentParser(
         prog=prog,
         description="Extract concept vectors per (loop, layer) and build concept-injection trial records. "
-        "Options may be spelled with - or _ (--extraction-loops, --extraction_loops).",
+        "Options may be spelled with - or _ (--extraction-loops, --extraction_loops); --model_name_or_path and "
+        "--output_dir (the recipes' names) work too.",
     )
-    p.add_argument("--model", required=True, help="a model folder, a hub name, or 'tiny' (random tiny Ouro)")
+    p.add_argument(
+        "--model",
+        "--model-name-or-path",
+        dest="model",
+        required=True,
+        help="a model folder, a hub name, or 'tiny' (random tiny Ouro)",
+    )
     p.add_argument("--tokenizer", help="tokenizer ('local', folder or hub name; default: the model's)")
     p.add_argument("--loops", type=int, help="num_loops the model runs (default: config.total_ut_steps)")
     p.add_argument(
@@ -292,8 +297,16 @@ def main(argv: list[str] | None = None, prog: str = "loopalign build-injection")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of the random tiny model")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", "--output-dir", dest="out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "loopalign build-injection") -> int:
+    """The build command: ``loopalign build-injection --model tiny --loops 4 --layers 1 --out DIR`` (``prog``: the
+    name it runs under, recorded in the build's rebuild command)."""
+    command_console()
+    p = parser(prog)
     args = p.parse_args(underscores_as_dashes(p, list(sys.argv[1:] if argv is None else argv)))
     try:
         strengths = tuple(args.strengths)
