@@ -113,14 +113,17 @@ def test_reference_case_computes_the_reference_loss():
     assert 60 < save_matmuls_gib(OuroConfig(), 4 * 2048, 16, 2) < 72
 
 
-def test_train_step_benchmark_rejects_unknown_cases():
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--cases", "1,9"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert done.returncode != 0 and "--cases takes numbers from [1, 2, 3, 4, 5]" in done.stderr
+def test_train_step_benchmark_rejects_unknown_cases(monkeypatch, capsys):
+    """Its main on the argv, in this process (the script's own start-up is the tests above)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--cases", "1,9"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_step.main()
+    assert exit_info.value.code != 0 and "--cases takes numbers from [1, 2, 3, 4, 5]" in capsys.readouterr().err
 
 
 def test_random_model_folder_loads_as_the_shape_and_is_refused_twice(tmp_path):

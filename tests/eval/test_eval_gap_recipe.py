@@ -1,5 +1,5 @@
 """recipes/eval_gap.py end to end on the tiny model: the report carries the shortcut controls, and
-the CLI turns them off; bad options fail before the model loads; the pre-0.2 option names still work."""
+the CLI turns them off; bad options fail before the model loads."""
 
 import json
 import os
@@ -12,28 +12,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _eval_gap(*argv) -> int:
+    """``recipes/eval_gap.py ARGV`` in this process (its ``main`` on the argv; an interpreter start-up saved per
+    run; tests/test_cli.py runs the command line itself). -> the exit status, also when the parser exits."""
+    from loopalign.scripts import eval_gap
+
+    try:
+        return eval_gap.main(list(argv))
+    except SystemExit as stop:
+        return stop.code
+
+
 def _run(tmp_path, *extra):
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     args = ["--model_name_or_path", "tiny", "--eval_loops", "1,2", "--dataset_limit", "12", "--eval_folds", "3"]
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "recipes" / "eval_gap.py"),
-            *args,
-            "--no_eval_tp",
-            "--eval_n_boot",
-            "50",
-            "--output_dir",
-            str(out),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert _eval_gap(*args, "--no_eval_tp", "--eval_n_boot", "50", "--output_dir", str(out), *extra) == 0
     return json.loads((out / "gap.json").read_text()), (out / "gap.md").read_text()
 
 
@@ -51,14 +44,11 @@ def test_eval_gap_recipe_reports_controls_unless_turned_off(tmp_path, flags):
     assert controls["author"]["reason"].startswith("off") == off, controls["author"]["reason"]
 
 
-def test_compare_with_a_missing_folder_fails_before_the_evaluation(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), "--model_name_or_path", "tiny", "--output_dir",
-         str(tmp_path / "o"), "--compare", str(tmp_path / "no_such_before")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 2 and "--compare" in done.stderr and "no gap.json there" in done.stderr
+def test_compare_with_a_missing_folder_fails_before_the_evaluation(tmp_path, capsys):
+    code = _eval_gap("--model_name_or_path", "tiny", "--output_dir", str(tmp_path / "o"), "--compare",
+                     str(tmp_path / "no_such_before"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--compare" in err and "no gap.json there" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -66,14 +56,10 @@ def test_compare_with_a_missing_folder_fails_before_the_evaluation(tmp_path):
     "loops,option",
     [("--eval_loops=-2", "eval_loops"), ("--eval_loops=abc", "eval_loops"), ("--eval_tp_loops=0", "eval_tp_loops")],
 )  # fmt: skip
-def test_bad_loops_fail_naming_the_option_before_the_model_loads(tmp_path, loops, option):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "eval_gap.py"), "--model_name_or_path", "tiny", loops,
-         "--output_dir", str(tmp_path / "o")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 2 and f"{option} must be loop counts >= 1" in done.stderr, done.stderr[-500:]
+def test_bad_loops_fail_naming_the_option_before_the_model_loads(tmp_path, loops, option, capsys):
+    code = _eval_gap("--model_name_or_path", "tiny", loops, "--output_dir", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert code == 2 and f"{option} must be loop counts >= 1" in err, err[-500:]
     assert not (tmp_path / "o").exists()
 
 
