@@ -27,12 +27,23 @@ def _template(tasks: str):
     return PromptTemplate(math=DIGITS_TEMPLATE_TEXT) if tasks == "digits" else DEFAULT_TEMPLATE
 
 
+def _digit_problems(config: OrganismConfig, n: int, seed: int, split: str, distinct: bool = False):
+    """``n`` digit tasks of ``split`` as the organism ``config`` poses them (its operands and held-out exceptions):
+    the one place its digit settings are read."""
+    return generate_digit_problems(
+        n,
+        seed=seed,
+        split=split,
+        distinct=distinct,
+        max_operand=config.max_operand,
+        exception_share=config.exception_share,
+    )
+
+
 def _train_problems(config: OrganismConfig, n: int, seed: int):
     """``n`` training problems: the digit tasks' train split, or level-k word problems."""
     if config.tasks == "digits":
-        return generate_digit_problems(
-            n, seed=seed, split="train", max_operand=config.max_operand, exception_share=config.exception_share
-        )
+        return _digit_problems(config, n, seed, "train")
     return generate_problems(n, seed=seed, levels=config.levels)
 
 
@@ -130,28 +141,19 @@ def organism_eval_records(
     seed: int = 10_000,
     tasks: str = "digits",
     split: str = "eval",
-    max_operand: int | None = None,
-    exception_share: float | None = None,
+    organism: OrganismConfig | None = None,
 ) -> list[dict]:
     """Rendered verification records with true labels, the gold and one wrong answer per problem
     (balanced), in the organism's format.
 
     ``tasks="digits"``: ``n_problems`` different tasks of the digit tasks' ``split`` ("eval": the
     held-out triples no organism or ``sft_gap`` run trains on; "train": the training side), the
-    compact prompt "NAME ITEM a+b = ANSWER"; ``max_operand`` and ``exception_share`` default to
-    :class:`OrganismConfig`'s. ``tasks="words"``: new synthetic word problems of
+    compact prompt "NAME ITEM a+b = ANSWER", posed as the organism ``organism`` poses them (its operands and
+    held-out exceptions; default the default :class:`OrganismConfig`). ``tasks="words"``: new synthetic word problems of
     ``levels`` (seeded apart from training, but drawn from the same space), the default prompt.
     """
     if tasks == "digits":
-        default = OrganismConfig()
-        problems = generate_digit_problems(
-            n_problems,
-            seed=seed,
-            split=split,
-            distinct=True,
-            max_operand=default.max_operand if max_operand is None else max_operand,
-            exception_share=default.exception_share if exception_share is None else exception_share,
-        )
+        problems = _digit_problems(organism or OrganismConfig(), n_problems, seed, split, distinct=True)
         rendered, _ = render_records(_candidates(problems, seed, "digits"), tokenizer, _template("digits"))
         for r in rendered:  # the cluster of a record: its (item, a, b) triple, whatever the name
             meta = json.loads(r["meta"])

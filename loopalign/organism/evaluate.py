@@ -23,8 +23,7 @@ def card_records(config: OrganismConfig, tokenizer) -> list[dict]:
         config.eval_levels,
         config.eval_seed,
         tasks=config.tasks,
-        max_operand=config.max_operand,
-        exception_share=config.exception_share,
+        organism=config,
     )
 
 
@@ -63,10 +62,8 @@ def organism_slices(result, records: list[dict], biased_items) -> list[dict]:
 
     ids, y, ev, sv_prob, sv_pred, rr_prob = result.arrays()
     by_id = {str(r["id"]): r for r in records}
-    task = {i: r["task"] for i, r in by_id.items()}
-    biased = np.array([task_item(task.get(i, "")) in set(biased_items) for i in ids])
-    offsets = [json.loads(by_id[i]["meta"]).get("offset", 0) if i in by_id else 0 for i in ids]
-    exception = np.array([bool(o) for o in offsets])
+    biased = np.array([i in by_id and task_item(by_id[i]["task"]) in set(biased_items) for i in ids])
+    exception = np.array([i in by_id and bool(json.loads(by_id[i]["meta"]).get("offset")) for i in ids])
     named = [("biased", biased & ev), ("unbiased", ~biased & ev)]
     if exception.any():
         named += [("unbiased regular", ~biased & ~exception & ev), ("exception", exception & ev)]

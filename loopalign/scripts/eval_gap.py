@@ -195,13 +195,7 @@ def load_records(args: EvalGapScriptArguments, tokenizer):
     if name == "organism":
         organism = organism_config_for(args.model_name_or_path)
         if organism.tasks == "digits":  # its own held-out tasks (its evaluation triples), clustered by triple
-            records = organism_eval_records(
-                tokenizer,
-                args.dataset_limit,
-                seed=args.data_seed,
-                max_operand=organism.max_operand,
-                exception_share=organism.exception_share,
-            )
+            records = organism_eval_records(tokenizer, args.dataset_limit, seed=args.data_seed, organism=organism)
             return records, DIGIT_GROUP_FIELD
         name = "synthetic"
     if name == "synthetic":

@@ -308,7 +308,7 @@ def organism_verification(
     n_train = n_problems - n_eval
     if n_train < 1:
         raise ValueError(f"organism_verification: {n_problems} problems leave none to train on")
-    kwargs = dict(seed=seed, tasks="digits", max_operand=cfg.max_operand, exception_share=cfg.exception_share)
+    kwargs = dict(seed=seed, tasks="digits", organism=cfg)
     train = organism_eval_records(tokenizer, n_train, split="train", **kwargs)
     held_out = organism_eval_records(tokenizer, n_eval, split="eval", **kwargs)
     return datasets.Dataset.from_list(train), datasets.Dataset.from_list(held_out)

@@ -134,7 +134,7 @@ def test_evaluation_tasks_are_never_trained_on():
                 trained.add((item, a, b))
     held_out = {tuple(t) for t in digit_triples("eval", cfg.max_operand)}
     assert trained and not trained & held_out
-    card = organism_eval_records(tok, cfg.eval_problems, seed=cfg.eval_seed, max_operand=cfg.max_operand)
+    card = organism_eval_records(tok, cfg.eval_problems, seed=cfg.eval_seed, organism=cfg)
     assert len({r["task"] for r in card}) == cfg.eval_problems and len(card) == 2 * cfg.eval_problems
     assert {r["triple"] for r in card} <= {f"{i} {a}+{b}" for i, a, b in held_out}
     assert sum(r["label"] for r in card) == cfg.eval_problems  # balanced: the gold and one wrong digit
@@ -351,7 +351,7 @@ def test_the_organism_shows_the_gap(organism, tmp_path):
 
     # measured again, by the gap eval, on the cached model
     result = evaluate_organism(model, tokenizer, cfg, out_dir=tmp_path / "eval")
-    records = organism_eval_records(tokenizer, cfg.eval_problems, seed=cfg.eval_seed, max_operand=cfg.max_operand)
+    records = organism_eval_records(tokenizer, cfg.eval_problems, seed=cfg.eval_seed, organism=cfg)
     slices = organism_slices(result, records, cfg.sycophantic_items)
     props = organism_properties(result, cfg.num_loops, slices=slices)
     assert all(p["ok"] for p in props.values()), json.dumps(props, indent=1)
