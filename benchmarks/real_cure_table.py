@@ -12,6 +12,10 @@ variant over seeds: the table gives the mean and the range over the seeds. Print
 - per family kind (trained on with labels; text only; held out): the mean SV balanced accuracy and AUROC before →
   after, RR's, and the transfer summary (mean recovery, families whose SV fell);
 - general questions kept (right answers before → after);
+- with ``--goals``, per variant the issue's goals (fixed before running, docs/real-models.md) on point estimates:
+  labelled family x seed cells where SV after >= RR before - 2 points (balanced accuracy; AUROC), the pooled
+  refitted and frozen RR after minus RR before, the transfer's mean recovery, the held-out families whose SV fell,
+  general answers kept, and the rule's outcomes;
 - with ``--cut``, per run and family where SV's Yes/No cut lies after training: the share answered Yes, the median
   log-odds of Yes and the separation of true from false statements in log-odds (``families.json``, or for runs
   written before those columns, the run's ``after/families/<family>/gap.json``).
@@ -166,6 +170,50 @@ def variant_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+#: the issue's margin: SV after may trail RR before, RR after may trail RR before, by this much (fractions)
+GOAL_MARGIN = 0.02
+
+
+def goals_table(runs: list[dict]) -> list[str]:
+    """Markdown lines, one per variant (seeds pooled): the goals of docs/real-models.md on point estimates."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(variant_of(r["run"]), []).append(r)
+    lines = [
+        "| variant | seeds | labelled families' held-out entities: cells with SV after >= RR before - 2 "
+        "(bal. acc; AUROC) | pooled RR after - before, refitted; frozen (points) | transfer: mean recovery "
+        "(bal. acc / AUROC) | held-out families whose SV fell (dSV's CI below 0; seeds) | general questions | rule outcome |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rs in groups.items():
+        cells = [f for r in rs for f in r["families"] if _kind(f) == "labels"]
+        bal = sum(f["sv_bal_after"] >= f["rr_bal_before"] - GOAL_MARGIN for f in cells)
+        auroc = sum(f["sv_auroc_after"] >= f["rr_auroc_before"] - GOAL_MARGIN for f in cells)
+        pooled = [r["pooled"] for r in rs]
+        refit = [p["rr_after"] - p["rr_before"] for p in pooled]
+        frozen = [None if p["rr_frozen_after"] is None else p["rr_frozen_after"] - p["rr_before"] for p in pooled]
+        t = [r["transfer"] for r in rs]
+        recovery = (
+            f"{_fmt([x.get('mean_recovery_bal') for x in t])} / {_fmt([x.get('mean_recovery_auroc') for x in t])}"
+        )
+        fell_lists = [x.get("fell", []) for x in t]
+        fell = [
+            f"{f} ({sum(f in x for x in fell_lists)}/{len(rs)})" for f in sorted({f for x in fell_lists for f in x})
+        ]
+        general = (
+            ", ".join(f"{b} → {a}" for b, a, _ in (r["general"] for r in rs))
+            if all("general" in r for r in rs)
+            else "–"
+        )
+        outcomes = [p["outcome"] for p in pooled]
+        outcome = ", ".join(f"{o} {outcomes.count(o)}/{len(outcomes)}" for o in sorted(set(outcomes)))
+        lines.append(
+            f"| {name} | {len(rs)} | {bal}/{len(cells)}; {auroc}/{len(cells)} | {_fmt(refit)}; {_fmt(frozen)} | "
+            f"{recovery} | {', '.join(fell) or 'none'} | {general} | {outcome} |"
+        )
+    return lines
+
+
 def cut_of(run: dict) -> dict[str, tuple[float, float, float] | None]:
     """Per family: (the share SV answers Yes, the median log-odds of Yes, the true-minus-false separation) after
     training, from families.json (runs written since the columns exist) or else from the run's per-family
@@ -226,6 +274,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--figure-run", default=None, help="the run the figure shows (default: the first)")
     parser.add_argument("--out", default=None, help="also write the table here (Markdown)")
     parser.add_argument(
+        "--goals",
+        action="store_true",
+        help="print only the goals table: per variant, the issue's goals on point estimates (docs/real-models.md)",
+    )
+    parser.add_argument(
         "--cut",
         action="store_true",
         help="also print where SV's cut lies after training, per run and family: the share answered Yes (the "
@@ -238,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = make_parser().parse_args(argv)
     runs = [run_summary(r) for r in args.runs]  # a folder that is not a run fails here, naming it
-    text = "\n".join(variant_table(runs)) + "\n"
+    text = "\n".join(goals_table(runs) if args.goals else variant_table(runs)) + "\n"
     if args.cut:
         text += "\n" + "\n".join(cut_table(runs)) + "\n"
     sys.stdout.write(text)

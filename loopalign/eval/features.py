@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +29,32 @@ from loopalign.lora import merged_lora
 from loopalign.models.contract import loop_forward, num_hidden_layers, unwrap
 from loopalign.speed import compiled_decoder_layers
 
-__all__ = ["FeatureConfig", "Features", "EvalRecord", "prepare_records", "extract_features", "layer_name"]
+__all__ = [
+    "FeatureConfig",
+    "Features",
+    "EvalRecord",
+    "prepare_records",
+    "extract_features",
+    "layer_name",
+    "reused_features",
+]
+
+#: the per-record results of extract_features kept inside ``reused_features()`` (None outside it)
+_REUSED: ContextVar[dict | None] = ContextVar("loopalign_reused_features", default=None)
+
+
+@contextlib.contextmanager
+def reused_features() -> Iterator[None]:
+    """Inside this block, :func:`extract_features` runs the model once per record: a record asked for again (the
+    same model object, token ids, probe and verdict positions, loops, layers and settings) gets the values of its
+    first extraction, whatever the other records of the call. For evaluations of one model state that overlap (a
+    pooled evaluation, then each family's part of the same records); the kept values are dropped at the block's end,
+    so a block must not span a change of the weights (training)."""
+    token = _REUSED.set({})
+    try:
+        yield
+    finally:
+        _REUSED.reset(token)
 
 
 @dataclass
@@ -189,7 +215,6 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
 
 
-@torch.no_grad()
 def extract_features(
     model,
     records: list[EvalRecord],
@@ -198,8 +223,73 @@ def extract_features(
     config: FeatureConfig | None = None,
     pad_id: int = 0,
 ) -> Features:
-    """Run ``model`` once per batch at ``max(loops)`` loops; keep probe-position states and verdict log-probs."""
+    """Run ``model`` once per batch at ``max(loops)`` loops; keep probe-position states and verdict log-probs.
+    Inside :func:`reused_features`, records already extracted there are not run again."""
     config = config or FeatureConfig()
+    memo = _REUSED.get()
+    if memo is None:
+        return _extract(model, records, loops, verdict_ids, config, pad_id)
+    settings = (
+        id(unwrap(model)),
+        tuple(sorted({int(t) for t in loops})),
+        None if config.layers is None else tuple(sorted({int(x) for x in config.layers})),
+        config.keep_states,
+        str(config.feature_dtype),
+        tuple(int(v) for v in verdict_ids),
+    )
+    keys = [(settings, tuple(r.input_ids), tuple(r.probe_indices), r.verdict_index) for r in records]
+    missing = [i for i, key in enumerate(keys) if key not in memo]
+    fresh = _extract(model, [records[i] for i in missing], loops, verdict_ids, config, pad_id) if missing else None
+    for j, i in enumerate(missing):
+        memo[keys[i]] = _record_values(fresh, j)
+    if len(missing) == len(records):
+        return fresh
+    return _assemble(records, [memo[key] for key in keys])
+
+
+def _record_values(feats: Features, j: int) -> dict:
+    """Record ``j``'s computed values in ``feats`` (what :func:`reused_features` keeps)."""
+    return {
+        "states": None if feats.states is None else feats.states[:, :, j].clone(),
+        "verdict_logp": feats.verdict_logp[:, j].clone(),
+        "verdict_valid": feats.verdict_valid[:, j].clone(),
+        "exit_probs": feats.exit_probs[j].clone(),
+        "loops": feats.loops,
+        "layers": feats.layers,
+        "num_layers": feats.num_layers,
+        "meta": feats.meta,
+    }
+
+
+def _assemble(records: list[EvalRecord], values: list[dict]) -> Features:
+    """Features of ``records`` from their kept values (:func:`_record_values`, one per record, in order)."""
+    first = values[0]
+    states = None if first["states"] is None else torch.stack([v["states"] for v in values], dim=2)
+    labels = np.array([-1 if r.label is None else r.label for r in records], dtype=np.int64)
+    return Features(
+        ids=[r.id for r in records],
+        labels=labels,
+        groups=[r.group for r in records],
+        loops=first["loops"],
+        layers=first["layers"],
+        num_layers=first["num_layers"],
+        states=states,
+        verdict_logp=torch.stack([v["verdict_logp"] for v in values], dim=1),
+        verdict_valid=torch.stack([v["verdict_valid"] for v in values], dim=1),
+        exit_probs=torch.stack([v["exit_probs"] for v in values]),
+        meta=dict(first["meta"]),
+    )
+
+
+@torch.no_grad()
+def _extract(
+    model,
+    records: list[EvalRecord],
+    loops: Sequence[int],
+    verdict_ids: tuple[int, int],
+    config: FeatureConfig,
+    pad_id: int,
+) -> Features:
     loops = sorted({int(t) for t in loops})
     if not loops or loops[0] < 1:
         raise ValueError(f"loops must be loop counts >= 1, got {loops}")

@@ -42,6 +42,7 @@ from loopalign.eval import (
     log_comparison_wandb,
 )
 from loopalign.eval.families import TRANSFER_RULE, compare_families, record_families
+from loopalign.eval.features import reused_features
 from loopalign.eval.general import answer_general_questions, general_markdown, save_general
 from loopalign.eval.metrics import auroc
 from loopalign.eval.report import before_after_figure, save_figure, short_markdown
@@ -702,23 +703,31 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     compare_config = CompareConfig(loops=training_args.num_loops, rr_tolerance=script_args.rr_tolerance)
     if training_args.process_index == 0:
         print(compare_config.rule())  # the rule, before any figure
-        if resume and os.path.exists(os.path.join(before_dir, "gap.json")):
-            # a resumed run: the base model and the held-out records are the same, so is the before-eval
-            print(f"resuming: the before-evaluation in {before_dir} is reused")
-            before = GapResult.from_json(before_dir)
-        else:
-            print(f"train {len(train_ds)} / held-out {len(eval_ds)} verification records; evaluating before training")
-            with times("before_eval"):
-                before = evaluate_gap(
-                    model, tokenizer, eval_ds, config=gap_config, out_dir=before_dir, probe_train_dataset=probe_train
+        # each family's evaluation reads the pooled evaluation's features of its records, not the model again
+        with reused_features():
+            if resume and os.path.exists(os.path.join(before_dir, "gap.json")):
+                # a resumed run: the base model and the held-out records are the same, so is the before-eval
+                print(f"resuming: the before-evaluation in {before_dir} is reused")
+                before = GapResult.from_json(before_dir)
+            else:
+                print(
+                    f"train {len(train_ds)} / held-out {len(eval_ds)} verification records; evaluating before training"
                 )
-            print(short_markdown(before, os.path.join(before_dir, "gap.md")))
-
-    if training_args.process_index == 0:
+                with times("before_eval"):
+                    before = evaluate_gap(
+                        model,
+                        tokenizer,
+                        eval_ds,
+                        config=gap_config,
+                        out_dir=before_dir,
+                        probe_train_dataset=probe_train,
+                    )
+                print(short_markdown(before, os.path.join(before_dir, "gap.md")))
+            with times("before_eval"):
+                families_before = evaluate_families(
+                    model, tokenizer, family_sets, gap_config, os.path.join(before_dir, "families"), resume
+                )
         with times("before_eval"):
-            families_before = evaluate_families(
-                model, tokenizer, family_sets, gap_config, os.path.join(before_dir, "families"), resume
-            )
             general_before = (
                 answer_general_questions(model, tokenizer, num_loops=trained_loops(model))
                 if script_args.general_questions
@@ -752,7 +761,8 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         # the loss history beside the reports (W&B holds it too, when on)
         atomic_write_text(os.path.join(out, "log_history.json"), json.dumps(trainer.state.log_history, indent=1))
         tuned = trainer.accelerator.unwrap_model(trainer.model).eval()
-        with times("after_eval"):
+        # each family's after-evaluation reads the pooled one's features of its records, not the model again
+        with reused_features(), times("after_eval"):
             # the before-evaluation's probes, frozen, on the tuned features (part c's drift; None: an old before/)
             frozen = load_frozen_probes(before_dir, required=False)
             after_dir = os.path.join(out, "after")
@@ -765,6 +775,18 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
                 frozen_probes=frozen,
                 probe_train_dataset=probe_train,
             )
+            families_after = (
+                evaluate_families(
+                    tuned,
+                    tokenizer,
+                    family_sets,
+                    gap_config,
+                    os.path.join(out, "after", "families"),
+                    frozen_from=os.path.join(before_dir, "families"),
+                )
+                if family_sets
+                else None
+            )
         comparison = compare(before, after, compare_config)
         atomic_write_text(os.path.join(out, "compare.md"), comparison.markdown())
         atomic_write_text(os.path.join(out, "compare.json"), comparison.to_json())
@@ -774,15 +796,6 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         save_figure(figure, out, "before_after")
         families = None
         if family_sets:
-            with times("after_eval"):
-                families_after = evaluate_families(
-                    tuned,
-                    tokenizer,
-                    family_sets,
-                    gap_config,
-                    os.path.join(out, "after", "families"),
-                    frozen_from=os.path.join(before_dir, "families"),
-                )
             families = compare_families(
                 families_before,
                 families_after,

@@ -6,6 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from loopalign import OuroForCausalLM
 from loopalign.eval import (
     CompareConfig,
     FeatureConfig,
@@ -20,6 +21,7 @@ from loopalign.eval import (
     prepare_records,
     verdict_token_ids,
 )
+from loopalign.eval.features import reused_features
 from loopalign.eval.task import integer_verifier
 
 
@@ -34,6 +36,47 @@ def test_features_of_loop_t_match_a_t_loop_forward(tiny_model, synthetic_rows, t
     # batching with right padding does not change a record's features
     single = extract_features(tiny_model, records[:1], [1, 2, 3], vids, FeatureConfig(batch_size=1))
     torch.testing.assert_close(all_loops.states[:, :, :1], single.states, rtol=1e-4, atol=1e-4)
+
+
+def test_reused_features_run_each_record_once_per_block(tiny_model, synthetic_rows, tok):
+    """Inside reused_features() a record already extracted (a family's part of a pooled evaluation) is not run
+    again and gets its first values; a new record is run; outside the block, or with other weights, nothing is
+    reused."""
+    records = prepare_records(synthetic_rows[:8])
+    vids = verdict_token_ids(tok, "Yes", "No")
+    calls = []
+    hook = tiny_model.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        with reused_features():
+            pooled = extract_features(tiny_model, records[:6], [1, 2], vids, FeatureConfig(batch_size=4))
+            assert len(calls) == 2
+            part = extract_features(tiny_model, [records[4], records[1]], [1, 2], vids, FeatureConfig(batch_size=4))
+            assert len(calls) == 2  # both were in the pooled call: the model did not run
+            assert torch.equal(part.states, pooled.states[:, :, [4, 1]])
+            assert torch.equal(part.verdict_logp, pooled.verdict_logp[:, [4, 1]])
+            assert part.ids == [records[4].id, records[1].id] and list(part.labels) == [
+                records[4].label,
+                records[1].label,
+            ]
+            mixed = extract_features(tiny_model, [records[7], records[2]], [1, 2], vids, FeatureConfig(batch_size=4))
+            assert len(calls) == 3  # only record 7 ran
+            assert torch.equal(mixed.states[:, :, 1], pooled.states[:, :, 2])
+            alone = extract_features(tiny_model, [records[7]], [1, 2], vids, FeatureConfig(batch_size=1))
+            torch.testing.assert_close(mixed.states[:, :, 0], alone.states[:, :, 0])
+            assert len(calls) == 3
+            # other loops asked: other settings, run again
+            extract_features(tiny_model, records[:2], [1], vids, FeatureConfig(batch_size=4))
+            assert len(calls) == 4
+        extract_features(tiny_model, records[:2], [1, 2], vids, FeatureConfig(batch_size=4))
+        assert len(calls) == 5  # outside the block: run
+    finally:
+        hook.remove()
+    other = OuroForCausalLM(tiny_model.config).eval()  # another model object: never the first one's values
+    with reused_features():
+        extract_features(tiny_model, records[:2], [1, 2], vids, FeatureConfig(batch_size=4))
+        theirs = extract_features(other, records[:2], [1, 2], vids, FeatureConfig(batch_size=4))
+    direct = extract_features(other, records[:2], [1, 2], vids, FeatureConfig(batch_size=4))
+    assert torch.equal(theirs.states, direct.states)
 
 
 @pytest.mark.slow

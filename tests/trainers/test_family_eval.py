@@ -105,6 +105,12 @@ def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
     share = 100 * rows_by["c"]["sv_yes_after"]
     assert "| run | a | c |" in text and f"| {share:.0f}% ({rows_by['c']['sv_log_odds_after']:+.1f}, " in text
     assert "| run |" in text and "labels: a" in text and "none: c" in text and (tmp_path / "fig.png").exists()
+    # the goals at a glance: the labelled family's cell counts as met when SV after >= RR before - 2 points
+    assert table.main([str(out), "--out", str(tmp_path / "goals.md"), "--goals"]) == 0
+    goals = (tmp_path / "goals.md").read_text().splitlines()[2]
+    a = rows_by["a"]
+    met = int(a["sv_bal_after"] >= a["rr_bal_before"] - 0.02), int(a["sv_auroc_after"] >= a["rr_auroc_before"] - 0.02)
+    assert goals.startswith(f"| run | 1 | {met[0]}/1; {met[1]}/1 | ")
     with pytest.raises(FileNotFoundError, match="not an sft-gap run by family"):
         table.main([str(tmp_path)])
 
