@@ -22,7 +22,9 @@ from loopalign.loops import parse_int_set, parse_loop_counts
 
 __all__ = [
     "GapEvalArguments",
+    "cpu_device",
     "default_eval_loops",
+    "reporting_targets",
     "make_parser",
     "lora_targets_as_names",
     "parse_or_exit",
@@ -201,6 +203,31 @@ class GapEvalArguments:
         )
         kwargs.update(overrides)
         return GapConfig(**kwargs)
+
+
+#: where a command without a trainer can report (sft-gap's report_to is TRL's and takes what TRL takes)
+REPORT_TARGETS = ("wandb",)
+
+
+def reporting_targets(report_to) -> list[str]:
+    """``report_to`` as sft-gap (TRL) spells it, for the commands without a trainer: a list of targets (a single
+    name from YAML reads as a list of one), ``none`` or nothing for none. An unknown target fails, naming it."""
+    values = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    values = [v for v in values if v != "none"]
+    bad = [v for v in values if v not in REPORT_TARGETS]
+    if bad:
+        raise ConfigError(f"report_to: {bad[0]!r} is not one of {', '.join(REPORT_TARGETS)} (or none)")
+    return values
+
+
+def cpu_device(device: str | None, use_cpu: bool) -> str | None:
+    """The device of a command that takes both ``--device`` and sft-gap's (TRL's) ``--use_cpu``: ``use_cpu`` is
+    ``--device cpu``; asking for both the CPU and another device fails, naming both."""
+    if not use_cpu:
+        return device
+    if device not in (None, "cpu"):
+        raise ConfigError(f"use_cpu=true and device={device!r} ask for two devices; give one of them")
+    return "cpu"
 
 
 #: the first line of every command's usage: the options are listed under it, loopalign's own first

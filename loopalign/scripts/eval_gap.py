@@ -50,9 +50,11 @@ from loopalign.organism import (
 from loopalign.scripts.args import (
     EVAL_ARGS_FILE,
     GapEvalArguments,
+    cpu_device,
     default_eval_loops,
     make_parser,
     parse_or_exit,
+    reporting_targets,
 )
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.gap_data import is_statement_spec, statement_splits, statements_only, table_dataset
@@ -91,9 +93,18 @@ class EvalGapScriptArguments(GapEvalArguments):
         default=16, metadata={"help": "Records per forward / prompts per generate."}
     )
     device: str | None = field(default=None, metadata={"help": "cuda | cpu | ... (default: cuda when available)."})
+    use_cpu: bool = field(
+        default=False, metadata={"help": "Run on the CPU (sft-gap's option, TRL's name): the same as --device cpu."}
+    )
     dtype: str = field(default="auto", metadata={"help": "Weights' dtype: auto | bfloat16 | float32 | ..."})
     seed: int = field(default=0, metadata={"help": "Seed of the probe splits, the bootstrap and a tiny model."})
-    report_to: str = field(default="none", metadata={"help": "none | wandb (offline without an API key)."})
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "wandb to log to W&B (offline without an API key); none (the default): nothing. A list, as in "
+            "sft-gap (TRL's option)."
+        },
+    )
     wandb_project: str = field(default="loopalign", metadata={"help": "W&B project with report_to=wandb."})
     compare: str | None = field(
         default=None,
@@ -143,8 +154,8 @@ class EvalGapScriptArguments(GapEvalArguments):
             raise ConfigError(f"synthetic_levels must be levels in 1..6 (e.g. '1,2'), got {self.synthetic_levels!r}")
         if self.verdict_tokens is not None and len(self.verdict_tokens.split(",")) != 2:
             raise ConfigError(f"verdict_tokens must be two tokens 'yes,no', got {self.verdict_tokens!r}")
-        if self.report_to not in ("none", "wandb"):
-            raise ConfigError(f"report_to must be 'none' or 'wandb', got {self.report_to!r}")
+        self.report_to = reporting_targets(self.report_to)
+        self.device = cpu_device(self.device, self.use_cpu)
         if self.probe_train_dataset == "train" and not is_statement_spec(self.dataset or ""):
             raise ConfigError(
                 "probe_train_dataset='train' names the training entities of --dataset statements; with another "
@@ -286,7 +297,7 @@ def evaluate(args: EvalGapScriptArguments) -> GapResult:
         data,
         config=config,
         out_dir=out_dir,
-        wandb=args.report_to == "wandb",
+        wandb="wandb" in args.report_to,
         wandb_kwargs={"project": args.wandb_project, "name": f"eval_gap:{model_name}"},
         frozen_probes=frozen,
         probe_train_dataset=probe_train,

@@ -33,7 +33,7 @@ from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.loading import load_model
 from loopalign.log import command_console
 from loopalign.models.contract import num_hidden_layers, trained_loops
-from loopalign.scripts.args import make_parser, parse_or_exit
+from loopalign.scripts.args import cpu_device, make_parser, parse_or_exit, reporting_targets
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.introspection.organism import INTROSPECTION_ORGANISM
 
@@ -85,6 +85,9 @@ class EvalIntrospectionArguments:
     )
     dtype: str | None = field(default=None, metadata={"help": "Weights dtype: bfloat16 | float16 | float32."})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)."})
+    use_cpu: bool = field(
+        default=False, metadata={"help": "Run on the CPU (sft-gap's option, TRL's name): the same as --device cpu."}
+    )
     concept_vectors: str | None = field(
         default=None, metadata={"help": "Concept vectors .safetensors (default: extract)."}
     )
@@ -139,9 +142,14 @@ class EvalIntrospectionArguments:
     n_boot: int = field(default=1000, metadata={"help": "Unused (Wilson intervals); kept for old configs."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     output_dir: str = field(default="outputs/eval_introspection", metadata={"help": "Where the reports go."})
-    report_to: list[str] = field(default_factory=list, metadata={"help": "[wandb] to log the rates."})
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={"help": "wandb to log the rates (offline without an API key); none (the default): nothing."},
+    )
 
     def __post_init__(self):
+        self.report_to = reporting_targets(self.report_to)
+        self.device = cpu_device(self.device, self.use_cpu)
         if self.concept_split not in ("held_out", "none"):
             raise ConfigError(f"concept_split must be 'held_out' or 'none', got {self.concept_split!r}")
         if not 0 < self.held_out_share < 1:

@@ -102,3 +102,24 @@ def test_each_model_gets_its_own_default_output_folder(tmp_path):
     )
     assert default_output_dir(str(gguf)) == "outputs/eval_gap_models-small.Q4"
     assert default_output_dir("org/name with spaces") == "outputs/eval_gap_org--name_with_spaces"
+
+
+def test_device_and_reporting_take_sft_gaps_spelling_too(tmp_path, capsys):
+    """[ecosystem] one vocabulary: eval-gap and eval-introspection take sft-gap's (TRL's) --use_cpu and a --report_to
+    list beside --device; both at odds fails before the model loads, naming both."""
+    from loopalign.scripts.eval_gap import EvalGapScriptArguments
+    from loopalign.scripts.eval_introspection import EvalIntrospectionArguments
+
+    for cls in (EvalGapScriptArguments, EvalIntrospectionArguments):
+        model = {"model_name_or_path": "tiny"}
+        assert cls(**model, use_cpu=True).device == "cpu"
+        assert cls(**model, device="cuda:1").device == "cuda:1"
+        assert cls(**model, report_to="wandb").report_to == ["wandb"]  # one name, as YAML gives it
+        assert cls(**model, report_to=["none"]).report_to == [] == cls(**model).report_to
+    code = _eval_gap("--model_name_or_path", "tiny", "--use_cpu", "true", "--device", "cuda",
+                     "--output_dir", str(tmp_path / "o"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "use_cpu=true and device='cuda'" in err and not (tmp_path / "o").exists()
+    code = _eval_gap("--model_name_or_path", "tiny", "--report_to", "wandb", "tensorboard",
+                     "--output_dir", str(tmp_path / "o"))  # fmt: skip
+    assert code == 2 and "report_to: 'tensorboard' is not one of wandb" in capsys.readouterr().err
