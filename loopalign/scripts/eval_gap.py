@@ -88,7 +88,15 @@ class EvalGapScriptArguments(GapEvalArguments):
             "help": "Output folder (default outputs/eval_gap_<model>: one per model, e.g. ByteDance--Ouro-1.4B)."
         },
     )
-    verdict_tokens: str | None = field(default=None, metadata={"help": "yes,no strings or ids (default Yes,No)."})
+    verdict_yes: str | None = field(
+        default=None, metadata={"help": "One-token verbal verdict for label 1 (sft-gap's option; default Yes)."}
+    )
+    verdict_no: str | None = field(
+        default=None, metadata={"help": "One-token verbal verdict for label 0 (sft-gap's option; default No)."}
+    )
+    verdict_tokens: str | None = field(
+        default=None, metadata={"help": "Both verdicts in one option: 'yes,no' strings or token ids."}
+    )
     per_device_eval_batch_size: int = field(
         default=16, metadata={"help": "Records per forward / prompts per generate."}
     )
@@ -154,6 +162,8 @@ class EvalGapScriptArguments(GapEvalArguments):
             raise ConfigError(f"synthetic_levels must be levels in 1..6 (e.g. '1,2'), got {self.synthetic_levels!r}")
         if self.verdict_tokens is not None and len(self.verdict_tokens.split(",")) != 2:
             raise ConfigError(f"verdict_tokens must be two tokens 'yes,no', got {self.verdict_tokens!r}")
+        if self.verdict_tokens is not None and (self.verdict_yes is not None or self.verdict_no is not None):
+            raise ConfigError("give the verdicts as verdict_yes / verdict_no or as verdict_tokens, not both")
         self.report_to = reporting_targets(self.report_to)
         self.device = cpu_device(self.device, self.use_cpu)
         if self.probe_train_dataset == "train" and not is_statement_spec(self.dataset or ""):
@@ -182,8 +192,9 @@ class EvalGapScriptArguments(GapEvalArguments):
 
     def verdict(self) -> tuple[str | int, str | int]:
         if self.verdict_tokens is None:
-            return ("Yes", "No")
-        yes, no = (s.strip() for s in self.verdict_tokens.split(","))
+            yes, no = self.verdict_yes or "Yes", self.verdict_no or "No"
+        else:
+            yes, no = (s.strip() for s in self.verdict_tokens.split(","))
         return tuple(int(s) if s.lstrip("-").isdigit() else s for s in (yes, no))
 
 

@@ -106,7 +106,8 @@ def test_each_model_gets_its_own_default_output_folder(tmp_path):
 
 def test_device_and_reporting_take_sft_gaps_spelling_too(tmp_path, capsys):
     """[ecosystem] one vocabulary: eval-gap and eval-introspection take sft-gap's (TRL's) --use_cpu and a --report_to
-    list beside --device; both at odds fails before the model loads, naming both."""
+    list beside --device (both at odds fail before the model loads, naming both); eval-gap takes sft-gap's
+    --verdict_yes / --verdict_no."""
     from loopalign.scripts.eval_gap import EvalGapScriptArguments
     from loopalign.scripts.eval_introspection import EvalIntrospectionArguments
 
@@ -116,6 +117,14 @@ def test_device_and_reporting_take_sft_gaps_spelling_too(tmp_path, capsys):
         assert cls(**model, device="cuda:1").device == "cuda:1"
         assert cls(**model, report_to="wandb").report_to == ["wandb"]  # one name, as YAML gives it
         assert cls(**model, report_to=["none"]).report_to == [] == cls(**model).report_to
+    # sft-gap's verdict options; the one-option spelling stays, the two at once fail
+    assert EvalGapScriptArguments(model_name_or_path="tiny", verdict_yes="Ja", verdict_no="Nein").verdict() == (
+        "Ja",
+        "Nein",
+    )
+    assert EvalGapScriptArguments(model_name_or_path="tiny", verdict_tokens="Ja,Nein").verdict() == ("Ja", "Nein")
+    with pytest.raises(ValueError, match="verdict_yes / verdict_no or as verdict_tokens, not both"):
+        EvalGapScriptArguments(model_name_or_path="tiny", verdict_yes="Ja", verdict_tokens="Ja,Nein")
     code = _eval_gap("--model_name_or_path", "tiny", "--use_cpu", "true", "--device", "cuda",
                      "--output_dir", str(tmp_path / "o"))  # fmt: skip
     err = capsys.readouterr().err
