@@ -109,11 +109,17 @@ def _fmt(values, pct: bool = True) -> str:
     return f"{mean:.1f} [{scale * min(values):.1f}, {scale * max(values):.1f}]"
 
 
-def variant_table(runs: list[dict]) -> list[str]:
-    """Markdown lines for the variants of ``runs`` (grouped by variant)."""
+def by_variant(runs: list[dict]) -> dict[str, list[dict]]:
+    """{variant: its runs (seeds)}, in the order the variants first appear."""
     groups: dict[str, list[dict]] = {}
     for r in runs:
         groups.setdefault(variant_of(r["run"]), []).append(r)
+    return groups
+
+
+def variant_table(runs: list[dict]) -> list[str]:
+    """Markdown lines for the variants of ``runs`` (grouped by variant)."""
+    groups = by_variant(runs)
     lines = [
         "| variant | seeds | pooled held-out entities (every family not held out): SV before → after | RR before → "
         "after (frozen probe after) | outcome "
@@ -176,9 +182,7 @@ GOAL_MARGIN = 0.02
 
 def goals_table(runs: list[dict]) -> list[str]:
     """Markdown lines, one per variant (seeds pooled): the goals of docs/real-models.md on point estimates."""
-    groups: dict[str, list[dict]] = {}
-    for r in runs:
-        groups.setdefault(variant_of(r["run"]), []).append(r)
+    groups = by_variant(runs)
     lines = [
         "| variant | seeds | labelled families' held-out entities: cells with SV after >= RR before - 2 "
         "(bal. acc; AUROC) | pooled RR after - before, refitted; frozen (points) | transfer: mean recovery "
