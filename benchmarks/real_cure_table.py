@@ -186,8 +186,9 @@ def goals_table(runs: list[dict]) -> list[str]:
     lines = [
         "| variant | seeds | labelled families' held-out entities: cells with SV after >= RR before - 2 "
         "(bal. acc; AUROC) | pooled RR after - before, refitted; frozen (points) | transfer: mean recovery "
-        "(bal. acc / AUROC) | held-out families whose SV fell (dSV's CI below 0; seeds) | general questions | rule outcome |",
-        "|---|---|---|---|---|---|---|---|",
+        "(bal. acc / AUROC) | held-out families whose SV fell (dSV's CI below 0; seeds) | general questions | rule outcome "
+        "(pooled) | families whose verdict is yes (seeds) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rs in groups.items():
         cells = [f for r in rs for f in r["families"] if _kind(f) == "labels"]
@@ -211,9 +212,12 @@ def goals_table(runs: list[dict]) -> list[str]:
         )
         outcomes = [p["outcome"] for p in pooled]
         outcome = ", ".join(f"{o} {outcomes.count(o)}/{len(outcomes)}" for o in sorted(set(outcomes)))
+        passed = [[f["family"] for f in r["families"] if f.get("outcome") == "yes"] for r in rs]
+        passed = [f"{f} ({sum(f in p for p in passed)}/{len(rs)})" for f in sorted({f for p in passed for f in p})]
         lines.append(
             f"| {name} | {len(rs)} | {bal}/{len(cells)}; {auroc}/{len(cells)} | {_fmt(refit)}; {_fmt(frozen)} | "
-            f"{recovery} | {', '.join(fell) or 'none'} | {general} | {outcome} |"
+            f"{recovery} | {', '.join(fell) or 'none'} | {general} | {outcome} | "
+            f"{', '.join(passed) or 'none'} |"
         )
     return lines
 
