@@ -110,7 +110,8 @@ def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
     goals = (tmp_path / "goals.md").read_text().splitlines()[2]
     a = rows_by["a"]
     met = int(a["sv_bal_after"] >= a["rr_bal_before"] - 0.02), int(a["sv_auroc_after"] >= a["rr_auroc_before"] - 0.02)
-    assert goals.startswith(f"| run | 1 | {met[0]}/1; {met[1]}/1 | ") and goals.count(" | ") == 9
+    assert goals.startswith(f"| run | 1 | {met[0]}/1; {met[1]}/1 | ") and goals.count(" | ") == 8
+    assert goals.endswith(" | a (1/1) |" if a["outcome"] == "yes" else " | none |")  # the families whose verdict is yes
     with pytest.raises(FileNotFoundError, match="not an sft-gap run by family"):
         table.main([str(tmp_path)])
 
