@@ -166,3 +166,26 @@ def test_verdict_table_reads_each_part_and_the_outcome_from_a_runs_compare_json(
     (tmp_path / "compare.json").write_text(json.dumps(edited))
     assert verdict_table.run_row(str(tmp_path)).endswith("| saturated: not measurable |")
     assert verdict_table.main([str(run), str(tmp_path)]) == 0
+
+
+def test_the_real_model_goals_table_in_the_docs_is_what_its_command_prints(tmp_path):
+    """docs/real-models.md "At a glance": its table is regenerated, line for line, by the command written above it
+    from the run JSON kept in docs/figures/runs (a run added, removed or re-run without the table: this fails)."""
+    import importlib.util
+    import re
+
+    doc = (ROOT / "docs" / "real-models.md").read_text()
+    section = doc.split("### At a glance", 1)[1].split("\n### ", 1)[0]
+    command = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    assert "real_cure_table.py --goals" in command
+    runs = command.split("--goals", 1)[1].split()
+    assert len(runs) >= 10 and all((ROOT / "docs" / "figures" / "runs" / r / "families.json").exists() for r in runs)
+    spec = importlib.util.spec_from_file_location("real_cure_table", ROOT / "benchmarks" / "real_cure_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    out = tmp_path / "goals.md"
+    runs_dir = ROOT / "docs" / "figures" / "runs"
+    assert table.main([str(runs_dir / r) for r in runs] + ["--goals", "--out", str(out)]) == 0
+    printed = [line for line in out.read_text().splitlines() if line.startswith("|")]
+    in_doc = [line for line in section.splitlines() if line.startswith("|")]
+    assert printed == in_doc
