@@ -30,6 +30,23 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``benchmark_script("real_cure_table")``: a script of benchmarks/ as a module (the scripts are not a package,
+    so the tests that call their functions load them from their file)."""
+    import importlib.util
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 #: the full shipped GSM8K and XSTest files (the project's copy of ../shared/data, gzipped): gsm8k/
 #: (example_model_solutions.jsonl, test.jsonl) and xstest/ (model_completions/, xstest_prompts.csv)
 FULL_DATA = FIXTURES / "data" / "full" / "gsm8k_xstest.tar.gz"

@@ -94,13 +94,13 @@ def test_train_step_benchmark_runs_the_cases_side_by_side_under_one_autocast(ext
         assert "speedup_vs_baseline" not in rows[0] and "overhead_vs_case_3" not in rows[0]
 
 
-def test_reference_case_computes_the_reference_loss():
+def test_reference_case_computes_the_reference_loss(benchmark_script):
     """Case 1's loss (T full-logit readouts, mixed by exit probabilities) is the public reference's
     ``labels=`` loss, which loopalign computes as ``exit="expected"`` with one readout."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from train_step import reference_loss, save_matmuls_gib
+    train_step = benchmark_script("train_step")
+    reference_loss, save_matmuls_gib = train_step.reference_loss, train_step.save_matmuls_gib
 
     from loopalign import OuroConfig, OuroForCausalLM, tiny_config
 
@@ -113,13 +113,9 @@ def test_reference_case_computes_the_reference_loss():
     assert 60 < save_matmuls_gib(OuroConfig(), 4 * 2048, 16, 2) < 72
 
 
-def test_train_step_benchmark_rejects_unknown_cases(monkeypatch, capsys):
+def test_train_step_benchmark_rejects_unknown_cases(monkeypatch, capsys, benchmark_script):
     """Its main on the argv, in this process (the script's own start-up is the tests above)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import train_step
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    train_step = benchmark_script("train_step")
     monkeypatch.setattr(sys, "argv", ["train_step.py", "--cases", "1,9"])
     with pytest.raises(SystemExit) as exit_info:
         train_step.main()
@@ -146,13 +142,9 @@ def test_random_model_folder_loads_as_the_shape_and_is_refused_twice(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no build folder left behind
 
 
-def test_verdict_table_reads_each_part_and_the_outcome_from_a_runs_compare_json(tmp_path):
+def test_verdict_table_reads_each_part_and_the_outcome_from_a_runs_compare_json(tmp_path, benchmark_script):
     """benchmarks/verdict_table.py: one row per run, from its compare.json (docs/organism.md's cure tables)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import verdict_table
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    verdict_table = benchmark_script("verdict_table")
     run = ROOT / "docs" / "figures" / "runs" / "cure_organism_operands6_s0"
     comparison = json.loads((run / "compare.json").read_text())
     row = verdict_table.run_row(str(run)).split(" | ")
@@ -168,10 +160,9 @@ def test_verdict_table_reads_each_part_and_the_outcome_from_a_runs_compare_json(
     assert verdict_table.main([str(run), str(tmp_path)]) == 0
 
 
-def test_the_real_model_goals_table_in_the_docs_is_what_its_command_prints(tmp_path):
+def test_the_real_model_goals_table_in_the_docs_is_what_its_command_prints(tmp_path, benchmark_script):
     """docs/real-models.md "At a glance": its table is regenerated, line for line, by the command written above it
     from the run JSON kept in docs/figures/runs (a run added, removed or re-run without the table: this fails)."""
-    import importlib.util
     import re
 
     doc = (ROOT / "docs" / "real-models.md").read_text()
@@ -180,9 +171,7 @@ def test_the_real_model_goals_table_in_the_docs_is_what_its_command_prints(tmp_p
     assert "real_cure_table.py --goals" in command
     runs = command.split("--goals", 1)[1].split()
     assert len(runs) >= 10 and all((ROOT / "docs" / "figures" / "runs" / r / "families.json").exists() for r in runs)
-    spec = importlib.util.spec_from_file_location("real_cure_table", ROOT / "benchmarks" / "real_cure_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = benchmark_script("real_cure_table")
     out = tmp_path / "goals.md"
     runs_dir = ROOT / "docs" / "figures" / "runs"
     assert table.main([str(runs_dir / r) for r in runs] + ["--goals", "--out", str(out)]) == 0

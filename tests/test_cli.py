@@ -128,7 +128,7 @@ def test_the_default_loops_follow_the_models_depth():
 
 
 @pytest.mark.slow
-def test_ablate_gap_runs_its_sft_gap_runs_through_the_cli_and_resumes(tmp_path, capsys):
+def test_ablate_gap_runs_its_sft_gap_runs_through_the_cli_and_resumes(tmp_path, capsys, benchmark_script):
     """``loopalign ablate-gap``: one variant x one seed as a ``python -m loopalign sft-gap`` subprocess (a tiny
     model, 3 steps), the table; run again, the finished run is reused."""
     out = tmp_path / "abl"
@@ -145,11 +145,7 @@ def test_ablate_gap_runs_its_sft_gap_runs_through_the_cli_and_resumes(tmp_path, 
     assert rule["variant"] == "lm + replay" and rule["n_judged"] == 1 and set(rule["parts"]) == set("abcdef")
     assert "The verdict rule per variant" in (out / "ablation.md").read_text()
     # the docs' tables regenerate from the JSON alone
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ablation_table", ROOT / "benchmarks" / "ablation_table.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("ablation_table")
     assert script.table(saved) == (out / "ablation.md").read_text()
     assert cli.main(argv) == 0 and "0 runs to do" in capsys.readouterr().out
 

@@ -181,7 +181,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert organism_path(cache_dir=tmp_path).parent == tmp_path
 
 
-def test_cache_builds_once_reuses_and_rebuilds_on_a_new_version(monkeypatch, tmp_path):
+def test_cache_builds_once_reuses_and_rebuilds_on_a_new_version(monkeypatch, tmp_path, benchmark_script):
     monkeypatch.setenv("LOOPALIGN_CACHE", str(tmp_path))
     cfg = small_config()
     with pytest.raises(FileNotFoundError, match="pretrain_organism"):
@@ -205,11 +205,7 @@ def test_cache_builds_once_reuses_and_rebuilds_on_a_new_version(monkeypatch, tmp
     assert not list(tmp_path.glob(".tmp-*"))
     assert model.config.total_ut_steps == 2 and not model.training
     # docs/organism.md's table of builds reads the same figures back from the folder (and from its saved rows)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("organism_table", REPO / "benchmarks" / "organism_table.py")
-    organism_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(organism_table)
+    organism_table = benchmark_script("organism_table")
     (depth_row,) = [r for r in meta["eval"]["table"] if r["loop"] == cfg.num_loops]
     row = organism_table.build_row(str(path))
     assert row["max_operand"] == cfg.max_operand and row["rr"] == depth_row["rr"] and row["sv"] == depth_row["sv"]

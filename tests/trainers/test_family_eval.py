@@ -47,7 +47,7 @@ def _argv(folder, rows_path, out, *extra):
 
 @pytest.mark.slow
 def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
-    gap_dataset, llama_folder, tmp_path, sft_gap_script, parse_sft_gap, capsys
+    gap_dataset, llama_folder, tmp_path, sft_gap_script, parse_sft_gap, capsys, benchmark_script
 ):
     rows = _with_families(gap_dataset[0], "ac")
     rows.to_json(tmp_path / "rows.jsonl")
@@ -94,11 +94,7 @@ def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
     printed = capsys.readouterr().out
     assert "Before / after per family" in printed and "Transfer rule" in printed and "General questions" in printed
     # the docs' table and figure regenerate from the run's JSON
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("real_cure_table", ROOT / "benchmarks" / "real_cure_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = benchmark_script("real_cure_table")
     argv = [str(out), "--figure", str(tmp_path / "fig.png"), "--out", str(tmp_path / "table.md"), "--cut"]
     assert table.main(argv) == 0
     text = (tmp_path / "table.md").read_text()
