@@ -212,8 +212,10 @@ def goals_table(runs: list[dict]) -> list[str]:
         )
         outcomes = [p["outcome"] for p in pooled]
         outcome = ", ".join(f"{o} {outcomes.count(o)}/{len(outcomes)}" for o in sorted(set(outcomes)))
-        passed = [[f["family"] for f in r["families"] if f.get("outcome") == "yes"] for r in rs]
-        passed = [f"{f} ({sum(f in p for p in passed)}/{len(rs)})" for f in sorted({f for p in passed for f in p})]
+        yes_by_run = [[f["family"] for f in r["families"] if f.get("outcome") == "yes"] for r in rs]
+        passed = [
+            f"{f} ({sum(f in y for y in yes_by_run)}/{len(rs)})" for f in sorted({f for y in yes_by_run for f in y})
+        ]
         lines.append(
             f"| {name} | {len(rs)} | {bal}/{len(cells)}; {auroc}/{len(cells)} | {_fmt(refit)}; {_fmt(frozen)} | "
             f"{recovery} | {', '.join(fell) or 'none'} | {general} | {outcome} | "
