@@ -32,6 +32,7 @@ from trl import ModelConfig, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
 from loopalign.data.prompts import check_rendered_with
+from loopalign.data.replay_questions import load_replay_questions
 from loopalign.errors import ConfigError
 from loopalign.eval import (
     CompareConfig,
@@ -74,6 +75,9 @@ from loopalign.trainers.gap_data import (
     table_dataset,
 )
 from loopalign.trainers.probe_targets import PROBE_LABEL, labelled_subset
+
+#: the replay records a run trained on (the base model's own answers), in its output folder
+REPLAY_FILE = "replay.jsonl"
 
 # Used when no --config is given: the model organism (loopalign.organism, built into the cache on first
 # use), trained on its own training tasks and evaluated on its held-out ones (tasks neither the organism
@@ -207,6 +211,14 @@ class GapScriptArguments(GapEvalArguments):
             "help": "Distinct training tasks whose own answers are replayed (loss_weights.replay > 0); None: all."
         },
     )
+    replay_questions: str | None = field(
+        default=None,
+        metadata={
+            "help": "Questions whose base-model answers are replayed too, beside the training tasks: 'general' (42 "
+            "everyday questions, yes/no ones among them, none about a general-check question; "
+            "loopalign.data.replay_questions) or a .txt file, one question a line. Needs loss_weights.replay > 0."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -247,6 +259,10 @@ class GapScriptArguments(GapEvalArguments):
             parse_int_set(self.lora_layers, "lora_layers", what="0-based layer indices", example="'12-29'")
         if self.replay_tasks is not None and self.replay_tasks < 1:
             raise ConfigError(f"replay_tasks must be >= 1 (or unset for all), got {self.replay_tasks}")
+        if self.replay_questions is not None and self.replay_questions.strip().lower() in ("", "none"):
+            self.replay_questions = None  # 'none' clears a YAML's value on the command line
+        if self.replay_questions is not None:  # read now: a missing file or a blank line fails before the model loads
+            load_replay_questions(self.replay_questions)
 
     def heldout_family_names(self) -> list[str]:
         return _family_names(self.heldout_families)
@@ -337,6 +353,33 @@ def check_resume_and_saving(training_args: GapSFTConfig) -> None:
             f"--save_steps {training_args.save_steps:g} with save_strategy 'no' (the default recipe's) saves "
             "nothing: add --save_strategy steps"
         )
+
+
+def replay_records(model, tokenizer, train_ds, script_args: GapScriptArguments, training_args: GapSFTConfig):
+    """The base model's own answers to the training tasks (the first ``replay_tasks`` distinct ones) and to the
+    ``replay_questions``, as replay records; the main process writes them to ``output_dir/replay.jsonl``."""
+    questions = load_replay_questions(script_args.replay_questions) if script_args.replay_questions else []
+    build = self_replay_dataset(
+        model,
+        tokenizer,
+        list(dict.fromkeys(train_ds["task"]))[: script_args.replay_tasks] + questions,
+        num_loops=training_args.num_loops or trained_loops(model),
+        max_new_tokens=script_args.tp_max_new_tokens,
+        sources=sorted(set(train_ds["source"])) if "source" in train_ds.column_names else (),
+        batch_size=training_args.per_device_eval_batch_size,
+        keep_cut=script_args.replay_keep_cut,
+    )
+    replay = build.dataset
+    if training_args.process_index == 0:  # what replay trains on, beside the run's other inputs
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        atomic_write(os.path.join(training_args.output_dir, REPLAY_FILE), lambda tmp: replay.to_json(tmp, lines=True))
+        asked = f"training tasks and {len(questions)} replay_questions" if questions else "training tasks"
+        kept = "kept, without an end of turn" if script_args.replay_keep_cut else "left out"
+        print(
+            f"replay: the model's own answers to {len(replay)} of {build.n_tasks} {asked} "
+            f"({build.n_cut} cut off at {build.max_new_tokens} new tokens and {kept})"
+        )
+    return replay
 
 
 def check_against_data(training_args: GapSFTConfig, train_ds, eval_ds) -> None:
@@ -627,6 +670,8 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     """The recipe, top to bottom (``train_and_compare`` holds the output folder's lock around it)."""
     times = PhaseTimes()
     check_resume_and_saving(training_args)  # before any model work
+    if script_args.replay_questions is not None and training_args.loss_weights["replay"] <= 0:
+        raise ValueError("replay_questions needs loss_weights.replay > 0: no other term trains on their answers")
     if training_args.world_size > 1 and training_args.process_index == 0:
         print(f"{training_args.world_size} processes, {training_args.parallel_mode.value} (one model, data split)")
     set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
@@ -673,22 +718,7 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     if training_args.loss_weights["replay"] > 0:  # the base model's own answers to the training tasks; before the
         # before-evaluation, so a model that cannot answer them (all cut off) fails in seconds, not after it
         with times("replay"):
-            build = self_replay_dataset(
-                model,
-                tokenizer,
-                list(dict.fromkeys(train_ds["task"]))[: script_args.replay_tasks],
-                num_loops=training_args.num_loops or trained_loops(model),
-                max_new_tokens=script_args.tp_max_new_tokens,
-                sources=sorted(set(train_ds["source"])) if "source" in train_ds.column_names else (),
-                batch_size=training_args.per_device_eval_batch_size,
-                keep_cut=script_args.replay_keep_cut,
-            )
-        replay = build.dataset
-        if training_args.process_index == 0:
-            print(
-                f"replay: the model's own answers to {len(replay)} of {build.n_tasks} training tasks "
-                f"({build.n_cut} cut off at {build.max_new_tokens} new tokens and {'kept, without an end of turn' if script_args.replay_keep_cut else 'left out'})"
-            )
+            replay = replay_records(model, tokenizer, train_ds, script_args, training_args)
 
     probe_train = None
     if script_args.train_split_probe:  # the stronger yardstick fitted on the labelled training split

@@ -28,6 +28,8 @@ CASES = [
     (["--eval_fraction", "1.5"], "eval_fraction must be in (0, 1)"),
     (["--eval_n_boot", "0"], "eval_n_boot must be >= 1"),
     (["--replay_tasks", "0"], "replay_tasks must be >= 1"),
+    (["--replay_questions", "no/such/questions.txt"], "replay_questions: no file 'no/such/questions.txt'"),
+    (["--loss_weights", '{"lm": 1}', "--replay_questions", "general"], "replay_questions needs loss_weights.replay"),
     (["--loss_weights", '{"lm": 1, "consistensy": 1}'], "unknown loss key(s) ['consistensy']"),
     (["--loss_weights", '{"lm": -1}'], "loss_weights['lm'] must be a number >= 0"),
     (["--dataset", "missing/file.jsonl"], "missing/file.jsonl"),

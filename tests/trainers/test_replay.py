@@ -133,3 +133,26 @@ def test_replay_term_trains_the_answers_and_needs_its_data(gap_dataset, tmp_path
                 peft_config=peft,
                 replay_dataset=data,
             )
+
+
+def test_sft_gap_replays_the_training_tasks_and_the_replay_questions_and_saves_them(
+    gap_dataset, tmp_path, sft_gap_script, parse_sft_gap
+):
+    ds, tok = gap_dataset
+    model = _model(tok)
+    _always_end(model, tok, bias=5.0)
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Is grass green?\nName three fruits.\n")
+    out = tmp_path / "run"
+    argv = ["--model_name_or_path", "tiny", "--output_dir", str(out), "--replay_tasks", "3", "--replay_questions",
+            str(questions), "--replay_keep_cut", "true", "--tp_max_new_tokens", "4", "--report_to", "none",
+            "--use_cpu", "true"]  # fmt: skip
+    script_args, training_args, _ = parse_sft_gap(argv)
+    replay = sft_gap_script.replay_records(model, tok, ds, script_args, training_args)
+    tasks = list(dict.fromkeys(ds["task"]))
+    assert replay["task"] == [*tasks[:3], "Is grass green?", "Name three fruits."]
+    saved = datasets.Dataset.from_json(str(out / sft_gap_script.REPLAY_FILE))
+    assert saved["task"] == replay["task"] and saved["completion_ids"] == replay["completion_ids"]
+    # the questions' prompts are rendered as the tasks' are (same template), and answered by the model itself
+    assert replay["input_ids"][3] == task_prompts(["Is grass green?"], tok, TaskConfig())[0]
+    assert all(len(c) >= 1 for c in replay["completion_ids"])
