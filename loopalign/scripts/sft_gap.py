@@ -16,6 +16,7 @@ data, before-eval, replay, train, after-eval; printed at the end); logs the same
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import itertools
@@ -884,20 +885,16 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     trainer.accelerator.end_training()
 
 
-#: the spellings the parser accepts for the model option (HfArgumentParser adds the dashed one)
-_MODEL_OPTIONS = ("--model_name_or_path", "--model-name-or-path")
-
-
 def cli_model(argv: list[str]) -> str | None:
-    """The ``--model_name_or_path`` (or ``--model-name-or-path``) given on the command line, if any: the last one,
-    as the parser reads it."""
-    model = None
-    for i, arg in enumerate(argv):
-        if arg in _MODEL_OPTIONS and i + 1 < len(argv):
-            model = argv[i + 1]
-        elif arg.startswith(tuple(f"{o}=" for o in _MODEL_OPTIONS)):
-            model = arg.split("=", 1)[1]
-    return model
+    """The ``--model_name_or_path`` given on the command line, if any, read as the recipe's parser reads it: either
+    spelling (``--model-name-or-path``), ``=`` or a separate value, an abbreviation (``--model_name``), the last one
+    given. None when absent or malformed (the recipe's parser then says what is wrong)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=True, exit_on_error=False)
+    pre.add_argument("--model_name_or_path", "--model-name-or-path", dest="model")
+    try:
+        return pre.parse_known_args(argv)[0].model
+    except (argparse.ArgumentError, SystemExit):
+        return None
 
 
 def embedded_defaults_apply(argv: list[str]) -> bool:

@@ -57,6 +57,13 @@ def test_the_organism_defaults_apply_to_local_models_only(sft_gap_script, parse_
         (_, training_args, model_args) = recipe.build_parser(argv).parse_args_and_config(args=argv)
         assert model_args.model_name_or_path == "ByteDance/Ouro-1.4B" and training_args.max_steps == -1
     assert recipe.embedded_defaults_apply(["--model-name-or-path", "tiny"])
+    # an abbreviation the parser accepts names the model too: a hub model so named gets TRL's defaults
+    argv = ["--model_name", "ByteDance/Ouro-1.4B", "--lora_r", "4"]
+    assert recipe.cli_model(argv) == "ByteDance/Ouro-1.4B" and not recipe.embedded_defaults_apply(argv)
+    (_, training_args, model_args) = recipe.build_parser(argv).parse_args_and_config(args=argv)
+    assert model_args.model_name_or_path == "ByteDance/Ouro-1.4B" and training_args.max_steps == -1
+    assert recipe.cli_model(["--model_name_or_path=a", "--model_name_or_path", "b"]) == "b"  # the last one given
+    assert recipe.cli_model(["--model_name_or_path"]) is None  # no value: left to the recipe's parser to report
 
 
 @pytest.mark.parametrize("extra,message", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
