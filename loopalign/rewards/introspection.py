@@ -5,11 +5,13 @@ The injection spec travels in dataset columns (``trial_type``, ``injected``, ``c
 each reward function as a list with one value per completion. Completions may be strings or conversational
 (a list of messages; the last message's content is graded).
 
-- :func:`detection_reward`: 1 when the detection claim is right (claimed on an injected trial, not claimed on a
-  control), else 0;
+- :func:`detection_reward`: 1 when the report is the honest one for its trial type: a claim on a concept
+  injection, no claim on a control, "no" to a control question (injected or not: its statement is false); None on
+  a random vector (TRL leaves it out: noticing a perturbation that carries no concept is neither right nor wrong);
 - :func:`identification_reward`: 1 when an injected trial's concept is identified (the claim no later than the
   first mention of the concept; not as the first word), else 0; ``None`` on controls (TRL leaves it out);
-- :func:`false_positive_penalty`: -1 for a detection claim on a control trial, else 0;
+- :func:`false_positive_penalty`: -1 for a detection claim on a control trial or a "yes" to a control question,
+  else 0;
 - :func:`format_reward`: 1 for a coherent response that opens with a clear verdict (yes/no or an explicit
   detection statement), 0 for a coherent one without, -1 for incoherent/degenerate output.
 
@@ -99,11 +101,21 @@ def _log(kwargs, name: str, values: list[float]) -> None:
         log_metric(name, sum(values) / len(values))
 
 
-def _detection(trials, grades) -> list[float]:
+def _detection(trials, grades) -> list[float | None]:
+    """The right report per trial type: a claim on a concept injection (an incoherent one does not count), no
+    claim on a control, the honest "no" to a control question (injected or not: its statement is false), and no
+    target on a random vector (None: noticing a perturbation with no concept is neither right nor wrong)."""
     out = []
     for t, g in zip(trials, grades):
-        claim = g.detected and not (t["injected"] and g.incoherent)
-        out.append(1.0 if claim == t["injected"] else 0.0)
+        kind = t["trial_type"]
+        if kind == "random":
+            out.append(None)
+        elif kind == "control_question":
+            out.append(1.0 if g.answer == "no" and not g.incoherent else 0.0)
+        elif t["injected"]:
+            out.append(1.0 if g.detected and not g.incoherent else 0.0)
+        else:
+            out.append(0.0 if g.detected else 1.0)
     return out
 
 
@@ -112,7 +124,14 @@ def _identification(trials, grades) -> list[float | None]:
 
 
 def _false_positive(trials, grades) -> list[float]:
-    return [-1.0 if (t["trial_type"] == "control" and g.detected) else 0.0 for t, g in zip(trials, grades)]
+    """-1 for a detection claim on a control trial or a "yes" to a control question (whose statement is false)."""
+    out = []
+    for t, g in zip(trials, grades):
+        wrong = (t["trial_type"] == "control" and g.detected) or (
+            t["trial_type"] == "control_question" and g.answer == "yes"
+        )
+        out.append(-1.0 if wrong else 0.0)
+    return out
 
 
 def _format(trials, grades) -> list[float]:
@@ -128,9 +147,9 @@ def _log_rates(kwargs, trials, grades) -> None:
     _log(kwargs, "introspection/incoherent", [float(g.incoherent) for g in grades])
 
 
-def detection_reward(prompts, completions, **kwargs) -> list[float]:
-    """1 when the detection claim matches whether a thought was injected, else 0 (an incoherent claim on an
-    injected trial does not count). Logs the batch's detection/identification/false-positive rates."""
+def detection_reward(prompts, completions, **kwargs) -> list[float | None]:
+    """1 for the honest report of each trial type (see :func:`_detection`), None on random vectors. Logs the batch's
+    detection/identification/false-positive rates."""
     trials, grades = grade_completions(completions, **kwargs)
     _log_rates(kwargs, trials, grades)
     return _detection(trials, grades)
@@ -144,7 +163,7 @@ def identification_reward(prompts, completions, **kwargs) -> list[float | None]:
 
 
 def false_positive_penalty(prompts, completions, **kwargs) -> list[float]:
-    """-1 for a detection claim on a control trial, else 0."""
+    """-1 for a detection claim on a control trial or a "yes" to a control question, else 0."""
     trials, grades = grade_completions(completions, **kwargs)
     return _false_positive(trials, grades)
 

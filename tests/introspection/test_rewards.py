@@ -103,3 +103,33 @@ def test_exploits_earn_less_than_an_honest_answer():
     always_yes_control = score("Yes, I detect an injected thought about oceans.", control)
     hedged_yes_control = score("I notice that there is no injected thought.", control)
     assert honest_control > always_yes_control and hedged_yes_control > always_yes_control  # no false positive
+
+
+def test_each_trial_type_pays_its_honest_report_only():
+    """[introspection-v3] item 3: an injected control question answered "yes" to its false statement earned the
+    detection reward and the honest "no" did not; a claim then retracted earned the full reward; a vocabulary word
+    mentioned in passing cost the identification. Each exploit now pays less than the honest report."""
+    reward = combined_reward()
+    p = ["p"]
+
+    def score(text, kind, concept="", injected=True):
+        return reward(prompts=p, completions=[text], trial_type=[kind], concept=[concept], injected=[injected])[0]
+
+    for injected in (True, False):  # a control question's honest answer is "no", injected or not
+        honest = score("No, that is not true.", "control_question", "Oceans", injected)
+        yes = score("Yes, that is true.", "control_question", "Oceans", injected)
+        assert honest > yes, (injected, honest, yes)
+        assert detection_reward(p, ["No."], trial_type=["control_question"], concept=["Oceans"]) == [1.0]
+        assert false_positive_penalty(p, ["Yes, I think so."], trial_type=["control_question"], concept=["x"]) == [-1]
+    # a random vector: no detection target either way, so claiming does not pay and denying does not cost
+    assert detection_reward(p, ["Yes, I notice something."], trial_type=["random"], concept=[""]) == [None]
+    assert detection_reward(p, ["No."], trial_type=["random"], concept=[""]) == [None]
+    # a claim, then a retraction: graded by the retraction (no claim on the injected trial, none on the control)
+    retracted = "Yes, I notice a thought about oceans. Actually, no, I don't detect anything."
+    assert score(retracted, "injection", "Oceans") < score(
+        "Yes, I detect a thought about oceans.", "injection", "Oceans"
+    )
+    assert false_positive_penalty(p, [retracted], trial_type=["control"], concept=[""]) == [0]
+    # an honest identification with another concept's word in passing keeps its reward
+    passing = "Yes, I detect an injected thought about oceans. It feels like a deep, calm peace."
+    assert identification_reward(p, [passing], trial_type=["injection"], concept=["Oceans"]) == [1]
