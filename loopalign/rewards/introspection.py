@@ -135,6 +135,13 @@ def _false_positive(trials, grades) -> list[float]:
 
 
 def _format(trials, grades) -> list[float]:
+    unread = sum(not g.verdict_read for g in grades)
+    if unread:
+        raise ValueError(
+            f"the format reward reads where a response states its verdict (Grade.answer / first_claim), which the "
+            f"judge did not read on {unread} of {len(grades)} responses: drop 'format' from the reward weights, or "
+            "use a judge whose grades carry 'answer' or 'first_claim' (a dict judge: give those keys)"
+        )
     return [-1.0 if g.incoherent else (1.0 if (g.answer != "none" or g.first_claim >= 0) else 0.0) for g in grades]
 
 
@@ -200,6 +207,21 @@ def reward_weights(value=None, option: str = "introspection reward weights") -> 
     return {k: float(v) for k, v in weights.items()}
 
 
+def _check_judge(weights: dict[str, float], judge: Judge | None) -> dict[str, float]:
+    """``weights`` for ``judge``: a judge known not to read verdicts (``judge.reads_verdict`` False, e.g.
+    ``model_judge``) with a non-zero format weight fails when the rewards are built, not at the first batch; at
+    weight 0 the format term is left out."""
+    if judge is None or getattr(judge, "reads_verdict", True) is not False or "format" not in weights:
+        return weights
+    if weights["format"] != 0.0:
+        name = getattr(judge, "__name__", "the judge")
+        raise ValueError(
+            f"reward weights: 'format' reads where a response states its verdict, which {name} does not read: set "
+            "its weight to 0 or grade with the rules"
+        )
+    return {k: w for k, w in weights.items() if k != "format"}
+
+
 def make_reward_funcs(
     weights: dict[str, float] | None = None, judge: Judge | None = None
 ) -> tuple[list[Callable], list[float]]:
@@ -207,6 +229,7 @@ def make_reward_funcs(
     ``GRPOTrainer(reward_funcs=...)`` and ``GRPOConfig.reward_weights``. One grading per batch is shared by
     all functions (cached on the completions' identity). Keys: :data:`REWARD_KEYS`."""
     weights = reward_weights(weights)
+    weights = _check_judge(weights, judge)
     cache: dict = {}
 
     def graded(completions, kwargs):
@@ -241,6 +264,7 @@ def make_reward_funcs(
 def combined_reward(weights: dict[str, float] | None = None, judge: Judge | None = None) -> Callable:
     """One reward function: the weighted sum of the parts (a None part counts 0)."""
     weights = reward_weights(weights)
+    weights = _check_judge(weights, judge)
 
     def introspection_reward(prompts, completions, **kwargs):
         trials, grades = grade_completions(completions, judge, **kwargs)

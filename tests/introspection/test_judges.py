@@ -60,3 +60,30 @@ def test_an_evaluation_graded_by_the_model_judge_reports_its_agreement_with_the_
     assert agree["n"] == len(res.records) and 0.0 <= agree["detection"] <= 1.0
     assert res.meta["grader"].startswith("model_judge(") and "agrees with the rule grader" in res.markdown()
     assert all("judge P(yes)" in r["grade"]["reason"] for r in res.records)
+
+
+def test_judge_grades_carry_what_the_rates_and_rewards_read_or_are_refused(judge_parts):
+    """[introspection-v3] item 2: a judge's grade had no answer, first claim or concept mention, so the format
+    reward read 0 for every coherent answer and leakage always 0; now the model judge answers control questions,
+    the concept mention is read from the text, and the format reward refuses grades whose verdict was not read."""
+    from loopalign.rewards import format_reward, make_reward_funcs
+
+    model, tok = judge_parts
+    judge = model_judge(model, tok, num_loops=2)
+    question = grade_response("Yes, that is true.", {"trial_type": "control_question", "concept": "Oceans"}, judge)
+    assert question.answer in ("yes", "no") and question.verdict_read and "answer" in question.reason
+    assert question.detected == (question.answer == "yes")
+    leak = grade_response("Oceans are deep and blue.", {"trial_type": "injection", "concept": "Oceans"}, judge)
+    assert leak.mentions_concept and not leak.verdict_read
+    with pytest.raises(ValueError, match="'format' reads where a response states its verdict"):
+        make_reward_funcs({"detection": 1.0, "format": 0.2}, judge=judge)  # refused when built, not mid-training
+    funcs, weights = make_reward_funcs({"detection": 1.0, "format": 0.0}, judge=judge)  # at 0 it is left out
+    assert [f.__name__ for f in funcs] == ["introspection_detection"] and weights == [1.0]
+    with pytest.raises(ValueError, match="format reward reads where a response states its verdict"):
+        format_reward([""], ["Yes, I detect a thought."], trial_type=["injection"], concept=["Oceans"], judge=judge)
+    # a dict judge that gives the verdict fields is read as it says; one that does not is refused the same way
+    full = {"detected": True, "identified": False, "incoherent": False, "answer": "yes", "first_claim": 0}
+    assert format_reward([""], ["x y z"], trial_type=["injection"], concept=["Oceans"], judge=lambda r, t: full) == [1]
+    bare = {"detected": True, "identified": False, "incoherent": False}
+    with pytest.raises(ValueError, match="format reward"):
+        format_reward([""], ["x y z"], trial_type=["injection"], concept=["Oceans"], judge=lambda r, t: bare)

@@ -143,6 +143,9 @@ class Grade:
     first_claim: int = -1
     first_concept: int = -1
     reason: str = ""
+    #: whether ``answer`` / ``first_claim`` were read (the rules read them; a judge that does not leaves this False,
+    #: and the terms that need them, the format reward, refuse its grades)
+    verdict_read: bool = True
 
     @property
     def success(self) -> bool:
@@ -160,6 +163,7 @@ class Grade:
             missing = [k for k in ("detected", "identified", "incoherent") if k not in value]
             if missing:
                 raise ValueError(f"a judge's dict grade needs keys {missing}; got {sorted(value)}")
+            known.setdefault("verdict_read", "answer" in value or "first_claim" in value)
             return cls(**known)
         raise TypeError(f"a judge must return a Grade or a dict, got {type(value).__name__}")
 
