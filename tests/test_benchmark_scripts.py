@@ -178,3 +178,18 @@ def test_the_real_model_goals_table_in_the_docs_is_what_its_command_prints(tmp_p
     printed = [line for line in out.read_text().splitlines() if line.startswith("|")]
     in_doc = [line for line in section.splitlines() if line.startswith("|")]
     assert printed == in_doc
+
+
+def test_the_grader_table_in_the_docs_is_what_its_command_prints(benchmark_script, caplog):
+    """docs/introspection.md's per-class table of the grader is what benchmarks/grader_table.py prints (the current
+    grader's column; the old grader's needs the git history, so the doc's extra column is not checked here)."""
+    import logging
+
+    script = benchmark_script("grader_table")
+    with caplog.at_level(logging.INFO, logger="grader_table"):
+        assert script.main([]) == 0
+    printed = [line for line in caplog.text.splitlines() if line.startswith("| ") and "class" not in line]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "introspection.md").read_text().splitlines()
+    assert printed and printed[-1].startswith(f"| all | {len(script.rows())} |")
+    for row in printed:  # "| class | rows | current |" opens a doc line that adds the old grader's column
+        assert any(line.startswith(row) for line in doc), f"docs/introspection.md lacks the row {row!r}"
