@@ -25,10 +25,11 @@ from loopalign.eval.introspection import (
     parse_indices,
     positive_control_verdict,
     resolve_loop_words,
+    specificity_verdict,
     split_concepts,
 )
 from loopalign.eval.introspection.checks import ChecksConfig, checks_markdown, run_checks
-from loopalign.eval.introspection.report import format_rate
+from loopalign.eval.introspection.report import format_rate, specificity_markdown
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.loading import load_model
 from loopalign.log import command_console
@@ -221,6 +222,7 @@ def run(args: EvalIntrospectionArguments) -> dict:
         print(f"Result rule: {RESULT_RULE}.\nAt N = {n}, injection loop {last}: detection − FP "
               f"{format_rate(v['detection_minus_fp'])}, identification {format_rate(v['identification'])} (chance "
               f"{100 * v['chance_identification']:.1f}): {'holds' if v['holds'] else 'does not hold'}.")  # fmt: skip
+        print(specificity_markdown([("evaluated", specificity_verdict(result.records, last, n, len(CONCEPT_WORDS)))]))
     if args.lindsey_checks:
         ext = max(cfg.extraction_loops or (vectors.num_loops - 1,))
         checks = ChecksConfig(num_loops=n, extraction_loop=min(ext, vectors.num_loops - 1), injection_loop=last,

@@ -32,10 +32,11 @@ from loopalign.eval.introspection import (
     parse_indices,
     positive_control_verdict,
     resolve_loop_words,
+    specificity_verdict,
     split_concepts,
 )
 from loopalign.eval.introspection.checks import ChecksConfig, checks_markdown, run_checks
-from loopalign.eval.introspection.report import format_rate, plot_comparison
+from loopalign.eval.introspection.report import format_rate, plot_comparison, specificity_markdown
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.io import atomic_write_text
 from loopalign.loading import load_model
@@ -226,6 +227,14 @@ def result_verdicts(before, after, script_args, n_model: int, n_words: int, trai
             f"{'yes' if v['holds'] else 'no'} (detection {'yes' if v['detection_holds'] else 'no'}, identification "
             f"{'yes' if v['identification_holds'] else 'no'}) |"
         )
+    specific = []
+    for label, res in (("before", before), ("after", after)):
+        try:
+            specific.append((label, specificity_verdict(res.records, loop, n_model, n_words)))
+        except ValueError:
+            continue
+    if specific:
+        lines += ["", specificity_markdown(specific)]
     return "\n".join(lines) + "\n"
 
 

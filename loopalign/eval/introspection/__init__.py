@@ -32,7 +32,14 @@ from .grading import (
     rules_grade,
 )
 from .report import IntrospectionResult, compare_introspection
-from .stats import RESULT_RULE, naming_rate, positive_control_verdict, summarize
+from .stats import (
+    RESULT_RULE,
+    SPECIFICITY_RULE,
+    naming_rate,
+    positive_control_verdict,
+    specificity_verdict,
+    summarize,
+)
 from .trials import (
     CONTROL_QUESTIONS,
     IntrospectionConfig,
@@ -71,6 +78,8 @@ __all__ = [
     "summarize",
     "RESULT_RULE",
     "positive_control_verdict",
+    "specificity_verdict",
+    "SPECIFICITY_RULE",
     "naming_rate",
     "IntrospectionResult",
     "evaluate_introspection",

@@ -19,6 +19,7 @@ __all__ = [
     "plot_rate_grids",
     "plot_strength_curves",
     "plot_comparison",
+    "specificity_markdown",
 ]
 
 
@@ -31,6 +32,32 @@ def format_rate(r: dict | None) -> str:
     if not r or r.get("rate") is None:
         return "–"
     return f"{_pct(r['rate'])} [{_pct(r['lo'])}, {_pct(r['hi'])}]"
+
+
+def specificity_markdown(verdicts) -> str:
+    """Markdown: the concept-specific result rule and, per ``(label, specificity_verdict)``, its parts with their
+    concept-clustered intervals, the trial and concept counts and whether it holds."""
+    lines = [
+        f"Result rule (concept-specific): {verdicts[0][1]['rule']}." if verdicts else "",
+        "",
+        "| | specific detection | detection − FP | detection | random-vector claims | control-question drift "
+        "| identification (chance) | trials (concepts) | holds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, v in verdicts:
+        n, k = v["n"], v["clusters"]
+        holds = "yes" if v["holds"] else "no"
+        parts = [("1", v["specific_holds"]), ("2", v["beyond_fp_holds"]), ("3", v["identification_holds"])]
+        failed = ", ".join(p for p, ok in parts if not ok)
+        lines.append(
+            f"| {label} (N = {v['num_loops']}, inj loop {v['injection_loop']}) | {format_rate(v['specific_detection'])} "
+            f"| {format_rate(v['detection_minus_fp'])} | {format_rate(v['detection'])} "
+            f"| {format_rate(v['random_claims'])} (n {n['random_claims']}) | {format_rate(v['question_drift'])} "
+            f"(n {n['question_yes_injected']} / {n['question_yes_uninjected']}) "
+            f"| {format_rate(v['identification'])} ({100 * v['chance_identification']:.1f}) "
+            f"| {n['detection']} ({k['detection']}) | {holds}{f' (fails {failed})' if failed else ''} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 @dataclass

@@ -15,7 +15,15 @@ import numpy as np
 from ..metrics import wilson_interval
 from .grading import named_concepts
 
-__all__ = ["summarize", "rate_grids", "RESULT_RULE", "positive_control_verdict", "naming_rate"]
+__all__ = [
+    "summarize",
+    "rate_grids",
+    "RESULT_RULE",
+    "SPECIFICITY_RULE",
+    "positive_control_verdict",
+    "specificity_verdict",
+    "naming_rate",
+]
 
 
 def _rate(values, n_boot: int, alpha: float, seed: int) -> dict:
@@ -227,3 +235,122 @@ def naming_rate(records: Sequence[dict], concepts: Sequence[str], injection_loop
         and (int(r["num_loops"]), int(r["injection_loop"])) == (num_loops, injection_loop)
     ]
     return _rate(hits, 0, 0.05, 0)
+
+
+#: the positive control's bar from [introspection-v3] on, stated before any run (docs/introspection.md): detection
+#: counts only as far as it is concept-specific, and intervals resample concepts, not trials
+SPECIFICITY_RULE = (
+    "at the trained injection site (N, the model's last loop), on concepts held out from training, pooled over "
+    "strengths, with 95% percentile intervals from a bootstrap that resamples concepts (injection trials and "
+    "injected control questions), random vectors, controls and uninjected control questions: (1) concept-specific "
+    "detection: the lower bound of detection minus random-vector claims minus control-question drift (the 'yes' "
+    "rate with a concept injected minus without) is above 0; (2) the lower bound of detection minus the controls' "
+    "claims is above 0; (3) the lower bound of identification is above chance, 1/K for K concept words. Without "
+    "random-vector or control-question trials, (1) cannot hold"
+)
+
+
+def _at_site(records: Sequence[dict], kind: str, num_loops: int, injection_loop: int | None) -> list[dict]:
+    return [
+        r
+        for r in records
+        if r["trial_type"] == kind
+        and int(r["num_loops"]) == num_loops
+        and (injection_loop is None or int(r["injection_loop"]) == injection_loop)
+    ]
+
+
+def _clusters(records: Sequence[dict], value, by_concept: bool) -> list[np.ndarray]:
+    """Per cluster the 0/1 values of its trials: a concept's trials together, or each trial alone."""
+    groups: dict = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[r.get("concept") if by_concept else i].append(value(r["grade"]))
+    return [np.asarray(v, dtype=np.float64) for v in groups.values()]
+
+
+def _resampled_rate(clusters: list[np.ndarray], rng: np.random.Generator | None) -> float:
+    """The pooled rate of the clusters, or of a resample of them with replacement (``rng``)."""
+    if not clusters:
+        return float("nan")
+    picked = clusters if rng is None else [clusters[i] for i in rng.integers(0, len(clusters), len(clusters))]
+    return float(np.concatenate(picked).mean())
+
+
+def specificity_verdict(
+    records: Sequence[dict],
+    injection_loop: int,
+    num_loops: int,
+    n_concept_words: int,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Whether graded ``records`` clear :data:`SPECIFICITY_RULE` at (``num_loops``, ``injection_loop``): each part
+    with its point estimate and concept-clustered 95% interval, the trial and cluster counts, and ``holds``."""
+    if n_boot < 100:
+        raise ValueError(f"specificity_verdict: n_boot must be >= 100, got {n_boot}")
+    injected = _at_site(records, "injection", num_loops, injection_loop)
+    if not injected:
+        raise ValueError(f"no injection trials at N = {num_loops}, injection loop {injection_loop}")
+    questions = _at_site(records, "control_question", num_loops, None)
+    groups = {
+        "detection": _clusters(injected, lambda g: float(g["detected"] and not g["incoherent"]), True),
+        "identification": _clusters(injected, lambda g: float(g["success"]), True),
+        "random_claims": _clusters(
+            _at_site(records, "random", num_loops, injection_loop), lambda g: float(g["detected"]), False
+        ),
+        "false_positive": _clusters(
+            _at_site(records, "control", num_loops, None), lambda g: float(g["detected"]), False
+        ),
+        "question_yes_injected": _clusters(
+            [r for r in questions if r.get("injected") and int(r["injection_loop"]) == injection_loop],
+            lambda g: float(g.get("answer") == "yes"),
+            True,
+        ),
+        "question_yes_uninjected": _clusters(
+            [r for r in questions if not r.get("injected")], lambda g: float(g.get("answer") == "yes"), False
+        ),
+    }
+
+    def parts(rng):
+        rate = {k: _resampled_rate(v, rng) for k, v in groups.items()}
+        drift = rate["question_yes_injected"] - rate["question_yes_uninjected"]
+        return {
+            "specific_detection": rate["detection"] - rate["random_claims"] - drift,
+            "detection_minus_fp": rate["detection"] - rate["false_positive"],
+            "identification": rate["identification"],
+            "question_drift": drift,
+            **rate,
+        }
+
+    point = parts(None)
+    rng = np.random.default_rng(seed)
+    draws = [parts(rng) for _ in range(n_boot)]
+    out = {}
+    for name, value in point.items():
+        values = np.asarray([d[name] for d in draws], dtype=np.float64)
+        lo, hi = (None, None) if np.isnan(values).all() else np.nanpercentile(values, [2.5, 97.5]).tolist()
+        out[name] = {"rate": None if np.isnan(value) else value, "lo": lo, "hi": hi}
+    chance = 1.0 / n_concept_words
+    has_negatives = (
+        bool(groups["random_claims"])
+        and bool(groups["question_yes_injected"])
+        and bool(groups["question_yes_uninjected"])
+    )
+    specific = has_negatives and out["specific_detection"]["lo"] is not None and out["specific_detection"]["lo"] > 0
+    beyond_fp = out["detection_minus_fp"]["lo"] is not None and out["detection_minus_fp"]["lo"] > 0
+    identified = out["identification"]["lo"] is not None and out["identification"]["lo"] > chance
+    return {
+        "num_loops": num_loops,
+        "injection_loop": injection_loop,
+        **out,
+        "chance_identification": chance,
+        "n": {k: int(sum(len(c) for c in v)) for k, v in groups.items()},
+        "clusters": {k: len(v) for k, v in groups.items()},
+        "specific_holds": specific,
+        "beyond_fp_holds": beyond_fp,
+        "identification_holds": identified,
+        "holds": specific and beyond_fp and identified,
+        "missing": [] if has_negatives else ["random-vector or control-question trials: (1) cannot hold"],
+        "rule": SPECIFICITY_RULE,
+        "n_boot": n_boot,
+    }
