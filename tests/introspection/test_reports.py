@@ -165,3 +165,26 @@ def _ragged_table_rows(markdown: str) -> list[str]:
         elif cells != width:
             bad.append(line)
     return bad
+
+
+def test_random_vector_and_control_question_tables_have_strength_and_n(result):
+    """[introspection-v3] item 5: the random-vector table had no strength column, the control-question table mixed
+    the uninjected row in and had no n."""
+    from loopalign.eval.introspection import IntrospectionResult
+
+    records = copy.deepcopy(result.records)
+    grade = {"detected": False, "identified": False, "incoherent": False, "success": False, "answer": "no"}
+    site = dict(num_loops=2, extraction_loop=1, injection_loop=1, layer=0, concept="Dust", injected=True)
+    records += [{"trial_type": "control_question", "strength": 4.0, **site, "grade": dict(grade)} for _ in range(3)]
+    records += [
+        {"trial_type": "control_question", "num_loops": 2, "extraction_loop": -1, "injection_loop": -1, "layer": -1,
+         "strength": 0.0, "concept": "", "injected": False, "grade": {**grade, "detected": True, "answer": "yes"}}
+        for _ in range(2)
+    ]  # fmt: skip
+    md = IntrospectionResult(records, summarize(records), result.config, result.meta).markdown()
+    random_rows = [x for x in md.split("## Random norm-matched vectors")[1].split("\n\n")[1].splitlines()[2:]]
+    assert {row.split("|")[5].strip() for row in random_rows} == {"1", "4"}  # both strengths, one row each
+    assert all(row.split("|")[-2].strip() == "2" for row in random_rows)  # n_random per (site, strength)
+    questions = md.split("## 'No'-answer control questions")[1]
+    assert "| 2 | no (uninjected) | – | – | – | – | 100.0 [" in questions and questions.count("| 3 |") == 1
+    assert "| 2 | yes | 1 | 1 | 0 | 4 | 0.0 [" in questions

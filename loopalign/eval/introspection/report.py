@@ -152,26 +152,31 @@ class IntrospectionResult:
                     f"{r['false_positive']['n']} |"
                 )
         if s["random"]:
-            lines += ["", "## Random norm-matched vectors", "", "| N | ext | inj | layer | detection claims | n |"]
-            lines += ["|---|---|---|---|---|---|"]
+            lines += ["", "## Random norm-matched vectors", ""]
+            lines += ["| N | ext | inj | layer | strength | detection claims | incoherent | n |"]
+            lines += ["|---|---|---|---|---|---|---|---|"]
             for r in s["random"]:
                 lines.append(
                     f"| {r['num_loops']} | {r['extraction_loop']} | {r['injection_loop']} | {r['layer']} | "
-                    f"{format_rate(r['detection'])} | {r['detection']['n']} |"
+                    f"{r['strength']:g} | {format_rate(r['detection'])} | {format_rate(r['incoherent'])} | "
+                    f"{r['detection']['n']} |"
                 )
         if s["control_questions"]:
             lines += [
                 "",
-                "## 'No'-answer control questions (injected)",
+                "## 'No'-answer control questions (a 'yes' with a concept injected beyond the uninjected rate is drift)",
                 "",
-                "| N | ext | inj | layer | strength | yes |",
+                "| N | injected | ext | inj | layer | strength | yes | n |",
             ]
-            lines += ["|---|---|---|---|---|---|"]
-            for r in s["control_questions"]:
-                lines.append(
-                    f"| {r['num_loops']} | {r['extraction_loop']} | {r['injection_loop']} | {r['layer']} | "
-                    f"{r['strength']:g} | {format_rate(r['yes'])} |"
+            lines += ["|---|---|---|---|---|---|---|---|"]
+            rows = sorted(s["control_questions"], key=lambda r: (r["num_loops"], r["injection_loop"] >= 0))
+            for r in rows:
+                site = (
+                    f"yes | {r['extraction_loop']} | {r['injection_loop']} | {r['layer']} | {r['strength']:g}"
+                    if r["injection_loop"] >= 0
+                    else "no (uninjected) | – | – | – | –"
                 )
+                lines.append(f"| {r['num_loops']} | {site} | {format_rate(r['yes'])} | {r['yes']['n']} |")
         return "\n".join(lines) + "\n"
 
     def plot(self, out_dir: str) -> dict[str, str]:
