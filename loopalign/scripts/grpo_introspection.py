@@ -227,14 +227,22 @@ def result_verdicts(before, after, script_args, n_model: int, n_words: int, trai
             f"{'yes' if v['holds'] else 'no'} (detection {'yes' if v['detection_holds'] else 'no'}, identification "
             f"{'yes' if v['identification_holds'] else 'no'}) |"
         )
-    specific = []
+    # at the trained site: the extraction loop and layers the reports were trained at (None: the vectors' layers)
+    trained_site = {
+        "extraction_loops": parse_indices(script_args.train_extraction_loops, "train_extraction_loops")
+        or (n_model - 1,),
+        "layers": parse_indices(script_args.train_layers, "train_layers") or None,
+    }
+    specific, missing = [], []
     for label, res in (("before", before), ("after", after)):
         try:
-            specific.append((label, specificity_verdict(res.records, loop, n_model, n_words)))
-        except ValueError:
-            continue
+            specific.append((label, specificity_verdict(res.records, loop, n_model, n_words, **trained_site)))
+        except ValueError as e:
+            missing.append(f"{label}: {e}")
     if specific:
         lines += ["", specificity_markdown(specific)]
+    if missing:  # said, not dropped: e.g. evaluated at another extraction loop than the one trained
+        lines += ["", "The concept-specific rule at the trained site could not be read: " + "; ".join(missing) + "."]
     return "\n".join(lines) + "\n"
 
 

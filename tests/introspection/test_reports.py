@@ -144,7 +144,10 @@ def test_grpo_recipe_body_runs_sft_mode_and_writes_the_side_by_side_report(tmp_p
     # the concept-specific rule too (random-vector claims and control-question drift subtracted), before and after
     assert "Result rule (concept-specific):" in compare and compare.count("| specific detection |") == 1
     specific = compare.split("Result rule (concept-specific):")[1]
-    assert "| before (N = 4, inj loop 3) |" in specific and "| after (N = 4, inj loop 3) |" in specific
+    assert (
+        "| before (N = 4, inj loop 3, ext 3, layers pooled) |" in specific
+        and "| after (N = 4, inj loop 3, ext 3," in specific
+    )
     for name in ("before_after_heatmaps.png", "before_after_curves.png", "after/checks.md", "before/introspection.md",
                  "after/rate_heatmaps.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name

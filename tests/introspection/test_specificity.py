@@ -54,3 +54,17 @@ def test_intervals_resample_concepts_not_trials():
     v = specificity_verdict(rows, 3, 4, 50, n_boot=400)
     assert v["detection"]["rate"] == pytest.approx(0.5)
     assert v["detection"]["hi"] - v["detection"]["lo"] > 0.9
+
+
+def test_the_verdict_is_read_at_the_trained_site_unless_asked_to_pool():
+    rows = _records(random_claims=2, questions_yes_injected=0)
+    for r in rows:
+        r["extraction_loop"], r["layer"] = 3, 5
+    elsewhere = [dict(r, extraction_loop=1, grade=dict(r["grade"], detected=False, success=False)) for r in rows
+                 if r["trial_type"] == "injection"]  # fmt: skip
+    pooled = specificity_verdict(rows + elsewhere, 3, 4, 50, n_boot=300)
+    trained = specificity_verdict(rows + elsewhere, 3, 4, 50, n_boot=300, extraction_loops=[3], layers=[5])
+    assert pooled["n"]["detection"] == 96 and pooled["detection"]["rate"] == pytest.approx(0.5)
+    assert trained["n"]["detection"] == 48 and trained["detection"]["rate"] == 1.0 and trained["holds"]
+    assert trained["extraction_loops"] == [3] and trained["layers"] == [5] and pooled["layers"] is None
+    assert trained["n"]["question_yes_uninjected"] == 12  # uninjected trials have no site and are always kept

@@ -34,6 +34,10 @@ def format_rate(r: dict | None) -> str:
     return f"{_pct(r['rate'])} [{_pct(r['lo'])}, {_pct(r['hi'])}]"
 
 
+def _site(values) -> str:
+    return "pooled" if values is None else ",".join(str(v) for v in values)
+
+
 def specificity_markdown(verdicts) -> str:
     """Markdown: the concept-specific result rule and, per ``(label, specificity_verdict)``, its parts with their
     concept-clustered intervals, the trial and concept counts and whether it holds."""
@@ -50,7 +54,8 @@ def specificity_markdown(verdicts) -> str:
         parts = [("1", v["specific_holds"]), ("2", v["beyond_fp_holds"]), ("3", v["identification_holds"])]
         failed = ", ".join(p for p, ok in parts if not ok)
         lines.append(
-            f"| {label} (N = {v['num_loops']}, inj loop {v['injection_loop']}) | {format_rate(v['specific_detection'])} "
+            f"| {label} (N = {v['num_loops']}, inj loop {v['injection_loop']}, ext {_site(v.get('extraction_loops'))}, "
+            f"layers {_site(v.get('layers'))}) | {format_rate(v['specific_detection'])} "
             f"| {format_rate(v['detection_minus_fp'])} | {format_rate(v['detection'])} "
             f"| {format_rate(v['random_claims'])} (n {n['random_claims']}) | {format_rate(v['question_drift'])} "
             f"(n {n['question_yes_injected']} / {n['question_yes_uninjected']}) "

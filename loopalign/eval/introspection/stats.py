@@ -283,11 +283,22 @@ def specificity_verdict(
     n_concept_words: int,
     n_boot: int = 2000,
     seed: int = 0,
+    extraction_loops: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> dict:
     """Whether graded ``records`` clear :data:`SPECIFICITY_RULE` at (``num_loops``, ``injection_loop``): each part
-    with its point estimate and concept-clustered 95% interval, the trial and cluster counts, and ``holds``."""
+    with its point estimate and concept-clustered 95% interval, the trial and cluster counts, and ``holds``.
+    ``extraction_loops`` / ``layers``: the trained site's (the injected trials elsewhere are left out); None pools
+    over every one evaluated, and the verdict says so."""
     if n_boot < 100:
         raise ValueError(f"specificity_verdict: n_boot must be >= 100, got {n_boot}")
+
+    def trained_site(r: dict) -> bool:
+        return (extraction_loops is None or int(r["extraction_loop"]) in set(extraction_loops)) and (
+            layers is None or int(r["layer"]) in set(layers)
+        )
+
+    records = [r for r in records if not r.get("injected", r["trial_type"] != "control") or trained_site(r)]
     injected = _at_site(records, "injection", num_loops, injection_loop)
     if not injected:
         raise ValueError(f"no injection trials at N = {num_loops}, injection loop {injection_loop}")
@@ -342,6 +353,8 @@ def specificity_verdict(
     return {
         "num_loops": num_loops,
         "injection_loop": injection_loop,
+        "extraction_loops": None if extraction_loops is None else sorted(extraction_loops),
+        "layers": None if layers is None else sorted(layers),
         **out,
         "chance_identification": chance,
         "n": {k: int(sum(len(c) for c in v)) for k, v in groups.items()},
