@@ -10,7 +10,8 @@ o_proj -> ``attn.proj``; cat(gate, up) -> ``mlp.fc``; down -> ``mlp.proj``; inpu
 post_attention_layernorm -> ``norm_2``; model.norm -> ``ln_f``; embed_tokens -> ``wte``; lm_head -> ``lm_head``.
 
 With no dropped layers, one step and ``adapter_init="embedding"`` (the adapter passes the embedding stream
-through and ignores the state), the looped model computes exactly what the source model computes.
+through and ignores the state), the looped model computes exactly what the source model computes; so does
+``adapter_init="sum"`` with a zero initial state, whose later steps, unlike the pass-through's, differ untrained.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ from .huginn import HuginnConfig, HuginnForCausalLM
 
 __all__ = ["RetrofitConfig", "retrofit_recurrence", "ADAPTER_INITS"]
 
-#: how the new adapter Linear(2H -> H) starts: "embedding" = [0 | I] (passes the injected embedding through),
-#: "state" = [I | 0] (passes the state through), "random" = normal(0, std)
-ADAPTER_INITS = ("embedding", "state", "random")
+#: how the new adapter Linear(2H -> H) starts: "embedding" = [0 | I] (passes the injected embedding through, so
+#: every step computes the same until it is trained), "state" = [I | 0] (passes the state through), "sum" = [I | I]
+#: (the state plus the injected embedding: with a zero initial state, init_scale 0, the first step is the source
+#: model and each later step runs the recurrent block again on its own output plus the embedding), "random" =
+#: normal(0, std)
+ADAPTER_INITS = ("embedding", "state", "sum", "random")
 
 
 @dataclass
@@ -76,6 +80,12 @@ class RetrofitConfig:
             raise ConfigError(f"RetrofitConfig.adapter_init must be one of {ADAPTER_INITS}, got {self.adapter_init!r}")
         if self.init_scale < 0:
             raise ConfigError(f"RetrofitConfig.init_scale must be >= 0, got {self.init_scale}")
+        if self.adapter_init == "sum" and self.init_scale != 0:
+            raise ConfigError(
+                f"RetrofitConfig: adapter_init='sum' adds the initial state to the embedding, so it needs a zero "
+                f"initial state (init_scale=0) for its first step to be the source model; got init_scale "
+                f"{self.init_scale}"
+            )
 
     def dropped(self, num_layers: int) -> list[int]:
         """Source layer indices in none of the three ranges."""
@@ -186,8 +196,10 @@ def retrofit_recurrence(model: nn.Module, spec: RetrofitConfig) -> HuginnForCaus
             adapter.weight.normal_(0.0, spec.adapter_std)
         else:
             adapter.weight.zero_()
-            cols = slice(hidden, 2 * hidden) if spec.adapter_init == "embedding" else slice(0, hidden)
-            adapter.weight[:, cols] = eye
+            if spec.adapter_init in ("embedding", "sum"):
+                adapter.weight[:, hidden:] = eye
+            if spec.adapter_init in ("state", "sum"):
+                adapter.weight[:, :hidden] = eye
         if adapter.bias is not None:
             adapter.bias.zero_()
     looped.config.retrofit = {

@@ -116,3 +116,23 @@ def test_bad_specs_are_refused_with_the_field_named():
         retrofit_recurrence(tiny_llama(), RetrofitConfig(prelude=(0, 2), recurrent=(2, 4), coda=(4, 8)))
     with pytest.raises(TypeError, match="Llama-family"):
         retrofit_recurrence(torch.nn.Linear(2, 2), RetrofitConfig(prelude=(0, 1), recurrent=(1, 2), coda=(2, 3)))
+
+
+@torch.no_grad()
+def test_the_sum_adapter_is_the_source_at_one_step_and_loops_untrained():
+    """adapter_init='sum' ([I | I], zero initial state): the first step is the source model, and later steps run the
+    recurrent block again on its own output plus the embedding, so loop counts differ before any training (the
+    pass-through adapter gives every loop count the same logits until trained)."""
+    llama = tiny_llama()
+    spec = RetrofitConfig(prelude=(0, 2), recurrent=(2, 4), coda=(4, 6), adapter_init="sum", init_scale=0.0)
+    looped = retrofit_recurrence(llama, spec).eval()
+    x = ids()
+    ref = llama(input_ids=x).logits
+    assert torch.equal(looped(x, num_loops=1).logits, ref)
+    two, three = looped(x, num_loops=2).logits, looped(x, num_loops=3).logits
+    assert not torch.allclose(two, ref, atol=1e-4) and not torch.allclose(three, two, atol=1e-4)
+    assert torch.isfinite(three).all()
+    passing = retrofit_recurrence(llama, RetrofitConfig(prelude=(0, 2), recurrent=(2, 4), coda=(4, 6))).eval()
+    assert torch.equal(passing(x, num_loops=2).logits, passing(x, num_loops=1).logits)  # the contrast
+    with pytest.raises(ValueError, match="init_scale=0"):
+        RetrofitConfig(prelude=(0, 2), recurrent=(2, 4), coda=(4, 6), adapter_init="sum", init_scale=1.0)
