@@ -40,6 +40,8 @@ from loopalign.io import atomic_write_text
 from loopalign.loading import LOCAL_MODELS, is_gap_run_folder, load_model
 from loopalign.log import command_console
 from loopalign.loops import parse_loop_counts
+from loopalign.models.contract import is_looped
+from loopalign.models.retrofit import RetrofitConfig, retrofit_recurrence
 from loopalign.organism import (
     DIGIT_GROUP_FIELD,
     ORGANISM_MODELS,
@@ -128,6 +130,15 @@ class EvalGapScriptArguments(GapEvalArguments):
             "organism's (item, a, b) triple for its own tasks, else 'task'."
         },
     )
+    retrofit: str | None = field(
+        default=None,
+        metadata={
+            "help": "Loop a plain Llama-family LM before measuring it: 'A-B' makes its layers [A, B) the recurrent "
+            "block (layers before it the prelude, after it the coda; retrofitted recurrence, "
+            "loopalign.models.retrofit) with the 'sum' adapter, so one loop is the source model and more loops "
+            "rerun the block untrained (e.g. --retrofit 12-18 --eval_loops 1-6)."
+        },
+    )
     probe_train_dataset: str | None = field(
         default=None,
         metadata={
@@ -173,12 +184,26 @@ class EvalGapScriptArguments(GapEvalArguments):
             )
         if self.probe_train_dataset not in (None, "train") and not os.path.exists(self.probe_train_dataset):
             raise ConfigError(f"probe_train_dataset {self.probe_train_dataset!r} does not exist")
+        if self.retrofit is not None:
+            self.retrofit_block()  # a malformed range fails before the model loads
         if self.compare and not os.path.exists(
             os.path.join(self.compare, "gap.json") if os.path.isdir(self.compare) else self.compare
         ):
             raise ConfigError(
                 f"--compare {self.compare}: no gap.json there (a before/ folder of eval_gap or sft_gap, or its gap.json)"
             )
+
+    def retrofit_block(self) -> tuple[int, int]:
+        """``--retrofit 'A-B'`` -> (A, B), 0 <= A < B."""
+        try:
+            start, end = (int(x) for x in self.retrofit.split("-"))
+        except ValueError:
+            start = end = -1
+        if not 0 <= start < end:
+            raise ConfigError(
+                f"retrofit must be a layer range 'A-B' with 0 <= A < B (e.g. '12-18'), got {self.retrofit!r}"
+            )
+        return start, end
 
     def adopt_run_settings(self, run: dict) -> None:
         """The run's evaluation settings (``eval_args.json``) for every option left at its default; the run's
@@ -269,6 +294,20 @@ def load_probe_train_records(args: EvalGapScriptArguments, tokenizer):
     return data
 
 
+def retrofitted(model, block: tuple[int, int]):
+    """``model`` (a plain Llama-family LM) looped with layers ``block`` as the recurrent block and the 'sum' adapter
+    (one loop is ``model``); a ConfigError naming --retrofit when the model is looped or too shallow for it."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if is_looped(model) or layers is None:
+        raise ConfigError(f"--retrofit loops a plain Llama-family LM; {type(model).__name__} is not one")
+    if block[1] > len(layers):
+        raise ConfigError(f"--retrofit {block[0]}-{block[1]}: the model has {len(layers)} layers")
+    spec = RetrofitConfig(
+        prelude=(0, block[0]), recurrent=block, coda=(block[1], len(layers)), adapter_init="sum", init_scale=0.0
+    )
+    return retrofit_recurrence(model, spec).eval()
+
+
 def evaluate(args: EvalGapScriptArguments) -> GapResult:
     """The recipe on parsed arguments: load, measure, write (and compare with ``args.compare``)."""
     model_name = args.model_name_or_path
@@ -284,6 +323,9 @@ def evaluate(args: EvalGapScriptArguments) -> GapResult:
     if args.run_inputs is not None:
         print(f"an sft-gap run's adapters: evaluated on its held-out records with its settings ({args.dataset})")
     model, tok = load_model(model_name, device=args.device, dtype=args.dtype, seed=args.seed)
+    if args.retrofit is not None:
+        model = retrofitted(model, args.retrofit_block())
+        print(f"retrofitted: {model.config.retrofit}")
     data, group_by = load_records(args, tok)
     group_by = args.group_by or group_by
     probe_train = load_probe_train_records(args, tok)

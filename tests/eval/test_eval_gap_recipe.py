@@ -132,3 +132,24 @@ def test_device_and_reporting_take_sft_gaps_spelling_too(tmp_path, capsys):
     code = _eval_gap("--model_name_or_path", "tiny", "--report_to", "wandb", "tensorboard",
                      "--output_dir", str(tmp_path / "o"))  # fmt: skip
     assert code == 2 and "report_to: 'tensorboard' is not one of wandb" in capsys.readouterr().err
+
+
+def test_retrofit_loops_a_plain_lm_whose_first_loop_is_the_source(tmp_path, llama_folder, capsys):
+    """--retrofit A-B ([real-loops]): eval-gap loops a plain Llama (layers [A, B) the recurrent block, the 'sum'
+    adapter) and measures it per loop; one loop is the source model, so its SV equals the plain model's."""
+    common = ["--model_name_or_path", str(llama_folder), "--dataset", "synthetic", "--dataset_limit", "12",
+              "--eval_folds", "3", "--no_eval_tp", "--eval_n_boot", "50", "--no-controls"]  # fmt: skip
+    assert _eval_gap(*common, "--eval_loops", "1", "--output_dir", str(tmp_path / "plain")) == 0
+    assert _eval_gap(*common, "--retrofit", "1-2", "--eval_loops", "1,2,3", "--output_dir", str(tmp_path / "r")) == 0
+    plain = json.loads((tmp_path / "plain" / "gap.json").read_text())
+    looped = json.loads((tmp_path / "r" / "gap.json").read_text())
+    assert looped["loops"] == [1, 2, 3] and "retrofitted" in capsys.readouterr().out
+    assert looped["sv"][0]["auroc"] == pytest.approx(plain["sv"][0]["auroc"], abs=1e-6)
+    assert looped["sv"][0]["balanced_accuracy"] == pytest.approx(plain["sv"][0]["balanced_accuracy"], abs=1e-6)
+    code = _eval_gap(*common, "--retrofit", "3-1", "--output_dir", str(tmp_path / "bad"))  # before the model loads
+    assert code == 2 and "retrofit must be a layer range 'A-B'" in capsys.readouterr().err
+    from loopalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--retrofit 1-9: the model has 2 layers"):  # before any evaluation
+        _eval_gap(*common, "--retrofit", "1-9", "--output_dir", str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
