@@ -40,6 +40,14 @@ def test_control_question_drift_is_subtracted_and_missing_negatives_cannot_pass(
     drift = specificity_verdict(_records(random_claims=2, questions_yes_injected=10), 3, 4, 50, n_boot=300)
     assert drift["question_drift"]["rate"] == pytest.approx(10 / 12)
     assert drift["specific_detection"]["rate"] == pytest.approx(1 - 2 / 24 - 10 / 12) and not drift["holds"]
+    # drift toward "no" (concepts injected make it answer "no" more often) earns no detection: it is not subtracted
+    away = _records(random_claims=2, questions_yes_injected=0)
+    for r in away:
+        if r["trial_type"] == "control_question" and not r["injected"]:
+            r["grade"]["answer"] = "yes"
+    v = specificity_verdict(away, 3, 4, 50, n_boot=300)
+    assert v["question_drift"]["rate"] == pytest.approx(-1.0)
+    assert v["specific_detection"]["rate"] == pytest.approx(1 - 2 / 24)
     no_random = [r for r in _records(2, 0) if r["trial_type"] != "random"]
     v = specificity_verdict(no_random, 3, 4, 50, n_boot=300)
     assert not v["specific_holds"] and not v["holds"] and v["missing"]

@@ -243,10 +243,10 @@ SPECIFICITY_RULE = (
     "at the trained injection site (N, the model's last loop), on concepts held out from training, pooled over "
     "strengths, with 95% percentile intervals from a bootstrap that resamples concepts (injection trials and "
     "injected control questions), random vectors, controls and uninjected control questions: (1) concept-specific "
-    "detection: the lower bound of detection minus random-vector claims minus control-question drift (the 'yes' "
-    "rate with a concept injected minus without) is above 0; (2) the lower bound of detection minus the controls' "
-    "claims is above 0; (3) the lower bound of identification is above chance, 1/K for K concept words. Without "
-    "random-vector or control-question trials, (1) cannot hold"
+    "detection: the lower bound of detection minus random-vector claims minus control-question drift toward 'yes' "
+    "(the 'yes' rate with a concept injected minus without, where positive) is above 0; (2) the lower bound of "
+    "detection minus the controls' claims is above 0; (3) the lower bound of identification is above chance, 1/K "
+    "for K concept words. Without random-vector or control-question trials, (1) cannot hold"
 )
 
 
@@ -326,7 +326,8 @@ def specificity_verdict(
         rate = {k: _resampled_rate(v, rng) for k, v in groups.items()}
         drift = rate["question_yes_injected"] - rate["question_yes_uninjected"]
         return {
-            "specific_detection": rate["detection"] - rate["random_claims"] - drift,
+            # drift toward "yes" only: a concept that makes the model answer "no" more often earns no detection
+            "specific_detection": rate["detection"] - rate["random_claims"] - max(drift, 0.0),
             "detection_minus_fp": rate["detection"] - rate["false_positive"],
             "identification": rate["identification"],
             "question_drift": drift,
