@@ -374,7 +374,11 @@ def replay_records(model, tokenizer, train_ds, script_args: GapScriptArguments, 
     if training_args.process_index == 0:  # what replay trains on, beside the run's other inputs
         os.makedirs(training_args.output_dir, exist_ok=True)
         atomic_write(os.path.join(training_args.output_dir, REPLAY_FILE), lambda tmp: replay.to_json(tmp, lines=True))
-        asked = f"training tasks and {len(questions)} replay_questions" if questions else "training tasks"
+        asked = (
+            f"prompts ({build.n_tasks - len(set(questions))} training tasks, {len(set(questions))} replay_questions)"
+            if questions
+            else "training tasks"
+        )
         kept = "kept, without an end of turn" if script_args.replay_keep_cut else "left out"
         print(
             f"replay: the model's own answers to {len(replay)} of {build.n_tasks} {asked} "
