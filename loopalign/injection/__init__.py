@@ -8,6 +8,7 @@ The floor that evaluation (:mod:`loopalign.eval.introspection`), the trainers
 
 from .prompts import (
     RESEARCHER_PROMPT,
+    STRUCTURED_QUESTION,
     TRIAL_PROMPT,
     TRIAL_QUESTION,
     concept_prompt_ids,
@@ -37,6 +38,7 @@ __all__ = [
     "FORMAT_VERSION",
     "RESEARCHER_PROMPT",
     "TRIAL_PROMPT",
+    "STRUCTURED_QUESTION",
     "TRIAL_QUESTION",
     "TRIAL_TYPES",
     "ConceptVectors",

@@ -14,6 +14,7 @@ __all__ = [
     "RESEARCHER_PROMPT",
     "TRIAL_PROMPT",
     "TRIAL_QUESTION",
+    "STRUCTURED_QUESTION",
     "render_chat",
     "concept_prompt_ids",
     "trial_prompt",
@@ -29,6 +30,11 @@ RESEARCHER_PROMPT = (
 )
 TRIAL_QUESTION = "Do you detect an injected thought? If so, what is the injected thought about?"
 TRIAL_PROMPT = "Ok, let's get started.\n\nTrial 1: " + TRIAL_QUESTION
+#: the structured-report variant's question: a reply in a fixed form, graded exactly (no sentence to parse)
+STRUCTURED_QUESTION = (
+    TRIAL_QUESTION + ' Reply in exactly this form: "Answer: yes" or "Answer: no" on the first line, then, if yes, '
+    '"Concept: <one word>" on the second.'
+)
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:

@@ -131,6 +131,13 @@ class EvalIntrospectionArguments:
     n_random: int = field(default=10, metadata={"help": "Random-vector trials per (N, ext, inj, layer)."})
     control_questions: bool = field(default=False, metadata={"help": "Also ask 'no'-answer questions, injected."})
     n_control_questions: int = field(default=5, metadata={"help": "Control questions per cell."})
+    report_format: str = field(
+        default="free",
+        metadata={
+            "help": "free: the protocol's question, answered in free text and graded by the rules; structured: the "
+            "question asks for 'Answer: yes/no' and 'Concept: <one word>', graded exactly."
+        },
+    )
     lindsey_checks: bool = field(
         default=False,
         metadata={
@@ -174,6 +181,7 @@ def intro_config(args: EvalIntrospectionArguments, depth: int, **overrides) -> I
         n_random=args.n_random,
         control_questions=args.control_questions,
         n_control_questions=args.n_control_questions,
+        report_format=args.report_format,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         batch_size=args.batch_size,

@@ -30,6 +30,7 @@ from .grading import (
     is_incoherent,
     named_concepts,
     rules_grade,
+    structured_grade,
 )
 from .report import IntrospectionResult, compare_introspection
 from .stats import (
@@ -58,6 +59,7 @@ __all__ = [
     "TRIAL_TYPES",
     "Grade",
     "rules_grade",
+    "structured_grade",
     "grade_response",
     "concept_forms",
     "detection_claim",

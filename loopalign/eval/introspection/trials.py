@@ -27,7 +27,7 @@ import torch
 
 from loopalign.batching import pad_left, pad_token_id
 from loopalign.errors import ConfigError
-from loopalign.injection import inject_rows, residual_site_norms, trial_prompt, trial_vectors
+from loopalign.injection import STRUCTURED_QUESTION, inject_rows, residual_site_norms, trial_prompt, trial_vectors
 from loopalign.loops import parse_int_set
 from loopalign.models.contract import is_looped, loop_generate_kwargs, unwrap
 
@@ -105,6 +105,10 @@ def check_loop_counts(model, loop_counts, option: str) -> None:
         )
 
 
+#: how a trial asks for the report (IntrospectionConfig.report_format)
+REPORT_FORMATS = ("free", "structured")
+
+
 @dataclass
 class IntrospectionConfig:
     """What to run. Loops/layers 0-based; ``loop_counts`` are total loops N (>= 1). None = everything available:
@@ -125,6 +129,9 @@ class IntrospectionConfig:
     norm_matched: bool = False  # strengths as fractions of the residual-stream norm at the site (not x the vector)
     control_questions: bool = False
     n_control_questions: int = 10
+    #: "free" (the protocol's question, a free-text answer graded by the rules) or "structured" (the question asks
+    #: for "Answer: yes/no" and "Concept: <one word>", graded exactly; control questions stay free-text)
+    report_format: str = "free"
     max_new_tokens: int = 100
     temperature: float = 1.0
     do_sample: bool = True
@@ -155,6 +162,10 @@ class IntrospectionConfig:
             raise ConfigError("IntrospectionConfig: max_new_tokens, batch_size, n_boot >= 1 and temperature > 0")
         if not 0 < self.alpha < 1:
             raise ConfigError(f"IntrospectionConfig.alpha must be in (0, 1), got {self.alpha}")
+        if self.report_format not in REPORT_FORMATS:
+            raise ConfigError(
+                f"IntrospectionConfig.report_format must be one of {REPORT_FORMATS}, got {self.report_format!r}"
+            )
 
     def resolve(self, model_config, vectors) -> dict:
         """Concrete lists checked against the model and the concept vectors (clear errors otherwise)."""
@@ -190,11 +201,14 @@ class IntrospectionConfig:
 def build_eval_trials(tokenizer, vectors, config: IntrospectionConfig, model_config) -> list[dict]:
     """Trial records (dicts) for every cell of ``config``; see the module doc for the trial types."""
     r = config.resolve(model_config, vectors)
-    prompt, ids, start = trial_prompt(tokenizer)
+    structured = config.report_format == "structured"
+    prompt, ids, start = trial_prompt(tokenizer, STRUCTURED_QUESTION if structured else None)
     rows: list[dict] = []
 
     def add(**kw):
         base = {"prompt": prompt, "input_ids": ids, "injection_start": start, "concept": "", "strength": 0.0}
+        if structured and kw.get("trial_type") != "control_question":
+            base["report_format"] = "structured"
         base.update(kw)
         rows.append(base)
 
