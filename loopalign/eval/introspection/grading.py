@@ -1,13 +1,18 @@
-"""Grading introspection responses: rules (:func:`rules_grade`) or any judge, one :class:`Grade` each.
+"""Grading introspection responses: rules (:func:`rules_grade`), the structured form (:func:`structured_grade`) or any
+judge, one :class:`Grade` each.
 
-- ``detected``: the response claims to notice an injected thought (the first clause that makes a
-  detection statement decides; a negation or hedge of it is not a claim: "No, I do not detect...",
-  "I don't think I detect anything", "Not that I can detect" are not claims);
-- ``identified``: it names the concept (the word or close forms: singular/plural, simple suffixes,
-  a few listed relatives) and only that one of the protocol's concepts, and the detection claim
-  comes no later than the first mention of the concept: naming the concept before claiming
-  detection fails (the model could infer the concept from its own steered output), and a response
-  whose first word is the concept fails;
+- ``detected``: the response claims to notice an injected thought. Each clause is read for a detection statement
+  (first-person with a detection verb, "there is a thought ...", "the thought is about ...", a bare yes / no where
+  a sentence opens) and its polarity (a negator before the verb, a negative object after it; emphasis, exclusivity,
+  negated topics and hedges negate nothing); the last statement decides, so a later retraction wins
+  (:func:`detection_statements`, :func:`detection_claim`);
+- ``answer``: the response's answer to a yes/no question, read as a whole, the last one standing
+  (:func:`question_answer`);
+- ``identified``: it names the concept (the word or close forms: singular/plural, suffixes, adjectives and
+  spelling variants, a few listed relatives) and guesses no other concept of the vocabulary (one listed beside it,
+  or three or more anywhere; an incidental or negated word is no guess), and the detection claim comes no later
+  than the first mention of the concept: naming the concept before claiming detection fails (the model could infer
+  the concept from its own steered output), and a response whose first word is the concept fails;
 - ``incoherent``: empty, repetitive or garbled output (degenerate text from too strong an injection);
 - ``success`` = coherent and detected and identified (the paper's criterion).
 """
@@ -347,7 +352,7 @@ def question_answer(text: str) -> str:
             found.append((m.start(), "yes"))
         else:
             word = m.group("a1") or m.group("a2") or m.group("a3")
-            no = word in _NO_WORDS or word == "false"
+            no = word in _NO_WORDS
             found.append((m.start(), "no" if no != bool(m.group("not")) else "yes"))
     return max(found)[1] if found else "none"
 
