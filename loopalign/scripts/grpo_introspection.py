@@ -121,6 +121,20 @@ class IntrospectionScriptArguments:
     train_strengths: str = field(default="4", metadata={"help": "Comma-separated strengths of training injections."})
     train_rows: int = field(default=256, metadata={"help": "Training trials."})
     control_fraction: float = field(default=0.5, metadata={"help": "Share of control (no-injection) trials."})
+    random_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of training trials that inject a random direction at the concept sites (negatives: the "
+            "target is no detection)."
+        },
+    )
+    question_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of training trials that ask a 'no'-answer question (none of the evaluation's), half of "
+            "them with a concept injected (negatives: the target is 'No.')."
+        },
+    )
     eval_loop_counts: str | None = field(
         default=None, metadata={"help": "Loop counts evaluated (default: the model's)."}
     )
@@ -152,6 +166,12 @@ class IntrospectionScriptArguments:
             raise ConfigError(f"mode must be 'grpo' or 'sft', got {self.mode!r}")
         if not 0 <= self.control_fraction < 1:
             raise ConfigError(f"control_fraction must be in [0, 1), got {self.control_fraction}")
+        shares = (self.control_fraction, self.random_fraction, self.question_fraction)
+        if any(not 0 <= x < 1 for x in shares) or sum(shares) >= 1:
+            raise ConfigError(
+                "control_fraction, random_fraction and question_fraction must each be in [0, 1) and sum below 1 "
+                f"(the rest inject concepts), got {shares}"
+            )
         if self.concept_split not in ("held_out", "none"):
             raise ConfigError(f"concept_split must be 'held_out' or 'none', got {self.concept_split!r}")
         if not 0 < self.held_out_share < 1:
@@ -281,6 +301,8 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
         injection_loops=parse_indices(script_args.train_injection_loops, "train_injection_loops") or last,
         strengths=tuple(float(s) for s in script_args.train_strengths.split(",")),
         control_fraction=script_args.control_fraction,
+        random_fraction=script_args.random_fraction,
+        question_fraction=script_args.question_fraction,
         n_rows=script_args.train_rows,
         seed=training_args.seed,
         with_targets=script_args.mode == "sft",

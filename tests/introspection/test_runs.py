@@ -140,3 +140,53 @@ def test_norm_matched_injection_scales_to_the_residual_norm_at_the_site(tiny, to
         assert abs(float(v.norm()) - 0.5 * norms[(3, 2, 1)]) < 1e-4
     res = evaluate_introspection(model, tok, vectors, cfg)
     assert res.config["norm_matched"] and "Norm-matched injection" in res.markdown()
+
+
+def test_training_rows_with_negatives_inject_what_they_say_and_train(fresh_model, tok, tiny, tmp_path):
+    """[introspection-v3] item 4: random-vector rows (target: no detection) and "no"-answer question rows, half of
+    them injected (target "No."), beside the concept and control rows; their questions are never the evaluation's
+    control questions, and an SFT run trains on the mix."""
+    from loopalign.eval.introspection.trials import CONTROL_QUESTIONS
+    from loopalign.injection import injection_spec
+    from loopalign.trainers import IntrospectionSFTConfig, IntrospectionSFTTrainer, introspection_dataset
+    from loopalign.trainers.introspection.data import (
+        NO_DETECT_TARGET,
+        QUESTION_TARGET,
+        TRAINING_QUESTIONS,
+        validate_injection_rows,
+    )
+
+    model, vectors = tiny
+    assert not set(TRAINING_QUESTIONS) & set(CONTROL_QUESTIONS)
+    ds = introspection_dataset(tok, vectors, layers=[1], n_rows=20, with_targets=True, control_fraction=0.2,
+                               random_fraction=0.2, question_fraction=0.2, seed=3)  # fmt: skip
+    kinds = ds["trial_type"]
+    assert [kinds.count(k) for k in ("injection", "control", "random", "control_question")] == [8, 4, 4, 4]
+    rows = list(ds)
+    for r in rows:
+        if r["trial_type"] == "random":
+            assert r["completion"] == NO_DETECT_TARGET and r["injected"] and not r["concept"]
+        if r["trial_type"] == "control_question":
+            assert r["completion"] == QUESTION_TARGET and r["question"] in r["prompt"]
+            assert 0 <= r["injection_start"] < r["prompt_length"]
+    questions = [r for r in rows if r["trial_type"] == "control_question"]
+    assert sorted(r["injected"] for r in questions) == [False, False, True, True]
+    validate_injection_rows(ds, vectors, model.config)
+    spec = injection_spec(rows, vectors, model.config.hidden_size)
+    norms = spec["injection_vector"].norm(dim=-1)
+    for r, n in zip(rows, norms):  # an injected row adds a vector, an uninjected one nothing
+        assert (n > 0) == bool(r["injected"]), r["trial_type"]
+    seeds = {r["vector_seed"] for r in rows if r["trial_type"] == "random"}
+    assert len(seeds) == 4  # a direction of its own per random row
+    with pytest.raises(ValueError, match="sum below 1"):
+        introspection_dataset(tok, vectors, control_fraction=0.5, random_fraction=0.3, question_fraction=0.2)
+    args = IntrospectionSFTConfig(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=5, learning_rate=3e-3, logging_steps=1,
+        report_to=[], use_cpu=True, save_strategy="no",
+    )  # fmt: skip
+    trainer = IntrospectionSFTTrainer(
+        model=fresh_model, args=args, train_dataset=ds, concept_vectors=vectors, processing_class=tok
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)

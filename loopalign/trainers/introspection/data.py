@@ -20,6 +20,8 @@ from loopalign.injection import injection_spec, trial_prompt
 __all__ = [
     "DETECT_TARGET",
     "NO_DETECT_TARGET",
+    "QUESTION_TARGET",
+    "TRAINING_QUESTIONS",
     "SPEC_COLUMNS",
     "introspection_dataset",
     "validate_injection_rows",
@@ -29,6 +31,20 @@ __all__ = [
 
 DETECT_TARGET = "Yes, I detect an injected thought. The thought is about {concept}."
 NO_DETECT_TARGET = "No, I do not detect an injected thought."
+#: the honest answer to a training question (each one's true answer is "no")
+QUESTION_TARGET = "No."
+#: "No"-answer questions for training rows (negatives: with a concept injected, the right answer stays "no"); none is
+#: one of the evaluation's CONTROL_QUESTIONS (a test keeps them apart), so the drift they measure is never trained
+TRAINING_QUESTIONS: tuple[str, ...] = (
+    "Is snow usually green?",
+    "Can a cat speak English?",
+    "Is the ocean made of milk?",
+    "Do trees grow on the moon?",
+    "Is a week longer than a year?",
+    "Can a car drive to the moon?",
+    "Is water dry?",
+    "Do birds have four legs?",
+)
 SPEC_COLUMNS = (
     "trial_type",
     "injected",
@@ -39,6 +55,7 @@ SPEC_COLUMNS = (
     "strength",
     "injection_start",
     "prompt_length",
+    "vector_seed",
 )
 _SPEC_TENSORS = ("injection_vector", "injection_loop", "injection_layer", "injection_from_end")
 
@@ -55,12 +72,22 @@ def introspection_dataset(
     n_rows: int | None = None,
     seed: int = 0,
     with_targets: bool = False,
+    random_fraction: float = 0.0,
+    question_fraction: float = 0.0,
 ) -> datasets.Dataset:
     """Trial rows (string ``prompt`` = the chat-formatted transcript) with the injection spec columns
     :data:`SPEC_COLUMNS`; injected rows cycle over (concept, extraction loop, injection loop, layer, strength),
-    ``control_fraction`` of the rows are controls. ``with_targets`` adds the SFT ``completion`` target."""
-    if not 0 <= control_fraction < 1:
-        raise ValueError(f"control_fraction must be in [0, 1), got {control_fraction}")
+    ``control_fraction`` of the rows are controls. Negatives: ``random_fraction`` of the rows inject a random
+    direction at the same sites (trial type ``random``; target: no detection, since a perturbation that carries no
+    concept is not a thought), ``question_fraction`` ask one of :data:`TRAINING_QUESTIONS` in the trial slot, half of
+    them with a concept injected (target "No.", the question's true answer). ``with_targets`` adds the SFT
+    ``completion`` target."""
+    fractions = {"control_fraction": control_fraction, "random_fraction": random_fraction,
+                 "question_fraction": question_fraction}  # fmt: skip
+    bad = {k: v for k, v in fractions.items() if not 0 <= v < 1}
+    if bad or sum(fractions.values()) >= 1:
+        raise ValueError(f"introspection_dataset: fractions must be in [0, 1) and sum below 1 (the rest inject "
+                         f"concepts), got {fractions}")  # fmt: skip
     layers = list(layers if layers is not None else vectors.layers)
     ext = list(extraction_loops if extraction_loops is not None else [vectors.num_loops - 1])
     inj = list(injection_loops if injection_loops is not None else [vectors.num_loops - 1])
@@ -69,23 +96,51 @@ def introspection_dataset(
     cells = [(c, e, i, j, float(s)) for c in concepts for e in ext for i in inj for j in layers for s in strengths]
     if not cells:
         raise ValueError("introspection_dataset: no (concept, loop, layer, strength) cells")
-    n_inj = len(cells) if n_rows is None else max(1, round(n_rows * (1 - control_fraction)))
-    n_ctl = round(n_inj * control_fraction / (1 - control_fraction)) if n_rows is None else n_rows - n_inj
+    concept_share = 1 - sum(fractions.values())
+    if n_rows is None:
+        n_inj = len(cells)
+        n_rand, n_q = (round(n_inj * f / concept_share) for f in (random_fraction, question_fraction))
+        n_ctl = round(n_inj * control_fraction / concept_share)
+    else:
+        n_inj = max(1, round(n_rows * concept_share))
+        n_rand, n_q = (round(n_rows * f) for f in (random_fraction, question_fraction))
+        n_ctl = max(0, n_rows - n_inj - n_rand - n_q)
     rng = random.Random(seed)
     order = cells * math.ceil(n_inj / len(cells))
     rng.shuffle(order)
-    common = {"prompt": prompt, "injection_start": start, "prompt_length": len(ids)}
+    common = {"prompt": prompt, "injection_start": start, "prompt_length": len(ids), "vector_seed": 0,
+              "question": ""}  # fmt: skip
+    uninjected = {"concept": "", "extraction_loop": -1, "injection_loop": -1, "layer": -1, "strength": 0.0}
     rows = []
     for c, e, i, j, s in order[:n_inj]:
         rows.append({**common, "trial_type": "injection", "injected": True, "concept": c, "extraction_loop": e,
                      "injection_loop": i, "layer": j, "strength": s})  # fmt: skip
     for _ in range(n_ctl):
-        rows.append({**common, "trial_type": "control", "injected": False, "concept": "", "extraction_loop": -1,
-                     "injection_loop": -1, "layer": -1, "strength": 0.0})  # fmt: skip
+        rows.append({**common, "trial_type": "control", "injected": False, **uninjected})
+    for k in range(n_rand):  # the concept cells' sites and strengths, a random direction each
+        _, e, i, j, s = order[k % len(order)]
+        rows.append({**common, "trial_type": "random", "injected": True, "concept": "", "extraction_loop": e,
+                     "injection_loop": i, "layer": j, "strength": s, "vector_seed": seed * 100003 + k})  # fmt: skip
+    for k in range(n_q):  # every other question row carries a concept injection
+        question = TRAINING_QUESTIONS[k % len(TRAINING_QUESTIONS)]
+        q_prompt, q_ids, q_start = trial_prompt(tokenizer, question)
+        where = {"prompt": q_prompt, "injection_start": q_start, "prompt_length": len(q_ids), "question": question}
+        if k % 2 == 0:
+            c, e, i, j, s = order[k % len(order)]
+            site = {"injected": True, "concept": c, "extraction_loop": e, "injection_loop": i, "layer": j,
+                    "strength": s}  # fmt: skip
+        else:
+            site = {"injected": False, **uninjected}
+        rows.append({**common, **where, "trial_type": "control_question", **site})
     rng.shuffle(rows)
     if with_targets:
         for r in rows:
-            r["completion"] = DETECT_TARGET.format(concept=r["concept"].lower()) if r["injected"] else NO_DETECT_TARGET
+            if r["trial_type"] == "control_question":
+                r["completion"] = QUESTION_TARGET
+            elif r["trial_type"] == "injection":
+                r["completion"] = DETECT_TARGET.format(concept=r["concept"].lower())
+            else:
+                r["completion"] = NO_DETECT_TARGET
     return datasets.Dataset.from_list(rows)
 
 
@@ -103,7 +158,7 @@ def validate_injection_rows(rows, vectors, model_config) -> None:
     for k in range(len(rows)):
         r = rows[k]
         kind = r.get("trial_type") or ("injection" if r.get("injected") else "control")
-        if kind == "control":
+        if kind == "control" or not r.get("injected", True):  # nothing injected (a control, an uninjected question)
             continue
         where = f"row {k} ({kind}, concept {r.get('concept')!r})"
         layer, ti, te = int(r["layer"]), int(r["injection_loop"]), int(r["extraction_loop"])
