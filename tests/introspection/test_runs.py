@@ -45,22 +45,28 @@ def test_short_grpo_run_logs_rewards_and_false_positive_rate(fresh_model, tok, t
     assert all(math.isfinite(h["loss"]) for h in logs)
 
 
+def _sft_losses(model, tok, vectors, ds, out, steps: int, batch_size: int) -> list[float]:
+    """The logged losses of a short SFT-mode run (the real IntrospectionSFTTrainer, one step a log line)."""
+    from loopalign.trainers import IntrospectionSFTConfig, IntrospectionSFTTrainer
+
+    args = IntrospectionSFTConfig(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=3e-3,
+        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+    )  # fmt: skip
+    trainer = IntrospectionSFTTrainer(model=model, args=args, train_dataset=ds, concept_vectors=vectors,
+                                      processing_class=tok)  # fmt: skip
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
 def test_short_sft_mode_run(fresh_model, tok, tiny, tmp_path):
-    from loopalign.trainers import IntrospectionSFTConfig, IntrospectionSFTTrainer, introspection_dataset
+    from loopalign.trainers import introspection_dataset
 
     _, vectors = tiny
     ds = introspection_dataset(tok, vectors, layers=[1], n_rows=8, with_targets=True)
     assert any(c.startswith("Yes, I detect") for c in ds["completion"])
     assert "No, I do not detect an injected thought." in ds["completion"]
-    args = IntrospectionSFTConfig(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
-        report_to=[], use_cpu=True, save_strategy="no",
-    )  # fmt: skip
-    trainer = IntrospectionSFTTrainer(
-        model=fresh_model, args=args, train_dataset=ds, concept_vectors=vectors, processing_class=tok
-    )
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = _sft_losses(fresh_model, tok, vectors, ds, tmp_path, steps=4, batch_size=4)
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
 
@@ -148,7 +154,7 @@ def test_training_rows_with_negatives_inject_what_they_say_and_train(fresh_model
     control questions, and an SFT run trains on the mix."""
     from loopalign.eval.introspection.trials import CONTROL_QUESTIONS
     from loopalign.injection import injection_spec
-    from loopalign.trainers import IntrospectionSFTConfig, IntrospectionSFTTrainer, introspection_dataset
+    from loopalign.trainers import introspection_dataset
     from loopalign.trainers.introspection.data import (
         NO_DETECT_TARGET,
         QUESTION_TARGET,
@@ -180,13 +186,5 @@ def test_training_rows_with_negatives_inject_what_they_say_and_train(fresh_model
     assert len(seeds) == 4  # a direction of its own per random row
     with pytest.raises(ValueError, match="sum below 1"):
         introspection_dataset(tok, vectors, control_fraction=0.5, random_fraction=0.3, question_fraction=0.2)
-    args = IntrospectionSFTConfig(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=5, learning_rate=3e-3, logging_steps=1,
-        report_to=[], use_cpu=True, save_strategy="no",
-    )  # fmt: skip
-    trainer = IntrospectionSFTTrainer(
-        model=fresh_model, args=args, train_dataset=ds, concept_vectors=vectors, processing_class=tok
-    )
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = _sft_losses(fresh_model, tok, vectors, ds, tmp_path, steps=3, batch_size=5)
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
