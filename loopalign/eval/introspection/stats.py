@@ -293,9 +293,12 @@ def specificity_verdict(
     if n_boot < 100:
         raise ValueError(f"specificity_verdict: n_boot must be >= 100, got {n_boot}")
 
+    ext_set = None if extraction_loops is None else {int(t) for t in extraction_loops}
+    layer_set = None if layers is None else {int(j) for j in layers}
+
     def trained_site(r: dict) -> bool:
-        return (extraction_loops is None or int(r["extraction_loop"]) in set(extraction_loops)) and (
-            layers is None or int(r["layer"]) in set(layers)
+        return (ext_set is None or int(r["extraction_loop"]) in ext_set) and (
+            layer_set is None or int(r["layer"]) in layer_set
         )
 
     records = [r for r in records if not r.get("injected", r["trial_type"] != "control") or trained_site(r)]
