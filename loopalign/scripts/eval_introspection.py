@@ -30,6 +30,7 @@ from loopalign.eval.introspection import (
 )
 from loopalign.eval.introspection.checks import ChecksConfig, checks_markdown, run_checks
 from loopalign.eval.introspection.report import format_rate, specificity_markdown
+from loopalign.eval.introspection.trials import REPORT_FORMATS
 from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.loading import load_model
 from loopalign.log import command_console
@@ -160,6 +161,8 @@ class EvalIntrospectionArguments:
         self.device = cpu_device(self.device, self.use_cpu)
         if self.concept_split not in ("held_out", "none"):
             raise ConfigError(f"concept_split must be 'held_out' or 'none', got {self.concept_split!r}")
+        if self.report_format not in REPORT_FORMATS:  # before the model loads, not when the trials are built
+            raise ConfigError(f"report_format must be one of {REPORT_FORMATS}, got {self.report_format!r}")
         if not 0 < self.held_out_share < 1:
             raise ConfigError(f"held_out_share must be in (0, 1), got {self.held_out_share}")
 

@@ -140,3 +140,7 @@ def test_the_structured_variant_asks_for_the_form_and_marks_its_trials(tiny, tok
     assert STRUCTURED_QUESTION.startswith("Do you detect an injected thought?")
     with pytest.raises(ValueError, match="report_format"):
         IntrospectionConfig(report_format="json")
+    from loopalign.scripts import eval_introspection
+
+    with pytest.raises((ValueError, SystemExit)):  # the command refuses it before loading a model
+        eval_introspection.parse_args(["--report_format", "json"])
