@@ -123,7 +123,7 @@ def test_structured_reports_are_graded_exactly(text, concept, kind, detected, id
         assert "not in the structured form" in g.reason and g.answer == "none"
 
 
-def test_the_structured_variant_asks_for_the_form_and_marks_its_trials(tiny, tok):
+def test_the_structured_variant_asks_for_the_form_and_marks_its_trials(tiny, tok, capsys):
     from loopalign.eval.introspection import IntrospectionConfig
     from loopalign.eval.introspection.trials import build_eval_trials
     from loopalign.injection import STRUCTURED_QUESTION
@@ -142,5 +142,6 @@ def test_the_structured_variant_asks_for_the_form_and_marks_its_trials(tiny, tok
         IntrospectionConfig(report_format="json")
     from loopalign.scripts import eval_introspection
 
-    with pytest.raises((ValueError, SystemExit)):  # the command refuses it before loading a model
+    with pytest.raises(SystemExit):  # the command refuses it before loading a model, naming the option
         eval_introspection.parse_args(["--report_format", "json"])
+    assert "report_format must be one of ('free', 'structured')" in capsys.readouterr().err
