@@ -11,7 +11,9 @@ variant over seeds: the table gives the mean and the range over the seeds. Print
   rule's outcome;
 - per family kind (trained on with labels; text only; held out): the mean SV balanced accuracy and AUROC before →
   after, RR's, and the transfer summary (mean recovery, families whose SV fell);
-- general questions kept (right answers before → after);
+- general questions kept (right answers before → after) and, in the goals table, the general drift where the run's
+  ``general.json`` holds one (the mean per-token KL(base || tuned) on the base model's answers to 48 other prompts,
+  ``benchmarks/general_drift.py``);
 - with ``--goals``, per variant the issue's goals (fixed before running, docs/real-models.md) on point estimates:
   labelled family x seed cells where SV after >= RR before - 2 points (balanced accuracy; AUROC), the pooled
   refitted and frozen RR after minus RR before, the transfer's mean recovery, the held-out families whose SV fell,
@@ -85,6 +87,8 @@ def run_summary(run_dir: str) -> dict:
             for k in ("before", "after")
         }
         out["general"] = (sum(right["before"]), sum(right["after"]), len(right["before"]))
+    if general and general.get("drift"):  # benchmarks/general_drift.py, or sft-gap itself since it measures it
+        out["drift"] = general["drift"]["kl_mean"]
     return out
 
 
@@ -186,7 +190,8 @@ def goals_table(runs: list[dict]) -> list[str]:
     lines = [
         "| variant | seeds | labelled families' held-out entities: cells with SV after >= RR before - 2 "
         "(bal. acc; AUROC) | pooled RR after - before, refitted; frozen (points) | transfer: mean recovery "
-        "(bal. acc / AUROC) | held-out families whose SV fell (dSV's CI below 0; seeds) | general questions | rule outcome "
+        "(bal. acc / AUROC) | held-out families whose SV fell (dSV's CI below 0; seeds) | general questions (drift: KL "
+        "nats/token) | rule outcome "
         "(pooled) | families whose verdict is yes (seeds) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -206,7 +211,10 @@ def goals_table(runs: list[dict]) -> list[str]:
             f"{f} ({sum(f in x for x in fell_lists)}/{len(rs)})" for f in sorted({f for x in fell_lists for f in x})
         ]
         general = (
-            ", ".join(f"{b} → {a}" for b, a, _ in (r["general"] for r in rs))
+            ", ".join(
+                f"{b} → {a}" + (f" ({r['drift']:.2f})" if "drift" in r else "")
+                for r, (b, a, _) in ((r, r["general"]) for r in rs)
+            )
             if all("general" in r for r in rs)
             else "–"
         )

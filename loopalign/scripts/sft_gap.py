@@ -45,12 +45,12 @@ from loopalign.eval import (
 )
 from loopalign.eval.families import TRANSFER_RULE, compare_families, record_families
 from loopalign.eval.features import reused_features
-from loopalign.eval.general import answer_general_questions, general_markdown, save_general
+from loopalign.eval.general import answer_general_questions, general_drift, general_markdown, save_general
 from loopalign.eval.metrics import auroc
 from loopalign.eval.report import before_after_figure, save_figure, short_markdown
 from loopalign.io import atomic_write, atomic_write_text, folder_lock
 from loopalign.loading import LOCAL_MODELS, load_model, load_pretrained, load_tokenizer
-from loopalign.log import command_console
+from loopalign.log import command_console, get_logger
 from loopalign.loops import parse_int_set, parse_loop_counts
 from loopalign.models.contract import trained_loops
 from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for
@@ -76,6 +76,8 @@ from loopalign.trainers.gap_data import (
     table_dataset,
 )
 from loopalign.trainers.probe_targets import PROBE_LABEL, labelled_subset
+
+logger = get_logger(__name__)
 
 #: the replay records a run trained on (the base model's own answers), in its output folder
 REPLAY_FILE = "replay.jsonl"
@@ -846,10 +848,17 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
                 goal=script_args.transfer_goal,
             )
             families.save(out, title=f"{model_args.model_name_or_path}: sft-gap")
-        general_after = None
+        general_after = drift = None
         if general_before is not None:
-            general_after = answer_general_questions(tuned, tokenizer, num_loops=trained_loops(tuned))
-            save_general(out, general_before, general_after)
+            with times("after_eval"):
+                general_after = answer_general_questions(tuned, tokenizer, num_loops=trained_loops(tuned))
+                # the continuous measure beside the ten questions: the base is the tuned model with its adapters off,
+                # so a full fine-tune (no base copy kept) has none
+                if hasattr(tuned, "disable_adapter"):
+                    drift = general_drift(tuned, tokenizer, num_loops=trained_loops(tuned))
+                else:
+                    logger.info("general drift: not measured (a full fine-tune keeps no copy of the base model)")
+            save_general(out, general_before, general_after, drift)
         # how to load it (adapters or, for a full fine-tune, the model), and the verdict
         write_adapter_card(
             os.path.join(out, "final"),
@@ -873,7 +882,7 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         if families is not None:
             print(families.markdown())
         if general_after is not None:
-            print(general_markdown(general_before, general_after))
+            print(general_markdown(general_before, general_after, drift))
         print(f"\nReports, plots, adapters and probes are in {out}/")
         print(
             "Re-evaluate the adapters on the same held-out records with the same settings: "

@@ -91,6 +91,18 @@ def test_held_out_families_are_never_trained_on_and_each_family_is_compared(
     assert (out / "families.png").stat().st_size > 0 and (out / "families.svg").stat().st_size > 0  # the panels
     general = json.loads((out / "general.json").read_text())
     assert len(general["before"]["answers"]) == len(general["after"]["answers"]) == 10
+    # the continuous measure beside the ten questions: the tuned model against itself with its adapters off
+    drift = general["drift"]
+    assert len(drift["kl"]) == len(drift["prompts"]) == 48 and drift["kl_mean"] > 0
+    assert drift["kl_ci"][0] <= drift["kl_mean"] <= drift["kl_ci"][1] and 0 <= drift["top1_mean"] <= 1
+    assert "KL(base || tuned)" in (out / "general.md").read_text()
+    # measured again from the saved run (base + final/ adapters reloaded), it is the same drift
+    copy = tmp_path / "docs_runs" / out.name
+    copy.mkdir(parents=True)
+    (copy / "general.json").write_text((out / "general.json").read_text())
+    assert benchmark_script("general_drift").main([str(out), "--force", "--copy-to", str(copy.parent)]) == 0
+    again = json.loads((copy / "general.json").read_text())["drift"]
+    assert again["kl"] == pytest.approx(drift["kl"], rel=1e-3, abs=1e-6) and again["answers"] == drift["answers"]
     printed = capsys.readouterr().out
     assert "Before / after per family" in printed and "Transfer rule" in printed and "General questions" in printed
     # the docs' table and figure regenerate from the run's JSON
