@@ -3,6 +3,7 @@
 from .deep_supervision import (
     ouro_entropy_objective,
     ouro_gate_loss,
+    per_loop_token_kl,
     per_loop_token_losses,
     shifted_targets,
     weighted_loop_loss,
@@ -17,6 +18,7 @@ __all__ = [
     "hidden_distillation_loss",
     "ouro_entropy_objective",
     "ouro_gate_loss",
+    "per_loop_token_kl",
     "per_loop_token_losses",
     "probe_distillation_loss",
     "probe_loss",

@@ -21,6 +21,7 @@ from loopalign.loops import head_dtype
 
 __all__ = [
     "FrozenHeadCrossEntropy",
+    "per_loop_token_kl",
     "per_loop_token_losses",
     "weighted_loop_loss",
     "ouro_entropy_objective",
@@ -114,6 +115,43 @@ def per_loop_token_losses(
             continue
         with torch.set_grad_enabled(torch.is_grad_enabled() and (grad_loops is None or bool(grad_loops[t]))):
             rows.append(_loop_losses(lm_head, hidden, index, target, chunk_size, plain))
+    return torch.stack(rows, dim=0), index
+
+
+def per_loop_token_kl(
+    lm_head: torch.nn.Module,
+    loop_hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    reference_hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    labels: torch.Tensor,
+    chunk_size: int = 2048,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(reference || model) of every loop's next-token distribution at every labelled position: the soft-target
+    counterpart of :func:`per_loop_token_losses` (the reference's whole distribution, not its greedy token).
+
+    loop_hidden_states, reference_hidden_states: T x [B,S,H] (the reference's without autograd, e.g. the base model
+    with its adapters off); labels [B,S] (unshifted; they only mark the positions). Returns (KL [T,N] float32,
+    index [N] flat positions into B*S). Computed in chunks of ``chunk_size`` positions, so at most two chunks of
+    ``chunk_size x V`` logits live at a time."""
+    if len(loop_hidden_states) != len(reference_hidden_states):
+        raise ValueError(
+            f"per_loop_token_kl: {len(loop_hidden_states)} loops against {len(reference_hidden_states)} reference ones"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    index, _ = shifted_targets(labels, ignore_index)
+    dtype = head_dtype(lm_head)
+    rows = []
+    for hidden, reference in zip(loop_hidden_states, reference_hidden_states):
+        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        ref = reference.reshape(-1, reference.shape[-1]).index_select(0, index).detach()
+        parts = []
+        for start in range(0, flat.shape[0], chunk_size):
+            with torch.no_grad():
+                target = F.log_softmax(lm_head(ref[start : start + chunk_size].to(dtype)).float(), dim=-1)
+            pred = F.log_softmax(lm_head(flat[start : start + chunk_size].to(dtype)).float(), dim=-1)
+            parts.append((target.exp() * (target - pred)).sum(dim=-1))
+        rows.append(torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32))
     return torch.stack(rows, dim=0), index
 
 

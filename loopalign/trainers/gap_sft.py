@@ -19,7 +19,9 @@ One forward pass per batch runs all loops; from it come
   final norm and LM head (a logit lens), trained on the labels: the one-loop analogue of per-loop deep supervision;
 - ``replay``: per-loop LM loss on the model's own answers to the training tasks (a separate small
   batch each step from ``replay_dataset``, see :mod:`loopalign.trainers.replay`), so training the
-  verdict does not teach the model to answer everything with it (TP is kept).
+  verdict does not teach the model to answer everything with it (TP is kept). With ``replay_kind='kl'`` the term is
+  KL(base || model) on the answers' whole next-token distributions instead (the base: the model with its adapters
+  off), which keeps the model's answers without sharpening its distributions toward the greedy tokens.
 Each term has a weight in ``GapSFTConfig.loss_weights`` and is logged per loop
 (``loss/loop_t``, ``sv/loop_t`` and, with the joint probes, ``probe_acc/loop_t`` and
 ``probe_gap/loop_t`` with t = loop count 1..T: training-batch figures at the training probe site,
@@ -52,6 +54,7 @@ from loopalign.objectives import (
     hidden_distillation_loss,
     ouro_entropy_objective,
     ouro_gate_loss,
+    per_loop_token_kl,
     per_loop_token_losses,
     probe_distillation_loss,
     probe_loss,
@@ -131,6 +134,8 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         self.weights = dict(args.loss_weights)
         if self.weights["rr_distill"] > 0 and not hasattr(self.model, "disable_adapter"):
             raise ValueError("loss_weights.rr_distill needs a PEFT model (the base = adapters disabled)")
+        if self.weights["replay"] > 0 and args.replay_kind == "kl" and not hasattr(self.model, "disable_adapter"):
+            raise ValueError("replay_kind='kl' needs a PEFT model (the base = adapters disabled)")
         #: the frozen probe targets' quality (``ProbeTargets.summary()``) when fitted here
         self.probe_targets_summary = None
         if self.weights["probe_distill"] > 0:
@@ -449,9 +454,16 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         with self._prefix_states(model, input_ids, attention_mask):
             out = self._loop_forward(model, input_ids, attention_mask)
-        token_losses, _ = per_loop_token_losses(
-            lm_head, out.loop_hidden_states, batch["labels"].to(device), self.args.lm_chunk_size
-        )
+        labels = batch["labels"].to(device)
+        if self.args.replay_kind == "kl":
+            unwrapped = self.accelerator.unwrap_model(model)
+            with torch.no_grad(), unwrapped.disable_adapter(), self._prefix_states(model, input_ids, attention_mask):
+                base = self._loop_forward(model, input_ids, attention_mask)
+            token_losses, _ = per_loop_token_kl(
+                lm_head, out.loop_hidden_states, base.loop_hidden_states, labels, self.args.lm_chunk_size
+            )
+        else:
+            token_losses, _ = per_loop_token_losses(lm_head, out.loop_hidden_states, labels, self.args.lm_chunk_size)
         term, _ = weighted_loop_loss(token_losses, loop_w)
         return term, token_losses.mean(dim=1).detach()
 

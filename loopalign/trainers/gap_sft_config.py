@@ -18,7 +18,7 @@ from loopalign.speed import CHECKPOINT_POLICIES
 from .common import default_bf16
 from .gap_data import PROBE_POSITIONS
 
-__all__ = ["DISTILL_KINDS", "GapSFTConfig", "LOOP_WEIGHTINGS", "LOSS_KEYS", "PROBES_FILE"]
+__all__ = ["DISTILL_KINDS", "GapSFTConfig", "LOOP_WEIGHTINGS", "LOSS_KEYS", "PROBES_FILE", "REPLAY_KINDS"]
 
 #: The objective terms and their default weights: verdict supervision on true labels at every loop
 #: (``lm``) alone. The jointly trained probe and its consistency pull are off: on the organism they
@@ -36,6 +36,7 @@ LOSS_KEYS = {
 }
 LOOP_WEIGHTINGS = ("uniform", "last", "list", "ouro_entropy")
 DISTILL_KINDS = ("absolute", "pairwise")
+REPLAY_KINDS = ("tokens", "kl")
 PROBES_FILE = "loop_probes.safetensors"
 
 
@@ -105,6 +106,14 @@ class GapSFTConfig(SFTConfig):
     verdict_no: str = field(default="No", metadata={"help": "One-token verbal verdict for label 0."})
     replay_batch_size: int = field(
         default=16, metadata={"help": "Replay records (the model's own task answers) per step of the replay term."}
+    )
+    replay_kind: str = field(
+        default="tokens",
+        metadata={
+            "help": "What the replay term matches on the replayed answers: 'tokens' (cross-entropy on the base "
+            "model's greedy tokens) or 'kl' (KL(base || model) on its whole next-token distribution, the base being "
+            "the model with its adapters off: hard targets sharpen the model's distributions, soft ones do not)."
+        },
     )
     lm_chunk_size: int = field(default=2048, metadata={"help": "Tokens per chunk of the per-loop cross-entropy."})
     compile_layers: bool = field(
@@ -216,6 +225,8 @@ class GapSFTConfig(SFTConfig):
                 "GapSFTConfig.distill_kind='pairwise' compares records within groups: set distill_center_field "
                 "(e.g. 'family')"
             )
+        if self.replay_kind not in REPLAY_KINDS:
+            raise ConfigError(f"GapSFTConfig.replay_kind must be one of {REPLAY_KINDS}, got {self.replay_kind!r}")
         if self.rr_distill_kind not in ("mse", "cosine"):
             raise ConfigError(f"GapSFTConfig.rr_distill_kind must be 'mse' or 'cosine', got {self.rr_distill_kind!r}")
         if not self.learning_rate > 0:

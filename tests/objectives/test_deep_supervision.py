@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loopalign.objectives import ouro_entropy_objective, per_loop_token_losses, weighted_loop_loss
+from loopalign.objectives import ouro_entropy_objective, per_loop_token_kl, per_loop_token_losses, weighted_loop_loss
 
 
 def _setup(T=3, B=2, S=6, H=8, V=11):
@@ -85,3 +85,25 @@ def test_weighted_and_entropy_objectives_by_hand():
     torch.testing.assert_close(ent, h0 / 2)
     with pytest.raises(ValueError, match="loop_weights has 3 entries for 2 loops"):
         weighted_loop_loss(losses, [1, 1, 1])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4096])
+def test_per_loop_kl_is_the_kl_of_the_full_distributions_at_the_labelled_positions(chunk):
+    states, head, labels = _setup()
+    g = torch.Generator().manual_seed(1)
+    reference = [torch.randn(h.shape, generator=g) for h in states]
+    kl, index = per_loop_token_kl(head, states, reference, labels, chunk_size=chunk)
+    _, expected_index = per_loop_token_losses(head, states, labels)
+    assert torch.equal(index, expected_index) and kl.shape == (3, 2 * 5 - 1)
+    for t, (h, r) in enumerate(zip(states, reference)):
+        p = F.log_softmax(head(r).reshape(-1, 11), -1)[index]
+        q = F.log_softmax(head(h).reshape(-1, 11), -1)[index]
+        torch.testing.assert_close(kl[t], (p.exp() * (p - q)).sum(-1))
+    assert (kl > 0).all()
+    # the gradient reaches the trained states only; against itself the KL is zero
+    kl.sum().backward()
+    assert all(h.grad is not None and h.grad.abs().sum() > 0 for h in states)
+    same, _ = per_loop_token_kl(head, states, [h.detach() for h in states], labels, chunk_size=chunk)
+    torch.testing.assert_close(same, torch.zeros_like(same), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="3 loops against 2 reference"):
+        per_loop_token_kl(head, states, reference[:2], labels)

@@ -156,3 +156,28 @@ def test_sft_gap_replays_the_training_tasks_and_the_replay_questions_and_saves_t
     # the questions' prompts are rendered as the tasks' are (same template), and answered by the model itself
     assert replay["input_ids"][3] == task_prompts(["Is grass green?"], tok, TaskConfig())[0]
     assert all(len(c) >= 1 for c in replay["completion_ids"])
+
+
+def test_kl_replay_starts_at_zero_and_keeps_the_answers_distributions(gap_dataset, tmp_path):
+    """replay_kind='kl': the term is KL(base || model) on the replayed answers, the base being the model with its
+    adapters off, so it is 0 before the adapters move and grows once the verdict term moves them."""
+    ds, tok = gap_dataset
+    model = _model(tok)
+    _always_end(model, tok, bias=5.0)
+    replay = self_replay_dataset(model, tok, ds["task"], num_loops=2, max_new_tokens=6).dataset
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = GapSFTTrainer(
+        model=model,
+        args=_args(tmp_path, loss_weights={"lm": 1.0, "replay": 1.0}, replay_kind="kl"),
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=peft,
+        replay_dataset=replay,
+    )
+    trainer.train()
+    logged = [e["replay_loss"] for e in trainer.state.log_history if "replay_loss" in e]
+    assert len(logged) == 3
+    assert logged[0] == pytest.approx(0.0, abs=1e-6)  # a fresh adapter (B = 0) is the base model
+    assert logged[-1] > 1e-6  # the verdict term moved the adapters, the replayed answers' distributions with them
+    with pytest.raises(ValueError, match="replay_kind must be one of"):
+        _args(tmp_path, replay_kind="soft")
