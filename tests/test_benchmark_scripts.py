@@ -4,6 +4,7 @@ docs/performance.md)."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,24 @@ def test_the_grader_table_in_the_docs_is_what_its_command_prints(benchmark_scrip
     assert printed and printed[-1].startswith(f"| all | {len(script.rows())} |")
     for row in printed:  # "| class | rows | current |" opens a doc line that adds the old grader's column
         assert any(line.startswith(row) for line in doc), f"docs/introspection.md lacks the row {row!r}"
+
+
+def test_the_introspection_baseline_in_the_docs_is_what_its_command_prints(tmp_path, benchmark_script):
+    """docs/introspection.md's SmolLM2 baseline table and both rules' figures are what
+    benchmarks/introspection_table.py prints from the run's kept JSON and trials."""
+    run = ROOT / "docs" / "figures" / "runs" / "introspection_smollm2_baseline"
+    out = tmp_path / "table.md"
+    assert benchmark_script("introspection_table").main([str(run), "--concept-words", "50", "--out", str(out)]) == 0
+    printed = out.read_text().splitlines()
+    doc = (ROOT / "docs" / "introspection.md").read_text()
+    table = [line for line in printed if line.startswith("|")]
+    assert len(table) == 9
+    for line in table:
+        assert line in doc.splitlines(), f"docs/introspection.md lacks the row {line!r}"
+    # the rules' figures, each an estimate with its interval, appear in the doc's prose as printed
+    figures = [f for line in printed if not line.startswith("|") for f in re.findall(r"−?\d+\.\d \[[^\]]+\]", line)]
+    assert len(figures) == 3
+    for figure in figures:
+        assert figure in doc, f"docs/introspection.md lacks {figure!r}"
+    with pytest.raises(SystemExit, match="no introspection.json"):
+        benchmark_script("introspection_table").main([str(tmp_path), "--concept-words", "50"])

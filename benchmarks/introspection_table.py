@@ -1,0 +1,127 @@
+"""The introspection baseline's table and verdicts, regenerated from a run's own JSON (docs/introspection.md).
+
+    python benchmarks/introspection_table.py docs/figures/runs/introspection_smollm2_baseline --concept-words 50
+
+RUN_DIR is an ``eval-introspection`` output folder: ``introspection.json`` (its ``summary``: rates with Wilson
+intervals) and ``trials.jsonl`` (the graded trials). Printed: the baseline table of the docs (detection, by strength,
+identification against chance, false positives, random-vector claims, incoherence by strength, leakage) at one
+(loop count, injection loop), then the two rules' verdicts recomputed from the trials: detection minus false
+positives (from the summary) and the concept-specific rule (``specificity_verdict``, concept-clustered bootstrap).
+``--out`` writes the same text to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from loopalign.eval.introspection.stats import specificity_verdict
+from loopalign.io import atomic_write_text
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="an eval-introspection output folder (introspection.json, trials.jsonl)")
+    parser.add_argument("--concept-words", type=int, required=True, help="the vocabulary identification is among")
+    parser.add_argument("--num-loops", type=int, default=None, help="default: the run's only loop count")
+    parser.add_argument("--injection-loop", type=int, default=0)
+    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--out", default=None)
+    return parser
+
+
+def _pct(rate: dict, digits: int = 1) -> str:
+    return f"{100 * rate['rate']:.{digits}f}"
+
+
+def _interval(rate: dict) -> str:
+    return f"{_pct(rate)} [{_pct({'rate': rate['lo']})}, {_pct({'rate': rate['hi']})}]"
+
+
+def _signed(rate: dict) -> str:
+    """A difference with its interval, minus signs as the docs write them."""
+    text = f"{100 * rate['rate']:.1f} [{100 * rate['lo']:.1f}, {100 * rate['hi']:.1f}]"
+    return text.replace("-", "−")
+
+
+def _pooled(cells: list[dict], metric: str, strength: float) -> tuple[float, int]:
+    """The rate of ``metric`` over every cell at ``strength`` (weighted by each cell's trials) and their count."""
+    at = [c for c in cells if float(c["strength"]) == strength]
+    n = sum(c[metric]["n"] for c in at)
+    return (sum(c[metric]["rate"] * c[metric]["n"] for c in at) / n if n else float("nan")), n
+
+
+def baseline_lines(summary: dict, num_loops: int, injection_loop: int, chance: float) -> list[str]:
+    (row,) = [
+        r for r in summary["by_injection_loop"] if r["num_loops"] == num_loops and r["injection_loop"] == injection_loop
+    ]
+    cells = [c for c in summary["cells"] if c["num_loops"] == num_loops and c["injection_loop"] == injection_loop]
+    strengths = sorted({float(c["strength"]) for c in cells})
+    names = " / ".join(f"{s:g}" for s in strengths)
+    by_strength = [_pooled(cells, "detection", s) for s in strengths]
+    incoherent = [_pooled(cells, "incoherent", s) for s in strengths]
+    counts = {n for _, n in by_strength}
+    each = f"{counts.pop()} each" if len(counts) == 1 else " / ".join(str(n) for _, n in by_strength)
+    random = [c for c in summary["random"] if c["num_loops"] == num_loops and c["injection_loop"] == injection_loop]
+    n_random = sum(c["detection"]["n"] for c in random)
+    random_rate = sum(c["detection"]["rate"] * c["detection"]["n"] for c in random) / n_random
+    (controls,) = [c for c in summary["controls"] if c["num_loops"] == num_loops]
+    return [
+        "| | rate (95% Wilson interval) | n |",
+        "|---|---|---|",
+        f"| detection (coherent claims, injected concepts) | {_interval(row['detection'])} | {row['detection']['n']} |",
+        f"| by strength {names} | {' / '.join(f'{100 * r:.1f}' for r, _ in by_strength)} | {each} |",
+        f"| identification | {_interval(row['identification'])} (chance {100 * chance:.1f}) | "
+        f"{row['identification']['n']} |",
+        f"| false positives (claims on uninjected controls) | {_interval(controls['false_positive'])} | "
+        f"{controls['false_positive']['n']} |",
+        f"| random-vector claims | {100 * random_rate:.1f} | {n_random} |",
+        f"| incoherent injection trials, by strength {names} | "
+        f"{' / '.join(f'{100 * r:.0f}' for r, _ in incoherent)}% | {each} |",
+        f"| concept named without a claim (leakage) | {_interval(row['leakage'])} | {row['leakage']['n']} |",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    paths = [os.path.join(args.run, name) for name in ("introspection.json", "trials.jsonl")]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"error: {args.run}: no {', '.join(os.path.basename(p) for p in missing)}")
+    if args.concept_words < 1:
+        raise SystemExit(f"error: --concept-words must be >= 1, got {args.concept_words}")
+    with open(paths[0]) as f:
+        summary = json.load(f)["summary"]
+    with open(paths[1]) as f:
+        trials = [json.loads(line) for line in f if line.strip()]
+    loop_counts = sorted({r["num_loops"] for r in summary["by_injection_loop"]})
+    num_loops = args.num_loops if args.num_loops is not None else loop_counts[0]
+    if args.num_loops is None and len(loop_counts) > 1:
+        raise SystemExit(f"error: the run has loop counts {loop_counts}: pick one with --num-loops")
+    chance = 1.0 / args.concept_words
+    lines = baseline_lines(summary, num_loops, args.injection_loop, chance)
+    (row,) = [
+        r
+        for r in summary["by_injection_loop"]
+        if r["num_loops"] == num_loops and r["injection_loop"] == args.injection_loop
+    ]
+    verdict = specificity_verdict(trials, args.injection_loop, num_loops, args.concept_words, n_boot=args.n_boot)
+    holds = [k for k in ("specific_holds", "beyond_fp_holds", "identification_holds") if verdict[k]]
+    lines += [
+        "",
+        f"detection − false positives: {_signed(row['detection_minus_fp'])}",
+        f"concept-specific rule: specific detection {_signed(verdict['specific_detection'])}, identification "
+        f"{_signed(verdict['identification'])} against chance {100 * chance:.1f}; parts holding: "
+        f"{', '.join(holds) or 'none'}",
+    ]
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        atomic_write_text(args.out, text)
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
