@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             "top1_ci": [round(x, 4) for x in d["top1_ci"]],
             "general": f"{sum(before['right'])} -> {sum(after['right'])}" if after else None,
         }
+        if "entropy_base" in d:  # measured since the entropies are part of the drift
+            row["entropy"] = [round(sum(d[k]) / len(d[k]), 4) for k in ("entropy_base", "entropy_tuned")]
         sys.stdout.write(json.dumps(row) + "\n")
     return 0
 

@@ -217,8 +217,10 @@ GENERAL_DRIFT_PROMPTS: tuple[str, ...] = (
 class GeneralDrift:
     """How far a tuned model's next-token distributions moved from the base model's, per prompt, on the base model's
     own greedy answers: ``kl`` mean per-token KL(base || tuned) in nats, ``top1`` the share of answer tokens whose
-    top choice is the same in both, ``tokens`` how many answer tokens each prompt has. The means carry a bootstrap
-    interval over prompts (each prompt one cluster)."""
+    top choice is the same in both, ``entropy_base`` / ``entropy_tuned`` the mean per-token entropy of each (nats:
+    a tuned entropy far below the base's is a sharpened model, which KL counts though the top choice is kept),
+    ``tokens`` how many answer tokens each prompt has. The means carry a bootstrap interval over prompts (each
+    prompt one cluster)."""
 
     prompts: list[str]
     answers: list[str]
@@ -231,6 +233,8 @@ class GeneralDrift:
     kl_ci: tuple[float, float]
     top1_mean: float
     top1_ci: tuple[float, float]
+    entropy_base: list[float]
+    entropy_tuned: list[float]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -239,8 +243,13 @@ class GeneralDrift:
         return (
             f"general drift on {len(self.prompts)} prompts (base model's own answers, {sum(self.tokens)} tokens): "
             f"KL(base || tuned) {self.kl_mean:.3f} [{self.kl_ci[0]:.3f}, {self.kl_ci[1]:.3f}] nats/token, top choice "
-            f"kept {100 * self.top1_mean:.1f}% [{100 * self.top1_ci[0]:.1f}, {100 * self.top1_ci[1]:.1f}]"
+            f"kept {100 * self.top1_mean:.1f}% [{100 * self.top1_ci[0]:.1f}, {100 * self.top1_ci[1]:.1f}], entropy "
+            f"{_mean(self.entropy_base):.2f} -> {_mean(self.entropy_tuned):.2f} nats"
         )
+
+
+def _mean(values) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
 
 
 def _reference(model, reference):
@@ -298,7 +307,7 @@ def general_drift(
         if empty:
             raise ValueError(f"general_drift: the base model answered nothing to {empty[:3]}")
         device = next(model.parameters()).device
-        kl, top1, pad = [], [], pad_token_id(tokenizer)
+        kl, top1, h_base, h_tuned, pad = [], [], [], [], pad_token_id(tokenizer)
         for start in range(0, len(prompts), batch_size):
             pairs = list(zip(prompt_ids[start : start + batch_size], answer_ids[start : start + batch_size]))
             rows = [{"input_ids": p + a} for p, a in pairs]
@@ -313,6 +322,8 @@ def general_drift(
                 pred = F.log_softmax(tuned_logits[j, span], dim=-1)
                 kl.append(float(F.kl_div(pred, target, log_target=True, reduction="batchmean")))
                 top1.append(float((target.argmax(-1) == pred.argmax(-1)).float().mean()))
+                h_base.append(float(-(target.exp() * target).sum(-1).mean()))
+                h_tuned.append(float(-(pred.exp() * pred).sum(-1).mean()))
     finally:
         model.train(was_training)
     kl_arr, top1_arr = np.asarray(kl), np.asarray(top1)
@@ -320,5 +331,5 @@ def general_drift(
     t, t_lo, t_hi = bootstrap_ci(lambda idx: top1_arr[idx].mean(), len(top1), n_boot=n_boot, seed=seed)
     return GeneralDrift(
         prompts, [a.strip() for a in answers], kl, top1, [len(a) for a in answer_ids], max_new_tokens, num_loops,
-        float(k), (float(k_lo), float(k_hi)), float(t), (float(t_lo), float(t_hi)),
+        float(k), (float(k_lo), float(k_hi)), float(t), (float(t_lo), float(t_hi)), h_base, h_tuned,
     )  # fmt: skip

@@ -73,6 +73,7 @@ def test_drift_is_zero_for_the_base_model_and_grows_with_the_adapter(tok, tiny_c
     # a fresh adapter (B = 0) is the base model: no drift, every top choice kept
     fresh = general_drift(model, tok, prompts, max_new_tokens=6, batch_size=2, n_boot=50)
     assert fresh.kl_mean == pytest.approx(0.0, abs=1e-6) and fresh.top1_mean == 1.0
+    assert fresh.entropy_tuned == pytest.approx(fresh.entropy_base, abs=1e-5) and min(fresh.entropy_base) > 0
     assert len(fresh.kl) == len(fresh.tokens) == 5 and all(0 < n <= 6 for n in fresh.tokens)
     with torch.no_grad():
         for name, p in model.named_parameters():
