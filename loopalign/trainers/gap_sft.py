@@ -443,12 +443,17 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
     def _replay_loss(self, model, lm_head, loop_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The replay term on this step's replay batch: per-loop LM loss on the model's own answers,
         weighted over loops like ``lm``. -> (term, per-loop loss [T]). The batch is drawn by
-        (seed, global step, process), so a resumed run draws the same ones."""
+        (seed, global step, micro-batch within the step, process), so a resumed run draws the same ones and
+        gradient accumulation draws another batch for each micro-batch."""
         n = len(self.replay_features)
-        gen = torch.Generator().manual_seed(
-            (self.args.seed * 1_000_003 + self.state.global_step) * 4099 + self.args.process_index
-        )
+        step = self.state.global_step
+        micro = self._replay_micro + 1 if getattr(self, "_replay_step", None) == step else 0
+        self._replay_step, self._replay_micro = step, micro
+        draw = (self.args.seed * 1_000_003 + step) * 4099 + self.args.process_index
+        # the first micro-batch draws as runs without accumulation always have
+        gen = torch.Generator().manual_seed(draw if micro == 0 else draw * 131 + micro)
         picks = torch.randperm(n, generator=gen)[: min(n, self.args.replay_batch_size)].tolist()
+        self.replay_picks = picks  # this micro-batch's replay records (indices into the replay dataset)
         batch = collate_replay([self.replay_features[i] for i in picks], self.processing_class.pad_token_id)
         device = loop_w.device
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)

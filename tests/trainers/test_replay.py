@@ -181,3 +181,45 @@ def test_kl_replay_starts_at_zero_and_keeps_the_answers_distributions(gap_datase
     assert logged[-1] > 1e-6  # the verdict term moved the adapters, the replayed answers' distributions with them
     with pytest.raises(ValueError, match="replay_kind must be one of"):
         _args(tmp_path, replay_kind="soft")
+
+
+def test_each_accumulated_micro_batch_draws_its_own_replay_batch(gap_dataset, tmp_path):
+    """With gradient accumulation the replay term draws new records for every micro-batch of a step (keyed by step
+    and micro-batch, so a resumed run draws the same ones); the first micro-batch draws as a run without it."""
+    ds, tok = gap_dataset
+    model = _model(tok)
+    _always_end(model, tok, bias=5.0)
+    replay = self_replay_dataset(model, tok, ds["task"], num_loops=2, max_new_tokens=6).dataset
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+    def draws(accumulation):
+        seen = []
+        trainer = GapSFTTrainer(
+            model=_model(tok),
+            args=_args(
+                tmp_path,
+                loss_weights={"lm": 1.0, "replay": 1.0},
+                max_steps=2,
+                replay_batch_size=2,
+                gradient_accumulation_steps=accumulation,
+            ),  # fmt: skip
+            train_dataset=ds,
+            processing_class=tok,
+            peft_config=peft,
+            replay_dataset=replay,
+        )
+        original = trainer._replay_loss
+
+        def observed(*args):  # the real term, its draw read after it
+            out = original(*args)
+            seen.append((trainer.state.global_step, tuple(trainer.replay_picks)))
+            return out
+
+        trainer._replay_loss = observed
+        trainer.train()
+        return seen
+
+    accumulated, single = draws(2), draws(1)
+    assert [s for s, _ in accumulated] == [0, 0, 1, 1] and [s for s, _ in single] == [0, 1]
+    assert accumulated[0][1] != accumulated[1][1] and accumulated[2][1] != accumulated[3][1]
+    assert [accumulated[0], accumulated[2]] == single  # the first micro-batch of each step draws as before
