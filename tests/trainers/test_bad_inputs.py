@@ -31,6 +31,12 @@ CASES = [
     (["--replay_questions", "no/such/questions.txt"], "replay_questions: no file 'no/such/questions.txt'"),
     (["--loss_weights", '{"lm": 1}', "--replay_questions", "general"], "replay_questions needs loss_weights.replay"),
     (["--loss_weights", '{"lm": 1, "consistensy": 1}'], "unknown loss key(s) ['consistensy']"),
+    (["--use_peft", "false", "--loss_weights", '{"lm": 1, "rr_distill": 1}'], "rr_distill compare the model with"),
+    (
+        ["--use_peft", "false", "--loss_weights", '{"lm": 1, "replay": 1}', "--replay_kind", "kl"],
+        "replay_kind='kl' compare the model with its base (the adapters switched off): they need --use_peft true",
+    ),
+    (["--replay_kind", "soft"], "replay_kind must be one of ('tokens', 'kl'), got 'soft'"),
     (["--loss_weights", '{"lm": -1}'], "loss_weights['lm'] must be a number >= 0"),
     (["--dataset", "missing/file.jsonl"], "missing/file.jsonl"),
     (["--load_in_4bit", "true"], "--load_in_4bit is not supported"),
