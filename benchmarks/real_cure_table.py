@@ -88,7 +88,7 @@ def run_summary(run_dir: str) -> dict:
         }
         out["general"] = (sum(right["before"]), sum(right["after"]), len(right["before"]))
     if general and general.get("drift"):  # benchmarks/general_drift.py, or sft-gap itself since it measures it
-        out["drift"] = general["drift"]["kl_mean"]
+        out["drift"] = (general["drift"]["kl_mean"], general["drift"]["top1_mean"])
     return out
 
 
@@ -191,7 +191,7 @@ def goals_table(runs: list[dict]) -> list[str]:
         "| variant | seeds | labelled families' held-out entities: cells with SV after >= RR before - 2 "
         "(bal. acc; AUROC) | pooled RR after - before, refitted; frozen (points) | transfer: mean recovery "
         "(bal. acc / AUROC) | held-out families whose SV fell (dSV's CI below 0; seeds) | general questions (drift: KL "
-        "nats/token) | rule outcome "
+        "nats/token; top choice kept) | rule outcome "
         "(pooled) | families whose verdict is yes (seeds) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -212,7 +212,7 @@ def goals_table(runs: list[dict]) -> list[str]:
         ]
         general = (
             ", ".join(
-                f"{b} → {a}" + (f" ({r['drift']:.2f})" if "drift" in r else "")
+                f"{b} → {a}" + (f" ({r['drift'][0]:.2f}; {100 * r['drift'][1]:.0f}%)" if "drift" in r else "")
                 for r, (b, a, _) in ((r, r["general"]) for r in rs)
             )
             if all("general" in r for r in rs)

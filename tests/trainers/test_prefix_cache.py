@@ -150,9 +150,13 @@ def test_loss_and_every_lora_gradient_equal_the_plain_path(family, probe_layer, 
     # a batch in another order and composition than the one the states were computed in
     batch = _padded_batch(plain, [9, 2, 14, 5, 0, 11])
     _assert_close(_step(plain, batch), _step(cached, batch))
-    assert cache.num_records == len(rows) + 3  # and the replay batch's records, once each
-    _assert_close(_step(plain, batch), _step(cached, batch))  # again, now entirely from the cache
-    assert cache.num_records == len(rows) + 3
+    first = set(cached.replay_picks)
+    assert len(first) == 3 and cache.num_records == len(rows) + 3  # and the replay batch's records, once each
+    # the same batch again at the same step: the step's next micro-batch, its rows from the cache and its replay
+    # draw its own (gradient accumulation), the records it shares with the first draw not cached twice
+    _assert_close(_step(plain, batch), _step(cached, batch))
+    assert plain.replay_picks == cached.replay_picks and set(cached.replay_picks) != first
+    assert cache.num_records == len(rows) + len(first | set(cached.replay_picks))
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
