@@ -87,20 +87,26 @@ def _args(tmp_path, **kw):
     return GapSFTConfig(**base)
 
 
-def test_replay_term_trains_the_answers_and_needs_its_data(gap_dataset, tmp_path):
+_PEFT = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+
+def _replayed(gap_dataset):
+    """-> (records, tokenizer, the model, its own answers to the records' tasks as replay records)."""
     ds, tok = gap_dataset
     model = _model(tok)
     _always_end(model, tok, bias=5.0)
-    replay = self_replay_dataset(model, tok, ds["task"], num_loops=2, max_new_tokens=6).dataset
-    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    trainer = GapSFTTrainer(
-        model=model,
-        args=_args(tmp_path, loss_weights={"lm": 1.0, "replay": 1.0}),
-        train_dataset=ds,
-        processing_class=tok,
-        peft_config=peft,
-        replay_dataset=replay,
+    return ds, tok, model, self_replay_dataset(model, tok, ds["task"], num_loops=2, max_new_tokens=6).dataset
+
+
+def _trainer(model, ds, tok, replay, args) -> GapSFTTrainer:
+    return GapSFTTrainer(
+        model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_PEFT, replay_dataset=replay
     )
+
+
+def test_replay_term_trains_the_answers_and_needs_its_data(gap_dataset, tmp_path):
+    ds, tok, model, replay = _replayed(gap_dataset)
+    trainer = _trainer(model, ds, tok, replay, _args(tmp_path, loss_weights={"lm": 1.0, "replay": 1.0}))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     logged = [e for e in trainer.state.log_history if "replay_loss" in e]
@@ -110,14 +116,7 @@ def test_replay_term_trains_the_answers_and_needs_its_data(gap_dataset, tmp_path
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
     # the replay term alone moves the adapters too (it is a real loss, not a log line)
-    only = GapSFTTrainer(
-        model=_model(tok),
-        args=_args(tmp_path, loss_weights={"lm": 0.0, "replay": 1.0}, max_steps=1),
-        train_dataset=ds,
-        processing_class=tok,
-        peft_config=peft,
-        replay_dataset=replay,
-    )
+    only = _trainer(_model(tok), ds, tok, replay, _args(tmp_path, loss_weights={"lm": 0.0, "replay": 1.0}, max_steps=1))
     start = {n: p.detach().clone() for n, p in only.model.named_parameters() if p.requires_grad}
     only.train()
     moved = [n for n, p in only.model.named_parameters() if p.requires_grad and not torch.equal(start[n], p)]
@@ -125,14 +124,7 @@ def test_replay_term_trains_the_answers_and_needs_its_data(gap_dataset, tmp_path
 
     for kw, data in (({"lm": 1.0, "replay": 1.0}, None), ({"lm": 1.0}, replay)):
         with pytest.raises(ValueError, match=r"loss_weights\['replay'\] > 0 needs a replay_dataset"):
-            GapSFTTrainer(
-                model=_model(tok),
-                args=_args(tmp_path, loss_weights=kw),
-                train_dataset=ds,
-                processing_class=tok,
-                peft_config=peft,
-                replay_dataset=data,
-            )
+            _trainer(_model(tok), ds, tok, data, _args(tmp_path, loss_weights=kw))
 
 
 def test_sft_gap_replays_the_training_tasks_and_the_replay_questions_and_saves_them(
@@ -161,19 +153,9 @@ def test_sft_gap_replays_the_training_tasks_and_the_replay_questions_and_saves_t
 def test_kl_replay_starts_at_zero_and_keeps_the_answers_distributions(gap_dataset, tmp_path):
     """replay_kind='kl': the term is KL(base || model) on the replayed answers, the base being the model with its
     adapters off, so it is 0 before the adapters move and grows once the verdict term moves them."""
-    ds, tok = gap_dataset
-    model = _model(tok)
-    _always_end(model, tok, bias=5.0)
-    replay = self_replay_dataset(model, tok, ds["task"], num_loops=2, max_new_tokens=6).dataset
-    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    trainer = GapSFTTrainer(
-        model=model,
-        args=_args(tmp_path, loss_weights={"lm": 1.0, "replay": 1.0}, replay_kind="kl"),
-        train_dataset=ds,
-        processing_class=tok,
-        peft_config=peft,
-        replay_dataset=replay,
-    )
+    ds, tok, model, replay = _replayed(gap_dataset)
+    args = _args(tmp_path, loss_weights={"lm": 1.0, "replay": 1.0}, replay_kind="kl")
+    trainer = _trainer(model, ds, tok, replay, args)
     trainer.train()
     logged = [e["replay_loss"] for e in trainer.state.log_history if "replay_loss" in e]
     assert len(logged) == 3
@@ -186,28 +168,13 @@ def test_kl_replay_starts_at_zero_and_keeps_the_answers_distributions(gap_datase
 def test_each_accumulated_micro_batch_draws_its_own_replay_batch(gap_dataset, tmp_path):
     """With gradient accumulation the replay term draws new records for every micro-batch of a step (keyed by step
     and micro-batch, so a resumed run draws the same ones); the first micro-batch draws as a run without it."""
-    ds, tok = gap_dataset
-    model = _model(tok)
-    _always_end(model, tok, bias=5.0)
-    replay = self_replay_dataset(model, tok, ds["task"], num_loops=2, max_new_tokens=6).dataset
-    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    ds, tok, _, replay = _replayed(gap_dataset)
 
     def draws(accumulation):
         seen = []
-        trainer = GapSFTTrainer(
-            model=_model(tok),
-            args=_args(
-                tmp_path,
-                loss_weights={"lm": 1.0, "replay": 1.0},
-                max_steps=2,
-                replay_batch_size=2,
-                gradient_accumulation_steps=accumulation,
-            ),  # fmt: skip
-            train_dataset=ds,
-            processing_class=tok,
-            peft_config=peft,
-            replay_dataset=replay,
-        )
+        args = _args(tmp_path, loss_weights={"lm": 1.0, "replay": 1.0}, max_steps=2, replay_batch_size=2,
+                     gradient_accumulation_steps=accumulation)  # fmt: skip
+        trainer = _trainer(_model(tok), ds, tok, replay, args)
         original = trainer._replay_loss
 
         def observed(*args):  # the real term, its draw read after it
