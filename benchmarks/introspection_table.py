@@ -17,6 +17,7 @@ import json
 import os
 import sys
 
+from loopalign.eval.introspection.report import format_rate
 from loopalign.eval.introspection.stats import specificity_verdict
 from loopalign.io import atomic_write_text
 
@@ -32,55 +33,51 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pct(rate: dict, digits: int = 1) -> str:
-    return f"{100 * rate['rate']:.{digits}f}"
-
-
-def _interval(rate: dict) -> str:
-    return f"{_pct(rate)} [{_pct({'rate': rate['lo']})}, {_pct({'rate': rate['hi']})}]"
-
-
 def _signed(rate: dict) -> str:
-    """A difference with its interval, minus signs as the docs write them."""
-    text = f"{100 * rate['rate']:.1f} [{100 * rate['lo']:.1f}, {100 * rate['hi']:.1f}]"
-    return text.replace("-", "−")
+    """A difference with its interval (:func:`format_rate`), minus signs as the docs write them."""
+    return format_rate(rate).replace("-", "−")
 
 
-def _pooled(cells: list[dict], metric: str, strength: float) -> tuple[float, int]:
-    """The rate of ``metric`` over every cell at ``strength`` (weighted by each cell's trials) and their count."""
-    at = [c for c in cells if float(c["strength"]) == strength]
-    n = sum(c[metric]["n"] for c in at)
-    return (sum(c[metric]["rate"] * c[metric]["n"] for c in at) / n if n else float("nan")), n
+def _pooled(cells: list[dict], metric: str) -> tuple[float, int]:
+    """The rate of ``metric`` over ``cells`` (weighted by each cell's trials) and their count."""
+    n = sum(c[metric]["n"] for c in cells)
+    return (sum(c[metric]["rate"] * c[metric]["n"] for c in cells) / n if n else float("nan")), n
 
 
-def baseline_lines(summary: dict, num_loops: int, injection_loop: int, chance: float) -> list[str]:
+def site_row(summary: dict, num_loops: int, injection_loop: int) -> dict:
+    """The summary's ``by_injection_loop`` row at (``num_loops``, ``injection_loop``)."""
     (row,) = [
         r for r in summary["by_injection_loop"] if r["num_loops"] == num_loops and r["injection_loop"] == injection_loop
     ]
+    return row
+
+
+def baseline_lines(summary: dict, row: dict, num_loops: int, injection_loop: int, chance: float) -> list[str]:
+    """The docs' table for the site whose summary row is ``row`` (:func:`site_row`)."""
     cells = [c for c in summary["cells"] if c["num_loops"] == num_loops and c["injection_loop"] == injection_loop]
     strengths = sorted({float(c["strength"]) for c in cells})
     names = " / ".join(f"{s:g}" for s in strengths)
-    by_strength = [_pooled(cells, "detection", s) for s in strengths]
-    incoherent = [_pooled(cells, "incoherent", s) for s in strengths]
+    at = {s: [c for c in cells if float(c["strength"]) == s] for s in strengths}
+    by_strength = [_pooled(at[s], "detection") for s in strengths]
+    incoherent = [_pooled(at[s], "incoherent") for s in strengths]
     counts = {n for _, n in by_strength}
     each = f"{counts.pop()} each" if len(counts) == 1 else " / ".join(str(n) for _, n in by_strength)
     random = [c for c in summary["random"] if c["num_loops"] == num_loops and c["injection_loop"] == injection_loop]
-    n_random = sum(c["detection"]["n"] for c in random)
-    random_rate = sum(c["detection"]["rate"] * c["detection"]["n"] for c in random) / n_random
+    random_rate, n_random = _pooled(random, "detection")
     (controls,) = [c for c in summary["controls"] if c["num_loops"] == num_loops]
     return [
         "| | rate (95% Wilson interval) | n |",
         "|---|---|---|",
-        f"| detection (coherent claims, injected concepts) | {_interval(row['detection'])} | {row['detection']['n']} |",
+        f"| detection (coherent claims, injected concepts) | {format_rate(row['detection'])} | {row['detection']['n']} |",
         f"| by strength {names} | {' / '.join(f'{100 * r:.1f}' for r, _ in by_strength)} | {each} |",
-        f"| identification | {_interval(row['identification'])} (chance {100 * chance:.1f}) | "
+        f"| identification | {format_rate(row['identification'])} (chance {100 * chance:.1f}) | "
         f"{row['identification']['n']} |",
-        f"| false positives (claims on uninjected controls) | {_interval(controls['false_positive'])} | "
+        f"| false positives (claims on uninjected controls) | {format_rate(controls['false_positive'])} | "
         f"{controls['false_positive']['n']} |",
         f"| random-vector claims | {100 * random_rate:.1f} | {n_random} |",
         f"| incoherent injection trials, by strength {names} | "
         f"{' / '.join(f'{100 * r:.0f}' for r, _ in incoherent)}% | {each} |",
-        f"| concept named without a claim (leakage) | {_interval(row['leakage'])} | {row['leakage']['n']} |",
+        f"| concept named without a claim (leakage) | {format_rate(row['leakage'])} | {row['leakage']['n']} |",
     ]
 
 
@@ -101,12 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_loops is None and len(loop_counts) > 1:
         raise SystemExit(f"error: the run has loop counts {loop_counts}: pick one with --num-loops")
     chance = 1.0 / args.concept_words
-    lines = baseline_lines(summary, num_loops, args.injection_loop, chance)
-    (row,) = [
-        r
-        for r in summary["by_injection_loop"]
-        if r["num_loops"] == num_loops and r["injection_loop"] == args.injection_loop
-    ]
+    row = site_row(summary, num_loops, args.injection_loop)
+    lines = baseline_lines(summary, row, num_loops, args.injection_loop, chance)
     verdict = specificity_verdict(trials, args.injection_loop, num_loops, args.concept_words, n_boot=args.n_boot)
     holds = [k for k in ("specific_holds", "beyond_fp_holds", "identification_holds") if verdict[k]]
     lines += [
