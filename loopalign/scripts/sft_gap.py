@@ -679,9 +679,7 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     check_resume_and_saving(training_args)  # before any model work
     if script_args.replay_questions is not None and training_args.loss_weights["replay"] <= 0:
         raise ValueError("replay_questions needs loss_weights.replay > 0: no other term trains on their answers")
-    base_reading = ["loss_weights.rr_distill"] if training_args.loss_weights["rr_distill"] > 0 else []
-    if training_args.loss_weights["replay"] > 0 and training_args.replay_kind == "kl":
-        base_reading.append("replay_kind='kl'")
+    base_reading = training_args.base_reading_terms()
     if base_reading and not model_args.use_peft:
         raise ValueError(
             f"{' and '.join(base_reading)} compare the model with its base (the adapters switched off): they need "

@@ -132,10 +132,9 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         # the loss is averaged inside compute_loss; let the Trainer divide by accumulation steps
         self.model_accepts_loss_kwargs = False
         self.weights = dict(args.loss_weights)
-        if self.weights["rr_distill"] > 0 and not hasattr(self.model, "disable_adapter"):
-            raise ValueError("loss_weights.rr_distill needs a PEFT model (the base = adapters disabled)")
-        if self.weights["replay"] > 0 and args.replay_kind == "kl" and not hasattr(self.model, "disable_adapter"):
-            raise ValueError("replay_kind='kl' needs a PEFT model (the base = adapters disabled)")
+        base_reading = args.base_reading_terms()
+        if base_reading and not hasattr(self.model, "disable_adapter"):
+            raise ValueError(f"{' and '.join(base_reading)}: a PEFT model is needed (the base = adapters disabled)")
         #: the frozen probe targets' quality (``ProbeTargets.summary()``) when fitted here
         self.probe_targets_summary = None
         if self.weights["probe_distill"] > 0:
@@ -167,6 +166,8 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             )
         if replay_dataset is not None:
             self.replay_features = replay_features(replay_dataset, args.max_length)
+        # the replay draw's key within a step (gradient accumulation: one draw per micro-batch) and its records
+        self._replay_step, self._replay_micro, self.replay_picks = None, 0, []
         if args.replay_batch_size < 1:
             raise ValueError(f"GapSFTConfig.replay_batch_size must be >= 1, got {args.replay_batch_size}")
         if self.weights["rr_probe"] > 0 and self.base_probes is None:
@@ -447,7 +448,7 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         gradient accumulation draws another batch for each micro-batch."""
         n = len(self.replay_features)
         step = self.state.global_step
-        micro = self._replay_micro + 1 if getattr(self, "_replay_step", None) == step else 0
+        micro = self._replay_micro + 1 if self._replay_step == step else 0
         self._replay_step, self._replay_micro = step, micro
         draw = (self.args.seed * 1_000_003 + step) * 4099 + self.args.process_index
         # the first micro-batch draws as runs without accumulation always have

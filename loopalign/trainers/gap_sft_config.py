@@ -243,6 +243,14 @@ class GapSFTConfig(SFTConfig):
         except ValueError as e:
             raise ConfigError(f"GapSFTConfig.lora_loops={self.lora_loops!r}: {e}") from None
 
+    def base_reading_terms(self) -> list[str]:
+        """The objective terms that compare the model with its base (the model with its adapters switched off), so
+        need a PEFT model: ``rr_distill``, and ``replay`` with ``replay_kind='kl'``."""
+        terms = ["loss_weights.rr_distill"] if self.loss_weights["rr_distill"] > 0 else []
+        if self.loss_weights["replay"] > 0 and self.replay_kind == "kl":
+            terms.append("replay_kind='kl'")
+        return terms
+
     def check_against_model(self, model_config) -> tuple[int, int]:
         """Validate loop/layer options against a model config; returns (num_loops, probe_layer).
 
