@@ -184,6 +184,15 @@ def variant_table(runs: list[dict]) -> list[str]:
 GOAL_MARGIN = 0.02
 
 
+def _general_cell(run: dict) -> str:
+    """Right general answers before → after, with the drift (KL; top choice kept) when the run has one."""
+    before, after, _ = run["general"]
+    if "drift" not in run:
+        return f"{before} → {after}"
+    kl, top1 = run["drift"]
+    return f"{before} → {after} ({kl:.2f}; {100 * top1:.0f}%)"
+
+
 def goals_table(runs: list[dict]) -> list[str]:
     """Markdown lines, one per variant (seeds pooled): the goals of docs/real-models.md on point estimates."""
     groups = by_variant(runs)
@@ -210,14 +219,7 @@ def goals_table(runs: list[dict]) -> list[str]:
         fell = [
             f"{f} ({sum(f in x for x in fell_lists)}/{len(rs)})" for f in sorted({f for x in fell_lists for f in x})
         ]
-        general = (
-            ", ".join(
-                f"{b} → {a}" + (f" ({r['drift'][0]:.2f}; {100 * r['drift'][1]:.0f}%)" if "drift" in r else "")
-                for r, (b, a, _) in ((r, r["general"]) for r in rs)
-            )
-            if all("general" in r for r in rs)
-            else "–"
-        )
+        general = ", ".join(_general_cell(r) for r in rs) if all("general" in r for r in rs) else "–"
         outcomes = [p["outcome"] for p in pooled]
         outcome = ", ".join(f"{o} {outcomes.count(o)}/{len(outcomes)}" for o in sorted(set(outcomes)))
         yes_by_run = [[f["family"] for f in r["families"] if f.get("outcome") == "yes"] for r in rs]
