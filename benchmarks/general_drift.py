@@ -26,6 +26,7 @@ import torch
 from loopalign.eval.general import general_drift
 from loopalign.io import atomic_write_text
 from loopalign.loading import is_gap_run_folder, load_model
+from loopalign.models.contract import trained_loops
 from loopalign.speed import set_cpu_threads
 
 logger = logging.getLogger("general_drift")
@@ -56,7 +57,10 @@ def drift_of(run: str, max_new_tokens: int, force: bool) -> dict:
     if general.get("drift") is not None and not force:
         return general
     model, tokenizer = load_model(os.path.join(run, "final"), device="cpu")
-    general["drift"] = general_drift(model, tokenizer, max_new_tokens=max_new_tokens).to_dict()
+    # at the model's trained depth, as sft-gap measures it (one loop for a plain causal LM)
+    general["drift"] = general_drift(
+        model, tokenizer, num_loops=trained_loops(model), max_new_tokens=max_new_tokens
+    ).to_dict()
     atomic_write_text(path, json.dumps(general, indent=1))
     return general
 
