@@ -50,6 +50,7 @@ from loopalign.trainers.introspection import (
     introspection_dataset,
     make_introspection_trainer,
 )
+from loopalign.trainers.introspection.data import check_trial_fractions
 
 __all__ = [
     "EMBEDDED_DEFAULTS",
@@ -164,14 +165,7 @@ class IntrospectionScriptArguments:
     def __post_init__(self):
         if self.mode not in INTROSPECTION_MODES:
             raise ConfigError(f"mode must be 'grpo' or 'sft', got {self.mode!r}")
-        if not 0 <= self.control_fraction < 1:
-            raise ConfigError(f"control_fraction must be in [0, 1), got {self.control_fraction}")
-        shares = (self.control_fraction, self.random_fraction, self.question_fraction)
-        if any(not 0 <= x < 1 for x in shares) or sum(shares) >= 1:
-            raise ConfigError(
-                "control_fraction, random_fraction and question_fraction must each be in [0, 1) and sum below 1 "
-                f"(the rest inject concepts), got {shares}"
-            )
+        check_trial_fractions(self.control_fraction, self.random_fraction, self.question_fraction)
         if self.concept_split not in ("held_out", "none"):
             raise ConfigError(f"concept_split must be 'held_out' or 'none', got {self.concept_split!r}")
         if not 0 < self.held_out_share < 1:

@@ -15,6 +15,7 @@ import datasets
 import torch
 
 from loopalign.batching import pad_right
+from loopalign.errors import ConfigError
 from loopalign.injection import injection_spec, trial_prompt
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "QUESTION_TARGET",
     "TRAINING_QUESTIONS",
     "SPEC_COLUMNS",
+    "check_trial_fractions",
     "introspection_dataset",
     "validate_injection_rows",
     "sft_features",
@@ -60,6 +62,19 @@ SPEC_COLUMNS = (
 _SPEC_TENSORS = ("injection_vector", "injection_loop", "injection_layer", "injection_from_end")
 
 
+def check_trial_fractions(control_fraction: float, random_fraction: float, question_fraction: float) -> dict:
+    """The shares of control, random-vector and question rows, each in [0, 1) and together below 1 (the rest inject
+    concepts) -> them by name; a :class:`ConfigError` naming all three otherwise."""
+    fractions = {"control_fraction": control_fraction, "random_fraction": random_fraction,
+                 "question_fraction": question_fraction}  # fmt: skip
+    if any(not 0 <= v < 1 for v in fractions.values()) or sum(fractions.values()) >= 1:
+        raise ConfigError(
+            "control_fraction, random_fraction and question_fraction must each be in [0, 1) and sum below 1 (the rest "
+            f"inject concepts), got {fractions}"
+        )
+    return fractions
+
+
 def introspection_dataset(
     tokenizer,
     vectors,
@@ -82,12 +97,7 @@ def introspection_dataset(
     concept is not a thought), ``question_fraction`` ask one of :data:`TRAINING_QUESTIONS` in the trial slot, half of
     them with a concept injected (target "No.", the question's true answer). ``with_targets`` adds the SFT
     ``completion`` target."""
-    fractions = {"control_fraction": control_fraction, "random_fraction": random_fraction,
-                 "question_fraction": question_fraction}  # fmt: skip
-    bad = {k: v for k, v in fractions.items() if not 0 <= v < 1}
-    if bad or sum(fractions.values()) >= 1:
-        raise ValueError(f"introspection_dataset: fractions must be in [0, 1) and sum below 1 (the rest inject "
-                         f"concepts), got {fractions}")  # fmt: skip
+    fractions = check_trial_fractions(control_fraction, random_fraction, question_fraction)
     layers = list(layers if layers is not None else vectors.layers)
     ext = list(extraction_loops if extraction_loops is not None else [vectors.num_loops - 1])
     inj = list(injection_loops if injection_loops is not None else [vectors.num_loops - 1])
