@@ -21,10 +21,11 @@ import torch
 
 from loopalign.data.replay_questions import GENERAL_REPLAY_QUESTIONS
 from loopalign.data.sources.statements import statement_records
+from loopalign.io import atomic_write_text
 from loopalign.loading import load_model
 from loopalign.loops import parse_loop_counts
 from loopalign.models.retrofit import RetrofitConfig, retrofit_recurrence
-from loopalign.trainers.healing import HealingConfig, heal_looped, loop_kl
+from loopalign.trainers.healing import HealingConfig, heal_looped
 from loopalign.trainers.replay import self_replay_dataset
 
 logger = logging.getLogger("heal_retrofit")
@@ -74,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     sequences = healing_text(base, tok, args.entities, args.max_new_tokens)
     pad = tok.pad_token_id
     report = parse_loop_counts(args.eval_loops, "eval_loops")
-    before = loop_kl(looped, base, sequences, report, pad, args.batch_size)
     config = HealingConfig(loops=parse_loop_counts(args.loops, "loops"), steps=args.steps,
                            learning_rate=args.learning_rate, batch_size=args.batch_size)  # fmt: skip
-    healed, result = heal_looped(looped, base, sequences, config, pad)
-    after = loop_kl(healed, base, sequences, report, pad, args.batch_size)
+    # the KL before and after at every reported loop count, measured once (by heal_looped)
+    healed, result = heal_looped(looped, base, sequences, config, pad, report_loops=report)
+    before, after = result.kl_before, result.kl_after
     lines = ["| loops | KL before | KL after |", "|---|---|---|"]
     lines += [f"| {t} | {before[t]:.4f} | {after[t]:.4f} |" for t in report]
     logger.info("\n".join(lines))
@@ -89,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     tok.save_pretrained(args.out)
     summary = {"model": args.model, "block": args.block, "sequences": len(sequences), **result.to_dict(),
                "kl_before_report": before, "kl_after_report": after}  # fmt: skip
-    with open(os.path.join(args.out, "healing.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    atomic_write_text(os.path.join(args.out, "healing.json"), json.dumps(summary, indent=1))
     logger.info(
         f"healed in {result.seconds:.0f} s ({result.trainable_parameters} trainable parameters); wrote {args.out}"
     )

@@ -115,14 +115,16 @@ def loop_kl(
     return {t: totals[t] / tokens for t in loops}
 
 
-def heal_looped(looped, base, sequences: list[list[int]], config: HealingConfig, pad_token_id: int):
+def heal_looped(looped, base, sequences: list[list[int]], config: HealingConfig, pad_token_id: int, report_loops=None):
     """-> (the healed model: ``looped`` with LoRA on its recurrent block and its adapter trained, a PEFT model;
     :class:`HealingResult`). ``base`` is the source model (frozen); ``sequences`` are token id lists the loss reads
-    (the base model's own text needs no corpus)."""
+    (the base model's own text needs no corpus). ``report_loops``: the loop counts the KL before and after is
+    measured at (default the supervised ``config.loops``; more, to see how healing carries over)."""
     if not sequences:
         raise ValueError("heal_looped: no sequences to heal on")
+    report = config.loops if report_loops is None else tuple(int(t) for t in report_loops)
     base.eval()
-    kl_before = loop_kl(looped, base, sequences, config.loops, pad_token_id, config.batch_size)
+    kl_before = loop_kl(looped, base, sequences, report, pad_token_id, config.batch_size)
     torch.manual_seed(config.seed)
     lora = LoraConfig(
         r=config.lora_r,
@@ -146,6 +148,6 @@ def heal_looped(looped, base, sequences: list[list[int]], config: HealingConfig,
         loss.backward()
         optimizer.step()
     seconds = time.perf_counter() - start
-    kl_after = loop_kl(model, base, sequences, config.loops, pad_token_id, config.batch_size)
+    kl_after = loop_kl(model, base, sequences, report, pad_token_id, config.batch_size)
     result = HealingResult(kl_before, kl_after, round(seconds, 3), config.steps, sum(p.numel() for p in params))
     return model.eval(), result

@@ -35,6 +35,10 @@ def test_healing_brings_every_supervised_loop_closer_to_the_base_model():
     assert result.trainable_parameters > 0 and result.steps == 30 and result.seconds > 0
     after = loop_kl(healed, base, sequences, (2, 3), pad_token_id=0)
     assert after == pytest.approx(result.kl_after)
+    # report_loops: the KL measured at other loop counts than the supervised ones (here one loop too), before and after
+    _, wider = heal_looped(retrofit_recurrence(base, spec), base, sequences, HealingConfig(loops=(2,), steps=1),
+                           pad_token_id=0, report_loops=(1, 2, 3))  # fmt: skip
+    assert wider.kl_before == pytest.approx(before) and set(wider.kl_after) == {1, 2, 3}
     # only LoRA on the recurrent block and the adapter were trained: the base and the prelude are untouched
     trained = {n for n, p in healed.named_parameters() if p.requires_grad}
     assert trained and all("core_block" in n or "adapter" in n for n in trained), sorted(trained)[:5]
