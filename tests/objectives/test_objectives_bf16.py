@@ -17,6 +17,7 @@ from loopalign.objectives import (
     hidden_distillation_loss,
     ouro_entropy_objective,
     ouro_gate_loss,
+    per_loop_token_kl,
     per_loop_token_losses,
     probe_loss,
     shifted_targets,
@@ -165,3 +166,29 @@ def test_verdict_gate_and_exit_terms_take_bf16_inputs():
     for e, t in zip(exact, got):
         assert t.dtype == torch.float32
         torch.testing.assert_close(t, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "hidden_dtype,head_dtype", [(torch.float32, BF16), (BF16, torch.float32), (BF16, BF16)], ids=str
+)
+def test_per_loop_kl_takes_mixed_dtypes_and_autocast(hidden_dtype, head_dtype):
+    """replay_kind='kl' under bf16 training: the KL comes back float32 and finite, the gradient in the hidden states'
+    dtype, and it matches the float32 KL to bf16 rounding, with and without autocast."""
+    states, head, labels = _setup(hidden_dtype, head_dtype)
+    head.weight.requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    reference = [(torch.randn(s.shape, generator=g) * 2).to(hidden_dtype) for s in states]
+    exact_head = torch.nn.Linear(16, 37, bias=False)
+    exact_head.weight.data.copy_(head.weight.data.float())
+    exact, _ = per_loop_token_kl(
+        exact_head, [s.detach().float() for s in states], [r.float() for r in reference], labels
+    )
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+            kl, _ = per_loop_token_kl(head, states, reference, labels, chunk_size=4)
+        assert kl.dtype == torch.float32 and torch.isfinite(kl).all()
+        torch.testing.assert_close(kl, exact, rtol=0.1, atol=0.05 * float(exact.abs().max()))
+        kl.sum().backward()
+        assert all(s.grad is not None and s.grad.dtype == hidden_dtype for s in states)
+        for s in states:
+            s.grad = None
