@@ -15,7 +15,6 @@ from .api import (
     GapConfig,
     UnbalancedLabelsWarning,
     evaluate_gap,
-    load_eval_dataset,
     resolve_metric,
 )
 from .controls import evaluate_controls, record_authors
@@ -95,7 +94,6 @@ __all__ = [
     "gap_table",
     "generate_texts",
     "integer_verifier",
-    "load_eval_dataset",
     "LOCAL_MODELS",
     "load_probes",
     "log_wandb",

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from loopalign.batching import pad_token_id
-from loopalign.data.io import load_build
 from loopalign.errors import ConfigError
 from loopalign.io import folder_lock
 from loopalign.loading import LOCAL_MODELS
@@ -42,7 +41,6 @@ __all__ = [
     "LOCAL_MODELS",
     "UnbalancedLabelsWarning",
     "evaluate_gap",
-    "load_eval_dataset",
     "resolve_metric",
 ]
 
@@ -394,32 +392,3 @@ def _evaluate_gap(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
-
-
-def load_eval_dataset(path: str):
-    """A data_builders build folder (metadata.json + dataset/), a ``save_to_disk`` folder, or a
-    .jsonl/.json file -> ``datasets.Dataset``."""
-    import datasets
-
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "metadata.json")):
-        return load_build(path)[0]
-    if os.path.isdir(path):
-        data = datasets.load_from_disk(path)
-        if len(data) == 0:
-            raise ValueError(f"dataset {path!r} holds no records")
-        return data
-    if path.endswith((".jsonl", ".json")):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"dataset {path!r} does not exist")
-        with open(path, "rb") as f:
-            empty = not f.read(4096).strip()
-        if empty:  # datasets' JSON reader would stop with a bare StopIteration
-            raise ValueError(f"dataset {path!r} is empty: no records to evaluate or train on")
-        data = datasets.Dataset.from_json(path)
-    elif os.path.exists(path):
-        raise ValueError(f"dataset {path!r}: expected a build folder, a save_to_disk folder or a .jsonl file")
-    else:
-        raise FileNotFoundError(f"dataset {path!r} does not exist")
-    if len(data) == 0:
-        raise ValueError(f"dataset {path!r} holds no records")
-    return data

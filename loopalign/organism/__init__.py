@@ -52,7 +52,7 @@ from .cache import (
     verify_organism,
 )
 from .config import RECIPE_VERSION, TASK_FAMILIES, OrganismConfig
-from .data import DIGIT_GROUP_FIELD, organism_eval_records, training_batch
+from .data import DIGIT_GROUP_FIELD, organism_eval_records, organism_tasks, training_batch
 from .evaluate import evaluate_organism, organism_properties, organism_slices
 from .train import TrainResult, expected_build_seconds, train_organism
 
@@ -68,6 +68,7 @@ __all__ = [
     "train_organism",
     "evaluate_organism",
     "organism_eval_records",
+    "organism_tasks",
     "organism_properties",
     "organism_slices",
     "organism_config_for",

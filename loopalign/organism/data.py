@@ -9,6 +9,7 @@ import torch
 
 from loopalign.batching import pad_sequences, pad_token_id
 from loopalign.data.candidates import ControlledConfig, controlled_candidates
+from loopalign.data.load import OrganismTasks
 from loopalign.data.prompts import DEFAULT_TEMPLATE, PromptTemplate, render_records
 from loopalign.data.sources.digits import digit_candidates, generate_digit_problems
 from loopalign.data.sources.synthetic import generate_problems
@@ -162,3 +163,17 @@ def organism_eval_records(
     if tasks != "words":
         raise ValueError(f"organism_eval_records: tasks must be one of {TASK_FAMILIES}, got {tasks!r}")
     return synthetic_verification_records(tokenizer, n_problems, seed=seed, levels=tuple(levels))
+
+
+def organism_tasks(organism: OrganismConfig | None) -> OrganismTasks | None:
+    """The digit tasks of a gap organism trained on them, as the ``organism`` dataset
+    (:class:`loopalign.data.load.OrganismTasks`: its training tasks and held-out triples, clustered by triple); None
+    for an organism of word problems (``tasks="words"``), whose data are ``synthetic``."""
+    cfg = organism or OrganismConfig()
+    if cfg.tasks != "digits":
+        return None
+
+    def records(tokenizer, n_problems: int, split: str, seed: int) -> list[dict]:
+        return organism_eval_records(tokenizer, n_problems, seed=seed, tasks="digits", split=split, organism=cfg)
+
+    return OrganismTasks(records=records, group_field=DIGIT_GROUP_FIELD)

@@ -28,10 +28,22 @@ __all__ = [
     "make_parser",
     "lora_targets_as_names",
     "parse_or_exit",
+    "parse_synthetic_levels",
 ]
 
 _GAP = GapConfig()
 _READOUT = ReadoutConfig()
+
+
+def parse_synthetic_levels(value: str) -> tuple[int, ...]:
+    """``--synthetic_levels`` ('1,2') -> (1, 2); anything but levels in 1..6 fails, naming the option."""
+    try:
+        levels = tuple(int(x) for x in value.split(",") if x.strip())
+    except (AttributeError, ValueError):
+        levels = ()
+    if not levels or any(not 1 <= x <= 6 for x in levels):
+        raise ConfigError(f"synthetic_levels must be levels in 1..6 (e.g. '1,2'), got {value!r}")
+    return levels
 
 
 def default_eval_loops(model_config) -> list[int]:
@@ -90,6 +102,12 @@ class GapEvalArguments:
             "help": "With --dataset_columns: leave out (and count) rows that fail validation instead of failing."
         },
     )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a SOURCE:HUB_NAME dataset."})
+    candidates: str = field(
+        default="controlled",
+        metadata={"help": "Answers of a SOURCE:PATH problem source: controlled | sampled (by the model)."},
+    )
+    field_map: str = field(default="beavertails", metadata={"help": "Field map of safety-pairs sources."})
     eval_layers: str | None = field(
         default=None,
         metadata={
@@ -157,6 +175,8 @@ class GapEvalArguments:
             raise ConfigError(f"tp_max_new_tokens must be >= 1 (or unset), got {self.tp_max_new_tokens}")
         if self.dataset_columns is not None:
             parse_column_map(self.dataset_columns)  # a bad map fails here, naming the column
+        if self.candidates not in ("controlled", "sampled"):
+            raise ConfigError(f"candidates must be 'controlled' or 'sampled', got {self.candidates!r}")
         if self.dataset_scenario is not None and self.dataset_scenario not in SCENARIOS:
             raise ConfigError(f"dataset_scenario must be one of {SCENARIOS}, got {self.dataset_scenario!r}")
         if self.eval_layers is not None:

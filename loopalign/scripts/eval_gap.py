@@ -13,7 +13,8 @@ evaluation: loops 1 to the model's depth + 2 (a non-looped model: 1), k-fold RR 
 model organism, built into the cache first when missing; ``tiny`` a random tiny Ouro. Without
 ``--dataset`` the organism is measured on its own held-out tasks (digit sums of its evaluation
 triples, gold + one wrong digit each, clustered by triple; ``--dataset_limit`` of them, ``--data_seed``),
-other models on held-out synthetic arithmetic from data_builders.
+other models on held-out synthetic arithmetic from data_builders. ``--dataset`` takes every spec sft-gap takes,
+read by the same resolver (:mod:`loopalign.data.load`; docs/data.md, "The --dataset vocabulary").
 """
 
 from __future__ import annotations
@@ -24,15 +25,21 @@ import re
 import sys
 from dataclasses import dataclass, field, fields
 
-from loopalign.data.prompts import check_rendered_with
-from loopalign.data.verification import synthetic_verification_records
+from loopalign.data.load import (
+    DATASET_HELP,
+    DatasetRequest,
+    dataset_kind,
+    is_statement_spec,
+    load_dataset,
+    load_dataset_splits,
+    statements_only,
+)
 from loopalign.errors import ConfigError
 from loopalign.eval import (
     CompareConfig,
     GapResult,
     compare,
     evaluate_gap,
-    load_eval_dataset,
     load_frozen_probes,
 )
 from loopalign.eval.report import before_after_figure, save_figure
@@ -43,11 +50,10 @@ from loopalign.loops import parse_loop_counts
 from loopalign.models.contract import is_looped
 from loopalign.models.retrofit import RetrofitConfig, retrofit_recurrence
 from loopalign.organism import (
-    DIGIT_GROUP_FIELD,
     ORGANISM_MODELS,
     is_organism_model,
     organism_config_for,
-    organism_eval_records,
+    organism_tasks,
 )
 from loopalign.scripts.args import (
     EVAL_ARGS_FILE,
@@ -56,10 +62,10 @@ from loopalign.scripts.args import (
     default_eval_loops,
     make_parser,
     parse_or_exit,
+    parse_synthetic_levels,
     reporting_targets,
 )
 from loopalign.speed import set_cpu_threads
-from loopalign.trainers.gap_data import is_statement_spec, statement_splits, statements_only, table_dataset
 
 
 @dataclass
@@ -73,17 +79,21 @@ class EvalGapScriptArguments(GapEvalArguments):
     dataset: str | None = field(
         default=None,
         metadata={
-            "help": "'organism' | 'synthetic' | a build folder, save_to_disk folder or .jsonl | 'statements[:FAMILIES]' "
-            "(the held-out entities of the statement data sft-gap trains on; docs/data.md) | your own .csv / .jsonl "
-            "with --dataset_columns (default: the organism's held-out tasks for the organism, synthetic arithmetic "
-            "for other local models; required for others)"
+            "help": DATASET_HELP + " 'organism' and 'statements' are their held-out side (what sft-gap holds out). "
+            "Default: the organism's held-out tasks for the organism, synthetic arithmetic for other local models; "
+            "required for others."
         },
     )
     dataset_limit: int = field(
-        default=300, metadata={"help": "Problems (2 records each) of organism / synthetic; statements per family."}
+        default=300,
+        metadata={
+            "help": "Problems (2 records each) of organism / synthetic; statements per family; rows of a source."
+        },
     )
     synthetic_levels: str = field(default="1", metadata={"help": "Levels of the synthetic problems (e.g. '1,2')."})
-    data_seed: int = field(default=20_000, metadata={"help": "Seed of the organism / synthetic problems (held out)."})
+    data_seed: int = field(
+        default=20_000, metadata={"help": "Seed of the organism / synthetic problems (held out) and of a source build."}
+    )
     output_dir: str | None = field(
         default=None,
         metadata={
@@ -165,12 +175,9 @@ class EvalGapScriptArguments(GapEvalArguments):
             )
         if self.dataset_limit < 1:
             raise ConfigError(f"dataset_limit must be >= 1, got {self.dataset_limit}")
-        try:
-            levels = [int(x) for x in self.synthetic_levels.split(",") if x.strip()]
-        except ValueError:
-            levels = []
-        if not levels or any(not 1 <= x <= 6 for x in levels):
-            raise ConfigError(f"synthetic_levels must be levels in 1..6 (e.g. '1,2'), got {self.synthetic_levels!r}")
+        parse_synthetic_levels(self.synthetic_levels)
+        if self.dataset is not None:  # a dataset that names nothing fails before the model loads
+            dataset_kind(self.dataset, self.dataset_columns)
         if self.verdict_tokens is not None and len(self.verdict_tokens.split(",")) != 2:
             raise ConfigError(f"verdict_tokens must be two tokens 'yes,no', got {self.verdict_tokens!r}")
         if self.verdict_tokens is not None and (self.verdict_yes is not None or self.verdict_no is not None):
@@ -236,31 +243,42 @@ def run_inputs_of(model_name: str) -> dict | None:
         return {"folder": folder, "args": json.load(f)}
 
 
+def dataset_request(args: EvalGapScriptArguments, spec: str | None = None) -> DatasetRequest:
+    """``--dataset`` (or ``spec``) and the options that shape its records, for the one resolver
+    (:mod:`loopalign.data.load`): ``data_seed`` seeds generated problems (apart from any run's), statements are held
+    out as sft-gap holds them out (30% of the entities), a source is built into ``output_dir/data``."""
+    model = args.model_name_or_path
+    columns = args.dataset_columns if spec is None else None
+    return DatasetRequest(
+        spec=spec or args.dataset or default_dataset(model),
+        limit=None if columns is not None else args.dataset_limit,  # your own table is read whole
+        eval_fraction=STATEMENT_EVAL_FRACTION,
+        seed=args.data_seed,
+        synthetic_levels=parse_synthetic_levels(args.synthetic_levels),
+        columns=columns,
+        scenario=args.dataset_scenario,
+        skip_invalid=args.skip_invalid_rows,
+        candidates=args.candidates,
+        policy=model,
+        field_map=args.field_map,
+        split=args.dataset_split,
+        tokenizer_name="local" if model in LOCAL_MODELS else model,
+        build_dir=os.path.join(args.output_dir or default_output_dir(model), "data"),
+    )
+
+
+def default_dataset(model_name: str) -> str:
+    """eval-gap's dataset when none is given: a digit-task organism's held-out tasks, else synthetic arithmetic."""
+    if model_name in ORGANISM_MODELS and organism_tasks(organism_config_for(model_name)) is not None:
+        return "organism"
+    return "synthetic"
+
+
 def load_records(args: EvalGapScriptArguments, tokenizer):
-    """-> (records, group_by): the dataset named by ``args.dataset`` or the model's default."""
-    name = args.dataset or ("organism" if args.model_name_or_path in ORGANISM_MODELS else "synthetic")
-    if name == "organism":
-        organism = organism_config_for(args.model_name_or_path)
-        if organism.tasks == "digits":  # its own held-out tasks (its evaluation triples), clustered by triple
-            records = organism_eval_records(tokenizer, args.dataset_limit, seed=args.data_seed, organism=organism)
-            return records, DIGIT_GROUP_FIELD
-        name = "synthetic"
-    if name == "synthetic":
-        levels = tuple(int(x) for x in args.synthetic_levels.split(",") if x.strip())
-        return synthetic_verification_records(tokenizer, args.dataset_limit, seed=args.data_seed, levels=levels), "task"
-    if args.dataset_columns is not None:  # the user's own table, rendered with this model's template
-        return table_dataset(
-            name,
-            tokenizer,
-            args.dataset_columns,
-            scenario=args.dataset_scenario,
-            skip_invalid=args.skip_invalid_rows,
-        ), "task"
-    if is_statement_spec(name):  # the held-out entities, as sft-gap holds them out (eval_fraction 0.3 there too)
-        return statement_splits(name, tokenizer, args.dataset_limit, STATEMENT_EVAL_FRACTION)[1], "task"
-    data = load_eval_dataset(name)
-    check_rendered_with(data, tokenizer)  # a build rendered for another model would be read as noise
-    return data, "task"
+    """-> (records, group_by): the records ``--dataset`` names (:func:`loopalign.data.load.load_dataset`), or the
+    model's default."""
+    organism = organism_tasks(organism_config_for(args.model_name_or_path))
+    return load_dataset(dataset_request(args), tokenizer, organism=organism)
 
 
 #: the share of statement entities held out, as sft-gap's default eval_fraction holds them out
@@ -284,14 +302,13 @@ def default_output_dir(model_name: str) -> str:
 
 
 def load_probe_train_records(args: EvalGapScriptArguments, tokenizer):
-    """The train-split probe's records (``--probe_train_dataset``), or None."""
+    """The train-split probe's records (``--probe_train_dataset``), or None: 'train' is the statement entities
+    sft-gap trains on, anything else a spec read whole."""
     if args.probe_train_dataset is None:
         return None
-    if args.probe_train_dataset == "train":  # the statement entities sft-gap trains on
-        return statement_splits(args.dataset, tokenizer, args.dataset_limit, STATEMENT_EVAL_FRACTION)[0]
-    data = load_eval_dataset(args.probe_train_dataset)
-    check_rendered_with(data, tokenizer)
-    return data
+    if args.probe_train_dataset == "train":
+        return load_dataset_splits(dataset_request(args), tokenizer)[0]
+    return load_dataset(dataset_request(args, args.probe_train_dataset), tokenizer)[0]
 
 
 def retrofitted(model, block: tuple[int, int]):

@@ -6,7 +6,8 @@ the representation readout (RR), per loop, without RR degrading, and measure it 
     accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/sft_gap.py --config ...
     loopalign sft-gap --config recipes/configs/sft_gap_cpu_default.yaml --max_steps 300   # one process
 
-Arguments: the script's (GapScriptArguments: data; GapEvalArguments: the before/after evaluation),
+``--dataset`` is read by the resolver eval-gap uses (:mod:`loopalign.data.load`; docs/data.md, "The --dataset
+vocabulary"). Arguments: the script's (GapScriptArguments: data; GapEvalArguments: the before/after evaluation),
 GapSFTConfig (TRL's SFTConfig + the loop-aware objective) and TRL's ModelConfig, from YAML
 (``--config``) with command-line overrides. Writes into ``output_dir``: the adapters, probes and
 settings (``final/``), ``before/`` and ``after/`` gap reports (JSON, Markdown, PNG/SVG plots), and
@@ -32,7 +33,7 @@ import torch
 from trl import ModelConfig, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
-from loopalign.data.prompts import check_rendered_with
+from loopalign.data.load import DATASET_HELP, DatasetRequest, dataset_kind, load_dataset_splits, statements_only
 from loopalign.data.replay_questions import load_replay_questions
 from loopalign.errors import ConfigError
 from loopalign.eval import (
@@ -53,7 +54,7 @@ from loopalign.loading import LOCAL_MODELS, load_model, load_pretrained, load_to
 from loopalign.log import command_console, get_logger
 from loopalign.loops import parse_int_set, parse_loop_counts
 from loopalign.models.contract import trained_loops
-from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for
+from loopalign.organism import DIGIT_GROUP_FIELD, organism_config_for, organism_tasks
 from loopalign.scripts.args import (
     EVAL_ARGS_FILE,
     HELDOUT_FILE,
@@ -62,19 +63,11 @@ from loopalign.scripts.args import (
     default_eval_loops,
     make_parser,
     parse_or_exit,
+    parse_synthetic_levels,
 )
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer, self_replay_dataset, write_adapter_card
 from loopalign.trainers.console import use_short_console_log
-from loopalign.trainers.gap_data import (
-    is_statement_spec,
-    load_verification_dataset,
-    organism_verification,
-    split_by_task,
-    statement_splits,
-    statements_only,
-    table_dataset,
-)
 from loopalign.trainers.probe_targets import PROBE_LABEL, labelled_subset
 
 logger = get_logger(__name__)
@@ -119,25 +112,14 @@ class GapScriptArguments(GapEvalArguments):
 
     dataset: str = field(
         default="synthetic",
-        metadata={
-            "help": "'organism' (the organism's digit tasks: train on its training tasks, evaluate on held-out ones); "
-            "'synthetic'; a data_builders build folder, save_to_disk folder or .jsonl; or SOURCE:PATH_OR_HUB "
-            "(e.g. gsm8k:openai/gsm8k, gsm8k-solutions:FILE, safety-pairs:PKU-Alignment/PKU-SafeRLHF) built on the fly; "
-            "'statements[:FAMILIES]' (true/false statements by family, split by entity; docs/data.md); or your own "
-            ".csv / .jsonl with --dataset_columns"
-        },
+        metadata={"help": DATASET_HELP + " Default: synthetic. 'organism' trains on its training tasks."},
     )
-    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset source."})
     dataset_limit: int | None = field(
         default=None,
         metadata={
             "help": "Problems / rows read (synthetic: 160; organism: 1000 distinct tasks; statements: per family, 300)."
         },
     )
-    candidates: str = field(
-        default="controlled", metadata={"help": "Answers for problem sources: controlled | sampled."}
-    )
-    field_map: str = field(default="beavertails", metadata={"help": "Field map of safety-pairs sources."})
     synthetic_levels: str = field(default="1,2", metadata={"help": "Difficulty levels of the synthetic source."})
     eval_fraction: float = field(default=0.3, metadata={"help": "Share of tasks held out for the before/after eval."})
     lora_layers: str | None = field(
@@ -225,16 +207,10 @@ class GapScriptArguments(GapEvalArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.candidates not in ("controlled", "sampled"):
-            raise ConfigError(f"candidates must be 'controlled' or 'sampled', got {self.candidates!r}")
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        try:
-            levels = [int(x) for x in self.synthetic_levels.split(",") if x.strip()]
-        except ValueError:
-            levels = []
-        if not levels or any(not 1 <= x <= 6 for x in levels):
-            raise ConfigError(f"synthetic_levels must be levels in 1..6 (e.g. '1,2'), got {self.synthetic_levels!r}")
+        parse_synthetic_levels(self.synthetic_levels)
+        dataset_kind(self.dataset, self.dataset_columns)  # a dataset that names nothing fails before the model loads
         if not 0 < self.transfer_goal <= 1:
             raise ConfigError(f"transfer_goal must be in (0, 1], got {self.transfer_goal}")
         if not self.family_field.strip():
@@ -430,50 +406,36 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args: GapSFTConfi
     return model, load_tokenizer(name, revision=model_args.model_revision)
 
 
-def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, training_args: GapSFTConfig):
-    if script_args.dataset == "organism":  # the organism's own split: held-out tasks it never trained on
-        return organism_verification(
-            tokenizer,
-            script_args.dataset_limit or 1000,
-            script_args.eval_fraction,
-            seed=training_args.seed,
-            organism_config=organism_config_for(model_name),
-        )
-    if script_args.dataset_columns is not None:  # the user's own table, rendered with this model's template
-        data = table_dataset(
-            script_args.dataset,
-            tokenizer,
-            script_args.dataset_columns,
-            scenario=script_args.dataset_scenario,
-            max_length=training_args.max_length,
-            skip_invalid=script_args.skip_invalid_rows,
-            limit=script_args.dataset_limit,
-        )
-        return split_by_task(data, script_args.eval_fraction, seed=training_args.seed)
-    if is_statement_spec(script_args.dataset):
-        return statement_splits(
-            script_args.dataset,
-            tokenizer,
-            script_args.dataset_limit,
-            script_args.eval_fraction,
-            training_args.max_length,
-        )
-    local = model_name in LOCAL_MODELS
-    data = load_verification_dataset(
-        script_args.dataset,
-        tokenizer,
-        tokenizer_name="local" if local else model_name,
-        out_dir=os.path.join(training_args.output_dir, "data"),
+def dataset_request(script_args: GapScriptArguments, model_name: str, training_args: GapSFTConfig) -> DatasetRequest:
+    """``--dataset`` and the options that shape its records, for the one resolver (:mod:`loopalign.data.load`): the
+    run's seed seeds generated problems, a source build and the task split; a source is built into
+    ``output_dir/data``."""
+    return DatasetRequest(
+        spec=script_args.dataset,
         limit=script_args.dataset_limit,
+        eval_fraction=script_args.eval_fraction,
+        seed=training_args.seed,
+        synthetic_levels=parse_synthetic_levels(script_args.synthetic_levels),
+        columns=script_args.dataset_columns,
+        scenario=script_args.dataset_scenario,
+        skip_invalid=script_args.skip_invalid_rows,
+        max_length=training_args.max_length,
         candidates=script_args.candidates,
         policy=model_name,
         field_map=script_args.field_map,
         split=script_args.dataset_split,
-        synthetic_levels=[int(x) for x in script_args.synthetic_levels.split(",")],
-        seed=training_args.seed,
+        tokenizer_name="local" if model_name in LOCAL_MODELS else model_name,
+        build_dir=os.path.join(training_args.output_dir, "data"),
     )
-    check_rendered_with(data, tokenizer)  # a build rendered for another model would be read as noise
-    return split_by_task(data, script_args.eval_fraction, seed=training_args.seed)
+
+
+def load_datasets(script_args: GapScriptArguments, model_name: str, tokenizer, training_args: GapSFTConfig):
+    """(train, held-out) records of ``--dataset`` (:func:`loopalign.data.load.load_dataset_splits`)."""
+    return load_dataset_splits(
+        dataset_request(script_args, model_name, training_args),
+        tokenizer,
+        organism=organism_tasks(organism_config_for(model_name)),
+    )
 
 
 def lora_config(model_args: ModelConfig, script_args: GapScriptArguments, model_config):

@@ -6,10 +6,10 @@ import pytest
 
 from data_builders import verification
 from loopalign.data.io import SourceError, load_build
+from loopalign.data.load import load_rendered
 from loopalign.data.schema import RecordError, meta_dict
 from loopalign.data.sources.table import ColumnMap, load_table, parse_column_map
 from loopalign.data.verification import table_verification_records
-from loopalign.eval.api import load_eval_dataset
 
 CSV = (
     "qid,question,response,reference,verdict,topic,annotator\n"
@@ -127,7 +127,7 @@ def test_the_builder_writes_a_build_that_the_evaluation_reads(csv_file, tmp_path
     assert verification.main(argv) == 0
     ds, meta = load_build(out)
     assert len(ds) == 4 and meta["counts"]["label=1"] == 2 and meta["settings"]["columns"] == MATH
-    assert len(load_eval_dataset(str(out))) == 4
+    assert len(load_rendered(str(out))) == 4
     assert verification.main(["--source", "table", "--path", str(csv_file), "--out", str(tmp_path / "x")]) == 2
     assert "--columns" in capsys.readouterr().err
     bad_map = ["--source", "table", "--path", str(csv_file), "--columns", "task=question", "--out", str(tmp_path / "y")]

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from loopalign.data.io import load_build
+from loopalign.data.load import load_rendered
 from loopalign.data.schema import meta_dict
 from loopalign.data.statements import main
 from loopalign.eval import GapConfig, evaluate_gap
-from loopalign.eval.api import load_eval_dataset
 from loopalign.eval.features import prepare_records
 from loopalign.eval.readout import ReadoutConfig
 
@@ -68,7 +68,7 @@ def test_the_card_names_each_source_its_version_and_licence(build):
 
 
 def test_evaluation_reads_the_build_and_clusters_by_entity(build, tiny_ouro, tok):
-    data = load_eval_dataset(str(build / "eval"))
+    data = load_rendered(str(build / "eval"))
     records = prepare_records(data, group_by="task")
     entities = {(meta_dict(r)["kind"], meta_dict(r)["entity"]) for r in data}
     # one cluster per entity: its statements in every family (a city's in city_country and negated_city)

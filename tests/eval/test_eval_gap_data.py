@@ -7,7 +7,7 @@ import json
 import pytest
 
 import loopalign.scripts.eval_gap as eval_gap
-from loopalign.trainers.gap_data import statement_splits
+from loopalign.data.load import statement_splits
 
 
 def _run(folder, out, *extra):

@@ -139,9 +139,11 @@ def test_evaluation_tasks_are_never_trained_on():
     assert {r["triple"] for r in card} <= {f"{i} {a}+{b}" for i, a, b in held_out}
     assert sum(r["label"] for r in card) == cfg.eval_problems  # balanced: the gold and one wrong digit
 
-    from loopalign.trainers.gap_data import organism_verification
+    from loopalign.data.load import DatasetRequest, load_dataset_splits
+    from loopalign.organism import organism_tasks
 
-    train, test = organism_verification(tok, n_problems=1000, eval_fraction=0.3, organism_config=cfg)
+    request = DatasetRequest("organism", limit=1000, eval_fraction=0.3)
+    train, test = load_dataset_splits(request, tok, organism=organism_tasks(cfg))
     assert len(test) == 600 and len(train) == 1400
     assert not set(train["triple"]) & set(test["triple"])
     assert set(test["triple"]) <= {f"{i} {a}+{b}" for i, a, b in held_out}

@@ -15,10 +15,10 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from loopalign import OuroForCausalLM, tiny_config
+from loopalign.data.load import DatasetRequest, load_dataset
 from loopalign.models.huginn import HuginnForCausalLM, tiny_huginn_config
 from loopalign.tokenizer import local_tokenizer
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer
-from loopalign.trainers.gap_data import synthetic_verification
 
 FAMILIES = {
     "ouro": (lambda n: OuroForCausalLM(tiny_config(vocab_size=n)), ["q_proj", "v_proj", "down_proj"]),
@@ -41,7 +41,7 @@ def _deepspeed_without_its_shm_kernel() -> None:
 def main(out: str, family: str = "ouro") -> None:
     _deepspeed_without_its_shm_kernel()
     tok = local_tokenizer()
-    data: datasets.Dataset = synthetic_verification(tok, n_problems=16, levels=(1,), seed=0)
+    data: datasets.Dataset = load_dataset(DatasetRequest("synthetic", limit=16, synthetic_levels=(1,)), tok)[0]
     torch.manual_seed(0)
     make, targets = FAMILIES[family]
     model = make(len(tok))

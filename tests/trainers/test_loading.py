@@ -119,19 +119,19 @@ def test_the_card_names_a_hub_base_and_says_why_auto_peft_cannot_load_a_loopalig
 
 def test_a_build_left_in_the_output_folder_is_reused_only_with_the_same_settings(tmp_path, caplog, fixtures_dir):
     """A second run in the same output folder must not train on the first run's data."""
+    from loopalign.data.load import DatasetRequest, load_dataset
     from loopalign.tokenizer import local_tokenizer
-    from loopalign.trainers.gap_data import load_verification_dataset
 
     tok = local_tokenizer()
     out = str(tmp_path / "data")
     gsm8k = f"gsm8k-solutions:{fixtures_dir / 'data' / 'gsm8k' / 'example_model_solutions.jsonl'}"
     xstest = f"xstest-completions:{fixtures_dir / 'data' / 'xstest' / 'model_completions'}"
     caplog.set_level(logging.INFO, logger="loopalign")  # what the library says goes through its logger
-    first = load_verification_dataset(gsm8k, tok, "local", out)
-    again = load_verification_dataset(gsm8k, tok, "local", out)
+    first = load_dataset(DatasetRequest(gsm8k, build_dir=out), tok)[0]
+    again = load_dataset(DatasetRequest(gsm8k, build_dir=out), tok)[0]
     assert "reusing the verification build" in caplog.text and again["id"] == first["id"]
     caplog.clear()
-    other = load_verification_dataset(xstest, tok, "local", out)
+    other = load_dataset(DatasetRequest(xstest, build_dir=out), tok)[0]
     printed = caplog.text
     assert "rebuilding" in printed and "source: 'gsm8k-solutions' -> 'xstest-completions'" in printed
     assert not set(other["id"]) & set(first["id"]) and set(other["source"]) == {"xstest-completions"}
