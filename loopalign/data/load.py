@@ -44,6 +44,7 @@ from loopalign.data.verification import (
     SOURCES,
     VerificationBuild,
     build_verification,
+    source_of_spec,
     synthetic_verification_records,
     table_verification_records,
 )
@@ -176,6 +177,7 @@ def dataset_kind(spec: str, columns: str | None = None) -> str:
         return "records"
     source, sep, _ = spec.partition(":")
     if sep and source in SOURCES:
+        source_of_spec(spec)  # a source without its path ('gsm8k:') fails here
         return "source"
     if sep:
         raise DataError(f"dataset spec {spec!r}: unknown source {source!r}; sources: {list(SOURCES)}")
@@ -282,7 +284,7 @@ def _table(request: DatasetRequest, tokenizer):
 def _source_build(request: DatasetRequest):
     if request.build_dir is None:
         raise ConfigError(f"dataset {request.spec!r} is built from its source: it needs a build folder (build_dir)")
-    source, _, path = request.spec.partition(":")
+    source, path = source_of_spec(request.spec)
     cfg = VerificationBuild(
         source=source,
         path=path,

@@ -408,6 +408,22 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def source_of_spec(spec: str, error=None) -> tuple[str, str | None]:
+    """A ``--dataset`` spec that names a data source -> (source, path): ``SOURCE:PATH_OR_HUB`` (``gsm8k:openai/gsm8k``)
+    or ``synthetic``; anything else is refused through ``error`` (default: a ConfigError), naming the spec."""
+    source, sep, path = spec.partition(":")
+    if spec == "synthetic":
+        return "synthetic", None
+    if sep and source in SOURCES and path:
+        return source, path
+    message = (
+        f"dataset {spec!r} names no data source to build from: SOURCE:PATH_OR_HUB with SOURCE one of {list(SOURCES)}"
+    )
+    if error is not None:
+        error(message)
+    raise ConfigError(message)
+
+
 def parser() -> argparse.ArgumentParser:
     # `loopalign build-data` sets argv[0] to its own name; else this is `python -m data_builders.verification`
     command = sys.argv[0] if sys.argv and sys.argv[0].startswith("loopalign ") else None
@@ -417,8 +433,13 @@ def parser() -> argparse.ArgumentParser:
         "Options may be spelled with - or _ (--num-loops, --num_loops); the recipes' names work too (--output_dir, "
         "--dataset_limit, --synthetic_levels, --dataset_split, --data_seed).",
     )
-    p.add_argument("--source", required=True, choices=SOURCES)
+    p.add_argument("--source", choices=SOURCES, help="the data source (or --dataset SOURCE:PATH)")
     p.add_argument("--path", help="local file/folder or hub dataset name (all sources but synthetic)")
+    p.add_argument(
+        "--dataset",
+        help="the source as eval-gap and sft-gap name it: SOURCE:PATH_OR_HUB (gsm8k:openai/gsm8k) or synthetic, "
+        "instead of --source/--path",
+    )
     p.add_argument("--out", "--output-dir", dest="out", required=True, help="output build folder (written atomically)")
     p.add_argument(
         "--n",
@@ -497,8 +518,16 @@ def main(argv: list[str] | None = None) -> int:
     command_console()
     p = parser()
     args = p.parse_args(underscores_as_dashes(p, list(sys.argv[1:] if argv is None else argv)))
+    settings = vars(args)
+    spec = settings.pop("dataset")
+    if spec is not None:
+        if args.source is not None or args.path is not None:
+            p.error("give the data as --dataset SOURCE:PATH or as --source/--path, not both")
+        settings["source"], settings["path"] = source_of_spec(spec, error=p.error)
+    elif args.source is None:
+        p.error("the data source is required: --source SOURCE [--path PATH], or --dataset SOURCE:PATH")
     try:
-        cfg = VerificationBuild(**{k: v for k, v in vars(args).items()})
+        cfg = VerificationBuild(**settings)
         meta = build_verification(cfg)
     except (ValueError, RecordError, FileExistsError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

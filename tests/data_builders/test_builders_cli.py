@@ -160,3 +160,31 @@ def test_options_take_the_recipes_underscore_spelling_too(tmp_path, capsys):
         assert e.code == 2 and "--no_such_option" in capsys.readouterr().err
     else:
         raise AssertionError("an unknown option was accepted")
+
+
+def test_build_data_takes_the_source_as_eval_gap_and_sft_gap_name_it(tmp_path, fixtures, capsys):
+    """`--dataset SOURCE:PATH` (the commands' spelling) builds what `--source SOURCE --path PATH` builds; a spec that
+    names no source, or both spellings at once, stops with the spec named."""
+    path = fixtures / "gsm8k" / "example_model_solutions.jsonl"
+    common = ["--balance", "--render", "--tokenizer", "local"]
+    assert (
+        verification.main(["--source", "gsm8k-solutions", "--path", str(path), *common, "--out", str(tmp_path / "a")])
+        == 0
+    )
+    assert verification.main(["--dataset", f"gsm8k-solutions:{path}", *common, "--out", str(tmp_path / "b")]) == 0
+    assert load_build(tmp_path / "a")[1]["content_hash"] == load_build(tmp_path / "b")[1]["content_hash"]
+    assert verification.main(["--dataset", "synthetic", "--n", "5", "--out", str(tmp_path / "s")]) == 0
+    assert load_build(tmp_path / "s")[1]["settings"]["source"] == "synthetic"
+    capsys.readouterr()
+    for argv, message in (
+        (["--dataset", "nosuch:thing"], "dataset 'nosuch:thing' names no data source"),
+        (["--dataset", "gsm8k:"], "dataset 'gsm8k:' names no data source"),
+        (["--dataset", "synthetic", "--source", "synthetic"], "not both"),
+        ([], "the data source is required"),
+    ):
+        try:
+            verification.main([*argv, "--out", str(tmp_path / "x")])
+        except SystemExit as stop:
+            assert stop.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
