@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
+from loopalign.data.load import DatasetRequest
 from loopalign.data.schema import SCENARIOS
 from loopalign.data.sources.table import parse_column_map
 from loopalign.errors import ConfigError
 from loopalign.eval import CompareConfig, FeatureConfig, GapConfig, ReadoutConfig, TaskConfig
+from loopalign.loading import LOCAL_MODELS
 from loopalign.loops import parse_int_set, parse_loop_counts
 
 __all__ = [
@@ -160,6 +162,25 @@ class GapEvalArguments:
         default=CompareConfig().rr_tolerance,
         metadata={"help": "Before/after verdict: RR counts as preserved if dRR's CI low end > -this."},
     )
+
+    def dataset_request(self, spec: str, model: str, build_dir: str, table: bool = True, **shape) -> DatasetRequest:
+        """``spec`` with this command's data options (your table's columns, scenario and bad-row choice, unless
+        ``table`` is False; a source's answers, field map and split, built into ``build_dir`` and rendered for
+        ``model``) and ``shape`` (limit, seed, eval_fraction, synthetic_levels, max_length: where the commands
+        differ) for the one resolver, :mod:`loopalign.data.load`."""
+        return DatasetRequest(
+            spec=spec,
+            columns=self.dataset_columns if table else None,
+            scenario=self.dataset_scenario,
+            skip_invalid=self.skip_invalid_rows,
+            candidates=self.candidates,
+            policy=model,
+            field_map=self.field_map,
+            split=self.dataset_split,
+            tokenizer_name="local" if model in LOCAL_MODELS else model,
+            build_dir=build_dir,
+            **shape,
+        )
 
     def __post_init__(self):
         # checked here, before any model loads, each error naming the option

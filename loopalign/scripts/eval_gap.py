@@ -248,22 +248,16 @@ def dataset_request(args: EvalGapScriptArguments, spec: str | None = None) -> Da
     (:mod:`loopalign.data.load`): ``data_seed`` seeds generated problems (apart from any run's), statements are held
     out as sft-gap holds them out (30% of the entities), a source is built into ``output_dir/data``."""
     model = args.model_name_or_path
-    columns = args.dataset_columns if spec is None else None
-    return DatasetRequest(
-        spec=spec or args.dataset or default_dataset(model),
-        limit=None if columns is not None else args.dataset_limit,  # your own table is read whole
+    table = spec is None and args.dataset_columns is not None  # the train-split probe's records are never a table
+    return args.dataset_request(
+        spec or args.dataset or default_dataset(model),
+        model,
+        os.path.join(args.output_dir or default_output_dir(model), "data"),
+        table=table,
+        limit=None if table else args.dataset_limit,  # your own table is read whole
         eval_fraction=STATEMENT_EVAL_FRACTION,
         seed=args.data_seed,
         synthetic_levels=parse_synthetic_levels(args.synthetic_levels),
-        columns=columns,
-        scenario=args.dataset_scenario,
-        skip_invalid=args.skip_invalid_rows,
-        candidates=args.candidates,
-        policy=model,
-        field_map=args.field_map,
-        split=args.dataset_split,
-        tokenizer_name="local" if model in LOCAL_MODELS else model,
-        build_dir=os.path.join(args.output_dir or default_output_dir(model), "data"),
     )
 
 

@@ -410,22 +410,15 @@ def dataset_request(script_args: GapScriptArguments, model_name: str, training_a
     """``--dataset`` and the options that shape its records, for the one resolver (:mod:`loopalign.data.load`): the
     run's seed seeds generated problems, a source build and the task split; a source is built into
     ``output_dir/data``."""
-    return DatasetRequest(
-        spec=script_args.dataset,
+    return script_args.dataset_request(
+        script_args.dataset,
+        model_name,
+        os.path.join(training_args.output_dir, "data"),
         limit=script_args.dataset_limit,
         eval_fraction=script_args.eval_fraction,
         seed=training_args.seed,
         synthetic_levels=parse_synthetic_levels(script_args.synthetic_levels),
-        columns=script_args.dataset_columns,
-        scenario=script_args.dataset_scenario,
-        skip_invalid=script_args.skip_invalid_rows,
         max_length=training_args.max_length,
-        candidates=script_args.candidates,
-        policy=model_name,
-        field_map=script_args.field_map,
-        split=script_args.dataset_split,
-        tokenizer_name="local" if model_name in LOCAL_MODELS else model_name,
-        build_dir=os.path.join(training_args.output_dir, "data"),
     )
 
 
