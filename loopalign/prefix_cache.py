@@ -42,7 +42,7 @@ from torch import nn
 from loopalign.errors import ModelError
 from loopalign.models.contract import looped_layers, unwrap
 
-__all__ = ["PrefixCache", "PREFIX_CACHE_FAMILIES", "check_prefix_cache_family", "lowest_trainable_layer"]
+__all__ = ["PrefixCache", "PREFIX_CACHE_FAMILIES", "check_prefix_cache_family", "lowest_trainable_layer", "record_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,27 @@ PREFIX_CACHE_FAMILIES = {
     "qwen2": ("embed_tokens",),
     "gpt2": ("wte", "wpe", "drop"),
 }
+
+
+def record_keys(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, what: str = "prefix_cache"
+) -> tuple[list[bytes], list[int]]:
+    """Each row's key (its real tokens' bytes) and length, for a per-record cache (``what`` names it in errors);
+    raises unless every row is right-padded."""
+    ids = input_ids.detach().cpu()
+    if ids.dim() != 2:
+        raise ValueError(f"{what}: input_ids must be [batch, sequence], got shape {tuple(ids.shape)}")
+    if attention_mask is None:
+        lengths = [ids.shape[1]] * ids.shape[0]
+    else:
+        mask = attention_mask.detach().cpu().bool()
+        lengths = mask.sum(dim=1).tolist()
+        expected = torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+        bad = (mask != expected).any(dim=1).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"{what} needs right-padded batches (attention mask 1..1 0..0); row(s) {bad} are not")
+    keys = [ids[i, :n].numpy().tobytes() for i, n in enumerate(lengths)]
+    return keys, lengths
 
 
 def check_prefix_cache_family(config) -> None:
@@ -160,32 +181,12 @@ class PrefixCache:
         return sum(t.numel() * t.element_size() for states in self._states.values() for t in states.values())
 
     # ----- keys and padding ---------------------------------------------------------------------------------------
-    @staticmethod
-    def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[list[bytes], list[int]]:
-        """Each row's key (its real tokens' bytes) and length; raises unless every row is right-padded."""
-        ids = input_ids.detach().cpu()
-        if ids.dim() != 2:
-            raise ValueError(f"prefix_cache: input_ids must be [batch, sequence], got shape {tuple(ids.shape)}")
-        if attention_mask is None:
-            lengths = [ids.shape[1]] * ids.shape[0]
-        else:
-            mask = attention_mask.detach().cpu().bool()
-            lengths = mask.sum(dim=1).tolist()
-            expected = torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
-            bad = (mask != expected).any(dim=1).nonzero().flatten().tolist()
-            if bad:
-                raise ValueError(
-                    f"prefix_cache needs right-padded batches (attention mask 1..1 0..0); row(s) {bad} are not"
-                )
-        keys = [ids[i, :n].numpy().tobytes() for i, n in enumerate(lengths)]
-        return keys, lengths
-
     # ----- filling --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def fill(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
         """Compute the states of the batch's rows not cached yet (one forward of the layers below ``layer``, no
         grad). Call it outside any forward hook that must not see this forward. -> the number of rows computed."""
-        keys, lengths = self._rows(input_ids, attention_mask)
+        keys, lengths = record_keys(input_ids, attention_mask)
         missing: dict[bytes, int] = {}
         for i, key in enumerate(keys):
             if key not in self._states and key not in missing:
@@ -249,7 +250,7 @@ class PrefixCache:
         running layer, its input is a leaf that requires grad (reentrant checkpointing needs one), so autograd
         still stops there."""
         self.fill(model, input_ids, attention_mask)
-        keys, _ = self._rows(input_ids, attention_mask)
+        keys, _ = record_keys(input_ids, attention_mask)
         layers = looped_layers(model)
         shape = tuple(input_ids.shape)
         states: dict[int, torch.Tensor] = {}

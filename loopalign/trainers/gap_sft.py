@@ -66,6 +66,7 @@ from loopalign.prefix_cache import PrefixCache
 from loopalign.probes import LoopProbes, fit_probes
 from loopalign.speed import compile_decoder_layers
 
+from .base_cache import BaseOutputCache, check_no_base_dropout
 from .common import AtomicCheckpointMixin, model_and_tokenizer
 from .gap_data import GapCollator, build_gap_features, verdict_token_ids, with_distill_groups
 from .gap_sft_config import PROBES_FILE, GapSFTConfig
@@ -143,6 +144,11 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         if args.lora_loops != "all":
             route_lora_by_loop(self.model, args.lora_loops)
         skip_lora_input_upcast(self.model)  # under autocast only, where bit-identical (loopalign.lora)
+        #: the frozen base's outputs the base-reading terms read (GapSFTConfig.base_cache), kept as records are first seen
+        self.base_cache = None
+        if args.base_cache and base_reading:
+            check_no_base_dropout(self.model)
+            self.base_cache = BaseOutputCache()
         #: the frozen lower layers' states per record (GapSFTConfig.prefix_cache), filled as records are first seen
         self.prefix_cache = None
         if args.prefix_cache:
@@ -412,8 +418,17 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             per_loop["rr_probe"] = frozen_probe_loss(self.base_probes, feats, labels, mask)
             terms["rr_probe"] = (loop_w * per_loop["rr_probe"]).sum()
         if w["rr_distill"] > 0:
-            with torch.no_grad(), unwrapped.disable_adapter():
-                _, base_feats, _ = self._readout_features(model, inputs, detach=True)
+
+            def base_features():
+                with torch.no_grad(), unwrapped.disable_adapter():
+                    return self._readout_features(model, inputs, detach=True)[1]
+
+            if self.base_cache is None:
+                base_feats = base_features()
+            else:
+                base_feats = self.base_cache.features(
+                    inputs["input_ids"], inputs["attention_mask"], inputs["probe_index"], base_features
+                )
             per_loop["rr_distill"] = hidden_distillation_loss(feats, base_feats, self.args.rr_distill_kind)
             terms["rr_distill"] = (loop_w * per_loop["rr_distill"]).sum()
         # over ALL records: the targets are fixed probe posteriors, no label is read here. An eval
@@ -463,11 +478,20 @@ class GapSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         labels = batch["labels"].to(device)
         if self.args.replay_kind == "kl":
             unwrapped = self.accelerator.unwrap_model(model)
-            with torch.no_grad(), unwrapped.disable_adapter(), self._prefix_states(model, input_ids, attention_mask):
-                base = self._loop_forward(model, input_ids, attention_mask)
-            token_losses, _ = per_loop_token_kl(
-                lm_head, out.loop_hidden_states, base.loop_hidden_states, labels, self.args.lm_chunk_size
-            )
+
+            def base_states():
+                with (
+                    torch.no_grad(),
+                    unwrapped.disable_adapter(),
+                    self._prefix_states(model, input_ids, attention_mask),
+                ):
+                    return self._loop_forward(model, input_ids, attention_mask).loop_hidden_states
+
+            if self.base_cache is None:
+                base = base_states()
+            else:
+                base = self.base_cache.sequences(input_ids, attention_mask, base_states)
+            token_losses, _ = per_loop_token_kl(lm_head, out.loop_hidden_states, base, labels, self.args.lm_chunk_size)
         else:
             token_losses, _ = per_loop_token_losses(lm_head, out.loop_hidden_states, labels, self.args.lm_chunk_size)
         term, _ = weighted_loop_loss(token_losses, loop_w)

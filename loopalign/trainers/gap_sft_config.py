@@ -135,6 +135,15 @@ class GapSFTConfig(SFTConfig):
             "the trained layers; a looped model has no frozen prefix and is refused."
         },
     )
+    base_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the frozen base model's outputs that rr_distill (features at the readout site) and "
+            "replay_kind='kl' (the replayed answers' hidden states) compare against, once per record (CPU memory), "
+            "so a record's base forward runs on its first visit only (loopalign.trainers.base_cache). Exact up to "
+            "float32 rounding; refused with dropout in the base. Does nothing without those terms."
+        },
+    )
 
     def __post_init__(self):
         self.bf16 = default_bf16(self.bf16)
