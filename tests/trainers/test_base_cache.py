@@ -2,6 +2,13 @@
 served from memory, with the same training as running the base forward at every visit (tiny random Ouro, real PEFT
 LoRA, real TRL trainer)."""
 
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -111,3 +118,17 @@ def test_the_cache_refuses_a_base_with_dropout(gap_dataset, tmp_path):
     )
     with pytest.raises(ConfigError, match="base_cache: the base model has active dropout"):
         GapSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_PEFT)
+
+
+def test_the_benchmark_runs_both_cases_on_a_tiny_model():
+    """benchmarks/base_cache.py (figures in docs/performance.md) runs and prints both cases; nothing is timed."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(root / "benchmarks" / "base_cache.py"), "--tiny", "--batch", "4", "--steps", "1",
+            "--replay-records", "4", "--replay-batch", "4"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == ["plain", "base cache", "summary"]
+    assert rows[1]["cache_records"] == 8 + 4  # (1 warm-up + 1 timed) x batch 4 training records, 4 replay records
+    assert all(math.isfinite(r["seconds_per_step"]) for r in rows[:2]) and math.isfinite(rows[2]["speedup"])
