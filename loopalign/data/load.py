@@ -175,7 +175,11 @@ def dataset_kind(spec: str, columns: str | None = None) -> str:
                 "--dataset_columns"
             )
         return "records"
-    source, sep, _ = spec.partition(":")
+    source, sep, path = spec.partition(":")
+    if sep and source == "table":  # the table source needs its column map: the commands take it as an option
+        raise DataError(
+            f"dataset {spec!r}: read your own table as --dataset {path} --dataset_columns MAP (docs/data.md)"
+        )
     if sep and source in SOURCES:
         source_of_spec(spec)  # a source without its path ('gsm8k:') fails here
         return "source"

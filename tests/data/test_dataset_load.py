@@ -53,6 +53,7 @@ def test_every_spec_has_one_kind_and_a_spec_naming_nothing_fails_naming_it(tmp_p
     for spec, columns, message in (
         ("openai/gsm8k", None, "is read through its source"),  # a bare hub name: say how to name it
         ("nosuch:thing", None, "unknown source 'nosuch'"),
+        ("table:mine.csv", None, "--dataset mine.csv --dataset_columns MAP"),
         (str(tmp_path / "missing.jsonl"), None, "missing.jsonl' does not exist"),
         (str(table), None, "read your own .csv with --dataset_columns"),
         (str(tmp_path / "missing.csv"), "statement=claim,label=ok", "is not a file"),
