@@ -23,7 +23,6 @@ import copy
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -112,12 +111,7 @@ def main(argv=None) -> None:
     n_batches = args.warmup + args.steps
     records = BENCH.statement_records(tok, args.batch * n_batches)
     replay = replay_records(tok, args.replay_records, args.answer_tokens)
-    print(
-        f"# torch {torch.__version__}, {args.threads} thread(s), CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start",
-        flush=True,
-    )
+    print(BENCH.machine_line(args.threads), flush=True)
     with tempfile.TemporaryDirectory() as out:
         plain = build_trainer(base, tok, records, replay, first_layer, args, False, out)
         cached = build_trainer(base, tok, records, replay, first_layer, args, True, out)

