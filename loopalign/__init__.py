@@ -2,7 +2,10 @@
 
 Importing the package registers Ouro with transformers' Auto classes, so
 ``AutoModelForCausalLM.from_pretrained("ByteDance/Ouro-1.4B")`` (or a local folder) loads
-loopalign's own implementation, without ``trust_remote_code``.
+loopalign's own implementation, without ``trust_remote_code``; and it imports the organism wing
+(:mod:`loopalign.organism`), which registers the named models ``"organism"``, ``"huginn_organism"`` and
+``"introspection_organism"`` with :func:`loopalign.loading.load_model` (the one registry edge: the loader,
+on the lowest floor, names nothing above it).
 """
 
 from .loops import exit_distribution, loop_logits, threshold_exit_index
@@ -30,7 +33,6 @@ _LAZY_SUBMODULES = (
     "io",
     "lora",
     "objectives",
-    "organism",
     "rewards",
     "speed",
     "tokenizer",
@@ -44,3 +46,7 @@ def __getattr__(name: str):
 
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'loopalign' has no attribute {name!r}")
+
+
+# the one registry edge (last, once the names above exist): the organism wing registers its named models
+from . import organism as organism  # noqa: E402

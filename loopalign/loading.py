@@ -19,7 +19,6 @@ token (:func:`ensure_pad_token`).
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Callable
@@ -38,32 +37,46 @@ from .tokenizer import local_tokenizer
 __all__ = [
     "GAP_CONFIG_FILE",
     "GGUF_MODELS",
-    "LOCAL_MODELS",
     "NAMED_MODELS",
     "default_device",
     "ensure_pad_token",
     "is_gap_run_folder",
+    "is_local_model",
     "load_gap_model",
     "load_model",
     "load_pretrained",
     "load_tokenizer",
+    "local_model_names",
+    "register_named_model",
     "torch_dtype",
 ]
 
 #: the gap-SFT settings saved next to a run's adapters (``lora_loops`` routing among them)
 GAP_CONFIG_FILE = "gap_config.json"
 
-#: Named models, resolved lazily as ``"module:function"`` (a registry, like transformers' Auto mappings):
-#: the function takes (device=, seed=) and returns (model in eval mode, tokenizer). The organism sits above
-#: this module (it trains and evaluates), so it is named here, not imported.
-NAMED_MODELS: dict[str, str] = {
-    "organism": "loopalign.organism:load_organism",
-    "introspection_organism": "loopalign.trainers.introspection.organism:load_introspection_organism",
-    "huginn_organism": "loopalign.organism.huginn:load_huginn_organism",
-}
+#: Named models (a registry, like transformers' Auto mappings): name -> loader, a function taking ``device=`` and
+#: returning (model in eval mode, tokenizer). The organism wing (:mod:`loopalign.organism`, floor 2: it trains and
+#: evaluates) registers its organisms with :func:`register_named_model` when imported, and importing the package
+#: imports it (the one registry edge, in ``loopalign/__init__.py``), so this floor names nothing above it.
+NAMED_MODELS: dict[str, Callable] = {}
 
-#: models that need no network and no folder: ``"tiny"`` and the named ones
-LOCAL_MODELS = ("organism", "introspection_organism", "huginn_organism", "tiny")
+
+def register_named_model(name: str, loader: Callable) -> None:
+    """Make ``load_model(name)`` call ``loader(device=...)`` -> (model in eval mode, tokenizer). A name is
+    registered once: another loader under a taken name (or ``"tiny"``) is a ``ValueError``."""
+    if name == "tiny" or NAMED_MODELS.get(name, loader) is not loader:
+        raise ValueError(f"named model {name!r} is already registered")
+    NAMED_MODELS[name] = loader
+
+
+def is_local_model(name) -> bool:
+    """True for the models that need no network and no folder: ``"tiny"`` and the named ones."""
+    return isinstance(name, str) and (name == "tiny" or name in NAMED_MODELS)
+
+
+def local_model_names() -> tuple[str, ...]:
+    """``"tiny"`` and the registered named models, for messages and help."""
+    return (*NAMED_MODELS, "tiny")
 
 
 def default_device() -> str:
@@ -175,7 +188,7 @@ def load_gap_model(path: str | os.PathLike, base=None, device: str | None = None
         base = base_name
     base_tokenizer = None
     if isinstance(base, str):
-        if base in LOCAL_MODELS:  # "tiny", "organism", ...: built or loaded as load_model does
+        if is_local_model(base):  # "tiny", "organism", ...: built or loaded as load_model does
             base, base_tokenizer = load_model(base, device="cpu")
         else:  # a folder, a GGUF model (named, or a file's path) or hub name
             base = load_pretrained(base, dtype=dtype)
@@ -187,11 +200,6 @@ def load_gap_model(path: str | os.PathLike, base=None, device: str | None = None
     if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         return model, load_tokenizer(path)
     return model, base_tokenizer if base_tokenizer is not None else load_tokenizer(base_name)
-
-
-def _named_loader(name: str) -> Callable:
-    module, _, function = NAMED_MODELS[name].partition(":")
-    return getattr(importlib.import_module(module), function)
 
 
 def load_model(
@@ -218,7 +226,7 @@ def load_model(
         model.name_or_path = "tiny" if seed == 0 else ""
         return model.to(device).eval(), tok
     if name in NAMED_MODELS:
-        model, tok = _named_loader(name)(device=device)
+        model, tok = NAMED_MODELS[name](device=device)
         # the name, not this machine's cache folder, is what adapters trained on it record as their base model
         model.name_or_path = name
         return model, (tokenizer if tokenizer is not None else tok)

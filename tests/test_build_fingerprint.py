@@ -14,8 +14,8 @@ import torch
 
 from loopalign.organism import OrganismConfig
 from loopalign.organism.huginn import huginn_organism_path
+from loopalign.organism.introspection import IntrospectionOrganismConfig
 from loopalign.speed import build_fingerprint, fingerprint_hash
-from loopalign.trainers.introspection.organism import IntrospectionOrganismConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ import torch
 from loopalign.organism import OrganismConfig
 from loopalign.organism.huginn import huginn_organism_path
 from loopalign.speed import build_fingerprint
-from loopalign.trainers.introspection.organism import IntrospectionOrganismConfig
+from loopalign.organism.introspection import IntrospectionOrganismConfig
 print(json.dumps({
     "capability": torch.backends.cpu.get_cpu_capability(),
     "fingerprint": build_fingerprint(1),

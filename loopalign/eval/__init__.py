@@ -11,7 +11,6 @@ Probes live in :mod:`loopalign.probes`.
 from loopalign.probes import LinearProbe, ProbeFitConfig, fit_probes, load_probes, save_probes
 
 from .api import (
-    LOCAL_MODELS,
     GapConfig,
     UnbalancedLabelsWarning,
     evaluate_gap,
@@ -94,7 +93,6 @@ __all__ = [
     "gap_table",
     "generate_texts",
     "integer_verifier",
-    "LOCAL_MODELS",
     "load_probes",
     "log_wandb",
     "log_comparison_wandb",

@@ -14,7 +14,6 @@ import torch
 from loopalign.batching import pad_token_id
 from loopalign.errors import ConfigError
 from loopalign.io import folder_lock
-from loopalign.loading import LOCAL_MODELS
 from loopalign.models.contract import trained_loops
 from loopalign.probes import LinearProbe, save_probes
 
@@ -38,7 +37,6 @@ from .verbal import sampled_verdicts, sv_metrics, sv_predictions, verdict_token_
 
 __all__ = [
     "GapConfig",
-    "LOCAL_MODELS",
     "UnbalancedLabelsWarning",
     "evaluate_gap",
     "resolve_metric",

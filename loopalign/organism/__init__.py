@@ -34,9 +34,23 @@ figures, timings, and the size and sha256 of every model and tokenizer file: loa
 so a damaged cache fails naming the file and the command that rebuilds it instead of loading with
 NaN logits).
 
+The organism wing holds three organisms, each a configuration of one training loop
+(:func:`.train.train_steps`) and one build under a lock (:func:`.build.ensure_cached_build`, :func:`.build.write_build`),
+cached under one root with one hash rule (:func:`.config.build_hash`) and one file check:
+
+- ``"organism"``: this module's Ouro organism (the gap organism);
+- ``"huginn_organism"``: :mod:`.huginn`, the same tasks and data in Huginn's recurrent-depth shape;
+- ``"introspection_organism"``: :mod:`.introspection`, a tiny Ouro that knows the concept words.
+
+Importing this package registers the three as named models of :func:`loopalign.loading.load_model`
+(:func:`loopalign.loading.register_named_model`); importing ``loopalign`` imports it.
+
 Modules: :mod:`.config` (the recipe), :mod:`.cache` (where builds live, their checks), :mod:`.data`,
-:mod:`.train`, :mod:`.evaluate`, :mod:`.card` (the model card), :mod:`.build` (build under a lock, load).
+:mod:`.train` (the one training loop), :mod:`.evaluate`, :mod:`.card` (the model card), :mod:`.build` (build under a
+lock, load), :mod:`.huginn`, :mod:`.introspection`.
 """
+
+from loopalign.loading import register_named_model
 
 from .build import build_organism, ensure_organism, load_organism
 from .cache import (
@@ -54,9 +68,16 @@ from .cache import (
 from .config import RECIPE_VERSION, TASK_FAMILIES, OrganismConfig
 from .data import DIGIT_GROUP_FIELD, organism_eval_records, organism_tasks, training_batch
 from .evaluate import evaluate_organism, organism_properties, organism_slices
-from .train import TrainResult, expected_build_seconds, train_organism
+from .huginn import load_huginn_organism
+from .introspection import INTROSPECTION_ORGANISM, load_introspection_organism
+from .train import TrainResult, expected_build_seconds, train_organism, train_steps
+
+register_named_model("organism", load_organism)
+register_named_model("huginn_organism", load_huginn_organism)
+register_named_model(INTROSPECTION_ORGANISM, load_introspection_organism)
 
 __all__ = [
+    "INTROSPECTION_ORGANISM",
     "RECIPE_VERSION",
     "OrganismConfig",
     "TrainResult",
@@ -64,6 +85,9 @@ __all__ = [
     "organism_path",
     "ensure_organism",
     "load_organism",
+    "load_huginn_organism",
+    "load_introspection_organism",
+    "train_steps",
     "build_organism",
     "train_organism",
     "evaluate_organism",

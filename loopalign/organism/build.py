@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,13 +14,79 @@ from loopalign.io import atomic_folder, ensure_built
 from loopalign.loading import load_pretrained, load_tokenizer
 from loopalign.log import get_logger
 
-from .cache import file_records, is_organism, organism_path, verify_organism
+from .cache import file_records, is_organism, organism_path, rebuild_command, verify_organism
 from .card import model_card
 from .config import MARKER_FILE, OrganismConfig
 from .evaluate import card_records, evaluate_organism, gap_table_rows, organism_properties, organism_slices
 from .train import expected_build_seconds, train_organism
 
 logger = get_logger(__name__)
+
+
+def ensure_cached_build(
+    path: Path,
+    is_complete: Callable[[Path], bool],
+    build: Callable[[Path], object],
+    verify: Callable[[Path], object],
+    what: str,
+    rebuild: str,
+    build_if_missing: bool = True,
+    force: bool = False,
+    lock_timeout: float | None = None,
+) -> Path:
+    """The one build-under-lock of every organism: ``path`` when ``is_complete`` (checked by ``verify``, which
+    raises on a damaged build), else built with ``build(path)`` (atomically: :func:`write_build`) under a lock
+    beside it (:func:`loopalign.io.ensure_built`: two processes build once, the second waits, saying for whom, and
+    gives up after ``lock_timeout`` seconds, default ``$LOOPALIGN_LOCK_TIMEOUT``). ``force`` rebuilds; without
+    ``build_if_missing`` a missing build is a ``FileNotFoundError`` naming ``rebuild``."""
+    if is_complete(path) and not force:
+        verify(path)
+        return path
+    if not build_if_missing and not force:
+        raise FileNotFoundError(f"no {what} at {path}; build it with `{rebuild}` (or load it with build_if_missing)")
+    if lock_timeout is not None and not float(lock_timeout) > 0:
+        raise ValueError(f"lock_timeout must be > 0 seconds, got {lock_timeout!r}")
+    ensure_built(
+        path,
+        lambda p: is_complete(Path(p)),
+        lambda p: build(Path(p)),
+        what=f"the {what} {path}",
+        force=force,
+        lock_timeout=lock_timeout,
+        prefix=f".tmp-{path.name}-",
+    )
+    verify(path)
+    return path
+
+
+def write_build(out_dir: str | os.PathLike, what: str, write: Callable[[Path], dict]) -> Path:
+    """The one atomic build of every organism: ``write(tmp)`` trains and saves into a temporary folder beside
+    ``out_dir`` (:func:`save_trained` first, so the recorded checksums cover the model and tokenizer) and returns
+    the build's ``organism.json``; it is written last (it marks a complete build) and the folder renamed into
+    place, replacing ``out_dir``. An interrupted build leaves no half model. -> ``out_dir`` (resolved)."""
+    if not str(out_dir):
+        raise ValueError(f"building the {what}: out_dir is required")
+    out = Path(out_dir).expanduser().resolve()
+    with atomic_folder(out, prefix=f".tmp-{out.name}-") as tmp_dir:  # renamed into place when whole
+        tmp = Path(tmp_dir)
+        meta = write(tmp)
+        if not isinstance(meta.get("files"), dict):
+            raise ValueError(f"building the {what}: its organism.json must record the saved files (save_trained)")
+        (tmp / MARKER_FILE).write_text(json.dumps(meta, indent=2))  # written last: marks a complete build
+    return out
+
+
+def save_trained(folder: Path, model, tokenizer) -> dict:
+    """Save the model and tokenizer into ``folder``. -> the size and sha256 of each file (checked on load)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return file_records(folder)
+
+
+def load_built(path: Path, device: str | torch.device | None = None):
+    """-> (model in float32 and eval mode on ``device``, default CPU; tokenizer) of a built organism folder."""
+    model = load_pretrained(str(path), dtype=torch.float32)
+    return model.to(device or "cpu").eval(), load_tokenizer(str(path))
 
 
 def ensure_organism(
@@ -30,7 +97,8 @@ def ensure_organism(
     force: bool = False,
     lock_timeout: float | None = None,
 ) -> Path:
-    """The organism's folder in the cache, built first when missing (or with ``force``), under a lock.
+    """The organism's folder in the cache, built first when missing (or with ``force``), under a lock
+    (:func:`ensure_cached_build`).
 
     Two processes asking at once build it once: the second waits for the lock (saying for whom),
     then finds it built; it gives up after ``lock_timeout`` seconds (default
@@ -40,26 +108,17 @@ def ensure_organism(
     """
     config = config or OrganismConfig()
     path = organism_path(config, cache_dir)
-    if is_organism(path, config) and not force:
-        verify_organism(path, config)
-        return path
-    if not build_if_missing and not force:
-        raise FileNotFoundError(
-            f"no organism at {path}; build it with `python recipes/pretrain_organism.py` "
-            "or load_organism(build_if_missing=True)"
-        )
-    if lock_timeout is not None and not float(lock_timeout) > 0:
-        raise ValueError(f"ensure_organism: lock_timeout must be > 0 seconds, got {lock_timeout!r}")
-    ensure_built(
+    return ensure_cached_build(
         path,
         lambda p: is_organism(p, config),
         lambda p: build_organism(config, p, progress=progress),
-        what=f"the organism {path}",
+        lambda p: verify_organism(p, config),
+        what="organism",
+        rebuild=rebuild_command(path, config),
+        build_if_missing=build_if_missing,
         force=force,
         lock_timeout=lock_timeout,
-        prefix=f".tmp-{path.name}-",
     )
-    return path
 
 
 def load_organism(
@@ -76,10 +135,7 @@ def load_organism(
     checked against the checksums of the build first (:func:`verify_organism`, via
     :func:`ensure_organism`): a damaged cache raises :class:`CorruptOrganismError`.
     """
-    path = ensure_organism(config, cache_dir, build_if_missing=build_if_missing, progress=progress)
-    model = load_pretrained(str(path), dtype=torch.float32)
-    tokenizer = load_tokenizer(str(path))
-    return model.to(device or "cpu").eval(), tokenizer
+    return load_built(ensure_organism(config, cache_dir, build_if_missing=build_if_missing, progress=progress), device)
 
 
 def build_organism(
@@ -93,22 +149,17 @@ def build_organism(
     end, so an interrupted build leaves no half model. An existing ``out_dir`` is replaced. -> ``out_dir``.
     """
     config = config or OrganismConfig()
-    if not str(out_dir):
-        raise ValueError("build_organism: out_dir is required")
-    out = Path(out_dir).expanduser().resolve()
-    with atomic_folder(out, prefix=f".tmp-{out.name}-") as tmp_dir:  # renamed into place when whole
-        tmp = Path(tmp_dir)
+
+    def write(tmp: Path) -> dict:
         t0 = time.perf_counter()
         threads = config.num_threads
         logger.info(
-            f"building the organism {out}: {config.steps} steps with {threads} torch thread(s), expected about "
+            f"building the organism {out_dir}: {config.steps} steps with {threads} torch thread(s), expected about "
             f"{expected_build_seconds(config) / 60:.1f} min on an unloaded 2-core machine (longer under load)",
         )
         trained = train_organism(config, progress=progress)
         model, tokenizer = trained.model, trained.tokenizer
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        files = file_records(tmp)  # size and sha256 of the model and tokenizer files, checked on load
+        files = save_trained(tmp, model, tokenizer)
         t1 = time.perf_counter()
         result = evaluate_organism(model, tokenizer, config, out_dir=tmp / "eval")
         slices = organism_slices(result, card_records(config, tokenizer), config.sycophantic_items)
@@ -143,5 +194,6 @@ def build_organism(
         (tmp / "losses.json").write_text(
             json.dumps({"loss": trained.losses, "loop_losses": trained.loop_losses, "exit_probs": trained.exit_probs})
         )
-        (tmp / MARKER_FILE).write_text(json.dumps(meta, indent=2))  # written last: marks a complete organism
-    return out
+        return meta
+
+    return write_build(out_dir, "organism", write)

@@ -118,6 +118,13 @@ def check_files(path: str | os.PathLike, files: dict, rebuild: str, what: str = 
             )
 
 
+def check_build_files(path: str | os.PathLike, rebuild: str, what: str = "organism") -> None:
+    """A built organism's model and tokenizer files against the sizes and sha256 sums its ``organism.json``
+    recorded (:func:`check_files`)."""
+    meta = json.loads((Path(path) / MARKER_FILE).read_text())
+    check_files(path, meta["files"], rebuild, what=what)
+
+
 def verify_organism(path: str | os.PathLike, config: OrganismConfig | None = None) -> bool:
     """Check the organism's model and tokenizer files against the sizes and sha256 sums recorded in its
     ``organism.json`` at build time. -> True when checked; False for an organism built before the

@@ -23,6 +23,14 @@ _ITEMS = ("apples", "books", "coins", "eggs", "pens", "marbles", "stamps", "card
 TASK_FAMILIES = ("digits", "words")
 
 
+def build_hash(config: dict, num_threads: int) -> str:
+    """The hash that names every organism's cache folder: sha256 (first 10 hex digits) of the recipe's config and
+    this process's build fingerprint at ``num_threads`` (:func:`loopalign.speed.build_fingerprint`: the same
+    recipe trained on another kernel path is another model)."""
+    text = json.dumps({"config": config, "build": build_fingerprint(num_threads)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 @dataclass
 class OrganismConfig:
     """Everything that determines the organism (its hash, with the build fingerprint, names the cache folder)."""
@@ -145,10 +153,9 @@ class OrganismConfig:
         return build_fingerprint(self.num_threads)
 
     def config_hash(self) -> str:
-        """sha256 (first 10 hex digits) of the config's JSON and this process's :meth:`kernel_path` fingerprint, so
-        two kernel paths (AVX-512 / AVX2, another torch or MKL) never share one cache folder."""
-        text = json.dumps({"config": self.to_dict(), "build": self.kernel_path()}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:10]
+        """:func:`build_hash` of the config: two kernel paths (AVX-512 / AVX2, another torch or MKL) never share
+        one cache folder."""
+        return build_hash(self.to_dict(), self.num_threads)
 
     def folder_name(self) -> str:
         """``organism-v{recipe_version}-{config_hash}``."""

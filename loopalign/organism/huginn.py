@@ -24,21 +24,18 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from loopalign.io import atomic_folder, ensure_built
-from loopalign.loading import load_pretrained, load_tokenizer
 from loopalign.log import get_logger
 from loopalign.models.huginn import HuginnConfig, HuginnForCausalLM, tiny_huginn_config
-from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
 from loopalign.tokenizer import local_tokenizer
 
-from .cache import check_files, file_records, is_organism, organism_cache_dir
+from .build import ensure_cached_build, load_built, save_trained, write_build
+from .cache import check_build_files, is_organism, organism_cache_dir
 from .card import build_line
 from .config import MARKER_FILE, OrganismConfig
 from .data import training_batch
 from .evaluate import evaluate_organism, gap_table_rows
-from .train import TrainResult, _lr_at, torch_threads
+from .train import TrainResult, adamw, cosine_lr_at, torch_threads, train_steps, weighted_part_loss
 
 logger = get_logger(__name__)
 
@@ -84,48 +81,21 @@ def train_huginn_organism(
     ``config.seed`` on a given machine). ``loop_losses`` holds the per-step mean CE of every optimiser step."""
     config = config or OrganismConfig()
     tokenizer = local_tokenizer(config.vocab_size)
-    uniform = [1.0 / config.num_loops] * config.num_loops
     with torch_threads(config.num_threads):
         torch.manual_seed(config.seed)
         model = HuginnForCausalLM(huginn_organism_config(config, len(tokenizer), prelude, coda))
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.learning_rate,
-            betas=(0.9, 0.95),
+        return train_steps(
+            TrainResult(model=model, tokenizer=tokenizer),
+            adamw(model, config.learning_rate, config.weight_decay),
+            config.steps,
+            lambda step: cosine_lr_at(config, step),
+            lambda step: training_batch(config, tokenizer, step),
+            lambda part: weighted_part_loss(model, part, config.num_loops),  # uniform over steps: no exit gate
+            config.grad_clip,
+            config.num_loops,
+            desc="huginn organism",
+            progress=progress,
         )
-        result = TrainResult(model=model, tokenizer=tokenizer)
-        model.train()
-        start = time.perf_counter()
-        bar = tqdm(range(config.steps), desc="huginn organism", disable=not progress, mininterval=2.0)
-        for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(config, step)
-            parts = training_batch(config, tokenizer, step)
-            n_total = sum(float(part["weights"].sum()) for part in parts)
-            step_loss, step_loops = 0.0, torch.zeros(config.num_loops)
-            for part in parts:
-                # right padding: real tokens never attend to the pads after them, so no mask is needed
-                out = model(part["input_ids"], output_loop_states=True, use_cache=False, logits_to_keep=1)
-                token_losses, index = per_loop_token_losses(model.lm_head, out.loop_hidden_states, part["labels"])
-                weight = part["weights"].reshape(-1).index_select(0, index + 1)  # the target token's weight
-                weighted = token_losses * (weight / weight.mean())
-                loss = weighted_loop_loss(weighted, uniform)[0]
-                share = float(weight.sum()) / n_total
-                (loss * share).backward()
-                step_loss += float(loss.detach()) * share
-                step_loops += (token_losses.detach() * weight).sum(dim=1) / n_total
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.losses.append(step_loss)
-            result.loop_losses.append([round(float(x), 5) for x in step_loops])
-            if progress:
-                bar.set_postfix(loss=f"{step_loss:.3f}", steps="/".join(f"{x:.2f}" for x in step_loops), refresh=False)
-        result.seconds = time.perf_counter() - start
-    model.eval()
-    return result
 
 
 def huginn_organism_path(config: OrganismConfig | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -180,17 +150,12 @@ def build_huginn_organism(
     """Train, save (model + tokenizer), evaluate (``eval/``) and write the card and ``organism.json`` into
     ``out_dir``, atomically (an interrupted build leaves no half model; an existing ``out_dir`` is replaced)."""
     config = config or OrganismConfig()
-    if not str(out_dir):
-        raise ValueError("build_huginn_organism: out_dir is required")
-    out = Path(out_dir).expanduser().resolve()
-    with atomic_folder(out, prefix=f".tmp-{out.name}-") as tmp_dir:
-        tmp = Path(tmp_dir)
+
+    def write(tmp: Path) -> dict:
         t0 = time.perf_counter()
-        logger.info(f"building the Huginn organism {out}: {config.steps} steps, {config.num_threads} thread(s)")
+        logger.info(f"building the Huginn organism {out_dir}: {config.steps} steps, {config.num_threads} thread(s)")
         trained = train_huginn_organism(config, prelude=prelude, coda=coda, progress=progress)
-        trained.model.save_pretrained(tmp)
-        trained.tokenizer.save_pretrained(tmp)
-        files = file_records(tmp)
+        files = save_trained(tmp, trained.model, trained.tokenizer)
         t1 = time.perf_counter()
         result = evaluate_organism(trained.model, trained.tokenizer, config, out_dir=tmp / "eval")
         meta = {
@@ -216,8 +181,9 @@ def build_huginn_organism(
         }
         (tmp / "README.md").write_text(_card(config, meta, result.markdown()), encoding="utf-8")
         (tmp / "losses.json").write_text(json.dumps({"loss": trained.losses, "loop_losses": trained.loop_losses}))
-        (tmp / MARKER_FILE).write_text(json.dumps(meta, indent=2))  # written last: marks a complete organism
-    return out
+        return meta
+
+    return write_build(out_dir, "Huginn organism", write)
 
 
 def ensure_huginn_organism(
@@ -227,22 +193,20 @@ def ensure_huginn_organism(
     progress: bool = True,
     lock_timeout: float | None = None,
 ) -> Path:
-    """The Huginn organism's folder in the cache, built first when missing (or with ``force``) under a lock; its
-    files are checked against the checksums of the build (a damaged one raises ``CorruptOrganismError``)."""
+    """The Huginn organism's folder in the cache, built first when missing (or with ``force``) under a lock
+    (:func:`loopalign.organism.build.ensure_cached_build`); its files are checked against the checksums of the
+    build (a damaged one raises ``CorruptOrganismError``)."""
     config = config or OrganismConfig()
-    path = huginn_organism_path(config, cache_dir)
-    ensure_built(
-        path,
+    return ensure_cached_build(
+        huginn_organism_path(config, cache_dir),
         lambda p: is_huginn_organism(p, config),
         lambda p: build_huginn_organism(config, p, progress=progress),
-        what=f"the Huginn organism {path}",
+        lambda p: check_build_files(p, REBUILD_COMMAND, what="Huginn organism"),
+        what="Huginn organism",
+        rebuild=REBUILD_COMMAND,
         force=force,
         lock_timeout=lock_timeout,
-        prefix=f".tmp-{path.name}-",
     )
-    meta = json.loads((path / MARKER_FILE).read_text())
-    check_files(path, meta["files"], REBUILD_COMMAND, what="Huginn organism")
-    return path
 
 
 def load_huginn_organism(
@@ -251,6 +215,4 @@ def load_huginn_organism(
     device: str | torch.device | None = None,
 ):
     """-> (model in eval mode, tokenizer) of the Huginn organism, built into the cache first when missing."""
-    path = ensure_huginn_organism(config, cache_dir)
-    model = load_pretrained(str(path), dtype=torch.float32)
-    return model.to(device or "cpu").eval(), load_tokenizer(str(path))
+    return load_built(ensure_huginn_organism(config, cache_dir), device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,8 @@ class TrainResult:
     seconds: float = 0.0  # wall time of the training loop
 
 
-def _lr_at(config: OrganismConfig, step: int) -> float:
+def cosine_lr_at(config: OrganismConfig, step: int) -> float:
+    """The organism recipe's learning rate at ``step``: linear warm-up, then cosine decay to 10% of the peak."""
     if config.warmup_steps and step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
     span = max(1, config.steps - config.warmup_steps)
@@ -66,6 +68,107 @@ def expected_build_seconds(config: OrganismConfig) -> float:
     return 1.1 * config.steps * _REFERENCE_STEP_SECONDS * max(scale, 0.05)
 
 
+def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95) with weight decay on matrices only (biases and norms undecayed)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=learning_rate,
+        betas=(0.9, 0.95),
+    )
+
+
+@dataclass
+class PartLoss:
+    """One part of a training step, as an organism's objective reads it."""
+
+    loss: torch.Tensor  # the part's objective (a mean over its weighted target tokens)
+    mass: float  # the part's weight in the step: its target tokens' summed weights
+    loop_sums: torch.Tensor  # per loop, the summed weighted token losses (detached)
+    exit_sums: torch.Tensor | None = None  # per loop, the summed weighted exit probabilities (Ouro only)
+
+
+def train_steps(
+    result: TrainResult,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    lr_at: Callable[[int], float],
+    parts_at: Callable[[int], list[dict]],
+    part_loss: Callable[[dict], PartLoss],
+    grad_clip: float,
+    num_loops: int,
+    desc: str,
+    progress: bool = True,
+) -> TrainResult:
+    """The one training loop of every organism: per step, the learning rate ``lr_at(step)``, the step's parts
+    ``parts_at(step)`` (each a dict; one with ``"weights"`` counts as their sum, else as 1), each part's
+    ``part_loss`` backpropagated at its share of the step's weight, the gradient clipped, one optimiser step.
+    Appends the step's objective, per-loop losses and (when the parts give them) exit probabilities to ``result``
+    and sets its ``seconds``; the model is left in eval mode."""
+    model = result.model
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        parts = parts_at(step)
+        n_total = sum(float(part["weights"].sum()) if "weights" in part else 1.0 for part in parts)
+        step_loss, step_loops, step_exit = 0.0, torch.zeros(num_loops), None
+        for part in parts:
+            out = part_loss(part)
+            share = out.mass / n_total  # a weighted mean over the whole step
+            (out.loss * share).backward()
+            step_loss += float(out.loss.detach()) * share
+            step_loops += out.loop_sums / n_total
+            if out.exit_sums is not None:
+                step_exit = (step_exit if step_exit is not None else torch.zeros(num_loops)) + out.exit_sums / n_total
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(step_loss)
+        result.loop_losses.append([round(float(x), 5) for x in step_loops])
+        if step_exit is not None:
+            result.exit_probs.append([round(float(x), 4) for x in step_exit])
+        if progress:
+            bar.set_postfix(
+                loss=f"{step_loss:.3f}", loops="/".join(f"{x:.2f}" for x in result.loop_losses[-1]), refresh=False
+            )
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
+def weighted_part_loss(
+    model: torch.nn.Module, part: dict, num_loops: int, beta: float | None = None, uniform_weight: float = 0.0
+) -> PartLoss:
+    """The organisms' per-loop objective on one part (right-padded ``input_ids``, ``labels``, per-token
+    ``weights``): every loop's token losses, each weighted by its target token's weight; with ``beta``, Ouro's
+    entropy-regularised objective over the exit distribution (plus ``uniform_weight`` times the uniform per-loop
+    loss), else the uniform mean over loops (Huginn has no exit gate)."""
+    uniform = [1.0 / num_loops] * num_loops
+    # right padding: real tokens never attend to the pads after them, so no mask is needed
+    if beta is None:
+        out = model(part["input_ids"], output_loop_states=True, use_cache=False, logits_to_keep=1)
+    else:
+        out = model(part["input_ids"], output_loop_states=True, use_cache=False, exit="last", logits_to_keep=1)
+    token_losses, index = per_loop_token_losses(model.lm_head, out.loop_hidden_states, part["labels"])
+    # position s predicts token s+1: the weight of a loss is its target token's
+    weight = part["weights"].reshape(-1).index_select(0, index + 1)
+    weighted = token_losses * (weight / weight.mean())
+    exit_sums = None
+    if beta is None:
+        loss = weighted_loop_loss(weighted, uniform)[0]
+    else:
+        exit_probs = out.exit_probs.reshape(-1, num_loops).index_select(0, index)
+        loss, _entropy = ouro_entropy_objective(weighted, exit_probs, beta=beta)
+        if uniform_weight:
+            loss = loss + uniform_weight * weighted_loop_loss(weighted, uniform)[0]
+        exit_sums = (exit_probs.detach() * weight[:, None]).sum(dim=0)
+    return PartLoss(loss, float(weight.sum()), (token_losses.detach() * weight).sum(dim=1), exit_sums)
+
+
 def train_organism(config: OrganismConfig, progress: bool = True) -> TrainResult:
     """Train the organism from scratch with ``config.num_threads`` torch threads: deterministic by
     ``config.seed`` on a given machine (the thread count is part of the config)."""
@@ -76,52 +179,17 @@ def train_organism(config: OrganismConfig, progress: bool = True) -> TrainResult
         model = OuroForCausalLM(config.model_config(len(tokenizer)))
         with torch.no_grad():
             model.model.early_exit_gate.bias.fill_(config.exit_gate_bias)
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.learning_rate,
-            betas=(0.9, 0.95),
+        return train_steps(
+            TrainResult(model=model, tokenizer=tokenizer),
+            adamw(model, config.learning_rate, config.weight_decay),
+            config.steps,
+            lambda step: cosine_lr_at(config, step),
+            lambda step: training_batch(config, tokenizer, step),
+            lambda part: weighted_part_loss(
+                model, part, config.num_loops, beta=config.entropy_beta, uniform_weight=config.uniform_weight
+            ),
+            config.grad_clip,
+            config.num_loops,
+            desc="organism",
+            progress=progress,
         )
-        uniform = [1.0 / config.num_loops] * config.num_loops
-        result = TrainResult(model=model, tokenizer=tokenizer)
-        model.train()
-        start = time.perf_counter()
-        bar = tqdm(range(config.steps), desc="organism", disable=not progress, mininterval=2.0)
-        for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(config, step)
-            parts = training_batch(config, tokenizer, step)
-            n_total = sum(float(part["weights"].sum()) for part in parts)
-            step_loss, step_loops, step_exit = 0.0, torch.zeros(config.num_loops), torch.zeros(config.num_loops)
-            for part in parts:
-                # right padding: real tokens never attend to the pads after them, so no mask is needed
-                out = model(part["input_ids"], output_loop_states=True, use_cache=False, exit="last", logits_to_keep=1)
-                token_losses, index = per_loop_token_losses(model.lm_head, out.loop_hidden_states, part["labels"])
-                exit_probs = out.exit_probs.reshape(-1, config.num_loops).index_select(0, index)
-                # position s predicts token s+1: the weight of a loss is its target token's
-                weight = part["weights"].reshape(-1).index_select(0, index + 1)
-                weighted = token_losses * (weight / weight.mean())
-                loss, _entropy = ouro_entropy_objective(weighted, exit_probs, beta=config.entropy_beta)
-                if config.uniform_weight:
-                    loss = loss + config.uniform_weight * weighted_loop_loss(weighted, uniform)[0]
-                share = float(weight.sum()) / n_total  # weighted mean over the whole batch
-                (loss * share).backward()
-                step_loss += float(loss.detach()) * share
-                step_loops += (token_losses.detach() * weight).sum(dim=1) / n_total
-                step_exit += (exit_probs.detach() * weight[:, None]).sum(dim=0) / n_total
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.losses.append(step_loss)
-            result.loop_losses.append([round(float(x), 5) for x in step_loops])
-            result.exit_probs.append([round(float(x), 4) for x in step_exit])
-            if progress:
-                bar.set_postfix(
-                    loss=f"{result.losses[-1]:.3f}",
-                    loops="/".join(f"{x:.2f}" for x in result.loop_losses[-1]),
-                    refresh=False,
-                )
-        result.seconds = time.perf_counter() - start
-    model.eval()
-    return result

@@ -19,7 +19,7 @@ from loopalign.data.schema import SCENARIOS
 from loopalign.data.sources.table import parse_column_map
 from loopalign.errors import ConfigError
 from loopalign.eval import CompareConfig, FeatureConfig, GapConfig, ReadoutConfig, TaskConfig
-from loopalign.loading import LOCAL_MODELS
+from loopalign.loading import is_local_model
 from loopalign.loops import parse_int_set, parse_loop_counts
 
 __all__ = [
@@ -177,7 +177,7 @@ class GapEvalArguments:
             policy=model,
             field_map=self.field_map,
             split=self.dataset_split,
-            tokenizer_name="local" if model in LOCAL_MODELS else model,
+            tokenizer_name="local" if is_local_model(model) else model,
             build_dir=build_dir,
             **shape,
         )

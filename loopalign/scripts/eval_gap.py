@@ -44,7 +44,7 @@ from loopalign.eval import (
 )
 from loopalign.eval.report import before_after_figure, save_figure
 from loopalign.io import atomic_write_text
-from loopalign.loading import LOCAL_MODELS, is_gap_run_folder, load_model
+from loopalign.loading import is_gap_run_folder, is_local_model, load_model, local_model_names
 from loopalign.log import command_console
 from loopalign.loops import parse_loop_counts
 from loopalign.models.contract import is_looped
@@ -163,9 +163,9 @@ class EvalGapScriptArguments(GapEvalArguments):
         if self.run_inputs is not None:  # an sft-gap run's final/: its held-out records and evaluation settings
             self.adopt_run_settings(self.run_inputs)
         super().__post_init__()
-        if self.dataset is None and self.model_name_or_path not in LOCAL_MODELS:
+        if self.dataset is None and not is_local_model(self.model_name_or_path):
             raise ConfigError(
-                f"dataset is required unless model_name_or_path is one of {LOCAL_MODELS} or an sft-gap run's "
+                f"dataset is required unless model_name_or_path is one of {local_model_names()} or an sft-gap run's "
                 "final/ folder (whose run kept its held-out records)"
             )
         if self.dataset == "organism" and not is_organism_model(self.model_name_or_path):
@@ -283,7 +283,7 @@ def default_output_dir(model_name: str) -> str:
     """``outputs/eval_gap_<model>``, one folder per model so a second model never overwrites the first: a local
     model by its name (``organism``), a hub id with ``/`` as ``--`` (``ByteDance--Ouro-1.4B``), a folder or file by
     its last two path parts (``run-final``, a ``.gguf`` without its suffix)."""
-    if model_name in LOCAL_MODELS:
+    if is_local_model(model_name):
         slug = model_name
     elif os.path.exists(model_name):
         path = os.path.abspath(model_name)

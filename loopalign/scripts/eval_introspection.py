@@ -35,9 +35,9 @@ from loopalign.injection import CONCEPT_WORDS, concept_vectors_for
 from loopalign.loading import load_model
 from loopalign.log import command_console
 from loopalign.models.contract import num_hidden_layers, trained_loops
+from loopalign.organism.introspection import INTROSPECTION_ORGANISM
 from loopalign.scripts.args import cpu_device, make_parser, parse_or_exit, reporting_targets
 from loopalign.speed import set_cpu_threads
-from loopalign.trainers.introspection.organism import INTROSPECTION_ORGANISM
 
 __all__ = [
     "EMBEDDED_DEFAULTS",

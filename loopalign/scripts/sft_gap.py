@@ -50,7 +50,7 @@ from loopalign.eval.general import answer_general_questions, general_drift, gene
 from loopalign.eval.metrics import auroc
 from loopalign.eval.report import before_after_figure, save_figure, short_markdown
 from loopalign.io import atomic_write, atomic_write_text, folder_lock
-from loopalign.loading import LOCAL_MODELS, load_model, load_pretrained, load_tokenizer
+from loopalign.loading import is_local_model, load_model, load_pretrained, load_tokenizer
 from loopalign.log import command_console, get_logger
 from loopalign.loops import parse_int_set, parse_loop_counts
 from loopalign.models.contract import trained_loops
@@ -393,7 +393,7 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args: GapSFTConfi
             "compare.md says what the run did"
         )
     name = model_args.model_name_or_path
-    if name in LOCAL_MODELS:  # the organism is built into the cache first when missing (by one process)
+    if is_local_model(name):  # the organism is built into the cache first when missing (by one process)
         with training_args.main_process_first(desc=f"loading the {name} model"):
             model, tokenizer = load_model(name, device="cpu")  # "tiny" is one model (seed 0): final/ can name it
         return model.train(), tokenizer
@@ -877,7 +877,7 @@ def embedded_defaults_apply(argv: list[str]) -> bool:
     if "--config" in argv or any(a.startswith("--config=") for a in argv):
         return False
     model = cli_model(argv)
-    return model is None or model in LOCAL_MODELS
+    return model is None or is_local_model(model)
 
 
 def launched_on_cpu_processes() -> bool:

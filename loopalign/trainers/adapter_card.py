@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from loopalign.gguf import GGUF_MODELS
 from loopalign.io import atomic_write_text
-from loopalign.loading import GAP_CONFIG_FILE, LOCAL_MODELS
+from loopalign.loading import GAP_CONFIG_FILE, is_local_model
 
 __all__ = ["base_model_kind", "write_adapter_card"]
 
@@ -43,7 +43,7 @@ def base_model_kind(name: str | None) -> str:
     GGUF model, a ``.gguf`` file) or "unknown" (missing)."""
     if not name:
         return "unknown"
-    if name in LOCAL_MODELS or name in GGUF_MODELS or name.endswith(".gguf"):
+    if is_local_model(name) or name in GGUF_MODELS or name.endswith(".gguf"):
         return "loopalign"
     if os.path.isdir(name):
         return "folder"

@@ -132,7 +132,7 @@ def test_scripts_main_parses_argv_and_rejects_bad_options(capsys):
 def test_the_cpu_defaults_are_the_positive_control():
     """[introspection-v2] item 5: with no arguments both recipes run on the introspection organism, the GRPO recipe
     trains target reports on the train concepts and evaluates the held-out ones with every control."""
-    from loopalign.trainers.introspection.organism import INTROSPECTION_ORGANISM
+    from loopalign.organism.introspection import INTROSPECTION_ORGANISM
 
     script, train, model = _recipe("grpo_introspection").parse_args([])
     assert model.model_name_or_path == INTROSPECTION_ORGANISM and script.mode == "sft" and not model.use_peft

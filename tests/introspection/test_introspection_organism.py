@@ -6,7 +6,7 @@ import json
 import pytest
 
 from loopalign.organism import CorruptOrganismError
-from loopalign.trainers.introspection.organism import (
+from loopalign.organism.introspection import (
     IntrospectionOrganismConfig,
     ensure_introspection_organism,
     introspection_organism_path,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loopalign import loading
-from loopalign.loading import LOCAL_MODELS, load_model
+from loopalign.loading import is_local_model, load_model
 from loopalign.models.contract import loop_forward, looped_layers, trained_loops
 from loopalign.models.huginn import HuginnForCausalLM
 from loopalign.organism import CorruptOrganismError, is_organism_model, organism_config_for
@@ -103,8 +103,8 @@ def test_the_organism_command_builds_caches_and_checks_a_huginn_organism(tmp_pat
 
 def test_a_huginn_organism_is_a_named_model_and_the_family_is_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("LOOPALIGN_CACHE", str(tmp_path))
-    assert "huginn_organism" in LOCAL_MODELS and is_organism_model("huginn_organism")
-    assert loading._named_loader("huginn_organism") is load_huginn_organism  # what load_model("huginn_organism") calls
+    assert is_local_model("huginn_organism") and is_organism_model("huginn_organism")
+    assert loading.NAMED_MODELS["huginn_organism"] is load_huginn_organism  # what load_model("huginn_organism") calls
     assert not is_organism_model(str(tmp_path))  # a folder without organism.json
     with pytest.raises(SystemExit):
         pretrain_organism.main(["--family", "raven"])

@@ -17,14 +17,13 @@ the config and the build fingerprint: torch, CPU capability, MKL / oneDNN, threa
 a temporary folder and renamed into place under a file lock; ``organism.json`` holds the config, the
 losses and the size and sha256 of every model and tokenizer file, checked on load.
 
-    from loopalign.trainers.introspection.organism import load_introspection_organism
+    from loopalign.organism.introspection import load_introspection_organism
     model, tokenizer = load_introspection_organism()  # about a minute on 2 cores the first time
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -37,15 +36,16 @@ import torch
 from loopalign.batching import pad_sequences, pad_token_id
 from loopalign.errors import ConfigError
 from loopalign.injection import BASELINE_WORDS, CONCEPT_WORDS, concept_prompt_ids
-from loopalign.io import atomic_folder, ensure_built
-from loopalign.loading import load_pretrained, load_tokenizer
 from loopalign.log import get_logger
 from loopalign.models.ouro import OuroForCausalLM, tiny_config
 from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
-from loopalign.organism import organism_cache_dir
-from loopalign.organism.cache import check_files, file_records, is_organism
 from loopalign.speed import build_fingerprint
 from loopalign.tokenizer import local_tokenizer
+
+from .build import ensure_cached_build, load_built, save_trained, write_build
+from .cache import check_build_files, is_organism, organism_cache_dir
+from .config import build_hash
+from .train import PartLoss, TrainResult, torch_threads, train_steps
 
 logger = get_logger(__name__)
 
@@ -64,10 +64,8 @@ __all__ = [
 #: the model name the introspection recipes resolve to this organism
 INTROSPECTION_ORGANISM = "introspection_organism"
 RECIPE_VERSION = 1
-_MARKER = "organism.json"
 REBUILD_COMMAND = (
-    'python -c "from loopalign.trainers.introspection.organism import ensure_introspection_organism as e; '
-    'e(force=True)"'
+    'python -c "from loopalign.organism.introspection import ensure_introspection_organism as e; e(force=True)"'
 )
 
 
@@ -111,10 +109,9 @@ class IntrospectionOrganismConfig:
         return build_fingerprint(self.num_threads)
 
     def config_hash(self) -> str:
-        """sha256 (12 hex digits) of the config and this process's :meth:`kernel_path`: another kernel path
+        """:func:`loopalign.organism.config.build_hash` of the config, as every organism's: another kernel path
         (AVX-512 / AVX2, another torch or MKL) trains another model, so it gets its own cache folder."""
-        text = json.dumps({"config": self.to_dict(), "build": self.kernel_path()}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return build_hash(self.to_dict(), self.num_threads)
 
     def folder_name(self) -> str:
         return f"introspection-organism-v{self.recipe_version}-{self.config_hash()}"
@@ -150,16 +147,6 @@ def introspection_organism_path(
     return root / config.folder_name()
 
 
-def _is_complete(path: Path, config: IntrospectionOrganismConfig) -> bool:
-    return is_organism(path, config, required=("config.json", "tokenizer.json"))
-
-
-def _verify(path: Path) -> None:
-    """The model and tokenizer files against the sizes and sha256 sums recorded at build time."""
-    meta = json.loads((path / _MARKER).read_text())
-    check_files(path, meta["files"], REBUILD_COMMAND, what="introspection organism")
-
-
 def _batch(tokenizer, words: list[str], rng: random.Random, size: int) -> dict[str, torch.Tensor]:
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     seqs = []
@@ -172,38 +159,40 @@ def _batch(tokenizer, words: list[str], rng: random.Random, size: int) -> dict[s
     return {"input_ids": ids, "labels": labels}
 
 
-def train_word_stage(config: IntrospectionOrganismConfig, progress: bool = True):
-    """-> (model, tokenizer, losses): the word stage from scratch, every loop's readout supervised equally."""
+def train_word_stage(config: IntrospectionOrganismConfig, progress: bool = True) -> TrainResult:
+    """The word stage from scratch (every loop's readout supervised equally), through the organisms' one training
+    loop (:func:`loopalign.organism.train.train_steps`). -> :class:`TrainResult`."""
     tokenizer = local_tokenizer(config.vocab_size)
-    old = torch.get_num_threads()
-    torch.set_num_threads(config.num_threads)
-    try:
+    with torch_threads(config.num_threads):
         torch.manual_seed(config.seed)
         model = OuroForCausalLM(config.model_config(len(tokenizer)))
-        opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.01)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.01)
         rng = random.Random(f"introspection-organism-{config.seed}")
         words, uniform = _words(), [1.0 / config.num_loops] * config.num_loops
-        losses: list[float] = []
-        model.train()
-        for step in range(config.steps):
+
+        def lr_at(step: int) -> float:  # linear warm-up, then linear decay to 10%
             warm = (step + 1) / config.warmup_steps if step < config.warmup_steps else 1.0
             decay = 1.0 - 0.9 * max(0, step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-            for g in opt.param_groups:
-                g["lr"] = config.learning_rate * min(warm, decay)
-            batch = _batch(tokenizer, words, rng, config.batch_size)
-            out = model(batch["input_ids"], output_loop_states=True, use_cache=False, exit="last", logits_to_keep=1)
-            token_losses, _ = per_loop_token_losses(model.lm_head, out.loop_hidden_states, batch["labels"])
+            return config.learning_rate * min(warm, decay)
+
+        def part_loss(part: dict) -> PartLoss:
+            out = model(part["input_ids"], output_loop_states=True, use_cache=False, exit="last", logits_to_keep=1)
+            token_losses, _ = per_loop_token_losses(model.lm_head, out.loop_hidden_states, part["labels"])
             loss, _ = weighted_loop_loss(token_losses, uniform)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(round(float(loss.detach()), 5))
-            if progress and (step + 1) % 100 == 0:
-                logger.info(f"introspection organism: step {step + 1}/{config.steps}, loss {losses[-1]:.3f}")
-    finally:
-        torch.set_num_threads(old)
-    return model.eval(), tokenizer, losses
+            return PartLoss(loss, 1.0, token_losses.detach().mean(dim=1))
+
+        return train_steps(
+            TrainResult(model=model, tokenizer=tokenizer),
+            optimizer,
+            config.steps,
+            lr_at,
+            lambda step: [_batch(tokenizer, words, rng, config.batch_size)],
+            part_loss,
+            1.0,
+            config.num_loops,
+            desc="introspection organism",
+            progress=progress,
+        )
 
 
 @torch.no_grad()
@@ -223,17 +212,13 @@ def build_introspection_organism(
 ) -> Path:
     """Train and save (model + tokenizer + ``organism.json``) into ``out_dir``, atomically (temporary folder, rename)."""
     config = config or IntrospectionOrganismConfig()
-    if not str(out_dir):
-        raise ValueError("build_introspection_organism: out_dir is required")
-    out = Path(out_dir).expanduser().resolve()
-    with atomic_folder(out, prefix=f".tmp-{out.name}-") as tmp_dir:  # renamed into place when whole
-        tmp = Path(tmp_dir)
+
+    def write(tmp: Path) -> dict:
         t0 = time.perf_counter()
-        logger.info(f"building the introspection organism {out}: {config.steps} steps")
-        model, tokenizer, losses = train_word_stage(config, progress)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        files = file_records(tmp)
+        logger.info(f"building the introspection organism {out_dir}: {config.steps} steps")
+        trained = train_word_stage(config, progress)
+        model, tokenizer, losses = trained.model, trained.tokenizer, trained.losses
+        files = save_trained(tmp, model, tokenizer)
         meta = {
             "recipe_version": config.recipe_version,
             "config_hash": config.config_hash(),
@@ -248,10 +233,11 @@ def build_introspection_organism(
             "files": files,
         }
         (tmp / "losses.json").write_text(json.dumps(losses))
-        (tmp / _MARKER).write_text(json.dumps(meta, indent=2))  # written last: marks a complete organism
-    logger.info(f"introspection organism built in {meta['build_seconds']} s; word accuracy "
-                f"{100 * meta['word_accuracy']:.0f}%")  # fmt: skip
-    return out
+        logger.info(f"introspection organism built in {meta['build_seconds']} s; word accuracy "
+                    f"{100 * meta['word_accuracy']:.0f}%")  # fmt: skip
+        return meta
+
+    return write_build(out_dir, "introspection organism", write)
 
 
 def ensure_introspection_organism(
@@ -261,20 +247,19 @@ def ensure_introspection_organism(
     progress: bool = True,
     lock_timeout: float | None = None,
 ) -> Path:
-    """The organism's folder in the cache, built first when missing (or with ``force``) under a lock, checked."""
+    """The organism's folder in the cache, built first when missing (or with ``force``) under a lock, checked
+    (:func:`loopalign.organism.build.ensure_cached_build`)."""
     config = config or IntrospectionOrganismConfig()
-    path = introspection_organism_path(config, cache_dir)
-    ensure_built(
-        path,
-        lambda p: _is_complete(Path(p), config),
+    return ensure_cached_build(
+        introspection_organism_path(config, cache_dir),
+        lambda p: is_organism(p, config, required=("config.json", "tokenizer.json")),
         lambda p: build_introspection_organism(config, p, progress=progress),
-        what=f"the introspection organism {path}",
+        lambda p: check_build_files(p, REBUILD_COMMAND, what="introspection organism"),
+        what="introspection organism",
+        rebuild=REBUILD_COMMAND,
         force=force,
         lock_timeout=lock_timeout,
-        prefix=f".tmp-{path.name}-",
     )
-    _verify(path)
-    return path
 
 
 def load_introspection_organism(
@@ -283,6 +268,4 @@ def load_introspection_organism(
     device: str | torch.device | None = None,
 ):
     """-> (model in eval mode, tokenizer), built into the cache first when missing."""
-    path = ensure_introspection_organism(config, cache_dir)
-    model = load_pretrained(str(path), dtype=torch.float32)
-    return model.to(device or "cpu").eval(), load_tokenizer(str(path))
+    return load_built(ensure_introspection_organism(config, cache_dir), device)
