@@ -215,17 +215,18 @@ def test_a_commands_help_lists_loopalign_options_first_under_a_one_line_usage():
     assert training_args.output_dir == "o"
 
 
-def test_the_sft_gap_cpu_default_yaml_is_the_embedded_default():
-    """`loopalign sft-gap` with no arguments and `--config recipes/configs/sft_gap_cpu_default.yaml` parse to the same
-    run: the YAML spells out the embedded default, so the two cannot drift apart."""
-    from dataclasses import asdict
+def test_each_cpu_default_has_one_home():
+    """[architecture-2] item 5: a command's CPU default (what runs without --config) is one shipped YAML,
+    loopalign/configs/<command>_cpu_default.yaml, read by the command itself; recipes/configs/ links to it (the same
+    file), and no script keeps a second copy as a dict."""
+    from loopalign.scripts.args import SHIPPED_CONFIGS, cpu_default_config
 
-    from loopalign.scripts import sft_gap
-
-    config = str(ROOT / "recipes" / "configs" / "sft_gap_cpu_default.yaml")
-    embedded = sft_gap.build_parser([]).parse_args_and_config(args=[])
-    spelled = sft_gap.build_parser(["--config", config]).parse_args_and_config(args=["--config", config])
-    for a, b in zip(embedded, spelled):
-        left, right = asdict(a), asdict(b)
-        differ = {k: (left[k], right[k]) for k in left if left[k] != right[k]}
-        assert not differ, f"{type(a).__name__}: the embedded default and the YAML differ: {differ}"
+    commands = ("sft_gap", "grpo_introspection", "eval_introspection")
+    assert sorted(p.name for p in SHIPPED_CONFIGS.glob("*.yaml")) == sorted(f"{c}_cpu_default.yaml" for c in commands)
+    for command in commands:
+        shipped = cpu_default_config(command)
+        assert (ROOT / "recipes" / "configs" / shipped.name).samefile(shipped)
+        source = (ROOT / "loopalign" / "scripts" / f"{command}.py").read_text()
+        assert "EMBEDDED_DEFAULTS" not in source and f'apply_cpu_default(parser, "{command}")' in source
+    with pytest.raises(FileNotFoundError, match="shipped CPU default of nosuch is missing"):
+        cpu_default_config("nosuch")

@@ -11,7 +11,9 @@ import argparse
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import yaml
 from trl import TrlParser
 
 from loopalign.data.load import DatasetRequest
@@ -27,6 +29,9 @@ __all__ = [
     "cpu_device",
     "default_eval_loops",
     "reporting_targets",
+    "SHIPPED_CONFIGS",
+    "apply_cpu_default",
+    "cpu_default_config",
     "make_parser",
     "lora_targets_as_names",
     "parse_or_exit",
@@ -311,6 +316,26 @@ def _sections(parser: argparse.ArgumentParser, own: set[str]) -> None:
     groups.remove(first)
     groups.remove(rest)
     groups[1:1] = [first] + ([rest] if rest._group_actions else [])
+
+
+#: the shipped configs: ``<command>_cpu_default.yaml``, the one home of a command's CPU default (what runs without
+#: ``--config``; recipes/configs/ links to them)
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def cpu_default_config(command: str) -> Path:
+    """The shipped CPU default of ``command`` (``sft_gap``, ``grpo_introspection``, ``eval_introspection``)."""
+    path = SHIPPED_CONFIGS / f"{command}_cpu_default.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the shipped CPU default of {command} is missing (a broken install?)")
+    return path
+
+
+def apply_cpu_default(parser: TrlParser, command: str) -> None:
+    """Make ``command``'s shipped CPU default YAML the parser's defaults, as ``--config`` would (command-line
+    options still override it)."""
+    with open(cpu_default_config(command)) as f:
+        parser.set_defaults(**yaml.safe_load(f))
 
 
 def make_parser(dataclass_types: Sequence[type], doc: str | None) -> TrlParser:

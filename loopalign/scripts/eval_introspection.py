@@ -36,11 +36,10 @@ from loopalign.loading import load_model
 from loopalign.log import command_console
 from loopalign.models.contract import num_hidden_layers, trained_loops
 from loopalign.organism.introspection import INTROSPECTION_ORGANISM
-from loopalign.scripts.args import cpu_device, make_parser, parse_or_exit, reporting_targets
+from loopalign.scripts.args import apply_cpu_default, cpu_device, make_parser, parse_or_exit, reporting_targets
 from loopalign.speed import set_cpu_threads
 
 __all__ = [
-    "EMBEDDED_DEFAULTS",
     "EvalIntrospectionArguments",
     "intro_config",
     "vector_layers",
@@ -48,29 +47,6 @@ __all__ = [
     "parse_args",
     "main",
 ]
-
-#: Used when no --config is given: the introspection organism (a tiny looped model that knows the concept words,
-#: built into the cache on first use) on the 12 held-out concepts, injecting vectors extracted at the last loop into
-#: every loop at strengths 1-8, with controls, random vectors and control questions at every strength. Under a
-#: minute on 2 cores once the organism is built. This is the untrained baseline: the GRPO recipe's default trains
-#: the reports on the other concepts and evaluates these before and after.
-EMBEDDED_DEFAULTS = dict(
-    model_name_or_path="introspection_organism",
-    n_concepts=50,
-    concept_split="held_out",
-    loop_counts="trained",
-    extraction_loops="last",
-    strengths="1,2,4,8",
-    n_controls=48,
-    random_vectors=True,
-    n_random=3,
-    control_questions=True,
-    n_control_questions=3,
-    max_new_tokens=16,
-    batch_size=64,
-    lindsey_checks=True,
-    output_dir="outputs/eval_introspection_default",
-)
 
 
 @dataclass
@@ -253,13 +229,13 @@ def run(args: EvalIntrospectionArguments) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> EvalIntrospectionArguments:
     """TrlParser over :class:`EvalIntrospectionArguments`: ``--config`` YAML plus command-line overrides;
-    without ``--config`` the :data:`EMBEDDED_DEFAULTS` (the CPU default) apply."""
+    without ``--config`` the shipped CPU default (``loopalign/configs/eval_introspection_cpu_default.yaml``) applies."""
     import sys
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser((EvalIntrospectionArguments,), __doc__)
     if "--config" not in argv:
-        parser.set_defaults(**EMBEDDED_DEFAULTS)
+        apply_cpu_default(parser, "eval_introspection")
     (args,) = parse_or_exit(parser, argv)  # a bad value: the usage line and the message, exit status 2
     return args
 

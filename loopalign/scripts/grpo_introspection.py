@@ -42,7 +42,7 @@ from loopalign.io import atomic_write_text
 from loopalign.loading import load_model
 from loopalign.log import command_console
 from loopalign.models.contract import trained_loops
-from loopalign.scripts.args import make_parser, parse_or_exit
+from loopalign.scripts.args import apply_cpu_default, make_parser, parse_or_exit
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.introspection import (
     INTROSPECTION_MODES,
@@ -53,7 +53,6 @@ from loopalign.trainers.introspection import (
 from loopalign.trainers.introspection.data import check_trial_fractions
 
 __all__ = [
-    "EMBEDDED_DEFAULTS",
     "IntrospectionScriptArguments",
     "IntrospectionGRPOConfig",
     "run_concepts",
@@ -62,42 +61,6 @@ __all__ = [
     "parse_args",
     "main",
 ]
-
-#: Used when no --config is given: the CPU positive control. The introspection organism (a tiny looped model that
-#: knows the concept words, built into the cache on first use), vectors for the 50 concept words, SFT target reports
-#: on the train concepts (injection at the last loop), before/after evaluation on the 12 held-out concepts with
-#: controls, random vectors and control questions at every strength. About 5 minutes on 2 idle cores.
-EMBEDDED_DEFAULTS = dict(
-    model_name_or_path="introspection_organism",
-    mode="sft",
-    use_peft=False,
-    activation_checkpointing=False,  # GRPOConfig turns it on; a tiny model needs no memory saving
-    output_dir="outputs/grpo_introspection_default",
-    max_steps=300,
-    per_device_train_batch_size=8,
-    num_generations=4,
-    max_completion_length=16,
-    learning_rate=3e-3,
-    warmup_steps=10,
-    beta=0.0,
-    logging_steps=50,
-    save_strategy="no",
-    report_to=[],
-    use_cpu=True,
-    n_concepts=50,
-    train_strengths="1,2,4,8",
-    train_rows=2400,
-    eval_extraction_loops="last",
-    eval_strengths="1,2,4,8",
-    eval_n_controls=48,
-    eval_random_vectors=True,
-    eval_n_random=3,
-    eval_control_questions=True,
-    eval_n_control_questions=3,
-    eval_max_new_tokens=16,
-    eval_batch_size=64,
-    eval_checks=True,
-)
 
 
 @dataclass
@@ -360,11 +323,11 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
 
 def parse_args(argv: list[str] | None = None):
     """TrlParser over (script arguments, :class:`IntrospectionGRPOConfig`, ModelConfig): ``--config`` YAML plus
-    command-line overrides; without ``--config`` the :data:`EMBEDDED_DEFAULTS` (the CPU default) apply."""
+    command-line overrides; without ``--config`` the shipped CPU default (``loopalign/configs/grpo_introspection_cpu_default.yaml``) applies."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser((IntrospectionScriptArguments, IntrospectionGRPOConfig, ModelConfig), __doc__)
     if "--config" not in argv:
-        parser.set_defaults(**EMBEDDED_DEFAULTS)
+        apply_cpu_default(parser, "grpo_introspection")
     return parse_or_exit(parser, argv)
 
 

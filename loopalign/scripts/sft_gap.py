@@ -1,7 +1,7 @@
 """Gap SFT: train LoRA adapters on a looped model so that self-verification (SV) catches up with
 the representation readout (RR), per loop, without RR degrading, and measure it before and after.
 
-    accelerate launch recipes/sft_gap.py                                  # embedded CPU default (the organism), minutes
+    accelerate launch recipes/sft_gap.py                                  # the shipped CPU default (the organism), minutes
     accelerate launch recipes/sft_gap.py --config recipes/configs/sft_gap_ouro_1.4b_gsm8k.yaml
     accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/sft_gap.py --config ...
     loopalign sft-gap --config recipes/configs/sft_gap_cpu_default.yaml --max_steps 300   # one process
@@ -60,6 +60,7 @@ from loopalign.scripts.args import (
     HELDOUT_FILE,
     TRAIN_SPLIT_FILE,
     GapEvalArguments,
+    apply_cpu_default,
     default_eval_loops,
     make_parser,
     parse_or_exit,
@@ -74,36 +75,6 @@ logger = get_logger(__name__)
 
 #: the replay records a run trained on (the base model's own answers), in its output folder
 REPLAY_FILE = "replay.jsonl"
-
-# Used when no --config is given: the model organism (loopalign.organism, built into the cache on first
-# use), trained on its own training tasks and evaluated on its held-out ones (tasks neither the organism
-# nor this run ever trained on), verdict supervision on true labels at every loop (lm) with replay of the
-# model's own answers to the training tasks (replay: keeps TP) and feature distillation against the base
-# model at the readout sites (rr_distill: guards RR). On recipe v2's organism it was the one variant of
-# recipes/ablate_gap.py that kept the frozen readout (2 of 3 seeds); on v3's, lm + replay alone passes the whole
-# verdict rule on 3 of 3 seeds and this on 1 of 3 (docs/organism.md). Minutes on 2 CPU cores.
-EMBEDDED_DEFAULTS = dict(
-    model_name_or_path="organism",
-    use_peft=True,
-    lora_r=16,
-    lora_alpha=32,
-    lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    output_dir="outputs/sft_gap_default",
-    max_steps=150,
-    per_device_train_batch_size=16,
-    learning_rate=2e-3,
-    lr_scheduler_type="constant_with_warmup",
-    warmup_steps=10,
-    logging_steps=10,
-    save_strategy="no",
-    report_to=[],
-    activation_checkpointing=False,  # transformers 5.24 deprecates the gradient_checkpointing name
-    dataset="organism",
-    dataset_limit=1000,
-    loss_weights={"lm": 1.0, "replay": 1.0, "rr_distill": 1.0},
-    eval_fraction=0.3,
-    train_split_probe=True,
-)
 
 
 @dataclass
@@ -175,7 +146,7 @@ class GapScriptArguments(GapEvalArguments):
         metadata={
             "help": "Also fit, before and after, a probe on the run's labelled training records (train_split_records "
             "of them) and score the held-out ones with it: a stronger yardstick beside RR (rr_train_split), which "
-            "reads the evaluation folds only. On in the shipped recipes (the embedded default and "
+            "reads the evaluation folds only. On in the shipped recipes (the CPU default and "
             "recipes/configs/*.yaml); it costs about one more RR fit per evaluation."
         },
     )
@@ -871,9 +842,11 @@ def cli_model(argv: list[str]) -> str | None:
         return None
 
 
-def embedded_defaults_apply(argv: list[str]) -> bool:
-    """The CPU organism's defaults apply without --config, to the local models only: a hub model
-    named on the command line gets TRL's defaults, not the organism's learning rate and step count."""
+def cpu_default_applies(argv: list[str]) -> bool:
+    """The shipped CPU default (``loopalign/configs/sft_gap_cpu_default.yaml``) applies without --config, to the
+    local models only (or none named): a hub model named on the command line gets TRL's defaults, not the
+    organism's learning rate and step count. The model is read the way ``--config`` is: argparse, before the
+    full parse (:func:`cli_model`)."""
     if "--config" in argv or any(a.startswith("--config=") for a in argv):
         return False
     model = cli_model(argv)
@@ -891,8 +864,8 @@ def build_parser(argv: list[str] | None = None):
     ``--config`` the CPU organism's defaults apply to the local models named in ``argv``."""
     argv = list(argv or [])
     parser = make_parser((GapScriptArguments, GapSFTConfig, ModelConfig), __doc__)
-    if embedded_defaults_apply(argv):
-        parser.set_defaults(**EMBEDDED_DEFAULTS)
+    if cpu_default_applies(argv):
+        apply_cpu_default(parser, "sft_gap")
     elif "--help" not in argv and "-h" not in argv and "--config" not in argv:
         print(
             f"sft_gap: {cli_model(argv)} without --config: TRL's defaults apply (not the CPU organism's); "

@@ -393,9 +393,10 @@ def test_a_short_default_cure_narrows_the_organisms_gap(organism, tmp_path):
     from trl import ModelConfig, TrlParser
 
     import loopalign.scripts.sft_gap as recipe
+    from loopalign.scripts.args import apply_cpu_default
 
     parser = TrlParser((recipe.GapScriptArguments, recipe.GapSFTConfig, ModelConfig))
-    parser.set_defaults(**recipe.EMBEDDED_DEFAULTS)
+    apply_cpu_default(parser, "sft_gap")
     argv = ["--output_dir", str(tmp_path / "run"), "--max_steps", "60", "--dataset_limit", "500",
             "--eval_fraction", "0.4", "--eval_loops", "4", "--eval_n_boot", "300", "--disable_tqdm", "true"]  # fmt: skip
     recipe.train_and_compare(*parser.parse_args_and_config(args=argv))

@@ -53,19 +53,19 @@ CASES = [
 
 def test_the_organism_defaults_apply_to_local_models_only(sft_gap_script, parse_sft_gap):
     recipe = sft_gap_script
-    assert recipe.embedded_defaults_apply([]) and recipe.embedded_defaults_apply(["--model_name_or_path", "tiny"])
-    assert not recipe.embedded_defaults_apply(["--model_name_or_path", "ByteDance/Ouro-1.4B"])
-    assert not recipe.embedded_defaults_apply(["--model_name_or_path=ByteDance/Ouro-1.4B", "--max_steps", "3"])
-    assert not recipe.embedded_defaults_apply(["--config", "recipes/configs/sft_gap_cpu_default.yaml"])
+    assert recipe.cpu_default_applies([]) and recipe.cpu_default_applies(["--model_name_or_path", "tiny"])
+    assert not recipe.cpu_default_applies(["--model_name_or_path", "ByteDance/Ouro-1.4B"])
+    assert not recipe.cpu_default_applies(["--model_name_or_path=ByteDance/Ouro-1.4B", "--max_steps", "3"])
+    assert not recipe.cpu_default_applies(["--config", "recipes/configs/sft_gap_cpu_default.yaml"])
     # the dashed spelling the parser also accepts names the same model, so it gets the same defaults
     for argv in (["--model-name-or-path", "ByteDance/Ouro-1.4B"], ["--model-name-or-path=ByteDance/Ouro-1.4B"]):
-        assert not recipe.embedded_defaults_apply(argv)
+        assert not recipe.cpu_default_applies(argv)
         (_, training_args, model_args) = recipe.build_parser(argv).parse_args_and_config(args=argv)
         assert model_args.model_name_or_path == "ByteDance/Ouro-1.4B" and training_args.max_steps == -1
-    assert recipe.embedded_defaults_apply(["--model-name-or-path", "tiny"])
+    assert recipe.cpu_default_applies(["--model-name-or-path", "tiny"])
     # an abbreviation the parser accepts names the model too: a hub model so named gets TRL's defaults
     argv = ["--model_name", "ByteDance/Ouro-1.4B", "--lora_r", "4"]
-    assert recipe.cli_model(argv) == "ByteDance/Ouro-1.4B" and not recipe.embedded_defaults_apply(argv)
+    assert recipe.cli_model(argv) == "ByteDance/Ouro-1.4B" and not recipe.cpu_default_applies(argv)
     (_, training_args, model_args) = recipe.build_parser(argv).parse_args_and_config(args=argv)
     assert model_args.model_name_or_path == "ByteDance/Ouro-1.4B" and training_args.max_steps == -1
     assert recipe.cli_model(["--model_name_or_path=a", "--model_name_or_path", "b"]) == "b"  # the last one given

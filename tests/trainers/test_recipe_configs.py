@@ -164,7 +164,7 @@ def test_one_lora_target_module_stays_a_module_name(given, expected, tmp_path, p
 
 def test_the_embedded_defaults_are_the_shipped_default_config(sft_gap_script):
     """[architecture-2] item 5: `sft-gap` with no --config and `--config recipes/configs/sft_gap_cpu_default.yaml`
-    parse to the same arguments, field for field (the embedded defaults cannot drift from the YAML)."""
+    parse to the same arguments, field for field (the recipes path links to the shipped CPU default)."""
     import dataclasses
 
     path = str(ROOT / "recipes" / "configs" / "sft_gap_cpu_default.yaml")
