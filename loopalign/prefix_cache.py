@@ -42,7 +42,15 @@ from torch import nn
 from loopalign.errors import ModelError
 from loopalign.models.contract import looped_layers, unwrap
 
-__all__ = ["PrefixCache", "PREFIX_CACHE_FAMILIES", "check_prefix_cache_family", "lowest_trainable_layer", "record_keys"]
+__all__ = [
+    "DROPOUT_CONFIG_FIELDS",
+    "PREFIX_CACHE_FAMILIES",
+    "PrefixCache",
+    "active_dropouts",
+    "check_prefix_cache_family",
+    "lowest_trainable_layer",
+    "record_keys",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +116,26 @@ class _StopForward(Exception):
     """Raised by the hook on the last cached layer: the rest of the model is not needed to fill the cache."""
 
 
+#: config fields of dropout in the model families loopalign loads (Llama / Qwen, GPT-2 style)
+DROPOUT_CONFIG_FIELDS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop")
+
+
+def active_dropouts(named_modules, config=None) -> list[str]:
+    """What would sample anew at each forward in training, among ``named_modules`` ((name, module) pairs): each
+    ``nn.Dropout`` with p > 0 and each module's float ``attention_dropout`` > 0 (attention applies it functionally);
+    with ``config``, its dropout fields (:data:`DROPOUT_CONFIG_FIELDS`) > 0. A cache of outputs must find none."""
+    found = []
+    for name, module in named_modules:
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            found.append(f"{name} (p={module.p})")
+        elif isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
+            found.append(f"{name}.attention_dropout={module.attention_dropout}")
+    for field in DROPOUT_CONFIG_FIELDS if config is not None else ():
+        if float(getattr(config, field, 0.0) or 0.0) > 0:
+            found.append(f"config.{field}={getattr(config, field)}")
+    return found
+
+
 class PrefixCache:
     """The residual stream after the frozen layers below the lowest trainable one, per record (module doc).
 
@@ -140,7 +168,12 @@ class PrefixCache:
                 raise ValueError(
                     f"prefix_cache: {name} requires grad; the embeddings run below layer {layer} and must be frozen"
                 )
-        dropouts = self._active_dropout(inner, layers[:layer], prefix_modules)
+        below_ids = {id(m) for below in layers[:layer] for m in below.modules()}
+        dropouts = active_dropouts(
+            (name, module)
+            for name, module in inner.named_modules()
+            if id(module) in below_ids or name.split(".")[-1] in prefix_modules
+        )
         if dropouts:
             raise ValueError(
                 f"prefix_cache: dropout below layer {layer} would differ every step, but the cache holds one value "
@@ -156,20 +189,6 @@ class PrefixCache:
         self._states: dict[bytes, dict[int, torch.Tensor]] = {}
         #: records whose states were computed (a record seen again is not computed again)
         self.computed = 0
-
-    @staticmethod
-    def _active_dropout(inner: nn.Module, below: list[nn.Module], prefix_modules: tuple[str, ...]) -> list[str]:
-        """Names of the dropouts with p > 0 in the embeddings and the layers below the cached boundary."""
-        below_ids = {id(m) for layer in below for m in layer.modules()}
-        found = []
-        for name, module in inner.named_modules():
-            if id(module) not in below_ids and name.split(".")[-1] not in prefix_modules:
-                continue
-            if isinstance(module, nn.Dropout) and module.p > 0:
-                found.append(f"{name} (p={module.p})")
-            elif isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
-                found.append(f"{name}.attention_dropout={module.attention_dropout}")
-        return found
 
     @property
     def num_records(self) -> int:

@@ -28,7 +28,7 @@ from torch import nn
 
 from loopalign.errors import ConfigError
 from loopalign.log import get_logger
-from loopalign.prefix_cache import record_keys
+from loopalign.prefix_cache import active_dropouts, record_keys
 
 logger = get_logger(__name__)
 
@@ -38,15 +38,10 @@ __all__ = ["BaseOutputCache", "check_no_base_dropout"]
 def check_no_base_dropout(model: nn.Module) -> None:
     """Raise ConfigError when the base model (every module but the adapters' own dropout) has a dropout with p > 0:
     its outputs would be another sample at each visit, which a cache would fix to the first."""
-    active = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Dropout) and module.p > 0 and "lora_dropout" not in name
-    ]
-    config = getattr(model, "config", None)
-    for field in ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop"):
-        if float(getattr(config, field, 0.0) or 0.0) > 0:
-            active.append(f"config.{field}")
+    active = active_dropouts(
+        ((name, module) for name, module in model.named_modules() if "lora_dropout" not in name),
+        getattr(model, "config", None),
+    )
     if active:
         raise ConfigError(
             f"base_cache: the base model has active dropout ({', '.join(active[:4])}): its outputs differ at each "

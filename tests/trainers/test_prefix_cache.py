@@ -288,3 +288,20 @@ def test_the_benchmark_runs_both_paths_on_a_tiny_model():
     assert [r["case"] for r in rows] == ["plain", "prefix cache", "summary"]
     assert rows[1]["cache_records"] == 8 and rows[1]["cache_first_layer"] == 2  # (1 warm-up + 1 timed) x batch 4
     assert all(r["seconds_per_step"] > 0 for r in rows[:2]) and rows[2]["speedup"] > 0
+
+
+def test_one_dropout_finder_serves_both_caches():
+    """prefix_cache and base_cache ask the same question (does anything here sample anew each step?): modules'
+    nn.Dropout, attention modules' attention_dropout, and with a config its dropout fields."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from loopalign.prefix_cache import active_dropouts
+
+    attn = nn.Module()
+    attn.attention_dropout = 0.1
+    modules = [("a.drop", nn.Dropout(0.2)), ("a.off", nn.Dropout(0.0)), ("a.attn", attn), ("a.lin", nn.Linear(2, 2))]
+    assert active_dropouts(modules) == ["a.drop (p=0.2)", "a.attn.attention_dropout=0.1"]
+    assert active_dropouts([], SimpleNamespace(resid_pdrop=0.1, attention_dropout=0.0)) == ["config.resid_pdrop=0.1"]
+    assert active_dropouts([("a.off", nn.Dropout(0.0))], SimpleNamespace(hidden_dropout=None)) == []
