@@ -31,8 +31,38 @@ def build_hash(config: dict, num_threads: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+class OrganismRecipe:
+    """What every organism's config shares (a mixin of the config dataclasses): the build fingerprint at its
+    threads, the one hash rule, and the tiny Ouro shape (fields ``hidden_size``, ``intermediate_size``,
+    ``num_layers``, ``num_heads``, ``num_loops``, ``num_threads``; a ``to_dict``)."""
+
+    def kernel_path(self) -> dict:
+        """The kernel path this process would build with (:func:`loopalign.speed.build_fingerprint` at the config's
+        threads): the same config trained on another CPU path is another model, so it is part of the hash."""
+        return build_fingerprint(self.num_threads)
+
+    def config_hash(self) -> str:
+        """:func:`build_hash` of the config: two kernel paths (AVX-512 / AVX2, another torch or MKL) never share
+        one cache folder."""
+        return build_hash(self.to_dict(), self.num_threads)
+
+    def ouro_config(self, vocab_size: int, max_position_embeddings: int):
+        """The tiny Ouro of this recipe's shape (:func:`loopalign.models.ouro.tiny_config`)."""
+        return tiny_config(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            head_dim=self.hidden_size // self.num_heads,
+            max_position_embeddings=max_position_embeddings,
+            total_ut_steps=self.num_loops,
+        )
+
+
 @dataclass
-class OrganismConfig:
+class OrganismConfig(OrganismRecipe):
     """Everything that determines the organism (its hash, with the build fingerprint, names the cache folder)."""
 
     recipe_version: int = RECIPE_VERSION  # recipe version; a change means a new organism
@@ -147,29 +177,9 @@ class OrganismConfig:
             raise ValueError(f"OrganismConfig: unknown fields {unknown}")
         return cls(**data)
 
-    def kernel_path(self) -> dict:
-        """The kernel path this process would build with (:func:`loopalign.speed.build_fingerprint` at the config's
-        threads): the same config trained on another CPU path is another model, so it is part of the hash."""
-        return build_fingerprint(self.num_threads)
-
-    def config_hash(self) -> str:
-        """:func:`build_hash` of the config: two kernel paths (AVX-512 / AVX2, another torch or MKL) never share
-        one cache folder."""
-        return build_hash(self.to_dict(), self.num_threads)
-
     def folder_name(self) -> str:
         """``organism-v{recipe_version}-{config_hash}``."""
         return f"organism-v{self.recipe_version}-{self.config_hash()}"
 
     def model_config(self, vocab_size: int):
-        return tiny_config(
-            vocab_size=vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_heads,
-            head_dim=self.hidden_size // self.num_heads,
-            max_position_embeddings=max(self.max_length, 256),
-            total_ut_steps=self.num_loops,
-        )
+        return self.ouro_config(vocab_size, max(self.max_length, 256))

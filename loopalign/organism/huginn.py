@@ -27,15 +27,13 @@ import torch
 
 from loopalign.log import get_logger
 from loopalign.models.huginn import HuginnConfig, HuginnForCausalLM, tiny_huginn_config
-from loopalign.tokenizer import local_tokenizer
 
 from .build import ensure_cached_build, load_built, save_trained, write_build
 from .cache import check_build_files, is_organism, organism_cache_dir
 from .card import build_line
 from .config import MARKER_FILE, OrganismConfig
-from .data import training_batch
 from .evaluate import evaluate_organism, gap_table_rows
-from .train import TrainResult, adamw, cosine_lr_at, torch_threads, train_steps, weighted_part_loss
+from .train import TrainResult, train_on_organism_data, weighted_part_loss
 
 logger = get_logger(__name__)
 
@@ -80,22 +78,13 @@ def train_huginn_organism(
     """Train a Huginn-shaped organism from scratch with ``config.num_threads`` threads (deterministic by
     ``config.seed`` on a given machine). ``loop_losses`` holds the per-step mean CE of every optimiser step."""
     config = config or OrganismConfig()
-    tokenizer = local_tokenizer(config.vocab_size)
-    with torch_threads(config.num_threads):
-        torch.manual_seed(config.seed)
-        model = HuginnForCausalLM(huginn_organism_config(config, len(tokenizer), prelude, coda))
-        return train_steps(
-            TrainResult(model=model, tokenizer=tokenizer),
-            adamw(model, config.learning_rate, config.weight_decay),
-            config.steps,
-            lambda step: cosine_lr_at(config, step),
-            lambda step: training_batch(config, tokenizer, step),
-            lambda part: weighted_part_loss(model, part, config.num_loops),  # uniform over steps: no exit gate
-            config.grad_clip,
-            config.num_loops,
-            desc="huginn organism",
-            progress=progress,
-        )
+    return train_on_organism_data(
+        config,
+        lambda vocab_size: HuginnForCausalLM(huginn_organism_config(config, vocab_size, prelude, coda)),
+        lambda model, part: weighted_part_loss(model, part, config.num_loops),  # uniform over steps: no exit gate
+        desc="huginn organism",
+        progress=progress,
+    )
 
 
 def huginn_organism_path(config: OrganismConfig | None = None, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -37,14 +37,13 @@ from loopalign.batching import pad_sequences, pad_token_id
 from loopalign.errors import ConfigError
 from loopalign.injection import BASELINE_WORDS, CONCEPT_WORDS, concept_prompt_ids
 from loopalign.log import get_logger
-from loopalign.models.ouro import OuroForCausalLM, tiny_config
+from loopalign.models.ouro import OuroForCausalLM
 from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
-from loopalign.speed import build_fingerprint
 from loopalign.tokenizer import local_tokenizer
 
 from .build import ensure_cached_build, load_built, save_trained, write_build
 from .cache import check_build_files, is_organism, organism_cache_dir
-from .config import build_hash
+from .config import OrganismRecipe
 from .train import PartLoss, TrainResult, torch_threads, train_steps
 
 logger = get_logger(__name__)
@@ -70,7 +69,7 @@ REBUILD_COMMAND = (
 
 
 @dataclass
-class IntrospectionOrganismConfig:
+class IntrospectionOrganismConfig(OrganismRecipe):
     """Everything that determines the introspection organism (its hash names the cache folder)."""
 
     recipe_version: int = RECIPE_VERSION
@@ -104,30 +103,11 @@ class IntrospectionOrganismConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def kernel_path(self) -> dict:
-        """This process's build fingerprint at the config's threads (:func:`loopalign.speed.build_fingerprint`)."""
-        return build_fingerprint(self.num_threads)
-
-    def config_hash(self) -> str:
-        """:func:`loopalign.organism.config.build_hash` of the config, as every organism's: another kernel path
-        (AVX-512 / AVX2, another torch or MKL) trains another model, so it gets its own cache folder."""
-        return build_hash(self.to_dict(), self.num_threads)
-
     def folder_name(self) -> str:
         return f"introspection-organism-v{self.recipe_version}-{self.config_hash()}"
 
     def model_config(self, vocab_size: int):
-        return tiny_config(
-            vocab_size=vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_heads,
-            head_dim=self.hidden_size // self.num_heads,
-            max_position_embeddings=self.max_position_embeddings,
-            total_ut_steps=self.num_loops,
-        )
+        return self.ouro_config(vocab_size, self.max_position_embeddings)
 
 
 def word_reply(word: str) -> str:

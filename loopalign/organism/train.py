@@ -169,27 +169,47 @@ def weighted_part_loss(
     return PartLoss(loss, float(weight.sum()), (token_losses.detach() * weight).sum(dim=1), exit_sums)
 
 
-def train_organism(config: OrganismConfig, progress: bool = True) -> TrainResult:
-    """Train the organism from scratch with ``config.num_threads`` torch threads: deterministic by
-    ``config.seed`` on a given machine (the thread count is part of the config)."""
-
+def train_on_organism_data(
+    config: OrganismConfig,
+    build_model: Callable[[int], torch.nn.Module],
+    objective: Callable[[torch.nn.Module, dict], PartLoss],
+    desc: str,
+    progress: bool = True,
+) -> TrainResult:
+    """A model of ``build_model(vocab_size)`` trained from scratch on the organism's tasks and data
+    (:func:`training_batch`) with the recipe's optimiser and schedule, ``objective(model, part)`` per part, with
+    ``config.num_threads`` torch threads: deterministic by ``config.seed`` on a given machine."""
     tokenizer = local_tokenizer(config.vocab_size)
     with torch_threads(config.num_threads):
         torch.manual_seed(config.seed)
-        model = OuroForCausalLM(config.model_config(len(tokenizer)))
-        with torch.no_grad():
-            model.model.early_exit_gate.bias.fill_(config.exit_gate_bias)
+        model = build_model(len(tokenizer))
         return train_steps(
             TrainResult(model=model, tokenizer=tokenizer),
             adamw(model, config.learning_rate, config.weight_decay),
             config.steps,
             lambda step: cosine_lr_at(config, step),
             lambda step: training_batch(config, tokenizer, step),
-            lambda part: weighted_part_loss(
-                model, part, config.num_loops, beta=config.entropy_beta, uniform_weight=config.uniform_weight
-            ),
+            lambda part: objective(model, part),
             config.grad_clip,
             config.num_loops,
-            desc="organism",
+            desc=desc,
             progress=progress,
         )
+
+
+def train_organism(config: OrganismConfig, progress: bool = True) -> TrainResult:
+    """Train the organism from scratch (Ouro's entropy-regularised per-loop objective) with ``config.num_threads``
+    torch threads: deterministic by ``config.seed`` on a given machine (the thread count is part of the config)."""
+
+    def build(vocab_size: int) -> OuroForCausalLM:
+        model = OuroForCausalLM(config.model_config(vocab_size))
+        with torch.no_grad():
+            model.model.early_exit_gate.bias.fill_(config.exit_gate_bias)
+        return model
+
+    def objective(model, part: dict) -> PartLoss:
+        return weighted_part_loss(
+            model, part, config.num_loops, beta=config.entropy_beta, uniform_weight=config.uniform_weight
+        )
+
+    return train_on_organism_data(config, build, objective, desc="organism", progress=progress)
