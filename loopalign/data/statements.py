@@ -39,7 +39,7 @@ from .sources.statements import (
     statement_counts,
     statement_records,
 )
-from .verification import underscores_as_dashes
+from .verification import BuilderArgumentParser
 
 __all__ = ["StatementBuild", "build_statements", "statement_card", "main"]
 
@@ -194,7 +194,7 @@ def build_statements(cfg: StatementBuild) -> dict:
 def parser() -> argparse.ArgumentParser:
     # a `loopalign <command>` entry sets argv[0] to its own name; else this is `python -m data_builders.statements`
     command = sys.argv[0] if sys.argv and sys.argv[0].startswith("loopalign ") else None
-    p = argparse.ArgumentParser(
+    p = BuilderArgumentParser(
         prog=command or "python -m data_builders.statements",
         description="Build true/false statement records (GeoNames facts and generated numbers), split by entity, "
         "with a card of sources and licences. Options may be spelled with - or _ (--per-family, --per_family); "
@@ -233,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     command_console()
     p = parser()
-    args = p.parse_args(underscores_as_dashes(p, list(sys.argv[1:] if argv is None else argv)))
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         cfg = StatementBuild(**vars(args))
         meta = build_statements(cfg)

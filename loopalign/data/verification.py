@@ -53,7 +53,14 @@ from .sources.base import SourceResult
 from .sources.synthetic import MAX_LEVEL
 from .sources.table import load_table, parse_column_map
 
-__all__ = ["SOURCES", "VerificationBuild", "build_verification", "table_verification_records", "main"]
+__all__ = [
+    "SOURCES",
+    "BuilderArgumentParser",
+    "VerificationBuild",
+    "build_verification",
+    "table_verification_records",
+    "main",
+]
 
 PROBLEM_SOURCES = ("synthetic", "gsm8k", "math", "safety-prompts")
 RECORD_SOURCES = ("gsm8k-solutions", "xstest-completions", "safety-pairs", "table")
@@ -424,10 +431,20 @@ def source_of_spec(spec: str, error=None) -> tuple[str, str | None]:
     raise ConfigError(message)
 
 
+class BuilderArgumentParser(argparse.ArgumentParser):
+    """The data builders' parser, in both dialects: each ``--dashed-option`` also answers to ``--dashed_option``
+    (the recipes' spelling, as transformers' HfArgumentParser gives every field both), declared with the option
+    rather than rewritten from argv, so an unknown option still fails as argparse says."""
+
+    def add_argument(self, *names, **kwargs):
+        aliases = ["--" + n[2:].replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
+        return super().add_argument(*names, *(a for a in aliases if a not in names), **kwargs)
+
+
 def parser() -> argparse.ArgumentParser:
     # `loopalign build-data` sets argv[0] to its own name; else this is `python -m data_builders.verification`
     command = sys.argv[0] if sys.argv and sys.argv[0].startswith("loopalign ") else None
-    p = argparse.ArgumentParser(
+    p = BuilderArgumentParser(
         prog=command or "python -m data_builders.verification",
         description="Build a verification dataset (task, candidate answer, label) and optionally render prompts. "
         "Options may be spelled with - or _ (--num-loops, --num_loops); the recipes' names work too (--output_dir, "
@@ -501,23 +518,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def underscores_as_dashes(p: argparse.ArgumentParser, argv: list[str]) -> list[str]:
-    """The data builders' options are spelled with dashes (``--num-loops``); the recipes' with underscores
-    (``--eval_loops``). So that one spelling works everywhere, ``--num_loops`` (or ``--num_loops=4``) is read as
-    ``--num-loops`` when that is an option of ``p``; anything else is left for argparse to judge."""
-    known = set(p._option_string_actions)
-    out = []
-    for arg in argv:
-        name, eq, value = arg.partition("=")
-        dashed = "--" + name[2:].replace("_", "-") if name.startswith("--") else name
-        out.append(dashed + eq + value if dashed != name and dashed in known and name not in known else arg)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     command_console()
     p = parser()
-    args = p.parse_args(underscores_as_dashes(p, list(sys.argv[1:] if argv is None else argv)))
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     settings = vars(args)
     spec = settings.pop("dataset")
     if spec is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from loopalign.data.io import load_build, save_build, swap_into_place
 from loopalign.data.schema import validate_trial
-from loopalign.data.verification import underscores_as_dashes
+from loopalign.data.verification import BuilderArgumentParser
 from loopalign.errors import ConfigError
 from loopalign.io import make_temp_dir
 from loopalign.loading import load_model, load_tokenizer
@@ -258,7 +258,7 @@ def _command(args, prog: str) -> str:
 
 def parser(prog: str = "loopalign build-injection") -> argparse.ArgumentParser:
     """The build command's options (``prog``: the name it runs under)."""
-    p = argparse.ArgumentParser(
+    p = BuilderArgumentParser(
         prog=prog,
         description="Extract concept vectors per (loop, layer) and build concept-injection trial records. "
         "Options may be spelled with - or _ (--extraction-loops, --extraction_loops); --model_name_or_path and "
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None, prog: str = "loopalign build-injection")
     name it runs under, recorded in the build's rebuild command)."""
     command_console()
     p = parser(prog)
-    args = p.parse_args(underscores_as_dashes(p, list(sys.argv[1:] if argv is None else argv)))
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         strengths = tuple(args.strengths)
         check_injection_options(args.loops, args.n_concepts, args.n_controls, args.batch_size, strengths)
