@@ -39,14 +39,9 @@ def ensure_cached_build(
     beside it (:func:`loopalign.io.ensure_built`: two processes build once, the second waits, saying for whom, and
     gives up after ``lock_timeout`` seconds, default ``$LOOPALIGN_LOCK_TIMEOUT``). ``force`` rebuilds; without
     ``build_if_missing`` a missing build is a ``FileNotFoundError`` naming ``rebuild``."""
-    if is_complete(path) and not force:
-        verify(path)
-        return path
-    if not build_if_missing and not force:
+    if not build_if_missing and not force and not is_complete(path):
         raise FileNotFoundError(f"no {what} at {path}; build it with `{rebuild}` (or load it with build_if_missing)")
-    if lock_timeout is not None and not float(lock_timeout) > 0:
-        raise ValueError(f"lock_timeout must be > 0 seconds, got {lock_timeout!r}")
-    ensure_built(
+    ensure_built(  # a complete build is returned at once (a stale lock file beside it removed); lock_timeout checked
         path,
         lambda p: is_complete(Path(p)),
         lambda p: build(Path(p)),

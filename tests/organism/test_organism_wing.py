@@ -150,3 +150,17 @@ def test_a_missing_build_names_its_rebuild_command_without_building(tmp_path):
             rebuild="x", lock_timeout=0,
         )  # fmt: skip
     assert built == []
+
+
+def test_a_complete_build_is_checked_and_its_stale_lock_file_removed(tmp_path):
+    """Every organism goes through loopalign.io.ensure_built's fast path: a complete build is not rebuilt, a lock file
+    a killed process left beside it goes, and the build's files are checked."""
+    path = tmp_path / "org"
+    path.mkdir()
+    (tmp_path / "org.lock").write_text("")
+    built, checked = [], []
+    assert (
+        ensure_cached_build(path, lambda p: True, built.append, checked.append, what="test organism", rebuild="x")
+        == path
+    )
+    assert built == [] and checked == [path] and not (tmp_path / "org.lock").exists()
