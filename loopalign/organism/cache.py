@@ -24,11 +24,14 @@ def organism_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "loopalign"
 
 
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder every organism's build lives in: ``cache_dir`` when given, else :func:`organism_cache_dir`."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else organism_cache_dir()
+
+
 def organism_path(config: OrganismConfig | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the organism of ``config`` lives: ``<cache root>/organism-v{version}-{hash}``."""
-    config = config or OrganismConfig()
-    root = Path(cache_dir).expanduser() if cache_dir is not None else organism_cache_dir()
-    return root / config.folder_name()
+    return cache_root(cache_dir) / (config or OrganismConfig()).folder_name()
 
 
 def is_organism(

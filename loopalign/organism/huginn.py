@@ -29,7 +29,7 @@ from loopalign.log import get_logger
 from loopalign.models.huginn import HuginnConfig, HuginnForCausalLM, tiny_huginn_config
 
 from .build import ensure_cached_build, load_built, save_trained, write_build
-from .cache import check_build_files, is_organism, organism_cache_dir
+from .cache import cache_root, check_build_files, is_organism
 from .card import build_line
 from .config import MARKER_FILE, OrganismConfig
 from .evaluate import evaluate_organism, gap_table_rows
@@ -90,8 +90,7 @@ def train_huginn_organism(
 def huginn_organism_path(config: OrganismConfig | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
     """``<cache root>/organism-huginn-v{version}-{hash}``: beside the Ouro organism of the same config."""
     config = config or OrganismConfig()
-    root = Path(cache_dir).expanduser() if cache_dir is not None else organism_cache_dir()
-    return root / config.folder_name().replace("organism-", "organism-huginn-", 1)
+    return cache_root(cache_dir) / config.folder_name().replace("organism-", "organism-huginn-", 1)
 
 
 def is_huginn_organism(path: str | os.PathLike, config: OrganismConfig | None = None) -> bool:

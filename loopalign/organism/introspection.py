@@ -42,7 +42,7 @@ from loopalign.objectives import per_loop_token_losses, weighted_loop_loss
 from loopalign.tokenizer import local_tokenizer
 
 from .build import ensure_cached_build, load_built, save_trained, write_build
-from .cache import check_build_files, is_organism, organism_cache_dir
+from .cache import cache_root, check_build_files, is_organism
 from .config import OrganismRecipe
 from .train import PartLoss, TrainResult, torch_threads, train_steps
 
@@ -122,9 +122,7 @@ def _words() -> list[str]:
 def introspection_organism_path(
     config: IntrospectionOrganismConfig | None = None, cache_dir: str | os.PathLike | None = None
 ) -> Path:
-    config = config or IntrospectionOrganismConfig()
-    root = Path(cache_dir).expanduser() if cache_dir is not None else organism_cache_dir()
-    return root / config.folder_name()
+    return cache_root(cache_dir) / (config or IntrospectionOrganismConfig()).folder_name()
 
 
 def _batch(tokenizer, words: list[str], rng: random.Random, size: int) -> dict[str, torch.Tensor]:

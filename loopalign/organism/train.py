@@ -149,10 +149,8 @@ def weighted_part_loss(
     loss), else the uniform mean over loops (Huginn has no exit gate)."""
     uniform = [1.0 / num_loops] * num_loops
     # right padding: real tokens never attend to the pads after them, so no mask is needed
-    if beta is None:
-        out = model(part["input_ids"], output_loop_states=True, use_cache=False, logits_to_keep=1)
-    else:
-        out = model(part["input_ids"], output_loop_states=True, use_cache=False, exit="last", logits_to_keep=1)
+    exit_gate = {} if beta is None else {"exit": "last"}  # Ouro's exit distribution, read with the last exit
+    out = model(part["input_ids"], output_loop_states=True, use_cache=False, logits_to_keep=1, **exit_gate)
     token_losses, index = per_loop_token_losses(model.lm_head, out.loop_hidden_states, part["labels"])
     # position s predicts token s+1: the weight of a loss is its target token's
     weight = part["weights"].reshape(-1).index_select(0, index + 1)
