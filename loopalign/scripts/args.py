@@ -32,6 +32,7 @@ __all__ = [
     "SHIPPED_CONFIGS",
     "apply_cpu_default",
     "cpu_default_config",
+    "parse_strengths",
     "make_parser",
     "lora_targets_as_names",
     "parse_or_exit",
@@ -316,6 +317,18 @@ def _sections(parser: argparse.ArgumentParser, own: set[str]) -> None:
     groups.remove(first)
     groups.remove(rest)
     groups[1:1] = [first] + ([rest] if rest._group_actions else [])
+
+
+def parse_strengths(value, option: str = "strengths") -> tuple[float, ...]:
+    """``"1,2,4,8"`` -> (1.0, 2.0, 4.0, 8.0): injection strengths, each a number > 0; else a ConfigError naming
+    ``option``."""
+    try:
+        strengths = tuple(float(s) for s in str(value).split(","))
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated numbers (e.g. 1,2,4,8), got {value!r}") from None
+    if any(not x > 0 for x in strengths):
+        raise ConfigError(f"{option} must be numbers > 0, got {value!r}")
+    return strengths
 
 
 #: the shipped configs: ``<command>_cpu_default.yaml``, the one home of a command's CPU default (what runs without

@@ -36,7 +36,14 @@ from loopalign.loading import load_model
 from loopalign.log import command_console
 from loopalign.models.contract import num_hidden_layers, trained_loops
 from loopalign.organism.introspection import INTROSPECTION_ORGANISM
-from loopalign.scripts.args import apply_cpu_default, cpu_device, make_parser, parse_or_exit, reporting_targets
+from loopalign.scripts.args import (
+    apply_cpu_default,
+    cpu_device,
+    make_parser,
+    parse_or_exit,
+    parse_strengths,
+    reporting_targets,
+)
 from loopalign.speed import set_cpu_threads
 
 __all__ = [
@@ -141,6 +148,7 @@ class EvalIntrospectionArguments:
             raise ConfigError(f"report_format must be one of {REPORT_FORMATS}, got {self.report_format!r}")
         if not 0 < self.held_out_share < 1:
             raise ConfigError(f"held_out_share must be in (0, 1), got {self.held_out_share}")
+        parse_strengths(self.strengths)  # before the model loads
 
 
 def intro_config(args: EvalIntrospectionArguments, depth: int, **overrides) -> IntrospectionConfig:
@@ -152,7 +160,7 @@ def intro_config(args: EvalIntrospectionArguments, depth: int, **overrides) -> I
         extraction_loops=extraction_loops,
         injection_loops=args.injection_loops,
         layers=args.layers,
-        strengths=tuple(float(s) for s in str(args.strengths).split(",")),
+        strengths=parse_strengths(args.strengths),
         trials_per_concept=args.trials_per_concept,
         n_controls=args.n_controls,
         random_vectors=args.random_vectors,

@@ -42,7 +42,7 @@ from loopalign.io import atomic_write_text
 from loopalign.loading import load_model
 from loopalign.log import command_console
 from loopalign.models.contract import trained_loops
-from loopalign.scripts.args import apply_cpu_default, make_parser, parse_or_exit
+from loopalign.scripts.args import apply_cpu_default, make_parser, parse_or_exit, parse_strengths
 from loopalign.speed import set_cpu_threads
 from loopalign.trainers.introspection import (
     INTROSPECTION_MODES,
@@ -129,6 +129,8 @@ class IntrospectionScriptArguments:
         if self.mode not in INTROSPECTION_MODES:
             raise ConfigError(f"mode must be 'grpo' or 'sft', got {self.mode!r}")
         check_trial_fractions(self.control_fraction, self.random_fraction, self.question_fraction)
+        parse_strengths(self.train_strengths, "train_strengths")  # before the model loads
+        parse_strengths(self.eval_strengths, "eval_strengths")
         if self.concept_split not in ("held_out", "none"):
             raise ConfigError(f"concept_split must be 'held_out' or 'none', got {self.concept_split!r}")
         if not 0 < self.held_out_share < 1:
@@ -152,7 +154,7 @@ def eval_config(script_args: IntrospectionScriptArguments, concepts, model_loops
         loop_counts=loop_counts,
         extraction_loops=extraction_loops,
         injection_loops=script_args.eval_injection_loops,
-        strengths=tuple(float(s) for s in script_args.eval_strengths.split(",")),
+        strengths=parse_strengths(script_args.eval_strengths, "eval_strengths"),
         concepts=tuple(concepts),
         trials_per_concept=script_args.eval_trials_per_concept,
         n_controls=script_args.eval_n_controls,
@@ -172,7 +174,7 @@ def checks_config(script_args, training_args, concepts, vectors, n_model: int) -
     loop = (parse_indices(script_args.train_injection_loops, "train_injection_loops") or (n_model - 1,))[-1]
     ext = (parse_indices(script_args.train_extraction_loops, "train_extraction_loops") or (n_model - 1,))[-1]
     layer = (parse_indices(script_args.train_layers, "train_layers") or tuple(vectors.layers))[0]
-    strengths = tuple(float(s) for s in script_args.eval_strengths.split(","))
+    strengths = parse_strengths(script_args.eval_strengths, "eval_strengths")
     return ChecksConfig(num_loops=n_model, extraction_loop=ext, injection_loop=loop, layer=layer, strengths=strengths,
                         concepts=tuple(concepts), max_new_tokens=script_args.eval_max_new_tokens,
                         batch_size=script_args.eval_batch_size)  # fmt: skip
@@ -256,7 +258,7 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
         layers=parse_indices(script_args.train_layers, "train_layers"),
         extraction_loops=parse_indices(script_args.train_extraction_loops, "train_extraction_loops") or last,
         injection_loops=parse_indices(script_args.train_injection_loops, "train_injection_loops") or last,
-        strengths=tuple(float(s) for s in script_args.train_strengths.split(",")),
+        strengths=parse_strengths(script_args.train_strengths, "train_strengths"),
         control_fraction=script_args.control_fraction,
         random_fraction=script_args.random_fraction,
         question_fraction=script_args.question_fraction,

@@ -173,3 +173,17 @@ def test_the_mode_choice_lives_in_the_library():
     assert sft.concept_vectors == "vectors.safetensors" and not sft.remove_unused_columns
     with pytest.raises(ValueError, match="mode"):
         make_introspection_trainer("ppo", None, train, None)
+
+
+@pytest.mark.parametrize(
+    "command, argv, message",
+    [
+        ("eval_introspection", ["--strengths", "abc"], "strengths must be comma-separated numbers"),
+        ("grpo_introspection", ["--train_strengths", "0,2"], "train_strengths must be numbers > 0"),
+        ("grpo_introspection", ["--eval_strengths", "2,x"], "eval_strengths must be comma-separated numbers"),
+    ],
+)
+def test_bad_strengths_fail_at_parse_time_naming_the_option(command, argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        _recipe(command).parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
