@@ -2,7 +2,7 @@
 
 Word lists, concept vectors, their extraction, the trial prompt and the trial build live in
 :mod:`loopalign.injection` (re-exported here); this module is the build command under its older name, the same as
-``loopalign build-injection``.
+``loopalign build-injection`` (:mod:`loopalign.scripts.build_injection`).
 
 Concept vector of a word at site (t, l): the residual stream after decoder layer ``l`` in loop ``t``
 at the last token of the chat-formatted user turn ``Tell me about {word}`` (word lower-cased, with
@@ -45,7 +45,7 @@ from loopalign.injection.trials import (
     check_injection_options,
     load_injection,
 )
-from loopalign.injection.trials import main as _build_injection_main
+from loopalign.scripts.build_injection import main as _build_injection_main
 
 __all__ = [
     "CONCEPT_WORDS",

@@ -9,28 +9,24 @@ splits beside it as build folders of their own, ``DIR/train`` and ``DIR/eval`` (
 ``metadata.json``'s ``card``) names each data source, its package version and its data licence, and
 counts the records per family, split and label. The statements come from
 :mod:`loopalign.data.sources.statements`; eval-gap and sft-gap need ``--render`` with the model's
-tokenizer (the records then carry ``input_ids`` and the probe / verdict positions).
+tokenizer (the records then carry ``input_ids`` and the probe / verdict positions). The command (its options,
+``--config`` YAML) is :mod:`loopalign.scripts.build_statements` (``loopalign build-statements``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from loopalign.errors import ConfigError
 from loopalign.io import make_temp_dir, swap_into_place
 from loopalign.loading import load_tokenizer
-from loopalign.log import command_console
 
 from .io import save_build
 from .prompts import DEFAULT_TEMPLATE, load_template, render_records
-from .schema import RecordError
 from .sources.statements import (
     FAMILIES,
     check_statement_options,
@@ -39,9 +35,8 @@ from .sources.statements import (
     statement_counts,
     statement_records,
 )
-from .verification import BuilderArgumentParser
 
-__all__ = ["StatementBuild", "build_statements", "statement_card", "main"]
+__all__ = ["StatementBuild", "build_statements", "statement_card"]
 
 SPLITS = ("train", "eval")
 
@@ -189,61 +184,3 @@ def build_statements(cfg: StatementBuild) -> dict:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return written
-
-
-def parser() -> argparse.ArgumentParser:
-    # a `loopalign <command>` entry sets argv[0] to its own name; else this is `python -m data_builders.statements`
-    command = sys.argv[0] if sys.argv and sys.argv[0].startswith("loopalign ") else None
-    p = BuilderArgumentParser(
-        prog=command or "python -m data_builders.statements",
-        description="Build true/false statement records (GeoNames facts and generated numbers), split by entity, "
-        "with a card of sources and licences. Options may be spelled with - or _ (--per-family, --per_family); "
-        "--output_dir and --data_seed (the recipes' names) work too.",
-    )
-    p.add_argument(
-        "--out",
-        "--output-dir",
-        dest="out",
-        required=True,
-        help="output build folder (written atomically; train/ and eval/ inside)",
-    )
-    p.add_argument(
-        "--families",
-        default=",".join(FAMILIES),
-        help=f"comma-separated families (default all): {', '.join(FAMILIES)}",
-    )
-    p.add_argument("--per-family", type=int, default=300, help="statements per family, even (default 300)")
-    p.add_argument(
-        "--seed",
-        "--data-seed",
-        dest="seed",
-        type=int,
-        default=0,
-        help="distractors, numbers and the entity split (default 0)",
-    )
-    p.add_argument("--eval-fraction", type=float, default=0.2, help="chance an entity is held out (default 0.2)")
-    p.add_argument("--render", action="store_true", help="add prompt, input_ids and token positions")
-    p.add_argument("--tokenizer", default="local", help="'local' or a folder / hub name (with --render)")
-    p.add_argument("--template", help="YAML/JSON file with PromptTemplate fields, e.g. statement (with --render)")
-    p.add_argument("--max-length", type=int, help="fail on a rendered prompt longer than this many tokens")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    command_console()
-    p = parser()
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg = StatementBuild(**vars(args))
-        meta = build_statements(cfg)
-    except (ValueError, RecordError, FileExistsError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary = {k: meta[k] for k in ("kind", "n_rows", "content_hash", "counts")}
-    print(json.dumps({"out": cfg.out, **summary}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,21 +13,18 @@ Sources: ``synthetic``, ``gsm8k`` and ``math`` give problems, answered by ``--ca
 (sampled only); ``gsm8k-solutions``, ``xstest-completions`` and ``safety-pairs`` are already
 (task, answer, label) records, and so is ``table``: a user's own ``.jsonl`` / ``.csv`` file read through
 a column map (``--columns``, :mod:`loopalign.data.sources.table`; ``--scenario`` math, safety or statement). ``--n``: the number of synthetic problems, else the rows read.
-The output folder (see :mod:`loopalign.data.io`) has ``content_hash`` in ``metadata.json``.
+The output folder (see :mod:`loopalign.data.io`) has ``content_hash`` in ``metadata.json``. The command (its
+options, ``--config`` YAML) is :mod:`loopalign.scripts.build_data` (``loopalign build-data``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
 from loopalign.errors import ConfigError
 from loopalign.loading import load_model, load_tokenizer
-from loopalign.log import command_console
 
 from .candidates import (
     ControlledConfig,
@@ -39,7 +36,7 @@ from .candidates import (
 )
 from .io import save_build, write_failed_report
 from .prompts import DEFAULT_TEMPLATE, load_template, render_records
-from .schema import Dropped, RecordError, Rejected, meta_dict, validate_records
+from .schema import Dropped, Rejected, meta_dict, validate_records
 from .sources import (
     generate_problems,
     load_gsm8k,
@@ -55,11 +52,11 @@ from .sources.table import load_table, parse_column_map
 
 __all__ = [
     "SOURCES",
-    "BuilderArgumentParser",
     "VerificationBuild",
     "build_verification",
+    "source_of_spec",
+    "synthetic_verification_records",
     "table_verification_records",
-    "main",
 ]
 
 PROBLEM_SOURCES = ("synthetic", "gsm8k", "math", "safety-prompts")
@@ -408,139 +405,14 @@ def table_verification_records(
     return rendered, report
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def source_of_spec(spec: str, error=None) -> tuple[str, str | None]:
+def source_of_spec(spec: str) -> tuple[str, str | None]:
     """A ``--dataset`` spec that names a data source -> (source, path): ``SOURCE:PATH_OR_HUB`` (``gsm8k:openai/gsm8k``)
-    or ``synthetic``; anything else is refused through ``error`` (default: a ConfigError), naming the spec."""
+    or ``synthetic``; anything else is a ConfigError naming the spec."""
     source, sep, path = spec.partition(":")
     if spec == "synthetic":
         return "synthetic", None
     if sep and source in SOURCES and path:
         return source, path
-    message = (
+    raise ConfigError(
         f"dataset {spec!r} names no data source to build from: SOURCE:PATH_OR_HUB with SOURCE one of {list(SOURCES)}"
     )
-    if error is not None:
-        error(message)
-    raise ConfigError(message)
-
-
-class BuilderArgumentParser(argparse.ArgumentParser):
-    """The data builders' parser, in both dialects: each ``--dashed-option`` also answers to ``--dashed_option``
-    (the recipes' spelling, as transformers' HfArgumentParser gives every field both), declared with the option
-    rather than rewritten from argv, so an unknown option still fails as argparse says."""
-
-    def add_argument(self, *names, **kwargs):
-        aliases = ["--" + n[2:].replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
-        return super().add_argument(*names, *(a for a in aliases if a not in names), **kwargs)
-
-
-def parser() -> argparse.ArgumentParser:
-    # `loopalign build-data` sets argv[0] to its own name; else this is `python -m data_builders.verification`
-    command = sys.argv[0] if sys.argv and sys.argv[0].startswith("loopalign ") else None
-    p = BuilderArgumentParser(
-        prog=command or "python -m data_builders.verification",
-        description="Build a verification dataset (task, candidate answer, label) and optionally render prompts. "
-        "Options may be spelled with - or _ (--num-loops, --num_loops); the recipes' names work too (--output_dir, "
-        "--dataset_limit, --synthetic_levels, --dataset_split, --data_seed).",
-    )
-    p.add_argument("--source", choices=SOURCES, help="the data source (or --dataset SOURCE:PATH)")
-    p.add_argument("--path", help="local file/folder or hub dataset name (all sources but synthetic)")
-    p.add_argument(
-        "--dataset",
-        help="the source as eval-gap and sft-gap name it: SOURCE:PATH_OR_HUB (gsm8k:openai/gsm8k) or synthetic, "
-        "instead of --source/--path",
-    )
-    p.add_argument("--out", "--output-dir", dest="out", required=True, help="output build folder (written atomically)")
-    p.add_argument(
-        "--n",
-        "--dataset-limit",
-        dest="n",
-        type=int,
-        help="synthetic: number of problems (default 200); others: rows read",
-    )
-    p.add_argument("--seed", "--data-seed", dest="seed", type=int, default=0, help="draws the data (default 0)")
-    p.add_argument(
-        "--levels",
-        "--synthetic-levels",
-        dest="levels",
-        type=_ints,
-        default=(1, 2, 3, 4),
-        help="synthetic difficulty levels, e.g. 1,2,3,4",
-    )
-    p.add_argument("--split", "--dataset-split", dest="split", default="test", help="hub split (default test)")
-    p.add_argument("--field-map", default="beavertails", help="safety-pairs field map: beavertails | pku-saferlhf")
-    p.add_argument(
-        "--columns",
-        help="table: FIELD=COLUMN pairs mapping the file's columns: task=,answer=,label= (+ gold= for math) or "
-        "statement=,label=; optional cluster=, id=",
-    )
-    p.add_argument(
-        "--scenario",
-        choices=("math", "safety", "statement"),
-        help="table: the records' scenario (default math, or statement for a statement= map)",
-    )
-    p.add_argument("--candidates", default="controlled", choices=("controlled", "sampled"))
-    p.add_argument("--wrong-per-problem", type=int, default=1)
-    p.add_argument("--policy", help="policy model for sampled candidates: folder, hub name or 'tiny'")
-    p.add_argument("--policy-tokenizer", help="tokenizer for the policy (default: the policy's own; 'local')")
-    p.add_argument("--num-loops", type=int, help="loops for a looped policy (Ouro)")
-    p.add_argument("--n-samples", type=int, default=4)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        help="new tokens per sampled answer (default: enough for the source, e.g. GSM8K 512; an answer cut off is unparsed)",
-    )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--on-unparsed",
-        default="drop",
-        choices=("keep", "drop"),
-        help="sampled answers with no readable final answer (or cut off by --max-new-tokens): dropped and counted "
-        "(default), or kept with parse_status=unparsed and label 0",
-    )
-    p.add_argument("--balance", action="store_true", help="down-sample the majority label to 1:1 (per scenario)")
-    p.add_argument("--dedupe", action="store_true", help="drop repeated answers to the same task")
-    p.add_argument("--render", action="store_true", help="add prompt, input_ids and token indices")
-    p.add_argument("--tokenizer", default="local", help="'local' or a hub name/folder (with --render)")
-    p.add_argument("--template", help="YAML/JSON file with PromptTemplate fields (with --render)")
-    p.add_argument("--max-length", type=int, help="reject rendered prompts longer than this many tokens")
-    p.add_argument("--skip-invalid", action="store_true", help="drop bad rows, count them, write rejected.jsonl")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    command_console()
-    p = parser()
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    settings = vars(args)
-    spec = settings.pop("dataset")
-    if spec is not None:
-        if args.source is not None or args.path is not None:
-            p.error("give the data as --dataset SOURCE:PATH or as --source/--path, not both")
-        settings["source"], settings["path"] = source_of_spec(spec, error=p.error)
-    elif args.source is None:
-        p.error("the data source is required: --source SOURCE [--path PATH], or --dataset SOURCE:PATH")
-    try:
-        cfg = VerificationBuild(**settings)
-        meta = build_verification(cfg)
-    except (ValueError, RecordError, FileExistsError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary = {k: meta[k] for k in ("kind", "n_rows", "n_rejected", "n_dropped", "content_hash", "counts")}
-    summary["accounting"] = {k: meta["accounting"][k] for k in ("entries", "records")}
-    print(json.dumps({"out": cfg.out, **summary}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

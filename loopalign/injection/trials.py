@@ -1,34 +1,27 @@
-"""The injection build: the trials (:class:`TrialConfig`, :func:`build_trials`), the build folder
-(:func:`build_injection`: concept vectors saved beside the ``trials/`` build, written atomically; :func:`load_injection`)
-and its command (``loopalign build-injection``, also ``python -m data_builders.injection``: :func:`main`). The build
-folder's file names and checks are in :mod:`loopalign.injection.builds`."""
+"""The injection build: the trials (:class:`TrialConfig`, :func:`build_trials`) and the build folder
+(:func:`build_injection`: concept vectors saved beside the ``trials/`` build, written atomically; :func:`load_injection`).
+Its command (``loopalign build-injection``, also ``python -m data_builders.injection``) is
+:mod:`loopalign.scripts.build_injection`. The build folder's file names and checks are in
+:mod:`loopalign.injection.builds`."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shlex
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from loopalign.data.io import load_build, save_build, swap_into_place
 from loopalign.data.schema import validate_trial
-from loopalign.data.verification import BuilderArgumentParser
 from loopalign.errors import ConfigError
 from loopalign.io import make_temp_dir
-from loopalign.loading import load_model, load_tokenizer
-from loopalign.log import command_console
-from loopalign.loops import int_set_type
 
 from .builds import VECTORS_FILE
 from .prompts import trial_prompt
 from .vectors import ConceptVectors, extract_concept_vectors, load_concept_vectors, save_concept_vectors, vectors_hash
 from .words import CONCEPT_WORDS
 
-__all__ = ["TrialConfig", "build_injection", "build_trials", "check_injection_options", "load_injection", "main"]
+__all__ = ["TrialConfig", "build_injection", "build_trials", "check_injection_options", "load_injection"]
 
 
 @dataclass
@@ -114,13 +107,6 @@ def build_trials(tokenizer, config: TrialConfig, vectors: ConceptVectors | None 
     for r in rows:
         validate_trial(r)
     return rows
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _check_count(option: str, value, low: int, high: int | None = None, default: str = "") -> None:
@@ -231,106 +217,3 @@ def build_injection(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
-
-
-def _command(args, prog: str) -> str:
-    """The CLI command (``prog`` and its options) that builds what ``args`` built, less ``--out`` (added for the
-    folder at hand)."""
-    parts = [prog, "--model", args.model]
-    for option, value in (
-        ("--tokenizer", args.tokenizer),
-        ("--loops", args.loops),
-        ("--layers", args.layers),
-        ("--extraction-loops", args.extraction_loops),
-        ("--injection-loops", args.injection_loops),
-        ("--strengths", ",".join(f"{x:g}" for x in args.strengths)),
-        ("--n-controls", args.n_controls),
-        ("--n-concepts", args.n_concepts),
-        ("--batch-size", args.batch_size),
-        ("--seed", args.seed),
-        ("--device", args.device),
-    ):
-        if value is None:
-            continue
-        parts += [option, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
-    return " ".join([parts[0]] + [shlex.quote(x) for x in parts[1:]])
-
-
-def parser(prog: str = "loopalign build-injection") -> argparse.ArgumentParser:
-    """The build command's options (``prog``: the name it runs under)."""
-    p = BuilderArgumentParser(
-        prog=prog,
-        description="Extract concept vectors per (loop, layer) and build concept-injection trial records. "
-        "Options may be spelled with - or _ (--extraction-loops, --extraction_loops); --model_name_or_path and "
-        "--output_dir (the recipes' names) work too.",
-    )
-    p.add_argument(
-        "--model",
-        "--model-name-or-path",
-        dest="model",
-        required=True,
-        help="a model folder, a hub name, or 'tiny' (random tiny Ouro)",
-    )
-    p.add_argument("--tokenizer", help="tokenizer ('local', folder or hub name; default: the model's)")
-    p.add_argument("--loops", type=int, help="num_loops the model runs (default: config.total_ut_steps)")
-    p.add_argument(
-        "--layers",
-        type=int_set_type("--layers", allow_all=True),
-        default=None,
-        help="0-based layers, e.g. 0,1 (default all)",
-    )
-    p.add_argument(
-        "--extraction-loops",
-        type=int_set_type("--extraction-loops", allow_all=True),
-        default=None,
-        help="0-based (default all)",
-    )
-    p.add_argument(
-        "--injection-loops",
-        type=int_set_type("--injection-loops", allow_all=True),
-        default=None,
-        help="0-based (default all)",
-    )
-    p.add_argument("--strengths", type=_float_list, default=(1.0, 2.0, 4.0, 8.0), help="comma-separated strengths")
-    p.add_argument("--n-controls", type=int, default=50, help="no-injection control trials")
-    p.add_argument("--n-concepts", type=int, help="use only the first N concept words")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random tiny model")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", "--output-dir", dest="out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    return p
-
-
-def main(argv: list[str] | None = None, prog: str = "loopalign build-injection") -> int:
-    """The build command: ``loopalign build-injection --model tiny --loops 4 --layers 1 --out DIR`` (``prog``: the
-    name it runs under, recorded in the build's rebuild command)."""
-    command_console()
-    p = parser(prog)
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        strengths = tuple(args.strengths)
-        check_injection_options(args.loops, args.n_concepts, args.n_controls, args.batch_size, strengths)
-        tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        model, tok = load_model(args.model, device=args.device, seed=args.seed, tokenizer=tok)
-        meta = build_injection(
-            model,
-            tok,
-            args.out,
-            num_loops=args.loops,
-            layers=args.layers,
-            extraction_loops=args.extraction_loops,
-            injection_loops=args.injection_loops,
-            strengths=strengths,
-            n_controls=args.n_controls,
-            n_concepts=args.n_concepts,
-            batch_size=args.batch_size,
-            model_name=args.model,
-            overwrite=args.overwrite,
-            command=_command(args, prog),
-        )
-    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"out": str(args.out), **{k: meta[k] for k in ("n_rows", "content_hash", "vectors_hash")}}))
-    return 0

@@ -34,6 +34,8 @@ __all__ = [
     "cpu_default_config",
     "parse_strengths",
     "make_parser",
+    "CommandParser",
+    "config_by_dest",
     "lora_targets_as_names",
     "parse_or_exit",
     "parse_synthetic_levels",
@@ -351,12 +353,49 @@ def apply_cpu_default(parser: TrlParser, command: str) -> None:
         parser.set_defaults(**yaml.safe_load(f))
 
 
-def make_parser(dataclass_types: Sequence[type], doc: str | None) -> TrlParser:
+def config_by_dest(parser: argparse.ArgumentParser, config: dict) -> dict:
+    """A ``--config`` YAML's keys as the options' names (``dest``): a key may be any spelling the command line
+    takes, without the dashes (an alias such as ``output_dir`` for ``out``, or ``per-family`` for
+    ``per_family``); a ``--no_X`` flag is no key (write ``X: false``). Unknown keys stay as they are (TRL then
+    names them); two spellings of one option fail, naming both."""
+    dest_of: dict[str, str] = {}
+    for action in parser._actions:
+        if action.nargs == 0:  # --help, --no_X (store_false): no value to take from a YAML
+            continue
+        for option in action.option_strings:
+            if option.startswith("--"):
+                dest_of.setdefault(option[2:], action.dest)
+    dest_of.update({action.dest: action.dest for action in parser._actions})  # an option's own name is itself
+    out: dict = {}
+    spelled: dict[str, str] = {}
+    for key, value in config.items():
+        dest = dest_of.get(key, key) if isinstance(key, str) else key
+        if dest in out:
+            raise ConfigError(f"--config: {spelled[dest]!r} and {key!r} are the same option ({dest}); give it once")
+        out[dest], spelled[dest] = value, key
+    return out
+
+
+class CommandParser(TrlParser):
+    """TRL's ``TrlParser`` whose ``--config`` YAML takes an option by any of its command-line spellings
+    (:func:`config_by_dest`)."""
+
+    def set_defaults_with_config(self, **kwargs) -> list[str]:
+        return super().set_defaults_with_config(**config_by_dest(self, kwargs))
+
+
+def make_parser(dataclass_types: Sequence[type], doc: str | None, prog: str | None = None) -> TrlParser:
     """A ``TrlParser`` (YAML with ``--config`` + CLI overrides) over ``dataclass_types``, the script's
     docstring as its description; a one-line usage, and the help lists loopalign's own options before the ones
-    inherited from TRL and transformers."""
-    parser = TrlParser(
-        tuple(dataclass_types), description=doc, usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    inherited from TRL and transformers. ``prog``: the name in the usage line and errors (default: argparse's,
+    from ``sys.argv[0]``, which ``loopalign <command>`` sets to ``loopalign <command>``)."""
+    kwargs = {} if prog is None else {"prog": prog}
+    parser = CommandParser(
+        tuple(dataclass_types),
+        description=doc,
+        usage=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
     )
     _sections(parser, own_fields(dataclass_types))
     return parser

@@ -13,6 +13,7 @@ from loopalign.data.candidates import ControlledConfig, balance_split, controlle
 from loopalign.data.io import SourceError, load_build, read_jsonl, read_table
 from loopalign.data.sources import Problem, load_gsm8k_solutions, load_safety_pairs
 from loopalign.data.verification import VerificationBuild
+from loopalign.scripts import build_injection
 
 
 def run(main, args, capsys) -> tuple[int, str]:
@@ -41,8 +42,8 @@ OPTION_CASES = [
     (["--source", "synthetic", "--n", "0"], "--n must be >= 1"),
     (["--source", "synthetic", "--n", "-3"], "--n must be >= 1"),
     (["--source", "gsm8k", "--path", "{fixtures}/gsm8k/test.jsonl", "--n", "0"], "--n must be >= 1"),
-    ([*SYN, "--levels", "x"], "argument --levels"),
-    ([*SYN, "--levels", "1,x"], "argument --levels"),
+    ([*SYN, "--levels", "x"], "--levels must be comma-separated integers"),
+    ([*SYN, "--levels", "1,x"], "--levels must be comma-separated integers"),
     ([*SYN, "--levels", "0"], "--levels must be one or more of 1..6"),
     ([*SYN, "--levels", "7"], "--levels must be one or more of 1..6"),
     ([*SYN, "--levels", ","], "--levels must be one or more of 1..6"),
@@ -89,15 +90,20 @@ INJECTION_CASES = [
     ([*TINY, "--n-concepts", "51"], "--n-concepts must be in 1..50"),
     ([*TINY, "--n-controls", "-1"], "--n-controls must be >= 0"),
     ([*TINY, "--batch-size", "0"], "--batch-size must be >= 1"),
-    ([*TINY, "--strengths", "x"], "argument --strengths"),
-    ([*TINY, "--strengths", "0"], "--strengths must be one or more numbers > 0"),
-    ([*TINY, "--layers", "x"], "argument --layers"),
-    ([*TINY, "--loops", "2", "--extraction-loops", "5"], "extraction_loops [5] out of range 0..1"),
+    ([*TINY, "--strengths", "x"], "--strengths must be comma-separated numbers"),
+    ([*TINY, "--strengths", "0"], "--strengths must be numbers > 0"),
+    ([*TINY, "--layers", "x"], "--layers must be 0-based layer indices"),
+    ([*TINY, "--loops", "2", "--extraction-loops", "5"], "--extraction-loops: 5 is out of range; values must be < 2"),
+    ([*TINY, "--loops", "2", "--injection_loops", "0,2"], "--injection-loops: 2 is out of range; values must be < 2"),
 ]
 
 
 @pytest.mark.parametrize("args,fragment", INJECTION_CASES, ids=[" ".join(a[10:]) for a, _ in INJECTION_CASES])
-def test_injection_options_name_the_option(tmp_path, capsys, args, fragment):
+def test_injection_options_name_the_option(tmp_path, capsys, monkeypatch, args, fragment):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the options were checked")
+
+    monkeypatch.setattr(build_injection, "load_model", no_model)  # every value here is refused before it loads
     code, err = run(injection.main, [*args, "--out", tmp_path / "inj"], capsys)
     assert code == 2 and fragment in err, err
     assert not (tmp_path / "inj").exists()

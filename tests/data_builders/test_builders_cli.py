@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from data_builders import injection, verification
 from loopalign.data.io import load_build, read_jsonl
 
@@ -17,6 +19,8 @@ def test_help_via_python_m():
     assert all(p.returncode == 0 for p in procs), outs
     assert "--source" in outs[0][0] and "--render" in outs[0][0] and "--skip-invalid" in outs[0][0]
     assert "--model" in outs[1][0] and "--loops" in outs[1][0] and "--layers" in outs[1][0]
+    for mod, (out, _) in zip(("data_builders.verification", "data_builders.injection"), outs):
+        assert out.startswith(f"usage: python -m {mod} [--config YAML] [--OPTION VALUE ...]\n"), out[:200]
 
 
 def test_synthetic_build_deterministic(tmp_path, capsys):
@@ -97,7 +101,9 @@ def test_sampled_with_tiny_policy(tmp_path):
     _, meta = load_build(tmp_path / "s")
     assert meta["sampling"]["generated"] == 6 and meta["settings"]["num_loops"] == 2
     assert meta["sampling"]["truncated"] == 6 and meta["counts"]["parse_status=unparsed"] == 6
-    assert verification.main(["--source", "synthetic", "--candidates", "sampled", "--out", str(tmp_path / "t")]) == 2
+    with pytest.raises(SystemExit) as stop:  # no --policy: a usage error, before anything is built
+        verification.main(["--source", "synthetic", "--candidates", "sampled", "--out", str(tmp_path / "t")])
+    assert stop.value.code == 2 and not (tmp_path / "t").exists()
 
 
 def test_sampled_with_a_plain_causal_lm_policy(llama_folder, tmp_path, capsys):
@@ -152,12 +158,9 @@ def test_options_take_the_recipes_underscore_spelling_too(tmp_path, capsys):
     assert verification.main(base + ["--wrong_per_problem=2", "--out", str(tmp_path / "under")]) == 0
     dashed, under = load_build(tmp_path / "dashed")[1], load_build(tmp_path / "under")[1]
     assert dashed["content_hash"] == under["content_hash"] and dashed["n_rows"] == 36  # 12 gold + 24 wrong
-    try:
+    with pytest.raises(SystemExit) as stop:
         verification.main(base + ["--no_such_option", "1", "--out", str(tmp_path / "x")])
-    except SystemExit as e:
-        assert e.code == 2 and "--no_such_option" in capsys.readouterr().err
-    else:
-        raise AssertionError("an unknown option was accepted")
+    assert stop.value.code == 2 and "--no_such_option" in capsys.readouterr().err
 
 
 def test_build_data_takes_the_source_as_eval_gap_and_sft_gap_name_it(tmp_path, fixtures, capsys):
@@ -180,9 +183,7 @@ def test_build_data_takes_the_source_as_eval_gap_and_sft_gap_name_it(tmp_path, f
         (["--dataset", "synthetic", "--source", "synthetic"], "not both"),
         ([], "the data source is required"),
     ):
-        try:
+        with pytest.raises(SystemExit) as stop:
             verification.main([*argv, "--out", str(tmp_path / "x")])
-        except SystemExit as stop:
-            assert stop.code == 2
-        assert message in capsys.readouterr().err
+        assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -13,14 +13,23 @@ import pytest
 from loopalign.data.io import load_build
 from loopalign.data.load import load_rendered
 from loopalign.data.schema import meta_dict
-from loopalign.data.statements import main
 from loopalign.eval import GapConfig, evaluate_gap
 from loopalign.eval.features import prepare_records
 from loopalign.eval.readout import ReadoutConfig
+from loopalign.scripts.build_statements import main
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--families", "city_country,capital,numeric,negated_city", "--per_family", "40", "--seed", "0", "--render"]
 FILES = ("records.jsonl", "train/records.jsonl", "eval/records.jsonl", "card.md")
+
+
+def _status(command, argv) -> int:
+    """The exit status of a command's ``main``: a value refused by its parser exits (status 2, the usage line), a
+    build that fails returns 2."""
+    try:
+        return command(argv)
+    except SystemExit as stop:
+        return stop.code
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +95,8 @@ def test_evaluation_reads_the_build_and_clusters_by_entity(build, tiny_ouro, tok
         (["--per_family", "100000", "--families", "capital"], "--per-family"),
         (["--families", "city_country,atlantis"], "--families"),
         (["--eval_fraction", "1.5"], "--eval-fraction"),
+        (["--eval_fraction", "2"], "--eval-fraction"),
+        (["--per_family", "-3"], "--per-family"),
         (["--families", "numeric", "--per_family", "10"], "--eval-fraction"),  # 5 numbers, none held out at seed 0
         (["--max_length", "64"], "--max-length"),
         (["--render", "--template", "missing.yaml"], "--template"),
@@ -93,14 +104,14 @@ def test_evaluation_reads_the_build_and_clusters_by_entity(build, tiny_ouro, tok
 )
 def test_bad_options_fail_naming_the_option_before_anything_is_written(tmp_path, capsys, argv, option):
     out = tmp_path / "out"
-    assert main([*argv, "--out", str(out)]) == 2
+    assert _status(main, [*argv, "--out", str(out)]) == 2
     assert option in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_an_existing_folder_is_kept_without_overwrite_and_replaced_whole_with_it(build, tmp_path, capsys):
     before = (build / "records.jsonl").read_bytes()
-    assert main(["--families", "numeric", "--per_family", "10", "--out", str(build)]) == 2
+    assert _status(main, ["--families", "numeric", "--per_family", "10", "--out", str(build)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (build / "records.jsonl").read_bytes() == before
     copy = tmp_path / "copy"
