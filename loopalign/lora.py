@@ -38,6 +38,7 @@ __all__ = [
     "LoopLoRARouting",
     "merged_lora",
     "skip_lora_input_upcast",
+    "computes_base",
 ]
 
 _ROUTING = "lora_routing"
@@ -134,6 +135,24 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for name, m in model.named_modules()
         if isinstance(getattr(m, "lora_B", None), nn.ModuleDict) and len(m.lora_B)
     ]
+
+
+#: PEFT LoRA initialisations that leave the base weights as they were (the others, PiSSA, OLoRA, LoftQ, CorDA, ...,
+#: rewrite them, so the model with its adapters off is no longer the base)
+_BASE_KEEPING_INITS = (True, False, "gaussian")
+
+
+def computes_base(model: nn.Module) -> bool:
+    """True when ``model`` computes its base model's function as it stands: it has no PEFT LoRA layer, or every one
+    is switched off (``disable_adapter()``) and was initialised without touching the base weights. False with any
+    adapter on, even a fresh one whose B is still zero (the memo of ``reused_features`` keeps the two apart)."""
+    layers = _lora_layers(model)
+    if not layers:
+        return True
+    if any(not getattr(layer, "_disable_adapters", False) for _, layer in layers):
+        return False
+    configs = getattr(model, "peft_config", None) or getattr(unwrap(model), "peft_config", None) or {}
+    return all(getattr(c, "init_lora_weights", True) in _BASE_KEEPING_INITS for c in configs.values())
 
 
 @contextmanager

@@ -35,6 +35,7 @@ logger = get_logger(__name__)
 __all__ = [
     "CHECKPOINT_POLICIES",
     "build_fingerprint",
+    "cpu_bf16_is_native",
     "fingerprint_hash",
     "checkpointing_kwargs",
     "compile_decoder_layers",
@@ -96,6 +97,29 @@ def compiled_decoder_layers(model: nn.Module, backend: str = "inductor", **kwarg
     finally:
         for layer, compiled in zip(layers, before):
             layer.compiled_compute = compiled
+
+
+#: the CPU flags (Linux's /proc/cpuinfo names) of a bf16 matrix multiply in hardware: AMX tiles, or AVX-512 BF16
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16_is_native(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU multiplies bf16 matrices in hardware (``NATIVE_BF16_FLAGS``), read from ``cpuinfo`` (default:
+    /proc/cpuinfo); None where that cannot be read (not Linux). Without it, bf16 autocast on the CPU is emulated and
+    slower than float32 (docs/performance.md)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == "flags":
+            flags.update(value.split())
+    if not flags:
+        return None
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
 
 
 def set_cpu_threads(on_cpu: bool | None = None, default: int = 1, announce: bool = False) -> int | None:

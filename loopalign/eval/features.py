@@ -25,7 +25,7 @@ from loopalign.batching import pad_right
 from loopalign.errors import ConfigError
 from loopalign.hooks import capture_activations
 from loopalign.loops import gather_positions, loop_logits
-from loopalign.lora import merged_lora
+from loopalign.lora import computes_base, merged_lora
 from loopalign.models.contract import loop_forward, num_hidden_layers, unwrap
 from loopalign.speed import compiled_decoder_layers
 
@@ -46,10 +46,12 @@ _REUSED: ContextVar[dict | None] = ContextVar("loopalign_reused_features", defau
 @contextlib.contextmanager
 def reused_features() -> Iterator[None]:
     """Inside this block, :func:`extract_features` runs the model once per record: a record asked for again (the
-    same model object, token ids, probe and verdict positions, loops, layers and settings) gets the values of its
-    first extraction, whatever the other records of the call. For evaluations of one model state that overlap (a
-    pooled evaluation, then each family's part of the same records); the kept values are dropped at the block's end,
-    so a block must not span a change of the weights (training)."""
+    same model object computing the same function, token ids, probe and verdict positions, loops and settings, and
+    layers among those of its first extraction) gets the values of that extraction, whatever the other records of
+    the call. For evaluations of one model state that overlap (a pooled evaluation, then each family's part of the
+    same records; a before-evaluation, then the base model's features read again for training targets with its fresh
+    adapters switched off); the kept values are dropped at the block's end, so a block must not span a change of the
+    weights (training). A model with adapters on is another function than with them off (or without them)."""
     token = _REUSED.set({})
     try:
         yield
@@ -229,22 +231,56 @@ def extract_features(
     memo = _REUSED.get()
     if memo is None:
         return _extract(model, records, loops, verdict_ids, config, pad_id)
+    asked = None if config.layers is None else tuple(sorted({int(x) for x in config.layers}))
     settings = (
         id(unwrap(model)),
+        computes_base(model),
         tuple(sorted({int(t) for t in loops})),
-        None if config.layers is None else tuple(sorted({int(x) for x in config.layers})),
         config.keep_states,
         str(config.feature_dtype),
         tuple(int(v) for v in verdict_ids),
     )
     keys = [(settings, tuple(r.input_ids), tuple(r.probe_indices), r.verdict_index) for r in records]
-    missing = [i for i, key in enumerate(keys) if key not in memo]
+    kept = [_layers_of(memo.get(key), asked) for key in keys]
+    missing = [i for i, values in enumerate(kept) if values is None]
     fresh = _extract(model, [records[i] for i in missing], loops, verdict_ids, config, pad_id) if missing else None
     for j, i in enumerate(missing):
-        memo[keys[i]] = _record_values(fresh, j)
+        kept[i] = _record_values(fresh, j)
+        memo[keys[i]] = _with_layers_of(memo.get(keys[i]), kept[i])
     if len(missing) == len(records):
         return fresh
-    return _assemble(records, [memo[key] for key in keys])
+    return _assemble(records, kept)
+
+
+def _with_layers_of(old: dict | None, new: dict) -> dict:
+    """What to keep of a record extracted again at other layers: the new values, with the layers only the old
+    extraction had added back (so a narrower ask does not drop what a later one may read)."""
+    if old is None or old["states"] is None or new["states"] is None:
+        return new
+    extra = [x for x in old["layers"] if x not in new["layers"]]
+    if not extra:
+        return new
+    layers = sorted(new["layers"] + extra)
+    rows = [new["states"][:, new["layers"].index(x)] if x in new["layers"] else old["states"][:, old["layers"].index(x)]
+            for x in layers]  # fmt: skip
+    return {**new, "states": torch.stack(rows, dim=1), "layers": layers}
+
+
+def _layers_of(values: dict | None, layers: tuple[int, ...] | None) -> dict | None:
+    """A kept record's values (:func:`_record_values`) cut to ``layers`` (None: every layer), or None when it was
+    extracted without some of them (or not at all)."""
+    if values is None:
+        return None
+    have = values["layers"]
+    want = list(range(values["num_layers"] + 1)) if layers is None else list(layers)
+    if want == have:
+        return values
+    if not set(want) <= set(have):
+        return None
+    states = values["states"]
+    if states is not None:
+        states = states[:, [have.index(x) for x in want]]
+    return {**values, "states": states, "layers": want}
 
 
 def _record_values(feats: Features, j: int) -> dict:

@@ -66,7 +66,7 @@ from loopalign.scripts.args import (
     parse_or_exit,
     parse_synthetic_levels,
 )
-from loopalign.speed import set_cpu_threads
+from loopalign.speed import cpu_bf16_is_native, set_cpu_threads
 from loopalign.trainers import GapSFTConfig, GapSFTTrainer, self_replay_dataset, write_adapter_card
 from loopalign.trainers.console import use_short_console_log
 from loopalign.trainers.probe_targets import PROBE_LABEL, labelled_subset
@@ -614,6 +614,12 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     if training_args.world_size > 1 and training_args.process_index == 0:
         print(f"{training_args.world_size} processes, {training_args.parallel_mode.value} (one model, data split)")
     set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
+    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    if on_cpu and training_args.bf16 and cpu_bf16_is_native() is False and training_args.process_index == 0:
+        logger.warning(
+            "bf16 autocast on this CPU is emulated (no amx_bf16 or avx512_bf16 flag): slower than float32; "
+            "pass --bf16 false (docs/performance.md)"
+        )
     with times("load"):
         model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     training_args.check_against_model(model.config)  # probe_layer, lora_loops, loop_weights: before any data
@@ -671,10 +677,12 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         save_run_inputs(out, eval_ds, probe_train, script_args, training_args, model_args, gap_config)
     # the verdict is taken at the depth the adapters were trained at (default: the model's total_ut_steps)
     compare_config = CompareConfig(loops=training_args.num_loops, rr_tolerance=script_args.rr_tolerance)
-    if training_args.process_index == 0:
-        print(compare_config.rule())  # the rule, before any figure
-        # each family's evaluation reads the pooled evaluation's features of its records, not the model again
-        with reused_features():
+    # one block of kept features while the weights are the base's: each family's before-evaluation reads the pooled
+    # one's features of its records, and the probe_distill targets (fitted on the base, the fresh adapters off) read
+    # the before-evaluation's features of the training records it fitted its yardstick probe on
+    with reused_features():
+        if training_args.process_index == 0:
+            print(compare_config.rule())  # the rule, before any figure
             if resume and os.path.exists(os.path.join(before_dir, "gap.json")):
                 # a resumed run: the base model and the held-out records are the same, so is the before-eval
                 print(f"resuming: the before-evaluation in {before_dir} is reused")
@@ -697,21 +705,22 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
                 families_before = evaluate_families(
                     model, tokenizer, family_sets, gap_config, os.path.join(before_dir, "families"), resume
                 )
-        with times("before_eval"):
-            general_before = (
-                answer_general_questions(model, tokenizer, num_loops=trained_loops(model))
-                if script_args.general_questions
-                else None
-            )
+            with times("before_eval"):
+                general_before = (
+                    answer_general_questions(model, tokenizer, num_loops=trained_loops(model))
+                    if script_args.general_questions
+                    else None
+                )
 
-    trainer = GapSFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(model_args, script_args, model.config),
-        replay_dataset=replay,
-    )
+        trainer = GapSFTTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_ds,
+            processing_class=tokenizer,
+            peft_config=lora_config(model_args, script_args, model.config),
+            replay_dataset=replay,
+        )
+
     if training_args.process_index == 0 and HIDDEN_LABEL in train_ds.column_names and trainer.probe_targets_summary:
         check = probe_target_quality(trainer.train_dataset, train_ds, script_args.family_field)
         atomic_write_text(os.path.join(out, "probe_targets_check.json"), json.dumps(check, indent=1))

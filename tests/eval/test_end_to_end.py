@@ -79,6 +79,42 @@ def test_reused_features_run_each_record_once_per_block(tiny_model, synthetic_ro
     assert torch.equal(theirs.states, direct.states)
 
 
+def test_reused_features_serve_a_subset_of_layers_and_keep_adapters_apart(tiny_model, synthetic_rows, tok):
+    """A record kept with layers (1, norm) serves a later ask for layer 1 alone (the before-evaluation's features
+    read again for the probe_distill targets) without a forward, with the same values; an ask for a layer it was not
+    extracted at runs the model. The same model with LoRA adapters on is another function (not served the base's
+    values), with them switched off it is the base again."""
+    from peft import LoraConfig, get_peft_model
+
+    records = prepare_records(synthetic_rows[:6])
+    vids = verdict_token_ids(tok, "Yes", "No")
+    base = OuroForCausalLM(tiny_model.config).eval()
+    calls = []
+    hook = base.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        with reused_features():
+            wide = extract_features(base, records, [1], vids, FeatureConfig(batch_size=6, layers=[1, 2]))
+            assert len(calls) == 1
+            narrow = extract_features(base, records[2:], [1], vids, FeatureConfig(batch_size=6, layers=[1]))
+            assert len(calls) == 1 and narrow.layers == [1]
+            assert torch.equal(narrow.states[:, 0], wide.states[:, 0, 2:])
+            # the layers asked are not all kept: the model runs
+            extract_features(base, records[:2], [1], vids, FeatureConfig(batch_size=6, layers=[0, 2]))
+            assert len(calls) == 2
+            peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="gaussian"))
+            assert len(calls) == 2
+            on = extract_features(peft, records[:2], [1], vids, FeatureConfig(batch_size=6, layers=[1]))
+            assert len(calls) == 3  # adapters on: another function, run (and its values differ from the base's)
+            assert not torch.allclose(on.states[:, 0], wide.states[:, 0, :2])
+            with peft.disable_adapter():
+                off = extract_features(peft, records[:2], [1], vids, FeatureConfig(batch_size=6, layers=[1]))
+            assert len(calls) == 3 and torch.equal(off.states[:, 0], wide.states[:, 0, :2])
+    finally:
+        hook.remove()
+    direct = extract_features(base, records[2:], [1], vids, FeatureConfig(batch_size=1, layers=[1]))
+    torch.testing.assert_close(narrow.states, direct.states)
+
+
 @pytest.mark.slow
 def test_evaluate_gap_writes_reports(tiny_model, tok, synthetic_rows, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -241,3 +241,19 @@ def test_cpu_runs_default_to_one_thread_unless_omp_says_otherwise(monkeypatch):
             set_cpu_threads(on_cpu=True)
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_bf16_is_native_reads_the_flags_of_a_bf16_matrix_multiply():
+    """The recipe warns that bf16 autocast is emulated (slower than float32) where the CPU has neither AMX nor
+    AVX-512 BF16; /proc/cpuinfo's flags decide, and a text without flags decides nothing."""
+    from loopalign.speed import cpu_bf16_is_native
+
+    sapphire = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    cascade = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+    cooper = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    assert cpu_bf16_is_native(sapphire) is True
+    assert cpu_bf16_is_native(cooper) is True
+    assert cpu_bf16_is_native(cascade) is False
+    assert cpu_bf16_is_native("Hardware\t: some board\n") is None
+    here = cpu_bf16_is_native()
+    assert here in (True, False, None)
