@@ -24,7 +24,9 @@ def _run(script, *args):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return [
+        json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"')
+    ]  # json.dumps, not a logged dict's repr
 
 
 def test_forward_benchmark_prints_every_case():
@@ -42,6 +44,34 @@ def test_forward_benchmark_prints_every_case():
     for r in rows:
         figures = [r["tokens_per_s"], r["peak_mem_gib"], r["tflops"]]
         assert all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in figures), r
+
+
+def test_recipe_step_benchmark_times_the_recipes_own_steps():
+    """benchmarks/recipe_step.py builds the trainer as sft-gap does from the recipe's options and times the steps
+    after --skip: the figures are present and finite (not a speed)."""
+    (row,) = _run(
+        "recipe_step.py",
+        "--steps",
+        "3",
+        "--skip",
+        "1",
+        "--model_name_or_path",
+        "tiny",
+        "--dataset",
+        "synthetic",
+        "--dataset_limit",
+        "16",
+        "--per_device_train_batch_size",
+        "4",
+        "--loss_weights",
+        '{"lm": 1.0, "rr_distill": 1.0}',
+        "--base_cache",
+        "true",
+    )
+    assert row["steps_timed"] == "2..3" and row["threads"] == 1 and row["bf16"] is False
+    assert math.isfinite(row["seconds_per_step"]) and row["seconds_per_step"] >= 0
+    assert row["train_records"] > 0 and row["replay_records"] == 0
+    assert "--base_cache" in row["argv"] and "--output_dir" not in row["argv"]
 
 
 def test_forward_benchmark_times_compiled_layers_on_the_plain_and_the_merged_model():
@@ -77,7 +107,7 @@ def _run_lines(script, *args):
 )
 def test_train_step_benchmark_runs_the_cases_side_by_side_under_one_autocast(extra, cases):
     lines = _run_lines("train_step.py", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1", *extra)
-    rows = [json.loads(line) for line in lines if line.startswith("{")]
+    rows = [json.loads(line) for line in lines if line.startswith('{"')]  # json.dumps, not a logged dict's repr
     assert [r["case"] for r in rows] == cases
     assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] >= 0 for r in rows)  # a timing: not its size
     assert all(r["peak_mem_gib"] > 0 for r in rows)
