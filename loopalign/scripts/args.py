@@ -8,8 +8,10 @@ injection options are 0-based loop indices (:func:`~loopalign.loops.parse_loop_i
 from __future__ import annotations
 
 import argparse
+import json
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +19,12 @@ import yaml
 from trl import TrlParser
 
 from loopalign.data.load import DatasetRequest
-from loopalign.data.schema import SCENARIOS
+from loopalign.data.schema import SCENARIOS, RecordError
 from loopalign.data.sources.table import parse_column_map
 from loopalign.errors import ConfigError
 from loopalign.eval import CompareConfig, FeatureConfig, GapConfig, ReadoutConfig, TaskConfig
 from loopalign.loading import is_local_model
+from loopalign.log import command_console
 from loopalign.loops import parse_int_set, parse_loop_counts
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "config_by_dest",
     "lora_targets_as_names",
     "parse_or_exit",
+    "run_build_command",
     "parse_synthetic_levels",
 ]
 
@@ -422,3 +426,24 @@ def parse_or_exit(parser: TrlParser, argv: Sequence[str]) -> tuple:
     for args in parsed:
         lora_targets_as_names(args)
     return parsed
+
+
+#: what a data build may fail with once its options are valid (the message is the error: no traceback)
+BUILD_ERRORS = (ValueError, RecordError, FileExistsError, RuntimeError, FileNotFoundError)
+
+
+def run_build_command(parser: TrlParser, argv: Sequence[str] | None, build, summary: Callable[[dict], dict]) -> int:
+    """A data builder's ``main``: parse ``argv`` (default ``sys.argv[1:]``; a bad value exits 2 naming its option),
+    run ``build`` on the options' build config, print ``{"out": ..., **summary(meta)}`` as JSON. -> 0, or 2 with
+    ``error: ...`` on stderr when the build fails (:data:`BUILD_ERRORS`)."""
+    command_console()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    (args,) = parse_or_exit(parser, argv)
+    cfg = args.build_config()
+    try:
+        meta = build(cfg)
+    except BUILD_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": cfg.out, **summary(meta)}, indent=1))
+    return 0

@@ -16,15 +16,12 @@ Options take - or _ (--num-loops, --num_loops), and the recipes' names work too:
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass, field, fields
 
-from loopalign.data.schema import SCENARIOS, RecordError
+from loopalign.data.schema import SCENARIOS
 from loopalign.data.verification import SOURCES, VerificationBuild, build_verification, source_of_spec
 from loopalign.errors import ConfigError
-from loopalign.log import command_console
-from loopalign.scripts.args import make_parser, parse_or_exit
+from loopalign.scripts.args import make_parser, run_build_command
 
 __all__ = ["BuildDataScriptArguments", "build_parser", "main"]
 
@@ -162,19 +159,13 @@ def build_parser(prog: str = PROG):
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """``loopalign build-data`` / ``python -m data_builders.verification``: parse ``argv`` (default
     ``sys.argv[1:]``), build, print the build's summary (JSON); 2 when the build fails."""
-    command_console()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    (args,) = parse_or_exit(build_parser(prog), argv)
-    cfg = args.build_config()
-    try:
-        meta = build_verification(cfg)
-    except (ValueError, RecordError, FileExistsError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary = {k: meta[k] for k in ("kind", "n_rows", "n_rejected", "n_dropped", "content_hash", "counts")}
-    summary["accounting"] = {k: meta["accounting"][k] for k in ("entries", "records")}
-    print(json.dumps({"out": cfg.out, **summary}, indent=1))
-    return 0
+    return run_build_command(build_parser(prog), argv, build_verification, _summary)
+
+
+def _summary(meta: dict) -> dict:
+    out = {k: meta[k] for k in ("kind", "n_rows", "n_rejected", "n_dropped", "content_hash", "counts")}
+    out["accounting"] = {k: meta["accounting"][k] for k in ("entries", "records")}
+    return out
 
 
 if __name__ == "__main__":

@@ -13,15 +13,11 @@ names the sources, versions and licences (loopalign.data.statements). Options ta
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass, field, fields
 
-from loopalign.data.schema import RecordError
 from loopalign.data.sources.statements import FAMILIES
 from loopalign.data.statements import StatementBuild, build_statements
-from loopalign.log import command_console
-from loopalign.scripts.args import make_parser, parse_or_exit
+from loopalign.scripts.args import make_parser, run_build_command
 
 __all__ = ["BuildStatementsScriptArguments", "build_parser", "main"]
 
@@ -81,18 +77,12 @@ def build_parser(prog: str = PROG):
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """``loopalign build-statements`` / ``python -m data_builders.statements``: parse ``argv`` (default
     ``sys.argv[1:]``), build, print the build's summary (JSON); 2 when the build fails."""
-    command_console()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    (args,) = parse_or_exit(build_parser(prog), argv)
-    cfg = args.build_config()
-    try:
-        meta = build_statements(cfg)
-    except (ValueError, RecordError, FileExistsError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary = {k: meta[k] for k in ("kind", "n_rows", "content_hash", "counts")}
-    print(json.dumps({"out": cfg.out, **summary}, indent=1))
-    return 0
+    return run_build_command(
+        build_parser(prog),
+        argv,
+        build_statements,
+        lambda meta: {k: meta[k] for k in ("kind", "n_rows", "content_hash", "counts")},
+    )
 
 
 if __name__ == "__main__":
