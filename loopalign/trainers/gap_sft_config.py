@@ -240,7 +240,12 @@ class GapSFTConfig(SFTConfig):
             raise ConfigError(f"GapSFTConfig.rr_distill_kind must be 'mse' or 'cosine', got {self.rr_distill_kind!r}")
         if not self.learning_rate > 0:
             raise ConfigError(f"GapSFTConfig.learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "replay_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"GapSFTConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.entropy_beta < 0 or self.probe_learning_rate <= 0 or self.lm_chunk_size < 1:

@@ -19,6 +19,7 @@ CASES = [
     (["--num_loops", "0"], "num_loops must be >= 1"),
     (["--max_length", "12"], "max_length=12 is shorter than the longest train record"),
     (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1"),
+    (["--replay_batch_size", "0"], "replay_batch_size must be >= 1"),
     (["--learning_rate=-1e-3"], "learning_rate must be > 0"),
     (["--learning_rate", "0"], "learning_rate must be > 0"),
     (["--eval_loops", "0"], "eval_loops must be loop counts >= 1"),
