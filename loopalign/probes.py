@@ -181,7 +181,9 @@ def _fit_newton(x, y, l2, config: ProbeFitConfig):
             break
         weighted = za.unsqueeze(0) * (p * (1 - p) / n).unsqueeze(-1)  # [C,N,H+1]
         hessian = weighted.transpose(1, 2) @ za + torch.diag_embed(penalty)  # [C,H+1,H+1]
-        step = torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1)  # [C,H+1]
+        # one solve per probe: torch 2.13's CPU build (oneMKL) fails a batched LU with more than one thread ("Parameter
+        # 6 was incorrect on entry to DLASWP", then spins); a single matrix's solve is the same LAPACK call
+        step = torch.stack([torch.linalg.solve(hessian[c], grad[c]) for c in range(len(l2))])  # [C,H+1]
         step[~active] = 0
         before, decrease = losses(theta, logits), (grad * step).sum(1)
         t = torch.ones(len(l2), dtype=torch.float64, device=z.device)

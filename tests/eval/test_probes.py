@@ -98,3 +98,34 @@ def test_the_solvers_agree_and_auto_picks_by_size_and_strength():
     assert probe_solver(300, 16, [1e-2], "lbfgs") == "lbfgs"
     with pytest.raises(ValueError, match="solver must be"):
         ProbeFitConfig(solver="adam")
+
+
+def test_probe_fit_completes_with_two_torch_threads():
+    """torch 2.13's CPU build fails a batched LU solve with more than one thread (oneMKL: "Parameter 6 was incorrect
+    on entry to DLASWP", then spins for good); the Newton fit solves one probe at a time, so a fit with two threads
+    ends, quietly, with the one-thread fit's probes."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from loopalign.probes import fit_probes\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(40, 384); y = (x[:, 0] + 0.3 * torch.randn(40) > 0).long()\n"
+        "out = []\n"
+        "for threads in (2, 1):\n"
+        "    torch.set_num_threads(threads)\n"
+        "    out.append(torch.cat([p.weight.flatten() for p in fit_probes(x, y, [1e-4, 1e-2, 1.0])]))\n"
+        "print(float((out[0] - out[1]).abs().max()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MKL ERROR" not in done.stderr
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-6
