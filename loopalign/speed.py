@@ -103,23 +103,24 @@ def compiled_decoder_layers(model: nn.Module, backend: str = "inductor", **kwarg
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
+def _cpu_flags(cpuinfo: str | None = None) -> set[str] | None:
+    """The CPU's feature flags: the ``flags`` line of ``cpuinfo`` (default: /proc/cpuinfo, Linux), or None where
+    there is none to read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    found = re.findall(r"^flags\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
+    return set(found[0].split()) if found else None
+
+
 def cpu_bf16_is_native(cpuinfo: str | None = None) -> bool | None:
     """Whether this CPU multiplies bf16 matrices in hardware (``NATIVE_BF16_FLAGS``), read from ``cpuinfo`` (default:
     /proc/cpuinfo); None where that cannot be read (not Linux). Without it, bf16 autocast on the CPU is emulated and
     slower than float32 (docs/performance.md)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return None
-    flags = set()
-    for line in cpuinfo.splitlines():
-        name, sep, value = line.partition(":")
-        if sep and name.strip() == "flags":
-            flags.update(value.split())
-    if not flags:
-        return None
-    return any(f in flags for f in NATIVE_BF16_FLAGS)
+    flags = _cpu_flags(cpuinfo)
+    return None if flags is None else any(f in flags for f in NATIVE_BF16_FLAGS)
 
 
 def set_cpu_threads(on_cpu: bool | None = None, default: int = 1, announce: bool = False) -> int | None:
@@ -156,10 +157,8 @@ def set_cpu_threads(on_cpu: bool | None = None, default: int = 1, announce: bool
 def _native_cpu_isa() -> str:
     """The widest x86 vector extension this CPU offers (what MKL picks on its own): ``AVX512``, ``AVX2`` or
     ``DEFAULT`` read from ``/proc/cpuinfo``; the machine name (``arm64``, ...) where there is none."""
-    cpuinfo = Path("/proc/cpuinfo")
-    try:
-        flags = set(re.findall(r"^flags\s*:\s*(.*)$", cpuinfo.read_text(), re.MULTILINE)[0].split())
-    except (OSError, IndexError):
+    flags = _cpu_flags()
+    if flags is None:
         return platform.machine() or "unknown"
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         return "AVX512"

@@ -19,7 +19,7 @@ import yaml
 from trl import TrlParser
 
 from loopalign.data.load import DatasetRequest
-from loopalign.data.schema import SCENARIOS, RecordError
+from loopalign.data.schema import SCENARIOS
 from loopalign.data.sources.table import parse_column_map
 from loopalign.errors import ConfigError
 from loopalign.eval import CompareConfig, FeatureConfig, GapConfig, ReadoutConfig, TaskConfig
@@ -428,22 +428,28 @@ def parse_or_exit(parser: TrlParser, argv: Sequence[str]) -> tuple:
     return parsed
 
 
-#: what a data build may fail with once its options are valid (the message is the error: no traceback)
-BUILD_ERRORS = (ValueError, RecordError, FileExistsError, RuntimeError, FileNotFoundError)
+#: what a data build may fail with once its options are valid (the message is the error: no traceback); a bad record
+#: (``RecordError``) is a ValueError
+BUILD_ERRORS = (ValueError, FileExistsError, RuntimeError, FileNotFoundError)
 
 
-def run_build_command(parser: TrlParser, argv: Sequence[str] | None, build, summary: Callable[[dict], dict]) -> int:
+def run_build_command(
+    parser: TrlParser,
+    argv: Sequence[str] | None,
+    build: Callable,
+    summary: Callable[[dict], dict],
+    indent: int | None = 1,
+) -> int:
     """A data builder's ``main``: parse ``argv`` (default ``sys.argv[1:]``; a bad value exits 2 naming its option),
-    run ``build`` on the options' build config, print ``{"out": ..., **summary(meta)}`` as JSON. -> 0, or 2 with
-    ``error: ...`` on stderr when the build fails (:data:`BUILD_ERRORS`)."""
+    run ``build`` on the parsed options, print ``{"out": ..., **summary(meta)}`` as JSON (``indent``). -> 0, or 2
+    with ``error: ...`` on stderr when the build fails (:data:`BUILD_ERRORS`)."""
     command_console()
     argv = list(sys.argv[1:] if argv is None else argv)
     (args,) = parse_or_exit(parser, argv)
-    cfg = args.build_config()
     try:
-        meta = build(cfg)
+        meta = build(args)
     except BUILD_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"out": cfg.out, **summary(meta)}, indent=1))
+    print(json.dumps({"out": str(args.out), **summary(meta)}, indent=indent))
     return 0

@@ -159,7 +159,7 @@ def build_parser(prog: str = PROG):
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """``loopalign build-data`` / ``python -m data_builders.verification``: parse ``argv`` (default
     ``sys.argv[1:]``), build, print the build's summary (JSON); 2 when the build fails."""
-    return run_build_command(build_parser(prog), argv, build_verification, _summary)
+    return run_build_command(build_parser(prog), argv, lambda args: build_verification(args.build_config()), _summary)
 
 
 def _summary(meta: dict) -> dict:

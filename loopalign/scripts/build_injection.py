@@ -13,16 +13,13 @@ Options take - or _ (--extraction-loops, --extraction_loops), and the recipes' n
 
 from __future__ import annotations
 
-import json
 import shlex
-import sys
 from dataclasses import dataclass, field
 
 from loopalign.injection.trials import build_injection, check_injection_options
 from loopalign.loading import load_model, load_tokenizer
-from loopalign.log import command_console
 from loopalign.loops import parse_int_set, parse_loop_indices
-from loopalign.scripts.args import make_parser, parse_or_exit, parse_strengths
+from loopalign.scripts.args import make_parser, parse_strengths, run_build_command
 
 __all__ = ["BuildInjectionScriptArguments", "build_parser", "main"]
 
@@ -124,30 +121,32 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """``loopalign build-injection`` / ``python -m data_builders.injection``: parse ``argv`` (default
     ``sys.argv[1:]``), load the model, build, print the build's summary (JSON); 2 when the build fails. ``prog``:
     the name it runs under, recorded in the build's rebuild command."""
-    command_console()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    (args,) = parse_or_exit(build_parser(prog), argv)
-    try:
-        tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        model, tok = load_model(args.model, device=args.device, seed=args.seed, tokenizer=tok)
-        meta = build_injection(
-            model,
-            tok,
-            args.out,
-            num_loops=args.loops,
-            n_controls=args.n_controls,
-            n_concepts=args.n_concepts,
-            batch_size=args.batch_size,
-            model_name=args.model,
-            overwrite=args.overwrite,
-            command=args.command(prog),
-            **args.grid(),
-        )
-    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"out": str(args.out), **{k: meta[k] for k in ("n_rows", "content_hash", "vectors_hash")}}))
-    return 0
+    return run_build_command(
+        build_parser(prog),
+        argv,
+        lambda args: _build(args, prog),
+        lambda meta: {k: meta[k] for k in ("n_rows", "content_hash", "vectors_hash")},
+        indent=None,
+    )
+
+
+def _build(args: BuildInjectionScriptArguments, prog: str) -> dict:
+    """Load the model the options name and build its injection data (:func:`build_injection`) -> the build's meta."""
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    model, tok = load_model(args.model, device=args.device, seed=args.seed, tokenizer=tok)
+    return build_injection(
+        model,
+        tok,
+        args.out,
+        num_loops=args.loops,
+        n_controls=args.n_controls,
+        n_concepts=args.n_concepts,
+        batch_size=args.batch_size,
+        model_name=args.model,
+        overwrite=args.overwrite,
+        command=args.command(prog),
+        **args.grid(),
+    )
 
 
 if __name__ == "__main__":

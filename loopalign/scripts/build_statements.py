@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     return run_build_command(
         build_parser(prog),
         argv,
-        build_statements,
+        lambda args: build_statements(args.build_config()),
         lambda meta: {k: meta[k] for k in ("kind", "n_rows", "content_hash", "counts")},
     )
 

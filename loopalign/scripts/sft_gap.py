@@ -613,9 +613,13 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         )
     if training_args.world_size > 1 and training_args.process_index == 0:
         print(f"{training_args.world_size} processes, {training_args.parallel_mode.value} (one model, data split)")
-    set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
-    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
-    if on_cpu and training_args.bf16 and cpu_bf16_is_native() is False and training_args.process_index == 0:
+    cpu_threads = set_cpu_threads(on_cpu=training_args.use_cpu or None, announce=training_args.process_index == 0)
+    if (
+        cpu_threads is not None
+        and training_args.bf16
+        and cpu_bf16_is_native() is False
+        and training_args.process_index == 0
+    ):
         logger.warning(
             "bf16 autocast on this CPU is emulated (no amx_bf16 or avx512_bf16 flag): slower than float32; "
             "pass --bf16 false (docs/performance.md)"
