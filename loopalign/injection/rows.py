@@ -20,6 +20,7 @@ from loopalign.models.contract import loop_generate_kwargs
 
 __all__ = [
     "TRIAL_TYPES",
+    "SITE_COLUMNS",
     "trial_vector",
     "trial_vectors",
     "residual_site_norms",
@@ -72,13 +73,37 @@ def _injected(trial: dict) -> bool:
     return trial.get("trial_type") != "control" and bool(trial.get("injected", True))
 
 
+#: the columns a trial's norm-matching site key is read from (:func:`residual_site_norms`' keys)
+SITE_COLUMNS = ("num_loops", "injection_loop", "layer")
+
+
+def _site_norm(trial: dict, site_norms: dict | None, index: int) -> float | None:
+    """The residual-stream norm at an injected trial's site (None without ``site_norms`` or for a trial that injects
+    nothing); a ValueError naming the trial (its ``id``, else its place ``index`` in the batch) and the site when the
+    trial lacks a site column or ``site_norms`` has no norm for its site."""
+    if site_norms is None or not _injected(trial):
+        return None
+    name = f"trial {trial['id']!r}" if trial.get("id") is not None else f"row {index}"
+    name += f" ({trial.get('trial_type') or 'injection'}, concept {trial.get('concept')!r})"
+    missing = [c for c in SITE_COLUMNS if trial.get(c) is None]
+    if missing:
+        raise ValueError(
+            f"{name}: norm-matched injection needs the site columns {list(SITE_COLUMNS)}; missing {missing}"
+        )
+    key = _site_key(trial)
+    if key not in site_norms:
+        raise ValueError(
+            f"{name}: no residual-stream norm for its site (num_loops, injection_loop, layer) = {key}; "
+            f"norms were measured at {sorted(site_norms)}"
+        )
+    return float(site_norms[key])
+
+
 def trial_vectors(trials: Sequence[dict], vectors, hidden_size: int, site_norms: dict | None = None) -> torch.Tensor:
     """[B,H] strength-scaled vectors for a batch of trials (zero rows for controls); ``site_norms``
-    ((num_loops, injection loop, layer) -> norm, :func:`residual_site_norms`) makes them norm-matched."""
-    out = []
-    for t in trials:
-        norm = site_norms[_site_key(t)] if site_norms is not None and _injected(t) else None
-        out.append(trial_vector(t, vectors, hidden_size, norm))
+    ((num_loops, injection loop, layer) -> norm, :func:`residual_site_norms`) makes them norm-matched
+    (each injected trial then needs the :data:`SITE_COLUMNS`; a missing column or norm is a ValueError naming it)."""
+    out = [trial_vector(t, vectors, hidden_size, _site_norm(t, site_norms, i)) for i, t in enumerate(trials)]
     return torch.stack(out)
 
 
@@ -147,13 +172,18 @@ def inject_rows(
         yield records
 
 
-def injection_spec(rows: Sequence[dict], vectors, hidden_size: int) -> dict[str, torch.Tensor]:
+def injection_spec(
+    rows: Sequence[dict], vectors, hidden_size: int, site_norms: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Tensors a trainer needs to inject a batch of dataset rows (spec columns ``trial_type``/``injected``,
     ``concept``, ``extraction_loop``, ``injection_loop``, ``layer``, ``strength``, ``injection_start``,
     ``prompt_length``): ``injection_vector`` [B,H], ``injection_loop`` / ``injection_layer`` [B] (-1 on
     controls), ``injection_from_end`` [B] (prompt tokens from the injection start to the prompt's end) and
-    ``prompt_length`` [B]."""
-    vec = torch.stack([trial_vector(r, vectors, hidden_size) for r in rows])
+    ``prompt_length`` [B]. With ``site_norms`` ({(num_loops, injection loop, layer): norm},
+    :func:`residual_site_norms`) the vectors are norm-matched as the evaluation's (:func:`trial_vectors`): a
+    strength is a fraction of the residual-stream norm at the row's site, and each injected row needs the
+    :data:`SITE_COLUMNS` (``num_loops`` included)."""
+    vec = trial_vectors(rows, vectors, hidden_size, site_norms)
     control = [(r.get("trial_type") or ("injection" if r.get("injected") else "control")) == "control" for r in rows]
     return {
         "injection_vector": vec,

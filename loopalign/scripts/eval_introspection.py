@@ -222,7 +222,8 @@ def run(args: EvalIntrospectionArguments) -> dict:
         ext = max(cfg.extraction_loops or (vectors.num_loops - 1,))
         checks = ChecksConfig(num_loops=n, extraction_loop=min(ext, vectors.num_loops - 1), injection_loop=last,
                               layer=vectors.layers[0], strengths=cfg.strengths, concepts=cfg.concepts,
-                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+                              norm_matched=cfg.norm_matched)  # fmt: skip
         print(checks_markdown(run_checks(model, tok, vectors, checks, out_dir=args.output_dir)))
     print(f"reports in {args.output_dir}/ ({time.time() - t0:.1f}s)")
     if "wandb" in (args.report_to or []):

@@ -6,7 +6,8 @@
 
 Concept vectors: ``concept_vectors`` (a data_builders.injection file) or extracted at startup for the first
 ``n_concepts`` words. Training rows inject at ``train_*`` sites (default: the last loop) on
-``1 - control_fraction`` of trials; ``mode: sft`` trains target reports instead of GRPO. Writes ``before/`` and
+``1 - control_fraction`` of trials; ``mode: sft`` trains target reports instead of GRPO. ``norm_matched: true``
+makes strengths fractions of the residual-stream norm at the site in training and in both evaluations. Writes ``before/`` and
 ``after/`` introspection reports, ``compare.md`` and the adapters (``final/``) into ``output_dir``, and prints
 detection, identification and false-positive rates per injection loop before and after.
 """
@@ -146,8 +147,12 @@ def run_concepts(vectors, script_args: IntrospectionScriptArguments) -> tuple[li
     return train, held_out[: script_args.eval_concepts or None]
 
 
-def eval_config(script_args: IntrospectionScriptArguments, concepts, model_loops: int) -> IntrospectionConfig:
-    """The before/after evaluation's :class:`IntrospectionConfig` (on ``concepts``)."""
+def eval_config(
+    script_args: IntrospectionScriptArguments, concepts, model_loops: int, norm_matched: bool = False
+) -> IntrospectionConfig:
+    """The before/after evaluation's :class:`IntrospectionConfig` (on ``concepts``); ``norm_matched`` (the
+    recipe's ``--norm_matched``, :attr:`IntrospectionGRPOConfig.norm_matched`) makes its strengths fractions of
+    the residual-stream norm at the site, as in training."""
     loop_counts = parse_indices(script_args.eval_loop_counts, "eval_loop_counts") or (model_loops,)
     _, extraction_loops = resolve_loop_words(loop_counts, script_args.eval_extraction_loops, model_loops)
     return IntrospectionConfig(
@@ -165,6 +170,7 @@ def eval_config(script_args: IntrospectionScriptArguments, concepts, model_loops
         max_new_tokens=script_args.eval_max_new_tokens,
         batch_size=script_args.eval_batch_size,
         n_boot=script_args.eval_n_boot,
+        norm_matched=norm_matched,
         seed=0,
     )
 
@@ -177,7 +183,7 @@ def checks_config(script_args, training_args, concepts, vectors, n_model: int) -
     strengths = parse_strengths(script_args.eval_strengths, "eval_strengths")
     return ChecksConfig(num_loops=n_model, extraction_loop=ext, injection_loop=loop, layer=layer, strengths=strengths,
                         concepts=tuple(concepts), max_new_tokens=script_args.eval_max_new_tokens,
-                        batch_size=script_args.eval_batch_size)  # fmt: skip
+                        batch_size=script_args.eval_batch_size, norm_matched=training_args.norm_matched)  # fmt: skip
 
 
 def result_verdicts(before, after, script_args, n_model: int, n_words: int, trained=()) -> str:
@@ -268,7 +274,9 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
     )
     out = training_args.output_dir
     main_process = training_args.process_index == 0
-    cfg = eval_config(script_args, eval_concepts, n_model)
+    cfg = eval_config(script_args, eval_concepts, n_model, training_args.norm_matched)
+    if training_args.norm_matched:
+        print("strengths: norm-matched (fractions of the residual-stream norm at the site) in training and evaluation")
     before = None
     if main_process and not script_args.skip_eval:
         t = time.time()
@@ -304,6 +312,12 @@ def run(script_args: IntrospectionScriptArguments, training_args: IntrospectionG
             f"# Introspection before / after {script_args.mode}\n\nmodel: `{label}`; rates in % (detection and "
             "identification on injected trials, false positives on controls); loops 0-based.\n\n"
         )
+        if training_args.norm_matched:
+            header += (
+                "Norm-matched strengths: a strength is a fraction of the residual-stream norm at the injection site "
+                "(measured on the uninjected transcript), in training and in both evaluations, not a multiple of "
+                "the concept vector.\n\n"
+            )
         if script_args.eval_checks:
             checks = run_checks(tuned, tok, vectors, checks_config(script_args, training_args, eval_concepts, vectors,
                                 n_model), out_dir=os.path.join(out, "after"))  # fmt: skip

@@ -75,6 +75,7 @@ class ChecksConfig:
     injection_loop: int = 3
     layer: int = 0
     strengths: tuple[float, ...] = (2.0, 4.0, 8.0)
+    norm_matched: bool = False  # strengths as fractions of the residual-stream norm at the site (IntrospectionConfig)
     concepts: tuple[str, ...] | None = None
     n_sentences: int = 4
     max_new_tokens: int = 16
@@ -169,7 +170,8 @@ def run_checks(model, tokenizer, vectors, config: ChecksConfig | None = None, ou
     config = config or ChecksConfig()
     trials = build_check_trials(tokenizer, vectors, config)
     gen = IntrospectionConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                              temperature=config.temperature, seed=config.seed)  # fmt: skip
+                              temperature=config.temperature, seed=config.seed,
+                              norm_matched=config.norm_matched)  # fmt: skip
     torch.manual_seed(config.seed)
     responses = generate_responses(model, tokenizer, trials, vectors, gen)
     records = []
@@ -203,7 +205,12 @@ def checks_markdown(result: dict) -> str:
         "",
         f"Injection on the sentence's tokens only, at loop {c['injection_loop']} after layer {c['layer']} "
         f"(N = {c['num_loops']}, vectors from loop {c['extraction_loop']}); rates in % with 95% Wilson intervals, "
-        "difference = injected − uninjected (Newcombe).",
+        "difference = injected − uninjected (Newcombe)."
+        + (
+            " Norm-matched injection: a strength is a fraction of the residual-stream norm at the injection site."
+            if c.get("norm_matched")
+            else ""
+        ),
         "",
         "| check | measure | strength | injected | uninjected | difference | n |",
         "|---|---|---|---|---|---|---|",

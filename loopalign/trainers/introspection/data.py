@@ -16,7 +16,7 @@ import torch
 
 from loopalign.batching import pad_right
 from loopalign.errors import ConfigError
-from loopalign.injection import injection_spec, trial_prompt
+from loopalign.injection import injection_spec, residual_site_norms, trial_prompt
 
 __all__ = [
     "DETECT_TARGET",
@@ -27,6 +27,8 @@ __all__ = [
     "check_trial_fractions",
     "introspection_dataset",
     "validate_injection_rows",
+    "with_num_loops",
+    "training_site_norms",
     "sft_features",
     "IntrospectionSFTCollator",
 ]
@@ -58,6 +60,12 @@ SPEC_COLUMNS = (
     "injection_start",
     "prompt_length",
     "vector_seed",
+)
+#: the trainers' and the grpo_introspection recipe's ``norm_matched`` option
+NORM_MATCHED_HELP = (
+    "Strengths as fractions of the residual-stream norm at the injection site, for both the training rows and the "
+    "evaluation (grpo_introspection's before/after), not multiples of the concept vector; training measures the "
+    "norms once, before training, on the untrained model over the training prompts."
 )
 _SPEC_TENSORS = ("injection_vector", "injection_loop", "injection_layer", "injection_from_end")
 
@@ -188,17 +196,71 @@ def validate_injection_rows(rows, vectors, model_config) -> None:
             raise ValueError(f"{where}: injection_start {r['injection_start']} not inside the prompt")
 
 
+def with_num_loops(dataset, num_loops: int):
+    """``dataset`` with a ``num_loops`` column (the loop count training runs, the model's configured one), which
+    the norm-matched site key needs; a dataset that already has the column must say ``num_loops`` on every row
+    (a ValueError otherwise: the trainers run the model's loop count, not a row's)."""
+    if "num_loops" in dataset.column_names:
+        other = sorted({int(n) for n in dataset["num_loops"]} - {int(num_loops)})
+        if other:
+            raise ValueError(
+                f"the dataset's num_loops column says {other}: training runs the model's {num_loops} loops; drop "
+                "the column or set it to that"
+            )
+        return dataset
+    return dataset.add_column("num_loops", [int(num_loops)] * len(dataset))
+
+
+def training_site_norms(model, tokenizer, dataset, extra=None) -> dict[tuple[int, int, int], float]:
+    """The norm-matching yardstick of a training run: :func:`loopalign.injection.residual_site_norms` on the
+    injected rows of ``dataset`` (one forward per distinct prompt, its ``prompt`` tokenised without the
+    completion, from ``injection_start`` to the prompt's end, the uninjected transcript as in the evaluation) on
+    ``model`` as given, i.e. before training: a fixed yardstick that does not move as the model trains. Rows
+    need a ``num_loops`` column (:func:`with_num_loops`). Sites that only ``extra`` rows (an eval dataset) have
+    are measured on those and added; a site the training rows have keeps the training rows' norm.
+    -> {(num_loops, injection loop, layer): norm}."""
+
+    def trials(rows) -> list[dict]:
+        ids_of: dict[str, list[int]] = {}
+        out = []
+        for k in range(len(rows)):
+            r = rows[k]
+            kind = r.get("trial_type") or ("injection" if r.get("injected") else "control")
+            if kind == "control" or not r.get("injected", True):
+                continue
+            prompt = r["prompt"]
+            if not isinstance(prompt, str):
+                raise ValueError(f"row {k}: norm-matched injection needs a string prompt, got {type(prompt).__name__}")
+            if prompt not in ids_of:
+                ids_of[prompt] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                if len(ids_of[prompt]) != int(r["prompt_length"]):
+                    raise ValueError(
+                        f"row {k}: prompt tokenises to {len(ids_of[prompt])} tokens, the dataset says "
+                        f"{r['prompt_length']}: rebuild the dataset with this tokenizer"
+                    )
+            out.append({**r, "input_ids": ids_of[prompt]})
+        return out
+
+    norms = residual_site_norms(model, trials(dataset))
+    if extra is not None:
+        for key, value in residual_site_norms(model, trials(extra)).items():
+            norms.setdefault(key, value)
+    return norms
+
+
 class IntrospectionSFTCollator:
     """Right-padded SFT batches (``input_ids``, ``attention_mask``, ``labels`` [B,S]) plus each row's injection
-    (``injection_vector`` [B,H], ``injection_loop`` / ``injection_layer`` / ``injection_start`` [B])."""
+    (``injection_vector`` [B,H], ``injection_loop`` / ``injection_layer`` / ``injection_start`` [B]); with
+    ``site_norms`` (:func:`training_site_norms`) the vectors are norm-matched (a strength is a fraction of the
+    residual-stream norm at the row's site)."""
 
-    def __init__(self, pad_id: int, vectors, hidden: int):
-        self.pad_id, self.vectors, self.hidden = pad_id, vectors, hidden
+    def __init__(self, pad_id: int, vectors, hidden: int, site_norms: dict | None = None):
+        self.pad_id, self.vectors, self.hidden, self.site_norms = pad_id, vectors, hidden, site_norms
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = pad_right(rows, self.pad_id)
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        spec = injection_spec(rows, self.vectors, self.hidden)
+        spec = injection_spec(rows, self.vectors, self.hidden, self.site_norms)
         start = torch.tensor([int(r["injection_start"]) for r in rows])  # right padding: columns = token indices
         return {
             "input_ids": ids,

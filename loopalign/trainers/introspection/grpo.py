@@ -7,7 +7,8 @@ added after ``layer`` in ``injection_loop`` from the injection start token (the 
 recomputed (old/reference policy and the loss), so the policy gradient is taken on the injected forward the
 completion was sampled from. Control rows get a zero vector. The injection spec travels in dataset columns
 (see :func:`loopalign.trainers.introspection.data.introspection_dataset`); the vectors come from a
-:class:`loopalign.injection.ConceptVectors`.
+:class:`loopalign.injection.ConceptVectors`. With ``norm_matched`` a strength is a fraction of the residual-stream
+norm at the row's site, measured once on the untrained model before training.
 
 Prompts are left-padded by GRPO; a row's injection column is ``P - (prompt_length - injection_start)`` with
 ``P`` the padded prompt width (prompts are end-aligned), the same in generation and in the loss.
@@ -25,10 +26,11 @@ from trl import GRPOConfig, GRPOTrainer
 from loopalign.errors import ConfigError, ModelError
 from loopalign.injection import inject_rows, injection_spec, load_vectors
 from loopalign.io import apply_umask_tree
+from loopalign.models.contract import trained_loops
 from loopalign.rewards.introspection import DEFAULT_REWARD_WEIGHTS, REWARD_KEYS, make_reward_funcs, reward_weights
 
 from ..common import AtomicCheckpointMixin, default_bf16, model_and_tokenizer
-from .data import validate_injection_rows
+from .data import NORM_MATCHED_HELP, training_site_norms, validate_injection_rows, with_num_loops
 
 __all__ = ["IntrospectionGRPOConfig", "IntrospectionGRPOTrainer"]
 
@@ -37,7 +39,24 @@ _SPEC_TENSORS = ("injection_vector", "injection_loop", "injection_layer", "injec
 
 @dataclass
 class IntrospectionGRPOConfig(GRPOConfig):
-    """TRL's GRPOConfig plus the introspection rewards. Generation is transformers' (``use_vllm`` must be off)."""
+    """TRL's GRPOConfig plus the introspection rewards. Generation is transformers' (``use_vllm`` must be off).
+
+    Parameters:
+        introspection_rewards (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Weights of the introspection rewards (JSON or dict); sets ``reward_weights`` when the trainer builds the
+            reward functions.
+        concept_vectors (`str` or `None`, *optional*, defaults to `None`):
+            Concept vectors (.safetensors from data_builders.injection); the trainer's ``concept_vectors``
+            argument wins.
+        norm_matched (`bool`, *optional*, defaults to `False`):
+            Strengths as fractions of the residual-stream norm at the injection site (num_loops, injection loop,
+            layer), not multiples of the concept vector, as ``IntrospectionConfig(norm_matched=True)`` in the
+            evaluation (the grpo_introspection recipe passes it to its before/after evaluation too). The norms are
+            measured once, before training, on the untrained model over the training rows' distinct prompts
+            (:func:`~loopalign.trainers.introspection.data.training_site_norms`): a fixed yardstick that does not
+            move with training (the rollouts and the loss use the same norms). ``mode: sft`` carries it over
+            (:func:`~loopalign.trainers.introspection.mode.sft_config_from`).
+    """
 
     introspection_rewards: dict | str | None = field(
         default=None,
@@ -49,6 +68,7 @@ class IntrospectionGRPOConfig(GRPOConfig):
     concept_vectors: str | None = field(
         default=None, metadata={"help": "Concept vectors (.safetensors from data_builders.injection)."}
     )
+    norm_matched: bool = field(default=False, metadata={"help": NORM_MATCHED_HELP})
 
     def __post_init__(self):
         self.bf16 = default_bf16(self.bf16)
@@ -92,6 +112,16 @@ class IntrospectionGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
             )
         for ds in (train_dataset, *([] if eval_dataset is None else [eval_dataset])):
             validate_injection_rows(ds, self.concept_vectors, model.config)
+        #: {(num_loops, injection loop, layer): residual-stream norm} with args.norm_matched, measured here on the
+        #: untrained model (a fixed yardstick); None: strengths are multiples of the concept vector
+        self.site_norms = None
+        if args.norm_matched:
+            if processing_class is None:
+                model, processing_class = model_and_tokenizer(model, None)
+            loops = trained_loops(model)
+            train_dataset = with_num_loops(train_dataset, loops)
+            eval_dataset = None if eval_dataset is None else with_num_loops(eval_dataset, loops)
+            self.site_norms = training_site_norms(model, processing_class, train_dataset, eval_dataset)
         if reward_funcs is None:
             reward_funcs, weights = make_reward_funcs(args.introspection_rewards, judge)
             args.reward_weights = weights
@@ -109,7 +139,7 @@ class IntrospectionGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
 
     # ----- rollouts --------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
-        spec = injection_spec(list(inputs), self.concept_vectors, self._hidden_size)
+        spec = injection_spec(list(inputs), self.concept_vectors, self._hidden_size, self.site_norms)
         self._active_spec = spec
         try:
             output = super()._generate_and_score_completions(inputs)

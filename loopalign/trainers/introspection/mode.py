@@ -20,10 +20,12 @@ INTROSPECTION_MODES = ("grpo", "sft")
 
 
 def sft_config_from(args: IntrospectionGRPOConfig) -> IntrospectionSFTConfig:
-    """The SFT config with every TrainingArguments field (and ``concept_vectors``) of a GRPO config."""
+    """The SFT config with every TrainingArguments field (and ``concept_vectors``, ``norm_matched``) of a GRPO
+    config."""
     names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")}
     kw = {n: getattr(args, n) for n in names if hasattr(args, n)}
     kw["concept_vectors"] = args.concept_vectors
+    kw["norm_matched"] = args.norm_matched
     return IntrospectionSFTConfig(**kw)
 
 

@@ -13,20 +13,41 @@ from trl import SFTConfig, SFTTrainer
 
 from loopalign.injection import inject_rows, load_vectors
 from loopalign.io import apply_umask_tree
+from loopalign.models.contract import trained_loops
 
 from ..common import AtomicCheckpointMixin, default_bf16, model_and_tokenizer
-from .data import IntrospectionSFTCollator, sft_features, validate_injection_rows
+from .data import (
+    NORM_MATCHED_HELP,
+    IntrospectionSFTCollator,
+    sft_features,
+    training_site_norms,
+    validate_injection_rows,
+    with_num_loops,
+)
 
 __all__ = ["IntrospectionSFTConfig", "IntrospectionSFTTrainer"]
 
 
 @dataclass
 class IntrospectionSFTConfig(SFTConfig):
-    """TRL's SFTConfig for the supervised introspection mode (targets on injected and control trials)."""
+    """TRL's SFTConfig for the supervised introspection mode (targets on injected and control trials).
+
+    Parameters:
+        concept_vectors (`str` or `None`, *optional*, defaults to `None`):
+            Concept vectors (.safetensors from data_builders.injection); the trainer's ``concept_vectors``
+            argument wins.
+        norm_matched (`bool`, *optional*, defaults to `False`):
+            Strengths as fractions of the residual-stream norm at the injection site (num_loops, injection loop,
+            layer), not multiples of the concept vector, as ``IntrospectionConfig(norm_matched=True)`` in the
+            evaluation. The norms are measured once, before training, on the untrained model over the training
+            rows' distinct prompts (:func:`~loopalign.trainers.introspection.data.training_site_norms`): a fixed
+            yardstick that does not move with training.
+    """
 
     concept_vectors: str | None = field(
         default=None, metadata={"help": "Concept vectors (.safetensors from data_builders.injection)."}
     )
+    norm_matched: bool = field(default=False, metadata={"help": NORM_MATCHED_HELP})
 
     def __post_init__(self):
         self.bf16 = default_bf16(self.bf16)
@@ -65,6 +86,14 @@ class IntrospectionSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         self._hidden_size = int(model.config.hidden_size)
         for ds in (train_dataset, *([] if eval_dataset is None else [eval_dataset])):
             validate_injection_rows(ds, self.concept_vectors, model.config)
+        #: {(num_loops, injection loop, layer): residual-stream norm} with args.norm_matched, measured here on the
+        #: untrained model (a fixed yardstick); None: strengths are multiples of the concept vector
+        self.site_norms = None
+        if args.norm_matched:
+            loops = trained_loops(model)
+            train_dataset = with_num_loops(train_dataset, loops)
+            eval_dataset = None if eval_dataset is None else with_num_loops(eval_dataset, loops)
+            self.site_norms = training_site_norms(model, processing_class, train_dataset, eval_dataset)
         features = sft_features(train_dataset, processing_class, args.max_length)
         eval_features = None if eval_dataset is None else sft_features(eval_dataset, processing_class, args.max_length)
         super().__init__(
@@ -74,7 +103,7 @@ class IntrospectionSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
             eval_dataset=eval_features,
             processing_class=processing_class,
             data_collator=IntrospectionSFTCollator(
-                processing_class.pad_token_id, self.concept_vectors, self._hidden_size
+                processing_class.pad_token_id, self.concept_vectors, self._hidden_size, self.site_norms
             ),
             peft_config=peft_config,
             **kwargs,
