@@ -34,20 +34,22 @@ figures, timings, and the size and sha256 of every model and tokenizer file: loa
 so a damaged cache fails naming the file and the command that rebuilds it instead of loading with
 NaN logits).
 
-The organism wing holds three organisms, each a configuration of one training loop
+The organism wing holds four organisms, each a configuration of one training loop
 (:func:`.train.train_steps`) and one build under a lock (:func:`.build.ensure_cached_build`, :func:`.build.write_build`),
 cached under one root with one hash rule (:func:`.config.build_hash`) and one file check:
 
 - ``"organism"``: this module's Ouro organism (the gap organism);
 - ``"huginn_organism"``: :mod:`.huginn`, the same tasks and data in Huginn's recurrent-depth shape;
-- ``"introspection_organism"``: :mod:`.introspection`, a tiny Ouro that knows the concept words.
+- ``"introspection_organism"``: :mod:`.introspection`, a tiny Ouro that knows the concept words;
+- ``"nameable_organism"``: :mod:`.nameable`, that organism taught to say a word whose concept vector is injected
+  (the positive control's precondition, issue #29 item 4).
 
-Importing this package registers the three as named models of :func:`loopalign.loading.load_model`
+Importing this package registers the four as named models of :func:`loopalign.loading.load_model`
 (:func:`loopalign.loading.register_named_model`); importing ``loopalign`` imports it.
 
 Modules: :mod:`.config` (the recipe), :mod:`.cache` (where builds live, their checks), :mod:`.data`,
 :mod:`.train` (the one training loop), :mod:`.evaluate`, :mod:`.card` (the model card), :mod:`.build` (build under a
-lock, load), :mod:`.huginn`, :mod:`.introspection`.
+lock, load), :mod:`.huginn`, :mod:`.introspection`, :mod:`.nameable`.
 """
 
 from loopalign.loading import register_named_model
@@ -70,14 +72,17 @@ from .data import DIGIT_GROUP_FIELD, organism_eval_records, organism_tasks, trai
 from .evaluate import evaluate_organism, organism_properties, organism_slices
 from .huginn import load_huginn_organism
 from .introspection import INTROSPECTION_ORGANISM, load_introspection_organism
+from .nameable import NAMEABLE_ORGANISM, load_nameable_organism
 from .train import TrainResult, expected_build_seconds, train_organism, train_steps
 
 register_named_model("organism", load_organism)
 register_named_model("huginn_organism", load_huginn_organism)
 register_named_model(INTROSPECTION_ORGANISM, load_introspection_organism)
+register_named_model(NAMEABLE_ORGANISM, load_nameable_organism)
 
 __all__ = [
     "INTROSPECTION_ORGANISM",
+    "NAMEABLE_ORGANISM",
     "RECIPE_VERSION",
     "OrganismConfig",
     "TrainResult",
@@ -87,6 +92,7 @@ __all__ = [
     "load_organism",
     "load_huginn_organism",
     "load_introspection_organism",
+    "load_nameable_organism",
     "train_steps",
     "build_organism",
     "train_organism",
