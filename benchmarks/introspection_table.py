@@ -7,6 +7,7 @@ intervals) and ``trials.jsonl`` (the graded trials). Printed: the baseline table
 identification against chance, false positives, random-vector claims, incoherence by strength, leakage) at one
 (loop count, injection loop), then the two rules' verdicts recomputed from the trials: detection minus false
 positives (from the summary) and the concept-specific rule (``specificity_verdict``, concept-clustered bootstrap).
+Then the layer sweep: the same rates per injection layer, pooled over strengths.
 ``--out`` writes the same text to a file.
 """
 
@@ -81,6 +82,27 @@ def baseline_lines(summary: dict, row: dict, num_loops: int, injection_loop: int
     ]
 
 
+def layer_lines(summary: dict, num_loops: int, injection_loop: int) -> list[str]:
+    """The layer sweep at one (loop count, injection loop): per injection layer, pooled over strengths, detection,
+    identification, incoherent injection trials and random-vector claims (rates in %, with their counts)."""
+    cells = [c for c in summary["cells"] if c["num_loops"] == num_loops and c["injection_loop"] == injection_loop]
+    random = [c for c in summary["random"] if c["num_loops"] == num_loops and c["injection_loop"] == injection_loop]
+    lines = [
+        "| layer | detection | identification | incoherent | random-vector claims | n (injection / random) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for layer in sorted({int(c["layer"]) for c in cells}):
+        at = [c for c in cells if int(c["layer"]) == layer]
+        rand = [c for c in random if int(c["layer"]) == layer]
+        (det, n), (ident, _), (inc, _) = (_pooled(at, m) for m in ("detection", "identification", "incoherent"))
+        rand_rate, n_rand = _pooled(rand, "detection")
+        lines.append(
+            f"| {layer} | {100 * det:.1f} | {100 * ident:.1f} | {100 * inc:.0f} | {100 * rand_rate:.1f} | "
+            f"{n} / {n_rand} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     paths = [os.path.join(args.run, name) for name in ("introspection.json", "trials.jsonl")]
@@ -100,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     chance = 1.0 / args.concept_words
     row = site_row(summary, num_loops, args.injection_loop)
     lines = baseline_lines(summary, row, num_loops, args.injection_loop, chance)
+    lines += ["", *layer_lines(summary, num_loops, args.injection_loop)]
     verdict = specificity_verdict(trials, args.injection_loop, num_loops, args.concept_words, n_boot=args.n_boot)
     holds = [k for k in ("specific_holds", "beyond_fp_holds", "identification_holds") if verdict[k]]
     lines += [

@@ -8,8 +8,8 @@ introspection: after the same word stage, a **steering stage** trains, beside th
 words), rows where a word's concept vector (the library's extraction, at the last loop and the default vector layer,
 re-extracted from the model being trained every ``steer_refresh`` steps, so the vectors it learns to read are the
 ones a recipe extracts from the finished model) is injected, norm-matched, into a neutral request for a word
-(:data:`loopalign.eval.introspection.nameability.NAMEABILITY_PROMPTS`, half of them after one earlier exchange
-about another word), and the target is ``{Word}.``; only the last loop's readout is supervised on those rows (the
+(:data:`loopalign.eval.introspection.nameability.NAMEABILITY_PROMPTS`, after 0-3 earlier exchanges about other
+words), and the target is the word alone (``{Word}.``) or after a lead-in (``I am thinking about {word}.``); only the last loop's readout is supervised on those rows (the
 injection is at the last loop). Every one of the 149 words is steered, the held-out concepts of the recipes'
 split included: "held out" in the positive control means never in *introspection* training, and nameability is
 the pretrained ability it presupposes, as in an LLM. The trial question, the researcher's text and the control
@@ -29,6 +29,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +69,12 @@ __all__ = [
     "steering_rows",
 ]
 
+#: the replies a steering row is trained on: the word alone, and the word stage's own second sentence (so the word
+#: is read from the injection after a lead-in too, not only as the reply's first token); never the trial's report
+STEER_FRAMES: tuple[str, ...] = ("{Word}.", "I am thinking about {word}.")
 #: the model name the introspection recipes resolve to this organism
 NAMEABLE_ORGANISM = "nameable_organism"
-NAMEABLE_VERSION = 1
+NAMEABLE_VERSION = 2
 REBUILD_COMMAND = 'python -c "from loopalign.organism.nameable import ensure_nameable_organism as e; e(force=True)"'
 
 
@@ -79,12 +83,13 @@ class NameableOrganismConfig(IntrospectionOrganismConfig):
     """The introspection organism's word stage, then the steering stage (its hash names the cache folder)."""
 
     nameable_version: int = NAMEABLE_VERSION
-    steer_steps: int = 1000  # optimiser steps of the steering stage
+    steer_steps: int = 1500  # optimiser steps of the steering stage
     steer_batch_size: int = 16  # steering rows per step (beside batch_size word rows)
     steer_learning_rate: float = 1e-3  # AdamW, constant after 20 warm-up steps
     steer_strengths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # fractions of the residual norm at the site
     steer_refresh: int = 50  # steps between re-extractions of the concept vectors from the model in training
-    steer_context_share: float = 0.5  # share of steering rows after one earlier exchange about another word
+    steer_max_context: int = 3  # earlier exchanges (about other words) before a steering row's request: 0..this
+    steer_frames: tuple[str, ...] = STEER_FRAMES  # the replies a steering row is trained on, one drawn per row
 
     def __post_init__(self):
         super().__post_init__()
@@ -94,9 +99,12 @@ class NameableOrganismConfig(IntrospectionOrganismConfig):
                 raise ConfigError(f"NameableOrganismConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.steer_strengths or any(not s > 0 for s in self.steer_strengths):
             raise ConfigError(f"NameableOrganismConfig.steer_strengths must be > 0, got {self.steer_strengths}")
-        if not 0.0 <= self.steer_context_share <= 1.0:
+        if self.steer_max_context < 0:
+            raise ConfigError(f"NameableOrganismConfig.steer_max_context must be >= 0, got {self.steer_max_context}")
+        self.steer_frames = tuple(self.steer_frames)
+        if not self.steer_frames or any("{word}" not in f.lower() for f in self.steer_frames):
             raise ConfigError(
-                f"NameableOrganismConfig.steer_context_share must be in [0, 1], got {self.steer_context_share}"
+                f"NameableOrganismConfig.steer_frames must each hold {{word}} or {{Word}}, got {self.steer_frames}"
             )
         if not self.steer_learning_rate > 0:
             raise ConfigError(f"NameableOrganismConfig.steer_learning_rate must be > 0, got {self.steer_learning_rate}")
@@ -118,15 +126,17 @@ def nameable_organism_path(config: NameableOrganismConfig | None = None, cache_d
     return cache_root(cache_dir) / (config or NameableOrganismConfig()).folder_name()
 
 
-def steering_rows(tokenizer, word: str, prompt: str, context_word: str | None = None) -> tuple[list[int], int, int]:
-    """One steering row: (token ids of the request (after one exchange about ``context_word`` when given) and the
-    target ``{Word}.``, the injection start (the last user turn's first token), the prompt length)."""
+def steering_rows(
+    tokenizer, word: str, prompt: str, context_words: Sequence[str] = (), frame: str = STEER_FRAMES[0]
+) -> tuple[list[int], int, int]:
+    """One steering row: (token ids of the request (after one earlier exchange per word of ``context_words``) and the
+    reply ``frame`` with the word, the injection start (the last user turn's first token), the prompt length)."""
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     messages = []
-    if context_word:
-        messages = [
-            {"role": "user", "content": f"Tell me about {context_word.lower()}"},
-            {"role": "assistant", "content": word_reply(context_word)},
+    for other in context_words:
+        messages += [
+            {"role": "user", "content": f"Tell me about {other.lower()}"},
+            {"role": "assistant", "content": word_reply(other)},
         ]
     start = 0
     if messages:
@@ -135,8 +145,8 @@ def steering_rows(tokenizer, word: str, prompt: str, context_word: str | None = 
     text = render_chat(tokenizer, [*messages, {"role": "user", "content": prompt}])
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if messages and ids[:start] != list(before["input_ids"]):
-        raise ValueError("the chat template does not render the earlier exchange as a prefix of the conversation")
-    reply = tokenizer.encode(f"{word}.", add_special_tokens=False) + [end]
+        raise ValueError("the chat template does not render the earlier exchanges as a prefix of the conversation")
+    reply = tokenizer.encode(frame.format(Word=word, word=word.lower()), add_special_tokens=False) + [end]
     return ids + reply, start, len(ids)
 
 
@@ -173,8 +183,8 @@ def train_steer_stage(result: TrainResult, config: NameableOrganismConfig, progr
             vecs.append(torch.zeros(hidden))
         for _ in range(config.steer_batch_size):  # steering rows: the last loop supervised
             w, p = rng.choice(words), rng.choice(NAMEABILITY_PROMPTS)
-            other = rng.choice([x for x in words if x != w]) if rng.random() < config.steer_context_share else None
-            ids, start, n = steering_rows(tokenizer, w, p, other)
+            others = rng.sample([x for x in words if x != w], rng.randint(0, config.steer_max_context))
+            ids, start, n = steering_rows(tokenizer, w, p, others, rng.choice(config.steer_frames))
             v = state["vectors"].vector(w, loop, layer).float()
             s = rng.choice(config.steer_strengths)
             seqs.append((ids, n, start))

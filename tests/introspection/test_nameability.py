@@ -57,10 +57,13 @@ def test_steering_rows_inject_from_the_last_user_turn_and_target_the_word():
     tok = local_tokenizer(1024)
     ids, start, n = steering_rows(tok, "Snow", NAMEABILITY_PROMPTS[0])
     assert start == 0 and tok.decode(ids[n:], skip_special_tokens=True) == "Snow."
-    ids2, start2, n2 = steering_rows(tok, "Snow", NAMEABILITY_PROMPTS[0], context_word="Desks")
+    ids2, start2, n2 = steering_rows(
+        tok, "Snow", NAMEABILITY_PROMPTS[0], ["Desks", "Milk"], "I am thinking about {word}."
+    )
     before = tok.decode(ids2[:start2])
-    assert "Tell me about desks" in before and word_reply("Desks") in before and NAMEABILITY_PROMPTS[0] not in before
-    assert NAMEABILITY_PROMPTS[0] in tok.decode(ids2[start2:n2]) and ids2[n2:] == ids[n:]
+    assert "Tell me about desks" in before and word_reply("Desks") in before and word_reply("Milk") in before
+    assert NAMEABILITY_PROMPTS[0] not in before and NAMEABILITY_PROMPTS[0] in tok.decode(ids2[start2:n2])
+    assert tok.decode(ids2[n2:], skip_special_tokens=True) == "I am thinking about snow."
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,7 @@ def built(tmp_path_factory):
 
 def test_the_build_is_cached_and_records_held_out_nameability_in_both_contexts(built):
     cache, path = built
-    assert path == nameable_organism_path(SMALL, cache) and path.name.startswith("nameable-organism-v1-")
+    assert path == nameable_organism_path(SMALL, cache) and path.name.startswith("nameable-organism-v2-")
     meta = json.loads((path / "organism.json").read_text())
     assert (
         meta["config"] == json.loads(json.dumps(SMALL.to_dict()))
@@ -121,8 +124,10 @@ def test_bad_options_fail_before_generation(built):
         nameability(model, tok, cv, ["Snow"], 3, 0, context="chat")
     with pytest.raises(ValueError, match="strengths"):
         nameability(model, tok, cv, ["Snow"], 3, 0, strengths=(0.0,))
-    with pytest.raises(ValueError, match="steer_context_share"):
-        NameableOrganismConfig(steer_context_share=1.5)
+    with pytest.raises(ValueError, match="steer_max_context"):
+        NameableOrganismConfig(steer_max_context=-1)
+    with pytest.raises(ValueError, match="steer_frames"):
+        NameableOrganismConfig(steer_frames=("The thought is about it.",))
     with pytest.raises(ValueError, match="steer_steps"):
         NameableOrganismConfig(steer_steps=0)
     assert torch.is_tensor(cv.vector("Snow", 3, 0))
