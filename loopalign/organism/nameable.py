@@ -6,8 +6,9 @@ concept-specific detection or identification (issue #29 item 4). A real LLM is s
 direction and it talks about the concept. This organism is given that property on purpose, and nothing about
 introspection: after the same word stage, a **steering stage** trains, beside the word rows (kept so it keeps its
 words), rows where a word's concept vector (the library's extraction, at the last loop and the default vector layer,
-re-extracted from the model being trained every ``steer_refresh`` steps, so the vectors it learns to read are the
-ones a recipe extracts from the finished model) is injected, norm-matched, into a neutral request for a word
+computed in each step from the model being trained, the loss reaching the extraction site too, so the model learns
+to put what names the word where a concept vector is read as well as to read it; the norms and the baseline mean
+are refreshed every ``steer_refresh`` steps; the vectors it ends with are the ones a recipe extracts) is injected, norm-matched, into a neutral request for a word
 (:data:`loopalign.eval.introspection.nameability.NAMEABILITY_PROMPTS`, after 0-3 earlier exchanges about other
 words), and the target is the word alone (``{Word}.``) or after a lead-in (``I am thinking about {word}.``); only the last loop's readout is supervised on those rows (the
 injection is at the last loop). Every one of the 149 words is steered, the held-out concepts of the recipes'
@@ -35,10 +36,11 @@ from pathlib import Path
 
 import torch
 
-from loopalign.batching import pad_sequences, pad_token_id
+from loopalign.batching import pad_left, pad_sequences, pad_token_id
 from loopalign.errors import ConfigError
 from loopalign.eval.introspection.nameability import NAMEABILITY_PROMPTS, nameability
 from loopalign.eval.introspection.trials import split_concepts
+from loopalign.hooks import capture_activations
 from loopalign.injection import (
     BASELINE_WORDS,
     CONCEPT_WORDS,
@@ -74,7 +76,7 @@ __all__ = [
 STEER_FRAMES: tuple[str, ...] = ("{Word}.", "I am thinking about {word}.")
 #: the model name the introspection recipes resolve to this organism
 NAMEABLE_ORGANISM = "nameable_organism"
-NAMEABLE_VERSION = 2
+NAMEABLE_VERSION = 3
 REBUILD_COMMAND = 'python -c "from loopalign.organism.nameable import ensure_nameable_organism as e; e(force=True)"'
 
 
@@ -90,6 +92,9 @@ class NameableOrganismConfig(IntrospectionOrganismConfig):
     steer_refresh: int = 50  # steps between re-extractions of the concept vectors from the model in training
     steer_max_context: int = 3  # earlier exchanges (about other words) before a steering row's request: 0..this
     steer_frames: tuple[str, ...] = STEER_FRAMES  # the replies a steering row is trained on, one drawn per row
+    # the steering rows' vectors computed in the step from the model in training, the loss reaching them (else the
+    # last refresh's, fixed): the model learns to put what names the word where a concept vector is read
+    steer_vector_grad: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -160,10 +165,19 @@ def train_steer_stage(result: TrainResult, config: NameableOrganismConfig, progr
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     state: dict = {}
 
-    def refresh() -> None:  # vectors and site norms from the model as it is now
+    def site_states(batch_words: list[str]) -> torch.Tensor:
+        """[B,H] residual at the site, last token of each word's concept prompt (as the extraction reads it)."""
+        enc = pad_left([concept_prompt_ids(tokenizer, w) for w in batch_words], pad_token_id(tokenizer))
+        with capture_activations(model, [(loop, layer)], detach=False) as cap:
+            model(enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False, logits_to_keep=1)
+        return cap.get(loop, layer)[:, -1].float()
+
+    def refresh() -> None:  # vectors, the baseline mean and site norms from the model as it is now
         was = model.training
         model.eval()
         cv = extract_concept_vectors(model, tokenizer, words, num_loops=num_loops, layers=[layer], batch_size=64)
+        with torch.no_grad():
+            state["base_mean"] = site_states(list(BASELINE_WORDS)).mean(0)
         sites = []
         for p in NAMEABILITY_PROMPTS:
             ids, _, n = steering_rows(tokenizer, words[0], p)
@@ -176,7 +190,7 @@ def train_steer_stage(result: TrainResult, config: NameableOrganismConfig, progr
     def batch(step: int) -> list[dict]:
         if step % config.steer_refresh == 0:
             refresh()
-        seqs, vecs = [], []
+        seqs, vecs, steer_words, scales = [], [], [], []
         for w in (rng.choice(words) for _ in range(config.batch_size)):  # word rows: every loop supervised
             prompt = concept_prompt_ids(tokenizer, w)
             seqs.append((prompt + tokenizer.encode(word_reply(w), add_special_tokens=False) + [end], len(prompt), -1))
@@ -189,18 +203,25 @@ def train_steer_stage(result: TrainResult, config: NameableOrganismConfig, progr
             s = rng.choice(config.steer_strengths)
             seqs.append((ids, n, start))
             vecs.append(s * state["norms"][p] * v / v.norm().clamp_min(1e-12))
+            steer_words.append(w)
+            scales.append(s * state["norms"][p])
         ids = pad_sequences([q for q, _, _ in seqs], pad_token_id(tokenizer))
         labels = pad_sequences([[-100] * n + q[n:] for q, n, _ in seqs], -100)
         steered = torch.tensor([st >= 0 for _, _, st in seqs])
         return [{"input_ids": ids, "labels": labels, "vectors": torch.stack(vecs), "steered": steered,
-                 "starts": [max(st, 0) for _, _, st in seqs]}]  # fmt: skip
+                 "starts": [max(st, 0) for _, _, st in seqs], "steer_words": steer_words,
+                 "scales": torch.tensor(scales)}]  # fmt: skip
 
     uniform = torch.full((num_loops, 1), 1.0 / num_loops)
 
     def part_loss(part: dict) -> PartLoss:
-        steered = part["steered"]
+        steered, vectors = part["steered"], part["vectors"]
+        if config.steer_vector_grad:  # this step's vectors, differentiable: the loss reaches the extraction site
+            live = site_states(part["steer_words"]) - state["base_mean"]
+            live = live * (part["scales"] / live.norm(dim=-1).clamp_min(1e-12)).unsqueeze(-1)
+            vectors = torch.cat([vectors[~steered], live])  # the word rows come first, then the steering rows
         loops = [loop if s else -1 for s in steered.tolist()]
-        with inject_rows(model, part["vectors"], loops, [layer] * len(loops), part["starts"], num_loops=num_loops):
+        with inject_rows(model, vectors, loops, [layer] * len(loops), part["starts"], num_loops=num_loops):
             out = model(part["input_ids"], output_loop_states=True, use_cache=False, exit="last", logits_to_keep=1)
         token_losses, index = per_loop_token_losses(model.lm_head, out.loop_hidden_states, part["labels"])
         row_steered = steered[index // part["input_ids"].shape[1]]

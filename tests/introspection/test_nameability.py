@@ -74,7 +74,7 @@ def built(tmp_path_factory):
 
 def test_the_build_is_cached_and_records_held_out_nameability_in_both_contexts(built):
     cache, path = built
-    assert path == nameable_organism_path(SMALL, cache) and path.name.startswith("nameable-organism-v2-")
+    assert path == nameable_organism_path(SMALL, cache) and path.name.startswith("nameable-organism-v3-")
     meta = json.loads((path / "organism.json").read_text())
     assert (
         meta["config"] == json.loads(json.dumps(SMALL.to_dict()))
