@@ -1,14 +1,16 @@
-"""The introspection baseline's table and verdicts, regenerated from a run's own JSON (docs/introspection.md).
+"""Introspection tables and verdicts, regenerated from runs' own JSON (docs/introspection.md).
 
     python benchmarks/introspection_table.py docs/figures/runs/introspection_smollm2_baseline --concept-words 50
+    python benchmarks/introspection_table.py docs/figures/runs/nameable_control_s{0,1,2} --concept-words 50 \
+        --num-loops 4 --injection-loop 3
 
 RUN_DIR is an ``eval-introspection`` output folder: ``introspection.json`` (its ``summary``: rates with Wilson
 intervals) and ``trials.jsonl`` (the graded trials). Printed: the baseline table of the docs (detection, by strength,
 identification against chance, false positives, random-vector claims, incoherence by strength, leakage) at one
 (loop count, injection loop), then the two rules' verdicts recomputed from the trials: detection minus false
 positives (from the summary) and the concept-specific rule (``specificity_verdict``, concept-clustered bootstrap).
-Then the layer sweep: the same rates per injection layer, pooled over strengths.
-``--out`` writes the same text to a file.
+Then the layer sweep: the same rates per injection layer, pooled over strengths. With several folders (seeds of a
+positive control), one row per run of the concept-specific rule's parts instead. ``--out`` writes the text to a file.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from loopalign.io import atomic_write_text
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="an eval-introspection output folder (introspection.json, trials.jsonl)")
+    parser.add_argument(
+        "run",
+        nargs="+",
+        help="an eval-introspection output folder (introspection.json, trials.jsonl); with several (e.g. seeds), one "
+        "row each of the concept-specific rule's parts instead of the single run's tables",
+    )
     parser.add_argument("--concept-words", type=int, required=True, help="the vocabulary identification is among")
     parser.add_argument("--num-loops", type=int, default=None, help="default: the run's only loop count")
     parser.add_argument("--injection-loop", type=int, default=0)
@@ -103,23 +110,63 @@ def layer_lines(summary: dict, num_loops: int, injection_loop: int) -> list[str]
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    paths = [os.path.join(args.run, name) for name in ("introspection.json", "trials.jsonl")]
+def read_run(run: str, num_loops: int | None) -> tuple[dict, list[dict], int]:
+    """(summary, graded trials, loop count) of an eval-introspection folder; SystemExit naming what is missing."""
+    paths = [os.path.join(run, name) for name in ("introspection.json", "trials.jsonl")]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise SystemExit(f"error: {args.run}: no {', '.join(os.path.basename(p) for p in missing)}")
-    if args.concept_words < 1:
-        raise SystemExit(f"error: --concept-words must be >= 1, got {args.concept_words}")
+        raise SystemExit(f"error: {run}: no {', '.join(os.path.basename(p) for p in missing)}")
     with open(paths[0]) as f:
         summary = json.load(f)["summary"]
     with open(paths[1]) as f:
         trials = [json.loads(line) for line in f if line.strip()]
     loop_counts = sorted({r["num_loops"] for r in summary["by_injection_loop"]})
-    num_loops = args.num_loops if args.num_loops is not None else loop_counts[0]
-    if args.num_loops is None and len(loop_counts) > 1:
-        raise SystemExit(f"error: the run has loop counts {loop_counts}: pick one with --num-loops")
+    if num_loops is None and len(loop_counts) > 1:
+        raise SystemExit(f"error: {run} has loop counts {loop_counts}: pick one with --num-loops")
+    return summary, trials, num_loops if num_loops is not None else loop_counts[0]
+
+
+def _run_name(run: str) -> str:
+    """A run's name in the table: its folder, or the recipe's output folder for its ``before/`` / ``after/``."""
+    path = os.path.normpath(run)
+    return os.path.basename(os.path.dirname(path) if os.path.basename(path) in ("before", "after") else path)
+
+
+def verdict_row(name: str, verdict: dict) -> str:
+    """One run's row of the concept-specific rule: its parts with their concept-clustered intervals, what holds."""
+    holds = {"specific_holds": "1", "beyond_fp_holds": "2", "identification_holds": "3"}
+    held = [n for k, n in holds.items() if verdict[k]]
+    return (
+        f"| {name} | {_signed(verdict['detection'])} | {_signed(verdict['random_claims'])} | "
+        f"{_signed(verdict['question_drift'])} | {_signed(verdict['specific_detection'])} | "
+        f"{_signed(verdict['detection_minus_fp'])} | {_signed(verdict['identification'])} | "
+        f"{'yes' if verdict['holds'] else 'no'} ({', '.join(held) or 'none'} of 1, 2, 3) |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.concept_words < 1:
+        raise SystemExit(f"error: --concept-words must be >= 1, got {args.concept_words}")
+    runs = [(run, *read_run(run, args.num_loops)) for run in args.run]  # every folder checked before any bootstrap
     chance = 1.0 / args.concept_words
+    if len(runs) > 1:
+        lines = [
+            "| run | detection | random-vector claims | control-question drift | specific detection | detection − FP "
+            "| identification | holds (parts) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for run, _, trials, num_loops in runs:
+            verdict = specificity_verdict(
+                trials, args.injection_loop, num_loops, args.concept_words, n_boot=args.n_boot
+            )
+            lines.append(verdict_row(_run_name(run), verdict))
+        text = "\n".join(lines) + "\n"
+        if args.out:
+            atomic_write_text(args.out, text)
+        sys.stdout.write(text)
+        return 0
+    ((_, summary, trials, num_loops),) = runs
     row = site_row(summary, num_loops, args.injection_loop)
     lines = baseline_lines(summary, row, num_loops, args.injection_loop, chance)
     lines += ["", *layer_lines(summary, num_loops, args.injection_loop)]

@@ -245,3 +245,26 @@ def test_the_introspection_baseline_in_the_docs_is_what_its_command_prints(tmp_p
         assert figure in doc, f"docs/introspection.md lacks {figure!r}"
     with pytest.raises(SystemExit, match="no introspection.json"):
         benchmark_script("introspection_table").main([str(tmp_path), "--concept-words", "50"])
+
+
+def test_the_nameable_control_and_nameability_tables_in_the_docs_are_what_their_commands_print(
+    tmp_path, benchmark_script
+):
+    """docs/introspection.md's positive-control table (one row per run, the concept-specific rule's parts from the
+    kept trials) and its nameability table (from the kept JSON) are what the benchmark scripts print."""
+    runs = ROOT / "docs" / "figures" / "runs"
+    doc = (ROOT / "docs" / "introspection.md").read_text().splitlines()
+    out = tmp_path / "control.md"
+    folders = [str(runs / f"nameable_control_{r}") for r in ("v1", "v2", "s0", "s1", "s2")]
+    args = [*folders, "--concept-words", "50", "--num-loops", "4", "--injection-loop", "3", "--out", str(out)]
+    assert benchmark_script("introspection_table").main(args) == 0
+    printed = out.read_text().splitlines()
+    assert len(printed) == 2 + 5 and printed[2].startswith("| nameable_control_v1 |")
+    for line in printed:
+        assert line in doc, f"docs/introspection.md lacks the row {line!r}"
+    for name in ("nameability.json", "nameability_earlier_versions.json"):
+        lines = benchmark_script("nameability").table_lines(json.loads((runs / "nameable_organism" / name).read_text()))
+        for line in lines[2:]:
+            assert line in doc, f"docs/introspection.md lacks the row {line!r}"
+    with pytest.raises(SystemExit, match="no introspection.json"):
+        benchmark_script("introspection_table").main([folders[0], str(tmp_path), "--concept-words", "50"])

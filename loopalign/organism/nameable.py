@@ -5,15 +5,17 @@ never makes it say the word (0/192 held-out trials): so a positive control on it
 concept-specific detection or identification (issue #29 item 4). A real LLM is steerable: add a concept's
 direction and it talks about the concept. This organism is given that property on purpose, and nothing about
 introspection: after the same word stage, a **steering stage** trains, beside the word rows (kept so it keeps its
-words), rows where a word's concept vector (the library's extraction, at the last loop and the default vector layer,
-computed in each step from the model being trained, the loss reaching the extraction site too, so the model learns
-to put what names the word where a concept vector is read as well as to read it; the norms and the baseline mean
-are refreshed every ``steer_refresh`` steps; the vectors it ends with are the ones a recipe extracts) is injected, norm-matched, into a neutral request for a word
-(:data:`loopalign.eval.introspection.nameability.NAMEABILITY_PROMPTS`, after 0-3 earlier exchanges about other
-words), and the target is the word alone (``{Word}.``) or after a lead-in (``I am thinking about {word}.``); only the last loop's readout is supervised on those rows (the
-injection is at the last loop). Every one of the 149 words is steered, the held-out concepts of the recipes'
-split included: "held out" in the positive control means never in *introspection* training, and nameability is
-the pretrained ability it presupposes, as in an LLM. The trial question, the researcher's text and the control
+words), rows where a word's concept vector is injected, norm-matched, at the last loop and the default vector layer
+into a neutral request for a word (:data:`loopalign.eval.introspection.nameability.NAMEABILITY_PROMPTS`, after 0-3
+earlier exchanges about other words); the target is the word alone (``{Word}.``) or after a lead-in (``I am
+thinking about {word}.``), and only the last loop's readout is supervised on those rows. The vectors are the
+library's extraction (the concept prompt's last-token state at the site minus the baseline words' mean), computed
+in each step from the model being trained with the loss reaching the extraction site, so the model learns to put
+what names the word where a concept vector is read as well as to read it (with vectors fixed between refreshes,
+held-out concepts were named 17-29%; with the gradient, 73-83%). The baseline mean and the site norms are refreshed
+every ``steer_refresh`` steps. Every one of the 149 words is steered, the held-out concepts of the recipes' split
+included: "held out" in the positive control means never in *introspection* training, and nameability is the
+pretrained ability it presupposes, as in an LLM. The trial question, the researcher's text and the control
 questions never appear.
 
 The build records nameability of the held-out concepts (:func:`loopalign.eval.introspection.nameability.nameability`)
@@ -21,7 +23,7 @@ on a neutral request no build trains on and in the trial transcript, which it ne
 ``nameability``. Cached like the introspection organism (``nameable-organism-v{version}-{hash}``).
 
     from loopalign.organism.nameable import load_nameable_organism
-    model, tokenizer = load_nameable_organism()  # about 7 minutes on one core the first time
+    model, tokenizer = load_nameable_organism()  # 10-13 minutes on one shared core the first time
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ __all__ = [
     "load_nameable_organism",
     "build_nameable_organism",
     "steering_rows",
+    "held_out_nameability",
 ]
 
 #: the replies a steering row is trained on: the word alone, and the word stage's own second sentence (so the word
@@ -247,14 +250,16 @@ def train_steer_stage(result: TrainResult, config: NameableOrganismConfig, progr
         )
 
 
-def held_out_nameability(model, tokenizer, config: NameableOrganismConfig) -> dict:
-    """Nameability of the recipes' held-out concepts (``split_concepts(CONCEPT_WORDS)``, 12 words) at the steering
-    site, on a neutral request no build trains on and in the trial transcript. -> {"neutral": ..., "trial": ...}."""
-    loop, layer = config.num_loops - 1, default_vector_layer(model.config)
+def held_out_nameability(model, tokenizer, strengths: Sequence[float] = (0.5, 1.0, 2.0, 4.0)) -> dict:
+    """Nameability of the recipes' held-out concepts (``split_concepts(CONCEPT_WORDS)``, 12 words) at the last loop and
+    the default vector layer, among the 149 protocol words, on a neutral request no build trains on and in the trial
+    transcript, at each norm-matched strength. -> {"neutral": ..., "trial": ...} (any model of the protocol)."""
+    num_loops = int(getattr(model.config, "total_ut_steps", 1))
+    loop, layer = num_loops - 1, default_vector_layer(model.config)
     _, held = split_concepts(CONCEPT_WORDS)
-    cv = extract_concept_vectors(model, tokenizer, _words(), num_loops=config.num_loops, layers=[layer], batch_size=64)
+    cv = extract_concept_vectors(model, tokenizer, _words(), num_loops=num_loops, layers=[layer], batch_size=64)
     return {
-        context: nameability(model, tokenizer, cv, held, loop, layer, config.steer_strengths, context, _words())
+        context: nameability(model, tokenizer, cv, held, loop, layer, strengths, context, _words())
         for context in ("neutral", "trial")
     }
 
@@ -272,7 +277,7 @@ def build_nameable_organism(
         steered = train_steer_stage(words, config, progress)
         model, tokenizer = steered.model, steered.tokenizer
         with torch_threads(config.num_threads):
-            named = held_out_nameability(model, tokenizer, config)
+            named = held_out_nameability(model, tokenizer, config.steer_strengths)
             accuracy = word_accuracy(model, tokenizer)
         files = save_trained(tmp, model, tokenizer)
         meta = {
