@@ -3,10 +3,13 @@
 
     python benchmarks/verdict_table.py RUN_DIR [RUN_DIR ...]
     python benchmarks/verdict_table.py docs/figures/runs/cure_organism_v3_*
+    python benchmarks/verdict_table.py --per-loop docs/figures/runs/HL100_healed_loops_s0
 
 Printed at the verdict depth, in points (95% paired cluster-bootstrap intervals): SV and RR before → after, part
 (a) SV after − RR before, (b) RR after − SV after, (c) the refitted dRR and the frozen before-probe's drift, (d)
-dTP, (e) saturation, (f) the flag, and the outcome the run printed.
+dTP, (e) saturation, (f) the flag, and the outcome the run printed. With ``--per-loop`` (one run): a row per loop
+evaluated (the verdict depth marked, loops past it marked as extrapolation), SV and RR before → after on the
+headline metric and on AUROC, dSV, the refitted dRR and the frozen before-probe's drift, with their intervals.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="sft-gap output folders (or their compare.json files)")
+    parser.add_argument("--per-loop", action="store_true", help="one run: a row per loop instead of one per run")
     return parser
 
 
@@ -55,6 +59,27 @@ def run_row(path: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def per_loop_table(path: str) -> str:
+    """One run's figures per loop (``compare.json`` rows)."""
+    file = path if path.endswith(".json") else os.path.join(path, "compare.json")
+    with open(file) as f:
+        comparison = json.load(f)
+    lines = [
+        "| loop | SV before → after | RR before → after | SV AUROC before → after | RR AUROC before → after | dSV | "
+        "dRR (refitted) | RR frozen − RR before |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in [*comparison["rows"], *(comparison.get("extrapolation") or [])]:
+        mark = " (verdict)" if r.get("in_verdict") else " (extrapolation)" if r.get("extrapolation") else ""
+        drift = _ci(r, "rr_drift") if "rr_drift" in r else "–"
+        lines.append(
+            f"| {r['loop']}{mark} | {_pct(r['sv_before'])} → {_pct(r['sv_after'])} | {_pct(r['rr_before'])} → "
+            f"{_pct(r['rr_after'])} | {_pct(r['sv_auroc_before'])} → {_pct(r['sv_auroc_after'])} | "
+            f"{_pct(r['rr_auroc_before'])} → {_pct(r['rr_auroc_after'])} | {_ci(r, 'd_sv')} | {_ci(r, 'd_rr')} | {drift} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def table(paths: list[str]) -> str:
     lines = [
         "| run | SV before → after | RR before → after | (a) SV after − RR before | (b) RR after − SV after | "
@@ -66,7 +91,9 @@ def table(paths: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    sys.stdout.write(table(args.runs))
+    if args.per_loop and len(args.runs) != 1:
+        raise SystemExit(f"error: --per-loop takes one run, got {len(args.runs)}")
+    sys.stdout.write(per_loop_table(args.runs[0]) if args.per_loop else table(args.runs))
     return 0
 
 

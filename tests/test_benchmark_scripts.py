@@ -191,6 +191,22 @@ def test_verdict_table_reads_each_part_and_the_outcome_from_a_runs_compare_json(
     assert verdict_table.main([str(run), str(tmp_path)]) == 0
 
 
+def test_verdict_table_per_loop_gives_a_row_per_loop_marking_the_verdict_depth_and_extrapolation(benchmark_script):
+    """benchmarks/verdict_table.py --per-loop: one run's compare.json rows and extrapolation rows, in loop order."""
+    verdict_table = benchmark_script("verdict_table")
+    run = ROOT / "docs" / "figures" / "runs" / "cure_organism_v3_avx512_seed1"
+    comparison = json.loads((run / "compare.json").read_text())
+    rows = verdict_table.per_loop_table(str(run)).splitlines()[2:]
+    loops = [*comparison["rows"], *comparison["extrapolation"]]
+    assert len(rows) == len(loops) == 6
+    for line, r in zip(rows, loops):
+        mark = " (verdict)" if r["in_verdict"] else " (extrapolation)" if r["extrapolation"] else ""
+        assert line.startswith(f"| {r['loop']}{mark} | {100 * r['sv_before']:.1f} → {100 * r['sv_after']:.1f} |")
+    assert sum("(verdict)" in line for line in rows) == 1
+    with pytest.raises(SystemExit, match="one run"):
+        verdict_table.main(["--per-loop", str(run), str(run)])
+
+
 def test_the_real_model_goals_table_in_the_docs_is_what_its_command_prints(tmp_path, benchmark_script):
     """docs/real-models.md "At a glance": its table is regenerated, line for line, by the command written above it
     from the run JSON kept in docs/figures/runs (a run added, removed or re-run without the table: this fails)."""
