@@ -1,4 +1,4 @@
-"""[architecture-2] item 4: one organism wing. The three organisms (Ouro, Huginn-shaped, introspection) are
+"""[architecture-2] item 4: one organism wing. The four organisms (Ouro, Huginn-shaped, introspection, nameable) are
 configurations of one training loop and one build under a lock, named by one hash rule, and registered as named
 models by the wing itself (no ``"module:function"`` strings in the floor-0 loader)."""
 
@@ -13,9 +13,11 @@ from loopalign import loading
 from loopalign.models.ouro import OuroForCausalLM
 from loopalign.organism import (
     INTROSPECTION_ORGANISM,
+    NAMEABLE_ORGANISM,
     OrganismConfig,
     load_huginn_organism,
     load_introspection_organism,
+    load_nameable_organism,
     load_organism,
     train_organism,
 )
@@ -28,7 +30,7 @@ from loopalign.tokenizer import local_tokenizer
 SMALL = OrganismConfig(steps=3, warmup_steps=1, batch_size=8, hidden_size=32, intermediate_size=64)
 
 
-def test_a_plain_import_of_the_loader_knows_the_three_organisms():
+def test_a_plain_import_of_the_loader_knows_the_four_organisms():
     """In a fresh process, importing only the floor-0 loader registers the wing's organisms (the package's one
     registry edge), each with the wing's own loader."""
     code = (
@@ -41,13 +43,21 @@ def test_a_plain_import_of_the_loader_knows_the_three_organisms():
         "organism": "loopalign.organism.build.load_organism",
         "huginn_organism": "loopalign.organism.huginn.load_huginn_organism",
         "introspection_organism": "loopalign.organism.introspection.load_introspection_organism",
+        "nameable_organism": "loopalign.organism.nameable.load_nameable_organism",
     }
     assert loading.NAMED_MODELS == {
         "organism": load_organism,
         "huginn_organism": load_huginn_organism,
         INTROSPECTION_ORGANISM: load_introspection_organism,
+        NAMEABLE_ORGANISM: load_nameable_organism,
     }
-    assert loading.local_model_names() == ("organism", "huginn_organism", "introspection_organism", "tiny")
+    assert loading.local_model_names() == (
+        "organism",
+        "huginn_organism",
+        "introspection_organism",
+        "nameable_organism",
+        "tiny",
+    )
 
 
 def test_a_named_model_is_registered_once():
