@@ -205,6 +205,11 @@ def test_verdict_table_per_loop_gives_a_row_per_loop_marking_the_verdict_depth_a
     assert sum("(verdict)" in line for line in rows) == 1
     with pytest.raises(SystemExit, match="one run"):
         verdict_table.main(["--per-loop", str(run), str(run)])
+    # docs/real-models.md's per-loop table of the cure on the healed looped SmolLM2 (HL100) is what it prints
+    hl100 = verdict_table.per_loop_table(str(ROOT / "docs" / "figures" / "runs" / "HL100_healed_loops_s0"))
+    doc = (ROOT / "docs" / "real-models.md").read_text().splitlines()
+    for line in hl100.splitlines():
+        assert line in doc, f"docs/real-models.md lacks the row {line!r}"
 
 
 def test_the_real_model_goals_table_in_the_docs_is_what_its_command_prints(tmp_path, benchmark_script):
