@@ -175,19 +175,23 @@ def train_steer_stage(result: TrainResult, config: NameableOrganismConfig, progr
             model(enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False, logits_to_keep=1)
         return cap.get(loop, layer)[:, -1].float()
 
-    def refresh() -> None:  # vectors, the baseline mean and site norms from the model as it is now
+    def refresh() -> None:  # site norms and the vectors' reference from the model as it is now
         was = model.training
         model.eval()
-        cv = extract_concept_vectors(model, tokenizer, words, num_loops=num_loops, layers=[layer], batch_size=64)
-        with torch.no_grad():
-            state["base_mean"] = site_states(list(BASELINE_WORDS)).mean(0)
+        if config.steer_vector_grad:  # the vectors are computed in each step: only the baseline mean is kept
+            with torch.no_grad():
+                state["base_mean"] = site_states(list(BASELINE_WORDS)).mean(0)
+        else:  # the vectors themselves, fixed until the next refresh
+            state["vectors"] = extract_concept_vectors(
+                model, tokenizer, words, num_loops=num_loops, layers=[layer], batch_size=64
+            )
         sites = []
         for p in NAMEABILITY_PROMPTS:
             ids, _, n = steering_rows(tokenizer, words[0], p)
             sites.append({"input_ids": ids[:n], "injection_start": 0, "num_loops": num_loops,
                           "injection_loop": loop, "layer": layer})  # fmt: skip
         norms = [residual_site_norms(model, [s])[(num_loops, loop, layer)] for s in sites]
-        state.update(vectors=cv, norms=dict(zip(NAMEABILITY_PROMPTS, norms)))
+        state["norms"] = dict(zip(NAMEABILITY_PROMPTS, norms))
         model.train(was)
 
     def batch(step: int) -> list[dict]:
@@ -202,12 +206,15 @@ def train_steer_stage(result: TrainResult, config: NameableOrganismConfig, progr
             w, p = rng.choice(words), rng.choice(NAMEABILITY_PROMPTS)
             others = rng.sample([x for x in words if x != w], rng.randint(0, config.steer_max_context))
             ids, start, n = steering_rows(tokenizer, w, p, others, rng.choice(config.steer_frames))
-            v = state["vectors"].vector(w, loop, layer).float()
-            s = rng.choice(config.steer_strengths)
+            scale = rng.choice(config.steer_strengths) * state["norms"][p]
             seqs.append((ids, n, start))
-            vecs.append(s * state["norms"][p] * v / v.norm().clamp_min(1e-12))
+            if config.steer_vector_grad:  # computed in part_loss
+                vecs.append(torch.zeros(hidden))
+            else:
+                v = state["vectors"].vector(w, loop, layer).float()
+                vecs.append(scale * v / v.norm().clamp_min(1e-12))
             steer_words.append(w)
-            scales.append(s * state["norms"][p])
+            scales.append(scale)
         ids = pad_sequences([q for q, _, _ in seqs], pad_token_id(tokenizer))
         labels = pad_sequences([[-100] * n + q[n:] for q, n, _ in seqs], -100)
         steered = torch.tensor([st >= 0 for _, _, st in seqs])

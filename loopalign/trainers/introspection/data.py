@@ -17,6 +17,7 @@ import torch
 from loopalign.batching import pad_right
 from loopalign.errors import ConfigError
 from loopalign.injection import injection_spec, residual_site_norms, trial_prompt
+from loopalign.models.contract import trained_loops
 
 __all__ = [
     "DETECT_TARGET",
@@ -29,6 +30,7 @@ __all__ = [
     "validate_injection_rows",
     "with_num_loops",
     "training_site_norms",
+    "norm_matched_datasets",
     "sft_features",
     "IntrospectionSFTCollator",
 ]
@@ -246,6 +248,16 @@ def training_site_norms(model, tokenizer, dataset, extra=None) -> dict[tuple[int
         for key, value in residual_site_norms(model, trials(extra)).items():
             norms.setdefault(key, value)
     return norms
+
+
+def norm_matched_datasets(model, tokenizer, train_dataset, eval_dataset=None):
+    """What a trainer with ``norm_matched`` sets up before training: both datasets given the ``num_loops`` column of
+    the model's trained loop count (:func:`with_num_loops`), and the norms measured on them
+    (:func:`training_site_norms`). -> (train dataset, eval dataset or None, site norms)."""
+    loops = trained_loops(model)
+    train_dataset = with_num_loops(train_dataset, loops)
+    eval_dataset = None if eval_dataset is None else with_num_loops(eval_dataset, loops)
+    return train_dataset, eval_dataset, training_site_norms(model, tokenizer, train_dataset, eval_dataset)
 
 
 class IntrospectionSFTCollator:

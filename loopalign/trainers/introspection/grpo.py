@@ -26,11 +26,10 @@ from trl import GRPOConfig, GRPOTrainer
 from loopalign.errors import ConfigError, ModelError
 from loopalign.injection import inject_rows, injection_spec, load_vectors
 from loopalign.io import apply_umask_tree
-from loopalign.models.contract import trained_loops
 from loopalign.rewards.introspection import DEFAULT_REWARD_WEIGHTS, REWARD_KEYS, make_reward_funcs, reward_weights
 
 from ..common import AtomicCheckpointMixin, default_bf16, model_and_tokenizer
-from .data import NORM_MATCHED_HELP, training_site_norms, validate_injection_rows, with_num_loops
+from .data import NORM_MATCHED_HELP, norm_matched_datasets, validate_injection_rows
 
 __all__ = ["IntrospectionGRPOConfig", "IntrospectionGRPOTrainer"]
 
@@ -118,10 +117,9 @@ class IntrospectionGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
         if args.norm_matched:
             if processing_class is None:
                 model, processing_class = model_and_tokenizer(model, None)
-            loops = trained_loops(model)
-            train_dataset = with_num_loops(train_dataset, loops)
-            eval_dataset = None if eval_dataset is None else with_num_loops(eval_dataset, loops)
-            self.site_norms = training_site_norms(model, processing_class, train_dataset, eval_dataset)
+            train_dataset, eval_dataset, self.site_norms = norm_matched_datasets(
+                model, processing_class, train_dataset, eval_dataset
+            )
         if reward_funcs is None:
             reward_funcs, weights = make_reward_funcs(args.introspection_rewards, judge)
             args.reward_weights = weights

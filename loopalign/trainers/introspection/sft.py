@@ -13,16 +13,14 @@ from trl import SFTConfig, SFTTrainer
 
 from loopalign.injection import inject_rows, load_vectors
 from loopalign.io import apply_umask_tree
-from loopalign.models.contract import trained_loops
 
 from ..common import AtomicCheckpointMixin, default_bf16, model_and_tokenizer
 from .data import (
     NORM_MATCHED_HELP,
     IntrospectionSFTCollator,
+    norm_matched_datasets,
     sft_features,
-    training_site_norms,
     validate_injection_rows,
-    with_num_loops,
 )
 
 __all__ = ["IntrospectionSFTConfig", "IntrospectionSFTTrainer"]
@@ -90,10 +88,9 @@ class IntrospectionSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         #: untrained model (a fixed yardstick); None: strengths are multiples of the concept vector
         self.site_norms = None
         if args.norm_matched:
-            loops = trained_loops(model)
-            train_dataset = with_num_loops(train_dataset, loops)
-            eval_dataset = None if eval_dataset is None else with_num_loops(eval_dataset, loops)
-            self.site_norms = training_site_norms(model, processing_class, train_dataset, eval_dataset)
+            train_dataset, eval_dataset, self.site_norms = norm_matched_datasets(
+                model, processing_class, train_dataset, eval_dataset
+            )
         features = sft_features(train_dataset, processing_class, args.max_length)
         eval_features = None if eval_dataset is None else sft_features(eval_dataset, processing_class, args.max_length)
         super().__init__(
