@@ -38,20 +38,62 @@ def test_an_unknown_command_fails_naming_it(capsys):
 
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_each_command_help_is_the_scripts_own(command, capsys):
-    """``loopalign <cmd> --help`` is the script's parser (its usage names the command); a command whose
-    module is not in this install says so instead of a traceback."""
+    """``loopalign <cmd> --help`` prints the command's shipped help (its usage names the command, loopalign's own
+    options listed); ``--help-all`` runs the script's parser, which lists everything and exits 0."""
+    assert cli.main([command, "--help"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == cli.shipped_help(command)
+    assert f"usage: loopalign {command} [--config YAML] [--OPTION VALUE ...]\n" in printed, printed[:300]
+    assert "loopalign options:" in printed and "  --" in printed  # the options are listed
     module = cli.COMMANDS[command][0]
     if not _available(module):
-        assert cli.main([command, "--help"]) == 2
+        assert cli.main([command, "--help-all"]) == 2
         assert f"command {command!r} is not available in this install (no module {module})" in capsys.readouterr().err
         return
     with pytest.raises(SystemExit) as done:
-        cli.main([command, "--help"])
+        cli.main([command, "--help-all"])
     assert done.value.code == 0
-    printed = capsys.readouterr().out
-    assert f"usage: loopalign {command} [--config YAML] [--OPTION VALUE ...]\n" in printed, printed[:300]
-    assert "loopalign options:" in printed and "  --" in printed  # the options are listed
+    full = capsys.readouterr().out
+    full = full[full.index("usage: ") :]  # (transformers prints a line on import when WANDB_MODE is offline)
+    assert full.startswith(printed.split("loopalign options:")[0])  # the same usage and description
     assert sys.argv[0] != f"loopalign {command}"  # restored
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_shipped_help_equals_the_commands_parser(command):
+    """The help shipped in loopalign_cli/help/ is what the command's parser writes (its own options, then a note
+    on the inherited ones): a changed option fails here until ``python -m loopalign.scripts.help_text`` is run."""
+    from loopalign.scripts.args import INHERITED_SECTION
+    from loopalign.scripts.help_text import command_help, shipped_text
+
+    expected = shipped_text(command)
+    assert cli.shipped_help(command) == expected, f"run: python -m loopalign.scripts.help_text ({command})"
+    full = command_help(command)
+    if f"\n{INHERITED_SECTION}:\n" in full:  # the shipped help stops where the inherited options start
+        own = full.split(f"\n{INHERITED_SECTION}:\n")[0]
+        assert expected.startswith(own) and f"loopalign {command} --help-all" in expected
+        assert len(expected) < len(full) / 2
+    else:
+        assert expected == full
+
+
+def test_version_and_help_import_neither_torch_nor_the_package():
+    """``loopalign --version``, ``--help`` and ``<command> --help`` answer from loopalign_cli, which imports the
+    standard library only: no torch, transformers, TRL or loopalign (whose import registers Ouro: seconds). A
+    command, and ``--help-all``, import their module."""
+    code = (
+        "import contextlib, io, sys\n"
+        "import loopalign_cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    codes = [loopalign_cli.main(a) for a in (['--version'], ['--help'], ['sft-gap', '--help'],\n"
+        "             ['ablate-gap', '--jobs', '1', '-h', '--', 'sft-gap', '--max_steps', '1'], ['eval-introspection', '-h'])]\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'loopalign', 'yaml') if m in sys.modules)\n"
+        "print(codes, heavy, len(out.getvalue().splitlines()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("[0, 0, 0, 0, 0] [] "), done.stdout
+    assert int(done.stdout.split()[-1]) > 100  # the help was printed
 
 
 def test_a_missing_command_module_is_named(monkeypatch, capsys):
@@ -204,7 +246,7 @@ def test_a_commands_help_lists_loopalign_options_first_under_a_one_line_usage():
     assert own < inherited
     for name in ("--eval_loops", "--dataset ", "--lora_layers", "--loss_weights", "--distill_kind"):
         assert own < text.index(name) < inherited, name
-    for name in ("--lora_r ", "--gradient_accumulation_steps", "--model_name_or_path"):
+    for name in ("--lora_r,", "--gradient_accumulation_steps", "--model_name_or_path"):
         assert text.index(name) > inherited, name
     # the regrouping moves help lines only: the same options still parse
     (script_args, training_args, model_args) = sft_gap.build_parser([]).parse_args_and_config(

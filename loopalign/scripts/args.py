@@ -380,6 +380,18 @@ def config_by_dest(parser: argparse.ArgumentParser, config: dict) -> dict:
     return out
 
 
+class CommandHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The commands' help layout: the description as written, and an option with several spellings shown once with
+    its value (``--eval_loops, --eval-loops EVAL_LOOPS``, Python 3.13's form, on every Python), so that the help
+    shipped in ``loopalign_cli/help/`` is the same text whichever Python writes or checks it."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        value = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return ", ".join(action.option_strings) + " " + value
+
+
 class CommandParser(TrlParser):
     """TRL's ``TrlParser`` whose ``--config`` YAML takes an option by any of its command-line spellings
     (:func:`config_by_dest`)."""
@@ -398,7 +410,7 @@ def make_parser(dataclass_types: Sequence[type], doc: str | None, prog: str | No
         tuple(dataclass_types),
         description=doc,
         usage=USAGE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=CommandHelpFormatter,
         **kwargs,
     )
     _sections(parser, own_fields(dataclass_types))
