@@ -212,6 +212,25 @@ def test_verdict_table_per_loop_gives_a_row_per_loop_marking_the_verdict_depth_a
         assert line in doc, f"docs/real-models.md lacks the row {line!r}"
 
 
+def test_the_hl100_against_mn_ranking_table_in_the_docs_is_the_runs_families_json():
+    """docs/real-models.md sets HL100's SV AUROC per labelled family beside MN's (the plain model, same length): each
+    cell is the runs' families.json, before -> after."""
+    runs = ROOT / "docs" / "figures" / "runs"
+    doc = (ROOT / "docs" / "real-models.md").read_text().splitlines()
+    rows = {}
+    for run in ("MN_four_families_s0", "HL100_healed_loops_s0"):
+        for r in json.loads((runs / run / "families.json").read_text())["rows"]:
+            if r["training"] == "labels":
+                cell = f"{100 * r['sv_auroc_before']:.1f} → {100 * r['sv_auroc_after']:.1f}"
+                rows.setdefault(r["family"], []).append(cell)
+    names = {"capital": "capital", "city_country": "city → country", "continent": "continent",
+             "negated_city": "negated city"}  # fmt: skip
+    assert sorted(rows) == sorted(names)
+    for family, cells in rows.items():
+        line = f"| {names[family]} | {cells[0]} | {cells[1]} |"
+        assert line in doc, f"docs/real-models.md lacks the row {line!r}"
+
+
 def test_the_real_model_goals_table_in_the_docs_is_what_its_command_prints(tmp_path, benchmark_script):
     """docs/real-models.md "At a glance": its table is regenerated, line for line, by the command written above it
     from the run JSON kept in docs/figures/runs (a run added, removed or re-run without the table: this fails)."""
