@@ -290,8 +290,9 @@ def test_the_introspection_baseline_in_the_docs_is_what_its_command_prints(tmp_p
 def test_the_nameable_control_and_nameability_tables_in_the_docs_are_what_their_commands_print(
     tmp_path, benchmark_script
 ):
-    """docs/introspection.md's positive-control table (one row per run, the concept-specific rule's parts from the
-    kept trials) and its nameability table (from the kept JSON) are what the benchmark scripts print."""
+    """docs/introspection.md's positive-control tables (one row per run, the concept-specific rule's parts from the
+    kept trials: the nameable organism's runs, and the CPU default's seeds) and its nameability table (from the kept
+    JSON) are what the benchmark scripts print."""
     runs = ROOT / "docs" / "figures" / "runs"
     doc = (ROOT / "docs" / "introspection.md").read_text().splitlines()
     out = tmp_path / "control.md"
@@ -300,6 +301,15 @@ def test_the_nameable_control_and_nameability_tables_in_the_docs_are_what_their_
     assert benchmark_script("introspection_table").main(args) == 0
     printed = out.read_text().splitlines()
     assert len(printed) == 2 + 5 and printed[2].startswith("| nameable_control_v1 |")
+    for line in printed:
+        assert line in doc, f"docs/introspection.md lacks the row {line!r}"
+    # the CPU default positive control (the introspection organism, same recipe), seeds 0-2
+    out = tmp_path / "default.md"
+    folders = [str(runs / f"introspection_default_s{s}") for s in (0, 1, 2)]
+    args = [*folders, "--concept-words", "50", "--num-loops", "4", "--injection-loop", "3", "--out", str(out)]
+    assert benchmark_script("introspection_table").main(args) == 0
+    printed = out.read_text().splitlines()
+    assert len(printed) == 2 + 3 and printed[2].startswith("| introspection_default_s0 |")
     for line in printed:
         assert line in doc, f"docs/introspection.md lacks the row {line!r}"
     for name in ("nameability.json", "nameability_earlier_versions.json"):

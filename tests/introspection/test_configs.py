@@ -49,7 +49,9 @@ def test_eval_config_parses(path):
     assert not set(raw) - set(r.EvalIntrospectionArguments.__dataclass_fields__)
     cfg = r.intro_config(args, depth=4)
     loops = (4,) if raw.get("loop_counts") == "trained" else tuple(range(1, 9))  # the CPU default: the trained depth
-    assert cfg.loop_counts == loops and cfg.strengths == (1.0, 2.0, 4.0, 8.0)
+    strengths = tuple(float(x) for x in str(raw.get("strengths", "1,2,4,8")).split(","))
+    assert cfg.loop_counts == loops and cfg.strengths == strengths
+    assert cfg.norm_matched == bool(raw.get("norm_matched", False))
 
 
 def test_unknown_key_fails(tmp_path):
@@ -141,9 +143,11 @@ def test_the_cpu_defaults_are_the_positive_control():
     assert script.eval_random_vectors and script.eval_control_questions and script.eval_checks
     assert script.eval_extraction_loops == "last" and script.eval_injection_loops == "all"
     assert not train.gradient_checkpointing
+    # [introspection-v3] item 4: norm-matched strengths by default, training with negatives
+    assert train.norm_matched and script.random_fraction > 0 and script.question_fraction > 0
     (args,) = [_recipe("eval_introspection").parse_args([])]
     assert args.model_name_or_path == INTROSPECTION_ORGANISM and args.concept_split == "held_out"
-    assert args.random_vectors and args.control_questions and args.n_concepts == 50
+    assert args.random_vectors and args.control_questions and args.n_concepts == 50 and args.norm_matched
     # a config file replaces the embedded defaults (the 1.4B configs keep their own model and settings)
     cfg = ROOT / "recipes" / "configs" / "grpo_introspection_ouro_1.4b.yaml"
     script, train, model = _recipe("grpo_introspection").parse_args(["--config", str(cfg), "--use_cpu", "true"])
