@@ -77,6 +77,17 @@ def test_shipped_help_equals_the_commands_parser(command):
         assert expected == full
 
 
+def test_shipped_help_does_not_depend_on_the_environment(tmp_path):
+    """The shipped help is the same text whatever the cache root, terminal width or thread count of the process that
+    checks it (a help string that prints a resolved path would ship one machine's path)."""
+    env = {**ENV, "LOOPALIGN_CACHE": str(tmp_path / "elsewhere"), "COLUMNS": "57", "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, "-m", "loopalign.scripts.help_text", "--check"], capture_output=True, text=True, env=env,
+        cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_version_and_help_import_neither_torch_nor_the_package():
     """``loopalign --version``, ``--help`` and ``<command> --help`` answer from loopalign_cli, which imports the
     standard library only: no torch, transformers, TRL or loopalign (whose import registers Ouro: seconds). A

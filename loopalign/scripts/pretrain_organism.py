@@ -30,7 +30,6 @@ from loopalign.organism import (
     build_organism,
     ensure_organism,
     is_organism,
-    organism_cache_dir,
     organism_path,
 )
 from loopalign.organism.huginn import (
@@ -99,7 +98,9 @@ class PretrainOrganismScriptArguments:
     output_dir: str | None = field(
         default=None, metadata={"help": "Output folder (default: the organism's folder in the cache)."}
     )
-    cache_dir: str | None = field(default=None, metadata={"help": f"Cache root (default {organism_cache_dir()})."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache root (default: $LOOPALIGN_CACHE when set, else ~/.cache/loopalign)."}
+    )
     force: bool = field(default=False, metadata={"help": "Rebuild even when a complete organism is there."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar (--no_progress: none)."})
     family: str = field(
