@@ -105,6 +105,10 @@ def test_version_and_help_import_neither_torch_nor_the_package():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("[0, 0, 0, 0, 0] [] "), done.stdout
     assert int(done.stdout.split()[-1]) > 100  # the help was printed
+    # python -m loopalign_cli: the same dispatcher without the install
+    done = subprocess.run([sys.executable, "-m", "loopalign_cli", "eval-gap", "--help"], capture_output=True,
+                          text=True, env=ENV, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and done.stdout == cli.shipped_help("eval-gap"), done.stderr
 
 
 def test_a_missing_command_module_is_named(monkeypatch, capsys):
