@@ -306,11 +306,11 @@ def test_the_nameable_control_and_nameability_tables_in_the_docs_are_what_their_
     # the follow-ups on the AVX2 build: the recipe as is, twice the random negatives, GRPO from the SFT model
     out = tmp_path / "followups.md"
     names = ["nameable_control_avx2_s0", *(f"nameable_control_r40_s{s}" for s in (0, 1, 2)),
-             "nameable_grpo_from_sft_s0", "nameable_grpo_from_sft_balanced_s0"]  # fmt: skip
+             "nameable_grpo_from_sft_s0", "nameable_grpo_from_sft_balanced_s0", "nameable_wide128_control_s0"]  # fmt: skip
     args = [*(str(runs / n) for n in names), "--concept-words", "50", "--num-loops", "4", "--injection-loop", "3"]
     assert benchmark_script("introspection_table").main([*args, "--out", str(out)]) == 0
     printed = out.read_text().splitlines()
-    assert len(printed) == 2 + 6 and [line.split(" | ")[0] for line in printed[2:]] == [f"| {n}" for n in names]
+    assert len(printed) == 2 + 7 and [line.split(" | ")[0] for line in printed[2:]] == [f"| {n}" for n in names]
     for line in printed:
         assert line in doc, f"docs/introspection.md lacks the row {line!r}"
     # the CPU default positive control (the introspection organism, same recipe), seeds 0-2
