@@ -17,13 +17,12 @@ import io
 import os
 import sys
 import textwrap
-from pathlib import Path
 
 import yaml
 
 from loopalign.io import atomic_write_text
 from loopalign.scripts.args import INHERITED_SECTION, SHIPPED_CONFIGS
-from loopalign_cli import COMMANDS, HELP_ALL, HELP_DIR
+from loopalign_cli import COMMANDS, HELP_ALL, HELP_DIR, shipped_help
 
 __all__ = ["WIDTH", "command_help", "main", "shipped_text"]
 
@@ -92,12 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     stale = []
     for command in COMMANDS:
         text = shipped_text(command)
-        path = Path(HELP_DIR) / f"{command}.txt"
         if args.check:
-            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            if shipped_help(command) != text:
                 stale.append(command)
         else:
-            atomic_write_text(path, text)
+            atomic_write_text(HELP_DIR / f"{command}.txt", text)
     if stale:
         print(f"shipped help differs from the parser: {', '.join(stale)} (python -m loopalign.scripts.help_text)")
         return 1
