@@ -414,7 +414,44 @@ def make_parser(dataclass_types: Sequence[type], doc: str | None, prog: str | No
         **kwargs,
     )
     _sections(parser, own_fields(dataclass_types))
+    _none_clears_optional(parser, dataclass_types)
     return parser
+
+
+def _optional_own_fields(dataclass_types: Sequence[type]) -> set[str]:
+    """loopalign's own fields among ``dataclass_types`` whose type admits None (``X | None``), bools and lists
+    (one value an item) excepted."""
+    names: set[str] = set()
+    for dtype in dataclass_types:
+        for cls in dtype.__mro__:
+            if cls.__module__.split(".")[0] != "loopalign":
+                continue
+            for name, hint in vars(cls).get("__annotations__", {}).items():
+                parts = {p.strip() for p in str(hint).split("|")}
+                if "None" in parts and "bool" not in parts and not any(p.startswith("list") for p in parts):
+                    names.add(name)
+    return names
+
+
+def _none_or(convert: Callable | None) -> Callable:
+    def parse(value):
+        if isinstance(value, str) and value.strip().lower() == "none":
+            return None
+        return value if convert is None else convert(value)
+
+    parse.__name__ = getattr(convert, "__name__", "str")  # argparse names the type in "invalid <type> value"
+    return parse
+
+
+def _none_clears_optional(parser: argparse.ArgumentParser, dataclass_types: Sequence[type]) -> None:
+    """``--X none`` (any case) sets an option of loopalign's whose type admits None to None: the command line's
+    way to clear a value a ``--config`` YAML set (the YAML's own is ``X: null``), e.g. ``--distill_center_field
+    none`` when a run drops probe_distill. Inherited options keep TRL's and transformers' parsing (there
+    ``report_to none`` has a meaning of its own)."""
+    optional = _optional_own_fields(dataclass_types)
+    for action in parser._actions:
+        if action.dest in optional and action.option_strings and action.nargs != 0:
+            action.type = _none_or(action.type)
 
 
 def lora_targets_as_names(model_args) -> None:

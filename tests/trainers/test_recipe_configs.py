@@ -135,6 +135,36 @@ def test_each_recipe_takes_yaml_and_the_command_line_overrides_it(script, tmp_pa
         assert getattr(next(o for o in parsed if hasattr(o, option)), option) == expected
 
 
+def test_none_on_the_command_line_clears_what_the_yaml_set(tmp_path):
+    """A run that drops a YAML's probe_distill must also clear its distill_center_field, which the config then
+    refuses: ``--X none`` sets loopalign's optional options to None; inherited ones and other values are untouched."""
+    from loopalign.scripts import sft_gap
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model_name_or_path: tiny\nuse_cpu: true\noutput_dir: x\ndistill_center_field: family\nprobe_layer: 2\n"
+        "unlabeled_families: numeric\nloss_weights: {lm: 1.0, probe_distill: 1.0}\nreport_to: none\n"
+    )
+
+    def parse(*extra):
+        argv = ["--config", str(config), *extra]
+        return sft_gap.parse_or_exit(sft_gap.build_parser(argv), argv)
+
+    script_args, training_args, _ = parse()
+    assert (training_args.distill_center_field, training_args.probe_layer) == ("family", 2)
+    with pytest.raises(SystemExit):  # without the clearing, the config refuses the combination (exit 2)
+        parse("--loss_weights", '{"lm": 1.0}')
+    script_args, training_args, _ = parse(
+        "--loss_weights", '{"lm": 1.0}', "--distill_center_field", "none", "--probe_layer", "None",
+        "--unlabeled_families", "NONE",
+    )  # fmt: skip
+    assert training_args.distill_center_field is None and training_args.probe_layer is None
+    assert script_args.unlabeled_families is None and training_args.loss_weights["probe_distill"] == 0
+    assert training_args.report_to == []  # transformers' own "none" (no reporting) is not turned into None
+    with pytest.raises(SystemExit):  # an int option still refuses other words
+        parse("--probe_layer", "nine")
+
+
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
