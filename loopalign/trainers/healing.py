@@ -10,6 +10,7 @@ the mean per-token KL(base || looped) at each loop count, before and after.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -22,6 +23,11 @@ from loopalign.errors import ConfigError
 from loopalign.models.contract import loop_forward
 
 __all__ = ["HealingConfig", "HealingResult", "heal_looped", "loop_kl"]
+
+logger = logging.getLogger(__name__)
+
+#: healing logs its loss every this many steps (a run on a CPU takes tens of minutes)
+LOG_EVERY = 10
 
 #: the recurrent block's linear layers (Huginn's names), where healing puts its LoRA
 _CORE_TARGETS = r".*transformer\.core_block\.\d+\.(attn\.Wqkv|attn\.proj|mlp\.fc|mlp\.proj)"
@@ -115,6 +121,10 @@ def loop_kl(
     return {t: totals[t] / tokens for t in loops}
 
 
+def _kl_line(kl: dict) -> str:
+    return ", ".join(f"{t}: {v:.4f}" for t, v in kl.items())
+
+
 def heal_looped(looped, base, sequences: list[list[int]], config: HealingConfig, pad_token_id: int, report_loops=None):
     """-> (the healed model: ``looped`` with LoRA on its recurrent block and its adapter trained, a PEFT model;
     :class:`HealingResult`). ``base`` is the source model (frozen); ``sequences`` are token id lists the loss reads
@@ -125,6 +135,7 @@ def heal_looped(looped, base, sequences: list[list[int]], config: HealingConfig,
     report = config.loops if report_loops is None else tuple(int(t) for t in report_loops)
     base.eval()
     kl_before = loop_kl(looped, base, sequences, report, pad_token_id, config.batch_size)
+    logger.info("KL(base || looped) before healing, by loop count: %s", _kl_line(kl_before))
     torch.manual_seed(config.seed)
     lora = LoraConfig(
         r=config.lora_r,
@@ -139,7 +150,7 @@ def heal_looped(looped, base, sequences: list[list[int]], config: HealingConfig,
     generator = torch.Generator().manual_seed(config.seed)
     start = time.perf_counter()
     model.train()
-    for _ in range(config.steps):
+    for step in range(1, config.steps + 1):
         pick = torch.randint(0, len(sequences), (min(config.batch_size, len(sequences)),), generator=generator)
         (batch,) = _batches([sequences[i] for i in pick.tolist()], len(pick), pad_token_id)
         kls = _kl_per_loop(model, _base_logits(base, batch), batch, config.loops)
@@ -147,7 +158,14 @@ def heal_looped(looped, base, sequences: list[list[int]], config: HealingConfig,
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if step % LOG_EVERY == 0 or step == config.steps:
+            logger.info(
+                "healing step %d/%d: KL %s (loops %s), %.0f s",
+                step, config.steps, " ".join(f"{k.item():.4f}" for k in kls), ",".join(map(str, config.loops)),
+                time.perf_counter() - start,
+            )  # fmt: skip
     seconds = time.perf_counter() - start
     kl_after = loop_kl(model, base, sequences, report, pad_token_id, config.batch_size)
+    logger.info("KL(base || looped) after healing, by loop count: %s", _kl_line(kl_after))
     result = HealingResult(kl_before, kl_after, round(seconds, 3), config.steps, sum(p.numel() for p in params))
     return model.eval(), result

@@ -17,7 +17,7 @@ def _llama():
     return LlamaForCausalLM(config).eval()
 
 
-def test_healing_brings_every_supervised_loop_closer_to_the_base_model():
+def test_healing_brings_every_supervised_loop_closer_to_the_base_model(caplog):
     base = _llama()
     spec = RetrofitConfig(prelude=(0, 2), recurrent=(2, 4), coda=(4, 6), adapter_init="sum", init_scale=0.0)
     looped = retrofit_recurrence(base, spec)
@@ -27,8 +27,13 @@ def test_healing_brings_every_supervised_loop_closer_to_the_base_model():
     ]
     before = loop_kl(looped, base, sequences, (1, 2, 3), pad_token_id=0)
     assert before[1] < 1e-6 < before[2] and before[3] > 1e-6  # one loop is the base model; more loops drift
-    healed, result = heal_looped(looped, base, sequences, HealingConfig(loops=(2, 3), steps=30, learning_rate=1e-2,
-                                                                        batch_size=8), pad_token_id=0)  # fmt: skip
+    with caplog.at_level("INFO", logger="loopalign.trainers.healing"):
+        healed, result = heal_looped(looped, base, sequences, HealingConfig(loops=(2, 3), steps=30,
+                                     learning_rate=1e-2, batch_size=8), pad_token_id=0)  # fmt: skip
+    # a long CPU run says where it is: the KL before, every tenth step's, the KL after
+    steps_logged = [m for m in caplog.messages if m.startswith("healing step")]
+    assert [m.split()[2] for m in steps_logged] == ["10/30:", "20/30:", "30/30:"]
+    assert "before healing" in caplog.messages[0] and "after healing" in caplog.messages[-1]
     assert result.kl_before == pytest.approx({2: before[2], 3: before[3]})
     for t in (2, 3):
         assert result.kl_after[t] < 0.8 * result.kl_before[t], result
