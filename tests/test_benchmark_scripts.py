@@ -328,3 +328,27 @@ def test_the_nameable_control_and_nameability_tables_in_the_docs_are_what_their_
             assert line in doc, f"docs/introspection.md lacks the row {line!r}"
     with pytest.raises(SystemExit, match="no introspection.json"):
         benchmark_script("introspection_table").main([folders[0], str(tmp_path), "--concept-words", "50"])
+
+
+def test_training_sv_reads_each_runs_verdict_depth_and_names_the_plateau_exit(tmp_path, benchmark_script):
+    """benchmarks/training_sv.py: the logged training-batch SV at each run's verdict depth, a column per run, and the
+    first logged step at or above the threshold (docs/real-models.md's labels-only runs)."""
+    training_sv = benchmark_script("training_sv")
+    runs = []
+    for name, depth, values in (("looped", 4, [0.5, 0.55, 0.7]), ("plain", 1, [0.45, 0.5])):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "compare.json").write_text(json.dumps({"depth": depth}))
+        history = [{"step": 10 * (i + 1), f"sv/loop_{depth}": v, "sv/loop_9": 0.99} for i, v in enumerate(values)]
+        (run / "log_history.json").write_text(json.dumps([*history, {"step": 30, "train_runtime": 1.0}]))
+        runs.append(str(run))
+    lines = training_sv.table(runs).splitlines()
+    assert lines[0] == "| step | looped (loop 4) | plain (loop 1) |"
+    assert lines[2:5] == ["| 10 | 50.0 | 45.0 |", "| 20 | 55.0 | 50.0 |", "| 30 | 70.0 | – |"]
+    assert lines[-1] == "| plateau exit (≥ 65) | step 30 | not by step 20 |"
+    assert training_sv.table(runs, 0.8).splitlines()[-1].endswith("| not by step 30 | not by step 20 |")
+    (tmp_path / "plain" / "log_history.json").write_text(json.dumps([{"step": 10, "loss": 1.0}]))
+    with pytest.raises(ValueError, match="no sv/loop_1"):
+        training_sv.table(runs)
+    with pytest.raises(SystemExit):  # a folder without the run's files fails before reading anything
+        training_sv.main([str(tmp_path)])
