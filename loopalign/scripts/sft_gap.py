@@ -604,7 +604,10 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
     times = PhaseTimes()
     check_resume_and_saving(training_args)  # before any model work
     if script_args.replay_questions is not None and training_args.loss_weights["replay"] <= 0:
-        raise ValueError("replay_questions needs loss_weights.replay > 0: no other term trains on their answers")
+        raise ValueError(
+            "replay_questions needs loss_weights.replay > 0: no other term trains on their answers (without replay, "
+            "clear it: --replay_questions none)"
+        )
     base_reading = training_args.base_reading_terms()
     if base_reading and not model_args.use_peft:
         raise ValueError(

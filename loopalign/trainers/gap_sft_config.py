@@ -225,7 +225,7 @@ class GapSFTConfig(SFTConfig):
         if self.distill_center_field is not None and self.loss_weights["probe_distill"] <= 0:
             raise ConfigError(
                 "GapSFTConfig.distill_center_field centres the probe_distill targets: it needs "
-                "loss_weights.probe_distill > 0"
+                "loss_weights.probe_distill > 0 (without probe_distill, clear it: --distill_center_field none)"
             )
         if self.distill_kind not in DISTILL_KINDS:
             raise ConfigError(f"GapSFTConfig.distill_kind must be one of {DISTILL_KINDS}, got {self.distill_kind!r}")
