@@ -352,3 +352,15 @@ def test_training_sv_reads_each_runs_verdict_depth_and_names_the_plateau_exit(tm
         training_sv.table(runs)
     with pytest.raises(SystemExit):  # a folder without the run's files fails before reading anything
         training_sv.main([str(tmp_path)])
+
+
+def test_the_labels_only_tables_in_the_docs_are_the_runs_json(benchmark_script):
+    """docs/real-models.md's labels-only runs (PV200, HLV200): the training-SV table and the per-loop verdict table
+    are what the scripts print from the kept run JSON."""
+    runs = ROOT / "docs" / "figures" / "runs"
+    plain, looped = runs / "PV200_plain_verdict_only_s0", runs / "HLV200_healed_loops_verdict_only_s0"
+    doc = (ROOT / "docs" / "real-models.md").read_text().splitlines()
+    printed = benchmark_script("training_sv").table([str(plain), str(looped)]).splitlines()
+    printed += benchmark_script("verdict_table").per_loop_table(str(looped)).splitlines()[2:]
+    for line in printed:
+        assert line in doc, f"docs/real-models.md lacks the row {line!r}"
