@@ -57,13 +57,14 @@ def table(runs: list[str], threshold: float = 0.65) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     if not 0 < args.exit <= 1:
-        make_parser().error("--exit must be in (0, 1]")
+        parser.error("--exit must be in (0, 1]")
     for run in args.runs:
         for name in ("compare.json", "log_history.json"):
             if not os.path.isfile(os.path.join(run, name)):
-                make_parser().error(f"{run}: no {name}")
+                parser.error(f"{run}: no {name}")
     sys.stdout.write(table(args.runs, args.exit) + "\n")
     return 0
 

@@ -290,15 +290,18 @@ OWN_SECTION = "loopalign options"
 INHERITED_SECTION = "TRL and transformers options (inherited; see their documentation)"
 
 
-def own_fields(dataclass_types: Sequence[type]) -> set[str]:
-    """The option names that loopalign's own classes declare among ``dataclass_types`` (a loopalign subclass of
-    TRL's ``SFTConfig`` declares some; TRL's ``ModelConfig`` none)."""
-    names: set[str] = set()
+def _own_annotations(dataclass_types: Sequence[type]):
+    """(name, type hint as written) of every field that loopalign's own classes declare among ``dataclass_types``."""
     for dtype in dataclass_types:
         for cls in dtype.__mro__:
             if cls.__module__.split(".")[0] == "loopalign":
-                names.update(vars(cls).get("__annotations__", {}))
-    return names
+                yield from vars(cls).get("__annotations__", {}).items()
+
+
+def own_fields(dataclass_types: Sequence[type]) -> set[str]:
+    """The option names that loopalign's own classes declare among ``dataclass_types`` (a loopalign subclass of
+    TRL's ``SFTConfig`` declares some; TRL's ``ModelConfig`` none)."""
+    return {name for name, _ in _own_annotations(dataclass_types)}
 
 
 def _sections(parser: argparse.ArgumentParser, own: set[str]) -> None:
@@ -422,14 +425,10 @@ def _optional_own_fields(dataclass_types: Sequence[type]) -> set[str]:
     """loopalign's own fields among ``dataclass_types`` whose type admits None (``X | None``), bools and lists
     (one value an item) excepted."""
     names: set[str] = set()
-    for dtype in dataclass_types:
-        for cls in dtype.__mro__:
-            if cls.__module__.split(".")[0] != "loopalign":
-                continue
-            for name, hint in vars(cls).get("__annotations__", {}).items():
-                parts = {p.strip() for p in str(hint).split("|")}
-                if "None" in parts and "bool" not in parts and not any(p.startswith("list") for p in parts):
-                    names.add(name)
+    for name, hint in _own_annotations(dataclass_types):
+        parts = {p.strip() for p in str(hint).split("|")}
+        if "None" in parts and "bool" not in parts and not any(p.startswith("list") for p in parts):
+            names.add(name)
     return names
 
 
