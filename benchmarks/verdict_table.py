@@ -4,12 +4,17 @@
     python benchmarks/verdict_table.py RUN_DIR [RUN_DIR ...]
     python benchmarks/verdict_table.py docs/figures/runs/cure_organism_v3_*
     python benchmarks/verdict_table.py --per-loop docs/figures/runs/HL100_healed_loops_s0
+    python benchmarks/verdict_table.py --per-loop docs/figures/runs/HLV200_healed_loops_verdict_only_s0 \
+        --figure docs/figures/HLV200_healed_loops_before_after.png
 
 Printed at the verdict depth, in points (95% paired cluster-bootstrap intervals): SV and RR before → after, part
 (a) SV after − RR before, (b) RR after − SV after, (c) the refitted dRR and the frozen before-probe's drift, (d)
 dTP, (e) saturation, (f) the flag, and the outcome the run printed. With ``--per-loop`` (one run): a row per loop
 evaluated (the verdict depth marked, loops past it marked as extrapolation), SV and RR before → after on the
-headline metric and on AUROC, dSV, the refitted dRR and the frozen before-probe's drift, with their intervals.
+headline metric and on AUROC, dSV, the refitted dRR and the frozen before-probe's drift, with their intervals;
+``--figure PATH`` also draws the run's before/after figure (SV and RR per loop, before dashed, after solid: the one
+sft-gap saves as ``before_after.png``) again from the run's kept ``before/gap.json`` and ``after/gap.json``, so a
+figure in the docs is regenerated from the JSON beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="sft-gap output folders (or their compare.json files)")
     parser.add_argument("--per-loop", action="store_true", help="one run: a row per loop instead of one per run")
+    parser.add_argument(
+        "--figure", metavar="PATH", help="with --per-loop: also draw the run's before/after figure to PATH (.png/.svg)"
+    )
     return parser
 
 
@@ -80,6 +88,32 @@ def per_loop_table(path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def before_after(path: str):
+    """The run's before/after figure from its kept ``before/gap.json``, ``after/gap.json`` and ``compare.json`` (the
+    trained depth and the outcome): what sft-gap drew as ``before_after.png``. -> a matplotlib figure."""
+    from loopalign.eval.gap import GapResult
+    from loopalign.eval.report import before_after_figure
+
+    with open(os.path.join(path, "compare.json")) as f:
+        comparison = json.load(f)
+    before, after = (GapResult.from_json(os.path.join(path, when)) for when in ("before", "after"))
+    title = f"{os.path.basename(os.path.normpath(path))}: sft-gap, verdict {comparison['outcome']}"
+    return before_after_figure(before, after, comparison["depth"], title=title)
+
+
+def save_before_after(path: str, out: str) -> str:
+    """:func:`before_after` written to ``out`` (its suffix names the format), atomically. -> ``out``."""
+    import matplotlib.pyplot as plt
+
+    from loopalign.io import atomic_write
+
+    fig = before_after(path)
+    fmt = os.path.splitext(out)[1][1:] or "png"
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120))
+    plt.close(fig)
+    return out
+
+
 def table(paths: list[str]) -> str:
     lines = [
         "| run | SV before → after | RR before → after | (a) SV after − RR before | (b) RR after − SV after | "
@@ -93,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.per_loop and len(args.runs) != 1:
         raise SystemExit(f"error: --per-loop takes one run, got {len(args.runs)}")
+    if args.figure and not args.per_loop:
+        raise SystemExit("error: --figure draws one run's figure: give it with --per-loop")
+    if args.figure and args.runs[0].endswith(".json"):
+        raise SystemExit("error: --figure needs the run's folder (its before/ and after/ gap.json), not a file")
+    if args.figure:
+        save_before_after(args.runs[0], args.figure)
     sys.stdout.write(per_loop_table(args.runs[0]) if args.per_loop else table(args.runs))
     return 0
 

@@ -212,6 +212,32 @@ def test_verdict_table_per_loop_gives_a_row_per_loop_marking_the_verdict_depth_a
         assert line in doc, f"docs/real-models.md lacks the row {line!r}"
 
 
+def test_verdict_table_figure_redraws_a_runs_before_after_figure_from_its_kept_json(tmp_path, benchmark_script):
+    """benchmarks/verdict_table.py --per-loop RUN --figure PATH: SV and RR per loop before (dashed) and after (solid),
+    from the run's kept before/ and after/ gap.json, the trained depth from its compare.json; the docs' figure of
+    HLV200 is drawn this way."""
+    verdict_table = benchmark_script("verdict_table")
+    run = ROOT / "docs" / "figures" / "runs" / "HLV200_healed_loops_verdict_only_s0"
+    comparison = json.loads((run / "compare.json").read_text())
+    after = json.loads((run / "after" / "gap.json").read_text())
+    fig = verdict_table.before_after(str(run))
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    sv_after, rr_before = lines["SV after"], lines["RR before"]
+    assert sv_after.get_linestyle() == "-" and rr_before.get_linestyle() == "--"
+    by_loop = dict(zip(sv_after.get_xdata(), sv_after.get_ydata()))
+    for r in comparison["rows"]:  # the per-loop SV after the run, as compare.json holds it
+        assert by_loop[r["loop"]] == pytest.approx(100 * r["sv_after"])
+    assert sorted(by_loop) == sorted(r["loop"] for r in after["table"])
+    depth_lines = [line for line in fig.axes[0].get_lines() if list(line.get_xdata()) == [comparison["depth"]] * 2]
+    assert depth_lines, "the trained depth is marked"
+    out = tmp_path / "figure.png"
+    assert verdict_table.main(["--per-loop", str(run), "--figure", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="with --per-loop"):
+        verdict_table.main([str(run), "--figure", str(out)])
+    assert "figures/HLV200_healed_loops_before_after.png" in (ROOT / "docs" / "real-models.md").read_text()
+
+
 def test_the_hl100_against_mn_ranking_table_in_the_docs_is_the_runs_families_json():
     """docs/real-models.md sets HL100's SV AUROC per labelled family beside MN's (the plain model, same length): each
     cell is the runs' families.json, before -> after."""
