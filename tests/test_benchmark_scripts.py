@@ -388,5 +388,7 @@ def test_the_labels_only_tables_in_the_docs_are_the_runs_json(benchmark_script):
     doc = (ROOT / "docs" / "real-models.md").read_text().splitlines()
     printed = benchmark_script("training_sv").table([str(plain), str(looped)]).splitlines()
     printed += benchmark_script("verdict_table").per_loop_table(str(looped)).splitlines()[2:]
+    # the same run's adapters at step 100 (checkpoint-100, re-evaluated by eval-gap against its before/)
+    printed += benchmark_script("verdict_table").per_loop_table(str(looped / "after_step100")).splitlines()[2:]
     for line in printed:
         assert line in doc, f"docs/real-models.md lacks the row {line!r}"
