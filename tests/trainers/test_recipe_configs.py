@@ -203,3 +203,36 @@ def test_the_embedded_defaults_are_the_shipped_default_config(sft_gap_script):
     for a, b in zip(embedded, shipped):
         differ = {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
         assert not differ, (type(a).__name__, sorted(differ))
+
+
+def test_the_looped_labels_config_is_the_documented_hlv200_run(parse_sft_gap):
+    """recipes/configs/sft_gap_smollm2_healed_loops_labels_cpu.yaml resolves to every setting HLV200 ran with
+    (docs/real-models.md; the run's resolved arguments kept in its run_args.json), so the config reproduces the
+    documented figures; only the output folder is the user's."""
+    config = ROOT / "recipes" / "configs" / "sft_gap_smollm2_healed_loops_labels_cpu.yaml"
+    run = json.loads(
+        (ROOT / "docs" / "figures" / "runs" / "HLV200_healed_loops_verdict_only_s0" / "run_args.json").read_text()
+    )
+    argv = [
+        "--config",
+        str(config),
+        "--dataset",
+        run["script"]["dataset"],
+        "--output_dir",
+        run["training"]["output_dir"],
+    ]
+    parsed = parse_sft_gap(argv)
+    # where the run wrote and how it logged are no part of what it trained and measured
+    ignore = {"logging_dir", "run_name"}
+    # the replay settings are read only with loss_weights.replay > 0: the HL config's, which HLV200 overrode, are inert
+    assert run["training"]["loss_weights"]["replay"] == parsed[1].loss_weights["replay"] == 0
+    ignore |= {"replay_keep_cut", "replay_tasks", "replay_batch_size", "replay_kind"}
+    differ = []
+    for name, args in zip(("script", "training", "model"), parsed):
+        resolved = json.loads(json.dumps(args.to_dict() if hasattr(args, "to_dict") else vars(args), default=str))
+        for key, value in run[name].items():
+            if key not in ignore and resolved.get(key, "<no option>") != value:
+                differ.append(
+                    f"{name}.{key}: the config gives {resolved.get(key, '<no option>')!r}, HLV200 ran {value!r}"
+                )
+    assert not differ, "\n".join(differ)
