@@ -6,6 +6,8 @@
     python benchmarks/verdict_table.py --per-loop docs/figures/runs/HL100_healed_loops_s0
     python benchmarks/verdict_table.py --per-loop docs/figures/runs/HLV200_healed_loops_verdict_only_s0 \
         --figure docs/figures/HLV200_healed_loops_before_after.png
+    python benchmarks/verdict_table.py --families docs/figures/runs/HLV200_healed_loops_verdict_only_s0 \
+        docs/figures/runs/HLDR200_healed_loops_distill_rr_s0
 
 Printed at the verdict depth, in points (95% paired cluster-bootstrap intervals): SV and RR before → after, part
 (a) SV after − RR before, (b) RR after − SV after, (c) the refitted dRR and the frozen before-probe's drift, (d)
@@ -14,7 +16,12 @@ evaluated (the verdict depth marked, loops past it marked as extrapolation), SV 
 headline metric and on AUROC, dSV, the refitted dRR and the frozen before-probe's drift, with their intervals;
 ``--figure PATH`` also draws the run's before/after figure (SV and RR per loop, before dashed, after solid: the one
 sft-gap saves as ``before_after.png``) again from the run's kept ``before/gap.json`` and ``after/gap.json``, so a
-figure in the docs is regenerated from the JSON beside it.
+figure in the docs is regenerated from the JSON beside it. With ``--families`` (two or more runs by family, the
+first the reference): a row per family, each run's cell "training; SV before → after; dSV [interval]": how the
+family was trained, its SV balanced accuracy before → after at its verdict depth with
+dSV and its paired interval (``families.json``); and for every later run
+whether its dSV interval lies wholly below the first run's ("below") or wholly above it ("above"); then each run's
+transfer summary.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="sft-gap output folders (or their compare.json files)")
     parser.add_argument("--per-loop", action="store_true", help="one run: a row per loop instead of one per run")
+    parser.add_argument(
+        "--families", action="store_true", help="runs by family: a row per family, the first run the reference"
+    )
     parser.add_argument(
         "--figure", metavar="PATH", help="with --per-loop: also draw the run's before/after figure to PATH (.png/.svg)"
     )
@@ -114,6 +124,47 @@ def save_before_after(path: str, out: str) -> str:
     return out
 
 
+def _families(path: str) -> dict:
+    with open(os.path.join(path, "families.json")) as f:
+        return json.load(f)
+
+
+def families_table(paths: list[str]) -> str:
+    """Per family, each run's dSV at its verdict depth against the first run's (``families.json`` of each)."""
+    runs = [_families(p) for p in paths]
+    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+    by_run = [{r["family"]: r for r in run["rows"]} for run in runs]
+    families = list(by_run[0])
+    for name, rows in zip(names[1:], by_run[1:]):
+        if set(rows) != set(families):
+            raise SystemExit(f"error: {name} has the families {sorted(rows)}, {names[0]} {sorted(families)}")
+    header = ["family", *(f"{n} (loop {run['loop']})" for n, run in zip(names, runs))]
+    header += [f"{n} against {names[0]}" for n in names[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for family in families:
+        ref = by_run[0][family]
+        cells = [family]
+        for rows in by_run:
+            r = rows[family]
+            cells.append(
+                f"{r['training']}; {_pct(r['sv_bal_before'])} → {_pct(r['sv_bal_after'])}; {_ci(r, 'd_sv_bal')}"
+            )
+        for rows in by_run[1:]:
+            r = rows[family]
+            below, above = r["d_sv_bal_hi"] < ref["d_sv_bal_lo"], r["d_sv_bal_lo"] > ref["d_sv_bal_hi"]
+            cells.append("below" if below else "above" if above else "overlaps")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for name, run in zip(names, runs):
+        t = run["transfer"]
+        lines.append(
+            f"- {name}: transfer over {', '.join(t['families'])}: mean recovery {100 * t['mean_recovery_bal']:.0f}% "
+            f"(balanced accuracy) / {100 * t['mean_recovery_auroc']:.0f}% (AUROC); fell: {', '.join(t['fell']) or 'none'};"
+            f" reached: {'yes' if t['reached'] else 'no'}"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def table(paths: list[str]) -> str:
     lines = [
         "| run | SV before → after | RR before → after | (a) SV after − RR before | (b) RR after − SV after | "
@@ -125,6 +176,11 @@ def table(paths: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if args.families:
+        if args.per_loop or args.figure or len(args.runs) < 2:
+            raise SystemExit("error: --families compares two or more runs, without --per-loop or --figure")
+        sys.stdout.write(families_table(args.runs))
+        return 0
     if args.per_loop and len(args.runs) != 1:
         raise SystemExit(f"error: --per-loop takes one run, got {len(args.runs)}")
     if args.figure and not args.per_loop:

@@ -238,6 +238,45 @@ def test_verdict_table_figure_redraws_a_runs_before_after_figure_from_its_kept_j
     assert "figures/HLV200_healed_loops_before_after.png" in (ROOT / "docs" / "real-models.md").read_text()
 
 
+def test_verdict_table_families_sets_each_runs_dsv_per_family_against_the_first_runs(tmp_path, benchmark_script):
+    """benchmarks/verdict_table.py --families: a row per family, each run's dSV with its interval from its
+    families.json, and whether a later run's interval lies wholly below or above the first run's."""
+    verdict_table = benchmark_script("verdict_table")
+    runs = ROOT / "docs" / "figures" / "runs"
+    reference, other = runs / "HLV200_healed_loops_verdict_only_s0", runs / "HL100_healed_loops_s0"
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line
+        for line in verdict_table.families_table([str(reference), str(other)]).splitlines()[2:8]
+    }
+    ref = {r["family"]: r for r in json.loads((reference / "families.json").read_text())["rows"]}
+    oth = {r["family"]: r for r in json.loads((other / "families.json").read_text())["rows"]}
+    assert sorted(rows) == sorted(ref)
+    for family, line in rows.items():
+        a, b = ref[family], oth[family]
+        expected = (
+            "below"
+            if b["d_sv_bal_hi"] < a["d_sv_bal_lo"]
+            else "above"
+            if b["d_sv_bal_lo"] > a["d_sv_bal_hi"]
+            else "overlaps"
+        )
+        assert line.endswith(f"| {expected} |"), line
+        assert f"{100 * a['d_sv_bal']:+.1f} [{100 * a['d_sv_bal_lo']:+.1f}, {100 * a['d_sv_bal_hi']:+.1f}]" in line
+    # HL100's flat verdict against HLV200's learned one: below on the labelled families, both at 0 on numeric
+    assert rows["capital"].endswith("| below |") and rows["numeric"].endswith("| overlaps |")
+    assert verdict_table.families_table([str(other), str(reference)]).splitlines()[2].endswith("| above |")
+    # a run with other families is refused, naming both
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    data = json.loads((other / "families.json").read_text())
+    data["rows"] = data["rows"][:-1]
+    (odd / "families.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="odd has the families"):
+        verdict_table.families_table([str(reference), str(odd)])
+    with pytest.raises(SystemExit, match="two or more runs"):
+        verdict_table.main(["--families", str(reference)])
+
+
 def test_the_hl100_against_mn_ranking_table_in_the_docs_is_the_runs_families_json():
     """docs/real-models.md sets HL100's SV AUROC per labelled family beside MN's (the plain model, same length): each
     cell is the runs' families.json, before -> after."""
