@@ -17,11 +17,10 @@ headline metric and on AUROC, dSV, the refitted dRR and the frozen before-probe'
 ``--figure PATH`` also draws the run's before/after figure (SV and RR per loop, before dashed, after solid: the one
 sft-gap saves as ``before_after.png``) again from the run's kept ``before/gap.json`` and ``after/gap.json``, so a
 figure in the docs is regenerated from the JSON beside it. With ``--families`` (two or more runs by family, the
-first the reference): a row per family, each run's cell "training; SV before → after; dSV [interval]": how the
-family was trained, its SV balanced accuracy before → after at its verdict depth with
-dSV and its paired interval (``families.json``); and for every later run
-whether its dSV interval lies wholly below the first run's ("below") or wholly above it ("above"); then each run's
-transfer summary.
+first the reference): a row per family, each run's cell "training; SV before → after; dSV [interval]" (how the
+family was trained, its SV balanced accuracy at the run's verdict depth and the paired interval of dSV, from
+``families.json``), and for every later run whether its dSV interval lies wholly below the first run's ("below"),
+wholly above it ("above") or neither ("overlaps"); then each run's transfer summary.
 """
 
 from __future__ import annotations
