@@ -429,5 +429,10 @@ def test_the_labels_only_tables_in_the_docs_are_the_runs_json(benchmark_script):
     printed += benchmark_script("verdict_table").per_loop_table(str(looped)).splitlines()[2:]
     # the same run's adapters at step 100 (checkpoint-100, re-evaluated by eval-gap against its before/)
     printed += benchmark_script("verdict_table").per_loop_table(str(looped / "after_step100")).splitlines()[2:]
-    for line in printed:
+    # HLDR200 (distillation and rr_distill added back): its per-loop table and its per-family table against HLV200
+    distill = runs / "HLDR200_healed_loops_distill_rr_s0"
+    printed += benchmark_script("verdict_table").per_loop_table(str(distill)).splitlines()[2:]
+    printed += benchmark_script("verdict_table").families_table([str(looped), str(distill)]).splitlines()
+    printed += benchmark_script("training_sv").table([str(looped), str(distill)]).splitlines()[-5:]
+    for line in filter(None, printed):
         assert line in doc, f"docs/real-models.md lacks the row {line!r}"
