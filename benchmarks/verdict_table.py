@@ -52,11 +52,16 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def run_row(path: str) -> str:
-    """One run's markdown row."""
+def _comparison(path: str) -> tuple[str, dict]:
+    """A run folder or its compare.json -> (the file, its content)."""
     file = path if path.endswith(".json") else os.path.join(path, "compare.json")
     with open(file) as f:
-        comparison = json.load(f)
+        return file, json.load(f)
+
+
+def run_row(path: str) -> str:
+    """One run's markdown row."""
+    file, comparison = _comparison(path)
     s, parts = comparison["summary"], {p["part"]: p["passed"] for p in comparison["parts"]}
     tp = next((r for r in comparison.get("tp") or [] if r["loop"] == comparison["depth"]), None)
     mark = {True: "yes", False: "no"}
@@ -78,9 +83,7 @@ def run_row(path: str) -> str:
 
 def per_loop_table(path: str) -> str:
     """One run's figures per loop (``compare.json`` rows)."""
-    file = path if path.endswith(".json") else os.path.join(path, "compare.json")
-    with open(file) as f:
-        comparison = json.load(f)
+    _, comparison = _comparison(path)
     lines = [
         "| loop | SV before → after | RR before → after | SV AUROC before → after | RR AUROC before → after | dSV | "
         "dRR (refitted) | RR frozen − RR before |",
@@ -103,8 +106,7 @@ def before_after(path: str):
     from loopalign.eval.gap import GapResult
     from loopalign.eval.report import before_after_figure
 
-    with open(os.path.join(path, "compare.json")) as f:
-        comparison = json.load(f)
+    _, comparison = _comparison(path)
     before, after = (GapResult.from_json(os.path.join(path, when)) for when in ("before", "after"))
     title = f"{os.path.basename(os.path.normpath(path))}: sft-gap, verdict {comparison['outcome']}"
     return before_after_figure(before, after, comparison["depth"], title=title)

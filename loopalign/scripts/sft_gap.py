@@ -274,12 +274,19 @@ def save_run_inputs(out: str, eval_ds, probe_train, script_args, training_args, 
         probe_train_dataset=TRAIN_SPLIT_FILE if probe_train is not None else None,
     )
     atomic_write_text(os.path.join(out, EVAL_ARGS_FILE), json.dumps(saved, indent=1))
-    everything = {
+    atomic_write_text(
+        os.path.join(out, "run_args.json"),
+        json.dumps(run_arguments(script_args, training_args, model_args), indent=1, default=str),
+    )
+
+
+def run_arguments(script_args, training_args, model_args) -> dict:
+    """Every argument of a run as ``run_args.json`` holds it: {"script", "training", "model": {option: value}}."""
+    return {
         "script": dataclasses.asdict(script_args),
         "training": training_args.to_dict(),
         "model": dataclasses.asdict(model_args),
     }
-    atomic_write_text(os.path.join(out, "run_args.json"), json.dumps(everything, indent=1, default=str))
 
 
 def check_resume_and_saving(training_args: GapSFTConfig) -> None:

@@ -205,7 +205,7 @@ def test_the_embedded_defaults_are_the_shipped_default_config(sft_gap_script):
         assert not differ, (type(a).__name__, sorted(differ))
 
 
-def test_the_looped_labels_config_is_the_documented_hlv200_run(parse_sft_gap):
+def test_the_looped_labels_config_is_the_documented_hlv200_run(parse_sft_gap, sft_gap_script):
     """recipes/configs/sft_gap_smollm2_healed_loops_labels_cpu.yaml resolves to every setting HLV200 ran with
     (docs/real-models.md; the run's resolved arguments kept in its run_args.json), so the config reproduces the
     documented figures; only the output folder is the user's."""
@@ -227,9 +227,10 @@ def test_the_looped_labels_config_is_the_documented_hlv200_run(parse_sft_gap):
     # the replay settings are read only with loss_weights.replay > 0: the HL config's, which HLV200 overrode, are inert
     assert run["training"]["loss_weights"]["replay"] == parsed[1].loss_weights["replay"] == 0
     ignore |= {"replay_keep_cut", "replay_tasks", "replay_batch_size", "replay_kind"}
+    # the parsed arguments as a run writes them to run_args.json
+    written = json.loads(json.dumps(sft_gap_script.run_arguments(*parsed), default=str))
     differ = []
-    for name, args in zip(("script", "training", "model"), parsed):
-        resolved = json.loads(json.dumps(args.to_dict() if hasattr(args, "to_dict") else vars(args), default=str))
+    for name, resolved in written.items():
         for key, value in run[name].items():
             if key not in ignore and resolved.get(key, "<no option>") != value:
                 differ.append(
