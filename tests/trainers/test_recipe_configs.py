@@ -205,7 +205,7 @@ def test_the_embedded_defaults_are_the_shipped_default_config(sft_gap_script):
         assert not differ, (type(a).__name__, sorted(differ))
 
 
-def test_the_looped_labels_config_is_the_documented_hlv200_run(parse_sft_gap, sft_gap_script):
+def test_the_looped_labels_config_is_the_documented_hlv200_run(parse_sft_gap, sft_gap_script, tmp_path, monkeypatch):
     """recipes/configs/sft_gap_smollm2_healed_loops_labels_cpu.yaml resolves to every setting HLV200 ran with
     (docs/real-models.md; the run's resolved arguments kept in its run_args.json), so the config reproduces the
     documented figures; only the output folder is the user's."""
@@ -213,6 +213,13 @@ def test_the_looped_labels_config_is_the_documented_hlv200_run(parse_sft_gap, sf
     run = json.loads(
         (ROOT / "docs" / "figures" / "runs" / "HLV200_healed_loops_verdict_only_s0" / "run_args.json").read_text()
     )
+    # The run read a statement build (README: `loopalign build-statements`) at a path relative to the working folder,
+    # which a fresh clone has not built: parsing only asks that the path be a build (a folder with metadata.json), so
+    # the test parses in a folder that has one there, not in whatever folder pytest was started from.
+    monkeypatch.chdir(tmp_path)
+    build = tmp_path / run["script"]["dataset"]
+    build.mkdir(parents=True)
+    (build / "metadata.json").write_text("{}")
     argv = [
         "--config",
         str(config),
