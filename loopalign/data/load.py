@@ -263,7 +263,8 @@ def statement_splits(
 
 
 def statements_only(dataset) -> bool:
-    """True when every record is a statement (a claim judged true or false: no task the model answers, so no TP)."""
+    """True when every record is a statement (a claim judged true or false; TP asks each entity's question instead of
+    the records' tasks, see ``loopalign.data.sources.statements.statement_tasks``)."""
     return "scenario" in dataset.column_names and set(dataset["scenario"]) == {"statement"}
 
 

@@ -17,6 +17,7 @@ with or an unsafe prompt is refused; a partial refusal counts as a refusal.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -32,6 +33,7 @@ __all__ = [
     "verify_math",
     "is_refusal",
     "verify_safety",
+    "verify_name",
 ]
 
 _NUM = r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+−]?\.\d+"
@@ -272,3 +274,25 @@ class ParseStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
+
+
+def _name_words(text: str) -> str:
+    """``text`` lower-cased, accents dropped, every run of non-alphanumerics one space, padded by spaces."""
+    bare = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return " " + " ".join(re.sub(r"[^0-9a-z]+", " ", bare.casefold()).split()) + " "
+
+
+def verify_name(answer: str, gold: str) -> bool | None:
+    """A name answer (a country, a capital, a continent): True when ``gold`` appears in ``answer`` as whole words,
+    case and accents aside ("Bogota" for "Bogotá"; a leading "the" of the gold is optional); None when the answer
+    has no word at all (unparsed). Strict about other spellings: "USA" is not "United States". Lenient about an
+    answer that names the gold among others ("France or Spain" for "France")."""
+    words = _name_words(answer or "")
+    if not words.strip():
+        return None
+    name = _name_words(gold)
+    if not name.strip():
+        raise ValueError(f"verify_name: gold {gold!r} has no word; pass a verifier for this data")
+    if name.startswith(" the "):
+        name = name[4:]
+    return name in words

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -12,6 +13,8 @@ import numpy as np
 import torch
 
 from loopalign.batching import pad_token_id
+from loopalign.data.sources.statements import statement_tasks
+from loopalign.data.verifiers import verify_name
 from loopalign.errors import ConfigError
 from loopalign.io import folder_lock
 from loopalign.models.contract import trained_loops
@@ -34,6 +37,8 @@ from .readout import (
 )
 from .task import TaskConfig, task_performance
 from .verbal import sampled_verdicts, sv_metrics, sv_predictions, verdict_token_ids
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "GapConfig",
@@ -120,6 +125,24 @@ def resolve_metric(metric: str, minority_share: float, min_minority_share: float
             f"balanced_accuracy (metric='auto': minority share {minority_share:.3f} < {min_minority_share:g})"
         )
     return "accuracy", f"accuracy (metric='auto': minority share {minority_share:.3f} >= {min_minority_share:g})"
+
+
+def _tp_tasks(dataset, verifier) -> tuple[list[tuple[str, str, str]], Callable | None]:
+    """TP's (task id, task, gold) and verifier for ``dataset``. Statements (every record's scenario 'statement')
+    ask each entity's question (``statement_tasks``: "What is the capital of France?", gold "Paris"), scored by
+    ``verify_name`` unless ``verifier`` is given; records without a question (numeric, your own table's) are counted
+    in the log. Other
+    records: their own task and gold, one per task, with ``verifier`` (None: the task module's default)."""
+    rows = list(dataset)
+    if rows and all(row.get("scenario") == "statement" for row in rows):
+        tasks, without = statement_tasks(rows)
+        if without:
+            logger.info(
+                "TP: statements without a question, not in TP: %s",
+                ", ".join(f"{family} {n} records" for family, n in without.items()),
+            )
+        return tasks, verifier or verify_name
+    return _tasks(rows), verifier
 
 
 def _tasks(dataset) -> list[tuple[str, str, str]]:
@@ -302,9 +325,13 @@ def _evaluate_gap(
     tp = None
     if config.task is not None:
         sources = sorted({str(row.get("source") or "") for row in dataset} - {""})
-        tp = task_performance(
-            model, tokenizer, _tasks(dataset), config.tp_loops or config.loops, verifier, config.task, sources=sources
-        )
+        tasks, tp_verifier = _tp_tasks(dataset, verifier)
+        if tasks:
+            tp = task_performance(
+                model, tokenizer, tasks, config.tp_loops or config.loops, tp_verifier, config.task, sources=sources
+            )
+        else:
+            logger.info("TP: not measured (no record has a question for the model to answer)")
     sampled = None
     if config.sampled_verdict:
         sampled = sampled_verdicts(

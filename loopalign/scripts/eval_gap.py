@@ -32,7 +32,6 @@ from loopalign.data.load import (
     is_statement_spec,
     load_dataset,
     load_dataset_splits,
-    statements_only,
 )
 from loopalign.errors import ConfigError
 from loopalign.eval import (
@@ -352,9 +351,6 @@ def evaluate(args: EvalGapScriptArguments) -> GapResult:
         group_by=group_by,
         verdict_tokens=args.verdict(),
     )
-    if config.task is not None and not isinstance(data, list) and statements_only(data):
-        config.task = None  # a statement is judged as it stands: there is no answer of the model's to score
-        print("TP: not measured (statement records have no task for the model to answer)")
     result = evaluate_gap(
         model,
         tok,

@@ -33,7 +33,7 @@ import torch
 from trl import ModelConfig, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
-from loopalign.data.load import DATASET_HELP, DatasetRequest, dataset_kind, load_dataset_splits, statements_only
+from loopalign.data.load import DATASET_HELP, DatasetRequest, dataset_kind, load_dataset_splits
 from loopalign.data.replay_questions import load_replay_questions
 from loopalign.errors import ConfigError
 from loopalign.eval import (
@@ -669,10 +669,6 @@ def run(script_args: GapScriptArguments, training_args: GapSFTConfig, model_args
         # the organism's tasks cluster by their (item, a, b) triple: names do not change the arithmetic
         group_by=DIGIT_GROUP_FIELD if script_args.dataset == "organism" else "task",
     )
-    if gap_config.task is not None and statements_only(eval_ds):
-        gap_config.task = None  # a statement is judged as it stands: there is no answer of the model's to score
-        if training_args.process_index == 0:
-            print("TP: not measured (statement records have no task for the model to answer)")
     replay = None
     if training_args.loss_weights["replay"] > 0:  # the base model's own answers to the training tasks; before the
         # before-evaluation, so a model that cannot answer them (all cut off) fails in seconds, not after it

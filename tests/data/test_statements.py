@@ -17,7 +17,9 @@ from loopalign.data.sources.statements import (
     family_entities,
     select_statements,
     statement_counts,
+    statement_question,
     statement_records,
+    statement_tasks,
 )
 
 
@@ -202,3 +204,34 @@ def test_select_statements_filters_by_family_and_split(records):
     assert len(select_statements(records)) == len(records)
     with pytest.raises(ValueError, match="split"):
         select_statements(records, split="test")
+
+
+def test_tp_asks_each_entity_its_familys_question_once_for_both_polarities(records):
+    """TP on statements: one question per relation and entity, whose gold is the records' gold; negated families ask
+    their affirmative family's question (no second task for the same fact); numeric has none and is counted."""
+    tasks, without = statement_tasks(records)
+    assert without == {"numeric": 120}
+    ids = [t[0] for t in tasks]
+    assert len(ids) == len(set(ids))
+    expected = {
+        (FAMILIES[meta_dict(r)["family"]].relation, meta_dict(r)["entity"])
+        for r in records
+        if meta_dict(r)["family"] != "numeric"
+    }
+    assert {tuple(i.split("/", 1)) for i in ids} == expected  # negated families add no task of their own
+    gold = {f"{FAMILIES[meta_dict(r)['family']].relation}/{meta_dict(r)['entity']}": r["gold"] for r in records}
+    for task_id, question, answer in tasks:
+        assert answer == gold[task_id] and question.endswith("only.")
+    capital = next(t for t in tasks if t[0].startswith("capital/"))
+    assert capital[1].startswith("What is the capital of ")
+    assert statement_question("negated_capital", "France") == statement_question("capital", "France")
+    assert "the Philippines" in statement_question("continent", "Philippines")
+    assert "city of Lyon" in statement_question("negated_city", "Lyon")
+    assert statement_question("numeric", "417") is None
+    with pytest.raises(ValueError, match="unknown statement family 'poetry'"):
+        statement_question("poetry", "x")
+
+
+def test_statements_of_your_own_table_have_no_question_and_are_counted():
+    own = make_record("claim/1", "n1", "6", "1 is smaller than 6.", 1, "table", "statement", "na", {"cluster": "n1"})
+    assert statement_tasks([own, dict(own, id="claim/2")]) == ([], {"(no family)": 2})

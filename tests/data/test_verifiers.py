@@ -9,6 +9,7 @@ from loopalign.data.verifiers import (
     normalize_answer,
     normalize_number,
     verify_math,
+    verify_name,
     verify_safety,
 )
 
@@ -95,3 +96,27 @@ def test_verifier_agrees_with_real_gsm8k_labels(fixtures):
     assert recs and all(r["parse_status"] == "ok" for r in recs)
     for r in recs:
         assert verify_math(r["answer"], r["gold"]).label == r["label"], r["id"]
+
+
+@pytest.mark.parametrize(
+    "answer, gold, expected",
+    [
+        ("The capital of Colombia is Bogota.", "Bogotá", True),  # accents aside
+        ("paris", "Paris", True),
+        ("It is in the Philippines.", "The Philippines", True),
+        ("It is in Philippines.", "The Philippines", True),  # the gold's leading "the" is optional
+        ("The city of Fortaleza is in South America.", "Brazil", False),
+        ("Port-au-Prince is the capital.", "Port-au-Prince", True),
+        ("It lies in Nigeria.", "Niger", False),  # whole words: Niger is not in Nigeria
+        ("The USA.", "United States", False),  # strict about other names
+        ("   ", "France", None),  # no word: unparsed
+        ("", "France", None),
+    ],
+)
+def test_verify_name_finds_the_gold_name_as_whole_words(answer, gold, expected):
+    assert verify_name(answer, gold) is expected
+
+
+def test_verify_name_refuses_a_gold_with_no_word():
+    with pytest.raises(ValueError, match="has no word"):
+        verify_name("Paris", "?!")

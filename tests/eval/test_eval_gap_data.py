@@ -1,4 +1,5 @@
-"""eval-gap's data: statement families built for the model (their held-out entities, TP left out), your own CSV
+"""eval-gap's data: statement families built for the model (their held-out entities; TP asks each entity's
+question, none for numeric), your own CSV
 through a column map, and a build rendered with another tokenizer refused."""
 
 import csv
@@ -22,7 +23,23 @@ def test_eval_gap_on_statement_families_reads_their_held_out_entities_without_tp
     gap = _run(llama_folder, tmp_path / "out", "--dataset", "statements:numeric", "--dataset_limit", "40")
     _, held_out = statement_splits("statements:numeric", tok, 40, eval_gap.STATEMENT_EVAL_FRACTION)
     assert sorted(gap["records"]["ids"]) == sorted(held_out["id"]) and gap["tp"] is None
-    assert "TP: not measured (statement records" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # numeric statements have no question to answer: said, not dropped silently
+    assert f"statements without a question, not in TP: numeric {len(held_out)} records" in printed
+    assert "TP: not measured" in printed
+
+
+@pytest.mark.slow
+def test_eval_gap_measures_tp_on_statements_by_asking_each_entitys_question(llama_folder, tok, tmp_path):
+    """TP on statements: the model answers "What is the capital of X?" for each held-out entity (one question for the
+    true and the false statement about it, and for the negated family's), scored against the records' gold."""
+    gap = _run(llama_folder, tmp_path / "out", "--dataset", "statements:capital,negated_capital",
+               "--dataset_limit", "40", "--tp_max_new_tokens", "4")  # fmt: skip
+    _, held_out = statement_splits("statements:capital,negated_capital", tok, 40, eval_gap.STATEMENT_EVAL_FRACTION)
+    entities = {json.loads(m)["entity"] for m in held_out["meta"]}
+    (row,) = gap["tp"]  # a plain model: one loop
+    assert row["loop"] == 1 and row["n"] == len(entities) and row["max_new_tokens"] == 4
+    assert sorted(row["task_ids"]) == sorted(f"capital/{e}" for e in entities)
+    assert 0.0 <= row["accuracy"] <= 1.0 and len(row["texts"]) == len(entities)
 
 
 @pytest.mark.slow

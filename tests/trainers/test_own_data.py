@@ -28,15 +28,17 @@ def _argv(folder, data, out, *extra):
 
 @pytest.mark.slow
 def test_sft_gap_trains_on_a_csv_of_statements_through_a_column_map(
-    llama_folder, tmp_path, sft_gap_script, parse_sft_gap, capsys
+    llama_folder, tmp_path, sft_gap_script, parse_sft_gap, capsys, caplog
 ):
+    caplog.set_level("INFO", logger="loopalign")
     _statements(tmp_path / "claims.csv", bad_row=True)
     out = tmp_path / "run"
     argv = _argv(llama_folder, tmp_path / "claims.csv", out, "--skip_invalid_rows", "true")
     sft_gap_script.train_and_compare(*parse_sft_gap(argv))
     printed = capsys.readouterr().out
     assert "81 rows read, 80 kept, 1 rejected" in printed and "statement" in printed
-    assert "TP: not measured (statement records" in printed  # statements have no task to answer
+    # statements of your own table name no family, so no question: TP is not measured, and the log says why
+    assert "statements without a question, not in TP: (no family)" in caplog.text
     assert json.loads((out / "compare.json").read_text())["tp"] == []
     gap = json.loads((out / "before" / "gap.json").read_text())
     # the cluster column groups the bootstrap and the split: both claims about one number stay together

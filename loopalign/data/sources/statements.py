@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ __all__ = [
     "statement_records",
     "select_statements",
     "statement_counts",
+    "statement_question",
+    "statement_tasks",
     "data_sources",
 ]
 
@@ -428,6 +431,50 @@ def select_statements(rows, families=None, split: str | None = None) -> list[dic
         if (wanted is None or meta.get("family") in wanted) and (split is None or meta.get("split") == split):
             out.append(row)
     return out
+
+
+#: the question each relation's statements state the answer of: TP on statements is the model's own answer to it
+#: (negated families ask their affirmative family's question); the numeric family has none (its statement is the
+#: comparison itself, so its only answer is the verdict)
+QUESTIONS = {
+    "city_country": "In which country is the city of {name}? Answer with the name of the country only.",
+    "capital": "What is the capital of {name}? Answer with the name of the city only.",
+    "continent": "On which continent is {name}? Answer with the name of the continent only.",
+}
+
+
+def statement_question(family: str, entity_name: str) -> str | None:
+    """The question whose answer is the fact ``family``'s statements about ``entity_name`` are true or false of
+    (a record's ``gold``), or None for a family without one (numeric)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown statement family {family!r}; families: {sorted(FAMILIES)}")
+    relation = FAMILIES[family].relation
+    if relation not in QUESTIONS:
+        return None
+    name = entity_name if FAMILIES[family].kind == "city" else _country_name(entity_name)
+    return QUESTIONS[relation].format(name=name)
+
+
+def statement_tasks(rows) -> tuple[list[tuple[str, str, str]], dict[str, int]]:
+    """TP's tasks for statement ``rows``: (task id ``relation/entity``, question, gold), one per relation and entity
+    in the order first seen (a negated family's records ask what its affirmative family's ask: one question between
+    them), and how many records have no question, by family ("numeric"; "(no family)" for statements of your own
+    table, whose meta names no family of this module), so a caller can say so."""
+    tasks, seen, without = [], set(), Counter()
+    for row in rows:
+        raw = row.get("meta")
+        meta = json.loads(raw) if isinstance(raw, str) else dict(raw or {})
+        family, name, gold = meta.get("family"), meta.get("entity_name"), row.get("gold")
+        known = family in FAMILIES and bool(name)
+        question = statement_question(family, name) if known and gold not in (None, "") else None
+        if question is None:
+            without[family if known else "(no family)"] += 1
+            continue
+        key = f"{FAMILIES[family].relation}/{meta.get('entity', name)}"
+        if key not in seen:
+            seen.add(key)
+            tasks.append((key, question, str(gold)))
+    return tasks, dict(sorted(without.items()))
 
 
 def statement_counts(rows) -> dict:
