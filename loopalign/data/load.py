@@ -39,7 +39,7 @@ import datasets
 from loopalign.data.io import load_build
 from loopalign.data.prompts import check_rendered_with, render_records
 from loopalign.data.sources.statements import FAMILIES as STATEMENT_FAMILIES
-from loopalign.data.sources.statements import statement_records
+from loopalign.data.sources.statements import check_statement_options, statement_records
 from loopalign.data.verification import (
     SOURCES,
     VerificationBuild,
@@ -67,6 +67,7 @@ __all__ = [
     "split_by_task",
     "statement_splits",
     "statements_only",
+    "statement_families_of",
 ]
 
 #: what :func:`dataset_kind` calls each spec
@@ -153,6 +154,23 @@ class DatasetRequest:
 def is_statement_spec(spec: str | None) -> bool:
     """True for ``statements`` / ``statements:FAMILIES`` (built on the fly by :func:`statement_splits`)."""
     return spec is not None and (spec == "statements" or spec.startswith("statements:"))
+
+
+def statement_families_of(spec: str | None) -> list[str] | None:
+    """The statement families ``spec`` holds, known before anything loads: those a ``statements[:FAMILIES]`` spec
+    names (every family when none is named), or those a statement build's ``metadata.json`` counts; None for any
+    other dataset (its families are read from its records)."""
+    if is_statement_spec(spec):
+        _, _, families = spec.partition(":")
+        return check_statement_options(families or ",".join(STATEMENT_FAMILIES), 2, 0.5)
+    path = os.path.join(spec or "", "metadata.json")
+    if spec and os.path.isfile(path):
+        with open(path) as f:
+            meta = json.load(f)
+        families = (meta.get("counts") or {}).get("family") if isinstance(meta, dict) else None
+        if meta.get("builder") == "data_builders.statements" and isinstance(families, dict):
+            return sorted(families)
+    return None
 
 
 def dataset_kind(spec: str, columns: str | None = None) -> str:

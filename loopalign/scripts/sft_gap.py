@@ -33,7 +33,13 @@ import torch
 from trl import ModelConfig, get_peft_config
 
 import loopalign  # noqa: F401  (registers Ouro with the Auto classes)
-from loopalign.data.load import DATASET_HELP, DatasetRequest, dataset_kind, load_dataset_splits
+from loopalign.data.load import (
+    DATASET_HELP,
+    DatasetRequest,
+    dataset_kind,
+    load_dataset_splits,
+    statement_families_of,
+)
 from loopalign.data.replay_questions import load_replay_questions
 from loopalign.errors import ConfigError
 from loopalign.eval import (
@@ -205,6 +211,12 @@ class GapScriptArguments(GapEvalArguments):
             both = sorted(set(a) & set(b))
             if both:
                 raise ConfigError(f"families {both} are in both {first} and {second}: choose one")
+        # statements' families are known before anything loads: a misspelt family fails here, not after the model
+        known = statement_families_of(self.dataset) if self.family_field == "family" else None
+        for option, names in named.items() if known is not None else ():
+            unknown = sorted(set(names) - set(known))
+            if unknown:
+                raise ConfigError(f"{option}: {unknown} are not families of the dataset {self.dataset!r}: {known}")
         if self.lora_layers is not None:
             parse_int_set(self.lora_layers, "lora_layers", what="0-based layer indices", example="'12-29'")
         if self.replay_tasks is not None and self.replay_tasks < 1:

@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 import pytest
 
+from loopalign.errors import ConfigError
 from loopalign.eval.families import record_families, record_family
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,3 +222,30 @@ def test_statements_are_built_for_the_run_split_by_entity_and_compared_per_famil
     assert {r["family"]: r["training"] for r in families["rows"]} == {"capital": "none", "numeric": "labels"}
     with pytest.raises(ValueError, match="families: unknown"):
         sft_gap_script.train_and_compare(*parse_sft_gap([*argv[:2], "--dataset", "statements:planets", *argv[4:]]))
+
+
+@pytest.mark.parametrize("option", ["--heldout_families", "--unlabeled_families", "--probe_label_families"])
+def test_a_misspelt_statement_family_fails_at_parse_before_the_model_loads(option, parse_sft_gap, tmp_path):
+    """Statements' families are known from the spec or the build's metadata: a typo is a ConfigError naming the
+    option and the families there are, raised while the arguments are parsed (no model, no data built)."""
+    with pytest.raises(ConfigError, match=rf"{option[2:]}: \['capitol'\] are not families of the dataset"):
+        parse_sft_gap(["--dataset", "statements:capital,negated_capital", option, "capitol"])
+    build = tmp_path / "statements_build"
+    build.mkdir()
+    counts = {"family": {"capital": {}, "numeric": {}}, "total": 0}
+    (build / "metadata.json").write_text(json.dumps({"builder": "data_builders.statements", "counts": counts}))
+    with pytest.raises(ConfigError, match=r"\['capitol'\] are not families .*\['capital', 'numeric'\]"):
+        parse_sft_gap(["--dataset", str(build), option, "capitol"])
+    parsed = parse_sft_gap(["--dataset", str(build), option, "numeric"])  # a family the build has
+    assert parsed[0].dataset == str(build)
+
+
+def test_the_cli_says_a_misspelt_family_in_one_line_with_exit_status_2(capsys):
+    from loopalign_cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["sft-gap", "--dataset", "statements", "--heldout_families", "capitol", "--output_dir", "unused"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: heldout_families: ['capitol'] are not families of the dataset 'statements'" in err
+    assert "Traceback" not in err
