@@ -456,9 +456,10 @@ def statement_question(family: str, entity_name: str) -> str | None:
 
 
 def statement_tasks(rows) -> tuple[list[tuple[str, str, str]], dict[str, int]]:
-    """TP's tasks for statement ``rows``: (task id ``relation/entity``, question, gold), one per relation and entity
-    in the order first seen (a negated family's records ask what its affirmative family's ask: one question between
-    them), and how many records have no question, by family ("numeric"; "(no family)" for statements of your own
+    """TP's tasks for statement ``rows``: (task id, question, gold), one per relation and entity in the order first
+    seen (a negated family's records ask what its affirmative family's ask: one question between them), named by the
+    id of the first record that asks it, as every TP task is (so the verdict rule's bootstrap resamples it with its
+    entity's cluster), and how many records have no question, by family ("numeric"; "(no family)" for statements of your own
     table, whose meta names no family of this module), so a caller can say so."""
     tasks, seen, without = [], set(), Counter()
     for row in rows:
@@ -470,10 +471,10 @@ def statement_tasks(rows) -> tuple[list[tuple[str, str, str]], dict[str, int]]:
         if question is None:
             without[family if known else "(no family)"] += 1
             continue
-        key = f"{FAMILIES[family].relation}/{meta.get('entity', name)}"
+        key = (FAMILIES[family].relation, meta.get("entity", name))
         if key not in seen:
             seen.add(key)
-            tasks.append((key, question, str(gold)))
+            tasks.append((str(row["id"]), question, str(gold)))
     return tasks, dict(sorted(without.items()))
 
 
