@@ -41,6 +41,13 @@ def test_eval_gap_measures_tp_on_statements_by_asking_each_entitys_question(llam
     # named by the first record about each entity (the capital family's true statement comes first)
     assert sorted(row["task_ids"]) == sorted(f"capital/{e}/true" for e in entities)
     assert 0.0 <= row["accuracy"] <= 1.0 and len(row["texts"]) == len(entities)
+    # compared with itself, TP enters the verdict rule with each question in its entity's bootstrap cluster
+    _run(llama_folder, tmp_path / "again", "--dataset", "statements:capital,negated_capital", "--dataset_limit", "40",
+         "--tp_max_new_tokens", "4", "--compare", str(tmp_path / "out"))  # fmt: skip
+    comparison = json.loads((tmp_path / "again" / "compare.json").read_text())
+    (tp,) = comparison["tp"]
+    assert tp["n_tasks"] == len(entities) and tp["n_tp_only_clusters"] == 0 and tp["d_tp"] == 0.0
+    assert comparison["tp_measured"]  # part (d) of the rule reads it
 
 
 @pytest.mark.slow
