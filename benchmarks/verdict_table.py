@@ -13,7 +13,8 @@ Printed at the verdict depth, in points (95% paired cluster-bootstrap intervals)
 (a) SV after − RR before, (b) RR after − SV after, (c) the refitted dRR and the frozen before-probe's drift, (d)
 dTP, (e) saturation, (f) the flag, and the outcome the run printed. With ``--per-loop`` (one run): a row per loop
 evaluated (the verdict depth marked, loops past it marked as extrapolation), SV and RR before → after on the
-headline metric and on AUROC, dSV, the refitted dRR and the frozen before-probe's drift, with their intervals;
+headline metric and on AUROC, dSV, the refitted dRR and the frozen before-probe's drift, with their intervals (and
+TP before → after with dTP, where both results measured TP);
 ``--figure PATH`` also draws the run's before/after figure (SV and RR per loop, before dashed, after solid: the one
 sft-gap saves as ``before_after.png``) again from the run's kept ``before/gap.json`` and ``after/gap.json``, so a
 figure in the docs is regenerated from the JSON beside it. With ``--families`` (two or more runs by family, the
@@ -84,18 +85,24 @@ def run_row(path: str) -> str:
 def per_loop_table(path: str) -> str:
     """One run's figures per loop (``compare.json`` rows)."""
     _, comparison = _comparison(path)
+    tp = {r["loop"]: r for r in comparison.get("tp") or []}
     lines = [
         "| loop | SV before → after | RR before → after | SV AUROC before → after | RR AUROC before → after | dSV | "
-        "dRR (refitted) | RR frozen − RR before |",
-        "|---|---|---|---|---|---|---|---|",
+        "dRR (refitted) | RR frozen − RR before |" + (" TP before → after | dTP |" if tp else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if tp else ""),
     ]
     for r in [*comparison["rows"], *(comparison.get("extrapolation") or [])]:
         mark = " (verdict)" if r.get("in_verdict") else " (extrapolation)" if r.get("extrapolation") else ""
         drift = _ci(r, "rr_drift") if "rr_drift" in r else "–"
+        t = tp.get(r["loop"])
+        tp_cells = (
+            (f" {_pct(t['tp_before'])} → {_pct(t['tp_after'])} | {_ci(t, 'd_tp')} |" if t else " – | – |") if tp else ""
+        )
         lines.append(
             f"| {r['loop']}{mark} | {_pct(r['sv_before'])} → {_pct(r['sv_after'])} | {_pct(r['rr_before'])} → "
             f"{_pct(r['rr_after'])} | {_pct(r['sv_auroc_before'])} → {_pct(r['sv_auroc_after'])} | "
             f"{_pct(r['rr_auroc_before'])} → {_pct(r['rr_auroc_after'])} | {_ci(r, 'd_sv')} | {_ci(r, 'd_rr')} | {drift} |"
+            + tp_cells
         )
     return "\n".join(lines) + "\n"
 

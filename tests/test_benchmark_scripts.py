@@ -436,3 +436,37 @@ def test_the_labels_only_tables_in_the_docs_are_the_runs_json(benchmark_script):
     printed += benchmark_script("training_sv").table([str(looped), str(distill)]).splitlines()[-5:]
     for line in filter(None, printed):
         assert line in doc, f"docs/real-models.md lacks the row {line!r}"
+
+
+def test_loop_table_prints_the_docs_tables_before_and_after_healing_and_draws_tp_sv_rr(tmp_path, benchmark_script):
+    """benchmarks/loop_table.py: docs/real-models.md's per-loop tables of the retrofitted SmolLM2 untrained and healed
+    (SV, RR, gap, valid verdicts, TP) are what it prints from the kept gap.json; --before/--figure draws TP, SV and RR
+    per loop, before dashed and after solid, TP as the gap.json holds it."""
+    loop_table = benchmark_script("loop_table")
+    runs = ROOT / "docs" / "figures" / "runs"
+    doc = (ROOT / "docs" / "real-models.md").read_text().splitlines()
+    for name in ("retrofit_12_18_untrained_tp", "healed_12_18_gap_tp"):
+        gap = json.loads((runs / name / "gap.json").read_text())
+        rows = loop_table.loop_table(str(runs / name)).splitlines()
+        assert len(rows) == 2 + len(gap["table"]) == 8
+        tp = {r["loop"]: r for r in gap["tp"]}
+        for line, row in zip(rows[2:], gap["table"]):
+            assert line.startswith(f"| {row['loop']} | {100 * row['sv']:.1f} [")
+            assert line.endswith(f" {100 * tp[row['loop']]['accuracy']:.1f} ({tp[row['loop']]['truncated']}/114) |")
+        for line in rows:
+            assert line in doc, f"docs/real-models.md lacks the row {line!r}"
+    before, after = runs / "retrofit_12_18_untrained_tp", runs / "healed_12_18_gap_tp"
+    out = tmp_path / "healing.png"
+    assert loop_table.main([str(after), "--before", str(before), "--figure", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from loopalign.eval.gap import GapResult
+    from loopalign.eval.report import before_after_figure
+
+    fig = before_after_figure(GapResult.from_json(str(before)), GapResult.from_json(str(after)), 4)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert lines["TP before"].get_linestyle() == "--" and lines["TP after"].get_linestyle() == "-"
+    healed_tp = {r["loop"]: 100 * r["accuracy"] for r in json.loads((after / "gap.json").read_text())["tp"]}
+    assert dict(zip(lines["TP after"].get_xdata(), lines["TP after"].get_ydata())) == pytest.approx(healed_tp)
+    with pytest.raises(SystemExit):
+        loop_table.main([str(after), "--figure", str(out)])  # --figure without --before
+    assert "figures/healing_12_18_tp_sv_rr.png" in "\n".join(doc)
