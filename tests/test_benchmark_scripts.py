@@ -470,3 +470,28 @@ def test_loop_table_prints_the_docs_tables_before_and_after_healing_and_draws_tp
     with pytest.raises(SystemExit):
         loop_table.main([str(after), "--figure", str(out)])  # --figure without --before
     assert "figures/healing_12_18_tp_sv_rr.png" in "\n".join(doc)
+
+
+def test_verdict_table_per_loop_adds_tp_where_both_results_measured_it(benchmark_script):
+    """benchmarks/verdict_table.py --per-loop on HLV200 re-evaluated with TP: each row ends with TP before → after and
+    dTP from compare.json's tp rows; docs/real-models.md's table is what it prints, and the figure drawn from the
+    same folder has the TP lines (after solid, at compare.json's TP after)."""
+    verdict_table = benchmark_script("verdict_table")
+    run = ROOT / "docs" / "figures" / "runs" / "HLV200_healed_loops_verdict_only_s0_tp"
+    comparison = json.loads((run / "compare.json").read_text())
+    tp = {r["loop"]: r for r in comparison["tp"]}
+    printed = verdict_table.per_loop_table(str(run)).splitlines()
+    assert printed[0].endswith("| TP before → after | dTP |")
+    for line, r in zip(printed[2:], [*comparison["rows"], *comparison["extrapolation"]]):
+        t = tp[r["loop"]]
+        cells = f"| {100 * t['tp_before']:.1f} → {100 * t['tp_after']:.1f} | {100 * t['d_tp']:+.1f} ["
+        assert cells in line and line.endswith("] |")
+    doc = (ROOT / "docs" / "real-models.md").read_text().splitlines()
+    for line in printed:
+        assert line in doc, f"docs/real-models.md lacks the row {line!r}"
+    lines = {line.get_label(): line for line in verdict_table.before_after(str(run)).axes[0].get_lines()}
+    tp_after = dict(zip(lines["TP after"].get_xdata(), lines["TP after"].get_ydata()))
+    assert tp_after == pytest.approx({k: 100 * t["tp_after"] for k, t in tp.items()})
+    # a run without TP keeps the table it had
+    plain = verdict_table.per_loop_table(str(ROOT / "docs" / "figures" / "runs" / "HL100_healed_loops_s0"))
+    assert "TP" not in plain.splitlines()[0]
