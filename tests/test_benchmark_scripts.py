@@ -474,6 +474,20 @@ def test_loop_table_prints_the_docs_tables_before_and_after_healing_and_draws_tp
     with pytest.raises(SystemExit):
         loop_table.main([str(after), "--figure", str(out)])  # --figure without --before
     assert "figures/healing_12_18_tp_sv_rr.png" in "\n".join(doc)
+    # HLDR200's TP at its trained depth (one loop evaluated) is the row it prints, and the 139 questions are the
+    # ones HLV200's before-evaluation asked (the paired count in the docs reads both)
+    hldr = runs / "HLDR200_healed_loops_distill_rr_s0_tp_loop4"
+    for line in loop_table.loop_table(str(hldr)).splitlines():
+        assert line in doc, f"docs/real-models.md lacks the row {line!r}"
+    before = json.loads((runs / "HLV200_healed_loops_verdict_only_s0_tp" / "before" / "gap.json").read_text())
+    (asked,) = json.loads((hldr / "gap.json").read_text())["tp"]
+    (at_4,) = [r for r in before["tp"] if r["loop"] == 4]
+    assert sorted(asked["task_ids"]) == sorted(at_4["task_ids"]) and asked["n"] == 139
+    right_before = {k for k, c in zip(at_4["task_ids"], at_4["correct"]) if c == 1}
+    right_after = {k for k, c in zip(asked["task_ids"], asked["correct"]) if c == 1}
+    lost, gained = len(right_before - right_after), len(right_after - right_before)
+    assert f"{lost} answered right before are wrong after and\n{gained} the other way" in "\n".join(doc)
+    assert f"({len(right_before)} → {len(right_after)} right)" in "\n".join(doc)
 
 
 def test_verdict_table_per_loop_adds_tp_where_both_results_measured_it(benchmark_script):
