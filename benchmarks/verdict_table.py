@@ -95,9 +95,9 @@ def per_loop_table(path: str) -> str:
         mark = " (verdict)" if r.get("in_verdict") else " (extrapolation)" if r.get("extrapolation") else ""
         drift = _ci(r, "rr_drift") if "rr_drift" in r else "–"
         t = tp.get(r["loop"])
-        tp_cells = (
-            (f" {_pct(t['tp_before'])} → {_pct(t['tp_after'])} | {_ci(t, 'd_tp')} |" if t else " – | – |") if tp else ""
-        )
+        tp_cells = ""
+        if tp:  # a column pair only where the run measured TP; "–" at a loop it did not
+            tp_cells = f" {_pct(t['tp_before'])} → {_pct(t['tp_after'])} | {_ci(t, 'd_tp')} |" if t else " – | – |"
         lines.append(
             f"| {r['loop']}{mark} | {_pct(r['sv_before'])} → {_pct(r['sv_after'])} | {_pct(r['rr_before'])} → "
             f"{_pct(r['rr_after'])} | {_pct(r['sv_auroc_before'])} → {_pct(r['sv_auroc_after'])} | "

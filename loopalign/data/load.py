@@ -166,8 +166,8 @@ def statement_families_of(spec: str | None) -> list[str] | None:
     path = os.path.join(spec or "", "metadata.json")
     if spec and os.path.isfile(path):
         with open(path) as f:
-            meta = json.load(f)
-        families = (meta.get("counts") or {}).get("family") if isinstance(meta, dict) else None
+            meta = json.load(f)  # a build's metadata (loopalign.data.io.save_build): a dict
+        families = meta.get("counts", {}).get("family")
         if meta.get("builder") == "data_builders.statements" and isinstance(families, dict):
             return sorted(families)
     return None
@@ -281,9 +281,13 @@ def statement_splits(
 
 
 def statements_only(dataset) -> bool:
-    """True when every record is a statement (a claim judged true or false; TP asks each entity's question instead of
-    the records' tasks, see ``loopalign.data.sources.statements.statement_tasks``)."""
-    return "scenario" in dataset.column_names and set(dataset["scenario"]) == {"statement"}
+    """True when ``dataset`` (a ``datasets.Dataset`` or a list of records) has records and every one is a statement
+    (a claim judged true or false; TP asks each entity's question instead of the records' tasks, see
+    ``loopalign.data.sources.statements.statement_tasks``)."""
+    if hasattr(dataset, "column_names"):
+        return "scenario" in dataset.column_names and set(dataset["scenario"]) == {"statement"}
+    rows = list(dataset)
+    return bool(rows) and all(row.get("scenario") == "statement" for row in rows)
 
 
 def _table(request: DatasetRequest, tokenizer):

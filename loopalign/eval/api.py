@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from loopalign.batching import pad_token_id
+from loopalign.data.load import statements_only
 from loopalign.data.sources.statements import statement_tasks
 from loopalign.data.verifiers import verify_name
 from loopalign.errors import ConfigError
@@ -128,21 +129,19 @@ def resolve_metric(metric: str, minority_share: float, min_minority_share: float
 
 
 def _tp_tasks(dataset, verifier) -> tuple[list[tuple[str, str, str]], Callable | None]:
-    """TP's (task id, task, gold) and verifier for ``dataset``. Statements (every record's scenario 'statement')
-    ask each entity's question (``statement_tasks``: "What is the capital of France?", gold "Paris"), scored by
-    ``verify_name`` unless ``verifier`` is given; records without a question (numeric, your own table's) are counted
-    in the log. Other
+    """TP's (task id, task, gold) and verifier for ``dataset``. Statements (``statements_only``) ask each entity's
+    question (``statement_tasks``: "What is the capital of France?", gold "Paris"), scored by ``verify_name`` unless
+    ``verifier`` is given; records without a question (numeric, your own table's) are counted in the log. Other
     records: their own task and gold, one per task, with ``verifier`` (None: the task module's default)."""
-    rows = list(dataset)
-    if rows and all(row.get("scenario") == "statement" for row in rows):
-        tasks, without = statement_tasks(rows)
+    if statements_only(dataset):
+        tasks, without = statement_tasks(dataset)
         if without:
             logger.info(
                 "TP: statements without a question, not in TP: %s",
                 ", ".join(f"{family} {n} records" for family, n in without.items()),
             )
         return tasks, verifier or verify_name
-    return _tasks(rows), verifier
+    return _tasks(dataset), verifier
 
 
 def _tasks(dataset) -> list[tuple[str, str, str]]:

@@ -213,10 +213,8 @@ class GapScriptArguments(GapEvalArguments):
                 raise ConfigError(f"families {both} are in both {first} and {second}: choose one")
         # statements' families are known before anything loads: a misspelt family fails here, not after the model
         known = statement_families_of(self.dataset) if self.family_field == "family" else None
-        for option, names in named.items() if known is not None else ():
-            unknown = sorted(set(names) - set(known))
-            if unknown:
-                raise ConfigError(f"{option}: {unknown} are not families of the dataset {self.dataset!r}: {known}")
+        if known is not None:
+            check_family_names(named, known, f"{self.dataset!r}: {known}")
         if self.lora_layers is not None:
             parse_int_set(self.lora_layers, "lora_layers", what="0-based layer indices", example="'12-29'")
         if self.replay_tasks is not None and self.replay_tasks < 1:
@@ -462,6 +460,15 @@ def probe_target_quality(features, train_ds, field_name: str) -> dict:
     }
 
 
+def check_family_names(named: dict[str, list[str]], families, where: str) -> None:
+    """A ConfigError naming the first option of ``named`` ({option: family names}) that names a family not in
+    ``families``, and ``where`` (the dataset and the families it has, as the message shows them)."""
+    for option, names in named.items():
+        unknown = sorted(set(names) - set(families))
+        if unknown:
+            raise ConfigError(f"{option}: {unknown} are not families of the dataset {where}")
+
+
 def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, training_args: GapSFTConfig):
     """-> (train, held-out records of the trained families, {family: its evaluation records}). Every family is
     evaluated on the same held-out entities (the split by task): ``heldout_families`` leave the training split (never
@@ -473,11 +480,8 @@ def family_eval_sets(script_args: GapScriptArguments, train_ds, eval_ds, trainin
     unlabeled, probe_only = script_args.unlabeled_family_names(), script_args.probe_label_family_names()
     train_families, eval_families = record_families(train_ds, field_name), record_families(eval_ds, field_name)
     every = sorted(set(train_families) | set(eval_families))
-    options = (("heldout_families", heldout), ("unlabeled_families", unlabeled), ("probe_label_families", probe_only))
-    for option, names in options:
-        unknown = sorted(set(names) - set(every))
-        if unknown:
-            raise ValueError(f"{option}: {unknown} are not families of the dataset ({field_name!r}: {every})")
+    options = {"heldout_families": heldout, "unlabeled_families": unlabeled, "probe_label_families": probe_only}
+    check_family_names(options, every, f"({field_name!r}: {every})")
     if set(heldout) | set(unlabeled) | set(probe_only) >= set(every):
         raise ValueError(
             f"heldout_families={heldout}, unlabeled_families={unlabeled} and probe_label_families={probe_only} leave "

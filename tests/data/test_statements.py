@@ -239,3 +239,16 @@ def test_tp_asks_each_entity_its_familys_question_once_for_both_polarities(recor
 def test_statements_of_your_own_table_have_no_question_and_are_counted():
     own = make_record("claim/1", "n1", "6", "1 is smaller than 6.", 1, "table", "statement", "na", {"cluster": "n1"})
     assert statement_tasks([own, dict(own, id="claim/2")]) == ([], {"(no family)": 2})
+
+
+def test_statements_only_reads_a_dataset_or_a_list_of_records(records):
+    """TP's choice between the records' own tasks and the entities' questions: every record a statement, in a
+    datasets.Dataset or a plain list; an empty set or one other record is not."""
+    import datasets
+
+    from loopalign.data.load import statements_only
+
+    task = make_record("t/1", "What is 2 + 3?", "5", "The answer is 5.", 1, "synthetic", "math", "ok", {})
+    assert statements_only(records) and statements_only(datasets.Dataset.from_list(records))
+    assert not statements_only([*records, task]) and not statements_only(datasets.Dataset.from_list([*records, task]))
+    assert not statements_only([]) and not statements_only(datasets.Dataset.from_list([]))

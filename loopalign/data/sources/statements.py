@@ -459,8 +459,8 @@ def statement_tasks(rows) -> tuple[list[tuple[str, str, str]], dict[str, int]]:
     """TP's tasks for statement ``rows``: (task id, question, gold), one per relation and entity in the order first
     seen (a negated family's records ask what its affirmative family's ask: one question between them), named by the
     id of the first record that asks it, as every TP task is (so the verdict rule's bootstrap resamples it with its
-    entity's cluster), and how many records have no question, by family ("numeric"; "(no family)" for statements of your own
-    table, whose meta names no family of this module), so a caller can say so."""
+    entity's cluster); and how many records have no question, by family ("numeric"; "(no family)" for statements of
+    your own table, whose meta names no family of this module), so a caller can say so."""
     tasks, seen, without = [], set(), Counter()
     for row in rows:
         raw = row.get("meta")
